@@ -1,0 +1,72 @@
+//! The router: every route the gateway serves, and the few layers it uses.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use serde_json::json;
+
+use crate::auth;
+use crate::error::GatewayError;
+use crate::proxy;
+use crate::state::AppState;
+use crate::status;
+
+/// Builds the gateway's router over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        // Operations: no key needed, no secret revealed.
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/status", get(status::handle))
+        // Answered by the gateway from its config, behind the client key.
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        // Everything else under /v1 goes upstream.
+        .route("/v1/{*rest}", any(proxy::handle))
+        .fallback(unknown_url)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let live = state.live();
+    if let Err(err) = auth::check(&live.config.client_keys, &headers) {
+        return err.into_response();
+    }
+    json_response(live.models_list.clone())
+}
+
+async fn get_model(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let live = state.live();
+    if let Err(err) = auth::check(&live.config.client_keys, &headers) {
+        return err.into_response();
+    }
+    if !live.lists_model(&id) {
+        return GatewayError::ModelNotFound(id).into_response();
+    }
+    let body = json!({"id": id, "object": "model", "created": 0, "owned_by": "balancer"});
+    json_response(body.to_string().into())
+}
+
+fn json_response(body: bytes::Bytes) -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
+}
+
+async fn unknown_url(uri: Uri) -> Response {
+    GatewayError::UnknownUrl(uri.path().to_owned()).into_response()
+}
+
+async fn method_not_allowed(method: Method) -> Response {
+    GatewayError::MethodNotAllowed(method.to_string()).into_response()
+}

@@ -1,0 +1,767 @@
+//! Configuration: the `Balancer.toml` contract, its defaults, and validation.
+//!
+//! Loading happens in two steps. [`load`] merges the TOML file with
+//! `BALANCER_*` environment overrides (figment; `__` separates levels) into
+//! the raw serde structs below, which reject unknown fields. [`validate`]
+//! then turns the raw form into a [`Config`] that cannot hold an invalid
+//! state: every limit is non-zero, every URL parses, every key was read.
+//!
+//! Invariants:
+//! - A key is a [`secrecy`] type from the moment it is read (env var, file or
+//!   literal). Nothing here implements `Serialize`; [`Config::render`] prints
+//!   keys as `[redacted]`.
+//! - Every validation message starts with the field path, e.g.
+//!   `nodes[1].rpm: must be greater than 0`.
+
+use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::HeaderValue;
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "./Balancer.toml";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// 10 MiB: large enough for long chat histories and small file uploads.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+/// Long generations from reasoning models can take minutes.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
+/// What a request that names no `max_tokens` reserves for its completion.
+pub const DEFAULT_COMPLETION_TOKENS: u64 = 1024;
+pub const DEFAULT_QUEUE_MAX_WAIT: Duration = Duration::from_secs(5);
+pub const DEFAULT_QUEUE_MAX_DEPTH: usize = 1024;
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+
+/// The environment variable that names the config file (a path, not an override).
+pub const CONFIG_PATH_ENV: &str = "BALANCER_CONFIG";
+const ENV_PREFIX: &str = "BALANCER_";
+
+// ---------------------------------------------------------------------------
+// Raw form: what serde reads.
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    server: ServerSettings,
+    upstream: UpstreamSettings,
+    accounting: AccountingSettings,
+    queue: QueueSettings,
+    retry: RetrySettings,
+    auth: RawAuth,
+    nodes: Vec<RawNode>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSettings {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
+        }
+    }
+}
+
+/// `[accounting]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountingSettings {
+    pub default_completion_tokens: u64,
+}
+
+impl Default for AccountingSettings {
+    fn default() -> Self {
+        Self {
+            default_completion_tokens: DEFAULT_COMPLETION_TOKENS,
+        }
+    }
+}
+
+/// `[queue]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    pub max_depth: usize,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            max_wait: DEFAULT_QUEUE_MAX_WAIT,
+            max_depth: DEFAULT_QUEUE_MAX_DEPTH,
+        }
+    }
+}
+
+/// `[retry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    pub attempts: u32,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            attempts: DEFAULT_RETRY_ATTEMPTS,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawAuth {
+    client_keys_env: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    url: String,
+    api_key_env: Option<String>,
+    api_key_file: Option<PathBuf>,
+    api_key: Option<String>,
+    models: Option<Vec<String>>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    bpm: Option<u64>,
+    max_concurrency: Option<u64>,
+    ca_file: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------
+// Validated form.
+
+/// A validated configuration: every field holds a usable value.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub accounting: AccountingSettings,
+    pub queue: QueueSettings,
+    pub retry: RetrySettings,
+    /// Gateway keys clients must present; empty means an open gateway.
+    pub client_keys: Vec<ClientKey>,
+    pub nodes: Vec<NodeConfig>,
+}
+
+/// One upstream deployment and its quota.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: Arc<str>,
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:9001/v1`.
+    pub url: Arc<str>,
+    pub key: NodeKey,
+    /// `None` serves any model.
+    pub models: Option<Vec<String>>,
+    pub quota: Quota,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A node's limits; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub rpm: Option<NonZeroU64>,
+    pub tpm: Option<NonZeroU64>,
+    pub bpm: Option<NonZeroU64>,
+    pub max_concurrency: Option<NonZeroU64>,
+}
+
+/// An upstream key. The `Authorization` value is built once, marked
+/// sensitive, so the request path neither formats nor exposes the secret.
+#[derive(Clone)]
+pub struct NodeKey {
+    secret: Arc<SecretString>,
+    authorization: HeaderValue,
+}
+
+impl NodeKey {
+    fn new(secret: SecretString) -> Result<Self, String> {
+        let mut authorization =
+            HeaderValue::try_from(format!("Bearer {}", secret.expose_secret()))
+                .map_err(|_| "the key contains characters not allowed in a header".to_owned())?;
+        authorization.set_sensitive(true);
+        Ok(Self {
+            secret: Arc::new(secret),
+            authorization,
+        })
+    }
+
+    /// The `Authorization: Bearer …` value to send upstream.
+    pub fn authorization(&self) -> &HeaderValue {
+        &self.authorization
+    }
+
+    /// The key itself, for code that must compare it (tests, probes).
+    pub fn expose(&self) -> &str {
+        self.secret.expose_secret()
+    }
+}
+
+impl fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A gateway key a client presents.
+#[derive(Clone)]
+pub struct ClientKey(Arc<SecretString>);
+
+impl ClientKey {
+    pub fn new(secret: SecretString) -> Self {
+        Self(Arc::new(secret))
+    }
+
+    /// Constant-time comparison with a presented key.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.expose_secret().as_bytes().ct_eq(presented).into()
+    }
+}
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Everything wrong with a configuration, one line per problem.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problems.join("\n"))
+    }
+}
+
+impl ConfigError {
+    fn one(problem: impl Into<String>) -> Self {
+        Self {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+/// Where a literal key or other soft problem deserves a warning at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Warnings(pub Vec<String>);
+
+/// Reads `path`, applies `BALANCER_*` overrides, and validates.
+pub fn load(path: &Path) -> Result<(Config, Warnings), ConfigError> {
+    load_with(path, &|var| std::env::var(var).ok())
+}
+
+/// [`load`], with `env` resolving the variables that hold keys.
+pub fn load_with(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Warnings), ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::one(format!(
+            "{}: config file not found",
+            path.display()
+        )));
+    }
+    let figment = Figment::from(Toml::file(path)).merge(env_overrides());
+    from_figment(figment, env)
+}
+
+/// Validates TOML text with `env` resolving `api_key_env` / `client_keys_env`
+/// names (no `BALANCER_*` overrides). Used by tests and the demo.
+pub fn from_toml_str(
+    toml: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Warnings), ConfigError> {
+    from_figment(Figment::from(Toml::string(toml)), env)
+}
+
+fn env_overrides() -> Env {
+    // BALANCER_CONFIG names the file; it is not a setting.
+    Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"])
+}
+
+fn from_figment(
+    figment: Figment,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Warnings), ConfigError> {
+    let raw: RawConfig = figment.extract().map_err(|err| ConfigError {
+        problems: err.into_iter().map(|e| describe_figment_error(&e)).collect(),
+    })?;
+    validate(raw, env)
+}
+
+fn describe_figment_error(err: &figment::Error) -> String {
+    let mut path = String::new();
+    for segment in &err.path {
+        if segment.chars().all(|c| c.is_ascii_digit()) {
+            let _ = write!(path, "[{segment}]");
+        } else {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(segment);
+        }
+    }
+    let source = err
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    if path.is_empty() {
+        format!("config: {}{source}", err.kind)
+    } else {
+        format!("{path}: {}{source}", err.kind)
+    }
+}
+
+fn validate(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Warnings), ConfigError> {
+    let mut problems = Vec::new();
+    let mut warnings = Warnings::default();
+
+    if raw.server.max_body_bytes == 0 {
+        problems.push("server.max_body_bytes: must be greater than 0".to_owned());
+    }
+    for (field, value) in [
+        ("server.request_timeout", raw.server.request_timeout),
+        ("upstream.connect_timeout", raw.upstream.connect_timeout),
+        ("upstream.first_byte_timeout", raw.upstream.first_byte_timeout),
+    ] {
+        if value.is_zero() {
+            problems.push(format!("{field}: must be greater than 0"));
+        }
+    }
+
+    let mut client_keys = Vec::new();
+    for (i, var) in raw.auth.client_keys_env.iter().enumerate() {
+        match env(var).filter(|v| !v.trim().is_empty()) {
+            Some(value) => client_keys.push(ClientKey::new(SecretString::from(value))),
+            None => problems.push(format!(
+                "auth.client_keys_env[{i}]: environment variable {var} is not set or empty"
+            )),
+        }
+    }
+
+    if raw.nodes.is_empty() {
+        problems.push("nodes: at least one [[nodes]] entry is required".to_owned());
+    }
+    let mut nodes = Vec::with_capacity(raw.nodes.len());
+    for (i, node) in raw.nodes.into_iter().enumerate() {
+        if let Some(node) = validate_node(i, node, env, &mut problems, &mut warnings) {
+            if nodes.iter().any(|n: &NodeConfig| n.name == node.name) {
+                problems.push(format!(
+                    "nodes[{i}].name: duplicate node name \"{}\"",
+                    node.name
+                ));
+            }
+            nodes.push(node);
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(ConfigError { problems });
+    }
+    Ok((
+        Config {
+            server: raw.server,
+            upstream: raw.upstream,
+            accounting: raw.accounting,
+            queue: raw.queue,
+            retry: raw.retry,
+            client_keys,
+            nodes,
+        },
+        warnings,
+    ))
+}
+
+fn validate_node(
+    i: usize,
+    raw: RawNode,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+    warnings: &mut Warnings,
+) -> Option<NodeConfig> {
+    let before = problems.len();
+    let at = |field: &str| format!("nodes[{i}].{field}");
+
+    let name = raw.name.trim();
+    if name.is_empty() {
+        problems.push(format!("{}: must not be empty", at("name")));
+    }
+
+    let url = raw.url.trim_end_matches('/');
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if !matches!(parsed.scheme(), "http" | "https") => problems.push(format!(
+            "{}: scheme must be http or https, found \"{}\"",
+            at("url"),
+            parsed.scheme()
+        )),
+        Ok(parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            problems.push(format!(
+                "{}: must not carry credentials; use api_key_env or api_key_file",
+                at("url")
+            ))
+        }
+        Ok(parsed) if parsed.query().is_some() || parsed.fragment().is_some() => problems.push(
+            format!("{}: must not have a query or fragment", at("url")),
+        ),
+        Ok(_) => {}
+        Err(err) => problems.push(format!("{}: not a valid URL ({err})", at("url"))),
+    }
+
+    let key = read_node_key(i, &raw, env, problems, warnings);
+
+    if let Some(models) = &raw.models {
+        if models.is_empty() {
+            problems.push(format!(
+                "{}: must not be empty; leave it out to serve any model",
+                at("models")
+            ));
+        }
+        if models.iter().any(|m| m.trim().is_empty()) {
+            problems.push(format!("{}: model names must not be empty", at("models")));
+        }
+    }
+
+    let mut limit = |field: &str, value: Option<u64>| match value {
+        Some(0) => {
+            problems.push(format!("{}: must be greater than 0", at(field)));
+            None
+        }
+        other => other.and_then(NonZeroU64::new),
+    };
+    let quota = Quota {
+        rpm: limit("rpm", raw.rpm),
+        tpm: limit("tpm", raw.tpm),
+        bpm: limit("bpm", raw.bpm),
+        max_concurrency: limit("max_concurrency", raw.max_concurrency),
+    };
+
+    if let Some(ca) = &raw.ca_file
+        && !ca.is_file()
+    {
+        problems.push(format!(
+            "{}: file {} not found",
+            at("ca_file"),
+            ca.display()
+        ));
+    }
+
+    if problems.len() > before {
+        return None;
+    }
+    Some(NodeConfig {
+        name: Arc::from(name),
+        url: Arc::from(url),
+        key: key?,
+        models: raw.models,
+        quota,
+        ca_file: raw.ca_file,
+    })
+}
+
+fn read_node_key(
+    i: usize,
+    raw: &RawNode,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+    warnings: &mut Warnings,
+) -> Option<NodeKey> {
+    let sources = [
+        raw.api_key_env.is_some(),
+        raw.api_key_file.is_some(),
+        raw.api_key.is_some(),
+    ];
+    match sources.iter().filter(|s| **s).count() {
+        1 => {}
+        0 => {
+            problems.push(format!(
+                "nodes[{i}]: needs one of api_key_env, api_key_file or api_key"
+            ));
+            return None;
+        }
+        _ => {
+            problems.push(format!(
+                "nodes[{i}]: give only one of api_key_env, api_key_file or api_key"
+            ));
+            return None;
+        }
+    }
+    let (field, secret): (&str, Result<SecretString, String>) = if let Some(var) = &raw.api_key_env
+    {
+        let value = env(var).map(SecretString::from);
+        let missing = format!("environment variable {var} is not set or empty");
+        ("api_key_env", value.ok_or(missing))
+    } else if let Some(path) = &raw.api_key_file {
+        let value = std::fs::read_to_string(path)
+            .map(|text| SecretString::from(text.trim().to_owned()))
+            .map_err(|err| format!("cannot read {}: {}", path.display(), err.kind()));
+        ("api_key_file", value)
+    } else {
+        warnings.0.push(format!(
+            "nodes[{i}].api_key: a literal key in the config file; prefer api_key_env or api_key_file"
+        ));
+        let value = raw.api_key.clone().map(SecretString::from);
+        ("api_key", value.ok_or_else(String::new))
+    };
+    let secret = match secret {
+        Ok(secret) if secret.expose_secret().trim().is_empty() => {
+            problems.push(format!("nodes[{i}].{field}: the key is empty"));
+            return None;
+        }
+        Ok(secret) => secret,
+        Err(why) => {
+            problems.push(format!("nodes[{i}].{field}: {why}"));
+            return None;
+        }
+    };
+    match NodeKey::new(secret) {
+        Ok(key) => Some(key),
+        Err(why) => {
+            problems.push(format!("nodes[{i}].{field}: {why}"));
+            None
+        }
+    }
+}
+
+impl Config {
+    /// The resolved configuration as TOML, every key shown as `[redacted]`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let s = &self.server;
+        let _ = writeln!(out, "[server]");
+        let _ = writeln!(out, "listen = \"{}\"", s.listen);
+        let _ = writeln!(out, "max_body_bytes = {}", s.max_body_bytes);
+        let _ = writeln!(out, "request_timeout = \"{}\"", human(s.request_timeout));
+        let _ = writeln!(out, "shutdown_grace = \"{}\"", human(s.shutdown_grace));
+        let _ = writeln!(out, "\n[upstream]");
+        let _ = writeln!(
+            out,
+            "connect_timeout = \"{}\"",
+            human(self.upstream.connect_timeout)
+        );
+        let _ = writeln!(
+            out,
+            "first_byte_timeout = \"{}\"",
+            human(self.upstream.first_byte_timeout)
+        );
+        let _ = writeln!(out, "\n[accounting]");
+        let _ = writeln!(
+            out,
+            "default_completion_tokens = {}",
+            self.accounting.default_completion_tokens
+        );
+        let _ = writeln!(out, "\n[queue]");
+        let _ = writeln!(out, "max_wait = \"{}\"", human(self.queue.max_wait));
+        let _ = writeln!(out, "max_depth = {}", self.queue.max_depth);
+        let _ = writeln!(out, "\n[retry]");
+        let _ = writeln!(out, "attempts = {}", self.retry.attempts);
+        let _ = writeln!(out, "\n[auth]");
+        let keys = vec!["\"[redacted]\""; self.client_keys.len()].join(", ");
+        let _ = writeln!(out, "client_keys = [{keys}]");
+        for node in &self.nodes {
+            let _ = writeln!(out, "\n[[nodes]]");
+            let _ = writeln!(out, "name = \"{}\"", node.name);
+            let _ = writeln!(out, "url = \"{}\"", node.url);
+            let _ = writeln!(out, "api_key = \"[redacted]\"");
+            if let Some(models) = &node.models {
+                let list: Vec<String> = models.iter().map(|m| format!("\"{m}\"")).collect();
+                let _ = writeln!(out, "models = [{}]", list.join(", "));
+            }
+            let q = &node.quota;
+            for (field, value) in [
+                ("rpm", q.rpm),
+                ("tpm", q.tpm),
+                ("bpm", q.bpm),
+                ("max_concurrency", q.max_concurrency),
+            ] {
+                if let Some(v) = value {
+                    let _ = writeln!(out, "{field} = {v}");
+                }
+            }
+            if let Some(ca) = &node.ca_file {
+                let _ = writeln!(out, "ca_file = \"{}\"", ca.display());
+            }
+        }
+        out
+    }
+}
+
+fn human(d: Duration) -> String {
+    humantime_serde::re::humantime::format_duration(d).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(var: &str) -> Option<String> {
+        match var {
+            "KEY_A" => Some("sk-a-secret".to_owned()),
+            "APP_KEY" => Some("app-secret".to_owned()),
+            _ => None,
+        }
+    }
+
+    fn problems(toml: &str) -> Vec<String> {
+        match from_toml_str(toml, &env) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems,
+        }
+    }
+
+    const NODE: &str = "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
+
+    #[test]
+    fn a_minimal_config_takes_every_default() {
+        let (config, warnings) = from_toml_str(NODE, &env).unwrap();
+        assert!(warnings.0.is_empty());
+        assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.queue.max_wait, DEFAULT_QUEUE_MAX_WAIT);
+        assert_eq!(config.retry.attempts, DEFAULT_RETRY_ATTEMPTS);
+        assert_eq!(&*config.nodes[0].url, "http://127.0.0.1:9001/v1");
+        assert_eq!(config.nodes[0].key.expose(), "sk-a-secret");
+        assert_eq!(config.nodes[0].quota, Quota::default());
+    }
+
+    #[test]
+    fn durations_read_as_human_text() {
+        let toml = format!("[queue]\nmax_wait = \"250ms\"\n[server]\nrequest_timeout = \"2m\"\n{NODE}");
+        let (config, _) = from_toml_str(&toml, &env).unwrap();
+        assert_eq!(config.queue.max_wait, Duration::from_millis(250));
+        assert_eq!(config.server.request_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn a_zero_limit_names_node_and_field() {
+        let toml = format!("{NODE}\n[[nodes]]\nname = \"b\"\nurl = \"http://h/v1\"\napi_key = \"k\"\nrpm = 0\n");
+        assert_eq!(problems(&toml), ["nodes[1].rpm: must be greater than 0"]);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_path() {
+        let toml = format!("{NODE}colour = \"red\"\n");
+        let p = problems(&toml);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("nodes[0].colour: unknown field"), "{p:?}");
+
+        let p = problems(&format!("[server]\nlisten_on = 1\n{NODE}"));
+        assert!(p[0].starts_with("server.listen_on: unknown field"), "{p:?}");
+    }
+
+    #[test]
+    fn duplicate_names_bad_urls_and_missing_keys_are_each_reported() {
+        let toml = "[[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key_env = \"KEY_A\"\n\
+                    [[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key_env = \"KEY_A\"\n\
+                    [[nodes]]\nname = \"c\"\nurl = \"not a url\"\napi_key_env = \"NOPE\"\n";
+        let p = problems(toml);
+        assert!(p.contains(&"nodes[1].name: duplicate node name \"a\"".to_owned()), "{p:?}");
+        assert!(p.iter().any(|l| l.starts_with("nodes[2].url: not a valid URL")), "{p:?}");
+        assert!(
+            p.contains(&"nodes[2].api_key_env: environment variable NOPE is not set or empty".to_owned()),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_node_needs_exactly_one_key_source() {
+        let none = "[[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\n";
+        assert_eq!(
+            problems(none),
+            ["nodes[0]: needs one of api_key_env, api_key_file or api_key"]
+        );
+        let two = "[[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key = \"x\"\napi_key_env = \"KEY_A\"\n";
+        assert_eq!(
+            problems(two),
+            ["nodes[0]: give only one of api_key_env, api_key_file or api_key"]
+        );
+    }
+
+    #[test]
+    fn a_key_file_is_trimmed_and_a_literal_key_is_warned() {
+        let dir = std::env::temp_dir().join(format!("balancer-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, "  sk-from-file\n").unwrap();
+        let toml = format!(
+            "[[nodes]]\nname = \"f\"\nurl = \"http://h/v1\"\napi_key_file = \"{}\"\n\
+             [[nodes]]\nname = \"l\"\nurl = \"http://h/v1\"\napi_key = \"sk-literal\"\n",
+            file.display()
+        );
+        let (config, warnings) = from_toml_str(&toml, &env).unwrap();
+        assert_eq!(config.nodes[0].key.expose(), "sk-from-file");
+        assert_eq!(warnings.0.len(), 1);
+        assert!(warnings.0[0].starts_with("nodes[1].api_key:"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn client_keys_must_be_set() {
+        let toml = format!("[auth]\nclient_keys_env = [\"APP_KEY\", \"MISSING\"]\n{NODE}");
+        assert_eq!(
+            problems(&toml),
+            ["auth.client_keys_env[1]: environment variable MISSING is not set or empty"]
+        );
+    }
+
+    #[test]
+    fn render_never_shows_a_key() {
+        let toml = format!("[auth]\nclient_keys_env = [\"APP_KEY\"]\n{NODE}rpm = 10\n");
+        let (config, _) = from_toml_str(&toml, &env).unwrap();
+        let text = config.render();
+        assert!(!text.contains("sk-a-secret") && !text.contains("app-secret"), "{text}");
+        assert!(text.contains("api_key = \"[redacted]\""));
+        assert!(text.contains("rpm = 10"));
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+}

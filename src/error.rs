@@ -1,0 +1,190 @@
+//! The gateway's one error type and its single mapping to HTTP.
+//!
+//! Every error the gateway itself produces leaves through
+//! [`GatewayError::into_response`] as the OpenAI error shape
+//! `{"error":{"message","type","code"}}`, with the status chosen by one
+//! exhaustive `match`. Messages name the field or limit at fault and never
+//! carry a key. `IntoResponse` has no side effects; the proxy logs.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::limits::Limit;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("The request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("You must provide a model parameter.")]
+    MissingModel,
+    #[error(
+        "This request needs {wanted} {unit} but no node that serves it allows more than {largest} ({limit} limit); shorten the input or lower max_tokens."
+    )]
+    RequestTooLarge {
+        limit: &'static str,
+        unit: &'static str,
+        wanted: u64,
+        largest: u64,
+    },
+    #[error("Incorrect or missing API key. Send the gateway key as 'Authorization: Bearer <key>'.")]
+    InvalidApiKey,
+    #[error("The model '{0}' does not exist or no node serves it.")]
+    ModelNotFound(String),
+    #[error("Unknown request URL: {0}.")]
+    UnknownUrl(String),
+    #[error("Method {0} is not allowed on this path.")]
+    MethodNotAllowed(String),
+    #[error("The request body is larger than the {limit} bytes this gateway accepts.")]
+    BodyTooLarge { limit: usize },
+    #[error("The request body could not be read: {0}")]
+    BodyUnreadable(String),
+    #[error("Every node that serves this request is at its rate limit. Retry after {} s.", retry_after.as_secs())]
+    Saturated { retry_after: Duration },
+    #[error("No upstream could be reached (last tried: node '{node}').")]
+    UpstreamUnavailable { node: String },
+    #[error("The upstream did not answer in time (last tried: node '{node}').")]
+    UpstreamTimeout { node: String },
+    #[error("The gateway is shutting down.")]
+    ShuttingDown,
+}
+
+impl GatewayError {
+    pub fn request_too_large(limit: Limit, wanted: u64, largest: u64) -> Self {
+        let unit = match limit {
+            Limit::Rpm | Limit::MaxConcurrency => "requests",
+            Limit::Tpm => "tokens",
+            Limit::Bpm => "bytes",
+        };
+        GatewayError::RequestTooLarge {
+            limit: limit.field(),
+            unit,
+            wanted,
+            largest,
+        }
+    }
+
+    /// Status, OpenAI error type and code: the one place they are decided.
+    fn classify(&self) -> (StatusCode, &'static str, &'static str) {
+        use GatewayError as E;
+        match self {
+            E::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_json"),
+            E::MissingModel => (StatusCode::BAD_REQUEST, "invalid_request_error", "missing_model"),
+            E::RequestTooLarge { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            E::InvalidApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+            ),
+            E::ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+            ),
+            E::UnknownUrl(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "unknown_url"),
+            E::MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+            ),
+            E::BodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body_too_large",
+            ),
+            E::BodyUnreadable(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "body_unreadable",
+            ),
+            E::Saturated { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            E::UpstreamUnavailable { .. } => {
+                (StatusCode::BAD_GATEWAY, "api_error", "upstream_unavailable")
+            }
+            E::UpstreamTimeout { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, "api_error", "upstream_timeout")
+            }
+            E::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "shutting_down",
+            ),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.classify().0
+    }
+}
+
+/// The OpenAI error body.
+pub fn error_body(message: &str, kind: &str, code: &str) -> String {
+    json!({ "error": { "message": message, "type": kind, "code": code, "param": null } })
+        .to_string()
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let (status, kind, code) = self.classify();
+        let body = error_body(&self.to_string(), kind, code);
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let GatewayError::Saturated { retry_after } = self {
+            // Whole seconds, rounded up, never 0: a client must not retry at once.
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body_of(err: GatewayError) -> (StatusCode, Option<String>, serde_json::Value) {
+        let response = err.into_response();
+        let status = response.status();
+        let retry = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        (status, retry, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn saturation_is_429_with_a_rounded_up_retry_after() {
+        let (status, retry, body) = body_of(GatewayError::Saturated {
+            retry_after: Duration::from_millis(2100),
+        })
+        .await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(retry.as_deref(), Some("3"));
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+    }
+
+    #[tokio::test]
+    async fn too_large_names_the_limit() {
+        let (status, _, body) = body_of(GatewayError::request_too_large(Limit::Tpm, 5000, 4000)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "request_too_large");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("tpm") && message.contains("5000"), "{message}");
+    }
+}

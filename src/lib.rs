@@ -1,0 +1,38 @@
+//! `balancer`: an OpenAI-compatible gateway that spreads requests over
+//! several keyed upstream deployments ("nodes") without ever pushing one past
+//! its quota.
+//!
+//! # The request path
+//! 1. [`app::router`] routes `/v1/*` to [`proxy::handle`]; `/v1/models` is
+//!    answered from the config; `/healthz` and `/status` need no key.
+//! 2. [`auth::check`] verifies the client's gateway key.
+//! 3. [`request::inspect`] reads model, stream flag and prompt tokens
+//!    (with [`tokens`]' real tokenizers) into a [`limits::Demand`].
+//! 4. [`state::Live::candidates`] lists the nodes that serve the model.
+//! 5. [`queue::Queue::admit`] reserves on the least-loaded node with
+//!    headroom ([`selection::choose`], [`limits::NodeUsage::try_reserve`]),
+//!    or waits for headroom, or refuses with `Retry-After`.
+//! 6. [`upstream::send`] forwards with the node's key; failures before any
+//!    byte reached the client are retried on another node.
+//! 7. [`relay::relay`] streams the answer back untouched and settles the
+//!    [`limits::Reservation`] from the usage it saw.
+//!
+//! Every error the gateway produces is a [`error::GatewayError`], mapped to
+//! the OpenAI error shape in one place.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod limits;
+pub mod proxy;
+pub mod queue;
+pub mod relay;
+pub mod request;
+pub mod selection;
+pub mod server;
+pub mod state;
+pub mod status;
+pub mod tokens;
+pub mod upstream;

@@ -1,0 +1,676 @@
+//! Per-node quotas over a rolling 60-second window, and the [`Reservation`]
+//! guard that takes capacity on admission and gives it back exactly once.
+//!
+//! A node's [`NodeUsage`] owns its window, in-flight count, outstanding token
+//! reservations and cooldown behind one short `parking_lot::Mutex` (never held
+//! across an `.await`). There is no global lock: requests for different nodes
+//! never contend.
+//!
+//! Invariant: **no node receives more requests, reserved tokens or request
+//! bytes than its quota in any rolling 60 s.** The window is a ring of 100 ms
+//! slots, and an amount recorded at time `t` stays counted until the end of
+//! the slot 60 s after `t`'s slot: always at least 60 s, at most 60.1 s.
+//! [`NodeUsage::try_reserve`] checks and records under one lock, so two
+//! requests can never both take the last unit of headroom.
+//!
+//! This module is the limit state's whole interface: `try_reserve`,
+//! `outlook`, `load`, the `Reservation` methods and `snapshot`. A shared
+//! (Redis) implementation for several replicas replaces what sits behind it.
+//!
+//! Not here: choosing among nodes (`selection`), waiting (`queue`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::config::Quota;
+
+/// The span every per-minute limit covers.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// Slot width: fine enough that a freed slot is handed on within 100 ms.
+const SLOT: Duration = Duration::from_millis(100);
+/// 600 slots cover 60 s; the extra slot keeps an amount counted for a full
+/// 60 s whatever its offset inside its own slot.
+const SLOTS: u64 = 601;
+
+/// What one request asks of a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Demand {
+    /// Prompt tokens plus the completion tokens reserved.
+    pub tokens: u64,
+    /// Request body bytes.
+    pub bytes: u64,
+}
+
+/// Request, token and byte amounts in one slot or window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Amounts {
+    requests: u64,
+    tokens: u64,
+    bytes: u64,
+}
+
+impl Amounts {
+    fn add(&mut self, other: Amounts) {
+        self.requests += other.requests;
+        self.tokens += other.tokens;
+        self.bytes += other.bytes;
+    }
+
+    fn sub(&mut self, other: Amounts) {
+        self.requests = self.requests.saturating_sub(other.requests);
+        self.tokens = self.tokens.saturating_sub(other.tokens);
+        self.bytes = self.bytes.saturating_sub(other.bytes);
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    index: u64,
+    amounts: Amounts,
+}
+
+/// A rolling 60 s window of 100 ms slots with a running total.
+#[derive(Debug)]
+struct Window {
+    origin: Instant,
+    slots: Vec<Slot>,
+    /// The newest slot index the window has advanced to.
+    head: u64,
+    total: Amounts,
+}
+
+impl Window {
+    fn new(origin: Instant) -> Self {
+        Self {
+            origin,
+            slots: vec![Slot::default(); SLOTS as usize],
+            head: 0,
+            total: Amounts::default(),
+        }
+    }
+
+    fn slot_of(&self, at: Instant) -> u64 {
+        let elapsed = at.saturating_duration_since(self.origin);
+        (elapsed.as_millis() / SLOT.as_millis()) as u64
+    }
+
+    /// When the amounts recorded in slot `index` stop counting.
+    fn expiry_of(&self, index: u64) -> Instant {
+        self.origin + Duration::from_millis((index + SLOTS) * SLOT.as_millis() as u64)
+    }
+
+    /// Drops every slot that has left the window at slot `now`.
+    fn advance(&mut self, now: u64) {
+        if now <= self.head {
+            return;
+        }
+        if now - self.head >= SLOTS {
+            self.slots.fill(Slot::default());
+            self.total = Amounts::default();
+        } else {
+            for index in self.head + 1..=now {
+                let slot = &mut self.slots[(index % SLOTS) as usize];
+                self.total.sub(slot.amounts);
+                *slot = Slot {
+                    index,
+                    amounts: Amounts::default(),
+                };
+            }
+        }
+        self.head = now;
+    }
+
+    fn is_live(&self, index: u64) -> bool {
+        index + SLOTS > self.head && index <= self.head
+    }
+
+    fn add(&mut self, index: u64, amounts: Amounts) {
+        if !self.is_live(index) {
+            return;
+        }
+        let slot = &mut self.slots[(index % SLOTS) as usize];
+        if slot.index == index {
+            slot.amounts.add(amounts);
+            self.total.add(amounts);
+        }
+    }
+
+    fn sub(&mut self, index: u64, amounts: Amounts) {
+        if !self.is_live(index) {
+            return;
+        }
+        let slot = &mut self.slots[(index % SLOTS) as usize];
+        if slot.index == index {
+            let mut taken = amounts;
+            taken.requests = taken.requests.min(slot.amounts.requests);
+            taken.tokens = taken.tokens.min(slot.amounts.tokens);
+            taken.bytes = taken.bytes.min(slot.amounts.bytes);
+            slot.amounts.sub(taken);
+            self.total.sub(taken);
+        }
+    }
+
+    /// The first instant at which at least `need` of one amount has expired.
+    fn freed_at(&self, need: u64, pick: fn(&Amounts) -> u64) -> Option<Instant> {
+        let oldest = self.head.saturating_sub(SLOTS - 1);
+        let mut freed = 0;
+        for index in oldest..=self.head {
+            let slot = &self.slots[(index % SLOTS) as usize];
+            if slot.index != index {
+                continue;
+            }
+            freed += pick(&slot.amounts);
+            if freed >= need {
+                return Some(self.expiry_of(index));
+            }
+        }
+        None
+    }
+}
+
+/// When a node could take a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outlook {
+    /// It has headroom now.
+    Now,
+    /// Not before this instant (a window slides or a cooldown ends).
+    At(Instant),
+    /// When one of its requests in flight finishes.
+    OnRelease,
+    /// Never: the request alone exceeds this limit.
+    Never(Limit),
+}
+
+/// A named limit, for messages and `/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Rpm,
+    Tpm,
+    Bpm,
+    MaxConcurrency,
+}
+
+impl Limit {
+    pub fn field(self) -> &'static str {
+        match self {
+            Limit::Rpm => "rpm",
+            Limit::Tpm => "tpm",
+            Limit::Bpm => "bpm",
+            Limit::MaxConcurrency => "max_concurrency",
+        }
+    }
+}
+
+/// How loaded a node is, for choosing among nodes with headroom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Load {
+    /// Highest use over the node's limited dimensions, in parts per million.
+    pub utilisation_ppm: u32,
+    pub in_flight: u64,
+}
+
+/// Wakes the queue when capacity may have been freed. Cheap to call when
+/// nobody waits: one atomic load.
+#[derive(Debug, Default)]
+pub struct HeadroomSignal {
+    waiting: AtomicUsize,
+    notify: Notify,
+}
+
+impl HeadroomSignal {
+    pub fn set_waiting(&self, count: usize) {
+        self.waiting.store(count, Ordering::Release);
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Capacity may have been freed; wake the dispatcher if anyone waits.
+    pub fn freed(&self) {
+        if self.waiting() > 0 {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Wakes the dispatcher unconditionally (a new waiter arrived).
+    pub fn poke(&self) {
+        self.notify.notify_one();
+    }
+
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+#[derive(Debug)]
+struct UsageState {
+    quota: Quota,
+    window: Window,
+    in_flight: u64,
+    /// Tokens reserved by requests not yet settled.
+    pending_tokens: u64,
+    cooldown_until: Option<Instant>,
+}
+
+/// The live usage of one node. Survives config reloads (keyed by node name).
+#[derive(Debug)]
+pub struct NodeUsage {
+    id: u64,
+    state: Mutex<UsageState>,
+    signal: Arc<HeadroomSignal>,
+}
+
+static NEXT_USAGE_ID: AtomicU64 = AtomicU64::new(1);
+
+impl NodeUsage {
+    pub fn new(quota: Quota, signal: Arc<HeadroomSignal>) -> Arc<Self> {
+        Arc::new(Self {
+            id: NEXT_USAGE_ID.fetch_add(1, Ordering::Relaxed),
+            state: Mutex::new(UsageState {
+                quota,
+                window: Window::new(Instant::now()),
+                in_flight: 0,
+                pending_tokens: 0,
+                cooldown_until: None,
+            }),
+            signal,
+        })
+    }
+
+    /// A stable identity, for the queue's bookkeeping.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether `demand` fits now, and if not, when it could.
+    pub fn outlook(&self, demand: Demand, now: Instant) -> Outlook {
+        let mut state = self.state.lock();
+        state.advance(now);
+        state.outlook(demand, now)
+    }
+
+    /// The node's load if `demand` fits now.
+    pub fn load_if_fits(&self, demand: Demand, now: Instant) -> Option<Load> {
+        let mut state = self.state.lock();
+        state.advance(now);
+        (state.outlook(demand, now) == Outlook::Now).then(|| state.load())
+    }
+
+    /// Records `demand` and one request in flight if it fits now.
+    pub fn try_reserve(self: &Arc<Self>, demand: Demand, now: Instant) -> Option<Reservation> {
+        let mut state = self.state.lock();
+        state.advance(now);
+        if state.outlook(demand, now) != Outlook::Now {
+            return None;
+        }
+        let slot = state.window.head;
+        state.window.add(
+            slot,
+            Amounts {
+                requests: 1,
+                tokens: demand.tokens,
+                bytes: demand.bytes,
+            },
+        );
+        state.in_flight += 1;
+        state.pending_tokens += demand.tokens;
+        drop(state);
+        Some(Reservation {
+            usage: Arc::clone(self),
+            slot,
+            demand,
+            open: true,
+        })
+    }
+
+    /// Keeps the node out of rotation until `until` (a later call extends,
+    /// never shortens).
+    pub fn cool_down(&self, until: Instant) {
+        let mut state = self.state.lock();
+        state.cooldown_until = Some(state.cooldown_until.map_or(until, |t| t.max(until)));
+    }
+
+    /// Applies a changed quota (config reload) without resetting the window.
+    pub fn set_quota(&self, quota: Quota) {
+        self.state.lock().quota = quota;
+        self.signal.freed();
+    }
+
+    /// A point-in-time view for `/status`.
+    pub fn snapshot(&self, now: Instant) -> UsageSnapshot {
+        let mut state = self.state.lock();
+        state.advance(now);
+        UsageSnapshot {
+            quota: state.quota,
+            requests: state.window.total.requests,
+            tokens: state.window.total.tokens,
+            bytes: state.window.total.bytes,
+            in_flight: state.in_flight,
+            pending_tokens: state.pending_tokens,
+            cooldown_remaining: state
+                .cooldown_until
+                .map(|t| t.saturating_duration_since(now))
+                .filter(|d| !d.is_zero()),
+        }
+    }
+}
+
+impl UsageState {
+    fn advance(&mut self, now: Instant) {
+        let slot = self.window.slot_of(now);
+        self.window.advance(slot);
+        if self.cooldown_until.is_some_and(|t| t <= now) {
+            self.cooldown_until = None;
+        }
+    }
+
+    fn outlook(&self, demand: Demand, now: Instant) -> Outlook {
+        let q = &self.quota;
+        let total = &self.window.total;
+        let dims: [(Limit, Option<u64>, u64, u64, fn(&Amounts) -> u64); 3] = [
+            (Limit::Rpm, q.rpm.map(u64::from), total.requests, 1, |a| a.requests),
+            (Limit::Tpm, q.tpm.map(u64::from), total.tokens, demand.tokens, |a| a.tokens),
+            (Limit::Bpm, q.bpm.map(u64::from), total.bytes, demand.bytes, |a| a.bytes),
+        ];
+        let mut wait_until = self.cooldown_until.filter(|t| *t > now);
+        for (limit, quota, used, wanted, pick) in dims {
+            let Some(quota) = quota else { continue };
+            if wanted > quota {
+                return Outlook::Never(limit);
+            }
+            if used + wanted > quota {
+                // A limit can be over-used (actual usage above the reservation,
+                // response bytes); then the slots must free more than `wanted`.
+                let at = self
+                    .window
+                    .freed_at(used + wanted - quota, pick)
+                    .unwrap_or(now + WINDOW);
+                wait_until = Some(wait_until.map_or(at, |t| t.max(at)));
+            }
+        }
+        let concurrency_full = self
+            .quota
+            .max_concurrency
+            .is_some_and(|max| self.in_flight >= u64::from(max));
+        match (wait_until, concurrency_full) {
+            (Some(at), _) => Outlook::At(at),
+            (None, true) => Outlook::OnRelease,
+            (None, false) => Outlook::Now,
+        }
+    }
+
+    fn load(&self) -> Load {
+        fn ppm(used: u64, quota: Option<std::num::NonZeroU64>) -> u32 {
+            quota.map_or(0, |q| {
+                (used.saturating_mul(1_000_000) / u64::from(q)).min(u64::from(u32::MAX)) as u32
+            })
+        }
+        let q = &self.quota;
+        let t = &self.window.total;
+        let utilisation_ppm = ppm(t.requests, q.rpm)
+            .max(ppm(t.tokens, q.tpm))
+            .max(ppm(t.bytes, q.bpm))
+            .max(ppm(self.in_flight, q.max_concurrency));
+        Load {
+            utilisation_ppm,
+            in_flight: self.in_flight,
+        }
+    }
+}
+
+/// What `/status` shows of a node's usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageSnapshot {
+    pub quota: Quota,
+    pub requests: u64,
+    pub tokens: u64,
+    pub bytes: u64,
+    pub in_flight: u64,
+    pub pending_tokens: u64,
+    pub cooldown_remaining: Option<Duration>,
+}
+
+/// Capacity taken on one node for one request.
+///
+/// Dropping it ends the request: the in-flight slot and the outstanding token
+/// reservation are released exactly once, on every path. What stays in the
+/// window depends on how it ended:
+/// - [`settle`](Self::settle): tokens corrected to what the request used;
+/// - [`cancel`](Self::cancel): nothing reached the upstream, all is returned;
+/// - plain drop: the reservation stays counted in full (we cannot know what
+///   the upstream consumed, so we assume the most).
+#[derive(Debug)]
+pub struct Reservation {
+    usage: Arc<NodeUsage>,
+    slot: u64,
+    demand: Demand,
+    open: bool,
+}
+
+impl Reservation {
+    pub fn demand(&self) -> Demand {
+        self.demand
+    }
+
+    /// Counts response bytes against the node's bpm as they flow.
+    pub fn record_response_bytes(&self, bytes: u64) {
+        let mut state = self.usage.state.lock();
+        state.advance(Instant::now());
+        let head = state.window.head;
+        state.window.add(
+            head,
+            Amounts {
+                bytes,
+                ..Amounts::default()
+            },
+        );
+    }
+
+    /// Ends the request having used `tokens` in all (prompt + completion).
+    pub fn settle(mut self, tokens: u64) {
+        let reserved = self.demand.tokens;
+        let mut state = self.usage.state.lock();
+        state.advance(Instant::now());
+        if tokens < reserved {
+            let unused = Amounts {
+                tokens: reserved - tokens,
+                ..Amounts::default()
+            };
+            state.window.sub(self.slot, unused);
+        } else if tokens > reserved {
+            let extra = Amounts {
+                tokens: tokens - reserved,
+                ..Amounts::default()
+            };
+            state.window.add(self.slot, extra);
+        }
+        Self::release(&mut self.open, self.demand, &self.usage, &mut state);
+    }
+
+    /// Ends a request that never reached the upstream (it could not connect).
+    pub fn cancel(mut self) {
+        let mut state = self.usage.state.lock();
+        state.advance(Instant::now());
+        let everything = Amounts {
+            requests: 1,
+            tokens: self.demand.tokens,
+            bytes: self.demand.bytes,
+        };
+        state.window.sub(self.slot, everything);
+        Self::release(&mut self.open, self.demand, &self.usage, &mut state);
+    }
+
+    /// Gives back the in-flight slot and the outstanding reservation, once.
+    fn release(open: &mut bool, demand: Demand, usage: &NodeUsage, state: &mut UsageState) {
+        if !std::mem::take(open) {
+            return;
+        }
+        state.in_flight = state.in_flight.saturating_sub(1);
+        state.pending_tokens = state.pending_tokens.saturating_sub(demand.tokens);
+        usage.signal.freed();
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.open {
+            let usage = Arc::clone(&self.usage);
+            let mut state = usage.state.lock();
+            Self::release(&mut self.open, self.demand, &self.usage, &mut state);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU64;
+
+    use super::*;
+
+    fn quota(rpm: Option<u64>, tpm: Option<u64>, bpm: Option<u64>, conc: Option<u64>) -> Quota {
+        Quota {
+            rpm: rpm.and_then(NonZeroU64::new),
+            tpm: tpm.and_then(NonZeroU64::new),
+            bpm: bpm.and_then(NonZeroU64::new),
+            max_concurrency: conc.and_then(NonZeroU64::new),
+        }
+    }
+
+    fn node(q: Quota) -> Arc<NodeUsage> {
+        NodeUsage::new(q, Arc::new(HeadroomSignal::default()))
+    }
+
+    const SMALL: Demand = Demand {
+        tokens: 10,
+        bytes: 100,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn rpm_admits_exactly_the_quota_then_frees_after_sixty_seconds() {
+        let n = node(quota(Some(3), None, None, None));
+        let start = Instant::now();
+        let held: Vec<_> = (0..3)
+            .map(|_| n.try_reserve(SMALL, Instant::now()).unwrap())
+            .collect();
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+        drop(held);
+        // Finishing does not give back a per-minute request.
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+
+        let Outlook::At(at) = n.outlook(SMALL, Instant::now()) else {
+            panic!("expected a time-bound outlook")
+        };
+        assert!(at - start >= WINDOW && at - start <= WINDOW + SLOT);
+
+        tokio::time::advance(WINDOW - Duration::from_millis(1)).await;
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+        tokio::time::sleep_until(at).await;
+        assert!(n.try_reserve(SMALL, Instant::now()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_rolling_minute_ever_holds_more_than_the_quota() {
+        // Requests arrive every 37 ms for 3 minutes against rpm 50; every
+        // admitted timestamp is checked against every 60 s span.
+        let n = node(quota(Some(50), None, None, None));
+        let mut admitted = Vec::new();
+        for _ in 0..(180_000 / 37) {
+            if let Some(r) = n.try_reserve(SMALL, Instant::now()) {
+                admitted.push(Instant::now());
+                r.settle(SMALL.tokens);
+            }
+            tokio::time::advance(Duration::from_millis(37)).await;
+        }
+        for (i, first) in admitted.iter().enumerate() {
+            let in_span = admitted[i..].iter().take_while(|t| **t - *first < WINDOW).count();
+            assert!(in_span <= 50, "{in_span} requests within 60 s");
+        }
+        // And the quota was used: three minutes hold at least three windows' worth.
+        assert!(admitted.len() >= 145, "only {} admitted", admitted.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_reserved_then_corrected_to_actual_use() {
+        let n = node(quota(None, Some(1000), None, None));
+        let demand = Demand {
+            tokens: 600,
+            bytes: 0,
+        };
+        let r = n.try_reserve(demand, Instant::now()).unwrap();
+        assert_eq!(n.snapshot(Instant::now()).pending_tokens, 600);
+        assert!(n.try_reserve(demand, Instant::now()).is_none());
+        r.settle(150);
+        let snap = n.snapshot(Instant::now());
+        assert_eq!((snap.tokens, snap.pending_tokens, snap.in_flight), (150, 0, 0));
+        assert!(n.try_reserve(demand, Instant::now()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_demand_larger_than_the_quota_never_fits() {
+        let n = node(quota(None, Some(100), Some(1000), None));
+        let big = Demand {
+            tokens: 101,
+            bytes: 10,
+        };
+        assert_eq!(n.outlook(big, Instant::now()), Outlook::Never(Limit::Tpm));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_frees_on_release_and_every_path_releases_once() {
+        let n = node(quota(None, None, None, Some(2)));
+        let a = n.try_reserve(SMALL, Instant::now()).unwrap();
+        let b = n.try_reserve(SMALL, Instant::now()).unwrap();
+        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::OnRelease);
+        a.cancel();
+        assert_eq!(n.snapshot(Instant::now()).in_flight, 1);
+        drop(b);
+        let snap = n.snapshot(Instant::now());
+        assert_eq!((snap.in_flight, snap.pending_tokens), (0, 0));
+        // Cancel took everything back; the plain drop kept its reservation.
+        assert_eq!((snap.requests, snap.tokens, snap.bytes), (1, 10, 100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn response_bytes_count_against_bpm() {
+        let n = node(quota(None, None, Some(1000), None));
+        let r = n.try_reserve(SMALL, Instant::now()).unwrap();
+        r.record_response_bytes(850);
+        r.settle(10);
+        assert_eq!(n.snapshot(Instant::now()).bytes, 950);
+        assert!(matches!(n.outlook(SMALL, Instant::now()), Outlook::At(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cooldown_is_extended_never_shortened() {
+        let n = node(Quota::default());
+        let now = Instant::now();
+        n.cool_down(now + Duration::from_secs(10));
+        n.cool_down(now + Duration::from_secs(2));
+        assert_eq!(n.outlook(SMALL, now), Outlook::At(now + Duration::from_secs(10)));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::Now);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn load_is_the_highest_utilisation_over_limited_dimensions() {
+        let n = node(quota(Some(10), Some(1000), None, Some(4)));
+        let _r = n
+            .try_reserve(
+                Demand {
+                    tokens: 500,
+                    bytes: 0,
+                },
+                Instant::now(),
+            )
+            .unwrap();
+        let load = n.load_if_fits(SMALL, Instant::now()).unwrap();
+        assert_eq!(load.utilisation_ppm, 500_000);
+        assert_eq!(load.in_flight, 1);
+    }
+}

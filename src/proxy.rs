@@ -1,0 +1,247 @@
+//! The request path, top to bottom:
+//! authenticate → read → inspect → candidates → admit → forward → relay.
+//!
+//! 1. **Authenticate** the client's gateway key ([`auth`]).
+//! 2. **Read** the body, refusing more than `server.max_body_bytes`.
+//! 3. **Inspect** it ([`request::inspect`]): model, stream flag, prompt tokens
+//!    and the [`Demand`](crate::limits::Demand) to reserve.
+//! 4. **Candidates**: the nodes that serve the model.
+//! 5. **Admit** ([`Queue::admit`](crate::queue::Queue::admit)): reserve on the
+//!    least-loaded node with headroom, or wait, or refuse.
+//! 6. **Forward** with the node's key ([`upstream::send`]). A failure before
+//!    anything reached the client (no connection, no head in time, 5xx, 429,
+//!    401/403) is retried on another node, up to `retry.attempts` times.
+//! 7. **Relay** the answer untouched ([`relay::relay`]), settling the
+//!    reservation when it ends.
+//!
+//! Everything that happens before the response head is bounded by
+//! `server.request_timeout`; the relay carries the same deadline.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::auth;
+use crate::error::GatewayError;
+use crate::queue::Placement;
+use crate::relay;
+use crate::request::{self, RequestInfo};
+use crate::state::{AppState, Live};
+use crate::upstream::{self, Failure};
+
+/// The handler for every `/v1/*` path the gateway does not answer itself.
+pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let path = request.uri().path().to_owned();
+    match forward(&state, request).await {
+        Ok(response) => response,
+        Err(err) => {
+            if err.status().is_server_error() {
+                tracing::warn!(%path, error = %err, "request failed");
+            } else {
+                tracing::debug!(%path, error = %err, "request refused");
+            }
+            err.into_response()
+        }
+    }
+}
+
+async fn forward(state: &AppState, request: Request) -> Result<Response, GatewayError> {
+    let live = state.live();
+    let (parts, body) = request.into_parts();
+    auth::check(&live.config.client_keys, &parts.headers)?;
+
+    let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("", |pq| pq.as_str())
+        .strip_prefix("/v1")
+        .unwrap_or("");
+    let body = read_body(body, &parts.headers, live.config.server.max_body_bytes).await?;
+    let info = request::inspect(
+        rest,
+        &body,
+        is_json(&parts.headers, &body),
+        live.config.accounting.default_completion_tokens,
+    )?;
+    let candidates = live.candidates(info.model.as_deref())?;
+    let deadline = Instant::now() + live.config.server.request_timeout;
+
+    let attempts = live.config.retry.attempts as usize + 1;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last: Option<Attempt> = None;
+    for attempt in 0..attempts {
+        let placement = if attempt == 0 {
+            state
+                .queue
+                .admit(&live, &candidates, &tried, info.demand, deadline)
+                .await?
+        } else {
+            // A retry takes a node that has headroom now, or ends with the
+            // last answer: it does not queue behind fresh requests.
+            match state
+                .queue
+                .place(&live, &candidates, &tried, info.demand, Instant::now())
+            {
+                Some(placement) => placement,
+                None => break,
+            }
+        };
+        tried.push(placement.node);
+        let outcome = try_node(&live, placement, &parts, path_and_query, &body, deadline).await;
+        if !outcome.retryable() {
+            return Ok(outcome.finish(&live, &info, deadline));
+        }
+        if let Some(previous) = last.replace(outcome) {
+            previous.discard(info.prompt_tokens);
+        }
+    }
+    match last {
+        Some(outcome) => Ok(outcome.finish(&live, &info, deadline)),
+        None => Err(GatewayError::UpstreamUnavailable {
+            node: "none".to_owned(),
+        }),
+    }
+}
+
+/// The result of one attempt on one node.
+enum Attempt {
+    Answered {
+        response: reqwest::Response,
+        placement: Placement,
+    },
+    Failed {
+        node: usize,
+        failure: Failure,
+    },
+}
+
+impl Attempt {
+    fn retryable(&self) -> bool {
+        match self {
+            Attempt::Answered { response, .. } => {
+                let status = response.status();
+                status.is_server_error()
+                    || status == StatusCode::TOO_MANY_REQUESTS
+                    || status == StatusCode::UNAUTHORIZED
+                    || status == StatusCode::FORBIDDEN
+            }
+            Attempt::Failed { .. } => true,
+        }
+    }
+
+    /// Ends an attempt superseded by a later one. An error answer used no
+    /// completion, so only the prompt stays counted.
+    fn discard(self, prompt_tokens: u64) {
+        if let Attempt::Answered { placement, .. } = self {
+            placement.reservation.settle(prompt_tokens);
+        }
+    }
+
+    fn finish(self, live: &Live, info: &RequestInfo, deadline: Instant) -> Response {
+        match self {
+            Attempt::Answered {
+                response,
+                placement,
+            } => relay::relay(
+                response,
+                &live.nodes[placement.node],
+                placement.reservation,
+                info,
+                deadline,
+            ),
+            Attempt::Failed { node, failure } => {
+                let node = live.nodes[node].name.to_string();
+                let err = match failure {
+                    Failure::Timeout => GatewayError::UpstreamTimeout { node },
+                    Failure::Connect | Failure::Broken => GatewayError::UpstreamUnavailable { node },
+                };
+                tracing::warn!(error = %err, "no upstream answered");
+                err.into_response()
+            }
+        }
+    }
+}
+
+async fn try_node(
+    live: &Live,
+    placement: Placement,
+    parts: &axum::http::request::Parts,
+    path_and_query: &str,
+    body: &Bytes,
+    deadline: Instant,
+) -> Attempt {
+    let node = &live.nodes[placement.node];
+    let first_byte = live
+        .config
+        .upstream
+        .first_byte_timeout
+        .min(deadline.saturating_duration_since(Instant::now()));
+    let sent = upstream::send(
+        node,
+        parts.method.clone(),
+        path_and_query,
+        &parts.headers,
+        body.clone(),
+        first_byte,
+    )
+    .await;
+    match sent {
+        Ok(response) => {
+            if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                let rest = upstream::cooldown_of(response.headers());
+                node.usage.cool_down(Instant::now() + rest);
+                tracing::info!(node = %node.name, cooldown_ms = rest.as_millis() as u64, "upstream rate-limited; cooling down");
+            }
+            Attempt::Answered {
+                response,
+                placement,
+            }
+        }
+        Err(failure) => {
+            tracing::warn!(node = %node.name, ?failure, "upstream attempt failed");
+            let index = placement.node;
+            match failure {
+                // Nothing reached the node: take the request back in full.
+                Failure::Connect => placement.reservation.cancel(),
+                // It may have been received: keep what was reserved.
+                Failure::Timeout | Failure::Broken => drop(placement.reservation),
+            }
+            Attempt::Failed {
+                node: index,
+                failure,
+            }
+        }
+    }
+}
+
+fn is_json(headers: &HeaderMap, body: &[u8]) -> bool {
+    match headers.get(header::CONTENT_TYPE) {
+        Some(value) => value.to_str().is_ok_and(|v| v.contains("json")),
+        None => !body.is_empty(),
+    }
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        let over_limit = std::error::Error::source(&err)
+            .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+        if over_limit {
+            GatewayError::BodyTooLarge { limit }
+        } else {
+            GatewayError::BodyUnreadable(err.to_string())
+        }
+    })
+}

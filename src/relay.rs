@@ -1,0 +1,322 @@
+//! Relaying an upstream response to the client, and settling its
+//! reservation from what actually flowed.
+//!
+//! Chunks are passed on the moment they arrive (server-sent events event by
+//! event, never buffered). On the way, each chunk's size is counted against
+//! the node's bpm, and a [`Meter`] notes the usage: the `usage` object of a
+//! JSON answer or of the final stream event, or else the streamed text.
+//!
+//! Invariant: the reservation is settled exactly once, when the relay ends
+//! for any reason: end of body, upstream error, `request_timeout`, or the
+//! client going away (the body is dropped). A stream cut short is settled at
+//! the prompt plus the tokens streamed so far.
+
+use std::borrow::Cow;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::http::{HeaderName, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::Stream;
+use serde::Deserialize;
+use tokio::time::{Instant, Sleep};
+
+use crate::limits::Reservation;
+use crate::request::RequestInfo;
+use crate::state::Node;
+use crate::tokens::Encoding;
+use crate::upstream;
+
+pub const NODE_HEADER: HeaderName = HeaderName::from_static("x-balancer-node");
+/// A JSON answer longer than this is relayed without reading its usage (the
+/// reservation then stays counted in full). Chat answers are far smaller.
+const MAX_JSON_USAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Turns the upstream's answer into the client's response.
+pub fn relay(
+    response: reqwest::Response,
+    node: &Node,
+    reservation: Reservation,
+    info: &RequestInfo,
+    deadline: Instant,
+) -> Response {
+    let status = response.status();
+    let mut headers = upstream::relayed_headers(response.headers());
+    headers.insert(NODE_HEADER, node.name_header.clone());
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let meter = if content_type.starts_with("text/event-stream") {
+        Meter::Sse(SseMeter::default())
+    } else if content_type.contains("json") && info.demand.tokens > 0 {
+        Meter::Json(Vec::new())
+    } else {
+        Meter::Opaque
+    };
+    let settlement = Settlement {
+        reservation: Some(reservation),
+        meter,
+        prompt_tokens: info.prompt_tokens,
+        encoding: info.encoding,
+        success: status.is_success(),
+    };
+    let stream = RelayStream {
+        inner: Box::pin(response.bytes_stream()),
+        settlement: Some(settlement),
+        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+    };
+    (status, headers, Body::from_stream(stream)).into_response()
+}
+
+type UpstreamBody = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+struct RelayStream {
+    inner: UpstreamBody,
+    /// `None` once the relay has ended and settled.
+    settlement: Option<Settlement>,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl Stream for RelayStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let Some(settlement) = this.settlement.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match this.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                settlement.observe(&chunk);
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.settlement = None;
+                Poll::Ready(Some(Err(std::io::Error::other(err))))
+            }
+            Poll::Ready(None) => {
+                this.settlement = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.settlement = None;
+                    Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "request_timeout reached while relaying",
+                    ))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// Settles the reservation when dropped: on every way a relay can end.
+struct Settlement {
+    reservation: Option<Reservation>,
+    meter: Meter,
+    prompt_tokens: u64,
+    encoding: Encoding,
+    success: bool,
+}
+
+impl Settlement {
+    fn observe(&mut self, chunk: &Bytes) {
+        if let Some(reservation) = &self.reservation {
+            reservation.record_response_bytes(chunk.len() as u64);
+        }
+        self.meter.observe(chunk);
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        match self.meter.tokens(self.prompt_tokens, self.encoding, self.success) {
+            Some(tokens) => reservation.settle(tokens),
+            // Unknown usage of a successful answer: keep the full reservation.
+            None => drop(reservation),
+        }
+    }
+}
+
+/// What a response says about the tokens it used.
+#[derive(Debug)]
+pub enum Meter {
+    /// A JSON answer, kept (up to a bound) to read its `usage` at the end.
+    Json(Vec<u8>),
+    Sse(SseMeter),
+    /// Neither JSON nor a stream: nothing to read.
+    Opaque,
+}
+
+impl Meter {
+    pub fn observe(&mut self, chunk: &[u8]) {
+        match self {
+            Meter::Json(body) => {
+                if body.len() + chunk.len() <= MAX_JSON_USAGE_BYTES {
+                    body.extend_from_slice(chunk);
+                } else {
+                    *self = Meter::Opaque;
+                }
+            }
+            Meter::Sse(sse) => sse.observe(chunk),
+            Meter::Opaque => {}
+        }
+    }
+
+    /// Total tokens (prompt + completion) the request used, if known.
+    pub fn tokens(&self, prompt_tokens: u64, encoding: Encoding, success: bool) -> Option<u64> {
+        match self {
+            Meter::Json(body) => serde_json::from_slice::<WithUsage>(body)
+                .ok()
+                .and_then(|w| w.usage)
+                .map(Usage::total)
+                .or((!success).then_some(prompt_tokens)),
+            Meter::Sse(sse) => Some(
+                sse.usage
+                    .map(Usage::total)
+                    .unwrap_or_else(|| prompt_tokens + encoding.count(&sse.text)),
+            ),
+            Meter::Opaque => (!success).then_some(prompt_tokens),
+        }
+    }
+}
+
+/// Follows a server-sent event stream line by line across chunk borders.
+#[derive(Debug, Default)]
+pub struct SseMeter {
+    partial: Vec<u8>,
+    usage: Option<Usage>,
+    /// Streamed completion text, counted only if no usage arrives.
+    text: String,
+}
+
+impl SseMeter {
+    fn observe(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+            if self.partial.is_empty() {
+                self.line(&rest[..end]);
+            } else {
+                self.partial.extend_from_slice(&rest[..end]);
+                let line = std::mem::take(&mut self.partial);
+                self.line(&line);
+            }
+            rest = &rest[end + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        let data = data.trim_ascii();
+        if data.is_empty() || data == b"[DONE]" {
+            return;
+        }
+        let Ok(event) = serde_json::from_slice::<StreamEvent<'_>>(data) else {
+            return;
+        };
+        if let Some(usage) = event.usage {
+            self.usage = Some(usage);
+        }
+        for choice in event.choices.iter().flatten() {
+            if let Some(text) = choice.delta.as_ref().and_then(|d| d.content.as_deref()) {
+                self.text.push_str(text);
+            }
+            if let Some(text) = choice.text.as_deref() {
+                self.text.push_str(text);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct Usage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl Usage {
+    fn total(self) -> u64 {
+        self.total_tokens.unwrap_or_else(|| {
+            self.prompt_tokens.unwrap_or(0) + self.completion_tokens.unwrap_or(0)
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct StreamEvent<'a> {
+    usage: Option<Usage>,
+    #[serde(borrow)]
+    choices: Option<Vec<StreamChoice<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice<'a> {
+    #[serde(borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENC: Encoding = Encoding::Cl100kBase;
+
+    #[test]
+    fn json_usage_is_read_at_the_end() {
+        let mut meter = Meter::Json(Vec::new());
+        meter.observe(br#"{"id":"x","usage":{"prompt_tokens":7,"#);
+        meter.observe(br#""completion_tokens":5,"total_tokens":12}}"#);
+        assert_eq!(meter.tokens(99, ENC, true), Some(12));
+    }
+
+    #[test]
+    fn a_json_answer_without_usage_keeps_the_reservation_unless_it_failed() {
+        let mut meter = Meter::Json(Vec::new());
+        meter.observe(br#"{"error":{"message":"bad"}}"#);
+        assert_eq!(meter.tokens(9, ENC, true), None);
+        assert_eq!(meter.tokens(9, ENC, false), Some(9));
+    }
+
+    #[test]
+    fn the_final_stream_event_usage_wins_across_chunk_borders() {
+        let mut meter = Meter::Sse(SseMeter::default());
+        meter.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\nda");
+        meter.observe(b"ta: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n");
+        meter.observe(b"data: [DONE]\n\n");
+        assert_eq!(meter.tokens(100, ENC, true), Some(5));
+    }
+
+    #[test]
+    fn a_stream_without_usage_counts_its_text() {
+        let mut meter = Meter::Sse(SseMeter::default());
+        meter.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\n");
+        meter.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\" world\"}}]}\n");
+        // Cut short here: no [DONE], no usage.
+        assert_eq!(meter.tokens(10, ENC, true), Some(10 + 2));
+    }
+}

@@ -1,0 +1,100 @@
+//! Choosing a node: a pure function from the loads of the nodes that have
+//! headroom to one choice.
+//!
+//! The least-loaded node wins: lowest utilisation over its limited
+//! dimensions, then fewest requests in flight. Nodes equal on both are taken
+//! in turn, starting from `rotation` (a counter the caller advances per
+//! request), so equal nodes share evenly instead of all traffic going to the
+//! first. Nothing here reads a clock, a lock or a random source, so the
+//! choice is fully determined by its inputs.
+
+use crate::limits::Load;
+
+/// Picks among `(index, load)` pairs of eligible nodes; `node_count` is the
+/// size of the index space the rotation runs over.
+pub fn choose(
+    eligible: impl IntoIterator<Item = (usize, Load)>,
+    rotation: usize,
+    node_count: usize,
+) -> Option<usize> {
+    let n = node_count.max(1);
+    let start = rotation % n;
+    eligible
+        .into_iter()
+        .min_by_key(|(index, load)| (*load, (index + n - start) % n))
+        .map(|(index, _)| index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(utilisation_ppm: u32, in_flight: u64) -> Load {
+        Load {
+            utilisation_ppm,
+            in_flight,
+        }
+    }
+
+    #[test]
+    fn the_least_utilised_node_wins() {
+        let nodes = [(0, load(500_000, 0)), (1, load(100_000, 9)), (2, load(300_000, 0))];
+        assert_eq!(choose(nodes, 0, 3), Some(1));
+    }
+
+    #[test]
+    fn fewer_in_flight_breaks_a_utilisation_tie() {
+        let nodes = [(0, load(0, 3)), (1, load(0, 1)), (2, load(0, 2))];
+        assert_eq!(choose(nodes, 0, 3), Some(1));
+    }
+
+    #[test]
+    fn equal_nodes_are_taken_in_turn() {
+        let nodes = [(0, load(0, 0)), (1, load(0, 0)), (2, load(0, 0))];
+        let picks: Vec<_> = (0..6).map(|r| choose(nodes, r, 3).unwrap()).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn rotation_skips_nodes_that_are_not_eligible() {
+        // Node 1 has no headroom, so it is absent; rotation 1 falls to node 2.
+        let nodes = [(0, load(0, 0)), (2, load(0, 0))];
+        assert_eq!(choose(nodes, 1, 3), Some(2));
+    }
+
+    #[test]
+    fn nothing_eligible_chooses_nothing() {
+        assert_eq!(choose(std::iter::empty(), 7, 3), None);
+    }
+
+    #[test]
+    fn the_choice_is_always_one_of_the_eligible_nodes() {
+        // A small exhaustive property check: for every subset of 6 nodes with
+        // assorted loads and every rotation, the choice is in the subset and
+        // no eligible node is strictly less loaded.
+        let loads = [
+            load(10, 1),
+            load(0, 0),
+            load(10, 0),
+            load(999, 5),
+            load(0, 0),
+            load(10, 1),
+        ];
+        for mask in 0u32..64 {
+            let eligible: Vec<_> = (0..6)
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| (i, loads[i]))
+                .collect();
+            for rotation in 0..12 {
+                let chosen = choose(eligible.iter().copied(), rotation, 6);
+                match chosen {
+                    None => assert!(eligible.is_empty()),
+                    Some(c) => {
+                        assert!(mask & (1 << c) != 0, "chose ineligible node {c}");
+                        assert!(eligible.iter().all(|(_, l)| *l >= loads[c]));
+                    }
+                }
+            }
+        }
+    }
+}

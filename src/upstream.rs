@@ -1,0 +1,188 @@
+//! Talking to a node: the outgoing request with the node's key in place of
+//! the client's, and header filtering in both directions.
+//!
+//! Invariants: the client's `authorization` and `api-key` never leave the
+//! gateway; hop-by-hop headers (RFC 9110 §7.6.1: `connection` and the
+//! headers it names, `keep-alive`, `proxy-authenticate`,
+//! `proxy-authorization`, `te`, `trailer`, `transfer-encoding`, `upgrade`)
+//! never cross in either direction. Bodies are passed as bytes, never
+//! re-serialised, and never decompressed.
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, Method, header};
+use bytes::Bytes;
+
+use crate::state::Node;
+
+/// Why an attempt got no answer from the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Nothing reached the upstream: the request may be taken back in full.
+    Connect,
+    /// No response head within `first_byte_timeout`, or the connection broke
+    /// after the request was sent.
+    Timeout,
+    Broken,
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Whether `name` must not be forwarded: hop-by-hop, or named by `connection`.
+fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
+    HOP_BY_HOP.contains(name)
+        || headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| name.as_str().eq_ignore_ascii_case(token.trim()))
+}
+
+/// The client's end-to-end headers, minus its credentials and what the
+/// HTTP client sets itself.
+fn outgoing_headers(client: &HeaderMap, node: &Node) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(client.len() + 1);
+    for (name, value) in client {
+        let dropped = is_hop_by_hop(name, client)
+            || name == header::AUTHORIZATION
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name.as_str() == "api-key";
+        if !dropped {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out.insert(header::AUTHORIZATION, node.key.authorization().clone());
+    out
+}
+
+/// The upstream's headers to relay to the client.
+pub fn relayed_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(upstream.len() + 1);
+    for (name, value) in upstream {
+        if !is_hop_by_hop(name, upstream) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// Sends one attempt and waits for the response head.
+pub async fn send(
+    node: &Node,
+    method: Method,
+    path_and_query: &str,
+    client_headers: &HeaderMap,
+    body: Bytes,
+    first_byte_timeout: Duration,
+) -> Result<reqwest::Response, Failure> {
+    let url = format!("{}{}", node.url, path_and_query);
+    let request = node
+        .client
+        .request(method, url)
+        .headers(outgoing_headers(client_headers, node))
+        .body(body);
+    match tokio::time::timeout(first_byte_timeout, request.send()).await {
+        Err(_elapsed) => Err(Failure::Timeout),
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(err)) if err.is_connect() => Err(Failure::Connect),
+        Ok(Err(err)) if err.is_timeout() => Err(Failure::Timeout),
+        Ok(Err(_)) => Err(Failure::Broken),
+    }
+}
+
+/// How long a node that answered 429 should rest: `Retry-After` (seconds),
+/// else the later of `x-ratelimit-reset-requests` / `-tokens` (`"1s"`,
+/// `"6m0s"`, `"20ms"`), else one second.
+pub fn cooldown_of(headers: &HeaderMap) -> Duration {
+    let retry_after = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64);
+    let reset = ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
+        .iter()
+        .filter_map(|name| headers.get(*name)?.to_str().ok())
+        .filter_map(parse_reset)
+        .max();
+    retry_after
+        .or(reset)
+        .unwrap_or(Duration::from_secs(1))
+        .max(Duration::from_millis(100))
+}
+
+/// Parses OpenAI's reset durations such as `1s`, `6m0s`, `20ms`, `1h2m3.5s`.
+fn parse_reset(text: &str) -> Option<Duration> {
+    let mut total = 0.0_f64;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let split = rest.find(|c: char| c.is_ascii_alphabetic())?;
+        let number: f64 = rest[..split].parse().ok()?;
+        let unit_len = rest[split..]
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(rest.len() - split);
+        let scale = match &rest[split..split + unit_len] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += number * scale;
+        rest = &rest[split + unit_len..];
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn reset_durations_parse_like_openai_writes_them() {
+        assert_eq!(parse_reset("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_reset("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(parse_reset("1h2m3.5s"), Some(Duration::from_secs_f64(3723.5)));
+        assert_eq!(parse_reset("soon"), None);
+    }
+
+    #[test]
+    fn retry_after_wins_over_reset_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-ratelimit-reset-requests", HeaderValue::from_static("2s"));
+        headers.insert("x-ratelimit-reset-tokens", HeaderValue::from_static("7s"));
+        assert_eq!(cooldown_of(&headers), Duration::from_secs(7));
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(cooldown_of(&headers), Duration::from_secs(3));
+        assert_eq!(cooldown_of(&HeaderMap::new()), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_dropped() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert("x-request-id", HeaderValue::from_static("abc"));
+        let out = relayed_headers(&headers);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out["x-request-id"], "abc");
+    }
+}

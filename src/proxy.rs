@@ -220,9 +220,14 @@ async fn try_node(
     }
 }
 
+/// Whether to read the body as JSON: a JSON content type, none at all, or
+/// the form type curl sends by default with `-d`. Uploads (multipart) and
+/// binary bodies are passed through unread.
 fn is_json(headers: &HeaderMap, body: &[u8]) -> bool {
     match headers.get(header::CONTENT_TYPE) {
-        Some(value) => value.to_str().is_ok_and(|v| v.contains("json")),
+        Some(value) => value
+            .to_str()
+            .is_ok_and(|v| v.contains("json") || v.starts_with("application/x-www-form-urlencoded")),
         None => !body.is_empty(),
     }
 }

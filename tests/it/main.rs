@@ -1,1 +1,11 @@
+//! balancer's integration tests: the gateway in-process on an ephemeral
+//! port, in front of wiremock or mock-upstreams servers on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod errors;
+mod limits;
+mod proxy;
+mod retry;
+mod streaming;
 mod support;
+mod tls;

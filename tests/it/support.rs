@@ -1,0 +1,146 @@
+//! Test harness: start a gateway from TOML, talk to it, read `/status`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use balancer::config;
+use balancer::server;
+use balancer::state::AppState;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A gateway serving on 127.0.0.1 with an ephemeral port.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// The gateway key every test gateway with auth expects.
+pub const CLIENT_KEY: &str = "sk-client-test";
+
+impl Gateway {
+    /// Starts a gateway from `toml` (which must not set `server.listen`).
+    pub async fn start(toml: &str) -> Self {
+        let env = |var: &str| (var == "TEST_CLIENT_KEY").then(|| CLIENT_KEY.to_owned());
+        let (config, _) = config::from_toml_str(toml, &env).unwrap_or_else(|e| panic!("{e}"));
+        let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = AppState::new(config).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(listener, state, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn status(&self) -> Value {
+        let body = reqwest::get(self.url("/status")).await.unwrap().bytes().await.unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// Waits (bounded) until no node has anything in flight, then returns
+    /// `/status`. Settling happens as responses end, so this awaits that
+    /// event rather than sleeping a guessed time.
+    pub async fn settled_status(&self) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status().await;
+            let busy = status["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["in_flight"] != 0 || n["reserved_tokens"] != 0);
+            if !busy || tokio::time::Instant::now() > deadline {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Begins a graceful shutdown and waits for the server to return.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A `[[nodes]]` table with a literal key.
+pub fn node(name: &str, url: &str, key: &str, extra: &str) -> String {
+    format!("[[nodes]]\nname = \"{name}\"\nurl = \"{url}\"\napi_key = \"{key}\"\n{extra}\n")
+}
+
+/// Settings that keep tests fast: short queue wait, one retry.
+pub const FAST: &str = "[queue]\nmax_wait = \"2s\"\n[upstream]\nfirst_byte_timeout = \"2s\"\nconnect_timeout = \"1s\"\n";
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// A chat request body.
+pub fn chat(model: &str, text: &str, max_tokens: u64) -> String {
+    serde_json::json!({
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": text}],
+    })
+    .to_string()
+}
+
+/// POSTs JSON to the gateway.
+pub async fn post(client: &reqwest::Client, gw: &Gateway, path: &str, body: String) -> reqwest::Response {
+    client
+        .post(gw.url(path))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A node's entry in `/status`.
+pub fn node_status<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap()
+}
+
+/// An OpenAI-style chat answer with the given usage.
+pub fn chat_answer(prompt: u64, completion: u64) -> Value {
+    serde_json::json!({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    })
+}
+
+/// A port on 127.0.0.1 that refuses connections (bound, then closed).
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}

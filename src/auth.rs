@@ -21,7 +21,9 @@ pub fn check(keys: &[ClientKey], headers: &HeaderMap) -> Result<(), GatewayError
         .map(<[u8]>::trim_ascii)
         .ok_or(GatewayError::InvalidApiKey)?;
     // Compare with every key so the time taken does not say which matched.
-    let matched = keys.iter().fold(false, |found, key| key.matches(presented) | found);
+    let matched = keys
+        .iter()
+        .fold(false, |found, key| key.matches(presented) | found);
     if matched {
         Ok(())
     } else {

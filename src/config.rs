@@ -210,6 +210,20 @@ pub struct Quota {
     pub max_concurrency: Option<NonZeroU64>,
 }
 
+impl Quota {
+    /// The quota for `limit`, if limited.
+    pub fn of(&self, limit: crate::limits::Limit) -> Option<u64> {
+        use crate::limits::Limit;
+        let value = match limit {
+            Limit::Rpm => self.rpm,
+            Limit::Tpm => self.tpm,
+            Limit::Bpm => self.bpm,
+            Limit::MaxConcurrency => self.max_concurrency,
+        };
+        value.map(u64::from)
+    }
+}
+
 /// An upstream key. The `Authorization` value is built once, marked
 /// sensitive, so the request path neither formats nor exposes the secret.
 #[derive(Clone)]
@@ -220,9 +234,8 @@ pub struct NodeKey {
 
 impl NodeKey {
     fn new(secret: SecretString) -> Result<Self, String> {
-        let mut authorization =
-            HeaderValue::try_from(format!("Bearer {}", secret.expose_secret()))
-                .map_err(|_| "the key contains characters not allowed in a header".to_owned())?;
+        let mut authorization = HeaderValue::try_from(format!("Bearer {}", secret.expose_secret()))
+            .map_err(|_| "the key contains characters not allowed in a header".to_owned())?;
         authorization.set_sensitive(true);
         Ok(Self {
             secret: Arc::new(secret),
@@ -332,7 +345,10 @@ fn from_figment(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(Config, Warnings), ConfigError> {
     let raw: RawConfig = figment.extract().map_err(|err| ConfigError {
-        problems: err.into_iter().map(|e| describe_figment_error(&e)).collect(),
+        problems: err
+            .into_iter()
+            .map(|e| describe_figment_error(&e))
+            .collect(),
     })?;
     validate(raw, env)
 }
@@ -374,7 +390,10 @@ fn validate(
     for (field, value) in [
         ("server.request_timeout", raw.server.request_timeout),
         ("upstream.connect_timeout", raw.upstream.connect_timeout),
-        ("upstream.first_byte_timeout", raw.upstream.first_byte_timeout),
+        (
+            "upstream.first_byte_timeout",
+            raw.upstream.first_byte_timeout,
+        ),
     ] {
         if value.is_zero() {
             problems.push(format!("{field}: must be greater than 0"));
@@ -446,15 +465,14 @@ fn validate_node(
             at("url"),
             parsed.scheme()
         )),
-        Ok(parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
-            problems.push(format!(
+        Ok(parsed) if !parsed.username().is_empty() || parsed.password().is_some() => problems
+            .push(format!(
                 "{}: must not carry credentials; use api_key_env or api_key_file",
                 at("url")
-            ))
+            )),
+        Ok(parsed) if parsed.query().is_some() || parsed.fragment().is_some() => {
+            problems.push(format!("{}: must not have a query or fragment", at("url")))
         }
-        Ok(parsed) if parsed.query().is_some() || parsed.fragment().is_some() => problems.push(
-            format!("{}: must not have a query or fragment", at("url")),
-        ),
         Ok(_) => {}
         Err(err) => problems.push(format!("{}: not a valid URL ({err})", at("url"))),
     }
@@ -660,7 +678,8 @@ mod tests {
         }
     }
 
-    const NODE: &str = "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
+    const NODE: &str =
+        "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
 
     #[test]
     fn a_minimal_config_takes_every_default() {
@@ -676,7 +695,8 @@ mod tests {
 
     #[test]
     fn durations_read_as_human_text() {
-        let toml = format!("[queue]\nmax_wait = \"250ms\"\n[server]\nrequest_timeout = \"2m\"\n{NODE}");
+        let toml =
+            format!("[queue]\nmax_wait = \"250ms\"\n[server]\nrequest_timeout = \"2m\"\n{NODE}");
         let (config, _) = from_toml_str(&toml, &env).unwrap();
         assert_eq!(config.queue.max_wait, Duration::from_millis(250));
         assert_eq!(config.server.request_timeout, Duration::from_secs(120));
@@ -684,7 +704,9 @@ mod tests {
 
     #[test]
     fn a_zero_limit_names_node_and_field() {
-        let toml = format!("{NODE}\n[[nodes]]\nname = \"b\"\nurl = \"http://h/v1\"\napi_key = \"k\"\nrpm = 0\n");
+        let toml = format!(
+            "{NODE}\n[[nodes]]\nname = \"b\"\nurl = \"http://h/v1\"\napi_key = \"k\"\nrpm = 0\n"
+        );
         assert_eq!(problems(&toml), ["nodes[1].rpm: must be greater than 0"]);
     }
 
@@ -705,10 +727,19 @@ mod tests {
                     [[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key_env = \"KEY_A\"\n\
                     [[nodes]]\nname = \"c\"\nurl = \"not a url\"\napi_key_env = \"NOPE\"\n";
         let p = problems(toml);
-        assert!(p.contains(&"nodes[1].name: duplicate node name \"a\"".to_owned()), "{p:?}");
-        assert!(p.iter().any(|l| l.starts_with("nodes[2].url: not a valid URL")), "{p:?}");
         assert!(
-            p.contains(&"nodes[2].api_key_env: environment variable NOPE is not set or empty".to_owned()),
+            p.contains(&"nodes[1].name: duplicate node name \"a\"".to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("nodes[2].url: not a valid URL")),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(
+                &"nodes[2].api_key_env: environment variable NOPE is not set or empty".to_owned()
+            ),
             "{p:?}"
         );
     }
@@ -759,7 +790,10 @@ mod tests {
         let toml = format!("[auth]\nclient_keys_env = [\"APP_KEY\"]\n{NODE}rpm = 10\n");
         let (config, _) = from_toml_str(&toml, &env).unwrap();
         let text = config.render();
-        assert!(!text.contains("sk-a-secret") && !text.contains("app-secret"), "{text}");
+        assert!(
+            !text.contains("sk-a-secret") && !text.contains("app-secret"),
+            "{text}"
+        );
         assert!(text.contains("api_key = \"[redacted]\""));
         assert!(text.contains("rpm = 10"));
         assert!(!format!("{config:?}").contains("secret"));

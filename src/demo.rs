@@ -23,7 +23,9 @@ pub const DEMO_CLIENT_KEY: &str = "sk-balancer-demo";
 pub async fn run(config_path: &Path) -> Result<(), DemoError> {
     let mut defaulted = Vec::new();
     let resolve = |var: &str| {
-        std::env::var(var).ok().or_else(|| Some(format!("sk-demo-{}", var.to_lowercase())))
+        std::env::var(var)
+            .ok()
+            .or_else(|| Some(format!("sk-demo-{}", var.to_lowercase())))
     };
     let (config, warnings) = config::load_with(config_path, &resolve)?;
     for var in &config_client_vars(config_path) {
@@ -41,15 +43,21 @@ pub async fn run(config_path: &Path) -> Result<(), DemoError> {
             tracing::info!(node = %node.name, "not a loopback URL; no mock started");
             continue;
         };
-        let mut mock = MockConfig::new(node.key.expose())
-            .stream_timing(std::time::Duration::from_millis(20), std::time::Duration::from_millis(20));
+        let mut mock = MockConfig::new(node.key.expose()).stream_timing(
+            std::time::Duration::from_millis(20),
+            std::time::Duration::from_millis(20),
+        );
         if let Some(models) = &node.models {
             mock.models = models.clone();
         }
-        let started = MockUpstream::start(addr, mock)
-            .await
-            .map_err(|e| DemoError::Bind(format!("mock for node '{}' on {addr}: {e}", node.name)))?;
-        println!("mock upstream for node '{}' on {}", node.name, started.base_url());
+        let started = MockUpstream::start(addr, mock).await.map_err(|e| {
+            DemoError::Bind(format!("mock for node '{}' on {addr}: {e}", node.name))
+        })?;
+        println!(
+            "mock upstream for node '{}' on {}",
+            node.name,
+            started.base_url()
+        );
         mocks.push(started);
     }
 
@@ -119,7 +127,8 @@ fn loopback_addr(url: &str) -> Option<SocketAddr> {
         "localhost" => std::net::IpAddr::from([127, 0, 0, 1]),
         other => other.trim_matches(['[', ']']).parse().ok()?,
     };
-    (ip.is_loopback() && url.scheme() == "http").then(|| SocketAddr::new(ip, url.port_or_known_default().unwrap_or(80)))
+    (ip.is_loopback() && url.scheme() == "http")
+        .then(|| SocketAddr::new(ip, url.port_or_known_default().unwrap_or(80)))
 }
 
 fn print_examples(listen: SocketAddr, model: &str, key: &str) {

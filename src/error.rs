@@ -70,8 +70,16 @@ impl GatewayError {
     fn classify(&self) -> (StatusCode, &'static str, &'static str) {
         use GatewayError as E;
         match self {
-            E::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_json"),
-            E::MissingModel => (StatusCode::BAD_REQUEST, "invalid_request_error", "missing_model"),
+            E::InvalidJson(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_json",
+            ),
+            E::MissingModel => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "missing_model",
+            ),
             E::RequestTooLarge { .. } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -87,7 +95,11 @@ impl GatewayError {
                 "invalid_request_error",
                 "model_not_found",
             ),
-            E::UnknownUrl(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "unknown_url"),
+            E::UnknownUrl(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "unknown_url",
+            ),
             E::MethodNotAllowed(_) => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "invalid_request_error",
@@ -163,7 +175,9 @@ mod tests {
             .headers()
             .get(header::RETRY_AFTER)
             .map(|v| v.to_str().unwrap().to_owned());
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
         (status, retry, serde_json::from_slice(&bytes).unwrap())
     }
 
@@ -181,10 +195,14 @@ mod tests {
 
     #[tokio::test]
     async fn too_large_names_the_limit() {
-        let (status, _, body) = body_of(GatewayError::request_too_large(Limit::Tpm, 5000, 4000)).await;
+        let (status, _, body) =
+            body_of(GatewayError::request_too_large(Limit::Tpm, 5000, 4000)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["error"]["code"], "request_too_large");
         let message = body["error"]["message"].as_str().unwrap();
-        assert!(message.contains("tpm") && message.contains("5000"), "{message}");
+        assert!(
+            message.contains("tpm") && message.contains("5000"),
+            "{message}"
+        );
     }
 }

@@ -46,6 +46,17 @@ pub struct Demand {
     pub bytes: u64,
 }
 
+impl Demand {
+    /// What this request takes of `limit`.
+    pub fn of(&self, limit: Limit) -> u64 {
+        match limit {
+            Limit::Rpm | Limit::MaxConcurrency => 1,
+            Limit::Tpm => self.tokens,
+            Limit::Bpm => self.bytes,
+        }
+    }
+}
+
 /// Request, token and byte amounts in one slot or window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Amounts {
@@ -55,6 +66,15 @@ struct Amounts {
 }
 
 impl Amounts {
+    fn of(&self, limit: Limit) -> u64 {
+        match limit {
+            Limit::Rpm => self.requests,
+            Limit::Tpm => self.tokens,
+            Limit::Bpm => self.bytes,
+            Limit::MaxConcurrency => 0,
+        }
+    }
+
     fn add(&mut self, other: Amounts) {
         self.requests += other.requests;
         self.tokens += other.tokens;
@@ -156,7 +176,7 @@ impl Window {
     }
 
     /// The first instant at which at least `need` of one amount has expired.
-    fn freed_at(&self, need: u64, pick: fn(&Amounts) -> u64) -> Option<Instant> {
+    fn freed_at(&self, need: u64, limit: Limit) -> Option<Instant> {
         let oldest = self.head.saturating_sub(SLOTS - 1);
         let mut freed = 0;
         for index in oldest..=self.head {
@@ -164,7 +184,7 @@ impl Window {
             if slot.index != index {
                 continue;
             }
-            freed += pick(&slot.amounts);
+            freed += slot.amounts.of(limit);
             if freed >= need {
                 return Some(self.expiry_of(index));
             }
@@ -371,25 +391,22 @@ impl UsageState {
     }
 
     fn outlook(&self, demand: Demand, now: Instant) -> Outlook {
-        let q = &self.quota;
-        let total = &self.window.total;
-        let dims: [(Limit, Option<u64>, u64, u64, fn(&Amounts) -> u64); 3] = [
-            (Limit::Rpm, q.rpm.map(u64::from), total.requests, 1, |a| a.requests),
-            (Limit::Tpm, q.tpm.map(u64::from), total.tokens, demand.tokens, |a| a.tokens),
-            (Limit::Bpm, q.bpm.map(u64::from), total.bytes, demand.bytes, |a| a.bytes),
-        ];
         let mut wait_until = self.cooldown_until.filter(|t| *t > now);
-        for (limit, quota, used, wanted, pick) in dims {
-            let Some(quota) = quota else { continue };
+        for limit in [Limit::Rpm, Limit::Tpm, Limit::Bpm] {
+            let Some(quota) = self.quota.of(limit) else {
+                continue;
+            };
+            let wanted = demand.of(limit);
             if wanted > quota {
                 return Outlook::Never(limit);
             }
+            let used = self.window.total.of(limit);
             if used + wanted > quota {
                 // A limit can be over-used (actual usage above the reservation,
                 // response bytes); then the slots must free more than `wanted`.
                 let at = self
                     .window
-                    .freed_at(used + wanted - quota, pick)
+                    .freed_at(used + wanted - quota, limit)
                     .unwrap_or(now + WINDOW);
                 wait_until = Some(wait_until.map_or(at, |t| t.max(at)));
             }
@@ -588,7 +605,10 @@ mod tests {
             tokio::time::advance(Duration::from_millis(37)).await;
         }
         for (i, first) in admitted.iter().enumerate() {
-            let in_span = admitted[i..].iter().take_while(|t| **t - *first < WINDOW).count();
+            let in_span = admitted[i..]
+                .iter()
+                .take_while(|t| **t - *first < WINDOW)
+                .count();
             assert!(in_span <= 50, "{in_span} requests within 60 s");
         }
         // And the quota was used: three minutes hold at least three windows' worth.
@@ -607,7 +627,10 @@ mod tests {
         assert!(n.try_reserve(demand, Instant::now()).is_none());
         r.settle(150);
         let snap = n.snapshot(Instant::now());
-        assert_eq!((snap.tokens, snap.pending_tokens, snap.in_flight), (150, 0, 0));
+        assert_eq!(
+            (snap.tokens, snap.pending_tokens, snap.in_flight),
+            (150, 0, 0)
+        );
         assert!(n.try_reserve(demand, Instant::now()).is_some());
     }
 
@@ -652,7 +675,10 @@ mod tests {
         let now = Instant::now();
         n.cool_down(now + Duration::from_secs(10));
         n.cool_down(now + Duration::from_secs(2));
-        assert_eq!(n.outlook(SMALL, now), Outlook::At(now + Duration::from_secs(10)));
+        assert_eq!(
+            n.outlook(SMALL, now),
+            Outlook::At(now + Duration::from_secs(10))
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::Now);
     }

@@ -36,7 +36,10 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("cannot start the async runtime: {err}");
@@ -96,7 +99,9 @@ async fn serve(path: &std::path::Path) -> ExitCode {
         tracing::warn!("{warning}");
     }
     if config.client_keys.is_empty() {
-        tracing::warn!("no client keys configured (auth.client_keys_env): the gateway is open to anyone who can reach it");
+        tracing::warn!(
+            "no client keys configured (auth.client_keys_env): the gateway is open to anyone who can reach it"
+        );
     }
     let listen = config.server.listen;
     let listener = match server::bind(listen) {

@@ -159,7 +159,9 @@ impl Attempt {
                 let node = live.nodes[node].name.to_string();
                 let err = match failure {
                     Failure::Timeout => GatewayError::UpstreamTimeout { node },
-                    Failure::Connect | Failure::Broken => GatewayError::UpstreamUnavailable { node },
+                    Failure::Connect | Failure::Broken => {
+                        GatewayError::UpstreamUnavailable { node }
+                    }
                 };
                 tracing::warn!(error = %err, "no upstream answered");
                 err.into_response()
@@ -225,9 +227,9 @@ async fn try_node(
 /// binary bodies are passed through unread.
 fn is_json(headers: &HeaderMap, body: &[u8]) -> bool {
     match headers.get(header::CONTENT_TYPE) {
-        Some(value) => value
-            .to_str()
-            .is_ok_and(|v| v.contains("json") || v.starts_with("application/x-www-form-urlencoded")),
+        Some(value) => value.to_str().is_ok_and(|v| {
+            v.contains("json") || v.starts_with("application/x-www-form-urlencoded")
+        }),
         None => !body.is_empty(),
     }
 }

@@ -235,7 +235,12 @@ fn place_with(
             .iter()
             .copied()
             .filter(|i| !excluded.contains(i) && !lost_race.contains(i))
-            .filter_map(|i| live.nodes[i].usage.load_if_fits(demand, now).map(|l| (i, l)));
+            .filter_map(|i| {
+                live.nodes[i]
+                    .usage
+                    .load_if_fits(demand, now)
+                    .map(|l| (i, l))
+            });
         let node = selection::choose(eligible, rotation, live.nodes.len())?;
         match live.nodes[node].usage.try_reserve(demand, now) {
             Some(reservation) => return Some(Placement { node, reservation }),
@@ -283,22 +288,8 @@ fn too_large(live: &Live, candidates: &[usize], limit: Limit, demand: Demand) ->
     let now = Instant::now();
     let largest = candidates
         .iter()
-        .filter_map(|&i| {
-            let quota = live.nodes[i].usage.snapshot(now).quota;
-            match limit {
-                Limit::Tpm => quota.tpm,
-                Limit::Bpm => quota.bpm,
-                Limit::Rpm => quota.rpm,
-                Limit::MaxConcurrency => quota.max_concurrency,
-            }
-        })
-        .map(u64::from)
+        .filter_map(|&i| live.nodes[i].usage.snapshot(now).quota.of(limit))
         .max()
         .unwrap_or(0);
-    let wanted = match limit {
-        Limit::Tpm => demand.tokens,
-        Limit::Bpm => demand.bytes,
-        Limit::Rpm | Limit::MaxConcurrency => 1,
-    };
-    GatewayError::request_too_large(limit, wanted, largest)
+    GatewayError::request_too_large(limit, demand.of(limit), largest)
 }

@@ -138,7 +138,10 @@ impl Drop for Settlement {
         let Some(reservation) = self.reservation.take() else {
             return;
         };
-        match self.meter.tokens(self.prompt_tokens, self.encoding, self.success) {
+        match self
+            .meter
+            .tokens(self.prompt_tokens, self.encoding, self.success)
+        {
             Some(tokens) => reservation.settle(tokens),
             // Unknown usage of a successful answer: keep the full reservation.
             None => drop(reservation),

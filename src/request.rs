@@ -59,12 +59,17 @@ pub fn inspect(
 
     let parsed: Body<'_> =
         serde_json::from_slice(body).map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
-    let model = parsed.model.and_then(Lenient::ok).map(|m| m.into_owned().into_boxed_str());
+    let model = parsed
+        .model
+        .and_then(Lenient::ok)
+        .map(|m| m.into_owned().into_boxed_str());
     let model = model.filter(|m| !m.is_empty());
     if model.is_none() && requires_model {
         return Err(GatewayError::MissingModel);
     }
-    let encoding = model.as_deref().map_or(Encoding::Cl100kBase, Encoding::for_model);
+    let encoding = model
+        .as_deref()
+        .map_or(Encoding::Cl100kBase, Encoding::for_model);
 
     let mut prompt_tokens = 0;
     if let Some(Lenient::Ok(messages)) = &parsed.messages {
@@ -240,9 +245,21 @@ mod tests {
     #[test]
     fn max_completion_tokens_wins_and_the_default_fills_in() {
         let both = r#"{"model":"gpt-4","max_tokens":50,"max_completion_tokens":7,"messages":[]}"#;
-        assert_eq!(inspect_json("/chat/completions", both).unwrap().demand.tokens, 3 + 7);
+        assert_eq!(
+            inspect_json("/chat/completions", both)
+                .unwrap()
+                .demand
+                .tokens,
+            3 + 7
+        );
         let none = r#"{"model":"gpt-4","messages":[]}"#;
-        assert_eq!(inspect_json("/chat/completions", none).unwrap().demand.tokens, 3 + 100);
+        assert_eq!(
+            inspect_json("/chat/completions", none)
+                .unwrap()
+                .demand
+                .tokens,
+            3 + 100
+        );
     }
 
     #[test]
@@ -273,7 +290,8 @@ mod tests {
 
     #[test]
     fn odd_shapes_are_left_to_the_upstream() {
-        let body = r#"{"model":"gpt-4","messages":"not a list","max_tokens":"many","stream":"yes"}"#;
+        let body =
+            r#"{"model":"gpt-4","messages":"not a list","max_tokens":"many","stream":"yes"}"#;
         let info = inspect_json("/chat/completions", body).unwrap();
         assert_eq!(info.prompt_tokens, 0);
         assert!(!info.stream);
@@ -284,6 +302,12 @@ mod tests {
     fn a_request_without_a_model_counts_one_request_and_its_bytes() {
         let info = inspect("/files", b"--boundary--", false, 100).unwrap();
         assert_eq!(info.model, None);
-        assert_eq!(info.demand, Demand { tokens: 0, bytes: 12 });
+        assert_eq!(
+            info.demand,
+            Demand {
+                tokens: 0,
+                bytes: 12
+            }
+        );
     }
 }

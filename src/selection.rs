@@ -38,7 +38,11 @@ mod tests {
 
     #[test]
     fn the_least_utilised_node_wins() {
-        let nodes = [(0, load(500_000, 0)), (1, load(100_000, 9)), (2, load(300_000, 0))];
+        let nodes = [
+            (0, load(500_000, 0)),
+            (1, load(100_000, 9)),
+            (2, load(300_000, 0)),
+        ];
         assert_eq!(choose(nodes, 0, 3), Some(1));
     }
 

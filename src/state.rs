@@ -157,7 +157,9 @@ fn prepare(
         .collect();
     drop(usages);
 
-    let any_model: Arc<[usize]> = (0..nodes.len()).filter(|&i| nodes[i].models.is_none()).collect();
+    let any_model: Arc<[usize]> = (0..nodes.len())
+        .filter(|&i| nodes[i].models.is_none())
+        .collect();
     let mut by_model: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, node) in nodes.iter().enumerate() {
         for model in node.models.iter().flatten() {

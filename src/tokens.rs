@@ -31,9 +31,8 @@ impl Encoding {
     /// The family a model name belongs to.
     pub fn for_model(model: &str) -> Self {
         let model = model.rsplit('/').next().unwrap_or(model);
-        let o_series = model.len() >= 2
-            && model.starts_with('o')
-            && model.as_bytes()[1].is_ascii_digit();
+        let o_series =
+            model.len() >= 2 && model.starts_with('o') && model.as_bytes()[1].is_ascii_digit();
         if o_series
             || model.starts_with("gpt-4o")
             || model.starts_with("gpt-4.1")
@@ -70,10 +69,24 @@ mod tests {
 
     #[test]
     fn model_families_pick_their_tokenizer() {
-        for m in ["gpt-4o-mini", "gpt-4.1", "gpt-5", "o1-preview", "o3-mini", "o4-mini", "openai/gpt-4o"] {
+        for m in [
+            "gpt-4o-mini",
+            "gpt-4.1",
+            "gpt-5",
+            "o1-preview",
+            "o3-mini",
+            "o4-mini",
+            "openai/gpt-4o",
+        ] {
             assert_eq!(Encoding::for_model(m), Encoding::O200kBase, "{m}");
         }
-        for m in ["gpt-4", "gpt-3.5-turbo", "text-embedding-3-small", "llama-3", "omni"] {
+        for m in [
+            "gpt-4",
+            "gpt-3.5-turbo",
+            "text-embedding-3-small",
+            "llama-3",
+            "omni",
+        ] {
             assert_eq!(Encoding::for_model(m), Encoding::Cl100kBase, "{m}");
         }
     }
@@ -86,6 +99,9 @@ mod tests {
         assert_eq!(Encoding::Cl100kBase.count(""), 0);
         // The families differ on longer text.
         let text = "Die Straßenbahn fährt um 12:45 über die Brücke. 東京は晴れです。";
-        assert_ne!(Encoding::Cl100kBase.count(text), Encoding::O200kBase.count(text));
+        assert_ne!(
+            Encoding::Cl100kBase.count(text),
+            Encoding::O200kBase.count(text)
+        );
     }
 }

@@ -202,9 +202,15 @@ fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response 
 }
 
 /// Checks the key and counts the request; `Err` is the 401 to send.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the response to send; built only when refusing"
+)]
 fn admit(mock: &Mock, headers: &HeaderMap) -> Result<(), Response> {
     let expected = format!("Bearer {}", mock.config.key);
-    let presented = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
     if presented != Some(expected.as_bytes()) {
         mock.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
         return Err(error(
@@ -218,6 +224,10 @@ fn admit(mock: &Mock, headers: &HeaderMap) -> Result<(), Response> {
     Ok(())
 }
 
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the response to send; built only when refusing"
+)]
 fn parse(body: &Bytes) -> Result<Value, Response> {
     serde_json::from_slice(body).map_err(|e| {
         error(
@@ -230,10 +240,17 @@ fn parse(body: &Bytes) -> Result<Value, Response> {
 }
 
 fn tokenizer(model: &str) -> &'static bpe_openai::Tokenizer {
-    let o_series = model.len() >= 2
-        && model.starts_with('o')
-        && model.as_bytes()[1].is_ascii_digit();
-    if o_series || ["gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "chatgpt-4o", "gpt-oss"]
+    let o_series =
+        model.len() >= 2 && model.starts_with('o') && model.as_bytes()[1].is_ascii_digit();
+    if o_series
+        || [
+            "gpt-4o",
+            "gpt-4.1",
+            "gpt-4.5",
+            "gpt-5",
+            "chatgpt-4o",
+            "gpt-oss",
+        ]
         .iter()
         .any(|p| model.starts_with(p))
     {
@@ -278,7 +295,9 @@ fn text_tokens(model: &str, value: &Value) -> u64 {
     }
 }
 
-const WORDS: [&str; 8] = [" The", " quick", " brown", " fox", " jumps", " over", " the", " dog"];
+const WORDS: [&str; 8] = [
+    " The", " quick", " brown", " fox", " jumps", " over", " the", " dog",
+];
 
 fn completion_words(mock: &Mock, request: &Value) -> Vec<&'static str> {
     let cap = ["max_completion_tokens", "max_tokens"]
@@ -307,17 +326,29 @@ async fn chat(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) ->
         Ok(v) => v,
         Err(bad) => return bad,
     };
-    let model = request["model"].as_str().unwrap_or("gpt-4o-mini").to_owned();
+    let model = request["model"]
+        .as_str()
+        .unwrap_or("gpt-4o-mini")
+        .to_owned();
     let prompt = chat_prompt_tokens(&model, &request);
     let words = completion_words(&mock, &request);
     let completion = words.len() as u64;
-    mock.stats.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
-    mock.stats.completion_tokens.fetch_add(completion, Ordering::Relaxed);
+    mock.stats
+        .prompt_tokens
+        .fetch_add(prompt, Ordering::Relaxed);
+    mock.stats
+        .completion_tokens
+        .fetch_add(completion, Ordering::Relaxed);
     tokio::time::sleep(mock.config.latency).await;
 
     if request["stream"].as_bool() == Some(true) {
         let include_usage = request["stream_options"]["include_usage"].as_bool() == Some(true);
-        return stream_chat(&mock, model, words, include_usage.then(|| usage(prompt, completion)));
+        return stream_chat(
+            &mock,
+            model,
+            words,
+            include_usage.then(|| usage(prompt, completion)),
+        );
     }
     let body = json!({
         "id": "chatcmpl-mock",
@@ -334,7 +365,12 @@ async fn chat(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) ->
     axum::Json(body).into_response()
 }
 
-fn stream_chat(mock: &Arc<Mock>, model: String, words: Vec<&'static str>, usage: Option<Value>) -> Response {
+fn stream_chat(
+    mock: &Arc<Mock>,
+    model: String,
+    words: Vec<&'static str>,
+    usage: Option<Value>,
+) -> Response {
     let created = now_secs();
     let chunk = move |delta: Value, finish: Value| {
         json!({
@@ -343,7 +379,10 @@ fn stream_chat(mock: &Arc<Mock>, model: String, words: Vec<&'static str>, usage:
         })
     };
     let mut events: Vec<String> = Vec::with_capacity(words.len() + 4);
-    events.push(sse(&chunk(json!({"role": "assistant", "content": ""}), Value::Null)));
+    events.push(sse(&chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )));
     for word in &words {
         events.push(sse(&chunk(json!({"content": word}), Value::Null)));
     }
@@ -401,12 +440,19 @@ async fn completions(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: By
         Ok(v) => v,
         Err(bad) => return bad,
     };
-    let model = request["model"].as_str().unwrap_or("gpt-3.5-turbo-instruct").to_owned();
+    let model = request["model"]
+        .as_str()
+        .unwrap_or("gpt-3.5-turbo-instruct")
+        .to_owned();
     let prompt = text_tokens(&model, &request["prompt"]);
     let words = completion_words(&mock, &request);
     let completion = words.len() as u64;
-    mock.stats.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
-    mock.stats.completion_tokens.fetch_add(completion, Ordering::Relaxed);
+    mock.stats
+        .prompt_tokens
+        .fetch_add(prompt, Ordering::Relaxed);
+    mock.stats
+        .completion_tokens
+        .fetch_add(completion, Ordering::Relaxed);
     tokio::time::sleep(mock.config.latency).await;
     axum::Json(json!({
         "id": "cmpl-mock", "object": "text_completion", "created": now_secs(), "model": model,
@@ -424,14 +470,19 @@ async fn embeddings(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Byt
         Ok(v) => v,
         Err(bad) => return bad,
     };
-    let model = request["model"].as_str().unwrap_or("text-embedding-3-small").to_owned();
+    let model = request["model"]
+        .as_str()
+        .unwrap_or("text-embedding-3-small")
+        .to_owned();
     let input = &request["input"];
     let items = match input {
         Value::Array(items) if !items.iter().all(Value::is_number) => items.len(),
         _ => 1,
     };
     let prompt = text_tokens(&model, input);
-    mock.stats.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+    mock.stats
+        .prompt_tokens
+        .fetch_add(prompt, Ordering::Relaxed);
     tokio::time::sleep(mock.config.latency).await;
     let data: Vec<Value> = (0..items)
         .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.0125, -0.25, 0.5, 0.75, -0.0625, 0.125, 0.3, -0.4]}))

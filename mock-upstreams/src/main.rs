@@ -15,8 +15,12 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let nodes: u16 = arg(&args, "--nodes").and_then(|v| v.parse().ok()).unwrap_or(3);
-    let base: u16 = arg(&args, "--base-port").and_then(|v| v.parse().ok()).unwrap_or(9001);
+    let nodes: u16 = arg(&args, "--nodes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let base: u16 = arg(&args, "--base-port")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(9001);
     let prefix = arg(&args, "--key-prefix").unwrap_or_else(|| "sk-mock-".to_owned());
     let mut running = Vec::new();
     for i in 0..nodes {

@@ -14,25 +14,48 @@ async fn gateway(extra: &str, node_extra: &str) -> (Gateway, MockServer) {
         .await;
     let toml = format!(
         "[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n{extra}{}",
-        node("a", &format!("{}/v1", server.uri()), "sk-node-secret", &format!("models = [\"gpt-4o-mini\"]\n{node_extra}"))
+        node(
+            "a",
+            &format!("{}/v1", server.uri()),
+            "sk-node-secret",
+            &format!("models = [\"gpt-4o-mini\"]\n{node_extra}")
+        )
     );
     (Gateway::start(&toml).await, server)
 }
 
 /// Sends `body` and returns status, Retry-After and the parsed error.
-async fn send(gw: &Gateway, path: &str, key: Option<&str>, content_type: &str, body: Vec<u8>) -> (u16, Option<String>, Value) {
-    let mut request = client().post(gw.url(path)).header("content-type", content_type).body(body);
+async fn send(
+    gw: &Gateway,
+    path: &str,
+    key: Option<&str>,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (u16, Option<String>, Value) {
+    let mut request = client()
+        .post(gw.url(path))
+        .header("content-type", content_type)
+        .body(body);
     if let Some(key) = key {
         request = request.bearer_auth(key);
     }
     let response = request.send().await.unwrap();
     let status = response.status().as_u16();
-    let retry = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
     let text = response.text().await.unwrap();
-    assert!(!text.contains("sk-node-secret"), "a node key leaked: {text}");
+    assert!(
+        !text.contains("sk-node-secret"),
+        "a node key leaked: {text}"
+    );
     let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
     for field in ["message", "type", "code"] {
-        assert!(body["error"][field].is_string(), "error.{field} missing in {body}");
+        assert!(
+            body["error"][field].is_string(),
+            "error.{field} missing in {body}"
+        );
     }
     (status, retry, body)
 }
@@ -46,7 +69,14 @@ const JSON: &str = "application/json";
 #[tokio::test]
 async fn malformed_json_is_400_invalid_json() {
     let (gw, upstream) = gateway("", "").await;
-    let (status, _, body) = send(&gw, "/v1/chat/completions", Some(CLIENT_KEY), JSON, b"{\"model\": ".to_vec()).await;
+    let (status, _, body) = send(
+        &gw,
+        "/v1/chat/completions",
+        Some(CLIENT_KEY),
+        JSON,
+        b"{\"model\": ".to_vec(),
+    )
+    .await;
     assert_eq!((status, code(&body)), (400, "invalid_json"));
     assert_eq!(body["error"]["type"], "invalid_request_error");
     assert!(upstream.received_requests().await.unwrap().is_empty());
@@ -55,14 +85,28 @@ async fn malformed_json_is_400_invalid_json() {
 #[tokio::test]
 async fn a_missing_model_is_400_missing_model() {
     let (gw, _) = gateway("", "").await;
-    let (status, _, body) = send(&gw, "/v1/chat/completions", Some(CLIENT_KEY), JSON, br#"{"messages":[]}"#.to_vec()).await;
+    let (status, _, body) = send(
+        &gw,
+        "/v1/chat/completions",
+        Some(CLIENT_KEY),
+        JSON,
+        br#"{"messages":[]}"#.to_vec(),
+    )
+    .await;
     assert_eq!((status, code(&body)), (400, "missing_model"));
 }
 
 #[tokio::test]
 async fn a_request_that_can_never_fit_is_400_request_too_large_naming_the_limit() {
     let (gw, upstream) = gateway("", "tpm = 100").await;
-    let (status, _, body) = send(&gw, "/v1/chat/completions", Some(CLIENT_KEY), JSON, chat("gpt-4o-mini", "hi", 500).into_bytes()).await;
+    let (status, _, body) = send(
+        &gw,
+        "/v1/chat/completions",
+        Some(CLIENT_KEY),
+        JSON,
+        chat("gpt-4o-mini", "hi", 500).into_bytes(),
+    )
+    .await;
     assert_eq!((status, code(&body)), (400, "request_too_large"));
     assert!(body["error"]["message"].as_str().unwrap().contains("tpm"));
     assert!(upstream.received_requests().await.unwrap().is_empty());
@@ -72,7 +116,14 @@ async fn a_request_that_can_never_fit_is_400_request_too_large_naming_the_limit(
 async fn a_missing_or_wrong_key_is_401_invalid_api_key() {
     let (gw, _) = gateway("", "").await;
     for key in [None, Some("sk-wrong")] {
-        let (status, _, body) = send(&gw, "/v1/chat/completions", key, JSON, chat("gpt-4o-mini", "hi", 5).into_bytes()).await;
+        let (status, _, body) = send(
+            &gw,
+            "/v1/chat/completions",
+            key,
+            JSON,
+            chat("gpt-4o-mini", "hi", 5).into_bytes(),
+        )
+        .await;
         assert_eq!((status, code(&body)), (401, "invalid_api_key"));
     }
 }
@@ -80,7 +131,14 @@ async fn a_missing_or_wrong_key_is_401_invalid_api_key() {
 #[tokio::test]
 async fn a_model_no_node_serves_is_404_model_not_found() {
     let (gw, _) = gateway("", "").await;
-    let (status, _, body) = send(&gw, "/v1/chat/completions", Some(CLIENT_KEY), JSON, chat("gpt-9-turbo", "hi", 5).into_bytes()).await;
+    let (status, _, body) = send(
+        &gw,
+        "/v1/chat/completions",
+        Some(CLIENT_KEY),
+        JSON,
+        chat("gpt-9-turbo", "hi", 5).into_bytes(),
+    )
+    .await;
     assert_eq!((status, code(&body)), (404, "model_not_found"));
 }
 
@@ -105,7 +163,14 @@ async fn saturation_is_429_rate_limit_exceeded_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(first.status(), 200);
-    let (status, retry, body) = send(&gw, "/v1/chat/completions", Some(CLIENT_KEY), JSON, request()).await;
+    let (status, retry, body) = send(
+        &gw,
+        "/v1/chat/completions",
+        Some(CLIENT_KEY),
+        JSON,
+        request(),
+    )
+    .await;
     assert_eq!((status, code(&body)), (429, "rate_limit_exceeded"));
     let retry: u64 = retry.unwrap().parse().unwrap();
     assert!((59..=61).contains(&retry), "Retry-After {retry}");

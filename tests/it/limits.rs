@@ -13,7 +13,11 @@ use crate::support::{FAST, Gateway, chat, chat_answer, client, node, post};
 async fn upstream(delay: Duration) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2)).set_delay(delay))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(chat_answer(5, 2))
+                .set_delay(delay),
+        )
         .mount(&server)
         .await;
     server
@@ -21,10 +25,19 @@ async fn upstream(delay: Duration) -> MockServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpm_100_150_200_serve_exactly_450_of_600_and_refuse_150_with_retry_after() {
-    let servers = [upstream(Duration::ZERO).await, upstream(Duration::ZERO).await, upstream(Duration::ZERO).await];
+    let servers = [
+        upstream(Duration::ZERO).await,
+        upstream(Duration::ZERO).await,
+        upstream(Duration::ZERO).await,
+    ];
     let mut toml = FAST.to_owned();
     for (s, rpm) in servers.iter().zip([100, 150, 200]) {
-        toml.push_str(&node(&format!("rpm{rpm}"), &format!("{}/v1", s.uri()), "k", &format!("rpm = {rpm}")));
+        toml.push_str(&node(
+            &format!("rpm{rpm}"),
+            &format!("{}/v1", s.uri()),
+            "k",
+            &format!("rpm = {rpm}"),
+        ));
     }
     let gw = Gateway::start(&toml).await;
     let http = client();
@@ -32,7 +45,13 @@ async fn rpm_100_150_200_serve_exactly_450_of_600_and_refuse_150_with_retry_afte
         .map(|_| {
             let (http, gw) = (&http, &gw);
             async move {
-                let response = post(http, gw, "/v1/chat/completions", chat("gpt-4o-mini", "hi", 5)).await;
+                let response = post(
+                    http,
+                    gw,
+                    "/v1/chat/completions",
+                    chat("gpt-4o-mini", "hi", 5),
+                )
+                .await;
                 let retry = response
                     .headers()
                     .get("retry-after")
@@ -65,7 +84,10 @@ async fn no_node_receives_more_reserved_tokens_or_bytes_than_its_quota() {
     for _ in 0..2 {
         let server = MockServer::start().await;
         Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"id": "x", "choices": []})))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(serde_json::json!({"id": "x", "choices": []})),
+            )
             .mount(&server)
             .await;
         servers.push(server);
@@ -73,7 +95,12 @@ async fn no_node_receives_more_reserved_tokens_or_bytes_than_its_quota() {
     let (tpm, bpm) = (3000u64, 12_000u64);
     let mut toml = FAST.to_owned();
     for (i, s) in servers.iter().enumerate() {
-        toml.push_str(&node(&format!("n{i}"), &format!("{}/v1", s.uri()), "k", &format!("tpm = {tpm}\nbpm = {bpm}")));
+        toml.push_str(&node(
+            &format!("n{i}"),
+            &format!("{}/v1", s.uri()),
+            "k",
+            &format!("tpm = {tpm}\nbpm = {bpm}"),
+        ));
     }
     let gw = Gateway::start(&toml).await;
     let http = client();
@@ -81,12 +108,25 @@ async fn no_node_receives_more_reserved_tokens_or_bytes_than_its_quota() {
         .map(|i| {
             let (http, gw) = (&http, &gw);
             let text = "lorem ipsum dolor sit amet ".repeat(1 + i % 20);
-            async move { post(http, gw, "/v1/chat/completions", chat("gpt-4o-mini", &text, 40)).await.status().as_u16() }
+            async move {
+                post(
+                    http,
+                    gw,
+                    "/v1/chat/completions",
+                    chat("gpt-4o-mini", &text, 40),
+                )
+                .await
+                .status()
+                .as_u16()
+            }
         })
         .buffer_unordered(20)
         .collect()
         .await;
-    assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
     assert!(statuses.contains(&429), "the quotas were never reached");
 
     for s in &servers {
@@ -94,24 +134,48 @@ async fn no_node_receives_more_reserved_tokens_or_bytes_than_its_quota() {
         let bytes: u64 = received.iter().map(|r| r.body.len() as u64).sum();
         let reserved: u64 = received
             .iter()
-            .map(|r| request::inspect("/chat/completions", &r.body, true, 1024).unwrap().demand.tokens)
+            .map(|r| {
+                request::inspect("/chat/completions", &r.body, true, 1024)
+                    .unwrap()
+                    .demand
+                    .tokens
+            })
             .sum();
-        assert!(reserved <= tpm, "{reserved} reserved tokens against tpm {tpm}");
+        assert!(
+            reserved <= tpm,
+            "{reserved} reserved tokens against tpm {tpm}"
+        );
         assert!(bytes <= bpm, "{bytes} request bytes against bpm {bpm}");
         // The quota was actually used, not left idle.
-        assert!(reserved > tpm / 2 || bytes > bpm / 2, "only {reserved} tokens / {bytes} bytes used");
+        assert!(
+            reserved > tpm / 2 || bytes > bpm / 2,
+            "only {reserved} tokens / {bytes} bytes used"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturated_requests_wait_in_the_queue_and_all_succeed() {
     let server = upstream(Duration::from_millis(150)).await;
-    let toml = format!("{FAST}{}", node("slow", &format!("{}/v1", server.uri()), "k", "max_concurrency = 2"));
+    let toml = format!(
+        "{FAST}{}",
+        node(
+            "slow",
+            &format!("{}/v1", server.uri()),
+            "k",
+            "max_concurrency = 2"
+        )
+    );
     let gw = Gateway::start(&toml).await;
     let http = client();
     let statuses: Vec<u16> = futures_util::future::join_all((0..10).map(|_| {
         let (http, gw) = (&http, &gw);
-        async move { post(http, gw, "/v1/chat/completions", chat("gpt-4", "hi", 5)).await.status().as_u16() }
+        async move {
+            post(http, gw, "/v1/chat/completions", chat("gpt-4", "hi", 5))
+                .await
+                .status()
+                .as_u16()
+        }
     }))
     .await;
     assert_eq!(statuses, [200; 10]);
@@ -126,16 +190,34 @@ async fn a_full_queue_refuses_at_once() {
     let server = upstream(Duration::from_millis(500)).await;
     let toml = format!(
         "[queue]\nmax_wait = \"5s\"\nmax_depth = 2\n{}",
-        node("one", &format!("{}/v1", server.uri()), "k", "max_concurrency = 1")
+        node(
+            "one",
+            &format!("{}/v1", server.uri()),
+            "k",
+            "max_concurrency = 1"
+        )
     );
     let gw = Gateway::start(&toml).await;
     let http = client();
     let statuses: Vec<u16> = futures_util::future::join_all((0..6).map(|_| {
         let (http, gw) = (&http, &gw);
-        async move { post(http, gw, "/v1/chat/completions", chat("gpt-4", "hi", 5)).await.status().as_u16() }
+        async move {
+            post(http, gw, "/v1/chat/completions", chat("gpt-4", "hi", 5))
+                .await
+                .status()
+                .as_u16()
+        }
     }))
     .await;
     // One runs, two wait, three are refused.
-    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 3, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        3,
+        "{statuses:?}"
+    );
 }

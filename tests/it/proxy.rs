@@ -4,7 +4,9 @@ use serde_json::Value;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::{CLIENT_KEY, FAST, Gateway, chat, chat_answer, client, node, node_status, post};
+use crate::support::{
+    CLIENT_KEY, FAST, Gateway, chat, chat_answer, client, node, node_status, post,
+};
 
 async fn answering_upstream() -> MockServer {
     let server = MockServer::start().await;
@@ -42,7 +44,12 @@ async fn each_upstream_sees_only_its_own_key_never_the_clients() {
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
-        served_by.push(response.headers()["x-balancer-node"].to_str().unwrap().to_owned());
+        served_by.push(
+            response.headers()["x-balancer-node"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     assert!(served_by.iter().any(|n| n == "a") && served_by.iter().any(|n| n == "b"));
 
@@ -53,7 +60,13 @@ async fn each_upstream_sees_only_its_own_key_never_the_clients() {
             let auth: Vec<_> = request.headers.get_all("authorization").iter().collect();
             assert_eq!(auth, [&format!("Bearer {key}")]);
             for (name, value) in &request.headers {
-                assert!(!value.as_bytes().windows(CLIENT_KEY.len()).any(|w| w == CLIENT_KEY.as_bytes()), "client key leaked in {name}");
+                assert!(
+                    !value
+                        .as_bytes()
+                        .windows(CLIENT_KEY.len())
+                        .any(|w| w == CLIENT_KEY.as_bytes()),
+                    "client key leaked in {name}"
+                );
             }
             assert!(request.headers.get("api-key").is_none());
             assert!(request.headers.get("x-hop-secret").is_none());
@@ -68,7 +81,11 @@ async fn each_upstream_sees_only_its_own_key_never_the_clients() {
 
 #[tokio::test]
 async fn equal_nodes_share_requests_evenly() {
-    let servers = [answering_upstream().await, answering_upstream().await, answering_upstream().await];
+    let servers = [
+        answering_upstream().await,
+        answering_upstream().await,
+        answering_upstream().await,
+    ];
     let mut toml = FAST.to_owned();
     for (i, s) in servers.iter().enumerate() {
         toml.push_str(&node(&format!("n{i}"), &format!("{}/v1", s.uri()), "k", ""));
@@ -76,7 +93,12 @@ async fn equal_nodes_share_requests_evenly() {
     let gw = Gateway::start(&toml).await;
     let http = client();
     for _ in 0..300 {
-        assert_eq!(post(&http, &gw, "/v1/chat/completions", chat("gpt-4", "hi", 5)).await.status(), 200);
+        assert_eq!(
+            post(&http, &gw, "/v1/chat/completions", chat("gpt-4", "hi", 5))
+                .await
+                .status(),
+            200
+        );
     }
     for s in &servers {
         assert_eq!(s.received_requests().await.unwrap().len(), 100);
@@ -87,8 +109,18 @@ async fn equal_nodes_share_requests_evenly() {
 async fn models_are_answered_by_the_gateway_behind_the_client_key() {
     let toml = format!(
         "[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n{}{}",
-        node("a", "http://127.0.0.1:9/v1", "k", "models = [\"gpt-4o-mini\", \"text-embedding-3-small\"]"),
-        node("b", "http://127.0.0.1:9/v1", "k", "models = [\"gpt-4.1\", \"gpt-4o-mini\"]"),
+        node(
+            "a",
+            "http://127.0.0.1:9/v1",
+            "k",
+            "models = [\"gpt-4o-mini\", \"text-embedding-3-small\"]"
+        ),
+        node(
+            "b",
+            "http://127.0.0.1:9/v1",
+            "k",
+            "models = [\"gpt-4.1\", \"gpt-4o-mini\"]"
+        ),
     );
     let gw = Gateway::start(&toml).await;
     let http = client();
@@ -97,22 +129,38 @@ async fn models_are_answered_by_the_gateway_behind_the_client_key() {
             .header("authorization", format!("Bearer {CLIENT_KEY}"))
             .send()
     };
-    let list: Value = serde_json::from_slice(&get("/v1/models").await.unwrap().bytes().await.unwrap()).unwrap();
+    let list: Value =
+        serde_json::from_slice(&get("/v1/models").await.unwrap().bytes().await.unwrap()).unwrap();
     assert_eq!(list["object"], "list");
-    let ids: Vec<_> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<_> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["gpt-4.1", "gpt-4o-mini", "text-embedding-3-small"]);
 
     let one = get("/v1/models/gpt-4.1").await.unwrap();
     assert_eq!(one.status(), 200);
     let one: Value = serde_json::from_slice(&one.bytes().await.unwrap()).unwrap();
-    assert_eq!((one["id"].as_str(), one["object"].as_str()), (Some("gpt-4.1"), Some("model")));
+    assert_eq!(
+        (one["id"].as_str(), one["object"].as_str()),
+        (Some("gpt-4.1"), Some("model"))
+    );
 
     let missing = get("/v1/models/gpt-9").await.unwrap();
     assert_eq!(missing.status(), 404);
     let missing: Value = serde_json::from_slice(&missing.bytes().await.unwrap()).unwrap();
     assert_eq!(missing["error"]["code"], "model_not_found");
 
-    assert_eq!(http.get(gw.url("/v1/models")).send().await.unwrap().status(), 401);
+    assert_eq!(
+        http.get(gw.url("/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
 }
 
 #[tokio::test]
@@ -120,10 +168,17 @@ async fn a_request_without_a_model_goes_to_a_node_and_counts_one_request() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/v1/files"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"object": "list", "data": []})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"object": "list", "data": []})),
+        )
         .mount(&server)
         .await;
-    let gw = Gateway::start(&format!("{FAST}{}", node("a", &format!("{}/v1", server.uri()), "k", "rpm = 10"))).await;
+    let gw = Gateway::start(&format!(
+        "{FAST}{}",
+        node("a", &format!("{}/v1", server.uri()), "k", "rpm = 10")
+    ))
+    .await;
     let response = client().get(gw.url("/v1/files")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-balancer-node"], "a");
@@ -143,8 +198,18 @@ async fn an_upstream_client_error_is_relayed_as_it_came() {
         )
         .mount(&server)
         .await;
-    let gw = Gateway::start(&format!("{FAST}{}", node("a", &format!("{}/v1", server.uri()), "k", ""))).await;
-    let response = post(&client(), &gw, "/v1/chat/completions", chat("gpt-4", "hi", 5)).await;
+    let gw = Gateway::start(&format!(
+        "{FAST}{}",
+        node("a", &format!("{}/v1", server.uri()), "k", "")
+    ))
+    .await;
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/chat/completions",
+        chat("gpt-4", "hi", 5),
+    )
+    .await;
     assert_eq!(response.status(), 400);
     assert_eq!(response.headers()["x-upstream-trace"], "t-1");
     assert_eq!(response.bytes().await.unwrap(), body.as_bytes());

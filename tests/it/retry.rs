@@ -6,11 +6,16 @@ use serde_json::Value;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::{FAST, Gateway, chat, chat_answer, client, closed_port, node, node_status, post};
+use crate::support::{
+    FAST, Gateway, chat, chat_answer, client, closed_port, node, node_status, post,
+};
 
 async fn answering(template: ResponseTemplate) -> MockServer {
     let server = MockServer::start().await;
-    Mock::given(method("POST")).respond_with(template).mount(&server).await;
+    Mock::given(method("POST"))
+        .respond_with(template)
+        .mount(&server)
+        .await;
     server
 }
 
@@ -20,15 +25,31 @@ fn ok() -> ResponseTemplate {
 
 /// Node `first` is tried first: a fresh gateway's rotation starts at node 0.
 async fn gateway(first: &str, second: &str, extra: &str) -> Gateway {
-    Gateway::start(&format!("{FAST}{extra}{}{}", node("first", first, "k", ""), node("second", second, "k", ""))).await
+    Gateway::start(&format!(
+        "{FAST}{extra}{}{}",
+        node("first", first, "k", ""),
+        node("second", second, "k", "")
+    ))
+    .await
 }
 
 #[tokio::test]
 async fn a_500_is_retried_on_another_node() {
     let broken = answering(ResponseTemplate::new(500).set_body_string("boom")).await;
     let healthy = answering(ok()).await;
-    let gw = gateway(&format!("{}/v1", broken.uri()), &format!("{}/v1", healthy.uri()), "").await;
-    let response = post(&client(), &gw, "/v1/chat/completions", chat("gpt-4", "hi", 5)).await;
+    let gw = gateway(
+        &format!("{}/v1", broken.uri()),
+        &format!("{}/v1", healthy.uri()),
+        "",
+    )
+    .await;
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/chat/completions",
+        chat("gpt-4", "hi", 5),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-balancer-node"], "second");
     assert_eq!(broken.received_requests().await.unwrap().len(), 1);
@@ -41,7 +62,12 @@ async fn a_500_is_retried_on_another_node() {
 async fn a_429_cools_the_node_down_for_its_retry_after_and_is_retried() {
     let limited = answering(ResponseTemplate::new(429).insert_header("retry-after", "30")).await;
     let healthy = answering(ok()).await;
-    let gw = gateway(&format!("{}/v1", limited.uri()), &format!("{}/v1", healthy.uri()), "").await;
+    let gw = gateway(
+        &format!("{}/v1", limited.uri()),
+        &format!("{}/v1", healthy.uri()),
+        "",
+    )
+    .await;
     let http = client();
     for _ in 0..4 {
         let response = post(&http, &gw, "/v1/chat/completions", chat("gpt-4", "hi", 5)).await;
@@ -51,8 +77,13 @@ async fn a_429_cools_the_node_down_for_its_retry_after_and_is_retried() {
     // Only the first request reached the rate-limited node.
     assert_eq!(limited.received_requests().await.unwrap().len(), 1);
     let status = gw.settled_status().await;
-    let cooldown = node_status(&status, "first")["cooldown_remaining_ms"].as_u64().unwrap();
-    assert!((25_000..=30_000).contains(&cooldown), "cooldown {cooldown} ms");
+    let cooldown = node_status(&status, "first")["cooldown_remaining_ms"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (25_000..=30_000).contains(&cooldown),
+        "cooldown {cooldown} ms"
+    );
 }
 
 #[tokio::test]
@@ -60,7 +91,13 @@ async fn a_refused_connection_is_retried_and_takes_nothing_from_the_quota() {
     let healthy = answering(ok()).await;
     let dead = format!("http://127.0.0.1:{}/v1", closed_port());
     let gw = gateway(&dead, &format!("{}/v1", healthy.uri()), "").await;
-    let response = post(&client(), &gw, "/v1/chat/completions", chat("gpt-4", "hi", 5)).await;
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/chat/completions",
+        chat("gpt-4", "hi", 5),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-balancer-node"], "second");
     let status = gw.settled_status().await;
@@ -71,7 +108,10 @@ async fn a_refused_connection_is_retried_and_takes_nothing_from_the_quota() {
 
 async fn error_of(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
-    (status, serde_json::from_slice(&response.bytes().await.unwrap()).unwrap())
+    (
+        status,
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap(),
+    )
 }
 
 #[tokio::test]
@@ -79,12 +119,24 @@ async fn no_reachable_node_is_502_upstream_unavailable() {
     let a = format!("http://127.0.0.1:{}/v1", closed_port());
     let b = format!("http://127.0.0.1:{}/v1", closed_port());
     let gw = gateway(&a, &b, "").await;
-    let (status, body) = error_of(post(&client(), &gw, "/v1/chat/completions", chat("gpt-4", "hi", 5)).await).await;
+    let (status, body) = error_of(
+        post(
+            &client(),
+            &gw,
+            "/v1/chat/completions",
+            chat("gpt-4", "hi", 5),
+        )
+        .await,
+    )
+    .await;
     assert_eq!(status, 502);
     assert_eq!(body["error"]["code"], "upstream_unavailable");
     let status = gw.settled_status().await;
     for n in status["nodes"].as_array().unwrap() {
-        assert_eq!((n["in_flight"].as_u64(), n["reserved_tokens"].as_u64()), (Some(0), Some(0)));
+        assert_eq!(
+            (n["in_flight"].as_u64(), n["reserved_tokens"].as_u64()),
+            (Some(0), Some(0))
+        );
     }
 }
 
@@ -93,9 +145,22 @@ async fn no_head_within_first_byte_timeout_is_504_upstream_timeout() {
     let slow = || answering(ok().set_delay(Duration::from_secs(5)));
     let (a, b) = (slow().await, slow().await);
     let extra = "[upstream]\nfirst_byte_timeout = \"200ms\"\n";
-    let toml = format!("{extra}{}{}", node("first", &format!("{}/v1", a.uri()), "k", ""), node("second", &format!("{}/v1", b.uri()), "k", ""));
+    let toml = format!(
+        "{extra}{}{}",
+        node("first", &format!("{}/v1", a.uri()), "k", ""),
+        node("second", &format!("{}/v1", b.uri()), "k", "")
+    );
     let gw = Gateway::start(&toml).await;
-    let (status, body) = error_of(post(&client(), &gw, "/v1/chat/completions", chat("gpt-4", "hi", 5)).await).await;
+    let (status, body) = error_of(
+        post(
+            &client(),
+            &gw,
+            "/v1/chat/completions",
+            chat("gpt-4", "hi", 5),
+        )
+        .await,
+    )
+    .await;
     assert_eq!(status, 504);
     assert_eq!(body["error"]["code"], "upstream_timeout");
     // Both nodes were tried.
@@ -108,7 +173,13 @@ async fn when_every_attempt_got_an_answer_the_last_one_is_relayed() {
     let a = answering(ResponseTemplate::new(503).set_body_string("first down")).await;
     let b = answering(ResponseTemplate::new(503).set_body_string("second down")).await;
     let gw = gateway(&format!("{}/v1", a.uri()), &format!("{}/v1", b.uri()), "").await;
-    let response = post(&client(), &gw, "/v1/chat/completions", chat("gpt-4", "hi", 5)).await;
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/chat/completions",
+        chat("gpt-4", "hi", 5),
+    )
+    .await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["x-balancer-node"], "second");
     assert_eq!(response.text().await.unwrap(), "second down");

@@ -20,24 +20,47 @@ fn stream_request(max_tokens: u64, include_usage: bool) -> String {
 }
 
 async fn mock(interval: Duration, words: usize) -> MockUpstream {
-    let config = MockConfig::new("sk-mock").stream_timing(interval, interval).completion_words(words);
-    MockUpstream::start("127.0.0.1:0".parse().unwrap(), config).await.unwrap()
+    let config = MockConfig::new("sk-mock")
+        .stream_timing(interval, interval)
+        .completion_words(words);
+    MockUpstream::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn events_reach_the_client_before_the_upstream_has_finished() {
     let upstream = mock(Duration::from_millis(250), 6).await;
-    let gw = Gateway::start(&format!("{FAST}{}", node("m", &upstream.base_url(), "sk-mock", ""))).await;
-    let response = post(&client(), &gw, "/v1/chat/completions", stream_request(100, true)).await;
+    let gw = Gateway::start(&format!(
+        "{FAST}{}",
+        node("m", &upstream.base_url(), "sk-mock", "")
+    ))
+    .await;
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/chat/completions",
+        stream_request(100, true),
+    )
+    .await;
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let mut body = response.bytes_stream();
     let mut seen = Vec::new();
     // Read until the first content event has arrived.
     while !String::from_utf8_lossy(&seen).contains("\"content\":\" The\"") {
         seen.extend_from_slice(&body.next().await.unwrap().unwrap());
     }
-    assert_eq!(upstream.stats().streams_completed(), 0, "the upstream had already finished");
+    assert_eq!(
+        upstream.stats().streams_completed(),
+        0,
+        "the upstream had already finished"
+    );
     while let Some(chunk) = body.next().await {
         seen.extend_from_slice(&chunk.unwrap());
     }
@@ -50,26 +73,58 @@ async fn events_reach_the_client_before_the_upstream_has_finished() {
 #[tokio::test]
 async fn a_stream_is_settled_at_its_reported_usage() {
     let upstream = mock(Duration::ZERO, 4).await;
-    let gw = Gateway::start(&format!("{FAST}{}", node("m", &upstream.base_url(), "sk-mock", "tpm = 100000"))).await;
-    let response = post(&client(), &gw, "/v1/chat/completions", stream_request(500, true)).await;
+    let gw = Gateway::start(&format!(
+        "{FAST}{}",
+        node("m", &upstream.base_url(), "sk-mock", "tpm = 100000")
+    ))
+    .await;
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/chat/completions",
+        stream_request(500, true),
+    )
+    .await;
     response.bytes().await.unwrap();
     let status = gw.settled_status().await;
-    let used = node_status(&status, "m")["limits"]["tpm"]["used"].as_u64().unwrap();
-    assert_eq!(used, upstream.stats().prompt_tokens() + upstream.stats().completion_tokens());
+    let used = node_status(&status, "m")["limits"]["tpm"]["used"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        used,
+        upstream.stats().prompt_tokens() + upstream.stats().completion_tokens()
+    );
 }
 
 #[tokio::test]
 async fn a_stream_without_usage_is_settled_at_the_text_it_carried() {
     let upstream = mock(Duration::ZERO, 4).await;
-    let gw = Gateway::start(&format!("{FAST}{}", node("m", &upstream.base_url(), "sk-mock", "tpm = 100000"))).await;
-    let response = post(&client(), &gw, "/v1/chat/completions", stream_request(500, false)).await;
+    let gw = Gateway::start(&format!(
+        "{FAST}{}",
+        node("m", &upstream.base_url(), "sk-mock", "tpm = 100000")
+    ))
+    .await;
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/chat/completions",
+        stream_request(500, false),
+    )
+    .await;
     response.bytes().await.unwrap();
     let status = gw.settled_status().await;
-    let used = node_status(&status, "m")["limits"]["tpm"]["used"].as_u64().unwrap();
+    let used = node_status(&status, "m")["limits"]["tpm"]["used"]
+        .as_u64()
+        .unwrap();
     // " The quick brown fox" is 4 tokens; the prompt as the gateway counted it.
-    let prompt = balancer::request::inspect("/chat/completions", stream_request(500, false).as_bytes(), true, 0)
-        .unwrap()
-        .prompt_tokens;
+    let prompt = balancer::request::inspect(
+        "/chat/completions",
+        stream_request(500, false).as_bytes(),
+        true,
+        0,
+    )
+    .unwrap()
+    .prompt_tokens;
     assert_eq!(used, prompt + 4);
 }
 
@@ -80,8 +135,18 @@ async fn a_json_answer_is_settled_at_its_usage() {
         .respond_with(ResponseTemplate::new(200).set_body_json(chat_answer(11, 9)))
         .mount(&server)
         .await;
-    let gw = Gateway::start(&format!("{FAST}{}", node("w", &format!("{}/v1", server.uri()), "k", "tpm = 100000"))).await;
-    let response = post(&client(), &gw, "/v1/chat/completions", crate::support::chat("gpt-4", "hi", 900)).await;
+    let gw = Gateway::start(&format!(
+        "{FAST}{}",
+        node("w", &format!("{}/v1", server.uri()), "k", "tpm = 100000")
+    ))
+    .await;
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/chat/completions",
+        crate::support::chat("gpt-4", "hi", 900),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap();
     let status = gw.settled_status().await;
@@ -93,14 +158,23 @@ async fn a_json_answer_is_settled_at_its_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_abort_mid_stream_leave_nothing_in_flight() {
     let upstream = mock(Duration::from_millis(100), 200).await;
-    let toml = format!("{FAST}{}", node("m", &upstream.base_url(), "sk-mock", "tpm = 10000000\nmax_concurrency = 500"));
+    let toml = format!(
+        "{FAST}{}",
+        node(
+            "m",
+            &upstream.base_url(),
+            "sk-mock",
+            "tpm = 10000000\nmax_concurrency = 500"
+        )
+    );
     let gw = Gateway::start(&toml).await;
     let http = client();
     futures_util::stream::iter(0..200)
         .for_each_concurrent(200, |_| {
             let (http, gw) = (&http, &gw);
             async move {
-                let response = post(http, gw, "/v1/chat/completions", stream_request(1000, true)).await;
+                let response =
+                    post(http, gw, "/v1/chat/completions", stream_request(1000, true)).await;
                 assert_eq!(response.status(), 200);
                 let mut body = response.bytes_stream();
                 // Take the first event, then hang up.
@@ -123,8 +197,18 @@ async fn clients_that_abort_mid_stream_leave_nothing_in_flight() {
 #[tokio::test]
 async fn a_graceful_shutdown_lets_open_streams_finish() {
     let upstream = mock(Duration::from_millis(50), 10).await;
-    let gw = Gateway::start(&format!("{FAST}{}", node("m", &upstream.base_url(), "sk-mock", ""))).await;
-    let response = post(&client(), &gw, "/v1/chat/completions", stream_request(100, true)).await;
+    let gw = Gateway::start(&format!(
+        "{FAST}{}",
+        node("m", &upstream.base_url(), "sk-mock", "")
+    ))
+    .await;
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/chat/completions",
+        stream_request(100, true),
+    )
+    .await;
     let mut body = response.bytes_stream();
     let mut seen = body.next().await.unwrap().unwrap().to_vec();
     // Shut down while the stream is open; the stream still ends with [DONE].
@@ -132,7 +216,11 @@ async fn a_graceful_shutdown_lets_open_streams_finish() {
     while let Some(chunk) = body.next().await {
         seen.extend_from_slice(&chunk.unwrap());
     }
-    assert!(String::from_utf8(seen).unwrap().ends_with("data: [DONE]\n\n"));
+    assert!(
+        String::from_utf8(seen)
+            .unwrap()
+            .ends_with("data: [DONE]\n\n")
+    );
     shutdown.await.unwrap();
     assert_eq!(upstream.stats().streams_completed(), 1);
 }

@@ -44,7 +44,12 @@ impl Gateway {
     }
 
     pub async fn status(&self) -> Value {
-        let body = reqwest::get(self.url("/status")).await.unwrap().bytes().await.unwrap();
+        let body = reqwest::get(self.url("/status"))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
         serde_json::from_slice(&body).unwrap()
     }
 
@@ -109,7 +114,12 @@ pub fn chat(model: &str, text: &str, max_tokens: u64) -> String {
 }
 
 /// POSTs JSON to the gateway.
-pub async fn post(client: &reqwest::Client, gw: &Gateway, path: &str, body: String) -> reqwest::Response {
+pub async fn post(
+    client: &reqwest::Client,
+    gw: &Gateway,
+    path: &str,
+    body: String,
+) -> reqwest::Response {
     client
         .post(gw.url(path))
         .header("content-type", "application/json")

@@ -1,1 +1,144 @@
-fn main() {}
+//! Hot-path benchmarks: token counting (and the tokenizer-crate choice),
+//! node selection, and limiter reserve + release against a naive baseline.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::num::NonZeroU64;
+use std::sync::{Arc, Mutex};
+
+use balancer::config::Quota;
+use balancer::limits::{Demand, HeadroomSignal, Load, NodeUsage};
+use balancer::selection;
+use balancer::tokens::Encoding;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tokio::time::Instant;
+
+/// About 1 KiB of mixed English prose, code and numbers.
+fn one_kib() -> String {
+    let text = "The gateway measures every request: bytes, and tokens counted with the model's \
+                real tokenizer. fn main() { println!(\"{}\", 42 * 1024); } Prices rose 3.7% in Q2 2026, \
+                while latency fell from 12.5 ms to 0.8 ms. ";
+    text.repeat(1024 / text.len() + 1)[..1024].to_owned()
+}
+
+fn tokens(c: &mut Criterion) {
+    let mut group = c.benchmark_group("tokens");
+    let text = one_kib();
+    group.throughput(Throughput::Bytes(text.len() as u64));
+    let tik_cl = tiktoken_rs::cl100k_base().unwrap();
+    let tik_o = tiktoken_rs::o200k_base().unwrap();
+    for (name, encoding, tik) in [
+        ("cl100k_base", Encoding::Cl100kBase, &tik_cl),
+        ("o200k_base", Encoding::O200kBase, &tik_o),
+    ] {
+        group.bench_with_input(BenchmarkId::new("bpe-openai", name), &text, |b, t| {
+            b.iter(|| encoding.count(black_box(t)))
+        });
+        group.bench_with_input(BenchmarkId::new("tiktoken-rs", name), &text, |b, t| {
+            b.iter(|| tik.encode_ordinary(black_box(t)).len())
+        });
+    }
+    group.finish();
+}
+
+fn selection(c: &mut Criterion) {
+    let mut group = c.benchmark_group("selection");
+    for n in [3usize, 30, 300] {
+        let loads: Vec<(usize, Load)> = (0..n)
+            .map(|i| {
+                (
+                    i,
+                    Load {
+                        utilisation_ppm: ((i * 7919) % 1000) as u32,
+                        in_flight: (i % 5) as u64,
+                    },
+                )
+            })
+            .collect();
+        group.bench_with_input(BenchmarkId::new("choose", n), &loads, |b, loads| {
+            let mut rotation = 0;
+            b.iter(|| {
+                rotation += 1;
+                selection::choose(loads.iter().copied(), rotation, n)
+            })
+        });
+        // The full placement look: lock each node, check its headroom, read its load.
+        let signal = Arc::new(HeadroomSignal::default());
+        let nodes: Vec<_> = (0..n)
+            .map(|_| NodeUsage::new(limited_quota(), Arc::clone(&signal)))
+            .collect();
+        group.bench_with_input(BenchmarkId::new("look_and_choose", n), &nodes, |b, nodes| {
+            let mut rotation = 0;
+            b.iter(|| {
+                rotation += 1;
+                let now = Instant::now();
+                let eligible = nodes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, u)| u.load_if_fits(DEMAND, now).map(|l| (i, l)));
+                selection::choose(eligible, rotation, n)
+            })
+        });
+    }
+    group.finish();
+}
+
+const DEMAND: Demand = Demand {
+    tokens: 300,
+    bytes: 2000,
+};
+
+fn limited_quota() -> Quota {
+    Quota {
+        rpm: NonZeroU64::new(u64::MAX / 4),
+        tpm: NonZeroU64::new(u64::MAX / 4),
+        bpm: NonZeroU64::new(u64::MAX / 4),
+        max_concurrency: NonZeroU64::new(1 << 40),
+    }
+}
+
+/// What a first attempt might write: one map of counters behind one mutex.
+#[derive(Default)]
+struct NaiveLimiter {
+    counters: Mutex<HashMap<String, (u64, u64, u64, u64)>>,
+}
+
+impl NaiveLimiter {
+    fn reserve(&self, node: &str, demand: Demand) {
+        let mut map = self.counters.lock().unwrap();
+        let entry = map.entry(node.to_owned()).or_default();
+        entry.0 += 1;
+        entry.1 += demand.tokens;
+        entry.2 += demand.bytes;
+        entry.3 += 1;
+    }
+
+    fn release(&self, node: &str) {
+        if let Some(entry) = self.counters.lock().unwrap().get_mut(node) {
+            entry.3 -= 1;
+        }
+    }
+}
+
+fn limiter(c: &mut Criterion) {
+    let mut group = c.benchmark_group("limiter");
+    let usage = NodeUsage::new(limited_quota(), Arc::new(HeadroomSignal::default()));
+    group.bench_function("reserve_settle", |b| {
+        b.iter(|| {
+            let reservation = usage.try_reserve(black_box(DEMAND), Instant::now()).unwrap();
+            reservation.settle(black_box(250));
+        })
+    });
+    let naive = NaiveLimiter::default();
+    group.bench_function("naive_mutex_hashmap_baseline", |b| {
+        b.iter(|| {
+            naive.reserve(black_box("node-a"), DEMAND);
+            naive.release(black_box("node-a"));
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, tokens, selection, limiter);
+criterion_main!(benches);

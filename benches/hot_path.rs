@@ -68,18 +68,22 @@ fn selection(c: &mut Criterion) {
         let nodes: Vec<_> = (0..n)
             .map(|_| NodeUsage::new(limited_quota(), Arc::clone(&signal)))
             .collect();
-        group.bench_with_input(BenchmarkId::new("look_and_choose", n), &nodes, |b, nodes| {
-            let mut rotation = 0;
-            b.iter(|| {
-                rotation += 1;
-                let now = Instant::now();
-                let eligible = nodes
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, u)| u.load_if_fits(DEMAND, now).map(|l| (i, l)));
-                selection::choose(eligible, rotation, n)
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("look_and_choose", n),
+            &nodes,
+            |b, nodes| {
+                let mut rotation = 0;
+                b.iter(|| {
+                    rotation += 1;
+                    let now = Instant::now();
+                    let eligible = nodes
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, u)| u.load_if_fits(DEMAND, now).map(|l| (i, l)));
+                    selection::choose(eligible, rotation, n)
+                })
+            },
+        );
     }
     group.finish();
 }
@@ -126,7 +130,9 @@ fn limiter(c: &mut Criterion) {
     let usage = NodeUsage::new(limited_quota(), Arc::new(HeadroomSignal::default()));
     group.bench_function("reserve_settle", |b| {
         b.iter(|| {
-            let reservation = usage.try_reserve(black_box(DEMAND), Instant::now()).unwrap();
+            let reservation = usage
+                .try_reserve(black_box(DEMAND), Instant::now())
+                .unwrap();
             reservation.settle(black_box(250));
         })
     });

@@ -36,14 +36,16 @@ use crate::upstream::{self, Failure};
 
 /// The handler for every `/v1/*` path the gateway does not answer itself.
 pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let path = request.uri().path().to_owned();
+    // A `Uri` clone shares its bytes: no copy of the path on the hot path.
+    let uri = request.uri().clone();
     match forward(&state, request).await {
         Ok(response) => response,
         Err(err) => {
+            let path = uri.path();
             if err.status().is_server_error() {
-                tracing::warn!(%path, error = %err, "request failed");
+                tracing::warn!(path, error = %err, "request failed");
             } else {
-                tracing::debug!(%path, error = %err, "request refused");
+                tracing::debug!(path, error = %err, "request refused");
             }
             err.into_response()
         }
@@ -92,11 +94,13 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
                 None => break,
             }
         };
-        tried.push(placement.node);
+        let node = placement.node;
         let outcome = try_node(&live, placement, &parts, path_and_query, &body, deadline).await;
         if !outcome.retryable() {
             return Ok(outcome.finish(&live, &info, deadline));
         }
+        // Only a retry needs the list of nodes already tried.
+        tried.push(node);
         if let Some(previous) = last.replace(outcome) {
             previous.discard(info.prompt_tokens);
         }

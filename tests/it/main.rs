@@ -5,6 +5,7 @@
 mod errors;
 mod limits;
 mod proxy;
+mod queue;
 mod retry;
 mod streaming;
 mod support;

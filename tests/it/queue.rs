@@ -1,0 +1,190 @@
+//! The queue: first come, first served for the same nodes, no blocking
+//! across nodes, and a client that hangs up leaves at once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::support::{Gateway, chat, chat_answer, client, node, post};
+
+async fn upstream(delay: Duration) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(chat_answer(5, 2))
+                .set_delay(delay),
+        )
+        .mount(&server)
+        .await;
+    server
+}
+
+/// Waits (bounded) until `/status` satisfies `ready`.
+async fn until(gw: &Gateway, ready: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !ready(&gw.status().await) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached: {}",
+            gw.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const QUEUE: &str = "[queue]\nmax_wait = \"10s\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_for_the_same_node_are_served_in_arrival_order() {
+    let server = upstream(Duration::from_millis(200)).await;
+    let gw = Arc::new(
+        Gateway::start(&format!(
+            "{QUEUE}{}",
+            node(
+                "one",
+                &format!("{}/v1", server.uri()),
+                "k",
+                "max_concurrency = 1"
+            )
+        ))
+        .await,
+    );
+    let finished = Arc::new(AtomicUsize::new(0));
+    let mut order = Vec::new();
+    for i in 0..4 {
+        let (task_gw, finished) = (Arc::clone(&gw), Arc::clone(&finished));
+        order.push(tokio::spawn(async move {
+            assert_eq!(
+                post(
+                    &client(),
+                    &task_gw,
+                    "/v1/chat/completions",
+                    chat("gpt-4", "hi", 5)
+                )
+                .await
+                .status(),
+                200
+            );
+            (i, finished.fetch_add(1, Ordering::SeqCst))
+        }));
+        // Each request is admitted or queued before the next one is sent.
+        until(&gw, |s| {
+            let admitted = s["nodes"][0]["limits"]["rpm"]["used"].as_u64().unwrap();
+            admitted + s["queue"]["depth"].as_u64().unwrap() == i + 1
+        })
+        .await;
+    }
+    for handle in order {
+        let (sent, finished) = handle.await.unwrap();
+        assert_eq!(
+            sent, finished as u64,
+            "request {sent} finished as number {finished}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_never_blocks_one_that_another_node_can_serve() {
+    let busy = upstream(Duration::from_secs(2)).await;
+    let free = upstream(Duration::ZERO).await;
+    let toml = format!(
+        "{QUEUE}{}{}",
+        node(
+            "busy",
+            &format!("{}/v1", busy.uri()),
+            "k",
+            "max_concurrency = 1\nmodels = [\"gpt-4\"]"
+        ),
+        node(
+            "free",
+            &format!("{}/v1", free.uri()),
+            "k",
+            "models = [\"gpt-4o-mini\"]"
+        ),
+    );
+    let gw = Arc::new(Gateway::start(&toml).await);
+    let spawn = |model: &'static str| {
+        let gw = Arc::clone(&gw);
+        tokio::spawn(async move {
+            post(&client(), &gw, "/v1/chat/completions", chat(model, "hi", 5))
+                .await
+                .status()
+        })
+    };
+    let running = spawn("gpt-4");
+    until(&gw, |s| s["nodes"][0]["in_flight"] == 1).await;
+    let waiting = spawn("gpt-4");
+    until(&gw, |s| s["queue"]["depth"] == 1).await;
+
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/chat/completions",
+        chat("gpt-4o-mini", "hi", 5),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-balancer-node"], "free");
+    assert!(
+        !waiting.is_finished(),
+        "the other node's request should still be waiting"
+    );
+    assert_eq!(running.await.unwrap(), 200);
+    assert_eq!(waiting.await.unwrap(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once() {
+    let server = upstream(Duration::from_secs(3)).await;
+    let gw = Arc::new(
+        Gateway::start(&format!(
+            "{QUEUE}{}",
+            node(
+                "one",
+                &format!("{}/v1", server.uri()),
+                "k",
+                "max_concurrency = 1"
+            )
+        ))
+        .await,
+    );
+    let holder = {
+        let gw = Arc::clone(&gw);
+        tokio::spawn(async move {
+            post(
+                &client(),
+                &gw,
+                "/v1/chat/completions",
+                chat("gpt-4", "hi", 5),
+            )
+            .await
+            .status()
+        })
+    };
+    until(&gw, |s| s["nodes"][0]["in_flight"] == 1).await;
+    let waiter = {
+        let gw = Arc::clone(&gw);
+        tokio::spawn(async move {
+            post(
+                &client(),
+                &gw,
+                "/v1/chat/completions",
+                chat("gpt-4", "hi", 5),
+            )
+            .await
+            .status()
+        })
+    };
+    until(&gw, |s| s["queue"]["depth"] == 1).await;
+    // Hang up: aborting the task drops its connection.
+    waiter.abort();
+    until(&gw, |s| s["queue"]["depth"] == 0).await;
+    // Still in flight on the node is only the first request.
+    assert_eq!(gw.status().await["nodes"][0]["in_flight"], 1);
+    assert_eq!(holder.await.unwrap(), 200);
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+}

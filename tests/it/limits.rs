@@ -8,27 +8,14 @@ use futures_util::StreamExt;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::{FAST, Gateway, chat, chat_answer, client, node, post};
-
-async fn upstream(delay: Duration) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(chat_answer(5, 2))
-                .set_delay(delay),
-        )
-        .mount(&server)
-        .await;
-    server
-}
+use crate::support::{FAST, Gateway, answering_upstream, chat, client, node, post};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpm_100_150_200_serve_exactly_450_of_600_and_refuse_150_with_retry_after() {
     let servers = [
-        upstream(Duration::ZERO).await,
-        upstream(Duration::ZERO).await,
-        upstream(Duration::ZERO).await,
+        answering_upstream(Duration::ZERO).await,
+        answering_upstream(Duration::ZERO).await,
+        answering_upstream(Duration::ZERO).await,
     ];
     let mut toml = FAST.to_owned();
     for (s, rpm) in servers.iter().zip([100, 150, 200]) {
@@ -156,7 +143,7 @@ async fn no_node_receives_more_reserved_tokens_or_bytes_than_its_quota() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturated_requests_wait_in_the_queue_and_all_succeed() {
-    let server = upstream(Duration::from_millis(150)).await;
+    let server = answering_upstream(Duration::from_millis(150)).await;
     let toml = format!(
         "{FAST}{}",
         node(
@@ -187,7 +174,7 @@ async fn saturated_requests_wait_in_the_queue_and_all_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_refuses_at_once() {
-    let server = upstream(Duration::from_millis(500)).await;
+    let server = answering_upstream(Duration::from_millis(500)).await;
     let toml = format!(
         "[queue]\nmax_wait = \"5s\"\nmax_depth = 2\n{}",
         node(

@@ -1,26 +1,21 @@
 //! Forwarding: key injection, header hygiene, spreading, models, pass-through.
 
+use std::time::Duration;
+
 use serde_json::Value;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::{
-    CLIENT_KEY, FAST, Gateway, chat, chat_answer, client, node, node_status, post,
+    CLIENT_KEY, FAST, Gateway, answering_upstream, chat, client, node, node_status, post,
 };
-
-async fn answering_upstream() -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2)))
-        .mount(&server)
-        .await;
-    server
-}
 
 #[tokio::test]
 async fn each_upstream_sees_only_its_own_key_never_the_clients() {
-    let (a, b) = (answering_upstream().await, answering_upstream().await);
+    let (a, b) = (
+        answering_upstream(Duration::ZERO).await,
+        answering_upstream(Duration::ZERO).await,
+    );
     let toml = format!(
         "{FAST}[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n{}{}",
         node("a", &format!("{}/v1", a.uri()), "sk-upstream-a", ""),
@@ -82,9 +77,9 @@ async fn each_upstream_sees_only_its_own_key_never_the_clients() {
 #[tokio::test]
 async fn equal_nodes_share_requests_evenly() {
     let servers = [
-        answering_upstream().await,
-        answering_upstream().await,
-        answering_upstream().await,
+        answering_upstream(Duration::ZERO).await,
+        answering_upstream(Duration::ZERO).await,
+        answering_upstream(Duration::ZERO).await,
     ];
     let mut toml = FAST.to_owned();
     for (i, s) in servers.iter().enumerate() {

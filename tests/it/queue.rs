@@ -5,42 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
-
-use crate::support::{Gateway, chat, chat_answer, client, node, post};
-
-async fn upstream(delay: Duration) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(chat_answer(5, 2))
-                .set_delay(delay),
-        )
-        .mount(&server)
-        .await;
-    server
-}
-
-/// Waits (bounded) until `/status` satisfies `ready`.
-async fn until(gw: &Gateway, ready: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !ready(&gw.status().await) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not reached: {}",
-            gw.status().await
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use crate::support::{Gateway, answering_upstream, chat, client, node, post};
 
 const QUEUE: &str = "[queue]\nmax_wait = \"10s\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_for_the_same_node_are_served_in_arrival_order() {
-    let server = upstream(Duration::from_millis(200)).await;
+    let server = answering_upstream(Duration::from_millis(200)).await;
     let gw = Arc::new(
         Gateway::start(&format!(
             "{QUEUE}{}",
@@ -72,7 +43,7 @@ async fn waiters_for_the_same_node_are_served_in_arrival_order() {
             (i, finished.fetch_add(1, Ordering::SeqCst))
         }));
         // Each request is admitted or queued before the next one is sent.
-        until(&gw, |s| {
+        gw.until(|s| {
             let admitted = s["nodes"][0]["limits"]["rpm"]["used"].as_u64().unwrap();
             admitted + s["queue"]["depth"].as_u64().unwrap() == i + 1
         })
@@ -89,8 +60,8 @@ async fn waiters_for_the_same_node_are_served_in_arrival_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_request_never_blocks_one_that_another_node_can_serve() {
-    let busy = upstream(Duration::from_secs(2)).await;
-    let free = upstream(Duration::ZERO).await;
+    let busy = answering_upstream(Duration::from_secs(2)).await;
+    let free = answering_upstream(Duration::ZERO).await;
     let toml = format!(
         "{QUEUE}{}{}",
         node(
@@ -116,9 +87,9 @@ async fn a_waiting_request_never_blocks_one_that_another_node_can_serve() {
         })
     };
     let running = spawn("gpt-4");
-    until(&gw, |s| s["nodes"][0]["in_flight"] == 1).await;
+    gw.until(|s| s["nodes"][0]["in_flight"] == 1).await;
     let waiting = spawn("gpt-4");
-    until(&gw, |s| s["queue"]["depth"] == 1).await;
+    gw.until(|s| s["queue"]["depth"] == 1).await;
 
     let response = post(
         &client(),
@@ -139,7 +110,7 @@ async fn a_waiting_request_never_blocks_one_that_another_node_can_serve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once() {
-    let server = upstream(Duration::from_secs(3)).await;
+    let server = answering_upstream(Duration::from_secs(3)).await;
     let gw = Arc::new(
         Gateway::start(&format!(
             "{QUEUE}{}",
@@ -165,7 +136,7 @@ async fn a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once() {
             .status()
         })
     };
-    until(&gw, |s| s["nodes"][0]["in_flight"] == 1).await;
+    gw.until(|s| s["nodes"][0]["in_flight"] == 1).await;
     let waiter = {
         let gw = Arc::clone(&gw);
         tokio::spawn(async move {
@@ -179,10 +150,10 @@ async fn a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once() {
             .status()
         })
     };
-    until(&gw, |s| s["queue"]["depth"] == 1).await;
+    gw.until(|s| s["queue"]["depth"] == 1).await;
     // Hang up: aborting the task drops its connection.
     waiter.abort();
-    until(&gw, |s| s["queue"]["depth"] == 0).await;
+    gw.until(|s| s["queue"]["depth"] == 0).await;
     // Still in flight on the node is only the first request.
     assert_eq!(gw.status().await["nodes"][0]["in_flight"], 1);
     assert_eq!(holder.await.unwrap(), 200);

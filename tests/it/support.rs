@@ -53,23 +53,34 @@ impl Gateway {
         serde_json::from_slice(&body).unwrap()
     }
 
-    /// Waits (bounded) until no node has anything in flight, then returns
-    /// `/status`. Settling happens as responses end, so this awaits that
-    /// event rather than sleeping a guessed time.
-    pub async fn settled_status(&self) -> Value {
+    /// Waits (bounded, 10 s) until `/status` satisfies `ready`, and returns it.
+    /// Gateway state changes as requests end, so tests await that event
+    /// through `/status` rather than sleeping a guessed time.
+    pub async fn until(&self, ready: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let status = self.status().await;
-            let busy = status["nodes"]
+            if ready(&status) {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not reached: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// `/status` once nothing is in flight or reserved on any node.
+    pub async fn settled_status(&self) -> Value {
+        self.until(|status| {
+            status["nodes"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|n| n["in_flight"] != 0 || n["reserved_tokens"] != 0);
-            if !busy || tokio::time::Instant::now() > deadline {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                .all(|n| n["in_flight"] == 0 && n["reserved_tokens"] == 0)
+        })
+        .await
     }
 
     /// Begins a graceful shutdown and waits for the server to return.
@@ -153,4 +164,20 @@ pub fn chat_answer(prompt: u64, completion: u64) -> Value {
 pub fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
+}
+
+/// A wiremock upstream answering every POST with a chat answer after `delay`.
+pub async fn answering_upstream(delay: Duration) -> wiremock::MockServer {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(chat_answer(5, 2))
+                .set_delay(delay),
+        )
+        .mount(&server)
+        .await;
+    server
 }

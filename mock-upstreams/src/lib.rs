@@ -92,6 +92,12 @@ pub struct Stats {
 }
 
 impl Stats {
+    fn record(&self, prompt: u64, completion: u64) {
+        self.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+        self.completion_tokens
+            .fetch_add(completion, Ordering::Relaxed);
+    }
+
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
@@ -333,12 +339,7 @@ async fn chat(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) ->
     let prompt = chat_prompt_tokens(&model, &request);
     let words = completion_words(&mock, &request);
     let completion = words.len() as u64;
-    mock.stats
-        .prompt_tokens
-        .fetch_add(prompt, Ordering::Relaxed);
-    mock.stats
-        .completion_tokens
-        .fetch_add(completion, Ordering::Relaxed);
+    mock.stats.record(prompt, completion);
     tokio::time::sleep(mock.config.latency).await;
 
     if request["stream"].as_bool() == Some(true) {
@@ -447,12 +448,7 @@ async fn completions(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: By
     let prompt = text_tokens(&model, &request["prompt"]);
     let words = completion_words(&mock, &request);
     let completion = words.len() as u64;
-    mock.stats
-        .prompt_tokens
-        .fetch_add(prompt, Ordering::Relaxed);
-    mock.stats
-        .completion_tokens
-        .fetch_add(completion, Ordering::Relaxed);
+    mock.stats.record(prompt, completion);
     tokio::time::sleep(mock.config.latency).await;
     axum::Json(json!({
         "id": "cmpl-mock", "object": "text_completion", "created": now_secs(), "model": model,

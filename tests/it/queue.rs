@@ -9,21 +9,24 @@ use crate::support::{Gateway, answering_upstream, chat, client, node, post};
 
 const QUEUE: &str = "[queue]\nmax_wait = \"10s\"\n";
 
+/// A gateway over one node that serves one request at a time, `delay` each.
+async fn one_slow_node(delay: Duration) -> (wiremock::MockServer, Arc<Gateway>) {
+    let server = answering_upstream(delay).await;
+    let toml = format!(
+        "{QUEUE}{}",
+        node(
+            "one",
+            &format!("{}/v1", server.uri()),
+            "k",
+            "max_concurrency = 1"
+        )
+    );
+    (server, Arc::new(Gateway::start(&toml).await))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_for_the_same_node_are_served_in_arrival_order() {
-    let server = answering_upstream(Duration::from_millis(200)).await;
-    let gw = Arc::new(
-        Gateway::start(&format!(
-            "{QUEUE}{}",
-            node(
-                "one",
-                &format!("{}/v1", server.uri()),
-                "k",
-                "max_concurrency = 1"
-            )
-        ))
-        .await,
-    );
+    let (_server, gw) = one_slow_node(Duration::from_millis(200)).await;
     let finished = Arc::new(AtomicUsize::new(0));
     let mut order = Vec::new();
     for i in 0..4 {
@@ -110,19 +113,7 @@ async fn a_waiting_request_never_blocks_one_that_another_node_can_serve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once() {
-    let server = answering_upstream(Duration::from_secs(3)).await;
-    let gw = Arc::new(
-        Gateway::start(&format!(
-            "{QUEUE}{}",
-            node(
-                "one",
-                &format!("{}/v1", server.uri()),
-                "k",
-                "max_concurrency = 1"
-            )
-        ))
-        .await,
-    );
+    let (server, gw) = one_slow_node(Duration::from_secs(3)).await;
     let holder = {
         let gw = Arc::clone(&gw);
         tokio::spawn(async move {

@@ -43,10 +43,16 @@ pub async fn run(config_path: &Path) -> Result<(), DemoError> {
             tracing::info!(node = %node.name, "not a loopback URL; no mock started");
             continue;
         };
-        let mut mock = MockConfig::new(node.key.expose()).stream_timing(
-            std::time::Duration::from_millis(20),
-            std::time::Duration::from_millis(20),
-        );
+        // The mock enforces the node's own quota, as the real service would.
+        let mut mock = MockConfig::new(node.key.expose())
+            .stream_timing(
+                std::time::Duration::from_millis(20),
+                std::time::Duration::from_millis(20),
+            )
+            .quota(
+                node.quota.rpm.map(u64::from),
+                node.quota.tpm.map(u64::from),
+            );
         if let Some(models) = &node.models {
             mock.models = models.clone();
         }

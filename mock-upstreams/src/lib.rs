@@ -1,62 +1,111 @@
 //! OpenAI-compatible mock upstreams for tests, the demo and load tests.
 //!
-//! Built on axum rather than wiremock: a mock must space the events of a
-//! stream in time (time to first event, then one event every `event_interval`)
-//! and serve tens of thousands of requests per second, neither of which
-//! wiremock's respond-with-a-template model does well. Tests that need
-//! request matching and recording use wiremock directly.
-//!
 //! Each mock serves `POST /v1/chat/completions` (JSON, or SSE with
 //! `"stream": true`, honouring `stream_options.include_usage`),
-//! `POST /v1/completions`, `POST /v1/embeddings` and `GET /v1/models`,
-//! checks `Authorization: Bearer <its key>`, and counts the prompt with the
-//! same tokenizer family as the gateway.
+//! `POST /v1/completions`, `POST /v1/embeddings` and `GET /v1/models`; checks
+//! `Authorization: Bearer <key>` against the keys it accepts; counts the
+//! prompt with the same tokenizer family as the gateway; enforces its own
+//! rpm and tpm the way the real service does ([`ledger`]), with the
+//! `x-ratelimit-*` headers on every answer and 429 + `Retry-After` over the
+//! limit; and reports what it saw at `GET /_stats` ([`StatsReport`]).
+//!
+//! Behaviour is set with [`MockConfig`]: latency (fixed plus jitter), time
+//! to first event and spacing between events, completion length, and faults
+//! (a share of 500 or 503 answers, requests that hang, streams cut off
+//! mid-way).
+//!
+//! # Why axum and not wiremock
+//! wiremock answers each request with a prepared [`ResponseTemplate`]-style
+//! value: a whole body, optionally after one delay. A mock here must space a
+//! stream's events in time, cut a connection after half a body, keep a
+//! quota whose state every answer depends on, and serve tens of thousands of
+//! requests per second without recording each one. Those are a server's
+//! jobs, so the mock is a small axum app. Tests that want wiremock's request
+//! matching and verification (one scripted 503, a header check) use
+//! wiremock directly.
+//!
+//! Faults and jitter are spread deterministically (a low-discrepancy
+//! sequence over the request count), so a 10% share is 10% of any run of
+//! requests to within a request or two, and two runs see the same pattern.
+//!
+//! [`ResponseTemplate`]: https://docs.rs/wiremock/latest/wiremock/struct.ResponseTemplate.html
 
-use std::convert::Infallible;
+pub mod cli;
+pub mod ledger;
+mod openai;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use futures_util::stream;
-use serde_json::{Value, json};
+use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use ledger::{KeyUsage, Limits, Peak, StatsReport};
+
+/// Shares of requests that fail, each between 0 and 1; they add up.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// Answered `500 Internal Server Error` with an OpenAI error body.
+    pub error_500: f64,
+    /// Answered `503 Service Unavailable` (the "overloaded" answer).
+    pub error_503: f64,
+    /// Never answered: the request hangs until the client gives up or the
+    /// mock stops.
+    pub hang: f64,
+    /// The connection is closed after half of the body (half of a stream's
+    /// events) was sent.
+    pub close_midway: f64,
+}
 
 /// How a mock behaves.
 #[derive(Debug, Clone)]
 pub struct MockConfig {
-    /// The key clients must present as `Authorization: Bearer <key>`.
-    pub key: String,
+    /// Keys clients may present as `Authorization: Bearer <key>`.
+    pub keys: Vec<String>,
     /// Listed by `GET /v1/models`.
     pub models: Vec<String>,
     /// Delay before the response head.
     pub latency: Duration,
+    /// Up to this much more delay, spread evenly over requests.
+    pub jitter: Duration,
     /// For streams: delay between the head and the first content event.
     pub first_event_delay: Duration,
     /// For streams: delay between content events.
     pub event_interval: Duration,
     /// Completion length in words (one token each), capped by `max_tokens`.
     pub completion_words: usize,
+    /// The quota the mock enforces.
+    pub limits: Limits,
+    pub faults: Faults,
+    /// A fixed `created` timestamp, so that two answers to the same request
+    /// are byte-identical (load tests compare streams byte for byte).
+    pub created: Option<u64>,
 }
 
 impl MockConfig {
     pub fn new(key: impl Into<String>) -> Self {
         Self {
-            key: key.into(),
+            keys: vec![key.into()],
             models: vec!["gpt-4o-mini".to_owned()],
             latency: Duration::ZERO,
+            jitter: Duration::ZERO,
             first_event_delay: Duration::ZERO,
             event_interval: Duration::ZERO,
             completion_words: 16,
+            limits: Limits::default(),
+            faults: Faults::default(),
+            created: None,
         }
+    }
+
+    /// Accepts `key` as well (a rotated key, a second client).
+    pub fn also_accept(mut self, key: impl Into<String>) -> Self {
+        self.keys.push(key.into());
+        self
     }
 
     pub fn models(mut self, models: &[&str]) -> Self {
@@ -66,6 +115,11 @@ impl MockConfig {
 
     pub fn latency(mut self, latency: Duration) -> Self {
         self.latency = latency;
+        self
+    }
+
+    pub fn jitter(mut self, jitter: Duration) -> Self {
+        self.jitter = jitter;
         self
     }
 
@@ -79,53 +133,116 @@ impl MockConfig {
         self.completion_words = words;
         self
     }
+
+    /// Enforces `rpm` requests and `tpm` tokens per minute (`None`: no limit).
+    pub fn quota(mut self, rpm: Option<u64>, tpm: Option<u64>) -> Self {
+        self.limits = Limits { rpm, tpm };
+        self
+    }
+
+    pub fn faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    pub fn fixed_created(mut self, created: u64) -> Self {
+        self.created = Some(created);
+        self
+    }
 }
 
-/// What a mock has seen.
-#[derive(Debug, Default)]
+/// What a mock has seen; read it live, or as a whole with [`report`](Self::report).
+#[derive(Debug)]
 pub struct Stats {
-    requests: AtomicU64,
-    unauthorized: AtomicU64,
-    prompt_tokens: AtomicU64,
-    completion_tokens: AtomicU64,
-    streams_completed: AtomicU64,
+    ledger: Mutex<ledger::Ledger>,
 }
 
 impl Stats {
-    fn record(&self, prompt: u64, completion: u64) {
-        self.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
-        self.completion_tokens
-            .fetch_add(completion, Ordering::Relaxed);
+    pub fn report(&self) -> StatsReport {
+        self.ledger.lock().report()
     }
-
+    /// Requests with a valid key, whatever the answer.
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.ledger.lock().report().requests
     }
     pub fn unauthorized(&self) -> u64 {
-        self.unauthorized.load(Ordering::Relaxed)
+        self.report().unauthorized
+    }
+    pub fn rate_limited(&self) -> u64 {
+        self.report().rate_limited
     }
     pub fn prompt_tokens(&self) -> u64 {
-        self.prompt_tokens.load(Ordering::Relaxed)
+        self.report().prompt_tokens
     }
     pub fn completion_tokens(&self) -> u64 {
-        self.completion_tokens.load(Ordering::Relaxed)
+        self.report().completion_tokens
     }
     /// Streams whose final `[DONE]` was written.
     pub fn streams_completed(&self) -> u64 {
-        self.streams_completed.load(Ordering::Relaxed)
+        self.report().streams_completed
     }
 }
 
+/// One mock's shared state.
 struct Mock {
     config: MockConfig,
+    /// `Bearer <key>` for each accepted key, built once.
+    bearers: Vec<(String, Vec<u8>)>,
     stats: Arc<Stats>,
+    /// Numbers requests, to spread faults and jitter.
+    counter: AtomicU64,
+    /// Fires when the mock stops, ending hanging requests.
+    stopping: CancellationToken,
+}
+
+/// The fractional part of `n × α` for an irrational `α`: a sequence that
+/// fills [0, 1) evenly, so thresholds on it give exact shares.
+fn spread(n: u64, alpha: f64) -> f64 {
+    (n as f64 * alpha).fract()
+}
+
+/// What happens to one request, decided when it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Serve,
+    Error500,
+    Error503,
+    Hang,
+    CloseMidway,
+}
+
+impl Mock {
+    /// Decides the request's fate and its extra latency.
+    fn draw(&self) -> (Fate, Duration) {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let f = self.config.faults;
+        let u = spread(n, 0.618_033_988_749_895);
+        let fate = [
+            (f.error_500, Fate::Error500),
+            (f.error_503, Fate::Error503),
+            (f.hang, Fate::Hang),
+            (f.close_midway, Fate::CloseMidway),
+        ]
+        .iter()
+        .scan(0.0, |edge, &(share, fate)| {
+            *edge += share;
+            Some((*edge, fate))
+        })
+        .find(|&(edge, _)| u < edge)
+        .map_or(Fate::Serve, |(_, fate)| fate);
+        let jitter = self
+            .config
+            .jitter
+            .mul_f64(spread(n, std::f64::consts::SQRT_2 - 1.0));
+        (fate, self.config.latency + jitter)
+    }
 }
 
 /// A running mock; stopped when [`stop`](Self::stop) is called or it is dropped.
 pub struct MockUpstream {
     addr: SocketAddr,
     stats: Arc<Stats>,
-    stop: Option<oneshot::Sender<()>>,
+    stopping: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
@@ -138,17 +255,32 @@ impl MockUpstream {
 
     /// Starts a mock on an already-bound listener.
     pub fn serve(listener: TcpListener, config: MockConfig) -> std::io::Result<Self> {
+        use axum::serve::ListenerExt;
         let addr = listener.local_addr()?;
-        let stats = Arc::new(Stats::default());
-        let app = router(Arc::new(Mock {
+        let now = tokio::time::Instant::now();
+        let stats = Arc::new(Stats {
+            ledger: Mutex::new(ledger::Ledger::new(config.limits, &config.keys, now)),
+        });
+        let stopping = CancellationToken::new();
+        let bearers = config
+            .keys
+            .iter()
+            .map(|k| (k.clone(), format!("Bearer {k}").into_bytes()))
+            .collect();
+        let app = openai::router(Arc::new(Mock {
             config,
+            bearers,
             stats: Arc::clone(&stats),
+            counter: AtomicU64::new(0),
+            stopping: stopping.clone(),
         }));
-        let (stop, stopped) = oneshot::channel::<()>();
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let stopped = stopping.clone();
         let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            });
+            let serve = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stopped.cancelled().await });
             if let Err(err) = serve.await {
                 tracing::warn!(%err, "mock upstream stopped with an error");
             }
@@ -156,7 +288,7 @@ impl MockUpstream {
         Ok(Self {
             addr,
             stats,
-            stop: Some(stop),
+            stopping,
             task: Some(task),
         })
     }
@@ -174,11 +306,10 @@ impl MockUpstream {
         &self.stats
     }
 
-    /// Stops accepting, lets open requests finish, and waits for the task.
+    /// Stops accepting, ends hanging requests, lets the others finish, and
+    /// waits for the server task.
     pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.stopping.cancel();
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
@@ -187,318 +318,62 @@ impl MockUpstream {
 
 impl Drop for MockUpstream {
     fn drop(&mut self) {
+        self.stopping.cancel();
         if let Some(task) = self.task.take() {
             task.abort();
         }
     }
 }
 
-fn router(mock: Arc<Mock>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/models", get(models))
-        .with_state(mock)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
-    let body = json!({"error": {"message": message, "type": kind, "code": code, "param": null}});
-    (status, axum::Json(body)).into_response()
-}
-
-/// Checks the key and counts the request; `Err` is the 401 to send.
-#[expect(
-    clippy::result_large_err,
-    reason = "the error is the response to send; built only when refusing"
-)]
-fn admit(mock: &Mock, headers: &HeaderMap) -> Result<(), Response> {
-    let expected = format!("Bearer {}", mock.config.key);
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .map(HeaderValue::as_bytes);
-    if presented != Some(expected.as_bytes()) {
-        mock.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-        return Err(error(
-            StatusCode::UNAUTHORIZED,
-            "Incorrect API key provided.",
-            "invalid_request_error",
-            "invalid_api_key",
-        ));
-    }
-    mock.stats.requests.fetch_add(1, Ordering::Relaxed);
-    Ok(())
-}
-
-#[expect(
-    clippy::result_large_err,
-    reason = "the error is the response to send; built only when refusing"
-)]
-fn parse(body: &Bytes) -> Result<Value, Response> {
-    serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            &format!("We could not parse the JSON body of your request: {e}"),
-            "invalid_request_error",
-            "invalid_json",
-        )
-    })
-}
-
-fn tokenizer(model: &str) -> &'static bpe_openai::Tokenizer {
-    let o_series =
-        model.len() >= 2 && model.starts_with('o') && model.as_bytes()[1].is_ascii_digit();
-    if o_series
-        || [
-            "gpt-4o",
-            "gpt-4.1",
-            "gpt-4.5",
-            "gpt-5",
-            "chatgpt-4o",
-            "gpt-oss",
-        ]
-        .iter()
-        .any(|p| model.starts_with(p))
-    {
-        bpe_openai::o200k_base()
-    } else {
-        bpe_openai::cl100k_base()
-    }
-}
-
-/// Prompt tokens as OpenAI counts a chat: 3 per message plus its text, plus 3.
-fn chat_prompt_tokens(model: &str, request: &Value) -> u64 {
-    let bpe = tokenizer(model);
-    let count = |v: &Value| v.as_str().map_or(0, |s| bpe.count(s) as u64);
-    let mut tokens = 3;
-    for message in request["messages"].as_array().into_iter().flatten() {
-        tokens += 3 + count(&message["role"]);
-        match &message["content"] {
-            Value::Array(parts) => tokens += parts.iter().map(|p| count(&p["text"])).sum::<u64>(),
-            content => tokens += count(content),
-        }
-        if message.get("name").is_some() {
-            tokens += count(&message["name"]) + 1;
+    fn mock(faults: Faults, jitter: Duration) -> Mock {
+        let config = MockConfig::new("k").faults(faults).jitter(jitter);
+        Mock {
+            stats: Arc::new(Stats {
+                ledger: Mutex::new(ledger::Ledger::new(
+                    config.limits,
+                    &config.keys,
+                    tokio::time::Instant::now(),
+                )),
+            }),
+            bearers: Vec::new(),
+            config,
+            counter: AtomicU64::new(0),
+            stopping: CancellationToken::new(),
         }
     }
-    tokens
-}
 
-fn text_tokens(model: &str, value: &Value) -> u64 {
-    let bpe = tokenizer(model);
-    match value {
-        Value::String(s) => bpe.count(s) as u64,
-        Value::Array(items) => items
-            .iter()
-            .map(|item| match item {
-                Value::String(s) => bpe.count(s) as u64,
-                Value::Array(ids) => ids.len() as u64,
-                Value::Number(_) => 1,
-                _ => 0,
-            })
-            .sum(),
-        _ => 0,
-    }
-}
-
-const WORDS: [&str; 8] = [
-    " The", " quick", " brown", " fox", " jumps", " over", " the", " dog",
-];
-
-fn completion_words(mock: &Mock, request: &Value) -> Vec<&'static str> {
-    let cap = ["max_completion_tokens", "max_tokens"]
-        .iter()
-        .find_map(|f| request[*f].as_u64())
-        .map_or(usize::MAX, |n| n as usize);
-    let n = mock.config.completion_words.min(cap);
-    (0..n).map(|i| WORDS[i % WORDS.len()]).collect()
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn usage(prompt: u64, completion: u64) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
-}
-
-async fn chat(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(denied) = admit(&mock, &headers) {
-        return denied;
-    }
-    let request = match parse(&body) {
-        Ok(v) => v,
-        Err(bad) => return bad,
-    };
-    let model = request["model"]
-        .as_str()
-        .unwrap_or("gpt-4o-mini")
-        .to_owned();
-    let prompt = chat_prompt_tokens(&model, &request);
-    let words = completion_words(&mock, &request);
-    let completion = words.len() as u64;
-    mock.stats.record(prompt, completion);
-    tokio::time::sleep(mock.config.latency).await;
-
-    if request["stream"].as_bool() == Some(true) {
-        let include_usage = request["stream_options"]["include_usage"].as_bool() == Some(true);
-        return stream_chat(
-            &mock,
-            model,
-            words,
-            include_usage.then(|| usage(prompt, completion)),
+    #[test]
+    fn fault_shares_are_exact_over_any_long_run() {
+        let m = mock(
+            Faults {
+                error_500: 0.1,
+                error_503: 0.05,
+                hang: 0.02,
+                close_midway: 0.03,
+            },
+            Duration::ZERO,
         );
+        let fates: Vec<Fate> = (0..1000).map(|_| m.draw().0).collect();
+        let count = |f: Fate| fates.iter().filter(|x| **x == f).count();
+        // Within 1% of the share over 1,000 requests.
+        assert!((count(Fate::Error500) as i64 - 100).abs() <= 10);
+        assert!((count(Fate::Error503) as i64 - 50).abs() <= 10);
+        assert!((count(Fate::Hang) as i64 - 20).abs() <= 10);
+        assert!((count(Fate::CloseMidway) as i64 - 30).abs() <= 10);
+        assert!((count(Fate::Serve) as i64 - 800).abs() <= 10);
     }
-    let body = json!({
-        "id": "chatcmpl-mock",
-        "object": "chat.completion",
-        "created": now_secs(),
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": words.concat().trim_start()},
-            "finish_reason": "stop",
-        }],
-        "usage": usage(prompt, completion),
-    });
-    axum::Json(body).into_response()
-}
 
-fn stream_chat(
-    mock: &Arc<Mock>,
-    model: String,
-    words: Vec<&'static str>,
-    usage: Option<Value>,
-) -> Response {
-    let created = now_secs();
-    let chunk = move |delta: Value, finish: Value| {
-        json!({
-            "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": created,
-            "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        })
-    };
-    let mut events: Vec<String> = Vec::with_capacity(words.len() + 4);
-    events.push(sse(&chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    )));
-    for word in &words {
-        events.push(sse(&chunk(json!({"content": word}), Value::Null)));
+    #[test]
+    fn without_faults_every_request_is_served_and_jitter_stays_in_range() {
+        let m = mock(Faults::default(), Duration::from_millis(10));
+        let draws: Vec<(Fate, Duration)> = (0..200).map(|_| m.draw()).collect();
+        assert!(draws.iter().all(|(f, _)| *f == Fate::Serve));
+        assert!(draws.iter().all(|(_, d)| *d < Duration::from_millis(10)));
+        let mean = draws.iter().map(|(_, d)| d.as_secs_f64()).sum::<f64>() / 200.0;
+        assert!((mean - 0.005).abs() < 0.001, "mean jitter {mean}");
     }
-    events.push(sse(&chunk(json!({}), json!("stop"))));
-    if let Some(usage) = usage {
-        let mut last = chunk(json!({}), Value::Null);
-        last["choices"] = json!([]);
-        last["usage"] = usage;
-        events.push(sse(&last));
-    }
-    events.push("data: [DONE]\n\n".to_owned());
-
-    let first = mock.config.first_event_delay;
-    let interval = mock.config.event_interval;
-    let stats = Arc::clone(&mock.stats);
-    let total = events.len();
-    let body = stream::unfold((events.into_iter(), 0usize), move |(mut events, i)| {
-        let stats = Arc::clone(&stats);
-        async move {
-            let event = events.next()?;
-            // The role event goes at once; content is spaced like a model's.
-            let pause = match i {
-                0 => Duration::ZERO,
-                1 => first,
-                _ => interval,
-            };
-            if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
-            }
-            if i + 1 == total {
-                stats.streams_completed.fetch_add(1, Ordering::Relaxed);
-            }
-            Some((Ok::<_, Infallible>(Bytes::from(event)), (events, i + 1)))
-        }
-    });
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response()
-}
-
-fn sse(value: &Value) -> String {
-    format!("data: {value}\n\n")
-}
-
-async fn completions(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(denied) = admit(&mock, &headers) {
-        return denied;
-    }
-    let request = match parse(&body) {
-        Ok(v) => v,
-        Err(bad) => return bad,
-    };
-    let model = request["model"]
-        .as_str()
-        .unwrap_or("gpt-3.5-turbo-instruct")
-        .to_owned();
-    let prompt = text_tokens(&model, &request["prompt"]);
-    let words = completion_words(&mock, &request);
-    let completion = words.len() as u64;
-    mock.stats.record(prompt, completion);
-    tokio::time::sleep(mock.config.latency).await;
-    axum::Json(json!({
-        "id": "cmpl-mock", "object": "text_completion", "created": now_secs(), "model": model,
-        "choices": [{"index": 0, "text": words.concat(), "finish_reason": "stop", "logprobs": null}],
-        "usage": usage(prompt, completion),
-    }))
-    .into_response()
-}
-
-async fn embeddings(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(denied) = admit(&mock, &headers) {
-        return denied;
-    }
-    let request = match parse(&body) {
-        Ok(v) => v,
-        Err(bad) => return bad,
-    };
-    let model = request["model"]
-        .as_str()
-        .unwrap_or("text-embedding-3-small")
-        .to_owned();
-    let input = &request["input"];
-    let items = match input {
-        Value::Array(items) if !items.iter().all(Value::is_number) => items.len(),
-        _ => 1,
-    };
-    let prompt = text_tokens(&model, input);
-    mock.stats
-        .prompt_tokens
-        .fetch_add(prompt, Ordering::Relaxed);
-    tokio::time::sleep(mock.config.latency).await;
-    let data: Vec<Value> = (0..items)
-        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.0125, -0.25, 0.5, 0.75, -0.0625, 0.125, 0.3, -0.4]}))
-        .collect();
-    axum::Json(json!({
-        "object": "list", "data": data, "model": model,
-        "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
-    }))
-    .into_response()
-}
-
-async fn models(State(mock): State<Arc<Mock>>, headers: HeaderMap) -> Response {
-    if let Err(denied) = admit(&mock, &headers) {
-        return denied;
-    }
-    let data: Vec<Value> = mock
-        .config
-        .models
-        .iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "mock"}))
-        .collect();
-    axum::Json(json!({"object": "list", "data": data})).into_response()
 }

@@ -49,10 +49,7 @@ pub async fn run(config_path: &Path) -> Result<(), DemoError> {
                 std::time::Duration::from_millis(20),
                 std::time::Duration::from_millis(20),
             )
-            .quota(
-                node.quota.rpm.map(u64::from),
-                node.quota.tpm.map(u64::from),
-            );
+            .quota(node.quota.rpm.map(u64::from), node.quota.tpm.map(u64::from));
         if let Some(models) = &node.models {
             mock.models = models.clone();
         }

@@ -57,6 +57,10 @@ pub struct Queue {
     signal: Arc<HeadroomSignal>,
     next_id: AtomicU64,
     rotation: AtomicUsize,
+    /// Requests that have waited in the queue, since start.
+    queued_total: AtomicU64,
+    /// Requests refused as saturated (429), since start.
+    refused_total: AtomicU64,
 }
 
 impl Queue {
@@ -66,6 +70,8 @@ impl Queue {
             signal,
             next_id: AtomicU64::new(0),
             rotation: AtomicUsize::new(0),
+            queued_total: AtomicU64::new(0),
+            refused_total: AtomicU64::new(0),
         }
     }
 
@@ -73,8 +79,35 @@ impl Queue {
         self.signal.waiting()
     }
 
+    /// Requests that have waited for headroom, since start.
+    pub fn queued_total(&self) -> u64 {
+        self.queued_total.load(Ordering::Relaxed)
+    }
+
+    /// Requests refused as saturated, since start.
+    pub fn refused_total(&self) -> u64 {
+        self.refused_total.load(Ordering::Relaxed)
+    }
+
     /// Places the request now, waits for headroom, or refuses it.
     pub async fn admit(
+        &self,
+        live: &Arc<Live>,
+        candidates: &Arc<[usize]>,
+        excluded: &[usize],
+        demand: Demand,
+        deadline: Instant,
+    ) -> Result<Placement, GatewayError> {
+        let admitted = self
+            .admit_or_wait(live, candidates, excluded, demand, deadline)
+            .await;
+        if let Err(GatewayError::Saturated { .. }) = admitted {
+            self.refused_total.fetch_add(1, Ordering::Relaxed);
+        }
+        admitted
+    }
+
+    async fn admit_or_wait(
         &self,
         live: &Arc<Live>,
         candidates: &Arc<[usize]>,
@@ -116,6 +149,7 @@ impl Queue {
                 reply: Some(reply),
             });
             self.signal.set_waiting(waiters.len());
+            self.queued_total.fetch_add(1, Ordering::Relaxed);
             (WaiterGuard { queue: self, id }, placed)
         };
         self.signal.poke();

@@ -43,6 +43,8 @@ pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
             "depth": state.queue.depth(),
             "max_depth": live.config.queue.max_depth,
             "max_wait_ms": live.config.queue.max_wait.as_millis() as u64,
+            "queued_total": state.queue.queued_total(),
+            "refused_total": state.queue.refused_total(),
         },
     }))
 }

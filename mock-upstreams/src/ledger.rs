@@ -352,8 +352,16 @@ mod tests {
         for _ in 0..60 {
             assert!(l.admit(KEY, 0, 0, now).0.is_ok());
         }
-        assert!(l.admit(KEY, 0, 0, now + Duration::from_millis(999)).0.is_err());
-        assert!(l.admit(KEY, 0, 0, now + Duration::from_millis(1001)).0.is_ok());
+        assert!(
+            l.admit(KEY, 0, 0, now + Duration::from_millis(999))
+                .0
+                .is_err()
+        );
+        assert!(
+            l.admit(KEY, 0, 0, now + Duration::from_millis(1001))
+                .0
+                .is_ok()
+        );
     }
 
     #[test]
@@ -382,7 +390,11 @@ mod tests {
             assert!(l.admit(KEY, 1, 1, now).0.is_ok());
         }
         // 59.999 s later the first five still count; at 60 s they do not.
-        assert!(l.admit(KEY, 1, 1, now + Duration::from_millis(59_999)).0.is_ok());
+        assert!(
+            l.admit(KEY, 1, 1, now + Duration::from_millis(59_999))
+                .0
+                .is_ok()
+        );
         assert_eq!(l.report().peak_60s.requests, 6);
         for _ in 0..3 {
             assert!(l.admit(KEY, 1, 1, now + MINUTE).0.is_ok());

@@ -180,7 +180,11 @@ async fn gate<T>(
             return Ok((rate, fate, parsed));
         }
         Fate::Error500 => ("500", StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
-        Fate::Error503 => ("503", StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+        Fate::Error503 => (
+            "503",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+        ),
         Fate::Hang => {
             mock.stats.ledger.lock().fault("hang");
             mock.stopping.cancelled().await;
@@ -307,7 +311,10 @@ fn json_answer(body: &Value, fate: Fate, rate: RateHeaders) -> Response {
         r
     } else {
         (
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
             bytes,
         )
             .into_response()

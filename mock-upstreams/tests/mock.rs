@@ -81,7 +81,11 @@ async fn every_answer_carries_rate_limit_headers_and_the_limit_is_enforced() {
 #[tokio::test]
 async fn usage_counts_the_prompt_with_the_models_tokenizer() {
     let mock = start(MockConfig::new("sk-a").completion_words(5)).await;
-    let body: Value = post(&mock, "sk-a", &chat(false)).await.json().await.unwrap();
+    let body: Value = post(&mock, "sk-a", &chat(false))
+        .await
+        .json()
+        .await
+        .unwrap();
     // 3 + (3 + "user" 1 + "Hello there" 2) = 9 with o200k_base.
     assert_eq!(body["usage"]["prompt_tokens"], 9);
     assert_eq!(body["usage"]["completion_tokens"], 5);
@@ -182,7 +186,9 @@ async fn a_hanging_request_never_answers_until_the_mock_stops() {
             tokio::task::yield_now().await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), seen).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), seen)
+        .await
+        .unwrap();
     assert!(!pending.is_finished());
     mock.stop().await;
     let answer = tokio::time::timeout(Duration::from_secs(5), pending)
@@ -208,7 +214,10 @@ async fn streams_space_their_events_and_end_with_done() {
     let first = post(&mock, "sk-a", &body).await.text().await.unwrap();
     body["user"] = json!("again");
     let second = post(&mock, "sk-a", &body).await.text().await.unwrap();
-    assert_eq!(first, second, "a fixed created makes answers byte-identical");
+    assert_eq!(
+        first, second,
+        "a fixed created makes answers byte-identical"
+    );
     let events: Vec<&str> = first.split("\n\n").filter(|e| !e.is_empty()).collect();
     // role, 3 words, finish, usage, [DONE]
     assert_eq!(events.len(), 7);

@@ -174,6 +174,14 @@ async fn saturation_is_429_rate_limit_exceeded_with_retry_after() {
     assert_eq!((status, code(&body)), (429, "rate_limit_exceeded"));
     let retry: u64 = retry.unwrap().parse().unwrap();
     assert!((59..=61).contains(&retry), "Retry-After {retry}");
+    let queue = &gw.status().await["queue"];
+    assert_eq!(
+        (
+            queue["refused_total"].as_u64(),
+            queue["queued_total"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
 }
 
 #[tokio::test]

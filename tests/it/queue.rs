@@ -59,6 +59,8 @@ async fn waiters_for_the_same_node_are_served_in_arrival_order() {
             "request {sent} finished as number {finished}"
         );
     }
+    // One ran at once; three waited (max_concurrency 1).
+    assert_eq!(gw.status().await["queue"]["queued_total"], 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,6 +120,11 @@ impl Args {
 
 /// Runs the mocks until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> ExitCode {
+    run_until(args, stopped()).await
+}
+
+/// Runs the mocks until `stop` resolves.
+pub async fn run_until(args: Args, stop: impl std::future::Future<Output = ()>) -> ExitCode {
     let running = match args.start().await {
         Ok(running) => running,
         Err(err) => {
@@ -130,7 +135,7 @@ pub async fn run(args: Args) -> ExitCode {
     for (i, mock) in running.iter().enumerate() {
         println!("mock {i} listening on {}", mock.base_url());
     }
-    stopped().await;
+    stop.await;
     for mock in running {
         mock.stop().await;
     }

@@ -1,0 +1,248 @@
+//! Starting the mocks and the gateway for a scenario, reading their
+//! counters, and the transactions the scenarios send.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use goose::prelude::*;
+use mock_upstreams::StatsReport;
+use serde_json::{Value, json};
+
+use crate::drive::{self, Clock};
+use crate::procs::Child;
+
+/// The gateway key the load test's clients present.
+pub const CLIENT_KEY: &str = "sk-loadtest-client";
+const CLIENT_KEY_ENV: &str = "LOADTEST_CLIENT_KEY";
+const MOCK_KEY_PREFIX: &str = "sk-loadtest-node-";
+pub const CHAT_PATH: &str = "/v1/chat/completions";
+/// Fixed `created` for the mocks, so streams compare byte for byte.
+pub const CREATED: u64 = 1_700_000_000;
+
+/// Mock upstreams in a child process.
+pub struct Mocks {
+    child: Child,
+    /// `http://127.0.0.1:<port>/v1`, one per mock.
+    pub urls: Vec<String>,
+    pub keys: Vec<String>,
+}
+
+impl Mocks {
+    /// Starts `nodes` mocks on free ports with the given extra options
+    /// (`--rpm 100,150,200`, `--words 20`, …).
+    pub async fn start(nodes: u16, options: &[String]) -> anyhow::Result<Self> {
+        let mut args: Vec<String> = [
+            "mocks",
+            "--nodes",
+            &nodes.to_string(),
+            "--base-port",
+            "0",
+            "--key-prefix",
+            MOCK_KEY_PREFIX,
+            "--created",
+            &CREATED.to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend_from_slice(options);
+        let (child, urls) = Child::spawn("mock upstreams", &args, &[], usize::from(nodes)).await?;
+        let keys = (0..nodes)
+            .map(|i| mock_upstreams::cli::key(MOCK_KEY_PREFIX, i))
+            .collect();
+        Ok(Self { child, urls, keys })
+    }
+
+    /// `http://127.0.0.1:<port>` of mock `i`.
+    pub fn origin(&self, i: usize) -> &str {
+        self.urls[i].trim_end_matches("/v1")
+    }
+
+    pub async fn stats(&self) -> anyhow::Result<Vec<StatsReport>> {
+        let mut all = Vec::with_capacity(self.urls.len());
+        for i in 0..self.urls.len() {
+            let url = format!("{}/_stats", self.origin(i));
+            all.push(reqwest::get(&url).await?.json().await?);
+        }
+        Ok(all)
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.child.stop().await
+    }
+}
+
+/// One gateway node's quota line(s), by node index.
+pub type NodeQuota<'a> = &'a dyn Fn(usize) -> String;
+
+/// The gateway in a child process, in front of `mocks`.
+pub struct Gateway {
+    child: Child,
+    /// `http://127.0.0.1:<port>`
+    pub origin: String,
+}
+
+impl Gateway {
+    pub async fn start(
+        mocks: &Mocks,
+        dir: &Path,
+        scenario: &str,
+        extra: &str,
+        quota: NodeQuota<'_>,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join(format!("{scenario}-gateway.toml"));
+        std::fs::write(&config, gateway_toml(mocks, extra, quota))
+            .with_context(|| format!("writing {}", config.display()))?;
+        let mut env: Vec<(String, String)> =
+            vec![(CLIENT_KEY_ENV.to_owned(), CLIENT_KEY.to_owned())];
+        for (i, key) in mocks.keys.iter().enumerate() {
+            env.push((node_key_env(i), key.clone()));
+        }
+        env.push(("RUST_LOG".to_owned(), "warn".to_owned()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let args = vec![
+            "gateway".to_owned(),
+            "--config".to_owned(),
+            config.to_string_lossy().into_owned(),
+        ];
+        let (child, addrs) = Child::spawn("gateway", &args, &env, 1).await?;
+        let origin = format!("http://{}", addrs[0]);
+        Ok(Self { child, origin })
+    }
+
+    pub async fn status(&self) -> anyhow::Result<Value> {
+        Ok(reqwest::get(format!("{}/status", self.origin))
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub fn cpu_time(&self) -> Duration {
+        self.child.cpu_time()
+    }
+
+    /// (peak, current) resident memory in bytes.
+    pub fn memory(&self) -> (u64, u64) {
+        self.child.memory()
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.child.stop().await
+    }
+}
+
+fn node_key_env(i: usize) -> String {
+    format!("LOADTEST_NODE_{i}_KEY")
+}
+
+fn node_name(i: usize) -> String {
+    char::from(b'a' + (i % 26) as u8).to_string()
+}
+
+fn gateway_toml(mocks: &Mocks, extra: &str, quota: NodeQuota<'_>) -> String {
+    let mut toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\n[auth]\nclient_keys_env = [\"{CLIENT_KEY_ENV}\"]\n\n{extra}\n"
+    );
+    for (i, url) in mocks.urls.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[nodes]]\nname = \"{}\"\nurl = \"{url}\"\napi_key_env = \"{}\"\n{}\n\n",
+            node_name(i),
+            node_key_env(i),
+            quota(i)
+        ));
+    }
+    toml
+}
+
+/// A small chat request, as an SDK would send it.
+pub fn chat_body(stream: bool) -> Bytes {
+    let mut body = json!({
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Write one sentence about load balancing."},
+        ],
+        "max_tokens": 64,
+    });
+    if stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    Bytes::from(body.to_string())
+}
+
+/// Sends one chat request and reads the answer to its end. With
+/// `accept_429`, a 429 counts as an answered request (the saturation
+/// scenario expects them); any other non-2xx is a failure.
+pub fn chat_transaction(
+    key: Arc<str>,
+    body: Bytes,
+    clock: Arc<Clock>,
+    accept_429: bool,
+) -> TransactionFunction {
+    Arc::new(move |user| {
+        let (key, body, clock) = (Arc::clone(&key), body.clone(), Arc::clone(&clock));
+        Box::pin(async move {
+            clock.started(Instant::now());
+            let mut goose = drive::post(user, CHAT_PATH, &key, &body).await?;
+            let outcome = match goose.response {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    match response.bytes().await {
+                        Ok(_) if accept_429 && status == 429 => Ok(true),
+                        Ok(_) => Ok(false),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            clock.ended(Instant::now());
+            match outcome {
+                Ok(true) => user.set_success(&mut goose.request),
+                Ok(false) => Ok(()),
+                Err(e) => user.set_failure(&e, &mut goose.request, None, None),
+            }
+        })
+    })
+}
+
+/// Formats bytes as MB.
+pub fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1_000_000.0)
+}
+
+/// Formats microseconds as milliseconds.
+pub fn ms(us: u64) -> String {
+    format!("{:.3} ms", us as f64 / 1000.0)
+}
+
+/// Served requests per node between two `/_stats` readings, as a line.
+pub fn per_node_line(before: &[StatsReport], after: &[StatsReport]) -> String {
+    let served: Vec<u64> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| a.served - b.served)
+        .collect();
+    let total: u64 = served.iter().sum::<u64>().max(1);
+    served
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            format!(
+                "{} {n} ({:.1}%)",
+                node_name(i),
+                *n as f64 * 100.0 / total as f64
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A pass/miss verdict line for a target.
+pub fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}

@@ -1,0 +1,175 @@
+//! The mocks and the gateway run as child processes of the load test (this
+//! same binary, re-run with a hidden subcommand), so each one's CPU time and
+//! memory are its own and the load generator's cost is never counted
+//! against the gateway.
+//!
+//! A child prints one `… listening on <address>` line per server once it
+//! listens, and stops gracefully when its stdin closes: [`Child::stop`]
+//! closes it, and so does the load test's own exit, whatever the path, so a
+//! child never outlives the run. A child still running when its handle is
+//! dropped is killed (by its own handle, never by a looked-up PID).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{ChildStdin, Command};
+
+/// How long a child may take to start listening, and to stop.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+
+pub struct Child {
+    name: &'static str,
+    process: tokio::process::Child,
+    stdin: Option<ChildStdin>,
+    pid: u32,
+}
+
+impl Child {
+    /// Re-runs this binary with `args` and waits until it has printed
+    /// `listeners` lines ending in `listening on <address>`; returns the
+    /// addresses.
+    pub async fn spawn(
+        name: &'static str,
+        args: &[String],
+        env: &[(&str, &str)],
+        listeners: usize,
+    ) -> anyhow::Result<(Self, Vec<String>)> {
+        let exe = std::env::current_exe().context("finding the loadtest binary")?;
+        let mut command = Command::new(exe);
+        command
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut process = command
+            .spawn()
+            .with_context(|| format!("starting the {name}"))?;
+        let pid = process.id().context("child has no pid")?;
+        let stdout = process.stdout.take().context("child stdout")?;
+        let stdin = process.stdin.take();
+        let mut lines = BufReader::new(stdout).lines();
+        let mut addresses = Vec::with_capacity(listeners);
+        let read = async {
+            while addresses.len() < listeners {
+                let Some(line) = lines.next_line().await? else {
+                    bail!("the {name} exited before listening");
+                };
+                if let Some((_, addr)) = line.split_once("listening on ") {
+                    addresses.push(addr.trim().to_owned());
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(START_TIMEOUT, read)
+            .await
+            .with_context(|| format!("the {name} did not listen within {START_TIMEOUT:?}"))??;
+        // Keep draining its stdout so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok((
+            Self {
+                name,
+                process,
+                stdin,
+                pid,
+            },
+            addresses,
+        ))
+    }
+
+    /// CPU time used by all of the child's threads so far (from
+    /// `/proc/<pid>/task/*/schedstat`, nanosecond resolution).
+    pub fn cpu_time(&self) -> Duration {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return Duration::ZERO;
+        };
+        let ns: u64 = tasks
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        Duration::from_nanos(ns)
+    }
+
+    /// Peak resident memory (`VmHWM`) and current (`VmRSS`), in bytes.
+    pub fn memory(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map_or(0, |kb| kb * 1024)
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+
+    /// Closes the child's stdin (its stop signal) and waits for it to exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        drop(self.stdin.take());
+        match tokio::time::timeout(STOP_TIMEOUT, self.process.wait()).await {
+            Ok(status) => {
+                let status = status?;
+                if !status.success() {
+                    bail!("the {} exited with {status}", self.name);
+                }
+                Ok(())
+            }
+            Err(_) => {
+                self.process.kill().await?;
+                bail!("the {} did not stop within {STOP_TIMEOUT:?}", self.name)
+            }
+        }
+    }
+}
+
+/// Resolves when this process's stdin closes: a child's stop signal.
+pub async fn stdin_closed() {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stdin.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Raises this process's open-file limit as far as it may go: thousands of
+/// streams need a socket each on the client, and two on the gateway. The
+/// children inherit it.
+pub fn raise_open_files() -> u64 {
+    const WANT: u64 = 65_536;
+    if rlimit::setrlimit(rlimit::Resource::NOFILE, WANT, WANT).is_ok() {
+        return WANT;
+    }
+    rlimit::increase_nofile_limit(WANT).unwrap_or(0)
+}
+
+/// The `gateway` child: serves `config` until stdin closes.
+pub async fn run_gateway(config: &Path) -> anyhow::Result<()> {
+    use balancer::{config, server, state::AppState};
+    let (config, _warnings) = config::load(config).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid gateway config: {}",
+            e.problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    let listener = server::bind(config.server.listen)?;
+    let addr = listener.local_addr()?;
+    let state = AppState::new(config).map_err(anyhow::Error::msg)?;
+    println!("gateway listening on {addr}");
+    server::serve(listener, state, stdin_closed()).await?;
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! `streaming`: `--streams` (1,000) concurrent chat streams of `--events`
+//! content events `--interval` apart, first straight at one mock, then
+//! through the gateway over three mocks.
+//!
+//! Every stream is read to its end and compared byte for byte with a
+//! reference stream fetched directly first (the mocks answer with a fixed
+//! `created`, so equal requests get equal bytes): a stream counts as
+//! complete only if it is identical, final `data: [DONE]` included. Time to
+//! first event is measured from sending to the first body bytes.
+//!
+//! Holds when every stream in both runs completes identically. Targets
+//! printed: streams/s ≥ 0.95× direct, time-to-first-event overhead < 1 ms at
+//! p50, gateway peak memory < 50 MB (< 300 MB for 10,000 slow streams).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use futures_util::StreamExt;
+use goose::prelude::*;
+use samples::Samples;
+
+use crate::drive::{self, Clock, Measured, Plan};
+use crate::harness::{self, CHAT_PATH, CLIENT_KEY, Gateway, Mocks, mb, ms, verdict};
+
+#[derive(Debug, Clone, Args)]
+pub struct StreamingArgs {
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 1000)]
+    pub streams: usize,
+    /// Streams each client runs one after another.
+    #[arg(long, default_value_t = 2)]
+    pub per_client: usize,
+    /// Content events per stream.
+    #[arg(long, default_value_t = 20)]
+    pub events: usize,
+    /// Time to the first content event, and between events.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20ms")]
+    pub interval: Duration,
+    /// Only run through the gateway (for very large --streams, where the
+    /// direct run would only measure the mock).
+    #[arg(long)]
+    pub gateway_only: bool,
+}
+
+impl StreamingArgs {
+    pub fn smoke(&mut self) {
+        self.streams = 50;
+        self.per_client = 2;
+        self.events = 5;
+        self.interval = Duration::from_millis(10);
+    }
+
+    /// The memory target for this many streams.
+    fn memory_target(&self) -> u64 {
+        if self.streams > 1000 {
+            300_000_000
+        } else {
+            50_000_000
+        }
+    }
+}
+
+/// Per-stream measurements, gathered from every user.
+mod samples {
+    use std::sync::Mutex;
+
+    /// Microsecond samples; a plain mutex is fine off the measured path
+    /// (taken once per stream, after its first event).
+    #[derive(Default)]
+    pub struct Samples(Mutex<Vec<u64>>);
+
+    impl Samples {
+        pub fn push(&self, us: u64) {
+            if let Ok(mut v) = self.0.lock() {
+                v.push(us);
+            }
+        }
+
+        pub fn percentile(&self, p: f64) -> u64 {
+            let Ok(mut v) = self.0.lock() else { return 0 };
+            if v.is_empty() {
+                return 0;
+            }
+            v.sort_unstable();
+            let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i]
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    first_event: Samples,
+    identical: AtomicU64,
+    different: AtomicU64,
+    broken: AtomicU64,
+    open: AtomicUsize,
+    peak_open: AtomicUsize,
+}
+
+struct Run {
+    measured: Measured,
+    span: Duration,
+    tally: Arc<Tally>,
+}
+
+impl Run {
+    fn streams_per_s(&self) -> f64 {
+        self.tally.identical.load(Ordering::Relaxed) as f64 / self.span.as_secs_f64().max(1e-9)
+    }
+
+    fn print(&self, label: &str, expected: usize) {
+        let t = &self.tally;
+        println!("  {label}");
+        println!(
+            "    {} of {expected} streams complete and byte-identical ({} different, {} broken) in {:.2} s: {:.0} streams/s; peak {} open at once",
+            t.identical.load(Ordering::Relaxed),
+            t.different.load(Ordering::Relaxed),
+            t.broken.load(Ordering::Relaxed),
+            self.span.as_secs_f64(),
+            self.streams_per_s(),
+            t.peak_open.load(Ordering::Relaxed),
+        );
+        println!(
+            "    time to first event: p50 {}, p95 {}, p99 {}; response head p50 {}",
+            ms(t.first_event.percentile(0.50)),
+            ms(t.first_event.percentile(0.95)),
+            ms(t.first_event.percentile(0.99)),
+            ms(self.measured.p50_us),
+        );
+        let statuses: Vec<String> = self
+            .measured
+            .statuses
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect();
+        println!("    status codes: {}", statuses.join(", "));
+    }
+
+    fn all_complete(&self, expected: usize) -> bool {
+        self.tally.identical.load(Ordering::Relaxed) as usize == expected
+            && self.measured.failures == 0
+    }
+}
+
+fn stream_transaction(
+    key: Arc<str>,
+    body: Bytes,
+    reference: Bytes,
+    clock: Arc<Clock>,
+    tally: Arc<Tally>,
+) -> TransactionFunction {
+    Arc::new(move |user| {
+        let (key, body, reference, clock, tally) = (
+            Arc::clone(&key),
+            body.clone(),
+            reference.clone(),
+            Arc::clone(&clock),
+            Arc::clone(&tally),
+        );
+        Box::pin(async move {
+            let start = Instant::now();
+            clock.started(start);
+            let open = tally.open.fetch_add(1, Ordering::Relaxed) + 1;
+            tally.peak_open.fetch_max(open, Ordering::Relaxed);
+            let mut goose = drive::post(user, CHAT_PATH, &key, &body).await?;
+            let mut received = Vec::with_capacity(reference.len());
+            let mut failure = None;
+            match goose.response {
+                Ok(response) if response.status().is_success() => {
+                    let mut chunks = response.bytes_stream();
+                    while let Some(chunk) = chunks.next().await {
+                        match chunk {
+                            Ok(bytes) => {
+                                if received.is_empty() && !bytes.is_empty() {
+                                    tally.first_event.push(start.elapsed().as_micros() as u64);
+                                }
+                                received.extend_from_slice(&bytes);
+                            }
+                            Err(e) => {
+                                failure = Some(format!("stream broke: {e}"));
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok(response) => failure = Some(format!("status {}", response.status())),
+                Err(e) => failure = Some(e.to_string()),
+            }
+            tally.open.fetch_sub(1, Ordering::Relaxed);
+            clock.ended(Instant::now());
+            if failure.is_none() && received != reference {
+                tally.different.fetch_add(1, Ordering::Relaxed);
+                failure = Some("stream differs from the direct reference".to_owned());
+            }
+            match failure {
+                None => {
+                    tally.identical.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Some(e) => {
+                    if !e.starts_with("stream differs") {
+                        tally.broken.fetch_add(1, Ordering::Relaxed);
+                    }
+                    user.set_failure(&e, &mut goose.request, None, None)
+                }
+            }
+        })
+    })
+}
+
+async fn load(host: &str, key: &str, reference: &Bytes, plan: &Plan) -> anyhow::Result<Run> {
+    let clock = Clock::new();
+    let tally = Arc::new(Tally::default());
+    let tx = stream_transaction(
+        Arc::from(key),
+        harness::chat_body(true),
+        reference.clone(),
+        Arc::clone(&clock),
+        Arc::clone(&tally),
+    );
+    let metrics = drive::drive(host, plan, tx).await?;
+    Ok(Run {
+        measured: Measured::of(&metrics),
+        span: clock.span(),
+        tally,
+    })
+}
+
+pub async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::Result<bool> {
+    let interval = humantime::format_duration(args.interval).to_string();
+    let mocks = Mocks::start(
+        3,
+        &[
+            "--words".to_owned(),
+            args.events.to_string(),
+            "--first-event".to_owned(),
+            interval.clone(),
+            "--event-interval".to_owned(),
+            interval.clone(),
+        ],
+    )
+    .await?;
+    let gateway = Gateway::start(&mocks, dir, "streaming", "", &|_| String::new()).await?;
+    let expected = args.streams * args.per_client;
+    println!(
+        "streaming: {} concurrent streams × {} each, {} content events {interval} apart",
+        args.streams, args.per_client, args.events
+    );
+
+    let reference = reqwest::Client::new()
+        .post(format!("{}{CHAT_PATH}", mocks.origin(0)))
+        .bearer_auth(&mocks.keys[0])
+        .header("content-type", "application/json")
+        .body(harness::chat_body(true))
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    anyhow::ensure!(
+        reference.ends_with(b"data: [DONE]\n\n"),
+        "the reference stream does not end with data: [DONE]"
+    );
+    let plan = |name: &str| Plan {
+        per_user: Some(args.per_client),
+        ..Plan::requests(
+            expected,
+            args.streams,
+            drive::report_path(dir, "streaming", name),
+        )
+    };
+
+    let direct = if args.gateway_only {
+        None
+    } else {
+        Some(load(mocks.origin(0), &mocks.keys[0], &reference, &plan("direct")).await?)
+    };
+    let (_, rss_before) = gateway.memory();
+    let through = load(&gateway.origin, CLIENT_KEY, &reference, &plan("gateway")).await?;
+    let (peak, _) = gateway.memory();
+    let stats = mocks.stats().await?;
+
+    if let Some(direct) = &direct {
+        direct.print("direct to one mock", expected);
+    }
+    through.print("through the gateway", expected);
+    let before = vec![mock_upstreams::StatsReport::default(); stats.len()];
+    println!(
+        "    per node (direct run included on node a): {}",
+        harness::per_node_line(&before, &stats)
+    );
+    println!(
+        "    gateway memory: {} before the run, peak {}",
+        mb(rss_before),
+        mb(peak)
+    );
+
+    let mut ok = through.all_complete(expected);
+    println!("  targets:");
+    if let Some(direct) = &direct {
+        ok &= direct.all_complete(expected);
+        let ratio = through.streams_per_s() / direct.streams_per_s().max(1e-9);
+        let overhead = through.tally.first_event.percentile(0.5) as i64
+            - direct.tally.first_event.percentile(0.5) as i64;
+        println!(
+            "    streams/s ≥ 0.95× direct: {ratio:.3}× {}",
+            verdict(ratio >= 0.95)
+        );
+        println!(
+            "    time-to-first-event overhead < 1 ms at p50: {:.3} ms {}",
+            overhead as f64 / 1000.0,
+            verdict(overhead < 1000)
+        );
+    }
+    let target = args.memory_target();
+    println!(
+        "    gateway peak memory < {}: {} {}",
+        mb(target),
+        mb(peak),
+        verdict(peak < target)
+    );
+    println!(
+        "    every stream complete, [DONE] included, byte-identical: {}",
+        verdict(ok)
+    );
+    println!("  HTML reports: {}", dir.join("streaming-*.html").display());
+    gateway.stop().await?;
+    mocks.stop().await?;
+    if !ok {
+        println!("FAILED: some streams were incomplete or differed");
+    }
+    Ok(ok)
+}

@@ -1,0 +1,200 @@
+//! `throughput`: the same load first straight at one mock, then through the
+//! gateway over three mocks, in one run, so every figure is also a ratio.
+//!
+//! Part 1 sends `--requests` (2,000) at `--concurrency` (50), or runs for
+//! `--duration`; part 2 holds a fixed `--rate` (200 requests/s) for
+//! `--rate-time` to read the latency the gateway adds when nothing queues.
+//! The gateway's CPU time per request comes from its own process.
+//!
+//! Fails (exit 1) if any request fails or is not a 200. The targets are
+//! printed as met or missed; they are judged on a release build.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::drive::{self, Clock, Measured, Plan};
+use crate::harness::{self, CLIENT_KEY, Gateway, Mocks, mb, ms, verdict};
+
+#[derive(Debug, Clone, Args)]
+pub struct ThroughputArgs {
+    /// Requests in part 1 (ignored with --duration).
+    #[arg(long, default_value_t = 2000)]
+    pub requests: usize,
+    /// Concurrent clients in part 1.
+    #[arg(long, default_value_t = 50)]
+    pub concurrency: usize,
+    /// Run part 1 for this long instead of a request count, e.g. `30s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Fixed request rate for part 2, per second.
+    #[arg(long, default_value_t = 200)]
+    pub rate: usize,
+    /// How long part 2 holds that rate (whole seconds).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub rate_time: Duration,
+}
+
+struct Run {
+    measured: Measured,
+    span: Duration,
+}
+
+impl Run {
+    fn rps(&self) -> f64 {
+        self.measured.requests as f64 / self.span.as_secs_f64().max(1e-9)
+    }
+
+    fn print(&self, label: &str) {
+        let m = &self.measured;
+        println!("  {label}");
+        println!(
+            "    {} requests in {:.3} s: {:.0} requests/s",
+            m.requests,
+            self.span.as_secs_f64(),
+            self.rps()
+        );
+        println!(
+            "    latency: avg {}, p50 {}, p95 {}, p99 {}",
+            ms(m.avg_us),
+            ms(m.p50_us),
+            ms(m.p95_us),
+            ms(m.p99_us)
+        );
+        let statuses: Vec<String> = m
+            .statuses
+            .iter()
+            .map(|(s, n)| {
+                format!(
+                    "{s}: {n} ({:.1}%)",
+                    *n as f64 * 100.0 / m.requests.max(1) as f64
+                )
+            })
+            .collect();
+        println!("    status codes: {}", statuses.join(", "));
+    }
+
+    fn all_ok(&self) -> bool {
+        self.measured.requests > 0
+            && self.measured.failures == 0
+            && self.measured.count(200) == self.measured.requests
+    }
+}
+
+async fn load(host: &str, key: &str, plan: &Plan) -> anyhow::Result<Run> {
+    let clock = Clock::new();
+    let tx = harness::chat_transaction(
+        Arc::from(key),
+        harness::chat_body(false),
+        Arc::clone(&clock),
+        false,
+    );
+    let metrics = drive::drive(host, plan, tx).await?;
+    Ok(Run {
+        measured: Measured::of(&metrics),
+        span: clock.span(),
+    })
+}
+
+pub async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow::Result<bool> {
+    let mocks = Mocks::start(3, &[]).await?;
+    let gateway = Gateway::start(&mocks, dir, "throughput", "", &|_| String::new()).await?;
+    let direct_host = mocks.origin(0).to_owned();
+    let direct_key = mocks.keys[0].clone();
+    let report = |name: &str| -> PathBuf { drive::report_path(dir, "throughput", name) };
+
+    let part1 = |name: &str| match args.duration {
+        Some(d) => Plan::timed(args.concurrency, d, report(name)),
+        None => Plan::requests(args.requests, args.concurrency, report(name)),
+    };
+    let what = match args.duration {
+        Some(d) => format!(
+            "{} at {} concurrent",
+            humantime::format_duration(d),
+            args.concurrency
+        ),
+        None => format!(
+            "{} requests at {} concurrent",
+            args.requests, args.concurrency
+        ),
+    };
+    println!("throughput: {what}, non-streaming chat, 3 mocks");
+
+    // Warm both paths (connections, tokenizer tables) before measuring.
+    let warm = Plan::requests(args.concurrency * 4, args.concurrency, report("warmup"));
+    load(&direct_host, &direct_key, &warm).await?;
+    load(&gateway.origin, CLIENT_KEY, &warm).await?;
+
+    let direct = load(&direct_host, &direct_key, &part1("direct")).await?;
+    let before = mocks.stats().await?;
+    let cpu_before = gateway.cpu_time();
+    let through = load(&gateway.origin, CLIENT_KEY, &part1("gateway")).await?;
+    let cpu = gateway.cpu_time().saturating_sub(cpu_before);
+    let after = mocks.stats().await?;
+    direct.print("direct to one mock");
+    through.print("through the gateway");
+    let cpu_us = cpu.as_secs_f64() * 1e6 / through.measured.requests.max(1) as f64;
+    println!("    per node: {}", harness::per_node_line(&before, &after));
+    println!("    gateway CPU: {cpu_us:.1} µs per request");
+
+    let rate_plan = |name: &str| Plan {
+        rate: Some(args.rate),
+        ..Plan::timed(args.concurrency.min(20), args.rate_time, report(name))
+    };
+    println!(
+        "  at a fixed {} requests/s for {}:",
+        args.rate,
+        humantime::format_duration(args.rate_time)
+    );
+    let direct_rate = load(&direct_host, &direct_key, &rate_plan("rate-direct")).await?;
+    let through_rate = load(&gateway.origin, CLIENT_KEY, &rate_plan("rate-gateway")).await?;
+    let added_p50 = through_rate.measured.p50_us as i64 - direct_rate.measured.p50_us as i64;
+    println!(
+        "    p50 direct {}, through the gateway {}: added {:.3} ms",
+        ms(direct_rate.measured.p50_us),
+        ms(through_rate.measured.p50_us),
+        added_p50 as f64 / 1000.0
+    );
+    let (peak, _) = gateway.memory();
+    println!("    gateway peak memory: {}", mb(peak));
+
+    let ratio = through.rps() / direct.rps().max(1e-9);
+    println!("  gateway / direct:");
+    println!("    requests/s {ratio:.2}×");
+    println!(
+        "    p50 {:.2}×, p99 {:.2}×",
+        through.measured.p50_us as f64 / direct.measured.p50_us.max(1) as f64,
+        through.measured.p99_us as f64 / direct.measured.p99_us.max(1) as f64
+    );
+    println!("  targets:");
+    println!(
+        "    requests/s ≥ 0.5× direct: {ratio:.2}× {}",
+        verdict(ratio >= 0.5)
+    );
+    println!(
+        "    CPU < 60 µs per request: {cpu_us:.1} µs {}",
+        verdict(cpu_us < 60.0)
+    );
+    println!(
+        "    added p50 < 0.1 ms at {} requests/s: {:.3} ms {}",
+        args.rate,
+        added_p50 as f64 / 1000.0,
+        verdict(added_p50 < 100)
+    );
+    println!(
+        "  HTML reports: {}",
+        dir.join("throughput-*.html").display()
+    );
+
+    let ok = [&direct, &through, &direct_rate, &through_rate]
+        .iter()
+        .all(|r| r.all_ok());
+    gateway.stop().await?;
+    mocks.stop().await?;
+    if !ok {
+        println!("FAILED: some requests failed or were not answered 200");
+    }
+    Ok(ok)
+}

@@ -146,5 +146,75 @@ fn limiter(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, tokens, selection, limiter);
+/// One chat request through the whole router (auth, token count,
+/// selection, reservation, forwarding, relaying, settling) to a mock
+/// upstream on 127.0.0.1 in the same process, beside the same request sent
+/// straight to the mock: the difference is what the gateway adds.
+fn whole_request(c: &mut Criterion) {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use mock_upstreams::{MockConfig, MockUpstream};
+    use tower::ServiceExt;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mock = runtime
+        .block_on(MockUpstream::start(
+            "127.0.0.1:0".parse().unwrap(),
+            MockConfig::new("sk-bench-node"),
+        ))
+        .unwrap();
+    let toml = format!(
+        "[auth]\nclient_keys_env = [\"BENCH_KEY\"]\n[[nodes]]\nname = \"a\"\nurl = \"{}\"\napi_key_env = \"NODE_KEY\"\nrpm = 1000000000\ntpm = 1000000000000\n",
+        mock.base_url()
+    );
+    let env = |var: &str| match var {
+        "BENCH_KEY" => Some("sk-bench-client".to_owned()),
+        "NODE_KEY" => Some("sk-bench-node".to_owned()),
+        _ => None,
+    };
+    let (config, _) = balancer::config::from_toml_str(&toml, &env).unwrap();
+    let state = runtime
+        .block_on(async { balancer::state::AppState::new(config) })
+        .unwrap();
+    let router = balancer::app::router(state);
+    let body = bytes::Bytes::from_static(
+        br#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write one sentence about load balancing."}]}"#,
+    );
+    let client = reqwest::Client::new();
+    let direct_url = format!("{}/chat/completions", mock.base_url());
+
+    let mut group = c.benchmark_group("request");
+    group.bench_function("chat_through_router_to_mock", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let request = axum::http::Request::post("/v1/chat/completions")
+                .header("authorization", "Bearer sk-bench-client")
+                .header("content-type", "application/json")
+                .body(Body::from(body.clone()))
+                .unwrap();
+            let response = router.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            black_box(response.into_body().collect().await.unwrap().to_bytes());
+        })
+    });
+    group.bench_function("chat_straight_to_mock_baseline", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let response = client
+                .post(&direct_url)
+                .bearer_auth("sk-bench-node")
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            black_box(response.bytes().await.unwrap());
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, tokens, selection, limiter, whole_request);
 criterion_main!(benches);

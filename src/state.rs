@@ -33,6 +33,8 @@ pub struct Node {
     pub name_header: HeaderValue,
     /// Base URL without a trailing slash.
     pub url: Arc<str>,
+    /// The same, parsed once: a request only sets its path and query.
+    pub base: reqwest::Url,
     pub key: NodeKey,
     pub models: Option<Vec<String>>,
     pub usage: Arc<NodeUsage>,
@@ -132,14 +134,16 @@ fn prepare(
         };
         let name_header = HeaderValue::from_str(&node.name)
             .map_err(|_| format!("node '{}': name is not a valid header value", node.name))?;
-        nodes.push((node, client, name_header));
+        let base = reqwest::Url::parse(&node.url)
+            .map_err(|e| format!("node '{}': url: {e}", node.name))?;
+        nodes.push((node, client, name_header, base));
     }
 
     let mut usages = usages.lock();
     usages.retain(|name, _| config.nodes.iter().any(|n| n.name == *name));
     let nodes: Vec<Node> = nodes
         .into_iter()
-        .map(|(node, client, name_header)| {
+        .map(|(node, client, name_header, base)| {
             let usage = usages
                 .entry(Arc::clone(&node.name))
                 .or_insert_with(|| NodeUsage::new(node.quota, Arc::clone(signal)));
@@ -148,6 +152,7 @@ fn prepare(
                 name: Arc::clone(&node.name),
                 name_header,
                 url: Arc::clone(&node.url),
+                base,
                 key: node.key.clone(),
                 models: node.models.clone(),
                 usage: Arc::clone(usage),

@@ -86,7 +86,14 @@ pub async fn send(
     body: Bytes,
     first_byte_timeout: Duration,
 ) -> Result<reqwest::Response, Failure> {
-    let url = format!("{}{}", node.url, path_and_query);
+    let (path, query) = path_and_query
+        .split_once('?')
+        .map_or((path_and_query, None), |(p, q)| (p, Some(q)));
+    // The base was parsed once; setting path and query skips host parsing.
+    let mut url = node.base.clone();
+    let joined = [node.base.path().trim_end_matches('/'), path].concat();
+    url.set_path(&joined);
+    url.set_query(query);
     let request = node
         .client
         .request(method, url)

@@ -123,7 +123,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(err) => {
-            eprintln!("loadtest: {err:?}");
+            eprintln!("loadtest: {err:#}");
             ExitCode::FAILURE
         }
     }

@@ -273,6 +273,13 @@ pub async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::Result<
         )
     };
 
+    // Warm both paths (connections, tokenizer tables) before measuring.
+    let warm = args.streams.min(50);
+    let warm_plan = Plan::requests(warm, warm, drive::report_path(dir, "streaming", "warmup"));
+    load(mocks.origin(0), &mocks.keys[0], &reference, &warm_plan).await?;
+    load(&gateway.origin, CLIENT_KEY, &reference, &warm_plan).await?;
+    let before = mocks.stats().await?;
+
     let direct = if args.gateway_only {
         None
     } else {
@@ -287,7 +294,6 @@ pub async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::Result<
         direct.print("direct to one mock", expected);
     }
     through.print("through the gateway", expected);
-    let before = vec![mock_upstreams::StatsReport::default(); stats.len()];
     println!(
         "    per node (direct run included on node a): {}",
         harness::per_node_line(&before, &stats)

@@ -249,8 +249,16 @@ pub struct MockUpstream {
 impl MockUpstream {
     /// Starts a mock on `addr` (port 0 picks a free one).
     pub async fn start(addr: SocketAddr, config: MockConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
-        Self::serve(listener, config)
+        // A large accept backlog, like the gateway's: load tests open
+        // thousands of connections at once.
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        Self::serve(socket.listen(4096)?, config)
     }
 
     /// Starts a mock on an already-bound listener.

@@ -211,6 +211,29 @@ impl Measured {
     pub fn count(&self, status: u16) -> usize {
         self.statuses.get(&status).copied().unwrap_or(0)
     }
+
+    /// `latency: avg …, p50 …, p95 …, p99 …` (time to the response head).
+    pub fn latency_line(&self) -> String {
+        let ms = |us: u64| format!("{:.3} ms", us as f64 / 1000.0);
+        format!(
+            "latency: avg {}, p50 {}, p95 {}, p99 {}",
+            ms(self.avg_us),
+            ms(self.p50_us),
+            ms(self.p95_us),
+            ms(self.p99_us)
+        )
+    }
+
+    /// `status codes: 200: 1990 (99.5%), 429: 10 (0.5%)`.
+    pub fn status_line(&self) -> String {
+        let total = self.requests.max(1) as f64;
+        let statuses: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(s, n)| format!("{s}: {n} ({:.1}%)", *n as f64 * 100.0 / total))
+            .collect();
+        format!("status codes: {}", statuses.join(", "))
+    }
 }
 
 /// The report path for one run of a scenario.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::drive::{self, Clock, Measured, Plan};
-use crate::harness::{self, CLIENT_KEY, Gateway, Mocks, ms, verdict};
+use crate::harness::{self, CLIENT_KEY, Gateway, Mocks, verdict};
 
 #[derive(Debug, Clone, Args)]
 pub struct SaturationArgs {
@@ -113,19 +113,8 @@ pub async fn run(args: &SaturationArgs, dir: &std::path::Path) -> anyhow::Result
         span.as_secs_f64(),
         m.requests as f64 / span.as_secs_f64().max(1e-9)
     );
-    println!(
-        "  latency: avg {}, p50 {}, p95 {}, p99 {}",
-        ms(m.avg_us),
-        ms(m.p50_us),
-        ms(m.p95_us),
-        ms(m.p99_us)
-    );
-    let statuses: Vec<String> = m
-        .statuses
-        .iter()
-        .map(|(s, n)| format!("{s}: {n}"))
-        .collect();
-    println!("  status codes: {}", statuses.join(", "));
+    println!("  {}", m.latency_line());
+    println!("  {}", m.status_line());
     println!(
         "  served {served}, of which queued first {queued}; refused 429 {refused}; failed {errors}"
     );

@@ -131,13 +131,7 @@ impl Run {
             ms(t.first_event.percentile(0.99)),
             ms(self.measured.p50_us),
         );
-        let statuses: Vec<String> = self
-            .measured
-            .statuses
-            .iter()
-            .map(|(s, n)| format!("{s}: {n}"))
-            .collect();
-        println!("    status codes: {}", statuses.join(", "));
+        println!("    {}", self.measured.status_line());
     }
 
     fn all_complete(&self, expected: usize) -> bool {

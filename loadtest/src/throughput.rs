@@ -56,24 +56,8 @@ impl Run {
             self.span.as_secs_f64(),
             self.rps()
         );
-        println!(
-            "    latency: avg {}, p50 {}, p95 {}, p99 {}",
-            ms(m.avg_us),
-            ms(m.p50_us),
-            ms(m.p95_us),
-            ms(m.p99_us)
-        );
-        let statuses: Vec<String> = m
-            .statuses
-            .iter()
-            .map(|(s, n)| {
-                format!(
-                    "{s}: {n} ({:.1}%)",
-                    *n as f64 * 100.0 / m.requests.max(1) as f64
-                )
-            })
-            .collect();
-        println!("    status codes: {}", statuses.join(", "));
+        println!("    {}", m.latency_line());
+        println!("    {}", m.status_line());
     }
 
     fn all_ok(&self) -> bool {

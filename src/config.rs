@@ -40,6 +40,27 @@ pub const DEFAULT_COMPLETION_TOKENS: u64 = 1024;
 pub const DEFAULT_QUEUE_MAX_WAIT: Duration = Duration::from_secs(5);
 pub const DEFAULT_QUEUE_MAX_DEPTH: usize = 1024;
 pub const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+/// The pid file's name when `server.pid_file` is not set; it sits beside the
+/// config file, so `balancer reload --config X` finds the gateway started
+/// with `--config X`.
+pub const DEFAULT_PID_FILE: &str = "balancer.pid";
+/// Often enough to take a dead node out within seconds, rare enough to be
+/// noise to the upstream (one `GET /models` per node).
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEALTH_PATH: &str = "/models";
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
+pub const DEFAULT_HEALTHY_AFTER: u32 = 2;
+pub const DEFAULT_MAX_CONCURRENT_PROBES: usize = 8;
+/// Consecutive failed requests (connect error, timeout, 5xx) that eject a node.
+pub const DEFAULT_EJECT_AFTER: u32 = 3;
+/// The first re-probe after an ejection; each further ejection in a row
+/// doubles it, up to the maximum.
+pub const DEFAULT_EJECT_BACKOFF: Duration = Duration::from_secs(1);
+pub const DEFAULT_EJECT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How long a node whose quota is exhausted (`insufficient_quota`) rests when
+/// the upstream gives no reset time: billing quotas do not refill by the minute.
+pub const DEFAULT_QUOTA_EXHAUSTED_COOLDOWN: Duration = Duration::from_secs(3600);
 
 /// The environment variable that names the config file (a path, not an override).
 pub const CONFIG_PATH_ENV: &str = "BALANCER_CONFIG";
@@ -56,6 +77,7 @@ struct RawConfig {
     accounting: AccountingSettings,
     queue: QueueSettings,
     retry: RetrySettings,
+    health: HealthSettings,
     auth: RawAuth,
     nodes: Vec<RawNode>,
 }
@@ -70,6 +92,11 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Where `serve` writes its pid for `balancer reload` and `balancer
+    /// stop`; relative paths are beside the config file. Read at start-up.
+    pub pid_file: Option<PathBuf>,
+    /// Reload by itself when the config file or a key file changes.
+    pub watch_config: bool,
 }
 
 impl Default for ServerSettings {
@@ -79,6 +106,8 @@ impl Default for ServerSettings {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            pid_file: None,
+            watch_config: true,
         }
     }
 }
@@ -150,6 +179,48 @@ impl Default for RetrySettings {
     }
 }
 
+/// `[health]`: active probes and passive ejection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSettings {
+    /// Active probes; passive health (real traffic) always applies.
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Probed as `GET {node url}{path}` with the node's key.
+    pub path: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+    pub max_concurrent_probes: usize,
+    pub eject_after: u32,
+    #[serde(with = "humantime_serde")]
+    pub eject_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub eject_backoff_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub quota_exhausted_cooldown: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: DEFAULT_HEALTH_INTERVAL,
+            path: DEFAULT_HEALTH_PATH.to_owned(),
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            unhealthy_after: DEFAULT_UNHEALTHY_AFTER,
+            healthy_after: DEFAULT_HEALTHY_AFTER,
+            max_concurrent_probes: DEFAULT_MAX_CONCURRENT_PROBES,
+            eject_after: DEFAULT_EJECT_AFTER,
+            eject_backoff: DEFAULT_EJECT_BACKOFF,
+            eject_backoff_max: DEFAULT_EJECT_BACKOFF_MAX,
+            quota_exhausted_cooldown: DEFAULT_QUOTA_EXHAUSTED_COOLDOWN,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawAuth {
@@ -183,6 +254,7 @@ pub struct Config {
     pub accounting: AccountingSettings,
     pub queue: QueueSettings,
     pub retry: RetrySettings,
+    pub health: HealthSettings,
     /// Gateway keys clients must present; empty means an open gateway.
     pub client_keys: Vec<ClientKey>,
     pub nodes: Vec<NodeConfig>,
@@ -199,6 +271,8 @@ pub struct NodeConfig {
     pub models: Option<Vec<String>>,
     pub quota: Quota,
     pub ca_file: Option<PathBuf>,
+    /// Where the key was read from, when from a file: reload watches it.
+    pub key_file: Option<PathBuf>,
 }
 
 /// A node's limits; `None` is unlimited.
@@ -233,7 +307,7 @@ pub struct NodeKey {
 }
 
 impl NodeKey {
-    fn new(secret: SecretString) -> Result<Self, String> {
+    pub(crate) fn new(secret: SecretString) -> Result<Self, String> {
         let mut authorization = HeaderValue::try_from(format!("Bearer {}", secret.expose_secret()))
             .map_err(|_| "the key contains characters not allowed in a header".to_owned())?;
         authorization.set_sensitive(true);
@@ -300,6 +374,51 @@ impl ConfigError {
             problems: vec![problem.into()],
         }
     }
+}
+
+impl Config {
+    /// The files whose change should reload this config: every key file
+    /// and CA bundle it reads.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.key_file.iter().chain(n.ca_file.iter()))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The pid file of the gateway started with the config at `config_path`:
+/// `server.pid_file` (relative to the config's directory), else
+/// `balancer.pid` beside it. Reads only that one field, so it works even when
+/// the rest of the file is invalid (`balancer reload` must report that).
+pub fn pid_file_for(config_path: &Path, configured: Option<&Path>) -> PathBuf {
+    let dir = config_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match configured {
+        Some(path) if path.is_absolute() => path.to_owned(),
+        Some(path) => dir.join(path),
+        None => dir.join(DEFAULT_PID_FILE),
+    }
+}
+
+/// `server.pid_file` as the file at `config_path` sets it, if it can be read.
+pub fn configured_pid_file(config_path: &Path) -> Option<PathBuf> {
+    #[derive(Deserialize)]
+    struct Server {
+        pid_file: Option<PathBuf>,
+    }
+    #[derive(Deserialize)]
+    struct Only {
+        server: Option<Server>,
+    }
+    let only: Only = Figment::from(Toml::file(config_path))
+        .merge(env_overrides())
+        .extract()
+        .ok()?;
+    only.server?.pid_file
 }
 
 /// Where a literal key or other soft problem deserves a warning at start-up.
@@ -400,6 +519,8 @@ fn validate(
         }
     }
 
+    validate_health(&raw.health, &mut problems);
+
     let mut client_keys = Vec::new();
     for (i, var) in raw.auth.client_keys_env.iter().enumerate() {
         match env(var).filter(|v| !v.trim().is_empty()) {
@@ -436,11 +557,50 @@ fn validate(
             accounting: raw.accounting,
             queue: raw.queue,
             retry: raw.retry,
+            health: raw.health,
             client_keys,
             nodes,
         },
         warnings,
     ))
+}
+
+fn validate_health(health: &HealthSettings, problems: &mut Vec<String>) {
+    for (field, value) in [
+        ("health.interval", health.interval),
+        ("health.timeout", health.timeout),
+        ("health.eject_backoff", health.eject_backoff),
+        ("health.eject_backoff_max", health.eject_backoff_max),
+        (
+            "health.quota_exhausted_cooldown",
+            health.quota_exhausted_cooldown,
+        ),
+    ] {
+        if value.is_zero() {
+            problems.push(format!("{field}: must be greater than 0"));
+        }
+    }
+    for (field, value) in [
+        ("health.unhealthy_after", health.unhealthy_after as usize),
+        ("health.healthy_after", health.healthy_after as usize),
+        ("health.eject_after", health.eject_after as usize),
+        ("health.max_concurrent_probes", health.max_concurrent_probes),
+    ] {
+        if value == 0 {
+            problems.push(format!("{field}: must be greater than 0"));
+        }
+    }
+    if !health.path.starts_with('/') {
+        problems.push(format!(
+            "health.path: must start with '/', found \"{}\"",
+            health.path
+        ));
+    }
+    if health.eject_backoff_max < health.eject_backoff {
+        problems.push(
+            "health.eject_backoff_max: must not be less than health.eject_backoff".to_owned(),
+        );
+    }
 }
 
 fn validate_node(
@@ -525,6 +685,7 @@ fn validate_node(
         models: raw.models,
         quota,
         ca_file: raw.ca_file,
+        key_file: raw.api_key_file,
     })
 }
 
@@ -602,6 +763,10 @@ impl Config {
         let _ = writeln!(out, "max_body_bytes = {}", s.max_body_bytes);
         let _ = writeln!(out, "request_timeout = \"{}\"", human(s.request_timeout));
         let _ = writeln!(out, "shutdown_grace = \"{}\"", human(s.shutdown_grace));
+        if let Some(pid_file) = &s.pid_file {
+            let _ = writeln!(out, "pid_file = \"{}\"", pid_file.display());
+        }
+        let _ = writeln!(out, "watch_config = {}", s.watch_config);
         let _ = writeln!(out, "\n[upstream]");
         let _ = writeln!(
             out,
@@ -624,6 +789,27 @@ impl Config {
         let _ = writeln!(out, "max_depth = {}", self.queue.max_depth);
         let _ = writeln!(out, "\n[retry]");
         let _ = writeln!(out, "attempts = {}", self.retry.attempts);
+        let h = &self.health;
+        let _ = writeln!(out, "\n[health]");
+        let _ = writeln!(out, "enabled = {}", h.enabled);
+        let _ = writeln!(out, "interval = \"{}\"", human(h.interval));
+        let _ = writeln!(out, "path = \"{}\"", h.path);
+        let _ = writeln!(out, "timeout = \"{}\"", human(h.timeout));
+        let _ = writeln!(out, "unhealthy_after = {}", h.unhealthy_after);
+        let _ = writeln!(out, "healthy_after = {}", h.healthy_after);
+        let _ = writeln!(out, "max_concurrent_probes = {}", h.max_concurrent_probes);
+        let _ = writeln!(out, "eject_after = {}", h.eject_after);
+        let _ = writeln!(out, "eject_backoff = \"{}\"", human(h.eject_backoff));
+        let _ = writeln!(
+            out,
+            "eject_backoff_max = \"{}\"",
+            human(h.eject_backoff_max)
+        );
+        let _ = writeln!(
+            out,
+            "quota_exhausted_cooldown = \"{}\"",
+            human(h.quota_exhausted_cooldown)
+        );
         let _ = writeln!(out, "\n[auth]");
         let keys = vec!["\"[redacted]\""; self.client_keys.len()].join(", ");
         let _ = writeln!(out, "client_keys = [{keys}]");

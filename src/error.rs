@@ -43,6 +43,8 @@ pub enum GatewayError {
     BodyUnreadable(String),
     #[error("Every node that serves this request is at its rate limit. Retry after {} s.", retry_after.as_secs())]
     Saturated { retry_after: Duration },
+    #[error("No node that serves this request is in rotation (each is unhealthy, ejected after failures, or has its key refused; see /status). Retry after {} s.", retry_after.as_secs().max(1))]
+    NoHealthyNode { retry_after: Duration },
     #[error("No upstream could be reached (last tried: node '{node}').")]
     UpstreamUnavailable { node: String },
     #[error("The upstream did not answer in time (last tried: node '{node}').")]
@@ -120,6 +122,11 @@ impl GatewayError {
                 "rate_limit_error",
                 "rate_limit_exceeded",
             ),
+            E::NoHealthyNode { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "no_healthy_upstream",
+            ),
             E::UpstreamUnavailable { .. } => {
                 (StatusCode::BAD_GATEWAY, "api_error", "upstream_unavailable")
             }
@@ -155,7 +162,9 @@ impl IntoResponse for GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let GatewayError::Saturated { retry_after } = self {
+        if let GatewayError::Saturated { retry_after }
+        | GatewayError::NoHealthyNode { retry_after } = self
+        {
             // Whole seconds, rounded up, never 0: a client must not retry at once.
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));

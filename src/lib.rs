@@ -25,6 +25,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod health;
 pub mod limits;
 pub mod proxy;
 pub mod queue;

@@ -28,6 +28,8 @@ use tokio::time::Instant;
 
 use crate::auth;
 use crate::error::GatewayError;
+use crate::health::Verdict;
+use crate::limits::CooldownReason;
 use crate::queue::Placement;
 use crate::relay;
 use crate::request::{self, RequestInfo};
@@ -197,32 +199,70 @@ async fn try_node(
         first_byte,
     )
     .await;
-    match sent {
-        Ok(response) => {
-            if response.status() == StatusCode::TOO_MANY_REQUESTS {
-                let rest = upstream::cooldown_of(response.headers());
-                node.usage.cool_down(Instant::now() + rest);
-                tracing::info!(node = %node.name, cooldown_ms = rest.as_millis() as u64, "upstream rate-limited; cooling down");
-            }
-            Attempt::Answered {
-                response,
-                placement,
-            }
-        }
-        Err(failure) => {
-            tracing::warn!(node = %node.name, ?failure, "upstream attempt failed");
-            let index = placement.node;
-            match failure {
-                // Nothing reached the node: take the request back in full.
-                Failure::Connect => placement.reservation.cancel(),
-                // It may have been received: keep what was reserved.
-                Failure::Timeout | Failure::Broken => drop(placement.reservation),
-            }
-            Attempt::Failed {
-                node: index,
-                failure,
-            }
-        }
+    let health = &live.config.health;
+    let response = match sent {
+        Ok(response) => response,
+        Err(failure) => return failed(node, placement, failure, health),
+    };
+    let status = response.status();
+    placement
+        .reservation
+        .observe_upstream(&upstream::rate_limit_report(response.headers()));
+    node.health
+        .on_request(Verdict::of_status(status), &node.key, health);
+    if status != StatusCode::TOO_MANY_REQUESTS {
+        return Attempt::Answered {
+            response,
+            placement,
+        };
+    }
+    // A 429 is read whole: a spent quota rests far longer than a busy minute.
+    let (response, body) = match upstream::read_error(response, first_byte).await {
+        Ok(read) => read,
+        Err(failure) => return failed(node, placement, failure, health),
+    };
+    let (rest, reason) = if upstream::is_insufficient_quota(&body) {
+        let rest =
+            upstream::explicit_rest(response.headers()).unwrap_or(health.quota_exhausted_cooldown);
+        (rest, CooldownReason::QuotaExhausted)
+    } else {
+        let rest = upstream::cooldown_of(response.headers());
+        (rest, CooldownReason::RateLimited)
+    };
+    node.usage.cool_down(Instant::now() + rest, reason);
+    tracing::info!(node = %node.name, cooldown_ms = rest.as_millis() as u64, reason = reason.as_str(), "upstream refused with 429; cooling down");
+    Attempt::Answered {
+        response,
+        placement,
+    }
+}
+
+/// An attempt that got no answer: passive health hears of it, and the
+/// reservation is taken back as far as the failure allows.
+fn failed(
+    node: &crate::state::Node,
+    placement: Placement,
+    failure: Failure,
+    health: &crate::config::HealthSettings,
+) -> Attempt {
+    tracing::warn!(node = %node.name, ?failure, "upstream attempt failed");
+    let why = match failure {
+        Failure::Connect => "could not connect",
+        Failure::Timeout => "no answer in time",
+        Failure::Broken => "connection broke",
+    };
+    node.health
+        .on_request(Verdict::Failed(why.to_owned()), &node.key, health);
+    let index = placement.node;
+    match failure {
+        // Nothing reached the node: take the request back in full.
+        Failure::Connect => placement.reservation.cancel(),
+        // It may have been received: keep what was reserved.
+        Failure::Timeout | Failure::Broken => drop(placement.reservation),
+    }
+    Attempt::Failed {
+        node: index,
+        failure,
     }
 }
 

@@ -125,6 +125,9 @@ impl Queue {
         let max_wait = live.config.queue.max_wait;
         let retry_after = match combined_outlook(live, candidates, excluded, demand, now) {
             Combined::Never(err) => return Err(err),
+            Combined::OutOfRotation(retry_after) => {
+                return Err(GatewayError::NoHealthyNode { retry_after });
+            }
             Combined::At(at) if at > now + max_wait => {
                 return Err(GatewayError::Saturated {
                     retry_after: at - now,
@@ -165,6 +168,9 @@ impl Queue {
                 let retry_after = match combined_outlook(live, candidates, excluded, demand, now) {
                     Combined::At(at) => at.saturating_duration_since(now),
                     Combined::Never(err) => return Err(err),
+                    Combined::OutOfRotation(retry_after) => {
+                        return Err(GatewayError::NoHealthyNode { retry_after });
+                    }
                     Combined::Soon => Duration::from_secs(1),
                 };
                 Err(GatewayError::Saturated { retry_after })
@@ -269,6 +275,7 @@ fn place_with(
             .iter()
             .copied()
             .filter(|i| !excluded.contains(i) && !lost_race.contains(i))
+            .filter(|&i| live.nodes[i].health.in_rotation())
             .filter_map(|i| {
                 live.nodes[i]
                     .usage
@@ -289,7 +296,14 @@ enum Combined {
     /// Headroom when a request in flight finishes: soon, but unknown.
     Soon,
     Never(GatewayError),
+    /// Every candidate is out of rotation (unhealthy, ejected, key refused
+    /// or removed); one may be back after this long.
+    OutOfRotation(Duration),
 }
+
+/// The `Retry-After` when no candidate is in rotation and none says when
+/// it may be back (a refused key waits for a reload).
+const OUT_OF_ROTATION_RETRY: Duration = Duration::from_secs(5);
 
 fn combined_outlook(
     live: &Live,
@@ -301,18 +315,34 @@ fn combined_outlook(
     let mut earliest: Option<Instant> = None;
     let mut soon = false;
     let mut never: Option<Limit> = None;
+    let mut back_in: Option<Duration> = None;
+    let mut out_of_rotation = false;
     for &i in candidates.iter().filter(|i| !excluded.contains(i)) {
-        match live.nodes[i].usage.outlook(demand, now) {
+        let node = &live.nodes[i];
+        if !node.health.in_rotation() {
+            out_of_rotation = true;
+            if let Some(d) = node.health.back_in(now, &live.config.health) {
+                back_in = Some(back_in.map_or(d, |t| t.min(d)));
+            }
+            continue;
+        }
+        match node.usage.outlook(demand, now) {
             Outlook::Now => earliest = Some(now),
             Outlook::At(at) => earliest = Some(earliest.map_or(at, |t| t.min(at))),
             Outlook::OnRelease => soon = true,
             Outlook::Never(limit) => never = never.or(Some(limit)),
+            Outlook::Retired => out_of_rotation = true,
         }
     }
     match (earliest, soon, never) {
         (Some(at), _, _) => Combined::At(at),
         (None, true, _) => Combined::Soon,
         (None, false, Some(limit)) => Combined::Never(too_large(live, candidates, limit, demand)),
+        (None, false, None) if out_of_rotation => Combined::OutOfRotation(
+            back_in
+                .filter(|d| !d.is_zero())
+                .unwrap_or(OUT_OF_ROTATION_RETRY),
+        ),
         // No candidate left at all (every one excluded): as good as saturated.
         (None, false, None) => Combined::Soon,
     }

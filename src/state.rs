@@ -6,22 +6,34 @@
 //! config swap never changes a request halfway.
 //!
 //! Counters that must survive a reload (windows, in-flight counts,
-//! cooldowns) live in [`NodeUsage`], kept by node name outside the snapshot:
-//! a node that stays in the config keeps its usage, so a reload can never
-//! reset a window and push a node past its quota.
+//! cooldowns) live in [`NodeUsage`], and health in [`NodeHealth`], kept by
+//! node name outside the snapshot: a node that stays in the config keeps
+//! both, so a reload can never reset a window and push a node past its
+//! quota, nor readmit a failing node. A node that leaves the config is
+//! retired (it takes nothing new and finishes what it has); its usage is
+//! forgotten only once its window is empty, so a node that comes back
+//! within the minute finds its window as it was.
+//!
+//! [`AppState::swap`] is the one way a snapshot changes: [`prepare`] does
+//! every fallible step, then one `store` that cannot fail.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use axum::http::HeaderValue;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::json;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, NodeConfig, NodeKey};
 use crate::error::GatewayError;
+use crate::health::{self, NodeHealth};
 use crate::limits::{HeadroomSignal, NodeUsage};
 use crate::queue::Queue;
 
@@ -38,12 +50,15 @@ pub struct Node {
     pub key: NodeKey,
     pub models: Option<Vec<String>>,
     pub usage: Arc<NodeUsage>,
+    pub health: Arc<NodeHealth>,
     pub client: reqwest::Client,
 }
 
 /// Everything built from one config.
 #[derive(Debug)]
 pub struct Live {
+    /// Counts swaps since start: 1 is the config the gateway started with.
+    pub generation: u64,
     pub config: Config,
     pub nodes: Vec<Node>,
     /// Model name to the nodes that serve it (listed or serving any model).
@@ -76,33 +91,96 @@ impl Live {
     }
 }
 
+/// What the gateway keeps of a node across snapshots.
+#[derive(Debug)]
+struct Tracked {
+    url: Arc<str>,
+    usage: Arc<NodeUsage>,
+    health: Arc<NodeHealth>,
+}
+
+/// A node that left the config and still has requests in flight or
+/// requests in its window.
+#[derive(Debug)]
+pub struct Retired {
+    pub name: Arc<str>,
+    pub usage: Arc<NodeUsage>,
+}
+
+/// The outcome of one reload attempt, for `/status` and `balancer reload`.
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    /// Counts reload attempts since start, successful or not.
+    pub attempt: u64,
+    /// What asked for it: `"file change"`, `"SIGHUP"`.
+    pub trigger: &'static str,
+    pub at: std::time::SystemTime,
+    /// What changed, or every problem found (one per line).
+    pub result: Result<String, String>,
+}
+
 /// The gateway's state, shared by every request.
 pub struct AppState {
     live: ArcSwap<Live>,
     pub queue: Arc<Queue>,
     signal: Arc<HeadroomSignal>,
-    usages: Mutex<HashMap<Arc<str>, Arc<NodeUsage>>>,
-    _dispatcher: DropGuard,
+    /// Per node name; held only while preparing a snapshot and for `/status`.
+    tracked: Mutex<HashMap<Arc<str>, Tracked>>,
+    generation: AtomicU64,
+    /// Held for a whole swap, so two reloads at once apply one after the other.
+    swapping: Mutex<()>,
+    health_wake: Arc<Notify>,
+    last_reload: Mutex<Option<ReloadOutcome>>,
+    /// Background tasks (queue dispatcher, probes, config watcher): cancelled
+    /// together on shutdown.
+    cancel: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl AppState {
-    /// Builds the state and starts the queue's dispatcher (needs a runtime).
+    /// Builds the state and starts the queue's dispatcher and the health
+    /// probes (needs a runtime).
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let signal = Arc::new(HeadroomSignal::default());
         let queue = Arc::new(Queue::new(Arc::clone(&signal)));
-        let usages = Mutex::new(HashMap::new());
-        let live = prepare(config, &signal, &usages)?;
-        let cancel = CancellationToken::new();
-        let dispatcher = Arc::clone(&queue);
-        let token = cancel.clone();
-        tokio::spawn(async move { dispatcher.dispatch(token).await });
-        Ok(Arc::new(Self {
+        let tracked = Mutex::new(HashMap::new());
+        let health_wake = Arc::new(Notify::new());
+        let live = prepare(config, 1, &signal, &health_wake, &tracked)?;
+        let state = Arc::new(Self {
             live: ArcSwap::from_pointee(live),
             queue,
             signal,
-            usages,
-            _dispatcher: cancel.drop_guard(),
-        }))
+            tracked,
+            generation: AtomicU64::new(1),
+            swapping: Mutex::new(()),
+            health_wake,
+            last_reload: Mutex::new(None),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        let dispatcher = Arc::clone(&state.queue);
+        state.spawn(|cancel| async move { dispatcher.dispatch(cancel).await });
+        let weak = Arc::downgrade(&state);
+        let wake = Arc::clone(&state.health_wake);
+        state.spawn(|cancel| health::run(weak, wake, cancel));
+        Ok(state)
+    }
+
+    /// Runs a background task until shutdown: the one way the gateway starts
+    /// one, so [`stop_tasks`](Self::stop_tasks) ends them all.
+    pub fn spawn<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task(self.cancel.child_token()));
+    }
+
+    /// Cancels every background task and waits for them to end.
+    pub async fn stop_tasks(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// The current snapshot; a request takes it once and keeps it.
@@ -110,11 +188,66 @@ impl AppState {
         self.live.load_full()
     }
 
-    /// Validates and builds `config` completely, then swaps it in.
+    /// Validates and builds `config` completely, then swaps it in. On error
+    /// the running snapshot stays.
     pub fn swap(&self, config: Config) -> Result<(), String> {
-        let live = prepare(config, &self.signal, &self.usages)?;
+        let _one_at_a_time = self.swapping.lock();
+        let generation = self.generation.load(Ordering::Acquire) + 1;
+        let live = prepare(
+            config,
+            generation,
+            &self.signal,
+            &self.health_wake,
+            &self.tracked,
+        )?;
         self.live.store(Arc::new(live));
+        self.generation.store(generation, Ordering::Release);
+        self.health_wake.notify_one();
+        self.signal.freed();
         Ok(())
+    }
+
+    /// Records a reload attempt's outcome; returns its attempt number.
+    pub fn record_reload(
+        &self,
+        trigger: &'static str,
+        result: Result<String, String>,
+    ) -> ReloadOutcome {
+        let mut last = self.last_reload.lock();
+        let outcome = ReloadOutcome {
+            attempt: last.as_ref().map_or(1, |r| r.attempt + 1),
+            trigger,
+            at: std::time::SystemTime::now(),
+            result,
+        };
+        *last = Some(outcome.clone());
+        outcome
+    }
+
+    pub fn last_reload(&self) -> Option<ReloadOutcome> {
+        self.last_reload.lock().clone()
+    }
+
+    /// Nodes removed by a reload that still finish requests or hold a window.
+    pub fn retired(&self) -> Vec<Retired> {
+        let live = self.live();
+        let tracked = self.tracked.lock();
+        let mut out: Vec<Retired> = tracked
+            .iter()
+            .filter(|(name, _)| !live.nodes.iter().any(|n| n.name == **name))
+            .map(|(name, t)| Retired {
+                name: Arc::clone(name),
+                usage: Arc::clone(&t.usage),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+impl Drop for AppState {
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }
 
@@ -122,8 +255,10 @@ impl AppState {
 /// has all succeeded.
 fn prepare(
     config: Config,
+    generation: u64,
     signal: &Arc<HeadroomSignal>,
-    usages: &Mutex<HashMap<Arc<str>, Arc<NodeUsage>>>,
+    health_wake: &Arc<Notify>,
+    tracked: &Mutex<HashMap<Arc<str>, Tracked>>,
 ) -> Result<Live, String> {
     let shared_client = build_client(&config, None)?;
     let mut nodes = Vec::with_capacity(config.nodes.len());
@@ -139,28 +274,48 @@ fn prepare(
         nodes.push((node, client, name_header, base));
     }
 
-    let mut usages = usages.lock();
-    usages.retain(|name, _| config.nodes.iter().any(|n| n.name == *name));
-    let nodes: Vec<Node> = nodes
-        .into_iter()
-        .map(|(node, client, name_header, base)| {
-            let usage = usages
-                .entry(Arc::clone(&node.name))
-                .or_insert_with(|| NodeUsage::new(node.quota, Arc::clone(signal)));
-            usage.set_quota(node.quota);
-            Node {
-                name: Arc::clone(&node.name),
-                name_header,
+    // Nothing below fails.
+    let now = Instant::now();
+    let mut tracked = tracked.lock();
+    let mut kept: Vec<Node> = Vec::with_capacity(nodes.len());
+    for (node, client, name_header, base) in nodes {
+        let entry = tracked
+            .entry(Arc::clone(&node.name))
+            .or_insert_with(|| Tracked {
                 url: Arc::clone(&node.url),
-                base,
-                key: node.key.clone(),
-                models: node.models.clone(),
-                usage: Arc::clone(usage),
-                client,
-            }
-        })
-        .collect();
-    drop(usages);
+                usage: NodeUsage::new(node.quota, Arc::clone(signal)),
+                health: NodeHealth::new(node.key.clone(), Arc::clone(health_wake)),
+            });
+        if entry.url != node.url {
+            // Another deployment under the same name: its health starts
+            // afresh; its window stays (it may be the same key's quota).
+            entry.url = Arc::clone(&node.url);
+            entry.health = NodeHealth::new(node.key.clone(), Arc::clone(health_wake));
+        }
+        entry.usage.revive();
+        entry.usage.set_quota(node.quota);
+        entry.health.set_key(node.key.clone());
+        kept.push(Node {
+            name: Arc::clone(&node.name),
+            name_header,
+            url: Arc::clone(&node.url),
+            base,
+            key: node.key.clone(),
+            models: node.models.clone(),
+            usage: Arc::clone(&entry.usage),
+            health: Arc::clone(&entry.health),
+            client,
+        });
+    }
+    tracked.retain(|name, t| {
+        if config.nodes.iter().any(|n| n.name == *name) {
+            return true;
+        }
+        t.usage.retire();
+        !t.usage.is_idle(now)
+    });
+    drop(tracked);
+    let nodes = kept;
 
     let any_model: Arc<[usize]> = (0..nodes.len())
         .filter(|&i| nodes[i].models.is_none())
@@ -189,6 +344,7 @@ fn prepare(
         .collect();
 
     Ok(Live {
+        generation,
         all: (0..nodes.len()).collect(),
         config,
         nodes,

@@ -1,13 +1,18 @@
-//! `GET /status`: what each node is doing, as JSON. Never a key.
+//! `GET /status`: what each node is doing and why it is or is not in
+//! rotation, the queue, and the config's reload history, as JSON. Never a
+//! key: nodes are shown by name and URL, and reload errors name fields,
+//! variables and files, never their values.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::state::AppState;
+use crate::limits::Remaining;
+use crate::state::{AppState, Node};
 
 pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
     let live = state.live();
@@ -15,30 +20,29 @@ pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
     let nodes: Vec<Value> = live
         .nodes
         .iter()
-        .map(|node| {
-            let u = node.usage.snapshot(now);
-            let limit = |quota: Option<std::num::NonZeroU64>, used: u64| {
-                json!({"limit": quota.map(u64::from), "used": used})
-            };
-            json!({
-                "name": &*node.name,
-                "url": &*node.url,
-                "models": node.models,
-                "healthy": true,
-                "in_flight": u.in_flight,
-                "reserved_tokens": u.pending_tokens,
-                "cooldown_remaining_ms": u.cooldown_remaining.map(|d| d.as_millis() as u64),
-                "limits": {
-                    "rpm": limit(u.quota.rpm, u.requests),
-                    "tpm": limit(u.quota.tpm, u.tokens),
-                    "bpm": limit(u.quota.bpm, u.bytes),
-                    "max_concurrency": limit(u.quota.max_concurrency, u.in_flight),
-                },
-            })
+        .map(|node| node_status(node, now))
+        .collect();
+    let retired: Vec<Value> = state
+        .retired()
+        .iter()
+        .map(|r| {
+            let u = r.usage.snapshot(now);
+            json!({"name": &*r.name, "in_flight": u.in_flight, "requests_in_window": u.requests})
         })
         .collect();
+    let reload = state.last_reload().map(|r| {
+        json!({
+            "attempt": r.attempt,
+            "trigger": r.trigger,
+            "ok": r.result.is_ok(),
+            "summary": r.result.as_ref().ok(),
+            "error": r.result.as_ref().err(),
+            "seconds_ago": r.at.elapsed().map_or(0, |d| d.as_secs()),
+        })
+    });
     Json(json!({
         "nodes": nodes,
+        "retired_nodes": retired,
         "queue": {
             "depth": state.queue.depth(),
             "max_depth": live.config.queue.max_depth,
@@ -46,5 +50,56 @@ pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
             "queued_total": state.queue.queued_total(),
             "refused_total": state.queue.refused_total(),
         },
+        "config": {
+            "generation": live.generation,
+            "last_reload": reload,
+        },
     }))
+}
+
+fn node_status(node: &Node, now: Instant) -> Value {
+    let u = node.usage.snapshot(now);
+    let h = node.health.snapshot(now);
+    let limit = |quota: Option<std::num::NonZeroU64>, used: u64| json!({"limit": quota.map(u64::from), "used": used});
+    let remaining = |r: Option<Remaining>| {
+        r.map(
+            |r| json!({"left": r.left, "reset_in_ms": ms(r.until.saturating_duration_since(now))}),
+        )
+    };
+    json!({
+        "name": &*node.name,
+        "url": &*node.url,
+        "models": node.models,
+        "healthy": node.health.in_rotation(),
+        "health": {
+            "state": h.condition.name(),
+            "reason": h.condition.reason(),
+            "probe_failures_in_a_row": h.probe_failures,
+            "request_failures_in_a_row": h.traffic_failures,
+            "last_probe": h.last_probe.map(|(ago, result)| json!({
+                "ms_ago": ms(ago),
+                "ok": result.is_ok(),
+                "error": result.err(),
+            })),
+            "next_probe_in_ms": h.next_probe_in.map(ms),
+        },
+        "in_flight": u.in_flight,
+        "reserved_tokens": u.pending_tokens,
+        "cooldown_remaining_ms": u.cooldown.map(|(d, _)| ms(d)),
+        "cooldown_reason": u.cooldown.map(|(_, reason)| reason.as_str()),
+        "upstream_reported": {
+            "remaining_requests": remaining(u.reported.requests),
+            "remaining_tokens": remaining(u.reported.tokens),
+        },
+        "limits": {
+            "rpm": limit(u.quota.rpm, u.requests),
+            "tpm": limit(u.quota.tpm, u.tokens),
+            "bpm": limit(u.quota.bpm, u.bytes),
+            "max_concurrency": limit(u.quota.max_concurrency, u.in_flight),
+        },
+    })
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderName, Method, header};
 use bytes::Bytes;
 
+use crate::limits::RateLimitReport;
 use crate::state::Node;
 
 /// Why an attempt got no answer from the node.
@@ -108,10 +109,93 @@ pub async fn send(
     }
 }
 
+/// The `x-ratelimit-remaining-*` / `-reset-*` headers of an answer.
+pub fn rate_limit_report(headers: &HeaderMap) -> RateLimitReport {
+    let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
+    let reset = |name: &str| parse_reset(headers.get(name)?.to_str().ok()?);
+    RateLimitReport {
+        remaining_requests: number("x-ratelimit-remaining-requests"),
+        remaining_tokens: number("x-ratelimit-remaining-tokens"),
+        reset_requests: reset("x-ratelimit-reset-requests"),
+        reset_tokens: reset("x-ratelimit-reset-tokens"),
+    }
+}
+
+/// Error answers read whole to tell failures apart are this small; a larger
+/// one is relayed unread.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Reads a small error answer whole (within `timeout`) so its `error.code`
+/// can be read, and gives back an equivalent response to relay.
+pub async fn read_error(
+    response: reqwest::Response,
+    timeout: Duration,
+) -> Result<(reqwest::Response, Bytes), Failure> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > MAX_ERROR_BODY as u64)
+    {
+        return Ok((response, Bytes::new()));
+    }
+    let status = response.status();
+    let version = response.version();
+    let headers = response.headers().clone();
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    let read = async {
+        use futures_util::StreamExt;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| Failure::Broken)?;
+            if body.len() + chunk.len() > MAX_ERROR_BODY {
+                return Err(Failure::Broken);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_elapsed) => return Err(Failure::Timeout),
+        Ok(result) => result?,
+    }
+    let body = Bytes::from(body);
+    let mut rebuilt = axum::http::Response::new(body.clone());
+    *rebuilt.status_mut() = status;
+    *rebuilt.version_mut() = version;
+    *rebuilt.headers_mut() = headers;
+    Ok((reqwest::Response::from(rebuilt), body))
+}
+
+/// Whether an error body says the key's quota is spent (OpenAI's
+/// `insufficient_quota`, as `code` or `type`), not just a per-minute limit.
+pub fn is_insufficient_quota(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        error: Option<Inner>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        code: Option<serde_json::Value>,
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    let Ok(Envelope { error: Some(inner) }) = serde_json::from_slice::<Envelope>(body) else {
+        return false;
+    };
+    inner.kind.as_deref() == Some("insufficient_quota")
+        || inner.code.as_ref().and_then(|c| c.as_str()) == Some("insufficient_quota")
+}
+
 /// How long a node that answered 429 should rest: `Retry-After` (seconds),
 /// else the later of `x-ratelimit-reset-requests` / `-tokens` (`"1s"`,
 /// `"6m0s"`, `"20ms"`), else one second.
 pub fn cooldown_of(headers: &HeaderMap) -> Duration {
+    explicit_rest(headers)
+        .unwrap_or(Duration::from_secs(1))
+        .max(Duration::from_millis(100))
+}
+
+/// The rest an answer asks for itself: `Retry-After`, else the later reset.
+pub fn explicit_rest(headers: &HeaderMap) -> Option<Duration> {
     let retry_after = headers
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
@@ -123,10 +207,7 @@ pub fn cooldown_of(headers: &HeaderMap) -> Duration {
         .filter_map(|name| headers.get(*name)?.to_str().ok())
         .filter_map(parse_reset)
         .max();
-    retry_after
-        .or(reset)
-        .unwrap_or(Duration::from_secs(1))
-        .max(Duration::from_millis(100))
+    retry_after.or(reset)
 }
 
 /// Parses OpenAI's reset durations such as `1s`, `6m0s`, `20ms`, `1h2m3.5s`.
@@ -182,6 +263,39 @@ mod tests {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
         assert_eq!(cooldown_of(&headers), Duration::from_secs(3));
         assert_eq!(cooldown_of(&HeaderMap::new()), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn remaining_and_reset_headers_are_read() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("0"),
+        );
+        headers.insert(
+            "x-ratelimit-reset-requests",
+            HeaderValue::from_static("1.5s"),
+        );
+        headers.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_static("x"),
+        );
+        let report = rate_limit_report(&headers);
+        assert_eq!(report.remaining_requests, Some(0));
+        assert_eq!(report.reset_requests, Some(Duration::from_millis(1500)));
+        assert_eq!(
+            report.remaining_tokens, None,
+            "an unreadable count is ignored"
+        );
+    }
+
+    #[test]
+    fn insufficient_quota_is_told_apart_from_a_rate_limit() {
+        let spent = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+        let busy = br#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
+        assert!(is_insufficient_quota(spent));
+        assert!(!is_insufficient_quota(busy));
+        assert!(!is_insufficient_quota(b"not json"));
     }
 
     #[test]

@@ -22,9 +22,16 @@ pub const CLIENT_KEY: &str = "sk-client-test";
 
 impl Gateway {
     /// Starts a gateway from `toml` (which must not set `server.listen`).
+    /// Active probes are off unless `toml` has its own `[health]` table, so
+    /// tests that count the upstream's requests see only their own.
     pub async fn start(toml: &str) -> Self {
+        let toml = if toml.contains("[health]") {
+            toml.to_owned()
+        } else {
+            format!("[health]\nenabled = false\n{toml}")
+        };
         let env = |var: &str| (var == "TEST_CLIENT_KEY").then(|| CLIENT_KEY.to_owned());
-        let (config, _) = config::from_toml_str(toml, &env).unwrap_or_else(|e| panic!("{e}"));
+        let (config, _) = config::from_toml_str(&toml, &env).unwrap_or_else(|e| panic!("{e}"));
         let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = AppState::new(config).unwrap();

@@ -34,15 +34,22 @@ use tokio::time::Instant;
 
 use crate::config::Quota;
 
+mod reported;
+mod window;
+
+pub use reported::{Marks, RateLimitReport, Remaining, Reported};
+use window::{Amounts, Window};
+
 /// The span every per-minute limit covers.
 pub const WINDOW: Duration = Duration::from_secs(60);
 /// Slot width: fine enough that a freed slot is handed on within 100 ms.
-const SLOT: Duration = Duration::from_millis(100);
+pub(super) const SLOT: Duration = Duration::from_millis(100);
 /// Kept beyond the minute; see the module docs.
 pub const GUARD: Duration = Duration::from_millis(500);
 /// 605 slots cover the minute and the guard band; the extra slot keeps an
 /// amount counted for all of that whatever its offset inside its own slot.
-const SLOTS: u64 = (WINDOW.as_millis() + GUARD.as_millis()) as u64 / SLOT.as_millis() as u64 + 1;
+pub(super) const SLOTS: u64 =
+    (WINDOW.as_millis() + GUARD.as_millis()) as u64 / SLOT.as_millis() as u64 + 1;
 
 /// What one request asks of a node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,142 +71,6 @@ impl Demand {
     }
 }
 
-/// Request, token and byte amounts in one slot or window.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Amounts {
-    requests: u64,
-    tokens: u64,
-    bytes: u64,
-}
-
-impl Amounts {
-    fn of(&self, limit: Limit) -> u64 {
-        match limit {
-            Limit::Rpm => self.requests,
-            Limit::Tpm => self.tokens,
-            Limit::Bpm => self.bytes,
-            Limit::MaxConcurrency => 0,
-        }
-    }
-
-    fn add(&mut self, other: Amounts) {
-        self.requests += other.requests;
-        self.tokens += other.tokens;
-        self.bytes += other.bytes;
-    }
-
-    fn sub(&mut self, other: Amounts) {
-        self.requests = self.requests.saturating_sub(other.requests);
-        self.tokens = self.tokens.saturating_sub(other.tokens);
-        self.bytes = self.bytes.saturating_sub(other.bytes);
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Slot {
-    index: u64,
-    amounts: Amounts,
-}
-
-/// A rolling 60 s window of 100 ms slots with a running total.
-#[derive(Debug)]
-struct Window {
-    origin: Instant,
-    slots: Vec<Slot>,
-    /// The newest slot index the window has advanced to.
-    head: u64,
-    total: Amounts,
-}
-
-impl Window {
-    fn new(origin: Instant) -> Self {
-        Self {
-            origin,
-            slots: vec![Slot::default(); SLOTS as usize],
-            head: 0,
-            total: Amounts::default(),
-        }
-    }
-
-    fn slot_of(&self, at: Instant) -> u64 {
-        let elapsed = at.saturating_duration_since(self.origin);
-        (elapsed.as_millis() / SLOT.as_millis()) as u64
-    }
-
-    /// When the amounts recorded in slot `index` stop counting.
-    fn expiry_of(&self, index: u64) -> Instant {
-        self.origin + Duration::from_millis((index + SLOTS) * SLOT.as_millis() as u64)
-    }
-
-    /// Drops every slot that has left the window at slot `now`.
-    fn advance(&mut self, now: u64) {
-        if now <= self.head {
-            return;
-        }
-        if now - self.head >= SLOTS {
-            self.slots.fill(Slot::default());
-            self.total = Amounts::default();
-        } else {
-            for index in self.head + 1..=now {
-                let slot = &mut self.slots[(index % SLOTS) as usize];
-                self.total.sub(slot.amounts);
-                *slot = Slot {
-                    index,
-                    amounts: Amounts::default(),
-                };
-            }
-        }
-        self.head = now;
-    }
-
-    fn is_live(&self, index: u64) -> bool {
-        index + SLOTS > self.head && index <= self.head
-    }
-
-    fn add(&mut self, index: u64, amounts: Amounts) {
-        if !self.is_live(index) {
-            return;
-        }
-        let slot = &mut self.slots[(index % SLOTS) as usize];
-        if slot.index == index {
-            slot.amounts.add(amounts);
-            self.total.add(amounts);
-        }
-    }
-
-    fn sub(&mut self, index: u64, amounts: Amounts) {
-        if !self.is_live(index) {
-            return;
-        }
-        let slot = &mut self.slots[(index % SLOTS) as usize];
-        if slot.index == index {
-            let mut taken = amounts;
-            taken.requests = taken.requests.min(slot.amounts.requests);
-            taken.tokens = taken.tokens.min(slot.amounts.tokens);
-            taken.bytes = taken.bytes.min(slot.amounts.bytes);
-            slot.amounts.sub(taken);
-            self.total.sub(taken);
-        }
-    }
-
-    /// The first instant at which at least `need` of one amount has expired.
-    fn freed_at(&self, need: u64, limit: Limit) -> Option<Instant> {
-        let oldest = self.head.saturating_sub(SLOTS - 1);
-        let mut freed = 0;
-        for index in oldest..=self.head {
-            let slot = &self.slots[(index % SLOTS) as usize];
-            if slot.index != index {
-                continue;
-            }
-            freed += slot.amounts.of(limit);
-            if freed >= need {
-                return Some(self.expiry_of(index));
-            }
-        }
-        None
-    }
-}
-
 /// When a node could take a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outlook {
@@ -211,6 +82,27 @@ pub enum Outlook {
     OnRelease,
     /// Never: the request alone exceeds this limit.
     Never(Limit),
+    /// Not on this node: it was removed from the config and only finishes
+    /// the requests it has.
+    Retired,
+}
+
+/// Why a node rests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CooldownReason {
+    /// It answered 429: its per-minute limit.
+    RateLimited,
+    /// It answered `insufficient_quota`: its billing quota is spent.
+    QuotaExhausted,
+}
+
+impl CooldownReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CooldownReason::RateLimited => "rate_limited",
+            CooldownReason::QuotaExhausted => "insufficient_quota",
+        }
+    }
 }
 
 /// A named limit, for messages and `/status`.
@@ -282,7 +174,11 @@ struct UsageState {
     in_flight: u64,
     /// Tokens reserved by requests not yet settled.
     pending_tokens: u64,
-    cooldown_until: Option<Instant>,
+    cooldown: Option<(Instant, CooldownReason)>,
+    /// Every reservation ever made, to order them against upstream answers.
+    marks: Marks,
+    reported: Reported,
+    retired: bool,
 }
 
 /// The live usage of one node. Survives config reloads (keyed by node name).
@@ -304,7 +200,10 @@ impl NodeUsage {
                 window: Window::new(Instant::now()),
                 in_flight: 0,
                 pending_tokens: 0,
-                cooldown_until: None,
+                cooldown: None,
+                marks: Marks::default(),
+                reported: Reported::default(),
+                retired: false,
             }),
             signal,
         })
@@ -347,20 +246,49 @@ impl NodeUsage {
         );
         state.in_flight += 1;
         state.pending_tokens += demand.tokens;
+        state.marks.requests += 1;
+        state.marks.tokens += demand.tokens;
+        state.reported.take(demand.tokens);
+        let mark = state.marks;
         drop(state);
         Some(Reservation {
             usage: Arc::clone(self),
             slot,
             demand,
+            mark,
             open: true,
         })
     }
 
-    /// Keeps the node out of rotation until `until` (a later call extends,
-    /// never shortens).
-    pub fn cool_down(&self, until: Instant) {
+    /// Keeps the node out of rotation until `until`. A later call extends
+    /// the rest, never shortens it; the reason of the longer rest is kept.
+    pub fn cool_down(&self, until: Instant, reason: CooldownReason) {
         let mut state = self.state.lock();
-        state.cooldown_until = Some(state.cooldown_until.map_or(until, |t| t.max(until)));
+        if state.cooldown.is_none_or(|(t, _)| until > t) {
+            state.cooldown = Some((until, reason));
+        }
+    }
+
+    /// The node left the config: it takes no new reservation and finishes
+    /// what it has. Its window is kept in case it comes back.
+    pub fn retire(&self) {
+        self.state.lock().retired = true;
+        // Waiters blocked on it must look elsewhere.
+        self.signal.freed();
+    }
+
+    /// The node is in the config again, with its window intact.
+    pub fn revive(&self) {
+        self.state.lock().retired = false;
+        self.signal.freed();
+    }
+
+    /// Whether forgetting this usage could lose anything: nothing in flight
+    /// and nothing left in its window.
+    pub fn is_idle(&self, now: Instant) -> bool {
+        let mut state = self.state.lock();
+        state.advance(now);
+        state.in_flight == 0 && state.window.total == Amounts::default()
     }
 
     /// Applies a changed quota (config reload) without resetting the window.
@@ -380,10 +308,12 @@ impl NodeUsage {
             bytes: state.window.total.bytes,
             in_flight: state.in_flight,
             pending_tokens: state.pending_tokens,
-            cooldown_remaining: state
-                .cooldown_until
-                .map(|t| t.saturating_duration_since(now))
-                .filter(|d| !d.is_zero()),
+            cooldown: state
+                .cooldown
+                .map(|(t, reason)| (t.saturating_duration_since(now), reason))
+                .filter(|(d, _)| !d.is_zero()),
+            reported: state.reported,
+            retired: state.retired,
         }
     }
 }
@@ -392,13 +322,19 @@ impl UsageState {
     fn advance(&mut self, now: Instant) {
         let slot = self.window.slot_of(now);
         self.window.advance(slot);
-        if self.cooldown_until.is_some_and(|t| t <= now) {
-            self.cooldown_until = None;
+        if self.cooldown.is_some_and(|(t, _)| t <= now) {
+            self.cooldown = None;
         }
+        self.reported.expire(now);
     }
 
     fn outlook(&self, demand: Demand, now: Instant) -> Outlook {
-        let mut wait_until = self.cooldown_until.filter(|t| *t > now);
+        if self.retired {
+            return Outlook::Retired;
+        }
+        let cooldown = self.cooldown.map(|(t, _)| t).filter(|t| *t > now);
+        let reported = self.reported.blocked_until(demand.tokens);
+        let mut wait_until = cooldown.max(reported);
         for limit in [Limit::Rpm, Limit::Tpm, Limit::Bpm] {
             let Some(quota) = self.quota.of(limit) else {
                 continue;
@@ -457,7 +393,10 @@ pub struct UsageSnapshot {
     pub bytes: u64,
     pub in_flight: u64,
     pub pending_tokens: u64,
-    pub cooldown_remaining: Option<Duration>,
+    pub cooldown: Option<(Duration, CooldownReason)>,
+    /// What the upstream last said remains, until its reset.
+    pub reported: Reported,
+    pub retired: bool,
 }
 
 /// Capacity taken on one node for one request.
@@ -474,6 +413,8 @@ pub struct Reservation {
     usage: Arc<NodeUsage>,
     slot: u64,
     demand: Demand,
+    /// The node's marks right after this reservation.
+    mark: Marks,
     open: bool,
 }
 
@@ -494,6 +435,22 @@ impl Reservation {
                 ..Amounts::default()
             },
         );
+    }
+
+    /// Takes the upstream's word on the node's remaining quota from the
+    /// answer to this request ([`reported`] explains the arithmetic).
+    pub fn observe_upstream(&self, report: &RateLimitReport) {
+        if report.remaining_requests.is_none() && report.remaining_tokens.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let mut state = self.usage.state.lock();
+        let marks = state.marks;
+        state.reported.observe(report, self.mark, marks, now);
+        drop(state);
+        // A later reset may let waiters through sooner; a lower count only
+        // holds them back, which the next pass sees.
+        self.usage.signal.freed();
     }
 
     /// Ends the request having used `tokens` in all (prompt + completion).
@@ -527,6 +484,7 @@ impl Reservation {
             bytes: self.demand.bytes,
         };
         state.window.sub(self.slot, everything);
+        state.reported.give_back(self.demand.tokens);
         Self::release(&mut self.open, self.demand, &self.usage, &mut state);
     }
 
@@ -680,14 +638,64 @@ mod tests {
     async fn a_cooldown_is_extended_never_shortened() {
         let n = node(Quota::default());
         let now = Instant::now();
-        n.cool_down(now + Duration::from_secs(10));
-        n.cool_down(now + Duration::from_secs(2));
+        n.cool_down(
+            now + Duration::from_secs(10),
+            CooldownReason::QuotaExhausted,
+        );
+        n.cool_down(now + Duration::from_secs(2), CooldownReason::RateLimited);
         assert_eq!(
             n.outlook(SMALL, now),
             Outlook::At(now + Duration::from_secs(10))
         );
-        tokio::time::advance(Duration::from_secs(10)).await;
+        let reason = n.snapshot(now).cooldown.map(|(_, r)| r);
+        assert_eq!(reason, Some(CooldownReason::QuotaExhausted));
+        n.cool_down(now + Duration::from_secs(12), CooldownReason::RateLimited);
+        assert_eq!(
+            n.outlook(SMALL, now),
+            Outlook::At(now + Duration::from_secs(12))
+        );
+        tokio::time::advance(Duration::from_secs(12)).await;
         assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::Now);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_node_takes_nothing_new_but_finishes_what_it_has() {
+        let n = node(quota(Some(10), None, None, None));
+        let held = n.try_reserve(SMALL, Instant::now()).unwrap();
+        n.retire();
+        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::Retired);
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+        assert!(!n.is_idle(Instant::now()));
+        held.settle(SMALL.tokens);
+        assert_eq!(n.snapshot(Instant::now()).in_flight, 0);
+        // Its window still counts if it comes back.
+        n.revive();
+        assert_eq!(n.snapshot(Instant::now()).requests, 1);
+        assert!(n.try_reserve(SMALL, Instant::now()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_upstreams_remaining_count_caps_headroom_until_its_reset() {
+        let n = node(quota(Some(100), None, None, None));
+        let first = n.try_reserve(SMALL, Instant::now()).unwrap();
+        let second = n.try_reserve(SMALL, Instant::now()).unwrap();
+        // The answer to the first says 1 remains; the second was reserved
+        // after it and may not be counted yet, so nothing is left.
+        first.observe_upstream(&RateLimitReport {
+            remaining_requests: Some(1),
+            reset_requests: Some(Duration::from_secs(3)),
+            ..RateLimitReport::default()
+        });
+        let reset = Instant::now() + Duration::from_secs(3);
+        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::At(reset));
+        // Cancelling the second (it never reached the upstream) gives it back.
+        second.cancel();
+        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::Now);
+        let third = n.try_reserve(SMALL, Instant::now()).unwrap();
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+        tokio::time::sleep_until(reset).await;
+        assert!(n.try_reserve(SMALL, Instant::now()).is_some());
+        drop((first, third));
     }
 
     #[tokio::test(start_paused = true)]

@@ -107,6 +107,8 @@ struct HealthState {
 /// A node's health. Kept by node name across reloads.
 #[derive(Debug)]
 pub struct NodeHealth {
+    /// For log lines.
+    name: Arc<str>,
     in_rotation: AtomicBool,
     /// No failed request since the last good one and no ejection in a row:
     /// a good answer then changes nothing, and skips the lock.
@@ -128,8 +130,9 @@ pub struct HealthSnapshot {
 
 impl NodeHealth {
     /// A new node: in rotation, probed at once.
-    pub fn new(key: NodeKey, wake: Arc<Notify>) -> Arc<Self> {
+    pub fn new(name: Arc<str>, key: NodeKey, wake: Arc<Notify>) -> Arc<Self> {
         Arc::new(Self {
+            name,
             in_rotation: AtomicBool::new(true),
             clean: AtomicBool::new(true),
             state: Mutex::new(HealthState {
@@ -158,7 +161,7 @@ impl NodeHealth {
         let changed = state.key.expose() != key.expose();
         state.key = key;
         if changed && matches!(state.condition, Condition::KeyRefused { .. }) {
-            tracing::info!("node key changed by reload; back in rotation");
+            tracing::info!(node = %self.name, "node key changed by reload; back in rotation");
             self.set(&mut state, Condition::Healthy);
             state.next_probe = Some(Instant::now());
             drop(state);
@@ -323,7 +326,7 @@ impl NodeHealth {
         self.clean.store(false, Ordering::Release);
         let until = Instant::now() + backoff;
         let reason = format!("ejected: {why}; re-probe in {}", human(backoff));
-        tracing::warn!(reason, "node out of rotation");
+        tracing::warn!(node = %self.name, reason, "node out of rotation");
         self.set(state, Condition::Ejected { reason, until });
         state.next_probe = Some(until);
     }
@@ -333,7 +336,7 @@ impl NodeHealth {
             "key refused: {by} was answered {status}; out of rotation until a reload changes the key"
         );
         if !matches!(state.condition, Condition::KeyRefused { .. }) {
-            tracing::error!(reason, "node out of rotation");
+            tracing::error!(node = %self.name, reason, "node out of rotation");
         }
         self.set(state, Condition::KeyRefused { reason });
         state.next_probe = None;
@@ -342,10 +345,10 @@ impl NodeHealth {
     fn set(&self, state: &mut HealthState, condition: Condition) {
         let healthy = condition == Condition::Healthy;
         if healthy && state.condition != Condition::Healthy {
-            tracing::info!(was = state.condition.name(), "node back in rotation");
+            tracing::info!(node = %self.name, was = state.condition.name(), "node back in rotation");
         }
         if let Condition::Unhealthy { reason } = &condition {
-            tracing::warn!(reason, "node out of rotation");
+            tracing::warn!(node = %self.name, reason, "node out of rotation");
         }
         state.condition = condition;
         state.probe_successes = 0;
@@ -474,7 +477,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failing_probes_take_a_node_out_and_successes_bring_it_back() {
         let s = settings();
-        let h = NodeHealth::new(key("k"), Arc::default());
+        let h = NodeHealth::new(Arc::from("n"), key("k"), Arc::default());
         h.on_probe(failed(), &s, "/models");
         assert!(h.in_rotation(), "one failure is not enough");
         h.on_probe(failed(), &s, "/models");
@@ -495,7 +498,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_requests_in_a_row_eject_with_a_doubling_backoff() {
         let s = settings();
-        let h = NodeHealth::new(key("k"), Arc::default());
+        let h = NodeHealth::new(Arc::from("n"), key("k"), Arc::default());
         h.on_request(failed(), &key("k"), &s);
         h.on_request(Verdict::Answered, &key("k"), &s);
         h.on_request(failed(), &key("k"), &s);
@@ -516,7 +519,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_refused_key_stays_out_until_the_key_changes() {
         let s = settings();
-        let h = NodeHealth::new(key("old"), Arc::default());
+        let h = NodeHealth::new(Arc::from("n"), key("old"), Arc::default());
         // A request that still used an older key says nothing of this one.
         h.on_request(
             Verdict::KeyRefused(StatusCode::UNAUTHORIZED),

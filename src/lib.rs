@@ -23,6 +23,7 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod error;
 pub mod health;
@@ -30,6 +31,7 @@ pub mod limits;
 pub mod proxy;
 pub mod queue;
 pub mod relay;
+pub mod reload;
 pub mod request;
 pub mod selection;
 pub mod server;

@@ -3,8 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use std::time::Duration;
 
 use balancer::config::{self, CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH};
+use balancer::control::{self, ControlError, PidFile};
+use balancer::reload::{self, ConfigSource};
 use balancer::{demo, server, state::AppState};
 use clap::{Parser, Subcommand};
 
@@ -28,6 +33,16 @@ enum Command {
     Check,
     /// Start three mock upstreams in-process and the gateway in front of them.
     Demo,
+    /// Make the running gateway re-read its config (and key files); prints
+    /// what changed, or why the new config was rejected.
+    Reload,
+    /// Stop the running gateway gracefully and wait for it to exit.
+    Stop {
+        /// Give up waiting after this long (the gateway drains for up to
+        /// `server.shutdown_grace`).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// Exit status for a configuration the gateway refuses.
@@ -49,6 +64,30 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Check => check(&cli.config),
         Command::Serve => runtime.block_on(serve(&cli.config)),
+        Command::Reload => match control::reload(&pid_file(&cli.config)) {
+            Ok(summary) => {
+                println!("balancer: config reloaded ({summary})");
+                ExitCode::SUCCESS
+            }
+            Err(err @ ControlError::Rejected { .. }) => {
+                eprintln!("balancer reload: {err}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            Err(err) => {
+                eprintln!("balancer reload: {err}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Stop { timeout } => match control::stop(&pid_file(&cli.config), timeout) {
+            Ok(pid) => {
+                println!("balancer: gateway (pid {pid}) stopped");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("balancer stop: {err}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo => runtime.block_on(async {
             match demo::run(&cli.config).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -60,6 +99,11 @@ fn main() -> ExitCode {
             }
         }),
     }
+}
+
+/// The pid file for the config at `path`, as `serve` would choose it.
+fn pid_file(path: &std::path::Path) -> std::path::PathBuf {
+    config::pid_file_for(path, config::configured_pid_file(path).as_deref())
 }
 
 fn init_tracing() {
@@ -111,7 +155,11 @@ async fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The bound address: port 0 in the config picks a free one.
+    let listen = listener.local_addr().unwrap_or(listen);
     let nodes = config.nodes.len();
+    let pid_path = config::pid_file_for(path, config.server.pid_file.as_deref());
+    let watch = config.server.watch_config;
     let state = match AppState::new(config) {
         Ok(state) => state,
         Err(err) => {
@@ -119,8 +167,32 @@ async fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    tracing::info!(%listen, nodes, "balancer listening");
-    match server::serve(listener, state, server::shutdown_signal()).await {
+    let hangups = match reload::listen_for_sighup() {
+        Ok(signal) => signal,
+        Err(err) => {
+            eprintln!("balancer: cannot listen for SIGHUP: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let pid_file = match PidFile::create(&pid_path) {
+        Ok(file) => file,
+        Err(err) => {
+            eprintln!("balancer: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let source = ConfigSource::from_process(path.to_owned(), pid_file.path());
+    if watch {
+        let (s, src) = (Arc::clone(&state), source.clone());
+        state.spawn(|cancel| reload::watch(s, src, cancel));
+    }
+    let (s, src) = (Arc::clone(&state), source);
+    state.spawn(|cancel| reload::on_sighup(s, src, hangups, cancel));
+    tracing::info!(%listen, nodes, pid_file = %pid_file.path().display(), "balancer listening");
+    let served = server::serve(listener, Arc::clone(&state), server::shutdown_signal()).await;
+    state.stop_tasks().await;
+    drop(pid_file);
+    match served {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS

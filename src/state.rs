@@ -284,13 +284,21 @@ fn prepare(
             .or_insert_with(|| Tracked {
                 url: Arc::clone(&node.url),
                 usage: NodeUsage::new(node.quota, Arc::clone(signal)),
-                health: NodeHealth::new(node.key.clone(), Arc::clone(health_wake)),
+                health: NodeHealth::new(
+                    Arc::clone(&node.name),
+                    node.key.clone(),
+                    Arc::clone(health_wake),
+                ),
             });
         if entry.url != node.url {
             // Another deployment under the same name: its health starts
             // afresh; its window stays (it may be the same key's quota).
             entry.url = Arc::clone(&node.url);
-            entry.health = NodeHealth::new(node.key.clone(), Arc::clone(health_wake));
+            entry.health = NodeHealth::new(
+                Arc::clone(&node.name),
+                node.key.clone(),
+                Arc::clone(health_wake),
+            );
         }
         entry.usage.revive();
         entry.usage.set_quota(node.quota);

@@ -3,9 +3,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod errors;
+mod health;
 mod limits;
 mod proxy;
 mod queue;
+mod reload;
 mod retry;
 mod streaming;
 mod support;

@@ -46,6 +46,46 @@ impl Gateway {
         }
     }
 
+    /// Starts a gateway from the config file at `path`, reloading it (and
+    /// its key files) when they change, as `balancer serve` does. Variables
+    /// it names resolve through `env`; `TEST_CLIENT_KEY` is the client key.
+    pub async fn start_file(path: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        let vars: std::collections::HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .chain([("TEST_CLIENT_KEY".to_owned(), CLIENT_KEY.to_owned())])
+            .collect();
+        let lookup: balancer::reload::EnvLookup =
+            std::sync::Arc::new(move |var| vars.get(var).cloned());
+        let (config, _) =
+            config::load_with(path, &|var| lookup(var)).unwrap_or_else(|e| panic!("{e}"));
+        let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = AppState::new(config).unwrap();
+        let source = balancer::reload::ConfigSource {
+            path: path.to_owned(),
+            env: lookup,
+            outcome_file: None,
+        };
+        let watched = std::sync::Arc::clone(&state);
+        state.spawn(|cancel| balancer::reload::watch(watched, source, cancel));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(listener, state, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// `/status` once the config has been reloaded `attempts` times.
+    pub async fn reloaded(&self, attempts: u64) -> Value {
+        self.until(|s| s["config"]["last_reload"]["attempt"].as_u64() >= Some(attempts))
+            .await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

@@ -2,6 +2,7 @@
 //! port, in front of wiremock or mock-upstreams servers on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod cli;
 mod errors;
 mod health;
 mod limits;

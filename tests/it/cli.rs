@@ -1,0 +1,254 @@
+//! The `balancer` binary as operators run it: `serve` writes its pid file,
+//! `balancer reload` (SIGHUP) reports what changed or why the new config was
+//! rejected, `balancer stop` and SIGTERM drain requests in flight (streams
+//! included) and exit 0.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use mock_upstreams::{MockConfig, MockUpstream};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::support::{chat, client};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_balancer");
+
+/// A `balancer serve` child process; killed on drop if still running.
+struct Served {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Served {
+    /// Starts `balancer --config <config> serve` and waits for it to listen.
+    fn start(config: &Path, env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(BINARY)
+            .arg("--config")
+            .arg(config)
+            .arg("serve")
+            .envs(env.iter().copied())
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (found, listening) = std::sync::mpsc::channel();
+        // Keeps draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut found = Some(found);
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("balancer listening")
+                    && let Some(tx) = found.take()
+                {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = listening
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the gateway never said it was listening");
+        let addr = line
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("listen="))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Self { child, addr }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Waits (bounded) for the process to exit and returns whether it
+    /// exited with status 0.
+    async fn exited_ok(mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `balancer --config <config> <command>`; returns (exit code, stdout, stderr).
+async fn run(config: &Path, command: &str) -> (i32, String, String) {
+    let output = tokio::process::Command::new(BINARY)
+        .arg("--config")
+        .arg(config)
+        .arg(command)
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn write_config(dir: &Path, upstream: &str, extra: &str) -> PathBuf {
+    let path = dir.join("Balancer.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nwatch_config = false\nshutdown_grace = \"30s\"\n\
+         [health]\nenabled = false\n\
+         [[nodes]]\nname = \"a\"\nurl = \"{upstream}\"\napi_key_env = \"NODE_KEY\"\n{extra}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn chat_status(served: &Served) -> u16 {
+    client()
+        .post(served.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat("gpt-4o-mini", "hi", 5))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn reload_reports_what_changed_or_why_not_and_stop_waits_for_the_exit() {
+    let upstream = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockConfig::new("sk-mock"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &upstream.base_url(), "rpm = 50");
+    let served = Served::start(&config, &[("NODE_KEY", "sk-mock")]);
+    let pid_file = dir.path().join("balancer.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, served.pid().as_raw());
+    assert_eq!(chat_status(&served).await, 200);
+
+    let (code, out, _) = run(&config, "reload").await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, "balancer: config reloaded (no node changed)")
+    );
+
+    write_config(dir.path(), &upstream.base_url(), "rpm = 70");
+    let (code, out, _) = run(&config, "reload").await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, "balancer: config reloaded (changed: a (limits))")
+    );
+
+    write_config(dir.path(), &upstream.base_url(), "rpm = 0");
+    let (code, _, err) = run(&config, "reload").await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("rejected the new config; the running config stays"),
+        "{err}"
+    );
+    assert!(
+        err.contains("nodes[0].rpm: must be greater than 0"),
+        "{err}"
+    );
+    assert_eq!(
+        chat_status(&served).await,
+        200,
+        "the old config keeps serving"
+    );
+    let status = client().get(served.url("/status")).send().await.unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.bytes().await.unwrap()).unwrap();
+    assert_eq!(status["nodes"][0]["limits"]["rpm"]["limit"], 70);
+
+    let (code, out, err) = run(&config, "stop").await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), format!("balancer: gateway (pid {pid}) stopped"));
+    assert!(served.exited_ok().await);
+    assert!(!pid_file.exists(), "the pid file goes with the process");
+
+    let (code, _, err) = run(&config, "reload").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no running gateway"), "{err}");
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_during_streaming_lets_every_stream_finish() {
+    // Each stream takes about two seconds: 20 words, one every 100 ms.
+    let mock = MockConfig::new("sk-mock")
+        .stream_timing(Duration::from_millis(50), Duration::from_millis(100))
+        .completion_words(20);
+    let upstream = MockUpstream::start("127.0.0.1:0".parse().unwrap(), mock)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &upstream.base_url(), "");
+    let served = Served::start(&config, &[("NODE_KEY", "sk-mock")]);
+
+    let http = client();
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini", "stream": true, "max_tokens": 100,
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+    })
+    .to_string();
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let response = http
+            .post(served.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        // The stream is under way before the signal.
+        let first = stream.next().await.unwrap().unwrap();
+        streams.push((first.to_vec(), stream));
+    }
+
+    kill(served.pid(), Signal::SIGTERM).unwrap();
+
+    for (mut seen, mut stream) in streams {
+        while let Some(chunk) = stream.next().await {
+            seen.extend_from_slice(&chunk.unwrap());
+        }
+        let text = String::from_utf8(seen).unwrap();
+        assert!(
+            text.trim_end().ends_with("data: [DONE]"),
+            "cut short: {text}"
+        );
+    }
+    assert_eq!(upstream.stats().streams_completed(), 5);
+    assert!(served.exited_ok().await, "a drained gateway exits 0");
+    upstream.stop().await;
+}

@@ -3,14 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use std::time::Duration;
 
 use balancer::config::{self, CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH};
-use balancer::control::{self, ControlError, PidFile};
-use balancer::reload::{self, ConfigSource};
-use balancer::{demo, server, state::AppState};
+use balancer::control::{self, ControlError};
+use balancer::demo;
+use balancer::server::{self, RunError};
 use clap::{Parser, Subcommand};
 
 /// An OpenAI-compatible gateway that spreads load over keyed upstream nodes
@@ -135,67 +134,18 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 async fn serve(path: &std::path::Path) -> ExitCode {
-    let (config, warnings) = match config::load(path) {
-        Ok(loaded) => loaded,
-        Err(err) => return config_failure(path, &err),
+    let listening = |addr, nodes, pid_file: &std::path::Path| {
+        tracing::info!(listen = %addr, nodes, pid_file = %pid_file.display(), "balancer listening");
     };
-    for warning in &warnings.0 {
-        tracing::warn!("{warning}");
-    }
-    if config.client_keys.is_empty() {
-        tracing::warn!(
-            "no client keys configured (auth.client_keys_env): the gateway is open to anyone who can reach it"
-        );
-    }
-    let listen = config.server.listen;
-    let listener = match server::bind(listen) {
-        Ok(l) => l,
-        Err(err) => {
-            eprintln!("balancer: cannot listen on {listen}: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // The bound address: port 0 in the config picks a free one.
-    let listen = listener.local_addr().unwrap_or(listen);
-    let nodes = config.nodes.len();
-    let pid_path = config::pid_file_for(path, config.server.pid_file.as_deref());
-    let watch = config.server.watch_config;
-    let state = match AppState::new(config) {
-        Ok(state) => state,
-        Err(err) => {
-            eprintln!("balancer: {err}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let hangups = match reload::listen_for_sighup() {
-        Ok(signal) => signal,
-        Err(err) => {
-            eprintln!("balancer: cannot listen for SIGHUP: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let pid_file = match PidFile::create(&pid_path) {
-        Ok(file) => file,
-        Err(err) => {
-            eprintln!("balancer: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let source = ConfigSource::from_process(path.to_owned(), pid_file.path());
-    if watch {
-        let (s, src) = (Arc::clone(&state), source.clone());
-        state.spawn(|cancel| reload::watch(s, src, cancel));
-    }
-    let (s, src) = (Arc::clone(&state), source);
-    state.spawn(|cancel| reload::on_sighup(s, src, hangups, cancel));
-    tracing::info!(%listen, nodes, pid_file = %pid_file.path().display(), "balancer listening");
-    let served = server::serve(listener, Arc::clone(&state), server::shutdown_signal()).await;
-    state.stop_tasks().await;
-    drop(pid_file);
-    match served {
+    match server::run(path, server::shutdown_signal(), listening).await {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
+        }
+        Err(RunError::Config(err)) => config_failure(path, &err),
+        Err(RunError::Prepare(err)) => {
+            eprintln!("balancer: {err}");
+            ExitCode::from(EXIT_CONFIG)
         }
         Err(err) => {
             eprintln!("balancer: {err}");

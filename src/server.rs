@@ -1,18 +1,91 @@
-//! Serving: binding the listener and stopping gracefully.
+//! Serving: binding the listener, running everything `balancer serve` runs,
+//! and stopping gracefully.
 //!
 //! On shutdown the listener stops accepting, requests in flight (streams
 //! included) run to their end for up to `server.shutdown_grace`, and then
-//! the server returns whatever is still open.
+//! the server returns whatever is still open. Background tasks (probes,
+//! watcher) stop after that, and the pid file goes last.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::app;
+use crate::config::{self, ConfigError};
+use crate::control::{ControlError, PidFile};
+use crate::reload::{self, ConfigSource};
 use crate::state::AppState;
+
+/// Why `balancer serve` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid config: {0}")]
+    Config(ConfigError),
+    /// The config is valid but cannot be put to use (an HTTP client or a
+    /// CA bundle cannot be built).
+    #[error("{0}")]
+    Prepare(String),
+    #[error("cannot listen on {addr}: {err}")]
+    Listen {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
+    #[error("cannot listen for SIGHUP: {0}")]
+    Signal(std::io::Error),
+    #[error(transparent)]
+    PidFile(#[from] ControlError),
+    #[error("serving failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Everything `balancer serve` does: loads and validates the config at
+/// `path`, listens, writes the pid file, reloads on SIGHUP and (unless
+/// `server.watch_config = false`) on file changes, and serves until
+/// `shutdown` resolves. `listening` hears the bound address, the node count
+/// and the pid file once all is in place.
+pub async fn run(
+    path: &Path,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    listening: impl FnOnce(SocketAddr, usize, &Path),
+) -> Result<(), RunError> {
+    let (config, warnings) = config::load(path).map_err(RunError::Config)?;
+    for warning in &warnings.0 {
+        tracing::warn!("{warning}");
+    }
+    if config.client_keys.is_empty() {
+        tracing::warn!(
+            "no client keys configured (auth.client_keys_env): the gateway is open to anyone who can reach it"
+        );
+    }
+    let addr = config.server.listen;
+    let listener = bind(addr).map_err(|err| RunError::Listen { addr, err })?;
+    // The bound address: port 0 in the config picks a free one.
+    let addr = listener.local_addr().unwrap_or(addr);
+    let nodes = config.nodes.len();
+    let pid_path = config::pid_file_for(path, config.server.pid_file.as_deref());
+    let watch = config.server.watch_config;
+    let state = AppState::new(config).map_err(RunError::Prepare)?;
+    // SIGHUP is taken over before the pid file announces this process, so
+    // `balancer reload` can never kill a gateway that is still starting.
+    let hangups = reload::listen_for_sighup().map_err(RunError::Signal)?;
+    let pid_file = PidFile::create(&pid_path)?;
+    let source = ConfigSource::from_process(path.to_owned(), pid_file.path());
+    if watch {
+        let (s, src) = (Arc::clone(&state), source.clone());
+        state.spawn(|cancel| reload::watch(s, src, cancel));
+    }
+    let (s, src) = (Arc::clone(&state), source);
+    state.spawn(|cancel| reload::on_sighup(s, src, hangups, cancel));
+    listening(addr, nodes, pid_file.path());
+    let served = serve(listener, Arc::clone(&state), shutdown).await;
+    state.stop_tasks().await;
+    drop(pid_file);
+    served.map_err(RunError::Serve)
+}
 
 /// Room for connection bursts (a load test opens 1,000 at once); the kernel
 /// caps it at `net.core.somaxconn`.

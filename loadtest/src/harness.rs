@@ -83,6 +83,8 @@ pub struct Gateway {
     child: Child,
     /// `http://127.0.0.1:<port>`
     pub origin: String,
+    /// The config file it runs (and reloads) from.
+    pub config: std::path::PathBuf,
 }
 
 impl Gateway {
@@ -95,7 +97,8 @@ impl Gateway {
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join(format!("{scenario}-gateway.toml"));
-        std::fs::write(&config, gateway_toml(mocks, extra, quota))
+        let all: Vec<usize> = (0..mocks.urls.len()).collect();
+        std::fs::write(&config, gateway_toml(mocks, scenario, extra, quota, &all))
             .with_context(|| format!("writing {}", config.display()))?;
         let mut env: Vec<(String, String)> =
             vec![(CLIENT_KEY_ENV.to_owned(), CLIENT_KEY.to_owned())];
@@ -111,7 +114,34 @@ impl Gateway {
         ];
         let (child, addrs) = Child::spawn("gateway", &args, &env, 1).await?;
         let origin = format!("http://{}", addrs[0]);
-        Ok(Self { child, origin })
+        Ok(Self {
+            child,
+            origin,
+            config,
+        })
+    }
+
+    /// Replaces the config file (a new file renamed over it, as editors do)
+    /// with one that has only the `nodes` given, by mock index.
+    pub fn rewrite_config(
+        &self,
+        mocks: &Mocks,
+        scenario: &str,
+        extra: &str,
+        quota: NodeQuota<'_>,
+        nodes: &[usize],
+    ) -> anyhow::Result<()> {
+        let tmp = self.config.with_extension("toml.new");
+        std::fs::write(&tmp, gateway_toml(mocks, scenario, extra, quota, nodes))?;
+        std::fs::rename(&tmp, &self.config)?;
+        Ok(())
+    }
+
+    /// Sends the gateway SIGHUP (it is our own child).
+    pub fn hangup(&self) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)?;
+        Ok(())
     }
 
     pub async fn status(&self) -> anyhow::Result<Value> {
@@ -139,15 +169,24 @@ fn node_key_env(i: usize) -> String {
     format!("LOADTEST_NODE_{i}_KEY")
 }
 
-fn node_name(i: usize) -> String {
+pub fn node_name(i: usize) -> String {
     char::from(b'a' + (i % 26) as u8).to_string()
 }
 
-fn gateway_toml(mocks: &Mocks, extra: &str, quota: NodeQuota<'_>) -> String {
+fn gateway_toml(
+    mocks: &Mocks,
+    scenario: &str,
+    extra: &str,
+    quota: NodeQuota<'_>,
+    nodes: &[usize],
+) -> String {
     let mut toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\n[auth]\nclient_keys_env = [\"{CLIENT_KEY_ENV}\"]\n\n{extra}\n"
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\npid_file = \"{scenario}-gateway.pid\"\n\n[auth]\nclient_keys_env = [\"{CLIENT_KEY_ENV}\"]\n\n{extra}\n"
     );
     for (i, url) in mocks.urls.iter().enumerate() {
+        if !nodes.contains(&i) {
+            continue;
+        }
         toml.push_str(&format!(
             "[[nodes]]\nname = \"{}\"\nurl = \"{url}\"\napi_key_env = \"{}\"\n{}\n\n",
             node_name(i),

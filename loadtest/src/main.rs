@@ -15,6 +15,7 @@
 mod drive;
 mod harness;
 mod procs;
+mod reload;
 mod saturation;
 mod streaming;
 mod throughput;
@@ -42,8 +43,9 @@ struct Cli {
 enum Command {
     /// Requests/s, latency and CPU per request, gateway against direct.
     Throughput(throughput::ThroughputArgs),
-    /// A node removed by a config reload under load (needs hot reload).
-    Reload,
+    /// A node removed by a config reload, then an invalid config rejected,
+    /// under 50 clients: no request may fail.
+    Reload(reload::ReloadArgs),
     /// Nodes at 100, 150 and 200 rpm under 20,000 requests at 1,000
     /// connections: served, queued, refused, and upstream 429s (must be 0).
     Saturation(saturation::SaturationArgs),
@@ -108,12 +110,12 @@ fn main() -> ExitCode {
                 }
                 streaming::run(&args, &cli.report_dir).await
             }
-            Command::Reload => {
-                eprintln!(
-                    "loadtest reload: needs hot reload (SIGHUP, file watch, `balancer reload`), which \
-                     the gateway does not have yet (the resilience issue); nothing was run"
-                );
-                Ok(false)
+            Command::Reload(mut args) => {
+                prepare();
+                if cli.smoke {
+                    args.smoke();
+                }
+                reload::run(&args, &cli.report_dir).await
             }
         }
     });

@@ -29,6 +29,10 @@ pub struct Child {
 }
 
 impl Child {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Re-runs this binary with `args` and waits until it has printed
     /// `listeners` lines ending in `listening on <address>`; returns the
     /// addresses.
@@ -153,23 +157,11 @@ pub fn raise_open_files() -> u64 {
     rlimit::increase_nofile_limit(WANT).unwrap_or(0)
 }
 
-/// The `gateway` child: serves `config` until stdin closes.
+/// The `gateway` child: runs exactly what `balancer serve` runs (pid file,
+/// reload on file change and SIGHUP) until stdin closes.
 pub async fn run_gateway(config: &Path) -> anyhow::Result<()> {
-    use balancer::{config, server, state::AppState};
-    let (config, _warnings) = config::load(config).map_err(|e| {
-        anyhow::anyhow!(
-            "invalid gateway config: {}",
-            e.problems
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })?;
-    let listener = server::bind(config.server.listen)?;
-    let addr = listener.local_addr()?;
-    let state = AppState::new(config).map_err(anyhow::Error::msg)?;
-    println!("gateway listening on {addr}");
-    server::serve(listener, state, stdin_closed()).await?;
-    Ok(())
+    let listening = |addr, _nodes, _pid_file: &Path| println!("gateway listening on {addr}");
+    balancer::server::run(config, stdin_closed(), listening)
+        .await
+        .map_err(|e| anyhow::anyhow!("gateway: {e}"))
 }

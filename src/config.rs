@@ -2,7 +2,7 @@
 //!
 //! Loading happens in two steps. [`load`] merges the TOML file with
 //! `BALANCER_*` environment overrides (figment; `__` separates levels) into
-//! the raw serde structs below, which reject unknown fields. [`validate`]
+//! the raw serde structs below, which reject unknown fields. `validate`
 //! then turns the raw form into a [`Config`] that cannot hold an invalid
 //! state: every limit is non-zero, every URL parses, every key was read.
 //!

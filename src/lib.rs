@@ -9,16 +9,27 @@
 //! 3. [`request::inspect`] reads model, stream flag and prompt tokens
 //!    (with [`tokens`]' real tokenizers) into a [`limits::Demand`].
 //! 4. [`state::Live::candidates`] lists the nodes that serve the model.
-//! 5. [`queue::Queue::admit`] reserves on the least-loaded node with
-//!    headroom ([`selection::choose`], [`limits::NodeUsage::try_reserve`]),
-//!    or waits for headroom, or refuses with `Retry-After`.
+//! 5. [`queue::Queue::admit`] reserves on the least-loaded node in rotation
+//!    ([`health::NodeHealth::in_rotation`]) with headroom
+//!    ([`selection::choose`], [`limits::NodeUsage::try_reserve`]), or waits
+//!    for headroom, or refuses with `Retry-After`.
 //! 6. [`upstream::send`] forwards with the node's key; failures before any
-//!    byte reached the client are retried on another node.
+//!    byte reached the client are retried on another node. The answer's
+//!    rate-limit headers cap the node's headroom
+//!    ([`limits::Reservation::observe_upstream`]) and its status feeds
+//!    passive health ([`health::NodeHealth::on_request`]).
 //! 7. [`relay::relay`] streams the answer back untouched and settles the
 //!    [`limits::Reservation`] from the usage it saw.
 //!
 //! Every error the gateway produces is a [`error::GatewayError`], mapped to
 //! the OpenAI error shape in one place.
+//!
+//! # Beside the request path
+//! - [`health::run`] probes nodes in the background.
+//! - [`reload`] swaps in a changed config ([`state::AppState::swap`]) on a
+//!   file change or SIGHUP; [`control`] is the `reload` and `stop` commands'
+//!   side, through the pid file.
+//! - [`server::run`] is all of `balancer serve`.
 
 pub mod app;
 pub mod auth;

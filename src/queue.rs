@@ -2,7 +2,7 @@
 //! until one has headroom, or refuse with an honest `Retry-After`.
 //!
 //! Fast path: while nobody waits, a request is placed directly
-//! ([`place`]): no queue lock is taken. Once anyone waits, new requests join
+//! ([`Queue::place`]): no queue lock is taken. Once anyone waits, new requests join
 //! the queue behind them, so requests competing for the same nodes are
 //! served first come, first served.
 //!
@@ -15,7 +15,7 @@
 //! serve is placed at once.
 //!
 //! Invariants: a waiter leaves the queue when placed, when its deadline
-//! passes, or the moment its client goes away (its [`WaiterGuard`] drops).
+//! passes, or the moment its client goes away (its `WaiterGuard` drops).
 //! A placement sent to a waiter that has just gone is dropped with the
 //! unsent message, which releases its reservation.
 

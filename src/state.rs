@@ -14,7 +14,7 @@
 //! forgotten only once its window is empty, so a node that comes back
 //! within the minute finds its window as it was.
 //!
-//! [`AppState::swap`] is the one way a snapshot changes: [`prepare`] does
+//! [`AppState::swap`] is the one way a snapshot changes: `prepare` does
 //! every fallible step, then one `store` that cannot fail.
 
 use std::collections::HashMap;

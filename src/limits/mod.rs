@@ -438,7 +438,7 @@ impl Reservation {
     }
 
     /// Takes the upstream's word on the node's remaining quota from the
-    /// answer to this request ([`reported`] explains the arithmetic).
+    /// answer to this request (the `reported` module explains the arithmetic).
     pub fn observe_upstream(&self, report: &RateLimitReport) {
         if report.remaining_requests.is_none() && report.remaining_tokens.is_none() {
             return;

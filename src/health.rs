@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthSettings, NodeKey};
+use crate::limits::HeadroomSignal;
 use crate::state::{AppState, Node};
 
 /// Where a node stands.
@@ -116,6 +117,8 @@ pub struct NodeHealth {
     state: Mutex<HealthState>,
     /// Wakes the probe task when a node needs a probe sooner.
     wake: Arc<Notify>,
+    /// Wakes the queue when the node comes back: waiters may go to it now.
+    headroom: Arc<HeadroomSignal>,
 }
 
 /// What `/status` shows of a node's health.
@@ -130,7 +133,12 @@ pub struct HealthSnapshot {
 
 impl NodeHealth {
     /// A new node: in rotation, probed at once.
-    pub fn new(name: Arc<str>, key: NodeKey, wake: Arc<Notify>) -> Arc<Self> {
+    pub fn new(
+        name: Arc<str>,
+        key: NodeKey,
+        wake: Arc<Notify>,
+        headroom: Arc<HeadroomSignal>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             name,
             in_rotation: AtomicBool::new(true),
@@ -146,6 +154,7 @@ impl NodeHealth {
                 key,
             }),
             wake,
+            headroom,
         })
     }
 
@@ -345,14 +354,19 @@ impl NodeHealth {
     fn set(&self, state: &mut HealthState, condition: Condition) {
         let healthy = condition == Condition::Healthy;
         if healthy && state.condition != Condition::Healthy {
+            // Logged here; the queue is woken once the state is stored.
             tracing::info!(node = %self.name, was = state.condition.name(), "node back in rotation");
         }
         if let Condition::Unhealthy { reason } = &condition {
             tracing::warn!(node = %self.name, reason, "node out of rotation");
         }
+        let back = healthy && state.condition != Condition::Healthy;
         state.condition = condition;
         state.probe_successes = 0;
         self.in_rotation.store(healthy, Ordering::Release);
+        if back {
+            self.headroom.freed();
+        }
     }
 }
 
@@ -477,7 +491,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failing_probes_take_a_node_out_and_successes_bring_it_back() {
         let s = settings();
-        let h = NodeHealth::new(Arc::from("n"), key("k"), Arc::default());
+        let h = NodeHealth::new(Arc::from("n"), key("k"), Arc::default(), Arc::default());
         h.on_probe(failed(), &s, "/models");
         assert!(h.in_rotation(), "one failure is not enough");
         h.on_probe(failed(), &s, "/models");
@@ -498,7 +512,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_requests_in_a_row_eject_with_a_doubling_backoff() {
         let s = settings();
-        let h = NodeHealth::new(Arc::from("n"), key("k"), Arc::default());
+        let h = NodeHealth::new(Arc::from("n"), key("k"), Arc::default(), Arc::default());
         h.on_request(failed(), &key("k"), &s);
         h.on_request(Verdict::Answered, &key("k"), &s);
         h.on_request(failed(), &key("k"), &s);
@@ -519,7 +533,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_refused_key_stays_out_until_the_key_changes() {
         let s = settings();
-        let h = NodeHealth::new(Arc::from("n"), key("old"), Arc::default());
+        let h = NodeHealth::new(Arc::from("n"), key("old"), Arc::default(), Arc::default());
         // A request that still used an older key says nothing of this one.
         h.on_request(
             Verdict::KeyRefused(StatusCode::UNAUTHORIZED),

@@ -288,6 +288,7 @@ fn prepare(
                     Arc::clone(&node.name),
                     node.key.clone(),
                     Arc::clone(health_wake),
+                    Arc::clone(signal),
                 ),
             });
         if entry.url != node.url {
@@ -298,6 +299,7 @@ fn prepare(
                 Arc::clone(&node.name),
                 node.key.clone(),
                 Arc::clone(health_wake),
+                Arc::clone(signal),
             );
         }
         entry.usage.revive();

@@ -295,3 +295,54 @@ async fn remaining_requests_of_zero_holds_requests_until_the_upstreams_reset() {
     );
     assert_eq!(server.received_requests().await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_request_waiting_for_headroom_goes_to_a_node_the_moment_it_is_back() {
+    let port = closed_port();
+    let full = MockServer::start().await;
+    probed_upstream(&full, 200).await;
+    // `back` (node 0, tried first) refuses connections and is ejected by the
+    // first request, which `full` then serves, using its whole rpm.
+    let gw = Gateway::start(&format!(
+        "[queue]\nmax_wait = \"90s\"\n[upstream]\nconnect_timeout = \"1s\"\n[health]\ninterval = \"1h\"\neject_after = 1\neject_backoff = \"300ms\"\n{}{}",
+        node("back", &format!("http://127.0.0.1:{port}/v1"), "sk-mocka", ""),
+        node("full", &format!("{}/v1", full.uri()), "k", "rpm = 1"),
+    ))
+    .await;
+    assert_eq!(send(&gw, 1).await, ["full"]);
+    assert_eq!(health("back", &gw.status().await).1, "ejected");
+
+    // The next request waits: `full` frees its slot only in a minute.
+    let http = client();
+    let waiting = tokio::spawn({
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            let response = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(chat("gpt-4", "hi", 5))
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status(),
+                response.headers()["x-balancer-node"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        }
+    });
+    gw.until(|s| s["queue"]["depth"] == 1).await;
+    let mock = MockUpstream::start(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        MockConfig::new("sk-mocka"),
+    )
+    .await
+    .unwrap();
+    // A re-probe brings `back` into rotation, and that wakes the queue.
+    let (status, served_by) = waiting.await.unwrap();
+    assert_eq!((status.as_u16(), served_by.as_str()), (200, "back"));
+    mock.stop().await;
+}

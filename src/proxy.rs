@@ -55,7 +55,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Res
 }
 
 async fn forward(state: &AppState, request: Request) -> Result<Response, GatewayError> {
-    let live = state.live();
+    let mut live = state.live();
     let (parts, body) = request.into_parts();
     auth::check(&live.config.client_keys, &parts.headers)?;
 
@@ -73,7 +73,7 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
         is_json(&parts.headers, &body),
         live.config.accounting.default_completion_tokens,
     )?;
-    let candidates = live.candidates(info.model.as_deref())?;
+    let mut candidates = live.candidates(info.model.as_deref())?;
     let deadline = Instant::now() + live.config.server.request_timeout;
 
     let attempts = live.config.retry.attempts as usize + 1;
@@ -81,10 +81,23 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
     let mut last: Option<Attempt> = None;
     for attempt in 0..attempts {
         let placement = if attempt == 0 {
-            state
+            let mut placement = state
                 .queue
-                .admit(&live, &candidates, &tried, info.demand, deadline)
-                .await?
+                .admit(
+                    &live,
+                    info.model.as_deref(),
+                    &candidates,
+                    &tried,
+                    info.demand,
+                    deadline,
+                )
+                .await?;
+            // It waited through a reload: go on in the new snapshot.
+            if let Some(newer) = placement.rebased.take() {
+                candidates = newer.candidates(info.model.as_deref())?;
+                live = newer;
+            }
+            placement
         } else {
             // A retry takes a node that has headroom now, or ends with the
             // last answer: it does not queue behind fresh requests.

@@ -18,12 +18,18 @@
 //! passes, or the moment its client goes away (its `WaiterGuard` drops).
 //! A placement sent to a waiter that has just gone is dropped with the
 //! unsent message, which releases its reservation.
+//!
+//! A config reload while requests wait: the next pass moves each waiter to
+//! the new snapshot (its candidates recomputed for its model), so it can go
+//! to a node the reload added and never to one it removed. Its placement
+//! then carries that snapshot, and the request continues with it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -40,20 +46,29 @@ pub struct Placement {
     /// Index into the snapshot's nodes.
     pub node: usize,
     pub reservation: Reservation,
+    /// The snapshot `node` indexes, when it is not the one the request
+    /// began with (it waited through a reload).
+    pub rebased: Option<Arc<Live>>,
 }
 
 struct Waiter {
     id: u64,
     live: Arc<Live>,
+    /// The generation of the snapshot the request began with.
+    first_generation: u64,
+    /// The model it asked for, to find its candidates again after a reload.
+    model: Option<Box<str>>,
     candidates: Arc<[usize]>,
     excluded: Vec<usize>,
     demand: Demand,
-    reply: Option<oneshot::Sender<Placement>>,
+    reply: Option<oneshot::Sender<Result<Placement, GatewayError>>>,
 }
 
 /// The waiting requests and the counter that rotates among equal nodes.
 pub struct Queue {
     waiters: Mutex<VecDeque<Waiter>>,
+    /// The gateway's current snapshot, to move waiters to after a reload.
+    latest: Arc<ArcSwap<Live>>,
     signal: Arc<HeadroomSignal>,
     next_id: AtomicU64,
     rotation: AtomicUsize,
@@ -64,9 +79,10 @@ pub struct Queue {
 }
 
 impl Queue {
-    pub fn new(signal: Arc<HeadroomSignal>) -> Self {
+    pub fn new(signal: Arc<HeadroomSignal>, latest: Arc<ArcSwap<Live>>) -> Self {
         Self {
             waiters: Mutex::new(VecDeque::new()),
+            latest,
             signal,
             next_id: AtomicU64::new(0),
             rotation: AtomicUsize::new(0),
@@ -89,17 +105,18 @@ impl Queue {
         self.refused_total.load(Ordering::Relaxed)
     }
 
-    /// Places the request now, waits for headroom, or refuses it.
+    /// Places the request for `model` now, waits for headroom, or refuses it.
     pub async fn admit(
         &self,
         live: &Arc<Live>,
+        model: Option<&str>,
         candidates: &Arc<[usize]>,
         excluded: &[usize],
         demand: Demand,
         deadline: Instant,
     ) -> Result<Placement, GatewayError> {
         let admitted = self
-            .admit_or_wait(live, candidates, excluded, demand, deadline)
+            .admit_or_wait(live, model, candidates, excluded, demand, deadline)
             .await;
         if let Err(GatewayError::Saturated { .. }) = admitted {
             self.refused_total.fetch_add(1, Ordering::Relaxed);
@@ -110,6 +127,7 @@ impl Queue {
     async fn admit_or_wait(
         &self,
         live: &Arc<Live>,
+        model: Option<&str>,
         candidates: &Arc<[usize]>,
         excluded: &[usize],
         demand: Demand,
@@ -146,6 +164,8 @@ impl Queue {
             waiters.push_back(Waiter {
                 id,
                 live: Arc::clone(live),
+                first_generation: live.generation,
+                model: model.map(Box::from),
                 candidates: Arc::clone(candidates),
                 excluded: excluded.to_vec(),
                 demand,
@@ -161,7 +181,7 @@ impl Queue {
         let outcome = tokio::time::timeout_at(wait_until, placed).await;
         drop(guard);
         match outcome {
-            Ok(Ok(placement)) => Ok(placement),
+            Ok(Ok(placed)) => placed,
             Ok(Err(_)) => Err(GatewayError::ShuttingDown),
             Err(_elapsed) => {
                 let now = Instant::now();
@@ -209,6 +229,7 @@ impl Queue {
 
     /// One pass over the waiters; returns when a window slide may next help.
     fn pass(&self, now: Instant) -> Option<Instant> {
+        let latest = self.latest.load();
         let mut waiters = self.waiters.lock();
         let mut blocked: Vec<u64> = Vec::new();
         let mut next_slide: Option<Instant> = None;
@@ -216,16 +237,34 @@ impl Queue {
             let Some(reply) = waiter.reply.take_if(|r| !r.is_closed()) else {
                 return false;
             };
+            if waiter.live.generation != latest.generation {
+                match latest.candidates(waiter.model.as_deref()) {
+                    Ok(candidates) => {
+                        waiter.live = Arc::clone(&latest);
+                        waiter.candidates = candidates;
+                        // Only a first attempt queues: nothing was tried yet.
+                        waiter.excluded.clear();
+                    }
+                    Err(err) => {
+                        // The reload took its model away.
+                        let _ = reply.send(Err(err));
+                        return false;
+                    }
+                }
+            }
             let live = &waiter.live;
             let is_open = |i: &usize| {
                 !waiter.excluded.contains(i) && !blocked.contains(&live.nodes[*i].usage.id())
             };
             let open: Vec<usize> = waiter.candidates.iter().copied().filter(is_open).collect();
             if !open.is_empty()
-                && let Some(placement) = self.place(live, &open, &[], waiter.demand, now)
+                && let Some(mut placement) = self.place(live, &open, &[], waiter.demand, now)
             {
+                if live.generation != waiter.first_generation {
+                    placement.rebased = Some(Arc::clone(live));
+                }
                 // A refused send means the client left; the reservation drops.
-                let _ = reply.send(placement);
+                let _ = reply.send(Ok(placement));
                 return false;
             }
             for &i in waiter.candidates.iter() {
@@ -284,7 +323,13 @@ fn place_with(
             });
         let node = selection::choose(eligible, rotation, live.nodes.len())?;
         match live.nodes[node].usage.try_reserve(demand, now) {
-            Some(reservation) => return Some(Placement { node, reservation }),
+            Some(reservation) => {
+                return Some(Placement {
+                    node,
+                    reservation,
+                    rebased: None,
+                });
+            }
             None => lost_race.push(node),
         }
     }

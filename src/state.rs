@@ -121,7 +121,8 @@ pub struct ReloadOutcome {
 
 /// The gateway's state, shared by every request.
 pub struct AppState {
-    live: ArcSwap<Live>,
+    /// Shared with the queue, which moves waiters to a new snapshot.
+    live: Arc<ArcSwap<Live>>,
     pub queue: Arc<Queue>,
     signal: Arc<HeadroomSignal>,
     /// Per node name; held only while preparing a snapshot and for `/status`.
@@ -142,12 +143,18 @@ impl AppState {
     /// probes (needs a runtime).
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let signal = Arc::new(HeadroomSignal::default());
-        let queue = Arc::new(Queue::new(Arc::clone(&signal)));
         let tracked = Mutex::new(HashMap::new());
         let health_wake = Arc::new(Notify::new());
-        let live = prepare(config, 1, &signal, &health_wake, &tracked)?;
+        let live = Arc::new(ArcSwap::from_pointee(prepare(
+            config,
+            1,
+            &signal,
+            &health_wake,
+            &tracked,
+        )?));
+        let queue = Arc::new(Queue::new(Arc::clone(&signal), Arc::clone(&live)));
         let state = Arc::new(Self {
-            live: ArcSwap::from_pointee(live),
+            live,
             queue,
             signal,
             tracked,

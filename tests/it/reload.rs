@@ -271,3 +271,64 @@ async fn removing_a_node_under_load_fails_no_request_and_sends_it_nothing_more()
         m.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_request_waiting_through_a_reload_goes_to_a_node_the_reload_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = mock("sk-mock-a").await;
+    let new = mock("sk-mock-b").await;
+    let node = |name: &str, url: &str, var: &str| {
+        format!("[[nodes]]\nname = \"{name}\"\nurl = \"{url}\"\napi_key_env = \"{var}\"\nrpm = 1\n")
+    };
+    let config = dir.path().join("Balancer.toml");
+    let settings = SETTINGS.replace("max_wait = \"5s\"", "max_wait = \"90s\"");
+    std::fs::write(
+        &config,
+        format!("{settings}{}", node("old", &old.base_url(), "KEY_A")),
+    )
+    .unwrap();
+    let env = [("KEY_A", "sk-mock-a"), ("KEY_B", "sk-mock-b")];
+    let gw = Gateway::start_file(&config, &env).await;
+    served(&gw, 1).await;
+
+    // `old` has used its minute: the next request waits.
+    let waiting = tokio::spawn({
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            let response = client()
+                .post(url)
+                .header("content-type", "application/json")
+                .header(
+                    "authorization",
+                    format!("Bearer {}", crate::support::CLIENT_KEY),
+                )
+                .body(chat("gpt-4o-mini", "hi", 5))
+                .timeout(std::time::Duration::from_secs(20))
+                .send()
+                .await
+                .unwrap();
+            let node = response.headers()["x-balancer-node"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (response.status().as_u16(), node)
+        }
+    });
+    gw.until(|s| s["queue"]["depth"] == 1).await;
+
+    // The reload replaces `old` by `new`; the waiter moves to the new config.
+    replace(
+        &config,
+        &format!("{settings}{}", node("new", &new.base_url(), "KEY_B")),
+    );
+    let (status, node) = waiting.await.unwrap();
+    assert_eq!((status, node.as_str()), (200, "new"));
+    assert_eq!(
+        old.stats().requests(),
+        1,
+        "nothing more reached the removed node"
+    );
+    assert_eq!(new.stats().requests(), 1);
+    old.stop().await;
+    new.stop().await;
+}

@@ -79,6 +79,7 @@ struct RawConfig {
     retry: RetrySettings,
     health: HealthSettings,
     auth: RawAuth,
+    clients: Vec<RawClient>,
     nodes: Vec<RawNode>,
 }
 
@@ -229,6 +230,24 @@ struct RawAuth {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawClient {
+    name: String,
+    key_env: String,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    burst: Option<u64>,
+    rate_per_second: Option<f64>,
+    models: Option<Vec<String>>,
+    #[serde(default = "enabled_by_default")]
+    enabled: bool,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawNode {
     name: String,
     url: String,
@@ -255,8 +274,11 @@ pub struct Config {
     pub queue: QueueSettings,
     pub retry: RetrySettings,
     pub health: HealthSettings,
-    /// Gateway keys clients must present; empty means an open gateway.
+    /// Gateway keys clients must present; empty (and no `clients`) means
+    /// an open gateway.
     pub client_keys: Vec<ClientKey>,
+    /// Clients with their own key, limits and models (`[[clients]]`).
+    pub clients: Vec<ClientConfig>,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -273,6 +295,32 @@ pub struct NodeConfig {
     pub ca_file: Option<PathBuf>,
     /// Where the key was read from, when from a file: reload watches it.
     pub key_file: Option<PathBuf>,
+}
+
+/// A client declared in the config: its own gateway key and limits.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: Arc<str>,
+    pub key: ClientKey,
+    pub limits: ClientLimits,
+    /// `None` may use every model.
+    pub models: Option<Vec<String>>,
+    pub enabled: bool,
+}
+
+/// A client's own limits; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ClientLimits {
+    pub rpm: Option<NonZeroU64>,
+    pub tpm: Option<NonZeroU64>,
+    /// A token bucket of `burst` requests refilled at `rate_per_second`.
+    pub bucket: Option<BucketLimit>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketLimit {
+    pub burst: NonZeroU64,
+    pub rate_per_second: f64,
 }
 
 /// A node's limits; `None` is unlimited.
@@ -343,6 +391,11 @@ impl ClientKey {
         Self(Arc::new(secret))
     }
 
+    /// SHA-256 of the key: how a client is looked up (and, later, stored).
+    pub fn hash(&self) -> [u8; 32] {
+        hash_key(self.0.expose_secret().as_bytes())
+    }
+
     /// Constant-time comparison with a presented key.
     pub fn matches(&self, presented: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
@@ -354,6 +407,12 @@ impl fmt::Debug for ClientKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
     }
+}
+
+/// SHA-256 of a presented key.
+pub fn hash_key(key: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key).into()
 }
 
 /// Everything wrong with a configuration, one line per problem.
@@ -531,6 +590,8 @@ fn validate(
         }
     }
 
+    let clients = validate_clients(raw.clients, env, &mut problems);
+
     if raw.nodes.is_empty() {
         problems.push("nodes: at least one [[nodes]] entry is required".to_owned());
     }
@@ -559,10 +620,110 @@ fn validate(
             retry: raw.retry,
             health: raw.health,
             client_keys,
+            clients,
             nodes,
         },
         warnings,
     ))
+}
+
+fn validate_clients(
+    raw: Vec<RawClient>,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Vec<ClientConfig> {
+    let mut clients: Vec<ClientConfig> = Vec::with_capacity(raw.len());
+    // Every entry's name and key, valid or not, so a duplicate is named
+    // even when its first occurrence has problems of its own.
+    let mut names: Vec<String> = Vec::new();
+    let mut hashes: Vec<[u8; 32]> = Vec::new();
+    for (i, client) in raw.into_iter().enumerate() {
+        let before = problems.len();
+        let at = |field: &str| format!("clients[{i}].{field}");
+        let name = client.name.trim();
+        if name.is_empty() {
+            problems.push(format!("{}: must not be empty", at("name")));
+        } else if names.iter().any(|n| n == name) {
+            problems.push(format!("{}: duplicate client name \"{name}\"", at("name")));
+        }
+        names.push(name.to_owned());
+        let key = match env(&client.key_env).filter(|v| !v.trim().is_empty()) {
+            Some(value) => Some(ClientKey::new(SecretString::from(value.trim().to_owned()))),
+            None => {
+                problems.push(format!(
+                    "{}: environment variable {} is not set or empty",
+                    at("key_env"),
+                    client.key_env
+                ));
+                None
+            }
+        };
+        if let Some(key) = &key {
+            let hash = key.hash();
+            if hashes.contains(&hash) {
+                problems.push(format!("{}: the same key as another client", at("key_env")));
+            }
+            hashes.push(hash);
+        }
+        let mut limit = |field: &str, value: Option<u64>| match value {
+            Some(0) => {
+                problems.push(format!("{}: must be greater than 0", at(field)));
+                None
+            }
+            other => other.and_then(NonZeroU64::new),
+        };
+        let rpm = limit("rpm", client.rpm);
+        let tpm = limit("tpm", client.tpm);
+        let burst = limit("burst", client.burst);
+        let bucket = match (burst, client.rate_per_second) {
+            (None, None) => None,
+            (Some(burst), Some(rate)) if rate.is_finite() && rate > 0.0 => Some(BucketLimit {
+                burst,
+                rate_per_second: rate,
+            }),
+            (Some(_), Some(_)) => {
+                problems.push(format!(
+                    "{}: must be a number greater than 0",
+                    at("rate_per_second")
+                ));
+                None
+            }
+            (Some(_), None) => {
+                problems.push(format!(
+                    "{}: burst needs rate_per_second too",
+                    at("rate_per_second")
+                ));
+                None
+            }
+            (None, Some(_)) => {
+                if client.burst != Some(0) {
+                    problems.push(format!("{}: rate_per_second needs burst too", at("burst")));
+                }
+                None
+            }
+        };
+        if let Some(models) = &client.models
+            && (models.is_empty() || models.iter().any(|m| m.trim().is_empty()))
+        {
+            problems.push(format!(
+                "{}: must list model names; leave it out to allow every model",
+                at("models")
+            ));
+        }
+        if problems.len() > before {
+            continue;
+        }
+        if let Some(key) = key {
+            clients.push(ClientConfig {
+                name: Arc::from(name),
+                key,
+                limits: ClientLimits { rpm, tpm, bucket },
+                models: client.models,
+                enabled: client.enabled,
+            });
+        }
+    }
+    clients
 }
 
 fn validate_health(health: &HealthSettings, problems: &mut Vec<String>) {
@@ -813,6 +974,26 @@ impl Config {
         let _ = writeln!(out, "\n[auth]");
         let keys = vec!["\"[redacted]\""; self.client_keys.len()].join(", ");
         let _ = writeln!(out, "client_keys = [{keys}]");
+        for client in &self.clients {
+            let _ = writeln!(out, "\n[[clients]]");
+            let _ = writeln!(out, "name = \"{}\"", client.name);
+            let _ = writeln!(out, "key = \"[redacted]\"");
+            let l = &client.limits;
+            for (field, value) in [("rpm", l.rpm), ("tpm", l.tpm)] {
+                if let Some(v) = value {
+                    let _ = writeln!(out, "{field} = {v}");
+                }
+            }
+            if let Some(b) = l.bucket {
+                let _ = writeln!(out, "burst = {}", b.burst);
+                let _ = writeln!(out, "rate_per_second = {}", b.rate_per_second);
+            }
+            if let Some(models) = &client.models {
+                let list: Vec<String> = models.iter().map(|m| format!("\"{m}\"")).collect();
+                let _ = writeln!(out, "models = [{}]", list.join(", "));
+            }
+            let _ = writeln!(out, "enabled = {}", client.enabled);
+        }
         for node in &self.nodes {
             let _ = writeln!(out, "\n[[nodes]]");
             let _ = writeln!(out, "name = \"{}\"", node.name);
@@ -969,6 +1150,46 @@ mod tests {
             problems(&toml),
             ["auth.client_keys_env[1]: environment variable MISSING is not set or empty"]
         );
+    }
+
+    #[test]
+    fn clients_are_validated_field_by_field() {
+        let toml = format!(
+            "{NODE}[[clients]]\nname = \"a\"\nkey_env = \"APP_KEY\"\nrpm = 0\nburst = 5\n\
+             [[clients]]\nname = \"a\"\nkey_env = \"APP_KEY\"\nmodels = []\n\
+             [[clients]]\nname = \"c\"\nkey_env = \"NOPE\"\n"
+        );
+        assert_eq!(
+            problems(&toml),
+            [
+                "clients[0].rpm: must be greater than 0",
+                "clients[0].rate_per_second: burst needs rate_per_second too",
+                "clients[1].name: duplicate client name \"a\"",
+                "clients[1].key_env: the same key as another client",
+                "clients[1].models: must list model names; leave it out to allow every model",
+                "clients[2].key_env: environment variable NOPE is not set or empty",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_client_reads_its_key_and_limits() {
+        let toml = format!(
+            "{NODE}[[clients]]\nname = \"team\"\nkey_env = \"APP_KEY\"\nrpm = 60\nburst = 5\nrate_per_second = 0.5\nmodels = [\"gpt-4o-mini\"]\n"
+        );
+        let (config, _) = from_toml_str(&toml, &env).unwrap();
+        let client = &config.clients[0];
+        assert_eq!(client.key.hash(), hash_key(b"app-secret"));
+        assert_eq!(client.limits.rpm.map(u64::from), Some(60));
+        assert_eq!(
+            client
+                .limits
+                .bucket
+                .map(|b| (u64::from(b.burst), b.rate_per_second)),
+            Some((5, 0.5))
+        );
+        assert!(client.enabled);
+        assert!(!config.render().contains("app-secret"));
     }
 
     #[test]

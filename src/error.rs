@@ -33,6 +33,14 @@ pub enum GatewayError {
     InvalidApiKey,
     #[error("The model '{0}' does not exist or no node serves it.")]
     ModelNotFound(String),
+    #[error("Your gateway key may not use the model '{0}'.")]
+    ModelNotAllowed(String),
+    #[error("You are over your own rate limit on this gateway. Retry after {} s.", retry_after.as_secs().max(1))]
+    ClientRateLimited { retry_after: Duration },
+    #[error(
+        "This request alone exceeds your own {limit} limit on this gateway; shorten the input or lower max_tokens."
+    )]
+    ClientLimitTooSmall { limit: &'static str },
     #[error("Unknown request URL: {0}.")]
     UnknownUrl(String),
     #[error("Method {0} is not allowed on this path.")]
@@ -96,6 +104,21 @@ impl GatewayError {
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "model_not_found",
+            ),
+            E::ModelNotAllowed(_) => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "model_not_allowed",
+            ),
+            E::ClientRateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "client_rate_limit_exceeded",
+            ),
+            E::ClientLimitTooSmall { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "request_too_large",
             ),
             E::UnknownUrl(_) => (
                 StatusCode::NOT_FOUND,
@@ -163,7 +186,8 @@ impl IntoResponse for GatewayError {
             HeaderValue::from_static("application/json"),
         );
         if let GatewayError::Saturated { retry_after }
-        | GatewayError::NoHealthyNode { retry_after } = self
+        | GatewayError::NoHealthyNode { retry_after }
+        | GatewayError::ClientRateLimited { retry_after } = self
         {
             // Whole seconds, rounded up, never 0: a client must not retry at once.
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);

@@ -5,7 +5,8 @@
 //! # The request path
 //! 1. [`app::router`] routes `/v1/*` to [`proxy::handle`]; `/v1/models` is
 //!    answered from the config; `/healthz` and `/status` need no key.
-//! 2. [`auth::check`] verifies the client's gateway key.
+//! 2. [`auth::identify`] verifies the caller's gateway key and finds its
+//!    client, whose own limits [`clients::Client::admit`] applies after step 3.
 //! 3. [`request::inspect`] reads model, stream flag and prompt tokens
 //!    (with [`tokens`]' real tokenizers) into a [`limits::Demand`].
 //! 4. [`state::Live::candidates`] lists the nodes that serve the model.
@@ -33,6 +34,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod clients;
 pub mod config;
 pub mod control;
 pub mod demo;

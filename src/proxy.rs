@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::auth;
 use crate::error::GatewayError;
 use crate::health::Verdict;
-use crate::limits::CooldownReason;
+use crate::limits::{CooldownReason, Reservation};
 use crate::queue::Placement;
 use crate::relay;
 use crate::request::{self, RequestInfo};
@@ -57,7 +57,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Res
 async fn forward(state: &AppState, request: Request) -> Result<Response, GatewayError> {
     let mut live = state.live();
     let (parts, body) = request.into_parts();
-    auth::check(&live.config.client_keys, &parts.headers)?;
+    let client = auth::identify(&live.clients, &live.config.client_keys, &parts.headers)?;
 
     let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
     let path_and_query = parts
@@ -74,6 +74,13 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
         live.config.accounting.default_completion_tokens,
     )?;
     let mut candidates = live.candidates(info.model.as_deref())?;
+    // The client's own limits come before any node is chosen. Its
+    // reservation settles with the answer, or stays counted in full if none
+    // is relayed.
+    let mut client_reservation = match &client {
+        Some(client) => Some(client.admit(info.model.as_deref(), info.demand)?),
+        None => None,
+    };
     let deadline = Instant::now() + live.config.server.request_timeout;
 
     let attempts = live.config.retry.attempts as usize + 1;
@@ -81,7 +88,7 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
     let mut last: Option<Attempt> = None;
     for attempt in 0..attempts {
         let placement = if attempt == 0 {
-            let mut placement = state
+            let admitted = state
                 .queue
                 .admit(
                     &live,
@@ -91,7 +98,17 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
                     info.demand,
                     deadline,
                 )
-                .await?;
+                .await;
+            let mut placement = match admitted {
+                Ok(placement) => placement,
+                Err(err) => {
+                    // The gateway refused it: nothing the client used.
+                    if let Some(reservation) = client_reservation.take() {
+                        reservation.cancel();
+                    }
+                    return Err(err);
+                }
+            };
             // It waited through a reload: go on in the new snapshot.
             if let Some(newer) = placement.rebased.take() {
                 candidates = newer.candidates(info.model.as_deref())?;
@@ -112,7 +129,7 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
         let node = placement.node;
         let outcome = try_node(&live, placement, &parts, path_and_query, &body, deadline).await;
         if !outcome.retryable() {
-            return Ok(outcome.finish(&live, &info, deadline));
+            return Ok(outcome.finish(&live, &info, deadline, client_reservation.take()));
         }
         // Only a retry needs the list of nodes already tried.
         tried.push(node);
@@ -121,7 +138,7 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
         }
     }
     match last {
-        Some(outcome) => Ok(outcome.finish(&live, &info, deadline)),
+        Some(outcome) => Ok(outcome.finish(&live, &info, deadline, client_reservation)),
         None => Err(GatewayError::UpstreamUnavailable {
             node: "none".to_owned(),
         }),
@@ -162,7 +179,13 @@ impl Attempt {
         }
     }
 
-    fn finish(self, live: &Live, info: &RequestInfo, deadline: Instant) -> Response {
+    fn finish(
+        self,
+        live: &Live,
+        info: &RequestInfo,
+        deadline: Instant,
+        client: Option<Reservation>,
+    ) -> Response {
         match self {
             Attempt::Answered {
                 response,
@@ -170,7 +193,7 @@ impl Attempt {
             } => relay::relay(
                 response,
                 &live.nodes[placement.node],
-                placement.reservation,
+                [Some(placement.reservation), client],
                 info,
                 deadline,
             ),

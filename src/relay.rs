@@ -38,7 +38,7 @@ const MAX_JSON_USAGE_BYTES: usize = 4 * 1024 * 1024;
 pub fn relay(
     response: reqwest::Response,
     node: &Node,
-    reservation: Reservation,
+    reservations: [Option<Reservation>; 2],
     info: &RequestInfo,
     deadline: Instant,
 ) -> Response {
@@ -57,7 +57,7 @@ pub fn relay(
         Meter::Opaque
     };
     let settlement = Settlement {
-        reservation: Some(reservation),
+        reservations,
         meter,
         prompt_tokens: info.prompt_tokens,
         encoding: info.encoding,
@@ -117,7 +117,8 @@ impl Stream for RelayStream {
 
 /// Settles the reservation when dropped: on every way a relay can end.
 struct Settlement {
-    reservation: Option<Reservation>,
+    /// The node's, and the client's when it has its own limits.
+    reservations: [Option<Reservation>; 2],
     meter: Meter,
     prompt_tokens: u64,
     encoding: Encoding,
@@ -126,7 +127,8 @@ struct Settlement {
 
 impl Settlement {
     fn observe(&mut self, chunk: &Bytes) {
-        if let Some(reservation) = &self.reservation {
+        // Response bytes count against the node's bpm; a client has no bpm.
+        if let Some(reservation) = &self.reservations[0] {
             reservation.record_response_bytes(chunk.len() as u64);
         }
         self.meter.observe(chunk);
@@ -135,16 +137,18 @@ impl Settlement {
 
 impl Drop for Settlement {
     fn drop(&mut self) {
-        let Some(reservation) = self.reservation.take() else {
+        if self.reservations.iter().all(Option::is_none) {
             return;
-        };
-        match self
+        }
+        let tokens = self
             .meter
-            .tokens(self.prompt_tokens, self.encoding, self.success)
-        {
-            Some(tokens) => reservation.settle(tokens),
-            // Unknown usage of a successful answer: keep the full reservation.
-            None => drop(reservation),
+            .tokens(self.prompt_tokens, self.encoding, self.success);
+        for reservation in self.reservations.iter_mut().filter_map(Option::take) {
+            match tokens {
+                Some(tokens) => reservation.settle(tokens),
+                // Unknown usage of a successful answer: keep the full reservation.
+                None => drop(reservation),
+            }
         }
     }
 }

@@ -56,9 +56,9 @@ pub async fn run(
     for warning in &warnings.0 {
         tracing::warn!("{warning}");
     }
-    if config.client_keys.is_empty() {
+    if config.client_keys.is_empty() && config.clients.is_empty() {
         tracing::warn!(
-            "no client keys configured (auth.client_keys_env): the gateway is open to anyone who can reach it"
+            "no client keys configured (auth.client_keys_env, [[clients]]): the gateway is open to anyone who can reach it"
         );
     }
     let addr = config.server.listen;

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clients::{ClientUsage, Directory};
 use crate::config::{Config, NodeConfig, NodeKey};
 use crate::error::GatewayError;
 use crate::health::{self, NodeHealth};
@@ -59,6 +60,8 @@ pub struct Node {
 pub struct Live {
     /// Counts swaps since start: 1 is the config the gateway started with.
     pub generation: u64,
+    /// Clients with their own keys and limits, by key hash.
+    pub clients: Directory,
     pub config: Config,
     pub nodes: Vec<Node>,
     /// Model name to the nodes that serve it (listed or serving any model).
@@ -99,6 +102,13 @@ struct Tracked {
     health: Arc<NodeHealth>,
 }
 
+/// What outlives snapshots, by name.
+#[derive(Debug, Default)]
+struct Kept {
+    nodes: HashMap<Arc<str>, Tracked>,
+    clients: HashMap<Arc<str>, Arc<ClientUsage>>,
+}
+
 /// A node that left the config and still has requests in flight or
 /// requests in its window.
 #[derive(Debug)]
@@ -125,8 +135,9 @@ pub struct AppState {
     live: Arc<ArcSwap<Live>>,
     pub queue: Arc<Queue>,
     signal: Arc<HeadroomSignal>,
-    /// Per node name; held only while preparing a snapshot and for `/status`.
-    tracked: Mutex<HashMap<Arc<str>, Tracked>>,
+    /// Per node and client name; held only while preparing a snapshot and
+    /// for `/status`.
+    tracked: Mutex<Kept>,
     generation: AtomicU64,
     /// Held for a whole swap, so two reloads at once apply one after the other.
     swapping: Mutex<()>,
@@ -143,7 +154,7 @@ impl AppState {
     /// probes (needs a runtime).
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let signal = Arc::new(HeadroomSignal::default());
-        let tracked = Mutex::new(HashMap::new());
+        let tracked = Mutex::new(Kept::default());
         let health_wake = Arc::new(Notify::new());
         let live = Arc::new(ArcSwap::from_pointee(prepare(
             config,
@@ -240,6 +251,7 @@ impl AppState {
         let live = self.live();
         let tracked = self.tracked.lock();
         let mut out: Vec<Retired> = tracked
+            .nodes
             .iter()
             .filter(|(name, _)| !live.nodes.iter().any(|n| n.name == **name))
             .map(|(name, t)| Retired {
@@ -265,7 +277,7 @@ fn prepare(
     generation: u64,
     signal: &Arc<HeadroomSignal>,
     health_wake: &Arc<Notify>,
-    tracked: &Mutex<HashMap<Arc<str>, Tracked>>,
+    tracked: &Mutex<Kept>,
 ) -> Result<Live, String> {
     let shared_client = build_client(&config, None)?;
     let mut nodes = Vec::with_capacity(config.nodes.len());
@@ -284,9 +296,11 @@ fn prepare(
     // Nothing below fails.
     let now = Instant::now();
     let mut tracked = tracked.lock();
+    let clients = Directory::build(&config.clients, &mut tracked.clients);
     let mut kept: Vec<Node> = Vec::with_capacity(nodes.len());
     for (node, client, name_header, base) in nodes {
         let entry = tracked
+            .nodes
             .entry(Arc::clone(&node.name))
             .or_insert_with(|| Tracked {
                 url: Arc::clone(&node.url),
@@ -324,7 +338,7 @@ fn prepare(
             client,
         });
     }
-    tracked.retain(|name, t| {
+    tracked.nodes.retain(|name, t| {
         if config.nodes.iter().any(|n| n.name == *name) {
             return true;
         }
@@ -362,6 +376,7 @@ fn prepare(
 
     Ok(Live {
         generation,
+        clients,
         all: (0..nodes.len()).collect(),
         config,
         nodes,

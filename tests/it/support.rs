@@ -13,6 +13,8 @@ use tokio::task::JoinHandle;
 /// A gateway serving on 127.0.0.1 with an ephemeral port.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// A config directory the gateway owns, removed with it.
+    dir: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -41,6 +43,7 @@ impl Gateway {
         }));
         Self {
             addr,
+            dir: None,
             stop: Some(stop),
             task: Some(task),
         }
@@ -75,9 +78,26 @@ impl Gateway {
         }));
         Self {
             addr,
+            dir: None,
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// [`start_file`](Self::start_file) with `toml` written to a temporary
+    /// file (kept for the gateway's life), for configs that name variables.
+    pub async fn start_file_text(toml: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("Balancer.toml");
+        let toml = if toml.contains("[health]") {
+            toml.to_owned()
+        } else {
+            format!("[health]\nenabled = false\n{toml}")
+        };
+        std::fs::write(&path, toml).unwrap();
+        let mut gw = Self::start_file(&path, env).await;
+        gw.dir = Some(dir);
+        gw
     }
 
     /// `/status` once the config has been reloaded `attempts` times.

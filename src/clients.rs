@@ -3,7 +3,7 @@
 //! A client presents its own gateway key. The directory finds it by the
 //! key's SHA-256 (the key itself is never kept beside the record), and
 //! [`Client::admit`] applies its limits before any node is chosen:
-//! - disabled: 401, as if the key were unknown;
+//! - disabled: 401 at authentication, as if the key were unknown;
 //! - a model outside its `models`: 403 `model_not_allowed`;
 //! - its token bucket (`burst`, `rate_per_second`) empty, or its `rpm` /
 //!   `tpm` window full: 429 `client_rate_limit_exceeded` with the honest
@@ -92,9 +92,7 @@ impl Client {
     /// Applies the client's own limits to a request for `model` that asks
     /// `demand`; the reservation settles with the request.
     pub fn admit(&self, model: Option<&str>, demand: Demand) -> Result<Reservation, GatewayError> {
-        if !self.enabled {
-            return Err(GatewayError::InvalidApiKey);
-        }
+        // A disabled client never gets here: `auth::identify` refuses its key.
         if let (Some(allowed), Some(model)) = (&self.models, model)
             && !allowed.iter().any(|m| m == model)
         {

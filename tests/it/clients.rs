@@ -18,12 +18,17 @@ async fn gateway(upstream: &MockUpstream, clients: &str) -> Gateway {
     Gateway::start_file_text(&toml, &[("TEAM_A", TEAM_A), ("TEAM_B", TEAM_B)]).await
 }
 
-async fn ask(gw: &Gateway, key: &str, model: &str) -> (u16, Option<String>, serde_json::Value) {
+async fn ask(
+    gw: &Gateway,
+    key: &str,
+    model: &str,
+    max_tokens: u64,
+) -> (u16, Option<String>, serde_json::Value) {
     let response = client()
         .post(gw.url("/v1/chat/completions"))
         .header("content-type", "application/json")
         .header("authorization", format!("Bearer {key}"))
-        .body(chat(model, "hi", 5))
+        .body(chat(model, "hi", max_tokens))
         .send()
         .await
         .unwrap();
@@ -54,15 +59,15 @@ async fn a_client_over_its_rpm_gets_429_and_other_clients_do_not_notice() {
         "[[clients]]\nname = \"a\"\nkey_env = \"TEAM_A\"\nrpm = 2\n[[clients]]\nname = \"b\"\nkey_env = \"TEAM_B\"\n",
     )
     .await;
-    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini").await.0, 200);
-    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini").await.0, 200);
-    let (status, retry, body) = ask(&gw, TEAM_A, "gpt-4o-mini").await;
+    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini", 5).await.0, 200);
+    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini", 5).await.0, 200);
+    let (status, retry, body) = ask(&gw, TEAM_A, "gpt-4o-mini", 5).await;
     assert_eq!(status, 429);
     assert_eq!(body["error"]["code"], "client_rate_limit_exceeded");
     let retry: u64 = retry.expect("a Retry-After").parse().unwrap();
     assert!((59..=61).contains(&retry), "Retry-After {retry}");
     for _ in 0..3 {
-        assert_eq!(ask(&gw, TEAM_B, "gpt-4o-mini").await.0, 200);
+        assert_eq!(ask(&gw, TEAM_B, "gpt-4o-mini", 5).await.0, 200);
     }
     // The refused request never reached the upstream.
     assert_eq!(upstream.stats().requests(), 5);
@@ -77,9 +82,9 @@ async fn a_token_bucket_allows_its_burst_then_one_request_per_refill() {
         "[[clients]]\nname = \"a\"\nkey_env = \"TEAM_A\"\nburst = 2\nrate_per_second = 0.5\n",
     )
     .await;
-    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini").await.0, 200);
-    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini").await.0, 200);
-    let (status, retry, body) = ask(&gw, TEAM_A, "gpt-4o-mini").await;
+    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini", 5).await.0, 200);
+    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini", 5).await.0, 200);
+    let (status, retry, body) = ask(&gw, TEAM_A, "gpt-4o-mini", 5).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (429, Some("client_rate_limit_exceeded"))
@@ -88,7 +93,7 @@ async fn a_token_bucket_allows_its_burst_then_one_request_per_refill() {
     let retry: u64 = retry.unwrap().parse().unwrap();
     assert!((1..=2).contains(&retry), "Retry-After {retry}");
     tokio::time::sleep(Duration::from_secs(retry)).await;
-    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini").await.0, 200);
+    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini", 5).await.0, 200);
     upstream.stop().await;
 }
 
@@ -100,33 +105,22 @@ async fn tpm_counts_each_reservation_and_refuses_what_would_not_fit() {
         "[[clients]]\nname = \"a\"\nkey_env = \"TEAM_A\"\ntpm = 40\n",
     )
     .await;
-    let ask_tokens = |max_tokens: u64| {
-        let url = gw.url("/v1/chat/completions");
-        async move {
-            let response = client()
-                .post(url)
-                .header("content-type", "application/json")
-                .header("authorization", format!("Bearer {TEAM_A}"))
-                .body(chat("gpt-4o-mini", "hi", max_tokens))
-                .send()
-                .await
-                .unwrap();
-            let status = response.status().as_u16();
-            let body: serde_json::Value =
-                serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
-            (status, body["error"]["code"].as_str().map(str::to_owned))
-        }
-    };
     // Prompt and 30 completion tokens fit in 40 once.
-    assert_eq!(ask_tokens(30).await, (200, None));
+    let code = |answer: (u16, Option<String>, serde_json::Value)| {
+        (
+            answer.0,
+            answer.2["error"]["code"].as_str().map(str::to_owned),
+        )
+    };
+    assert_eq!(code(ask(&gw, TEAM_A, "gpt-4o-mini", 30).await), (200, None));
     // Settled to its actual use, the first leaves too little for another 30.
     assert_eq!(
-        ask_tokens(30).await,
+        code(ask(&gw, TEAM_A, "gpt-4o-mini", 30).await),
         (429, Some("client_rate_limit_exceeded".to_owned()))
     );
     // More than the whole limit can never fit: 400, not a wait.
     assert_eq!(
-        ask_tokens(100).await,
+        code(ask(&gw, TEAM_A, "gpt-4o-mini", 100).await),
         (400, Some("request_too_large".to_owned()))
     );
     assert_eq!(upstream.stats().requests(), 1);
@@ -142,18 +136,18 @@ async fn a_model_outside_the_list_is_403_and_a_disabled_client_is_401() {
          [[clients]]\nname = \"b\"\nkey_env = \"TEAM_B\"\nenabled = false\n",
     )
     .await;
-    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini").await.0, 200);
-    let (status, _, body) = ask(&gw, TEAM_A, "gpt-4.1").await;
+    assert_eq!(ask(&gw, TEAM_A, "gpt-4o-mini", 5).await.0, 200);
+    let (status, _, body) = ask(&gw, TEAM_A, "gpt-4.1", 5).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (403, Some("model_not_allowed"))
     );
-    let (status, _, body) = ask(&gw, TEAM_B, "gpt-4o-mini").await;
+    let (status, _, body) = ask(&gw, TEAM_B, "gpt-4o-mini", 5).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (401, Some("invalid_api_key"))
     );
-    let (status, _, _) = ask(&gw, "sk-nobody", "gpt-4o-mini").await;
+    let (status, _, _) = ask(&gw, "sk-nobody", "gpt-4o-mini", 5).await;
     assert_eq!(status, 401);
     assert_eq!(upstream.stats().requests(), 1);
     upstream.stop().await;

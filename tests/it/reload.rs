@@ -292,28 +292,7 @@ async fn a_request_waiting_through_a_reload_goes_to_a_node_the_reload_added() {
     served(&gw, 1).await;
 
     // `old` has used its minute: the next request waits.
-    let waiting = tokio::spawn({
-        let url = gw.url("/v1/chat/completions");
-        async move {
-            let response = client()
-                .post(url)
-                .header("content-type", "application/json")
-                .header(
-                    "authorization",
-                    format!("Bearer {}", crate::support::CLIENT_KEY),
-                )
-                .body(chat("gpt-4o-mini", "hi", 5))
-                .timeout(std::time::Duration::from_secs(20))
-                .send()
-                .await
-                .unwrap();
-            let node = response.headers()["x-balancer-node"]
-                .to_str()
-                .unwrap()
-                .to_owned();
-            (response.status().as_u16(), node)
-        }
-    });
+    let waiting = crate::support::send_in_background(&gw, chat("gpt-4o-mini", "hi", 5));
     gw.until(|s| s["queue"]["depth"] == 1).await;
 
     // The reload replaces `old` by `new`; the waiter moves to the new config.

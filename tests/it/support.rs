@@ -23,15 +23,10 @@ pub struct Gateway {
 pub const CLIENT_KEY: &str = "sk-client-test";
 
 impl Gateway {
-    /// Starts a gateway from `toml` (which must not set `server.listen`).
-    /// Active probes are off unless `toml` has its own `[health]` table, so
-    /// tests that count the upstream's requests see only their own.
+    /// Starts a gateway from `toml` (which must not set `server.listen`),
+    /// probes off unless it has a `[health]` table.
     pub async fn start(toml: &str) -> Self {
-        let toml = if toml.contains("[health]") {
-            toml.to_owned()
-        } else {
-            format!("[health]\nenabled = false\n{toml}")
-        };
+        let toml = without_probes(toml);
         let env = |var: &str| (var == "TEST_CLIENT_KEY").then(|| CLIENT_KEY.to_owned());
         let (config, _) = config::from_toml_str(&toml, &env).unwrap_or_else(|e| panic!("{e}"));
         let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -89,12 +84,7 @@ impl Gateway {
     pub async fn start_file_text(toml: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("Balancer.toml");
-        let toml = if toml.contains("[health]") {
-            toml.to_owned()
-        } else {
-            format!("[health]\nenabled = false\n{toml}")
-        };
-        std::fs::write(&path, toml).unwrap();
+        std::fs::write(&path, without_probes(toml)).unwrap();
         let mut gw = Self::start_file(&path, env).await;
         gw.dir = Some(dir);
         gw
@@ -167,6 +157,39 @@ impl Drop for Gateway {
             task.abort();
         }
     }
+}
+
+/// `toml` with active probes off unless it has its own `[health]` table, so
+/// tests that count the upstream's requests see only their own.
+fn without_probes(toml: &str) -> String {
+    if toml.contains("[health]") {
+        toml.to_owned()
+    } else {
+        format!("[health]\nenabled = false\n{toml}")
+    }
+}
+
+/// Sends a chat request (with the test client key) in the background, for
+/// tests that must act while it waits; yields its status and the node that
+/// served it (empty if none).
+pub fn send_in_background(gw: &Gateway, body: String) -> tokio::task::JoinHandle<(u16, String)> {
+    let url = gw.url("/v1/chat/completions");
+    tokio::spawn(async move {
+        let response = client()
+            .post(url)
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {CLIENT_KEY}"))
+            .body(body)
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await
+            .unwrap();
+        let node = response
+            .headers()
+            .get("x-balancer-node")
+            .map_or_else(String::new, |v| v.to_str().unwrap().to_owned());
+        (response.status().as_u16(), node)
+    })
 }
 
 /// A `[[nodes]]` table with a literal key.

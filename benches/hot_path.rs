@@ -167,7 +167,7 @@ fn whole_request(c: &mut Criterion) {
         ))
         .unwrap();
     let toml = format!(
-        "[auth]\nclient_keys_env = [\"BENCH_KEY\"]\n[[nodes]]\nname = \"a\"\nurl = \"{}\"\napi_key_env = \"NODE_KEY\"\nrpm = 1000000000\ntpm = 1000000000000\n",
+        "[store]\nurl = \"sqlite::memory:\"\n[auth]\nclient_keys_env = [\"BENCH_KEY\"]\n[[nodes]]\nname = \"a\"\nurl = \"{}\"\napi_key_env = \"NODE_KEY\"\nrpm = 1000000000\ntpm = 1000000000000\n",
         mock.base_url()
     );
     let env = |var: &str| match var {
@@ -177,7 +177,10 @@ fn whole_request(c: &mut Criterion) {
     };
     let (config, _) = balancer::config::from_toml_str(&toml, &env).unwrap();
     let state = runtime
-        .block_on(async { balancer::state::AppState::new(config) })
+        .block_on(balancer::state::AppState::start(
+            config,
+            std::path::Path::new("."),
+        ))
         .unwrap();
     let router = balancer::app::router(state);
     let body = bytes::Bytes::from_static(

@@ -33,7 +33,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let live = state.live();
-    if let Err(err) = auth::identify(&live.clients, &live.config.client_keys, &headers) {
+    if let Err(err) = auth::identify(&live, &state.clients, &headers).await {
         return err.into_response();
     }
     json_response(live.models_list.clone())
@@ -45,7 +45,7 @@ async fn get_model(
     headers: HeaderMap,
 ) -> Response {
     let live = state.live();
-    if let Err(err) = auth::identify(&live.clients, &live.config.client_keys, &headers) {
+    if let Err(err) = auth::identify(&live, &state.clients, &headers).await {
         return err.into_response();
     }
     if !live.lists_model(&id) {

@@ -1,37 +1,57 @@
 //! Client authentication: the gateway key a client presents.
 //!
 //! A key comes as `Authorization: Bearer <key>` (what the OpenAI SDKs send)
-//! or `api-key: <key>` (the Azure style). It is either a client's key,
-//! found by its SHA-256 in the [`Directory`], or one of `auth.client_keys_env`,
-//! compared in constant time with every one. With neither configured the
-//! gateway is open (warned at start-up).
+//! or `api-key: <key>` (the Azure style). It is one of `auth.client_keys_env`
+//! (compared in constant time with every one), a declared client's key
+//! (found by its SHA-256 in the snapshot's [`Directory`](crate::clients::Directory)),
+//! or a stored client's (through the [`Registry`]'s cache). With none of
+//! them configured and no client in the store, the gateway is open (warned
+//! at start-up).
 
 use std::sync::Arc;
 
 use axum::http::{HeaderMap, header};
 
-use crate::clients::{Client, Directory};
-use crate::config::ClientKey;
+use crate::clients::{Client, Registry};
+use crate::config::{ClientKey, hash_key};
 use crate::error::GatewayError;
+use crate::state::Live;
 
 /// Who is calling: a client with its own limits, or `None` for a plain
 /// gateway key (or an open gateway).
-pub fn identify(
-    clients: &Directory,
-    keys: &[ClientKey],
+pub async fn identify(
+    live: &Live,
+    registry: &Registry,
     headers: &HeaderMap,
 ) -> Result<Option<Arc<Client>>, GatewayError> {
-    if clients.is_empty() && keys.is_empty() {
+    let keys = &live.config.client_keys;
+    let stored = registry.any_stored();
+    if live.clients.is_empty() && keys.is_empty() && !stored {
         return Ok(None);
     }
     let presented = presented(headers).ok_or(GatewayError::InvalidApiKey)?;
-    if let Some(client) = clients.find(presented) {
-        if !client.enabled {
-            return Err(GatewayError::InvalidApiKey);
-        }
-        return Ok(Some(Arc::clone(client)));
+    if matches_any(keys, presented) {
+        return Ok(None);
     }
-    check(keys, presented).map(|()| None)
+    let hash = hash_key(presented);
+    if let Some(client) = live.clients.find(&hash) {
+        return if client.enabled {
+            Ok(Some(Arc::clone(client)))
+        } else {
+            Err(GatewayError::InvalidApiKey)
+        };
+    }
+    if !stored {
+        return Err(GatewayError::InvalidApiKey);
+    }
+    match registry.find(&hash).await {
+        Ok(Some(client)) => Ok(Some(client)),
+        Ok(None) => Err(GatewayError::InvalidApiKey),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot look up a client key");
+            Err(GatewayError::StoreUnavailable)
+        }
+    }
 }
 
 fn presented(headers: &HeaderMap) -> Option<&[u8]> {
@@ -42,14 +62,8 @@ fn presented(headers: &HeaderMap) -> Option<&[u8]> {
         .map(<[u8]>::trim_ascii)
 }
 
-fn check(keys: &[ClientKey], presented: &[u8]) -> Result<(), GatewayError> {
+fn matches_any(keys: &[ClientKey], presented: &[u8]) -> bool {
     // Compare with every key so the time taken does not say which matched.
-    let matched = keys
-        .iter()
-        .fold(false, |found, key| key.matches(presented) | found);
-    if matched {
-        Ok(())
-    } else {
-        Err(GatewayError::InvalidApiKey)
-    }
+    keys.iter()
+        .fold(false, |found, key| key.matches(presented) | found)
 }

@@ -1,9 +1,13 @@
 //! Clients: who is calling, and the limits the gateway keeps for them.
 //!
-//! A client presents its own gateway key. The directory finds it by the
-//! key's SHA-256 (the key itself is never kept beside the record), and
-//! [`Client::admit`] applies its limits before any node is chosen:
-//! - disabled: 401 at authentication, as if the key were unknown;
+//! A client presents its own gateway key. It is declared in the config
+//! (`[[clients]]`, found in the snapshot's [`Directory`]) or made through
+//! the admin API and kept in the [`Store`], found through the [`Registry`]'s
+//! cache. Either way it is found by the key's SHA-256: the key itself is
+//! never kept, and [`Client::admit`] applies its limits before any node is
+//! chosen:
+//! - disabled, deleted or rotated away: 401 at authentication, as if the key
+//!   were unknown;
 //! - a model outside its `models`: 403 `model_not_allowed`;
 //! - its token bucket (`burst`, `rate_per_second`) empty, or its `rpm` /
 //!   `tpm` window full: 429 `client_rate_limit_exceeded` with the honest
@@ -12,25 +16,39 @@
 //!
 //! A client's window is the same structure as a node's
 //! ([`NodeUsage`]): reserved at admission, settled to the tokens used when
-//! the answer ends, released on every path. It is kept by client name
-//! across reloads, so a reload never resets a client's minute.
+//! the answer ends, released on every path. It is kept by client id in the
+//! registry, apart from any snapshot or cache entry, so neither a reload nor
+//! a cache expiry resets a client's minute.
 //!
-//! Not here yet: clients managed through the admin API and a store.
+//! The cache: a key's lookup is kept for `store.cache_ttl`, so another
+//! replica's changes arrive within it. A change made here bumps the
+//! registry's change count first: every entry cached before it is a miss
+//! from then on, so a disabled, deleted or rotated-away key is refused by
+//! the very next request.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use secrecy::SecretString;
 
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::config::{BucketLimit, ClientConfig, Quota, hash_key};
+use crate::config::{BucketLimit, ClientConfig, ClientLimits, Quota};
 use crate::error::GatewayError;
 use crate::limits::{Demand, HeadroomSignal, NodeUsage, Outlook, Reservation};
+use crate::store::{Store, StoreError, StoredClient};
+use crate::usage::UsageRecorder;
 
 /// A client as the request path uses it.
 #[derive(Debug)]
 pub struct Client {
+    /// `cl_...` for a stored client, `cfg_<name>` for a declared one.
+    pub id: Arc<str>,
     pub name: Arc<str>,
     pub models: Option<Vec<String>>,
     pub enabled: bool,
@@ -45,34 +63,33 @@ pub struct ClientUsage {
 }
 
 impl ClientUsage {
-    pub fn new(config: &ClientConfig) -> Arc<Self> {
+    pub fn new(limits: &ClientLimits) -> Arc<Self> {
         let quota = Quota {
-            rpm: config.limits.rpm,
-            tpm: config.limits.tpm,
+            rpm: limits.rpm,
+            tpm: limits.tpm,
             ..Quota::default()
         };
         // Nothing waits on a client's window, so it wakes nobody.
         let window = NodeUsage::new(quota, Arc::new(HeadroomSignal::default()));
         Arc::new(Self {
             window,
-            bucket: config
-                .limits
+            bucket: limits
                 .bucket
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
         })
     }
 
-    /// Applies changed limits (a reload) without resetting what was used.
-    /// A bucket whose limit changed starts full at its new size.
-    fn update(self: &Arc<Self>, config: &ClientConfig) -> Arc<Self> {
-        let bucket_same = match (&self.bucket, config.limits.bucket) {
+    /// Applies changed limits (a reload, an admin change) without resetting
+    /// what was used. A bucket whose limit changed starts full at its new size.
+    fn update(self: &Arc<Self>, limits: &ClientLimits) -> Arc<Self> {
+        let bucket_same = match (&self.bucket, limits.bucket) {
             (None, None) => true,
             (Some(b), Some(limit)) => b.lock().limit == limit,
             _ => false,
         };
         self.window.set_quota(Quota {
-            rpm: config.limits.rpm,
-            tpm: config.limits.tpm,
+            rpm: limits.rpm,
+            tpm: limits.tpm,
             ..Quota::default()
         });
         if bucket_same {
@@ -80,8 +97,7 @@ impl ClientUsage {
         }
         Arc::new(Self {
             window: Arc::clone(&self.window),
-            bucket: config
-                .limits
+            bucket: limits
                 .bucket
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
         })
@@ -158,32 +174,26 @@ impl TokenBucket {
     }
 }
 
-/// The clients of one snapshot, by key hash.
+/// The clients declared in one snapshot's config, by key hash.
 #[derive(Debug, Default)]
 pub struct Directory {
     by_hash: HashMap<[u8; 32], Arc<Client>>,
 }
 
 impl Directory {
-    /// Builds the directory for `configs`, reusing (and updating) each
-    /// client's usage from `usages`, kept by name across reloads.
-    pub fn build(
-        configs: &[ClientConfig],
-        usages: &mut HashMap<Arc<str>, Arc<ClientUsage>>,
-    ) -> Self {
-        usages.retain(|name, _| configs.iter().any(|c| c.name == *name));
+    /// Builds the directory for `configs`, each client keeping its usage in
+    /// `registry` across reloads.
+    pub fn build(configs: &[ClientConfig], registry: &Registry) -> Self {
+        let ids: Vec<Arc<str>> = configs.iter().map(|c| config_id(&c.name)).collect();
+        registry.keep_declared(&ids);
         let mut by_hash = HashMap::with_capacity(configs.len());
-        for config in configs {
-            let usage = match usages.get(&config.name) {
-                Some(existing) => existing.update(config),
-                None => ClientUsage::new(config),
-            };
-            usages.insert(Arc::clone(&config.name), Arc::clone(&usage));
+        for (config, id) in configs.iter().zip(ids) {
             let client = Client {
+                usage: registry.usage_for(&id, &config.limits),
+                id,
                 name: Arc::clone(&config.name),
                 models: config.models.clone(),
                 enabled: config.enabled,
-                usage,
             };
             by_hash.insert(config.key.hash(), Arc::new(client));
         }
@@ -194,12 +204,200 @@ impl Directory {
         self.by_hash.is_empty()
     }
 
-    /// The client whose key is `presented`, if any.
-    pub fn find(&self, presented: &[u8]) -> Option<&Arc<Client>> {
-        if self.by_hash.is_empty() {
-            return None;
+    /// The declared client whose key hashes to `hash`, if any.
+    pub fn find(&self, hash: &[u8; 32]) -> Option<&Arc<Client>> {
+        self.by_hash.get(hash)
+    }
+
+    /// Every declared client, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Client>> {
+        self.by_hash.values()
+    }
+}
+
+/// The id of a client declared in the config.
+pub fn config_id(name: &str) -> Arc<str> {
+    Arc::from(format!("{CONFIG_ID_PREFIX}{name}"))
+}
+
+pub const CONFIG_ID_PREFIX: &str = "cfg_";
+const STORED_ID_PREFIX: &str = "cl_";
+/// What every key the gateway makes starts with, so one is recognisable.
+const KEY_PREFIX: &str = "sk-bal-";
+/// 40 alphanumerics: about 238 bits.
+const KEY_RANDOM_CHARS: usize = 40;
+
+/// A new client id.
+pub fn new_id() -> String {
+    format!("{STORED_ID_PREFIX}{}", random_chars(16))
+}
+
+/// A new gateway key, shown once and stored only as its hash.
+pub fn new_key() -> SecretString {
+    SecretString::from(format!("{KEY_PREFIX}{}", random_chars(KEY_RANDOM_CHARS)))
+}
+
+/// What is shown of a key so people can tell keys apart: `sk-bal-` and 4
+/// more characters of a generated key; of a shorter declared key, at most a
+/// third of it.
+pub fn key_prefix(key: &str) -> String {
+    let shown = (KEY_PREFIX.len() + 4).min(key.chars().count() / 3);
+    key.chars().take(shown).collect()
+}
+
+fn random_chars(n: usize) -> String {
+    // `rand::rng()` is a CSPRNG seeded from the OS.
+    rand::rng()
+        .sample_iter(Alphanumeric)
+        .take(n)
+        .map(char::from)
+        .collect()
+}
+
+/// The clients kept in the store, looked up through a cache, and every
+/// client's usage by id.
+pub struct Registry {
+    store: Store,
+    cache: moka::future::Cache<[u8; 32], Cached>,
+    /// Counts changes made through this gateway; a cache entry from before
+    /// the latest is a miss.
+    changes: AtomicU64,
+    usages: Mutex<HashMap<Arc<str>, Arc<ClientUsage>>>,
+    /// Whether the store held any client when last seen: with none, and no
+    /// keys in the config, the gateway is open.
+    any_stored: AtomicBool,
+    recorder: UsageRecorder,
+}
+
+#[derive(Clone)]
+struct Cached {
+    change: u64,
+    client: Option<Arc<Client>>,
+}
+
+/// Keys looked up and cached at most; unknown keys are cached too, so a
+/// flood of wrong keys costs the store one query each per `cache_ttl`.
+const CACHE_CAPACITY: u64 = 100_000;
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("backend", &self.store.backend())
+            .field("changes", &self.changes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    pub async fn new(
+        store: Store,
+        cache_ttl: Duration,
+        recorder: UsageRecorder,
+    ) -> Result<Self, StoreError> {
+        let any_stored = store.count_clients().await? > 0;
+        Ok(Self {
+            store,
+            cache: moka::future::Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .time_to_live(cache_ttl)
+                .build(),
+            changes: AtomicU64::new(0),
+            usages: Mutex::new(HashMap::new()),
+            any_stored: AtomicBool::new(any_stored),
+            recorder,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn recorder(&self) -> &UsageRecorder {
+        &self.recorder
+    }
+
+    /// Whether the store may hold clients (then every request needs a key).
+    pub fn any_stored(&self) -> bool {
+        self.any_stored.load(Ordering::Acquire)
+    }
+
+    /// The enabled stored client whose key hashes to `hash`.
+    pub async fn find(&self, hash: &[u8; 32]) -> Result<Option<Arc<Client>>, StoreError> {
+        let change = self.changes.load(Ordering::Acquire);
+        if let Some(cached) = self.cache.get(hash).await
+            && cached.change == change
+        {
+            return Ok(cached.client);
         }
-        self.by_hash.get(&hash_key(presented))
+        let client = self
+            .store
+            .client_by_key(hash)
+            .await?
+            .filter(|c| c.enabled)
+            .map(|c| self.client(&c));
+        self.cache
+            .insert(
+                *hash,
+                Cached {
+                    change,
+                    client: client.clone(),
+                },
+            )
+            .await;
+        Ok(client)
+    }
+
+    /// After a change to stored clients: every cached lookup is stale, the
+    /// client's limits apply to its window at once, and a deleted client's
+    /// window goes.
+    pub fn changed(&self, client: Option<&StoredClient>, deleted: Option<&str>) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        self.cache.invalidate_all();
+        if let Some(client) = client {
+            self.any_stored.store(true, Ordering::Release);
+            self.usage_for(&Arc::from(client.id.as_str()), &client.limits);
+        }
+        if let Some(id) = deleted {
+            self.usages.lock().remove(id);
+        }
+    }
+
+    /// Re-reads whether the store holds any client: another replica may have
+    /// made the first or deleted the last.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let any = self.store.count_clients().await? > 0;
+        self.any_stored.store(any, Ordering::Release);
+        Ok(())
+    }
+
+    /// A client's usage, made on first sight and kept by id; updated to
+    /// `limits` when they changed.
+    pub fn usage_for(&self, id: &Arc<str>, limits: &ClientLimits) -> Arc<ClientUsage> {
+        let mut usages = self.usages.lock();
+        let usage = match usages.get(id) {
+            Some(existing) => existing.update(limits),
+            None => ClientUsage::new(limits),
+        };
+        usages.insert(Arc::clone(id), Arc::clone(&usage));
+        usage
+    }
+
+    /// Forgets the usage of declared clients no longer in the config.
+    fn keep_declared(&self, ids: &[Arc<str>]) {
+        self.usages
+            .lock()
+            .retain(|id, _| !id.starts_with(CONFIG_ID_PREFIX) || ids.contains(id));
+    }
+
+    fn client(&self, stored: &StoredClient) -> Arc<Client> {
+        let id: Arc<str> = Arc::from(stored.id.as_str());
+        Arc::new(Client {
+            usage: self.usage_for(&id, &stored.limits),
+            id,
+            name: Arc::from(stored.name.as_str()),
+            models: stored.models.clone(),
+            enabled: stored.enabled,
+        })
     }
 }
 
@@ -217,6 +415,20 @@ mod tests {
             },
             Instant::now(),
         )
+    }
+
+    #[test]
+    fn a_key_shows_only_its_prefix() {
+        use secrecy::ExposeSecret;
+        let key = new_key();
+        assert_eq!(
+            key.expose_secret().len(),
+            KEY_PREFIX.len() + KEY_RANDOM_CHARS
+        );
+        assert_eq!(key_prefix(key.expose_secret()).len(), KEY_PREFIX.len() + 4);
+        assert_ne!(new_key().expose_secret(), key.expose_secret());
+        // A short declared key shows a third of itself at most.
+        assert_eq!(key_prefix("sk-team-a-key"), "sk-t");
     }
 
     #[tokio::test(start_paused = true)]

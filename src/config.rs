@@ -62,6 +62,15 @@ pub const DEFAULT_EJECT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// the upstream gives no reset time: billing quotas do not refill by the minute.
 pub const DEFAULT_QUOTA_EXHAUSTED_COOLDOWN: Duration = Duration::from_secs(3600);
 
+/// Embedded SQLite beside the config file: created and migrated at start-up.
+pub const DEFAULT_STORE_URL: &str = "sqlite://balancer.db";
+/// How long a key lookup is cached. Changes made through this gateway's
+/// admin API apply at once; this bounds how late another replica's arrive.
+pub const DEFAULT_CLIENT_CACHE_TTL: Duration = Duration::from_secs(5);
+/// Usage is written in one batch this often, off the request path.
+pub const DEFAULT_USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+
 /// The environment variable that names the config file (a path, not an override).
 pub const CONFIG_PATH_ENV: &str = "BALANCER_CONFIG";
 const ENV_PREFIX: &str = "BALANCER_";
@@ -79,8 +88,48 @@ struct RawConfig {
     retry: RetrySettings,
     health: HealthSettings,
     auth: RawAuth,
+    store: RawStore,
+    admin: RawAdmin,
     clients: Vec<RawClient>,
     nodes: Vec<RawNode>,
+}
+
+/// `[store]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    url: String,
+    #[serde(with = "humantime_serde")]
+    cache_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    usage_flush_interval: Duration,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_STORE_URL.to_owned(),
+            cache_ttl: DEFAULT_CLIENT_CACHE_TTL,
+            usage_flush_interval: DEFAULT_USAGE_FLUSH_INTERVAL,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    listen: SocketAddr,
+    token_env: Option<String>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            token_env: None,
+        }
+    }
 }
 
 /// `[server]`
@@ -279,7 +328,29 @@ pub struct Config {
     pub client_keys: Vec<ClientKey>,
     /// Clients with their own key, limits and models (`[[clients]]`).
     pub clients: Vec<ClientConfig>,
+    /// Read at start-up only.
+    pub store: StoreSettings,
+    /// Read at start-up only.
+    pub admin: AdminSettings,
     pub nodes: Vec<NodeConfig>,
+}
+
+/// `[store]`: where clients and their usage are kept.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// `sqlite://<path>` or `postgres://...`; secret, as it may hold a password.
+    pub url: SecretString,
+    pub cache_ttl: Duration,
+    pub usage_flush_interval: Duration,
+}
+
+/// `[admin]`: the admin API's listener and bearer token.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    /// From `admin.token_env`; `None` turns the admin API off. Compared in
+    /// constant time, like a client key.
+    pub token: Option<ClientKey>,
 }
 
 /// One upstream deployment and its quota.
@@ -321,6 +392,63 @@ pub struct ClientLimits {
 pub struct BucketLimit {
     pub burst: NonZeroU64,
     pub rate_per_second: f64,
+}
+
+impl ClientLimits {
+    /// Validates a client's limits as written (config or admin API): zero is
+    /// refused (leave a limit out for none), and a bucket needs both its
+    /// size and its rate. Errors name the field.
+    pub fn from_parts(
+        rpm: Option<u64>,
+        tpm: Option<u64>,
+        burst: Option<u64>,
+        rate_per_second: Option<f64>,
+    ) -> Result<Self, Vec<(&'static str, &'static str)>> {
+        let mut problems = Vec::new();
+        let mut limit = |field: &'static str, value: Option<u64>| match value {
+            Some(0) => {
+                problems.push((field, "must be greater than 0; leave it out for no limit"));
+                None
+            }
+            other => other.and_then(NonZeroU64::new),
+        };
+        let rpm = limit("rpm", rpm);
+        let tpm = limit("tpm", tpm);
+        let burst_limit = limit("burst", burst);
+        let rate_valid = rate_per_second.map(|r| r.is_finite() && r > 0.0);
+        if rate_valid == Some(false) {
+            problems.push(("rate_per_second", "must be a number greater than 0"));
+        }
+        let bucket = match (
+            burst_limit,
+            rate_per_second.filter(|_| rate_valid == Some(true)),
+        ) {
+            (Some(burst), Some(rate_per_second)) => Some(BucketLimit {
+                burst,
+                rate_per_second,
+            }),
+            (Some(_), None) if rate_valid.is_none() => {
+                problems.push(("rate_per_second", "burst needs rate_per_second too"));
+                None
+            }
+            (None, Some(_)) if burst != Some(0) => {
+                problems.push(("burst", "rate_per_second needs burst too"));
+                None
+            }
+            _ => None,
+        };
+        if problems.is_empty() {
+            Ok(Self { rpm, tpm, bucket })
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// What is wrong with a client's `models` list, if anything.
+pub fn models_problem(models: &[String]) -> Option<&'static str> {
+    (models.is_empty() || models.iter().any(|m| m.trim().is_empty()))
+        .then_some("must list model names; leave it out to allow every model")
 }
 
 /// A node's limits; `None` is unlimited.
@@ -397,6 +525,11 @@ impl ClientKey {
     }
 
     /// Constant-time comparison with a presented key.
+    /// What may be shown of the key ([`crate::clients::key_prefix`]).
+    pub fn prefix(&self) -> String {
+        crate::clients::key_prefix(self.0.expose_secret())
+    }
+
     pub fn matches(&self, presented: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
         self.0.expose_secret().as_bytes().ct_eq(presented).into()
@@ -591,6 +724,8 @@ fn validate(
     }
 
     let clients = validate_clients(raw.clients, env, &mut problems);
+    let store = validate_store(raw.store, &mut problems);
+    let admin = validate_admin(raw.admin, &raw.server, env, &mut problems);
 
     if raw.nodes.is_empty() {
         problems.push("nodes: at least one [[nodes]] entry is required".to_owned());
@@ -621,6 +756,8 @@ fn validate(
             health: raw.health,
             client_keys,
             clients,
+            store,
+            admin,
             nodes,
         },
         warnings,
@@ -665,65 +802,93 @@ fn validate_clients(
             }
             hashes.push(hash);
         }
-        let mut limit = |field: &str, value: Option<u64>| match value {
-            Some(0) => {
-                problems.push(format!("{}: must be greater than 0", at(field)));
-                None
-            }
-            other => other.and_then(NonZeroU64::new),
-        };
-        let rpm = limit("rpm", client.rpm);
-        let tpm = limit("tpm", client.tpm);
-        let burst = limit("burst", client.burst);
-        let bucket = match (burst, client.rate_per_second) {
-            (None, None) => None,
-            (Some(burst), Some(rate)) if rate.is_finite() && rate > 0.0 => Some(BucketLimit {
-                burst,
-                rate_per_second: rate,
-            }),
-            (Some(_), Some(_)) => {
-                problems.push(format!(
-                    "{}: must be a number greater than 0",
-                    at("rate_per_second")
-                ));
-                None
-            }
-            (Some(_), None) => {
-                problems.push(format!(
-                    "{}: burst needs rate_per_second too",
-                    at("rate_per_second")
-                ));
-                None
-            }
-            (None, Some(_)) => {
-                if client.burst != Some(0) {
-                    problems.push(format!("{}: rate_per_second needs burst too", at("burst")));
-                }
-                None
-            }
-        };
-        if let Some(models) = &client.models
-            && (models.is_empty() || models.iter().any(|m| m.trim().is_empty()))
-        {
-            problems.push(format!(
-                "{}: must list model names; leave it out to allow every model",
-                at("models")
-            ));
+        let limits =
+            ClientLimits::from_parts(client.rpm, client.tpm, client.burst, client.rate_per_second)
+                .map_err(|found| {
+                    for (field, message) in found {
+                        problems.push(format!("{}: {message}", at(field)));
+                    }
+                })
+                .ok();
+        if let Some(message) = client.models.as_deref().and_then(models_problem) {
+            problems.push(format!("{}: {message}", at("models")));
         }
         if problems.len() > before {
             continue;
         }
-        if let Some(key) = key {
+        if let (Some(key), Some(limits)) = (key, limits) {
             clients.push(ClientConfig {
                 name: Arc::from(name),
                 key,
-                limits: ClientLimits { rpm, tpm, bucket },
+                limits,
                 models: client.models,
                 enabled: client.enabled,
             });
         }
     }
     clients
+}
+
+fn validate_store(raw: RawStore, problems: &mut Vec<String>) -> StoreSettings {
+    let url = raw.url.trim();
+    let known = ["sqlite:", "postgres://", "postgresql://"];
+    if !known.iter().any(|scheme| url.starts_with(scheme)) {
+        // The URL may hold a password: name the field, not the value.
+        problems.push(
+            "store.url: must start with sqlite:// (embedded) or postgres:// (shared)".to_owned(),
+        );
+    }
+    for (field, value) in [
+        ("store.cache_ttl", raw.cache_ttl),
+        ("store.usage_flush_interval", raw.usage_flush_interval),
+    ] {
+        if value.is_zero() {
+            problems.push(format!("{field}: must be greater than 0"));
+        }
+    }
+    StoreSettings {
+        url: SecretString::from(url.to_owned()),
+        cache_ttl: raw.cache_ttl,
+        usage_flush_interval: raw.usage_flush_interval,
+    }
+}
+
+fn validate_admin(
+    raw: RawAdmin,
+    server: &ServerSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> AdminSettings {
+    if raw.listen == server.listen && raw.listen.port() != 0 {
+        problems.push(format!(
+            "admin.listen: {} is server.listen too; the admin API needs its own",
+            raw.listen
+        ));
+    }
+    let token = raw.token_env.and_then(|var| {
+        match env(&var)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+        {
+            Some(value) if value.len() < 16 => {
+                problems.push(format!(
+                    "admin.token_env: the token in {var} is shorter than 16 characters"
+                ));
+                None
+            }
+            Some(value) => Some(ClientKey::new(SecretString::from(value))),
+            None => {
+                problems.push(format!(
+                    "admin.token_env: environment variable {var} is not set or empty"
+                ));
+                None
+            }
+        }
+    });
+    AdminSettings {
+        listen: raw.listen,
+        token,
+    }
 }
 
 fn validate_health(health: &HealthSettings, problems: &mut Vec<String>) {
@@ -971,6 +1136,23 @@ impl Config {
             "quota_exhausted_cooldown = \"{}\"",
             human(h.quota_exhausted_cooldown)
         );
+        let _ = writeln!(out, "\n[store]");
+        let url = crate::store::describe(self.store.url.expose_secret());
+        let _ = writeln!(out, "url = \"{url}\"");
+        let _ = writeln!(out, "cache_ttl = \"{}\"", human(self.store.cache_ttl));
+        let _ = writeln!(
+            out,
+            "usage_flush_interval = \"{}\"",
+            human(self.store.usage_flush_interval)
+        );
+        let _ = writeln!(out, "\n[admin]");
+        let _ = writeln!(out, "listen = \"{}\"", self.admin.listen);
+        let token = if self.admin.token.is_some() {
+            "\"[redacted]\""
+        } else {
+            "none (admin API off)"
+        };
+        let _ = writeln!(out, "token = {token}");
         let _ = writeln!(out, "\n[auth]");
         let keys = vec!["\"[redacted]\""; self.client_keys.len()].join(", ");
         let _ = writeln!(out, "client_keys = [{keys}]");
@@ -1162,7 +1344,7 @@ mod tests {
         assert_eq!(
             problems(&toml),
             [
-                "clients[0].rpm: must be greater than 0",
+                "clients[0].rpm: must be greater than 0; leave it out for no limit",
                 "clients[0].rate_per_second: burst needs rate_per_second too",
                 "clients[1].name: duplicate client name \"a\"",
                 "clients[1].key_env: the same key as another client",

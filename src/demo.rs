@@ -72,9 +72,13 @@ pub async fn run(config_path: &Path) -> Result<(), DemoError> {
         .iter()
         .find_map(|n| n.models.as_ref().and_then(|m| m.first().cloned()))
         .unwrap_or_else(|| "gpt-4o-mini".to_owned());
-    let state = AppState::new(config).map_err(DemoError::Start)?;
+    let admin = server::bind_admin(&config).map_err(|e| DemoError::Bind(e.to_string()))?;
+    let base_dir = config_path.parent().unwrap_or(Path::new("."));
+    let state = AppState::start(config, base_dir)
+        .await
+        .map_err(|e| DemoError::Start(e.to_string()))?;
     print_examples(listen, &model, &key_hint);
-    server::serve(listener, state, server::shutdown_signal())
+    server::serve_all(listener, admin, state, server::shutdown_signal())
         .await
         .map_err(|e| DemoError::Start(e.to_string()))?;
     for mock in mocks {

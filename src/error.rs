@@ -59,6 +59,19 @@ pub enum GatewayError {
     UpstreamTimeout { node: String },
     #[error("The gateway is shutting down.")]
     ShuttingDown,
+    #[error("The client store cannot be reached; retry shortly.")]
+    StoreUnavailable,
+    #[error("Incorrect or missing admin token. Send it as 'Authorization: Bearer <admin token>'.")]
+    AdminTokenInvalid,
+    /// Bad admin input: the field at fault and what is wrong with it.
+    #[error("{field}: {message}")]
+    InvalidField { field: String, message: String },
+    #[error("No client has the id '{0}'.")]
+    ClientNotFound(String),
+    #[error("name: a client named '{0}' already exists.")]
+    ClientNameTaken(String),
+    #[error("The client '{0}' is declared in the config file ([[clients]]); change it there.")]
+    ClientDeclaredInConfig(String),
 }
 
 impl GatewayError {
@@ -161,24 +174,60 @@ impl GatewayError {
                 "api_error",
                 "shutting_down",
             ),
+            E::StoreUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "store_unavailable",
+            ),
+            E::AdminTokenInvalid => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_admin_token",
+            ),
+            E::InvalidField { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_value",
+            ),
+            E::ClientNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "client_not_found",
+            ),
+            E::ClientNameTaken(_) => (StatusCode::CONFLICT, "invalid_request_error", "name_taken"),
+            E::ClientDeclaredInConfig(_) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "client_declared_in_config",
+            ),
         }
     }
 
     pub fn status(&self) -> StatusCode {
         self.classify().0
     }
+
+    /// The request field at fault, for the body's `param`.
+    fn param(&self) -> Option<&str> {
+        match self {
+            GatewayError::InvalidField { field, .. } => Some(field),
+            GatewayError::ClientNameTaken(_) => Some("name"),
+            GatewayError::MissingModel | GatewayError::ModelNotAllowed(_) => Some("model"),
+            _ => None,
+        }
+    }
 }
 
 /// The OpenAI error body.
-pub fn error_body(message: &str, kind: &str, code: &str) -> String {
-    json!({ "error": { "message": message, "type": kind, "code": code, "param": null } })
+pub fn error_body(message: &str, kind: &str, code: &str, param: Option<&str>) -> String {
+    json!({ "error": { "message": message, "type": kind, "code": code, "param": param } })
         .to_string()
 }
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let (status, kind, code) = self.classify();
-        let body = error_body(&self.to_string(), kind, code);
+        let body = error_body(&self.to_string(), kind, code, self.param());
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(

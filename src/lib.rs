@@ -32,6 +32,7 @@
 //!   side, through the pid file.
 //! - [`server::run`] is all of `balancer serve`.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod clients;
@@ -50,5 +51,7 @@ pub mod selection;
 pub mod server;
 pub mod state;
 pub mod status;
+pub mod store;
 pub mod tokens;
 pub mod upstream;
+pub mod usage;

@@ -143,7 +143,7 @@ async fn serve(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(RunError::Config(err)) => config_failure(path, &err),
-        Err(RunError::Prepare(err)) => {
+        Err(RunError::Start(err)) => {
             eprintln!("balancer: {err}");
             ExitCode::from(EXIT_CONFIG)
         }

@@ -31,10 +31,12 @@ use crate::error::GatewayError;
 use crate::health::Verdict;
 use crate::limits::{CooldownReason, Reservation};
 use crate::queue::Placement;
-use crate::relay;
+use crate::relay::{self, UsageTicket};
 use crate::request::{self, RequestInfo};
 use crate::state::{AppState, Live};
+use crate::store::UsageTotals;
 use crate::upstream::{self, Failure};
+use crate::usage::UsageRecord;
 
 /// The handler for every `/v1/*` path the gateway does not answer itself.
 pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -57,7 +59,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Res
 async fn forward(state: &AppState, request: Request) -> Result<Response, GatewayError> {
     let mut live = state.live();
     let (parts, body) = request.into_parts();
-    let client = auth::identify(&live.clients, &live.config.client_keys, &parts.headers)?;
+    let client = auth::identify(&live, &state.clients, &parts.headers).await?;
 
     let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
     let path_and_query = parts
@@ -81,6 +83,18 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
         Some(client) => Some(client.admit(info.model.as_deref(), info.demand)?),
         None => None,
     };
+    let mut usage = client.as_ref().map(|client| UsageTicket {
+        recorder: state.clients.recorder().clone(),
+        record: UsageRecord {
+            client_id: Arc::clone(&client.id),
+            model: info.model.as_deref().unwrap_or("").to_owned(),
+            totals: UsageTotals {
+                requests: 1,
+                request_bytes: body.len() as u64,
+                ..UsageTotals::default()
+            },
+        },
+    });
     let deadline = Instant::now() + live.config.server.request_timeout;
 
     let attempts = live.config.retry.attempts as usize + 1;
@@ -129,7 +143,13 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
         let node = placement.node;
         let outcome = try_node(&live, placement, &parts, path_and_query, &body, deadline).await;
         if !outcome.retryable() {
-            return Ok(outcome.finish(&live, &info, deadline, client_reservation.take()));
+            return Ok(outcome.finish(
+                &live,
+                &info,
+                deadline,
+                client_reservation.take(),
+                usage.take(),
+            ));
         }
         // Only a retry needs the list of nodes already tried.
         tried.push(node);
@@ -138,7 +158,7 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
         }
     }
     match last {
-        Some(outcome) => Ok(outcome.finish(&live, &info, deadline, client_reservation)),
+        Some(outcome) => Ok(outcome.finish(&live, &info, deadline, client_reservation, usage)),
         None => Err(GatewayError::UpstreamUnavailable {
             node: "none".to_owned(),
         }),
@@ -185,8 +205,11 @@ impl Attempt {
         info: &RequestInfo,
         deadline: Instant,
         client: Option<Reservation>,
+        usage: Option<UsageTicket>,
     ) -> Response {
         match self {
+            // Usage is recorded for answers the client got: what the
+            // upstream served, whatever its status.
             Attempt::Answered {
                 response,
                 placement,
@@ -194,6 +217,7 @@ impl Attempt {
                 response,
                 &live.nodes[placement.node],
                 [Some(placement.reservation), client],
+                usage,
                 info,
                 deadline,
             ),

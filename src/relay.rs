@@ -9,7 +9,8 @@
 //! Invariant: the reservation is settled exactly once, when the relay ends
 //! for any reason: end of body, upstream error, `request_timeout`, or the
 //! client going away (the body is dropped). A stream cut short is settled at
-//! the prompt plus the tokens streamed so far.
+//! the prompt plus the tokens streamed so far. A client with its own key
+//! gets its [`UsageRecord`] at the same moment, with the same token counts.
 
 use std::borrow::Cow;
 use std::pin::Pin;
@@ -28,17 +29,26 @@ use crate::request::RequestInfo;
 use crate::state::Node;
 use crate::tokens::Encoding;
 use crate::upstream;
+use crate::usage::{UsageRecord, UsageRecorder};
 
 pub const NODE_HEADER: HeaderName = HeaderName::from_static("x-balancer-node");
 /// A JSON answer longer than this is relayed without reading its usage (the
 /// reservation then stays counted in full). Chat answers are far smaller.
 const MAX_JSON_USAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// A client's usage of one request, recorded when its relay ends.
+#[derive(Debug)]
+pub struct UsageTicket {
+    pub recorder: UsageRecorder,
+    pub record: UsageRecord,
+}
+
 /// Turns the upstream's answer into the client's response.
 pub fn relay(
     response: reqwest::Response,
     node: &Node,
     reservations: [Option<Reservation>; 2],
+    usage: Option<UsageTicket>,
     info: &RequestInfo,
     deadline: Instant,
 ) -> Response {
@@ -58,6 +68,7 @@ pub fn relay(
     };
     let settlement = Settlement {
         reservations,
+        usage,
         meter,
         prompt_tokens: info.prompt_tokens,
         encoding: info.encoding,
@@ -119,6 +130,7 @@ impl Stream for RelayStream {
 struct Settlement {
     /// The node's, and the client's when it has its own limits.
     reservations: [Option<Reservation>; 2],
+    usage: Option<UsageTicket>,
     meter: Meter,
     prompt_tokens: u64,
     encoding: Encoding,
@@ -131,21 +143,40 @@ impl Settlement {
         if let Some(reservation) = &self.reservations[0] {
             reservation.record_response_bytes(chunk.len() as u64);
         }
+        if let Some(ticket) = &mut self.usage {
+            ticket.record.totals.response_bytes += chunk.len() as u64;
+        }
         self.meter.observe(chunk);
     }
 }
 
 impl Drop for Settlement {
     fn drop(&mut self) {
-        if self.reservations.iter().all(Option::is_none) {
+        if self.reservations.iter().all(Option::is_none) && self.usage.is_none() {
             return;
         }
-        let tokens = self
+        let used = self
             .meter
-            .tokens(self.prompt_tokens, self.encoding, self.success);
+            .usage(self.prompt_tokens, self.encoding, self.success);
+        // Usage first: once the reservations are settled (what `/status`
+        // shows), the record is already on its way to the writer.
+        if let Some(UsageTicket {
+            recorder,
+            mut record,
+        }) = self.usage.take()
+        {
+            // Unknown usage: the prompt as counted here, no completion.
+            let used = used.unwrap_or(TokenUsage {
+                prompt: self.prompt_tokens,
+                completion: 0,
+            });
+            record.totals.prompt_tokens = used.prompt;
+            record.totals.completion_tokens = used.completion;
+            recorder.record(record);
+        }
         for reservation in self.reservations.iter_mut().filter_map(Option::take) {
-            match tokens {
-                Some(tokens) => reservation.settle(tokens),
+            match used {
+                Some(used) => reservation.settle(used.total()),
                 // Unknown usage of a successful answer: keep the full reservation.
                 None => drop(reservation),
             }
@@ -178,21 +209,53 @@ impl Meter {
         }
     }
 
-    /// Total tokens (prompt + completion) the request used, if known.
-    pub fn tokens(&self, prompt_tokens: u64, encoding: Encoding, success: bool) -> Option<u64> {
+    /// The tokens the request used, if known: the answer's own `usage`, or
+    /// else the prompt as counted here and the streamed text. A failed
+    /// answer used its prompt only.
+    pub fn usage(
+        &self,
+        prompt_tokens: u64,
+        encoding: Encoding,
+        success: bool,
+    ) -> Option<TokenUsage> {
+        let prompt_only = TokenUsage {
+            prompt: prompt_tokens,
+            completion: 0,
+        };
         match self {
             Meter::Json(body) => serde_json::from_slice::<WithUsage>(body)
                 .ok()
                 .and_then(|w| w.usage)
-                .map(Usage::total)
-                .or((!success).then_some(prompt_tokens)),
-            Meter::Sse(sse) => Some(
-                sse.usage
-                    .map(Usage::total)
-                    .unwrap_or_else(|| prompt_tokens + encoding.count(&sse.text)),
-            ),
-            Meter::Opaque => (!success).then_some(prompt_tokens),
+                .map(|u| u.split(prompt_tokens))
+                .or((!success).then_some(prompt_only)),
+            Meter::Sse(sse) => Some(sse.usage.map_or_else(
+                || TokenUsage {
+                    prompt: prompt_tokens,
+                    completion: encoding.count(&sse.text),
+                },
+                |u| u.split(prompt_tokens),
+            )),
+            Meter::Opaque => (!success).then_some(prompt_only),
         }
+    }
+
+    /// Total tokens (prompt + completion) the request used, if known.
+    pub fn tokens(&self, prompt_tokens: u64, encoding: Encoding, success: bool) -> Option<u64> {
+        self.usage(prompt_tokens, encoding, success)
+            .map(TokenUsage::total)
+    }
+}
+
+/// Prompt and completion tokens of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl TokenUsage {
+    pub fn total(self) -> u64 {
+        self.prompt + self.completion
     }
 }
 
@@ -254,10 +317,20 @@ struct Usage {
 }
 
 impl Usage {
-    fn total(self) -> u64 {
-        self.total_tokens.unwrap_or_else(|| {
-            self.prompt_tokens.unwrap_or(0) + self.completion_tokens.unwrap_or(0)
-        })
+    /// Prompt and completion as the upstream reported them; a missing part
+    /// is what the total leaves (the prompt as counted here if need be).
+    fn split(self, counted_prompt: u64) -> TokenUsage {
+        let prompt = self
+            .prompt_tokens
+            .unwrap_or_else(|| match self.total_tokens {
+                Some(total) => total.saturating_sub(self.completion_tokens.unwrap_or(0)),
+                None => counted_prompt,
+            });
+        let completion = self.completion_tokens.unwrap_or_else(|| {
+            self.total_tokens
+                .map_or(0, |total| total.saturating_sub(prompt))
+        });
+        TokenUsage { prompt, completion }
     }
 }
 

@@ -31,12 +31,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::clients::{ClientUsage, Directory};
+use crate::clients::{Directory, Registry};
 use crate::config::{Config, NodeConfig, NodeKey};
 use crate::error::GatewayError;
 use crate::health::{self, NodeHealth};
 use crate::limits::{HeadroomSignal, NodeUsage};
 use crate::queue::Queue;
+use crate::store::{Store, StoreError};
+use crate::usage::{self, UsageWriter};
 
 /// One upstream node as the request path uses it.
 #[derive(Debug)]
@@ -106,7 +108,6 @@ struct Tracked {
 #[derive(Debug, Default)]
 struct Kept {
     nodes: HashMap<Arc<str>, Tracked>,
-    clients: HashMap<Arc<str>, Arc<ClientUsage>>,
 }
 
 /// A node that left the config and still has requests in flight or
@@ -134,8 +135,10 @@ pub struct AppState {
     /// Shared with the queue, which moves waiters to a new snapshot.
     live: Arc<ArcSwap<Live>>,
     pub queue: Arc<Queue>,
+    /// Clients' keys, limits and usage; outlives snapshots.
+    pub clients: Registry,
     signal: Arc<HeadroomSignal>,
-    /// Per node and client name; held only while preparing a snapshot and
+    /// Per node name; held only while preparing a snapshot and
     /// for `/status`.
     tracked: Mutex<Kept>,
     generation: AtomicU64,
@@ -149,10 +152,37 @@ pub struct AppState {
     tasks: TaskTracker,
 }
 
+/// Why the state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The config is valid but cannot be put to use (an HTTP client or a CA
+    /// bundle cannot be built).
+    #[error("{0}")]
+    Prepare(String),
+}
+
 impl AppState {
-    /// Builds the state and starts the queue's dispatcher and the health
-    /// probes (needs a runtime).
-    pub fn new(config: Config) -> Result<Arc<Self>, String> {
+    /// Opens the client store (`base_dir` resolves a relative SQLite path),
+    /// builds the state and starts its background tasks.
+    pub async fn start(
+        config: Config,
+        base_dir: &std::path::Path,
+    ) -> Result<Arc<Self>, StartError> {
+        let store = Store::open(&config.store.url, base_dir).await?;
+        let (recorder, writer) = usage::channel();
+        let registry = Registry::new(store, config.store.cache_ttl, recorder).await?;
+        Self::new(config, registry, writer).map_err(StartError::Prepare)
+    }
+
+    /// Builds the state and starts the queue's dispatcher, the health
+    /// probes and the usage writer (needs a runtime).
+    pub fn new(
+        config: Config,
+        clients: Registry,
+        usage_writer: UsageWriter,
+    ) -> Result<Arc<Self>, String> {
         let signal = Arc::new(HeadroomSignal::default());
         let tracked = Mutex::new(Kept::default());
         let health_wake = Arc::new(Notify::new());
@@ -162,11 +192,13 @@ impl AppState {
             &signal,
             &health_wake,
             &tracked,
+            &clients,
         )?));
         let queue = Arc::new(Queue::new(Arc::clone(&signal), Arc::clone(&live)));
         let state = Arc::new(Self {
             live,
             queue,
+            clients,
             signal,
             tracked,
             generation: AtomicU64::new(1),
@@ -181,6 +213,11 @@ impl AppState {
         let weak = Arc::downgrade(&state);
         let wake = Arc::clone(&state.health_wake);
         state.spawn(|cancel| health::run(weak, wake, cancel));
+        let store = state.clients.store().clone();
+        let settings = state.live().config.store.clone();
+        state.spawn(|cancel| usage_writer.run(store, settings.usage_flush_interval, cancel));
+        let weak = Arc::downgrade(&state);
+        state.spawn(|cancel| refresh_clients(weak, settings.cache_ttl, cancel));
         Ok(state)
     }
 
@@ -217,6 +254,7 @@ impl AppState {
             &self.signal,
             &self.health_wake,
             &self.tracked,
+            &self.clients,
         )?;
         self.live.store(Arc::new(live));
         self.generation.store(generation, Ordering::Release);
@@ -278,6 +316,7 @@ fn prepare(
     signal: &Arc<HeadroomSignal>,
     health_wake: &Arc<Notify>,
     tracked: &Mutex<Kept>,
+    registry: &Registry,
 ) -> Result<Live, String> {
     let shared_client = build_client(&config, None)?;
     let mut nodes = Vec::with_capacity(config.nodes.len());
@@ -296,7 +335,7 @@ fn prepare(
     // Nothing below fails.
     let now = Instant::now();
     let mut tracked = tracked.lock();
-    let clients = Directory::build(&config.clients, &mut tracked.clients);
+    let clients = Directory::build(&config.clients, registry);
     let mut kept: Vec<Node> = Vec::with_capacity(nodes.len());
     for (node, client, name_header, base) in nodes {
         let entry = tracked
@@ -384,6 +423,28 @@ fn prepare(
         any_model,
         models_list,
     })
+}
+
+/// Re-reads whether the store holds clients every `every`, so the first
+/// client another replica makes closes this gateway too.
+async fn refresh_clients(
+    state: std::sync::Weak<AppState>,
+    every: std::time::Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let Some(state) = state.upgrade() else { return };
+        if let Err(err) = state.clients.refresh().await {
+            tracing::warn!(error = %err, "cannot count the stored clients");
+        }
+    }
 }
 
 fn build_client(config: &Config, node: Option<&NodeConfig>) -> Result<reqwest::Client, String> {

@@ -57,7 +57,7 @@ pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-fn node_status(node: &Node, now: Instant) -> Value {
+pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
     let u = node.usage.snapshot(now);
     let h = node.health.snapshot(now);
     let limit = |quota: Option<std::num::NonZeroU64>, used: u64| json!({"limit": quota.map(u64::from), "used": used});

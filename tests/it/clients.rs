@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mock_upstreams::{MockConfig, MockUpstream};
 
-use crate::support::{Gateway, chat, client, node};
+use crate::support::{Gateway, ask_as as ask, node};
 
 const TEAM_A: &str = "sk-team-a-key";
 const TEAM_B: &str = "sk-team-b-key";
@@ -16,33 +16,6 @@ async fn gateway(upstream: &MockUpstream, clients: &str) -> Gateway {
         node("n", &upstream.base_url(), "sk-mock", "")
     );
     Gateway::start_file_text(&toml, &[("TEAM_A", TEAM_A), ("TEAM_B", TEAM_B)]).await
-}
-
-async fn ask(
-    gw: &Gateway,
-    key: &str,
-    model: &str,
-    max_tokens: u64,
-) -> (u16, Option<String>, serde_json::Value) {
-    let response = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {key}"))
-        .body(chat(model, "hi", max_tokens))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let retry = response
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let body = response.bytes().await.unwrap();
-    (
-        status,
-        retry,
-        serde_json::from_slice(&body).unwrap_or_default(),
-    )
 }
 
 async fn mock() -> MockUpstream {

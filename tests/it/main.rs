@@ -2,11 +2,13 @@
 //! port, in front of wiremock or mock-upstreams servers on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admin;
 mod cli;
 mod clients;
 mod errors;
 mod health;
 mod limits;
+mod pg;
 mod proxy;
 mod queue;
 mod reload;

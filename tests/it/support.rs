@@ -1,6 +1,7 @@
 //! Test harness: start a gateway from TOML, talk to it, read `/status`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use balancer::config;
@@ -13,81 +14,111 @@ use tokio::task::JoinHandle;
 /// A gateway serving on 127.0.0.1 with an ephemeral port.
 pub struct Gateway {
     pub addr: SocketAddr,
-    /// A config directory the gateway owns, removed with it.
-    dir: Option<tempfile::TempDir>,
+    /// The admin API's address, when the config sets `admin.token_env`.
+    pub admin_addr: Option<SocketAddr>,
+    /// The gateway's own directory (its SQLite store unless the config
+    /// names another), removed with it.
+    _dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 /// The gateway key every test gateway with auth expects.
 pub const CLIENT_KEY: &str = "sk-client-test";
+/// The admin token of every test gateway with `admin.token_env = "TEST_ADMIN_TOKEN"`.
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
 
 impl Gateway {
     /// Starts a gateway from `toml` (which must not set `server.listen`),
     /// probes off unless it has a `[health]` table.
     pub async fn start(toml: &str) -> Self {
-        let toml = without_probes(toml);
-        let env = |var: &str| (var == "TEST_CLIENT_KEY").then(|| CLIENT_KEY.to_owned());
-        let (config, _) = config::from_toml_str(&toml, &env).unwrap_or_else(|e| panic!("{e}"));
-        let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = AppState::new(config).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::serve(listener, state, async move {
-            let _ = stopped.await;
-        }));
-        Self {
-            addr,
-            dir: None,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Self::launch(toml, &[], false).await
     }
 
     /// Starts a gateway from the config file at `path`, reloading it (and
     /// its key files) when they change, as `balancer serve` does. Variables
     /// it names resolve through `env`; `TEST_CLIENT_KEY` is the client key.
     pub async fn start_file(path: &std::path::Path, env: &[(&str, &str)]) -> Self {
-        let vars: std::collections::HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .chain([("TEST_CLIENT_KEY".to_owned(), CLIENT_KEY.to_owned())])
-            .collect();
-        let lookup: balancer::reload::EnvLookup =
-            std::sync::Arc::new(move |var| vars.get(var).cloned());
+        let lookup = lookup(env);
         let (config, _) =
             config::load_with(path, &|var| lookup(var)).unwrap_or_else(|e| panic!("{e}"));
-        let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = AppState::new(config).unwrap();
         let source = balancer::reload::ConfigSource {
             path: path.to_owned(),
             env: lookup,
             outcome_file: None,
         };
-        let watched = std::sync::Arc::clone(&state);
-        state.spawn(|cancel| balancer::reload::watch(watched, source, cancel));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::serve(listener, state, async move {
-            let _ = stopped.await;
-        }));
-        Self {
-            addr,
-            dir: None,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Self::serve(config, Some(source)).await
     }
 
     /// [`start_file`](Self::start_file) with `toml` written to a temporary
     /// file (kept for the gateway's life), for configs that name variables.
     pub async fn start_file_text(toml: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch(toml, env, true).await
+    }
+
+    async fn launch(toml: &str, env: &[(&str, &str)], watch: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("Balancer.toml");
         std::fs::write(&path, without_probes(toml)).unwrap();
-        let mut gw = Self::start_file(&path, env).await;
-        gw.dir = Some(dir);
-        gw
+        let lookup = lookup(env);
+        let (config, _) =
+            config::load_with(&path, &|var| lookup(var)).unwrap_or_else(|e| panic!("{e}"));
+        let source = watch.then(|| balancer::reload::ConfigSource {
+            path: path.clone(),
+            env: lookup,
+            outcome_file: None,
+        });
+        Self::serve_in(config, source, dir).await
+    }
+
+    async fn serve(config: config::Config, source: Option<balancer::reload::ConfigSource>) -> Self {
+        Self::serve_in(config, source, tempfile::tempdir().unwrap()).await
+    }
+
+    /// Serves `config` as `balancer serve` does (store in `dir` unless the
+    /// config names one elsewhere), the admin API on a free port.
+    async fn serve_in(
+        config: config::Config,
+        source: Option<balancer::reload::ConfigSource>,
+        dir: tempfile::TempDir,
+    ) -> Self {
+        let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = config
+            .admin
+            .token
+            .is_some()
+            .then(|| server::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
+        let state = AppState::start(config, dir.path())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(source) = source {
+            let watched = Arc::clone(&state);
+            state.spawn(|cancel| balancer::reload::watch(watched, source, cancel));
+        }
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve_all(
+            listener,
+            admin,
+            state,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            addr,
+            admin_addr,
+            _dir: dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A URL on the admin API.
+    pub fn admin_url(&self, path: &str) -> String {
+        let addr = self.admin_addr.expect("the config sets admin.token_env");
+        format!("http://{addr}{path}")
     }
 
     /// `/status` once the config has been reloaded `attempts` times.
@@ -159,6 +190,20 @@ impl Drop for Gateway {
     }
 }
 
+/// Variables for a test config: `env`, plus `TEST_CLIENT_KEY` and
+/// `TEST_ADMIN_TOKEN`.
+fn lookup(env: &[(&str, &str)]) -> balancer::reload::EnvLookup {
+    let vars: std::collections::HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .chain([
+            ("TEST_CLIENT_KEY".to_owned(), CLIENT_KEY.to_owned()),
+            ("TEST_ADMIN_TOKEN".to_owned(), ADMIN_TOKEN.to_owned()),
+        ])
+        .collect();
+    Arc::new(move |var| vars.get(var).cloned())
+}
+
 /// `toml` with active probes off unless it has its own `[health]` table, so
 /// tests that count the upstream's requests see only their own.
 fn without_probes(toml: &str) -> String {
@@ -212,6 +257,34 @@ pub fn chat(model: &str, text: &str, max_tokens: u64) -> String {
         "messages": [{"role": "user", "content": text}],
     })
     .to_string()
+}
+
+/// A chat request with `key`: status, `Retry-After`, body.
+pub async fn ask_as(
+    gw: &Gateway,
+    key: &str,
+    model: &str,
+    max_tokens: u64,
+) -> (u16, Option<String>, Value) {
+    let response = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"))
+        .body(chat(model, "hi", max_tokens))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = response.bytes().await.unwrap();
+    (
+        status,
+        retry,
+        serde_json::from_slice(&body).unwrap_or_default(),
+    )
 }
 
 /// POSTs JSON to the gateway.

@@ -1,0 +1,186 @@
+//! Usage accounting: what each client used, by model and UTC day, written
+//! to the store in batches off the request path.
+//!
+//! A request hands its [`UsageRecord`] to the [`UsageRecorder`] (a channel
+//! send: no lock, no wait) when its relay ends. The [`UsageWriter`] task
+//! adds records up in memory and writes them in one transaction every
+//! `store.usage_flush_interval`, and whenever the admin API asks
+//! ([`UsageRecorder::flush`]), so a usage report includes every request that
+//! has ended.
+//!
+//! Nothing is lost on a graceful stop: the writer runs until the server has
+//! drained, then takes what is left in the channel and writes it. A failed
+//! write keeps its batch for the next one; memory stays bounded by the
+//! number of (client, model, day) entries, not by requests.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Store, StoreError, UsageRow, UsageTotals};
+
+/// One request's usage.
+#[derive(Debug, Clone)]
+pub struct UsageRecord {
+    pub client_id: Arc<str>,
+    /// Empty for requests that name no model.
+    pub model: String,
+    pub totals: UsageTotals,
+}
+
+enum Command {
+    Record(UsageRecord),
+    Flush(oneshot::Sender<Result<(), String>>),
+}
+
+/// The request path's end of the usage channel.
+#[derive(Debug, Clone)]
+pub struct UsageRecorder {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Record(r) => f.debug_tuple("Record").field(r).finish(),
+            Command::Flush(_) => f.write_str("Flush"),
+        }
+    }
+}
+
+impl UsageRecorder {
+    /// Hands a request's usage to the writer; never waits.
+    pub fn record(&self, record: UsageRecord) {
+        if self.tx.send(Command::Record(record)).is_err() {
+            tracing::error!("usage writer has stopped; a request's usage was not recorded");
+        }
+    }
+
+    /// Writes everything recorded so far, and waits until it is stored.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (done, written) = oneshot::channel();
+        self.tx
+            .send(Command::Flush(done))
+            .map_err(|_| StoreError::Failed("the usage writer has stopped".to_owned()))?;
+        written
+            .await
+            .map_err(|_| StoreError::Failed("the usage writer has stopped".to_owned()))?
+            .map_err(StoreError::Failed)
+    }
+}
+
+type Key = (Arc<str>, String, String);
+
+/// The task that writes usage to the store.
+pub struct UsageWriter {
+    rx: mpsc::UnboundedReceiver<Command>,
+    pending: HashMap<Key, UsageTotals>,
+}
+
+/// A recorder and the writer that empties it.
+pub fn channel() -> (UsageRecorder, UsageWriter) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        UsageRecorder { tx },
+        UsageWriter {
+            rx,
+            pending: HashMap::new(),
+        },
+    )
+}
+
+/// Attempts at the last write on shutdown before usage is given up (logged).
+const FINAL_WRITE_ATTEMPTS: u32 = 3;
+
+impl UsageWriter {
+    /// Writes batches every `interval` until `cancel`, then writes the rest.
+    pub async fn run(mut self, store: Store, interval: Duration, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = self.rx.recv() => match command {
+                    Some(Command::Record(record)) => self.add(record),
+                    Some(Command::Flush(done)) => {
+                        // Records sent before the flush request are in the channel ahead of it.
+                        let result = self.write(&store).await.map_err(|e| e.to_string());
+                        let _ = done.send(result);
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    if let Err(err) = self.write(&store).await {
+                        tracing::warn!(error = %err, entries = self.pending.len(), "usage not written yet; will retry");
+                    }
+                }
+                () = cancel.cancelled() => break,
+            }
+        }
+        // The server has drained: take what is left and write it.
+        self.rx.close();
+        while let Ok(command) = self.rx.try_recv() {
+            match command {
+                Command::Record(record) => self.add(record),
+                Command::Flush(done) => {
+                    let _ = done.send(Err("the gateway is shutting down".to_owned()));
+                }
+            }
+        }
+        for attempt in 1..=FINAL_WRITE_ATTEMPTS {
+            match self.write(&store).await {
+                Ok(()) => return,
+                Err(err) if attempt == FINAL_WRITE_ATTEMPTS => {
+                    tracing::error!(error = %err, entries = self.pending.len(), "usage lost at shutdown: the store refused the last batch");
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "writing the last usage batch failed; retrying")
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, record: UsageRecord) {
+        let key = (record.client_id, record.model, utc_day(SystemTime::now()));
+        *self.pending.entry(key).or_default() += record.totals;
+    }
+
+    async fn write(&mut self, store: &Store) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch: Vec<UsageRow> = self
+            .pending
+            .iter()
+            .map(|((client_id, model, day), totals)| UsageRow {
+                client_id: client_id.to_string(),
+                model: model.clone(),
+                day: day.clone(),
+                totals: *totals,
+            })
+            .collect();
+        store.add_usage(&batch).await?;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+/// `YYYY-MM-DD` in UTC.
+pub fn utc_day(at: SystemTime) -> String {
+    let mut day = humantime::format_rfc3339_seconds(at).to_string();
+    day.truncate(10);
+    day
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_day_is_the_utc_date() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * 365 + 3_600 * 23);
+        assert_eq!(utc_day(at), "1971-01-01");
+    }
+}

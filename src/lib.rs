@@ -6,7 +6,9 @@
 //! 1. [`app::router`] routes `/v1/*` to [`proxy::handle`]; `/v1/models` is
 //!    answered from the config; `/healthz` and `/status` need no key.
 //! 2. [`auth::identify`] verifies the caller's gateway key and finds its
-//!    client, whose own limits [`clients::Client::admit`] applies after step 3.
+//!    client (declared in the config, or stored and found through
+//!    [`clients::Registry`]'s cache), whose own limits
+//!    [`clients::Client::admit`] applies after step 3.
 //! 3. [`request::inspect`] reads model, stream flag and prompt tokens
 //!    (with [`tokens`]' real tokenizers) into a [`limits::Demand`].
 //! 4. [`state::Live::candidates`] lists the nodes that serve the model.
@@ -20,7 +22,8 @@
 //!    ([`limits::Reservation::observe_upstream`]) and its status feeds
 //!    passive health ([`health::NodeHealth::on_request`]).
 //! 7. [`relay::relay`] streams the answer back untouched and settles the
-//!    [`limits::Reservation`] from the usage it saw.
+//!    [`limits::Reservation`] from the usage it saw; a client's usage goes to
+//!    the [`usage::UsageRecorder`].
 //!
 //! Every error the gateway produces is a [`error::GatewayError`], mapped to
 //! the OpenAI error shape in one place.
@@ -30,6 +33,9 @@
 //! - [`reload`] swaps in a changed config ([`state::AppState::swap`]) on a
 //!   file change or SIGHUP; [`control`] is the `reload` and `stop` commands'
 //!   side, through the pid file.
+//! - [`admin::router`] is the admin API (clients, usage, nodes) on its own
+//!   listener; [`store::Store`] keeps clients and usage in SQLite or
+//!   PostgreSQL; [`usage::UsageWriter`] writes usage in batches.
 //! - [`server::run`] is all of `balancer serve`.
 
 pub mod admin;

@@ -98,14 +98,9 @@ impl Gateway {
             state.spawn(|cancel| balancer::reload::watch(watched, source, cancel));
         }
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::serve_all(
-            listener,
-            admin,
-            state,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let task = tokio::spawn(server::serve_all(listener, admin, state, async move {
+            let _ = stopped.await;
+        }));
         Self {
             addr,
             admin_addr,

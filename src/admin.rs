@@ -383,7 +383,10 @@ fn valid_limits(
 ) -> Result<ClientLimits, GatewayError> {
     ClientLimits::from_parts(rpm, tpm, burst, rate_per_second).map_err(|problems| {
         // Each problem names its field; the first is reported with it.
-        let (field, message) = problems[0];
+        let (field, message) = problems
+            .first()
+            .copied()
+            .unwrap_or(("body", "invalid limits"));
         invalid(field, message)
     })
 }

@@ -5,8 +5,8 @@
 //! (compared in constant time with every one), a declared client's key
 //! (found by its SHA-256 in the snapshot's [`Directory`](crate::clients::Directory)),
 //! or a stored client's (through the [`Registry`]'s cache). With none of
-//! them configured and no client in the store, the gateway is open (warned
-//! at start-up).
+//! them configured, the admin API off and no client in the store, the
+//! gateway is open (warned at start-up): see [`is_open`].
 
 use std::sync::Arc;
 
@@ -24,11 +24,10 @@ pub async fn identify(
     registry: &Registry,
     headers: &HeaderMap,
 ) -> Result<Option<Arc<Client>>, GatewayError> {
-    let keys = &live.config.client_keys;
-    let stored = registry.any_stored();
-    if live.clients.is_empty() && keys.is_empty() && !stored {
+    if is_open(live, registry) {
         return Ok(None);
     }
+    let keys = &live.config.client_keys;
     let presented = presented(headers).ok_or(GatewayError::InvalidApiKey)?;
     if matches_any(keys, presented) {
         return Ok(None);
@@ -41,7 +40,7 @@ pub async fn identify(
             Err(GatewayError::InvalidApiKey)
         };
     }
-    if !stored {
+    if !registry.any_stored() {
         return Err(GatewayError::InvalidApiKey);
     }
     match registry.find(&hash).await {
@@ -52,6 +51,16 @@ pub async fn identify(
             Err(GatewayError::StoreUnavailable)
         }
     }
+}
+
+/// Whether the gateway lets anyone in: no key in the config, no client
+/// declared, the admin API off (with it on, clients are managed, so keys
+/// are required even before the first is made) and no client stored.
+pub fn is_open(live: &Live, registry: &Registry) -> bool {
+    live.config.client_keys.is_empty()
+        && live.clients.is_empty()
+        && live.config.admin.token.is_none()
+        && !registry.any_stored()
 }
 
 fn presented(headers: &HeaderMap) -> Option<&[u8]> {

@@ -73,11 +73,22 @@ pub async fn run(config_path: &Path) -> Result<(), DemoError> {
         .find_map(|n| n.models.as_ref().and_then(|m| m.first().cloned()))
         .unwrap_or_else(|| "gpt-4o-mini".to_owned());
     let admin = server::bind_admin(&config).map_err(|e| DemoError::Bind(e.to_string()))?;
+    let admin_hint = admin
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .zip(admin_token_hint(config_path));
     let base_dir = config_path.parent().unwrap_or(Path::new("."));
     let state = AppState::start(config, base_dir)
         .await
         .map_err(|e| DemoError::Start(e.to_string()))?;
     print_examples(listen, &model, &key_hint);
+    if let Some((addr, token)) = admin_hint {
+        println!(
+            "Admin API (docs/openapi.yaml): make a client with its own key and limits\n  \
+             curl http://{addr}/admin/clients -H \"Authorization: Bearer {token}\" \\\n    \
+             -H \"Content-Type: application/json\" -d '{{\"name\":\"team-a\",\"rpm\":60}}'\n"
+        );
+    }
     server::serve_all(listener, admin, state, server::shutdown_signal())
         .await
         .map_err(|e| DemoError::Start(e.to_string()))?;
@@ -97,23 +108,48 @@ pub enum DemoError {
     Start(String),
 }
 
-/// The variable names in `auth.client_keys_env`, read from the file.
-fn config_client_vars(path: &Path) -> Vec<String> {
-    #[derive(serde::Deserialize, Default)]
-    struct Auth {
-        #[serde(default)]
-        client_keys_env: Vec<String>,
-    }
-    #[derive(serde::Deserialize, Default)]
-    struct File {
-        #[serde(default)]
-        auth: Auth,
-    }
+#[derive(serde::Deserialize, Default)]
+struct Auth {
+    #[serde(default)]
+    client_keys_env: Vec<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct Admin {
+    token_env: Option<String>,
+}
+
+/// The parts of the file that name key variables.
+#[derive(serde::Deserialize, Default)]
+struct KeyVars {
+    #[serde(default)]
+    auth: Auth,
+    #[serde(default)]
+    admin: Admin,
+}
+
+fn key_vars(path: &Path) -> KeyVars {
     use figment::providers::{Format, Toml};
     figment::Figment::from(Toml::file(path))
-        .extract::<File>()
-        .map(|f| f.auth.client_keys_env)
+        .extract::<KeyVars>()
         .unwrap_or_default()
+}
+
+/// The variable names in `auth.client_keys_env`, read from the file.
+fn config_client_vars(path: &Path) -> Vec<String> {
+    key_vars(path).auth.client_keys_env
+}
+
+/// How to present the admin token in the printed examples, if the admin
+/// API is on.
+fn admin_token_hint(path: &Path) -> Option<String> {
+    let var = key_vars(path).admin.token_env?;
+    Some(if std::env::var(&var).is_ok() {
+        format!("${var}")
+    } else {
+        // The demo made the value up; showing it is how the user learns it.
+        format!("sk-demo-{}", var.to_lowercase())
+    })
 }
 
 fn client_key_hint(config: &Config, defaulted: &[String]) -> String {

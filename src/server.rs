@@ -103,8 +103,7 @@ pub fn bind_admin(config: &config::Config) -> Result<Option<TcpListener>, RunErr
 }
 
 fn warn_if_open(state: &AppState) {
-    let config = &state.live().config;
-    if config.client_keys.is_empty() && config.clients.is_empty() && !state.clients.any_stored() {
+    if crate::auth::is_open(&state.live(), &state.clients) {
         tracing::warn!(
             "no client keys configured (auth.client_keys_env, [[clients]], admin API): the gateway is open to anyone who can reach it"
         );

@@ -397,7 +397,8 @@ fn resolve(url: &str, base_dir: &Path) -> Result<(SecretString, Backend), String
     if path.is_empty() {
         return Err("store.url: names no SQLite file".to_owned());
     }
-    let path = base_dir.join(path);
+    // `base_dir` may itself be relative (or empty, for `--config Balancer.toml`).
+    let path = std::path::absolute(base_dir.join(path)).map_err(|e| e.to_string())?;
     let mut resolved = reqwest::Url::parse("sqlite:///").map_err(|e| e.to_string())?;
     resolved.set_path(&path.to_string_lossy());
     let mut query = query.to_owned();
@@ -502,6 +503,13 @@ mod tests {
         );
         let (url, _) = resolve("sqlite:/var/lib/b.db?mode=rw", Path::new("/etc")).unwrap();
         assert_eq!(url.expose_secret(), "sqlite:///var/lib/b.db?mode=rw");
+        // `--config Balancer.toml`: the config's directory is the working one.
+        let (url, _) = resolve("sqlite://balancer.db", Path::new("")).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            url.expose_secret(),
+            format!("sqlite://{}/balancer.db?mode=rwc", cwd.display())
+        );
     }
 
     #[test]

@@ -149,6 +149,8 @@ async fn the_admin_api_answers_only_to_its_token(backend: Backend) {
     assert_eq!(answer.0, 401);
     let (status, list) = admin(&gw, Method::GET, "/admin/clients", None).await;
     assert_eq!((status, list["data"].as_array().unwrap().len()), (200, 0));
+    // With the admin API on, the gateway wants a key before any client exists.
+    assert_eq!(ask_as(&gw, "sk-made-up", "gpt-4o-mini", 5).await.0, 401);
     // The gateway's own listener does not serve the admin API.
     let on_gateway = client()
         .get(gw.url("/admin/clients"))

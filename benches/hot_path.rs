@@ -219,5 +219,60 @@ fn whole_request(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, tokens, selection, limiter, whole_request);
+/// Finding a stored client by its key: through the registry's cache (what
+/// every request does) against asking the store each time (the baseline
+/// the cache replaces).
+fn client_lookup(c: &mut Criterion) {
+    use balancer::clients::{Registry, key_prefix, new_id};
+    use balancer::config::{ClientLimits, hash_key};
+    use balancer::store::{Store, StoredClient};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = "sk-bal-benchmarkbenchmarkbenchmarkbenchmark1";
+    let hash = hash_key(key.as_bytes());
+    let (store, registry) = runtime.block_on(async {
+        let url = secrecy::SecretString::from("sqlite::memory:".to_owned());
+        let store = Store::open(&url, std::path::Path::new(".")).await.unwrap();
+        store
+            .insert_client(&StoredClient {
+                id: new_id(),
+                name: "bench".to_owned(),
+                key_hash: hash,
+                key_prefix: key_prefix(key),
+                limits: ClientLimits::default(),
+                models: None,
+                enabled: true,
+                created_at: 0,
+            })
+            .await
+            .unwrap();
+        let (recorder, _writer) = balancer::usage::channel();
+        let registry = Registry::new(store.clone(), std::time::Duration::from_secs(60), recorder)
+            .await
+            .unwrap();
+        (store, registry)
+    });
+    let mut group = c.benchmark_group("client_lookup");
+    group.bench_function("registry_cache_hit", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { black_box(registry.find(black_box(&hash)).await.unwrap()) })
+    });
+    group.bench_function("store_every_time", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { black_box(store.client_by_key(black_box(&hash)).await.unwrap()) })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    tokens,
+    selection,
+    limiter,
+    whole_request,
+    client_lookup
+);
 criterion_main!(benches);

@@ -130,14 +130,25 @@ impl Store {
             reason,
         };
         let (url, backend) = resolve(url.expose_secret(), base_dir).map_err(failed)?;
+        // An in-memory SQLite database lives and dies with its connection:
+        // keep exactly one, for good.
+        let in_memory = url.expose_secret().contains(":memory:");
         let connections = match backend {
+            _ if in_memory => 1,
             // One writer at a time anyway; a few readers beside it.
             Backend::Sqlite => 4,
             Backend::Postgres => 8,
         };
-        let pool = AnyPoolOptions::new()
+        let mut options = AnyPoolOptions::new()
             .max_connections(connections)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .acquire_timeout(ACQUIRE_TIMEOUT);
+        if in_memory {
+            options = options
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None);
+        }
+        let pool = options
             .connect(url.expose_secret())
             .await
             .map_err(|e| failed(e.to_string()))?;
@@ -522,6 +533,16 @@ mod tests {
             describe("sqlite://balancer.db?mode=rwc"),
             "sqlite://balancer.db"
         );
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_store_is_one_database_however_many_ask_at_once() {
+        let url = SecretString::from("sqlite::memory:".to_owned());
+        let store = Store::open(&url, Path::new(".")).await.unwrap();
+        let counts = futures_util::future::join_all((0..8).map(|_| store.count_clients())).await;
+        for count in counts {
+            assert_eq!(count.unwrap(), 0);
+        }
     }
 
     #[test]

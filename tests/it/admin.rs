@@ -78,8 +78,18 @@ async fn mock() -> MockUpstream {
 
 /// A gateway on `store` with the admin API on, in front of `upstream`.
 async fn gateway(store: &TestStore, upstream: &MockUpstream, extra: &str) -> Gateway {
+    gateway_on(store, "", upstream, extra).await
+}
+
+/// [`gateway`] with more `[store]` settings.
+async fn gateway_on(
+    store: &TestStore,
+    store_settings: &str,
+    upstream: &MockUpstream,
+    extra: &str,
+) -> Gateway {
     let toml = format!(
-        "[store]\nurl = \"{}\"\n[admin]\ntoken_env = \"TEST_ADMIN_TOKEN\"\n[queue]\nmax_wait = \"1s\"\n{extra}{}",
+        "[store]\nurl = \"{}\"\n{store_settings}\n[admin]\ntoken_env = \"TEST_ADMIN_TOKEN\"\n[queue]\nmax_wait = \"1s\"\n{extra}{}",
         store.url,
         node("n", &upstream.base_url(), "sk-mock", "")
     );
@@ -551,7 +561,8 @@ async fn usage_matches_what_the_upstream_received(backend: Backend) {
 async fn clients_and_usage_survive_a_restart(backend: Backend) {
     let store = TestStore::new(backend).await;
     let upstream = mock().await;
-    let gw = gateway(&store, &upstream, "").await;
+    // No batch is due before the stop: only the stop itself can write.
+    let gw = gateway_on(&store, "usage_flush_interval = \"1h\"", &upstream, "").await;
     let made = create(&gw, json!({"name": "a", "rpm": 50})).await;
     for _ in 0..3 {
         assert_eq!(ask_as(&gw, key(&made), "gpt-4o-mini", 5).await.0, 200);
@@ -636,6 +647,54 @@ async fn admin_nodes_shows_each_node_and_never_a_key(backend: Backend) {
     upstream.stop().await;
 }
 
+async fn changes_on_one_replica_reach_another_within_the_cache_ttl(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let upstream = mock().await;
+    let ttl = "cache_ttl = \"200ms\"";
+    let one = gateway_on(&store, ttl, &upstream, "").await;
+    let other = gateway_on(&store, ttl, &upstream, "").await;
+    let made = create(&one, json!({"name": "a"})).await;
+    let key = key(&made).to_owned();
+    // `other` learns of the new client within its cache TTL.
+    // Every answer served counts in the client's usage.
+    let served = std::cell::Cell::new(0u64);
+    let ask_other = || async {
+        let status = ask_as(&other, &key, "gpt-4o-mini", 5).await.0;
+        served.set(served.get() + u64::from(status == 200));
+        status
+    };
+    eventually(|| async { ask_other().await == 200 }).await;
+    let path = format!("/admin/clients/{}", id(&made));
+    admin(&one, Method::PATCH, &path, Some(json!({"enabled": false}))).await;
+    // At once on the replica that made the change...
+    assert_eq!(ask_as(&one, &key, "gpt-4o-mini", 5).await.0, 401);
+    // ...and within the TTL on the other.
+    eventually(|| async { ask_other().await == 401 }).await;
+    // Both see the same clients and the same usage.
+    let (_, listed) = admin(&other, Method::GET, "/admin/clients", None).await;
+    assert_eq!(listed["data"][0]["enabled"], false);
+    // (The request was served by `other`: its report writes it first.)
+    let (_, usage_other) = admin(&other, Method::GET, &format!("{path}/usage"), None).await;
+    let (_, usage) = admin(&one, Method::GET, &format!("{path}/usage"), None).await;
+    assert_eq!(usage["total"]["requests"], served.get());
+    assert_eq!(usage["total"], usage_other["total"]);
+    upstream.stop().await;
+}
+
+/// Waits (bounded, 5 s) until `ready` holds: another replica's change
+/// arrives when its cache entry expires, an event it cannot signal here.
+async fn eventually<F, Fut>(ready: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !ready().await {
+        assert!(tokio::time::Instant::now() < deadline, "not within 5 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 macro_rules! on_both_stores {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -665,6 +724,7 @@ on_both_stores!(
     clients_and_usage_survive_a_restart,
     the_store_never_holds_a_key,
     admin_nodes_shows_each_node_and_never_a_key,
+    changes_on_one_replica_reach_another_within_the_cache_ttl,
 );
 
 /// The published document and the router agree: every path and method in

@@ -181,7 +181,7 @@ fn gateway_toml(
     nodes: &[usize],
 ) -> String {
     let mut toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\npid_file = \"{scenario}-gateway.pid\"\n\n[auth]\nclient_keys_env = [\"{CLIENT_KEY_ENV}\"]\n\n{extra}\n"
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\npid_file = \"{scenario}-gateway.pid\"\n\n[store]\nurl = \"sqlite://{scenario}-gateway.db\"\n\n[auth]\nclient_keys_env = [\"{CLIENT_KEY_ENV}\"]\n\n{extra}\n"
     );
     for (i, url) in mocks.urls.iter().enumerate() {
         if !nodes.contains(&i) {

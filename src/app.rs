@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::auth;
 use crate::error::GatewayError;
+use crate::metrics;
 use crate::proxy;
 use crate::state::AppState;
 use crate::status;
@@ -21,6 +22,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Operations: no key needed, no secret revealed.
         .route("/healthz", get(|| async { "ok" }))
         .route("/status", get(status::handle))
+        .route("/metrics", get(metrics::handle))
+        .route("/dashboard", get(status::dashboard))
         // Answered by the gateway from its config, behind the client key.
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))

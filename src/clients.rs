@@ -55,15 +55,64 @@ pub struct Client {
     pub usage: Arc<ClientUsage>,
 }
 
-/// What a client has used: its rolling window and its token bucket.
+/// What a client has used: its rolling window, its token bucket, and its
+/// counters since start (for `/metrics`).
 #[derive(Debug)]
 pub struct ClientUsage {
     window: Arc<NodeUsage>,
     bucket: Option<Mutex<TokenBucket>>,
+    pub counters: Arc<ClientCounters>,
+}
+
+/// A client's requests and tokens since start: atomics, counted when an
+/// answer's relay ends, read by the `/metrics` scrape.
+#[derive(Debug)]
+pub struct ClientCounters {
+    /// The client's name as last seen; a rename shows at the next lookup.
+    name: Mutex<Arc<str>>,
+    requests: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+impl ClientCounters {
+    fn new(name: &Arc<str>) -> Arc<Self> {
+        Arc::new(Self {
+            name: Mutex::new(Arc::clone(name)),
+            requests: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            completion_tokens: AtomicU64::new(0),
+        })
+    }
+
+    /// Counts one answered request and the tokens it used.
+    pub fn record(&self, prompt_tokens: u64, completion_tokens: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
+        self.completion_tokens
+            .fetch_add(completion_tokens, Ordering::Relaxed);
+    }
+
+    pub fn name(&self) -> Arc<str> {
+        Arc::clone(&self.name.lock())
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Prompt and completion tokens.
+    pub fn tokens(&self) -> (u64, u64) {
+        (
+            self.prompt_tokens.load(Ordering::Relaxed),
+            self.completion_tokens.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl ClientUsage {
-    pub fn new(limits: &ClientLimits) -> Arc<Self> {
+    pub fn new(name: &Arc<str>, limits: &ClientLimits) -> Arc<Self> {
         let quota = Quota {
             rpm: limits.rpm,
             tpm: limits.tpm,
@@ -76,12 +125,19 @@ impl ClientUsage {
             bucket: limits
                 .bucket
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
+            counters: ClientCounters::new(name),
         })
     }
 
     /// Applies changed limits (a reload, an admin change) without resetting
     /// what was used. A bucket whose limit changed starts full at its new size.
-    fn update(self: &Arc<Self>, limits: &ClientLimits) -> Arc<Self> {
+    fn update(self: &Arc<Self>, name: &Arc<str>, limits: &ClientLimits) -> Arc<Self> {
+        {
+            let mut current = self.counters.name.lock();
+            if **current != **name {
+                *current = Arc::clone(name);
+            }
+        }
         let bucket_same = match (&self.bucket, limits.bucket) {
             (None, None) => true,
             (Some(b), Some(limit)) => b.lock().limit == limit,
@@ -100,6 +156,7 @@ impl ClientUsage {
             bucket: limits
                 .bucket
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
+            counters: Arc::clone(&self.counters),
         })
     }
 }
@@ -189,7 +246,7 @@ impl Directory {
         let mut by_hash = HashMap::with_capacity(configs.len());
         for (config, id) in configs.iter().zip(ids) {
             let client = Client {
-                usage: registry.usage_for(&id, &config.limits),
+                usage: registry.usage_for(&id, &config.name, &config.limits),
                 id,
                 name: Arc::clone(&config.name),
                 models: config.models.clone(),
@@ -355,7 +412,11 @@ impl Registry {
         self.cache.invalidate_all();
         if let Some(client) = client {
             self.any_stored.store(true, Ordering::Release);
-            self.usage_for(&Arc::from(client.id.as_str()), &client.limits);
+            self.usage_for(
+                &Arc::from(client.id.as_str()),
+                &Arc::from(client.name.as_str()),
+                &client.limits,
+            );
         }
         if let Some(id) = deleted {
             self.usages.lock().remove(id);
@@ -372,11 +433,16 @@ impl Registry {
 
     /// A client's usage, made on first sight and kept by id; updated to
     /// `limits` when they changed.
-    pub fn usage_for(&self, id: &Arc<str>, limits: &ClientLimits) -> Arc<ClientUsage> {
+    pub fn usage_for(
+        &self,
+        id: &Arc<str>,
+        name: &Arc<str>,
+        limits: &ClientLimits,
+    ) -> Arc<ClientUsage> {
         let mut usages = self.usages.lock();
         let usage = match usages.get(id) {
-            Some(existing) => existing.update(limits),
-            None => ClientUsage::new(limits),
+            Some(existing) => existing.update(name, limits),
+            None => ClientUsage::new(name, limits),
         };
         usages.insert(Arc::clone(id), Arc::clone(&usage));
         usage
@@ -389,12 +455,25 @@ impl Registry {
             .retain(|id, _| !id.starts_with(CONFIG_ID_PREFIX) || ids.contains(id));
     }
 
+    /// Every client's counters by id, sorted, for the `/metrics` scrape.
+    pub fn counters(&self) -> Vec<(Arc<str>, Arc<ClientCounters>)> {
+        let mut all: Vec<_> = self
+            .usages
+            .lock()
+            .iter()
+            .map(|(id, usage)| (Arc::clone(id), Arc::clone(&usage.counters)))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     fn client(&self, stored: &StoredClient) -> Arc<Client> {
         let id: Arc<str> = Arc::from(stored.id.as_str());
+        let name: Arc<str> = Arc::from(stored.name.as_str());
         Arc::new(Client {
-            usage: self.usage_for(&id, &stored.limits),
+            usage: self.usage_for(&id, &name, &stored.limits),
             id,
-            name: Arc::from(stored.name.as_str()),
+            name,
             models: stored.models.clone(),
             enabled: stored.enabled,
         })

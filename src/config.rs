@@ -90,6 +90,7 @@ struct RawConfig {
     auth: RawAuth,
     store: RawStore,
     admin: RawAdmin,
+    log: LogSettings,
     clients: Vec<RawClient>,
     nodes: Vec<RawNode>,
 }
@@ -111,6 +112,34 @@ impl Default for RawStore {
             url: DEFAULT_STORE_URL.to_owned(),
             cache_ttl: DEFAULT_CLIENT_CACHE_TTL,
             usage_flush_interval: DEFAULT_USAGE_FLUSH_INTERVAL,
+        }
+    }
+}
+
+/// `[log]`: how log lines are written; the level comes from `RUST_LOG`.
+/// Read at start-up only.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, its fields at the top level.
+    Json,
+}
+
+impl LogFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
         }
     }
 }
@@ -332,6 +361,8 @@ pub struct Config {
     pub store: StoreSettings,
     /// Read at start-up only.
     pub admin: AdminSettings,
+    /// Read at start-up only.
+    pub log: LogSettings,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -613,6 +644,22 @@ pub fn configured_pid_file(config_path: &Path) -> Option<PathBuf> {
     only.server?.pid_file
 }
 
+/// `log.format` as the config at `config_path` sets it, read before
+/// logging starts; text when the file cannot be read (the full load then
+/// reports why).
+pub fn configured_log_format(config_path: &Path) -> LogFormat {
+    #[derive(Deserialize)]
+    struct Only {
+        log: Option<LogSettings>,
+    }
+    Figment::from(Toml::file(config_path))
+        .merge(env_overrides())
+        .extract::<Only>()
+        .ok()
+        .and_then(|only| only.log)
+        .map_or(LogFormat::Text, |log| log.format)
+}
+
 /// Where a literal key or other soft problem deserves a warning at start-up.
 #[derive(Debug, Clone, Default)]
 pub struct Warnings(pub Vec<String>);
@@ -758,6 +805,7 @@ fn validate(
             clients,
             store,
             admin,
+            log: raw.log,
             nodes,
         },
         warnings,
@@ -1153,6 +1201,8 @@ impl Config {
             "none (admin API off)"
         };
         let _ = writeln!(out, "token = {token}");
+        let _ = writeln!(out, "\n[log]");
+        let _ = writeln!(out, "format = \"{}\"", self.log.format.as_str());
         let _ = writeln!(out, "\n[auth]");
         let keys = vec!["\"[redacted]\""; self.client_keys.len()].join(", ");
         let _ = writeln!(out, "client_keys = [{keys}]");

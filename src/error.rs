@@ -207,6 +207,11 @@ impl GatewayError {
         self.classify().0
     }
 
+    /// The body's `code`, for logs.
+    pub fn code(&self) -> &'static str {
+        self.classify().2
+    }
+
     /// The request field at fault, for the body's `param`.
     fn param(&self) -> Option<&str> {
         match self {

@@ -48,6 +48,7 @@ pub mod demo;
 pub mod error;
 pub mod health;
 pub mod limits;
+pub mod metrics;
 pub mod proxy;
 pub mod queue;
 pub mod relay;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use std::time::Duration;
 
-use balancer::config::{self, CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH};
+use balancer::config::{self, CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH, LogFormat};
 use balancer::control::{self, ControlError};
 use balancer::demo;
 use balancer::server::{self, RunError};
@@ -49,7 +49,7 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(config::configured_log_format(&cli.config));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -105,10 +105,22 @@ fn pid_file(path: &std::path::Path) -> std::path::PathBuf {
     config::pid_file_for(path, config::configured_pid_file(path).as_deref())
 }
 
-fn init_tracing() {
+/// Logs to stdout at the level `RUST_LOG` sets (info by default), as text
+/// or one JSON object per line (`log.format`).
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 fn config_failure(path: &std::path::Path, err: &config::ConfigError) -> ExitCode {

@@ -27,11 +27,13 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::auth;
+use crate::clients::Client;
 use crate::error::GatewayError;
 use crate::health::Verdict;
 use crate::limits::{CooldownReason, Reservation};
+use crate::metrics::{self, UpstreamError};
 use crate::queue::Placement;
-use crate::relay::{self, UsageTicket};
+use crate::relay::{self, ACCESS_LOG, Trace, UsageTicket};
 use crate::request::{self, RequestInfo};
 use crate::state::{AppState, Live};
 use crate::store::UsageTotals;
@@ -40,41 +42,99 @@ use crate::usage::UsageRecord;
 
 /// The handler for every `/v1/*` path the gateway does not answer itself.
 pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let received = Instant::now();
     // A `Uri` clone shares its bytes: no copy of the path on the hot path.
     let uri = request.uri().clone();
-    match forward(&state, request).await {
+    match forward(&state, request, received).await {
         Ok(response) => response,
-        Err(err) => {
-            let path = uri.path();
-            if err.status().is_server_error() {
-                tracing::warn!(path, error = %err, "request failed");
-            } else {
-                tracing::debug!(path, error = %err, "request refused");
-            }
-            err.into_response()
+        Err(Refused { error, model }) => {
+            refused(&state, uri.path(), &error, model.as_deref(), received);
+            error.into_response()
         }
     }
 }
 
-async fn forward(state: &AppState, request: Request) -> Result<Response, GatewayError> {
-    let mut live = state.live();
+/// An error the gateway answers itself, and the model asked for if it got
+/// that far.
+struct Refused {
+    error: GatewayError,
+    model: Option<Box<str>>,
+}
+
+impl From<GatewayError> for Refused {
+    fn from(error: GatewayError) -> Self {
+        Self { error, model: None }
+    }
+}
+
+/// Counts and logs an answer the gateway gave itself: under node `""`, and
+/// under the model only if the config lists it (a made-up name is no label).
+fn refused(
+    state: &AppState,
+    path: &str,
+    error: &GatewayError,
+    model: Option<&str>,
+    received: Instant,
+) {
+    let label = model.filter(|m| state.live().lists_model(m)).unwrap_or("");
+    let status = error.status();
+    let elapsed = metrics::elapsed(received);
+    state
+        .metrics
+        .answered
+        .route(label)
+        .answered(status, elapsed);
+    let (code, model, duration_ms) = (
+        error.code(),
+        model.unwrap_or(""),
+        elapsed.as_millis() as u64,
+    );
+    if status.is_server_error() {
+        tracing::warn!(target: ACCESS_LOG, path, node = "", model, status = status.as_u16(), code, duration_ms, error = %error, "request");
+    } else {
+        tracing::info!(target: ACCESS_LOG, path, node = "", model, status = status.as_u16(), code, duration_ms, error = %error, "request");
+    }
+}
+
+async fn forward(
+    state: &AppState,
+    request: Request,
+    received: Instant,
+) -> Result<Response, Refused> {
+    let live = state.live();
     let (parts, body) = request.into_parts();
     let client = auth::identify(&live, &state.clients, &parts.headers).await?;
-
-    let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("", |pq| pq.as_str())
-        .strip_prefix("/v1")
-        .unwrap_or("");
     let body = read_body(body, &parts.headers, live.config.server.max_body_bytes).await?;
+    let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
     let info = request::inspect(
         rest,
         &body,
         is_json(&parts.headers, &body),
         live.config.accounting.default_completion_tokens,
     )?;
+    let answered = dispatch(state, live, &parts, body, &info, client, received).await;
+    answered.map_err(|error| Refused {
+        error,
+        model: info.model,
+    })
+}
+
+/// Steps 4 to 7 for a request that has been read and inspected.
+async fn dispatch(
+    state: &AppState,
+    mut live: Arc<Live>,
+    parts: &axum::http::request::Parts,
+    body: Bytes,
+    info: &RequestInfo,
+    client: Option<Arc<Client>>,
+    received: Instant,
+) -> Result<Response, GatewayError> {
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("", |pq| pq.as_str())
+        .strip_prefix("/v1")
+        .unwrap_or("");
     let mut candidates = live.candidates(info.model.as_deref())?;
     // The client's own limits come before any node is chosen. Its
     // reservation settles with the answer, or stays counted in full if none
@@ -85,6 +145,7 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
     };
     let mut usage = client.as_ref().map(|client| UsageTicket {
         recorder: state.clients.recorder().clone(),
+        counters: Arc::clone(&client.usage.counters),
         record: UsageRecord {
             client_id: Arc::clone(&client.id),
             model: info.model.as_deref().unwrap_or("").to_owned(),
@@ -95,13 +156,22 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
             },
         },
     });
-    let deadline = Instant::now() + live.config.server.request_timeout;
+    let deadline = received + live.config.server.request_timeout;
+    let mut trace = Trace {
+        uri: parts.uri.clone(),
+        received,
+        queue_wait: std::time::Duration::ZERO,
+        sent: received,
+        attempts: 0,
+        request_bytes: body.len() as u64,
+    };
 
     let attempts = live.config.retry.attempts as usize + 1;
     let mut tried: Vec<usize> = Vec::new();
     let mut last: Option<Attempt> = None;
     for attempt in 0..attempts {
         let placement = if attempt == 0 {
+            let queued = Instant::now();
             let admitted = state
                 .queue
                 .admit(
@@ -113,6 +183,8 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
                     deadline,
                 )
                 .await;
+            trace.queue_wait = metrics::elapsed(queued);
+            state.metrics.queue_wait.observe(trace.queue_wait);
             let mut placement = match admitted {
                 Ok(placement) => placement,
                 Err(err) => {
@@ -136,20 +208,28 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
                 .queue
                 .place(&live, &candidates, &tried, info.demand, Instant::now())
             {
-                Some(placement) => placement,
+                Some(placement) => {
+                    if let Some(&failed) = tried.last() {
+                        live.nodes[failed].metrics.retried_elsewhere();
+                    }
+                    placement
+                }
                 None => break,
             }
         };
         let node = placement.node;
-        let outcome = try_node(&live, placement, &parts, path_and_query, &body, deadline).await;
+        trace.attempts += 1;
+        trace.sent = Instant::now();
+        let outcome = try_node(&live, placement, parts, path_and_query, &body, deadline).await;
         if !outcome.retryable() {
-            return Ok(outcome.finish(
+            return outcome.finish(
                 &live,
-                &info,
+                info,
                 deadline,
                 client_reservation.take(),
                 usage.take(),
-            ));
+                trace,
+            );
         }
         // Only a retry needs the list of nodes already tried.
         tried.push(node);
@@ -158,7 +238,7 @@ async fn forward(state: &AppState, request: Request) -> Result<Response, Gateway
         }
     }
     match last {
-        Some(outcome) => Ok(outcome.finish(&live, &info, deadline, client_reservation, usage)),
+        Some(outcome) => outcome.finish(&live, info, deadline, client_reservation, usage, trace),
         None => Err(GatewayError::UpstreamUnavailable {
             node: "none".to_owned(),
         }),
@@ -199,6 +279,8 @@ impl Attempt {
         }
     }
 
+    /// The client's answer: the node's, relayed; or, when no node
+    /// answered, the gateway's own error.
     fn finish(
         self,
         live: &Live,
@@ -206,31 +288,31 @@ impl Attempt {
         deadline: Instant,
         client: Option<Reservation>,
         usage: Option<UsageTicket>,
-    ) -> Response {
+        trace: Trace,
+    ) -> Result<Response, GatewayError> {
         match self {
             // Usage is recorded for answers the client got: what the
             // upstream served, whatever its status.
             Attempt::Answered {
                 response,
                 placement,
-            } => relay::relay(
+            } => Ok(relay::relay(
                 response,
                 &live.nodes[placement.node],
                 [Some(placement.reservation), client],
                 usage,
                 info,
                 deadline,
-            ),
+                trace,
+            )),
             Attempt::Failed { node, failure } => {
                 let node = live.nodes[node].name.to_string();
-                let err = match failure {
+                Err(match failure {
                     Failure::Timeout => GatewayError::UpstreamTimeout { node },
                     Failure::Connect | Failure::Broken => {
                         GatewayError::UpstreamUnavailable { node }
                     }
-                };
-                tracing::warn!(error = %err, "no upstream answered");
-                err.into_response()
+                })
             }
         }
     }
@@ -265,6 +347,9 @@ async fn try_node(
         Err(failure) => return failed(node, placement, failure, health),
     };
     let status = response.status();
+    if let Some(kind) = UpstreamError::of_status(status) {
+        node.metrics.upstream_error(kind);
+    }
     placement
         .reservation
         .observe_upstream(&upstream::rate_limit_report(response.headers()));
@@ -306,11 +391,12 @@ fn failed(
     health: &crate::config::HealthSettings,
 ) -> Attempt {
     tracing::warn!(node = %node.name, ?failure, "upstream attempt failed");
-    let why = match failure {
-        Failure::Connect => "could not connect",
-        Failure::Timeout => "no answer in time",
-        Failure::Broken => "connection broke",
+    let (why, kind) = match failure {
+        Failure::Connect => ("could not connect", UpstreamError::Connect),
+        Failure::Timeout => ("no answer in time", UpstreamError::Timeout),
+        Failure::Broken => ("connection broke", UpstreamError::Broken),
     };
+    node.metrics.upstream_error(kind);
     node.health
         .on_request(Verdict::Failed(why.to_owned()), &node.key, health);
     let index = placement.node;

@@ -14,17 +14,22 @@
 
 use std::borrow::Cow;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderName, header};
+use axum::http::{HeaderName, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::Stream;
 use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
+use crate::clients::ClientCounters;
 use crate::limits::Reservation;
+use crate::metrics::{self, Route};
 use crate::request::RequestInfo;
 use crate::state::Node;
 use crate::tokens::Encoding;
@@ -36,11 +41,33 @@ pub const NODE_HEADER: HeaderName = HeaderName::from_static("x-balancer-node");
 /// reservation then stays counted in full). Chat answers are far smaller.
 const MAX_JSON_USAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// The `tracing` target of the one line logged per request, so
+/// `RUST_LOG` can set its level apart (`balancer::access=warn`).
+pub const ACCESS_LOG: &str = "balancer::access";
+
 /// A client's usage of one request, recorded when its relay ends.
 #[derive(Debug)]
 pub struct UsageTicket {
     pub recorder: UsageRecorder,
+    /// The client's counters for `/metrics`.
+    pub counters: Arc<ClientCounters>,
     pub record: UsageRecord,
+}
+
+/// When a request arrived and what it went through before its answer, for
+/// its metrics and its log line.
+#[derive(Debug)]
+pub struct Trace {
+    /// The request's URL (a clone shares its bytes).
+    pub uri: Uri,
+    pub received: Instant,
+    /// Time spent waiting for a node with headroom.
+    pub queue_wait: Duration,
+    /// When the attempt that was answered was sent.
+    pub sent: Instant,
+    /// Attempts made, the answered one included.
+    pub attempts: u32,
+    pub request_bytes: u64,
 }
 
 /// Turns the upstream's answer into the client's response.
@@ -51,6 +78,7 @@ pub fn relay(
     usage: Option<UsageTicket>,
     info: &RequestInfo,
     deadline: Instant,
+    trace: Trace,
 ) -> Response {
     let status = response.status();
     let mut headers = upstream::relayed_headers(response.headers());
@@ -66,13 +94,24 @@ pub fn relay(
     } else {
         Meter::Opaque
     };
+    let route = node
+        .metrics
+        .routes
+        .route(info.model.as_deref().unwrap_or(""));
     let settlement = Settlement {
         reservations,
         usage,
         meter,
         prompt_tokens: info.prompt_tokens,
         encoding: info.encoding,
-        success: status.is_success(),
+        status,
+        node: Arc::clone(&node.name),
+        route,
+        trace,
+        first_byte: None,
+        response_bytes: 0,
+        content_length: response.content_length(),
+        end: End::ClientGone,
     };
     let stream = RelayStream {
         inner: Box::pin(response.bytes_stream()),
@@ -105,15 +144,18 @@ impl Stream for RelayStream {
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(err))) => {
+                settlement.end = End::UpstreamBroke;
                 this.settlement = None;
                 Poll::Ready(Some(Err(std::io::Error::other(err))))
             }
             Poll::Ready(None) => {
+                settlement.end = End::Complete;
                 this.settlement = None;
                 Poll::Ready(None)
             }
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => {
+                    settlement.end = End::TimedOut;
                     this.settlement = None;
                     Poll::Ready(Some(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
@@ -126,7 +168,29 @@ impl Stream for RelayStream {
     }
 }
 
-/// Settles the reservation when dropped: on every way a relay can end.
+/// How a relay ended.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Complete,
+    UpstreamBroke,
+    TimedOut,
+    /// Dropped before its end: the client went away (or the gateway stopped).
+    ClientGone,
+}
+
+impl End {
+    fn as_str(self) -> &'static str {
+        match self {
+            End::Complete => "complete",
+            End::UpstreamBroke => "upstream_broke",
+            End::TimedOut => "timed_out",
+            End::ClientGone => "client_gone",
+        }
+    }
+}
+
+/// Settles the reservation, counts the request and logs its line when
+/// dropped: on every way a relay can end.
 struct Settlement {
     /// The node's, and the client's when it has its own limits.
     reservations: [Option<Reservation>; 2],
@@ -134,11 +198,27 @@ struct Settlement {
     meter: Meter,
     prompt_tokens: u64,
     encoding: Encoding,
-    success: bool,
+    status: StatusCode,
+    node: Arc<str>,
+    route: Arc<Route>,
+    trace: Trace,
+    /// Time from arrival to the first body byte, once it came.
+    first_byte: Option<Duration>,
+    response_bytes: u64,
+    /// The answer's declared length: the server stops reading the body once
+    /// it has sent that much, so a drop at that point is the end.
+    content_length: Option<u64>,
+    end: End,
 }
 
 impl Settlement {
     fn observe(&mut self, chunk: &Bytes) {
+        if self.first_byte.is_none() && !chunk.is_empty() {
+            let elapsed = metrics::elapsed(self.trace.received);
+            self.route.first_byte.observe(elapsed);
+            self.first_byte = Some(elapsed);
+        }
+        self.response_bytes += chunk.len() as u64;
         // Response bytes count against the node's bpm; a client has no bpm.
         if let Some(reservation) = &self.reservations[0] {
             reservation.record_response_bytes(chunk.len() as u64);
@@ -152,28 +232,32 @@ impl Settlement {
 
 impl Drop for Settlement {
     fn drop(&mut self) {
-        if self.reservations.iter().all(Option::is_none) && self.usage.is_none() {
-            return;
+        if matches!(self.end, End::ClientGone) && self.content_length == Some(self.response_bytes) {
+            self.end = End::Complete;
         }
-        let used = self
-            .meter
-            .usage(self.prompt_tokens, self.encoding, self.success);
+        let success = self.status.is_success();
+        let used = self.meter.usage(self.prompt_tokens, self.encoding, success);
+        // Unknown usage: the prompt as counted here, no completion.
+        let counted = used.unwrap_or(TokenUsage {
+            prompt: self.prompt_tokens,
+            completion: 0,
+        });
+        self.count(counted);
         // Usage first: once the reservations are settled (what `/status`
         // shows), the record is already on its way to the writer.
-        if let Some(UsageTicket {
-            recorder,
-            mut record,
-        }) = self.usage.take()
-        {
-            // Unknown usage: the prompt as counted here, no completion.
-            let used = used.unwrap_or(TokenUsage {
-                prompt: self.prompt_tokens,
-                completion: 0,
-            });
-            record.totals.prompt_tokens = used.prompt;
-            record.totals.completion_tokens = used.completion;
+        let client = self.usage.take().map(|ticket| {
+            let UsageTicket {
+                recorder,
+                counters,
+                mut record,
+            } = ticket;
+            counters.record(counted.prompt, counted.completion);
+            record.totals.prompt_tokens = counted.prompt;
+            record.totals.completion_tokens = counted.completion;
+            let id = Arc::clone(&record.client_id);
             recorder.record(record);
-        }
+            id
+        });
         for reservation in self.reservations.iter_mut().filter_map(Option::take) {
             match used {
                 Some(used) => reservation.settle(used.total()),
@@ -181,6 +265,51 @@ impl Drop for Settlement {
                 None => drop(reservation),
             }
         }
+        self.log(counted, client.as_deref());
+    }
+}
+
+impl Settlement {
+    fn count(&self, used: TokenUsage) {
+        let route = &self.route;
+        route.answered(self.status, metrics::elapsed(self.trace.received));
+        route
+            .prompt_tokens
+            .fetch_add(used.prompt, Ordering::Relaxed);
+        route
+            .completion_tokens
+            .fetch_add(used.completion, Ordering::Relaxed);
+        route
+            .request_bytes
+            .fetch_add(self.trace.request_bytes, Ordering::Relaxed);
+        route
+            .response_bytes
+            .fetch_add(self.response_bytes, Ordering::Relaxed);
+    }
+
+    /// The request's one line.
+    fn log(&self, used: TokenUsage, client: Option<&str>) {
+        let now = Instant::now();
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::info!(
+            target: ACCESS_LOG,
+            path = self.trace.uri.path(),
+            node = &*self.node,
+            model = &*self.route.model,
+            status = self.status.as_u16(),
+            end = self.end.as_str(),
+            client = client.unwrap_or(""),
+            prompt_tokens = used.prompt,
+            completion_tokens = used.completion,
+            request_bytes = self.trace.request_bytes,
+            response_bytes = self.response_bytes,
+            attempts = self.trace.attempts,
+            queue_ms = ms(self.trace.queue_wait),
+            upstream_ms = ms(now.saturating_duration_since(self.trace.sent)),
+            first_byte_ms = self.first_byte.map(ms),
+            duration_ms = ms(now.saturating_duration_since(self.trace.received)),
+            "request"
+        );
     }
 }
 

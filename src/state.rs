@@ -36,6 +36,7 @@ use crate::config::{Config, NodeConfig, NodeKey};
 use crate::error::GatewayError;
 use crate::health::{self, NodeHealth};
 use crate::limits::{HeadroomSignal, NodeUsage};
+use crate::metrics::{GatewayMetrics, NodeMetrics};
 use crate::queue::Queue;
 use crate::store::{Store, StoreError};
 use crate::usage::{self, UsageWriter};
@@ -54,6 +55,7 @@ pub struct Node {
     pub models: Option<Vec<String>>,
     pub usage: Arc<NodeUsage>,
     pub health: Arc<NodeHealth>,
+    pub metrics: Arc<NodeMetrics>,
     pub client: reqwest::Client,
 }
 
@@ -102,6 +104,7 @@ struct Tracked {
     url: Arc<str>,
     usage: Arc<NodeUsage>,
     health: Arc<NodeHealth>,
+    metrics: Arc<NodeMetrics>,
 }
 
 /// What outlives snapshots, by name.
@@ -137,6 +140,8 @@ pub struct AppState {
     pub queue: Arc<Queue>,
     /// Clients' keys, limits and usage; outlives snapshots.
     pub clients: Registry,
+    /// What the gateway answered itself, and queue waits.
+    pub metrics: GatewayMetrics,
     signal: Arc<HeadroomSignal>,
     /// Per node name; held only while preparing a snapshot and
     /// for `/status`.
@@ -199,6 +204,7 @@ impl AppState {
             live,
             queue,
             clients,
+            metrics: GatewayMetrics::default(),
             signal,
             tracked,
             generation: AtomicU64::new(1),
@@ -350,6 +356,7 @@ fn prepare(
                     Arc::clone(health_wake),
                     Arc::clone(signal),
                 ),
+                metrics: Arc::default(),
             });
         if entry.url != node.url {
             // Another deployment under the same name: its health starts
@@ -374,6 +381,7 @@ fn prepare(
             models: node.models.clone(),
             usage: Arc::clone(&entry.usage),
             health: Arc::clone(&entry.health),
+            metrics: Arc::clone(&entry.metrics),
             client,
         });
     }

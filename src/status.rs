@@ -14,6 +14,11 @@ use tokio::time::Instant;
 use crate::limits::Remaining;
 use crate::state::{AppState, Node};
 
+/// `GET /dashboard`: one self-contained page that draws `/status`.
+pub async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
+}
+
 pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
     let live = state.live();
     let now = Instant::now();
@@ -85,6 +90,8 @@ pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
         },
         "in_flight": u.in_flight,
         "reserved_tokens": u.pending_tokens,
+        "upstream_errors": node.metrics.errors().collect::<std::collections::BTreeMap<_, _>>(),
+        "retries": node.metrics.retries(),
         "cooldown_remaining_ms": u.cooldown.map(|(d, _)| ms(d)),
         "cooldown_reason": u.cooldown.map(|(_, reason)| reason.as_str()),
         "upstream_reported": {

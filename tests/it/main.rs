@@ -8,6 +8,7 @@ mod clients;
 mod errors;
 mod health;
 mod limits;
+mod metrics;
 mod pg;
 mod proxy;
 mod queue;

@@ -1,0 +1,613 @@
+//! Prometheus metrics: what the request path records, and the `/metrics`
+//! scrape that reads it.
+//!
+//! Recording costs atomics only. A request's [`Route`] (its node and model)
+//! is found once, when its answer arrives, through a copy-on-write map
+//! ([`Routes`]): a read is one `ArcSwap` load and a hash lookup, never a
+//! lock; only a model seen for the first time copies the map. Counters and
+//! [`Histogram`] buckets are `AtomicU64`s.
+//!
+//! Everything that is a state rather than an event (utilisation of each
+//! limit, health, cooldown, queue depth) is read at scrape time from the
+//! same structures `/status` reads, so the two never disagree.
+//!
+//! The scrape is encoded by `prometheus-client` in the OpenMetrics text
+//! format, which Prometheus negotiates by default. Metric names follow
+//! Prometheus conventions: a `balancer_` prefix, base units (seconds,
+//! bytes), `_total` on counters, `_ratio` on fractions.
+//!
+//! Label values come from the config (node names, listed models) or from a
+//! bounded set (status codes, error kinds). A model a node serves without
+//! listing it takes a label of its own up to [`MAX_MODELS_PER_NODE`], then
+//! `other`, so clients sending made-up model names cannot grow the scrape
+//! without bound.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::time::Instant;
+
+use crate::state::AppState;
+
+/// Upper bounds (seconds) of the latency histograms: from a cached answer
+/// (milliseconds) to a long completion (minutes).
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Distinct model labels a node keeps before it counts the rest as
+/// `other`. Far above what one deployment serves; low enough that made-up
+/// model names cannot grow the scrape without bound.
+pub const MAX_MODELS_PER_NODE: usize = 64;
+
+/// The label of models past [`MAX_MODELS_PER_NODE`].
+pub const OTHER_MODEL: &str = "other";
+
+/// HTTP status codes are 100..=999: one counter each, kept flat so that
+/// counting a status is an index, not a lookup.
+const STATUS_SLOTS: usize = 900;
+
+/// A latency histogram with fixed [`LATENCY_BUCKETS`], lock-free.
+#[derive(Debug)]
+pub struct Histogram {
+    /// One per bound, then the `+Inf` bucket; not cumulative.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let slot = LATENCY_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    fn encode(&self, encoder: &mut prometheus_client::encoding::MetricEncoder<'_>) -> Fmt {
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(self.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+}
+
+/// What one node did for one model (or, for the gateway's own answers, for
+/// one model with no node).
+#[derive(Debug)]
+pub struct Route {
+    /// The model label: the model, or [`OTHER_MODEL`], or `""` when none
+    /// was asked for or it is not one the config lists.
+    pub model: Box<str>,
+    responses: Box<[AtomicU64]>,
+    pub duration: Histogram,
+    pub first_byte: Histogram,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    pub request_bytes: AtomicU64,
+    pub response_bytes: AtomicU64,
+}
+
+impl Route {
+    fn new(model: &str) -> Self {
+        Self {
+            model: model.into(),
+            responses: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            duration: Histogram::default(),
+            first_byte: Histogram::default(),
+            prompt_tokens: AtomicU64::new(0),
+            completion_tokens: AtomicU64::new(0),
+            request_bytes: AtomicU64::new(0),
+            response_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one request answered with `status` after `elapsed`.
+    pub fn answered(&self, status: StatusCode, elapsed: Duration) {
+        let slot = usize::from(status.as_u16()).saturating_sub(100);
+        if let Some(counter) = self.responses.get(slot) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        self.duration.observe(elapsed);
+    }
+
+    /// Requests answered with `status` so far.
+    pub fn responses(&self, status: StatusCode) -> u64 {
+        let slot = usize::from(status.as_u16()).saturating_sub(100);
+        self.responses
+            .get(slot)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn statuses(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.responses.iter().enumerate().filter_map(|(slot, c)| {
+            let n = c.load(Ordering::Relaxed);
+            (n > 0).then_some((slot as u16 + 100, n))
+        })
+    }
+}
+
+/// The [`Route`]s of one node (or of the gateway itself), by model label.
+#[derive(Debug, Default)]
+pub struct Routes {
+    by_model: ArcSwap<HashMap<Box<str>, Arc<Route>>>,
+}
+
+impl Routes {
+    /// The route for `model`, made on first sight.
+    pub fn route(&self, model: &str) -> Arc<Route> {
+        if let Some(route) = self.by_model.load().get(model) {
+            return Arc::clone(route);
+        }
+        let mut found = None;
+        // Copy-on-write, rare: once per model and node.
+        self.by_model.rcu(|current| {
+            let label = if current.contains_key(model) || current.len() < MAX_MODELS_PER_NODE {
+                model
+            } else {
+                OTHER_MODEL
+            };
+            if let Some(route) = current.get(label) {
+                found = Some(Arc::clone(route));
+                return Arc::clone(current);
+            }
+            let route = Arc::new(Route::new(label));
+            found = Some(Arc::clone(&route));
+            let mut next = HashMap::clone(current);
+            next.insert(label.into(), route);
+            Arc::new(next)
+        });
+        found.unwrap_or_else(|| Arc::new(Route::new(model)))
+    }
+
+    fn sorted(&self) -> Vec<Arc<Route>> {
+        let mut routes: Vec<Arc<Route>> = self.by_model.load().values().cloned().collect();
+        routes.sort_by(|a, b| a.model.cmp(&b.model));
+        routes
+    }
+}
+
+/// Why an attempt on a node did not give the client its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// No connection could be made.
+    Connect,
+    /// No response head within `first_byte_timeout`.
+    Timeout,
+    /// The connection broke before the head.
+    Broken,
+    /// 429.
+    RateLimited,
+    /// 401 or 403: the node's key was refused.
+    KeyRefused,
+    /// 5xx.
+    ServerError,
+}
+
+impl UpstreamError {
+    const ALL: [UpstreamError; 6] = [
+        UpstreamError::Connect,
+        UpstreamError::Timeout,
+        UpstreamError::Broken,
+        UpstreamError::RateLimited,
+        UpstreamError::KeyRefused,
+        UpstreamError::ServerError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamError::Connect => "connect",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Broken => "broken",
+            UpstreamError::RateLimited => "rate_limited",
+            UpstreamError::KeyRefused => "key_refused",
+            UpstreamError::ServerError => "server_error",
+        }
+    }
+
+    /// The kind of error an answer with `status` is, if it is one.
+    pub fn of_status(status: StatusCode) -> Option<Self> {
+        match status.as_u16() {
+            429 => Some(UpstreamError::RateLimited),
+            401 | 403 => Some(UpstreamError::KeyRefused),
+            500..=599 => Some(UpstreamError::ServerError),
+            _ => None,
+        }
+    }
+}
+
+/// One node's counters; kept by node name across reloads, like its window.
+#[derive(Debug, Default)]
+pub struct NodeMetrics {
+    pub routes: Routes,
+    errors: [AtomicU64; UpstreamError::ALL.len()],
+    retries: AtomicU64,
+}
+
+impl NodeMetrics {
+    pub fn upstream_error(&self, kind: UpstreamError) {
+        self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request this node failed was tried again on another node.
+    pub fn retried_elsewhere(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Upstream errors by kind since start, for `/status`.
+    pub fn errors(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        UpstreamError::ALL.iter().map(|kind| {
+            (
+                kind.as_str(),
+                self.errors[*kind as usize].load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+}
+
+/// The gateway's own counters: requests it answered itself, and the queue.
+#[derive(Debug, Default)]
+pub struct GatewayMetrics {
+    /// Requests answered without any node (refused, or no node reached).
+    pub answered: Routes,
+    /// How long each admitted or refused request waited for a node.
+    pub queue_wait: Histogram,
+}
+
+/// Time since `since`, by the clock the request path uses.
+pub fn elapsed(since: Instant) -> Duration {
+    Instant::now().saturating_duration_since(since)
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// `GET /metrics`.
+pub async fn handle(State(state): State<Arc<AppState>>) -> Response {
+    let mut registry = Registry::with_prefix("balancer");
+    registry.register_collector(Box::new(Scrape(state)));
+    let mut body = String::with_capacity(16 * 1024);
+    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS))],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+type Fmt = Result<(), std::fmt::Error>;
+
+/// Reads the gateway's state once per scrape.
+struct Scrape(Arc<AppState>);
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scrape")
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut out: DescriptorEncoder<'_>) -> Fmt {
+        let state = &self.0;
+        let live = state.live();
+        let now = Instant::now();
+        // (node label, routes): the gateway's own answers under node="".
+        let mut routed: Vec<(&str, Vec<Arc<Route>>)> = live
+            .nodes
+            .iter()
+            .map(|n| (&*n.name, n.metrics.routes.sorted()))
+            .collect();
+        routed.push(("", state.metrics.answered.sorted()));
+
+        let mut family = out.encode_descriptor(
+            "requests",
+            "Requests answered, by the node that answered (\"\" when the gateway answered itself), model and status code.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (node, routes) in &routed {
+            for route in routes {
+                for (code, n) in route.statuses() {
+                    let code = code.to_string();
+                    let labels = [("node", *node), ("model", &route.model), ("code", &code)];
+                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        for (name, help, pick) in [
+            (
+                "request_duration",
+                "Time from a request's arrival to the end of its answer.",
+                (|r: &Route| &r.duration) as fn(&Route) -> &Histogram,
+            ),
+            (
+                "time_to_first_byte",
+                "Time from a request's arrival to the first byte of its answer's body.",
+                |r: &Route| &r.first_byte,
+            ),
+        ] {
+            let mut family =
+                out.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+            for (node, routes) in &routed {
+                for route in routes.iter().filter(|r| pick(r).count() > 0) {
+                    let labels = [("node", *node), ("model", &*route.model)];
+                    pick(route).encode(&mut family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family = out.encode_descriptor(
+            "tokens",
+            "Tokens used by answered requests: the answer's usage, else the tokenizer's count.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (node, routes) in &routed[..routed.len() - 1] {
+            for route in routes {
+                for (kind, n) in [
+                    ("prompt", &route.prompt_tokens),
+                    ("completion", &route.completion_tokens),
+                ] {
+                    let labels = [("node", *node), ("model", &route.model), ("kind", kind)];
+                    let n = n.load(Ordering::Relaxed);
+                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family = out.encode_descriptor(
+            "transferred",
+            "Bytes sent to nodes (request bodies) and relayed back (response bodies).",
+            Some(&Unit::Bytes),
+            MetricType::Counter,
+        )?;
+        for (node, routes) in &routed[..routed.len() - 1] {
+            for route in routes {
+                for (direction, n) in [
+                    ("request", &route.request_bytes),
+                    ("response", &route.response_bytes),
+                ] {
+                    let labels = [
+                        ("node", *node),
+                        ("model", &route.model),
+                        ("direction", direction),
+                    ];
+                    let n = n.load(Ordering::Relaxed);
+                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+
+        // The queue.
+        let depth = ConstGauge::new(state.queue.depth() as i64);
+        depth.encode(out.encode_descriptor(
+            "queue_depth",
+            "Requests waiting for headroom now.",
+            None,
+            depth.metric_type(),
+        )?)?;
+        state.metrics.queue_wait.encode(&mut out.encode_descriptor(
+            "queue_wait",
+            "How long requests waited for a node with headroom (0 when placed at once).",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?)?;
+        let refused = ConstCounter::new(state.queue.refused_total());
+        refused.encode(out.encode_descriptor(
+            "queue_refused",
+            "Requests refused with 429 because every node stayed saturated until their deadline.",
+            None,
+            refused.metric_type(),
+        )?)?;
+
+        // Each node's state, read as /status reads it.
+        let usages: Vec<_> = live.nodes.iter().map(|n| n.usage.snapshot(now)).collect();
+        let limits = |u: &crate::limits::UsageSnapshot| {
+            [
+                ("rpm", u.quota.rpm, u.requests),
+                ("tpm", u.quota.tpm, u.tokens),
+                ("bpm", u.quota.bpm, u.bytes),
+                ("concurrency", u.quota.max_concurrency, u.in_flight),
+            ]
+        };
+        let mut family = out.encode_descriptor(
+            "node_limit",
+            "Each node's configured limit (absent when unlimited).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (node, u) in live.nodes.iter().zip(&usages) {
+            for (limit, quota, _) in limits(u) {
+                if let Some(quota) = quota {
+                    let labels = [("node", &*node.name), ("limit", limit)];
+                    ConstGauge::new(u64::from(quota) as i64)
+                        .encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family = out.encode_descriptor(
+            "node_used",
+            "What each node has used of each limit: in the rolling minute (rpm, tpm, bpm) or now (concurrency).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (node, u) in live.nodes.iter().zip(&usages) {
+            for (limit, _, used) in limits(u) {
+                let labels = [("node", &*node.name), ("limit", limit)];
+                ConstGauge::new(used as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = out.encode_descriptor(
+            "node_utilization_ratio",
+            "Used over limit, for each limit a node has (1 = at its quota).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (node, u) in live.nodes.iter().zip(&usages) {
+            for (limit, quota, used) in limits(u) {
+                if let Some(quota) = quota {
+                    let labels = [("node", &*node.name), ("limit", limit)];
+                    let ratio = used as f64 / u64::from(quota) as f64;
+                    ConstGauge::new(ratio).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family = out.encode_descriptor(
+            "node_healthy",
+            "1 when the node is in rotation, 0 when health checks or failures took it out.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for node in live.nodes.iter() {
+            let labels = [("node", &*node.name)];
+            ConstGauge::new(i64::from(node.health.in_rotation()))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = out.encode_descriptor(
+            "node_cooldown_remaining",
+            "Time until a node cooled down after a 429 takes requests again (0 when it is not cooling down).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        for (node, u) in live.nodes.iter().zip(&usages) {
+            let labels = [("node", &*node.name)];
+            let left = u.cooldown.map_or(0.0, |(left, _)| left.as_secs_f64());
+            ConstGauge::new(left).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = out.encode_descriptor(
+            "retries",
+            "Requests a node failed before any byte reached the client, then sent to another node.",
+            None,
+            MetricType::Counter,
+        )?;
+        for node in live.nodes.iter() {
+            let labels = [("node", &*node.name)];
+            ConstCounter::new(node.metrics.retries()).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = out.encode_descriptor(
+            "upstream_errors",
+            "Attempts on a node that failed, by kind: connect, timeout, broken (no answer), rate_limited (429), key_refused (401/403), server_error (5xx).",
+            None,
+            MetricType::Counter,
+        )?;
+        for node in live.nodes.iter() {
+            for (kind, n) in node.metrics.errors() {
+                let labels = [("node", &*node.name), ("kind", kind)];
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
+        // Clients, when there are any.
+        let clients = state.clients.counters();
+        if !clients.is_empty() {
+            let mut family = out.encode_descriptor(
+                "client_requests",
+                "Requests each client made that a node answered.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (id, counters) in &clients {
+                let name = counters.name();
+                let labels = [("client", &**id), ("name", &*name)];
+                ConstCounter::new(counters.requests()).encode(family.encode_family(&labels)?)?;
+            }
+            let mut family = out.encode_descriptor(
+                "client_tokens",
+                "Tokens each client used, as recorded in its usage.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (id, counters) in &clients {
+                let name = counters.name();
+                let (prompt, completion) = counters.tokens();
+                for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+                    let labels = [("client", &**id), ("name", &*name), ("kind", kind)];
+                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_puts_each_observation_in_the_first_bucket_that_holds_it() {
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_millis(6));
+        h.observe(Duration::from_secs(500));
+        assert_eq!(h.buckets[0].load(Ordering::Relaxed), 1);
+        assert_eq!(h.buckets[1].load(Ordering::Relaxed), 1);
+        assert_eq!(h.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed), 1);
+        assert_eq!(h.count(), 3);
+        assert_eq!(h.sum_micros.load(Ordering::Relaxed), 500_011_000);
+    }
+
+    #[test]
+    fn a_node_keeps_a_bounded_number_of_model_labels() {
+        let routes = Routes::default();
+        let first = routes.route("gpt-4o");
+        assert!(Arc::ptr_eq(&first, &routes.route("gpt-4o")));
+        for i in 1..MAX_MODELS_PER_NODE {
+            routes.route(&format!("made-up-{i}"));
+        }
+        let over = routes.route("one-too-many");
+        assert_eq!(&*over.model, OTHER_MODEL);
+        assert!(Arc::ptr_eq(&over, &routes.route("another")));
+        // A model already labelled keeps its label.
+        assert_eq!(&*routes.route("gpt-4o").model, "gpt-4o");
+        assert_eq!(routes.sorted().len(), MAX_MODELS_PER_NODE + 1);
+    }
+
+    #[test]
+    fn statuses_are_counted_by_code() {
+        let route = Route::new("m");
+        route.answered(StatusCode::OK, Duration::ZERO);
+        route.answered(StatusCode::OK, Duration::ZERO);
+        route.answered(StatusCode::TOO_MANY_REQUESTS, Duration::ZERO);
+        assert_eq!(route.statuses().collect::<Vec<_>>(), [(200, 2), (429, 1)]);
+        assert_eq!(route.responses(StatusCode::OK), 2);
+    }
+}

@@ -5,6 +5,7 @@
 mod admin;
 mod cli;
 mod clients;
+mod dashboard;
 mod errors;
 mod health;
 mod limits;

@@ -644,6 +644,24 @@ pub fn configured_pid_file(config_path: &Path) -> Option<PathBuf> {
     only.server?.pid_file
 }
 
+/// `server.listen` as the config at `config_path` sets it (after
+/// `BALANCER_*` overrides), if it can be read.
+pub fn configured_listen(config_path: &Path) -> Option<SocketAddr> {
+    #[derive(Deserialize)]
+    struct Server {
+        listen: Option<SocketAddr>,
+    }
+    #[derive(Deserialize)]
+    struct Only {
+        server: Option<Server>,
+    }
+    let only: Only = Figment::from(Toml::file(config_path))
+        .merge(env_overrides())
+        .extract()
+        .ok()?;
+    only.server?.listen
+}
+
 /// `log.format` as the config at `config_path` sets it, read before
 /// logging starts; text when the file cannot be read (the full load then
 /// reports why).

@@ -10,6 +10,8 @@
 //! - `balancer stop` sends SIGTERM and waits for the process to exit; the
 //!   gateway drains requests in flight (streams included) for up to
 //!   `server.shutdown_grace` first.
+//! - `balancer healthcheck` asks the gateway's `/healthz` (a container's
+//!   health check: the runtime image has no shell and no curl).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -52,6 +54,40 @@ pub enum ControlError {
     StillRunning { pid: i32, waited: Duration },
     #[error("cannot write pid file {path}: {why}")]
     Write { path: PathBuf, why: std::io::Error },
+}
+
+/// How long `balancer healthcheck` waits for `/healthz`.
+const HEALTHCHECK_WAIT: Duration = Duration::from_secs(3);
+
+/// The `/healthz` URL of a gateway listening on `listen`: an unspecified
+/// address (`0.0.0.0`, `::`) is reached on loopback.
+pub fn healthz_url(listen: std::net::SocketAddr) -> String {
+    let host = match listen.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
+        ip if ip.is_unspecified() => "[::1]".to_owned(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+    };
+    format!("http://{host}:{}/healthz", listen.port())
+}
+
+/// Whether `url` answers 200 within [`HEALTHCHECK_WAIT`]; the error says why not.
+pub async fn healthcheck(url: &str) -> Result<(), String> {
+    let client = reqwest::Client::builder()
+        .timeout(HEALTHCHECK_WAIT)
+        .no_proxy()
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("{url} answered {}", response.status()))
+    }
 }
 
 /// The pid file of a running `serve`; removed when dropped (if it still
@@ -201,4 +237,18 @@ struct Outcome {
 
 fn read_outcome(path: &Path) -> Option<Outcome> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_healthcheck_reaches_an_unspecified_listen_address_on_loopback() {
+        let url = |addr: &str| healthz_url(addr.parse().unwrap());
+        assert_eq!(url("0.0.0.0:8080"), "http://127.0.0.1:8080/healthz");
+        assert_eq!(url("[::]:8080"), "http://[::1]:8080/healthz");
+        assert_eq!(url("10.0.0.7:9000"), "http://10.0.0.7:9000/healthz");
+        assert_eq!(url("[fe80::1]:80"), "http://[fe80::1]:80/healthz");
+    }
 }

@@ -42,6 +42,13 @@ enum Command {
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Exit 0 if the gateway's /healthz answers within 3 s, else 1 (for
+    /// container health checks).
+    Healthcheck {
+        /// The URL to ask; by default /healthz on the config's server.listen.
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 /// Exit status for a configuration the gateway refuses.
@@ -87,6 +94,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Healthcheck { url } => {
+            let url = url.unwrap_or_else(|| {
+                let listen = config::configured_listen(&cli.config)
+                    .unwrap_or_else(|| config::ServerSettings::default().listen);
+                control::healthz_url(listen)
+            });
+            match runtime.block_on(control::healthcheck(&url)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("balancer healthcheck: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo => runtime.block_on(async {
             match demo::run(&cli.config).await {
                 Ok(()) => ExitCode::SUCCESS,

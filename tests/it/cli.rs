@@ -22,6 +22,8 @@ const BINARY: &str = env!("CARGO_BIN_EXE_balancer");
 struct Served {
     child: Child,
     addr: SocketAddr,
+    /// Every line it logged after saying it was listening.
+    log: std::sync::mpsc::Receiver<String>,
 }
 
 impl Served {
@@ -40,6 +42,7 @@ impl Served {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (found, listening) = std::sync::mpsc::channel();
+        let (log_tx, log) = std::sync::mpsc::channel();
         // Keeps draining the log so the child never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut found = Some(found);
@@ -51,18 +54,39 @@ impl Served {
                     && let Some(tx) = found.take()
                 {
                     let _ = tx.send(line);
+                } else if found.is_none() {
+                    let _ = log_tx.send(line);
                 }
             }
         });
         let line = listening
             .recv_timeout(Duration::from_secs(30))
             .expect("the gateway never said it was listening");
-        let addr = line
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix("listen="))
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Self { child, addr }
+        // Text (`listen=...`) or JSON (`"listen":"..."`).
+        let addr = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(json) => json["listen"].as_str().and_then(|a| a.parse().ok()),
+            Err(_) => line
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix("listen="))
+                .and_then(|a| a.parse().ok()),
+        }
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Self { child, addr, log }
+    }
+
+    /// The next line it logs that contains `needle` (waits up to 10 s).
+    fn logged(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .log
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line with {needle:?} within 10 s"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
     }
 
     fn pid(&self) -> Pid {
@@ -101,10 +125,15 @@ impl Drop for Served {
 
 /// Runs `balancer --config <config> <command>`; returns (exit code, stdout, stderr).
 async fn run(config: &Path, command: &str) -> (i32, String, String) {
+    run_with(config, &[command]).await
+}
+
+/// Runs `balancer --config <config> <args...>`; returns (exit code, stdout, stderr).
+async fn run_with(config: &Path, args: &[&str]) -> (i32, String, String) {
     let output = tokio::process::Command::new(BINARY)
         .arg("--config")
         .arg(config)
-        .arg(command)
+        .args(args)
         .env("NO_COLOR", "1")
         .output()
         .await
@@ -251,4 +280,89 @@ async fn sigterm_during_streaming_lets_every_stream_finish() {
     assert_eq!(upstream.stats().streams_completed(), 5);
     assert!(served.exited_ok().await, "a drained gateway exits 0");
     upstream.stop().await;
+}
+
+#[tokio::test]
+async fn json_logs_give_one_line_per_request_with_what_it_used_and_never_a_key() {
+    let upstream = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockConfig::new("sk-mock"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &upstream.base_url(),
+        "models = [\"gpt-4o-mini\"]\n[log]\nformat = \"json\"",
+    );
+    let served = Served::start(&config, &[("NODE_KEY", "sk-mock")]);
+    let body = chat("gpt-4o-mini", "hi", 5);
+    let response = client()
+        .post(served.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = response.bytes().await.unwrap().len() as u64;
+
+    let line = served.logged("balancer::access");
+    assert!(!line.contains("sk-mock"), "{line}");
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["level"], "INFO");
+    assert_eq!(entry["message"], "request");
+    assert_eq!(entry["path"], "/v1/chat/completions");
+    assert_eq!(entry["node"], "a");
+    assert_eq!(entry["model"], "gpt-4o-mini");
+    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["end"], "complete");
+    assert_eq!(entry["request_bytes"], body.len() as u64);
+    assert_eq!(entry["response_bytes"], received);
+    let (prompt, completion) = (
+        upstream.stats().prompt_tokens(),
+        upstream.stats().completion_tokens(),
+    );
+    assert_eq!(
+        (
+            entry["prompt_tokens"].as_u64(),
+            entry["completion_tokens"].as_u64()
+        ),
+        (Some(prompt), Some(completion))
+    );
+    for timing in ["queue_ms", "upstream_ms", "first_byte_ms", "duration_ms"] {
+        assert!(entry[timing].is_u64(), "{timing} in {line}");
+    }
+
+    // An answer the gateway gives itself has its line too.
+    let unknown = client()
+        .post(served.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat("no-such-model", "hi", 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let line = served.logged("balancer::access");
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (entry["status"].as_u64(), entry["code"].as_str()),
+        (Some(404), Some("model_not_found"))
+    );
+    assert_eq!(entry["node"], "");
+}
+
+#[tokio::test]
+async fn healthcheck_exits_0_while_the_gateway_answers_and_1_when_it_does_not() {
+    let upstream = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockConfig::new("sk-mock"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &upstream.base_url(), "");
+    let served = Served::start(&config, &[("NODE_KEY", "sk-mock")]);
+    let healthz = served.url("/healthz");
+    let (code, _, err) = run_with(&config, &["healthcheck", "--url", &healthz]).await;
+    assert_eq!(code, 0, "{err}");
+    drop(served);
+    let (code, _, err) = run_with(&config, &["healthcheck", "--url", &healthz]).await;
+    assert_eq!(code, 1);
+    assert!(err.starts_with("balancer healthcheck: http://"), "{err}");
 }

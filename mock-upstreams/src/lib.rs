@@ -34,6 +34,8 @@ pub mod cli;
 pub mod ledger;
 mod openai;
 
+pub use openai::EMBEDDING;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

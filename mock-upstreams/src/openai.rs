@@ -5,6 +5,7 @@
     reason = "an `Err` here is the response to send, built only when refusing"
 )]
 
+use base64::Engine as _;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -473,6 +474,10 @@ async fn completions(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: By
     json_answer(&body, fate, rate)
 }
 
+/// Every input's embedding: values exact in f32, so a decoded base64
+/// embedding equals the float one (binary fractions, exact in f32 and f64).
+pub const EMBEDDING: [f32; 8] = [0.125, -0.25, 0.5, 0.75, -0.0625, 0.375, 0.3125, -0.4375];
+
 async fn embeddings(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
     let price = || {
         let request = parse(&body)?;
@@ -487,15 +492,24 @@ async fn embeddings(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Byt
             prompt,
             completion: 0,
         };
-        Ok((priced, (model, prompt, items)))
+        let base64 = request["encoding_format"] == "base64";
+        Ok((priced, (model, prompt, items, base64)))
     };
     let (rate, fate, parsed) = match gate(&mock, &headers, price).await {
         Ok(admitted) => admitted,
         Err(response) => return response,
     };
-    let (model, prompt, items) = parsed;
+    let (model, prompt, items, base64) = parsed;
+    // As the service does: floats, or with `encoding_format: "base64"` (what
+    // the official SDKs ask for) the little-endian f32s in base64.
+    let embedding = if base64 {
+        let bytes: Vec<u8> = EMBEDDING.iter().flat_map(|f| f.to_le_bytes()).collect();
+        json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else {
+        json!(EMBEDDING)
+    };
     let data: Vec<Value> = (0..items)
-        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.0125, -0.25, 0.5, 0.75, -0.0625, 0.125, 0.3, -0.4]}))
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": embedding}))
         .collect();
     let body = json!({
         "object": "list", "data": data, "model": model,

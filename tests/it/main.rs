@@ -15,6 +15,7 @@ mod proxy;
 mod queue;
 mod reload;
 mod retry;
+mod sdk;
 mod streaming;
 mod support;
 mod tls;

@@ -1,0 +1,142 @@
+//! The official OpenAI SDKs against the gateway: the Python `openai`
+//! package (tests/sdk/python) and the npm `openai` package (tests/sdk/node)
+//! each run their own test suite against a gateway in front of
+//! mock-upstreams: chat, streaming with and without usage, embeddings, the
+//! models list, and each SDK's own error class for our 401, 404, 400 and
+//! 429 bodies, with the 429's `Retry-After` honoured.
+//!
+//! Needs `pip install -r tests/sdk/python/requirements.txt` and
+//! `npm ci --prefix tests/sdk/node` (CI does both).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mock_upstreams::{MockConfig, MockUpstream};
+
+use crate::metrics::Metrics;
+use crate::support::{CLIENT_KEY, Gateway, node};
+
+const LIMITED_KEY: &str = "sk-limited-sdk-key";
+
+fn sdk_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(name)
+}
+
+/// A gateway in front of one mock serving both models; `CLIENT_KEY` has no
+/// limits, `LIMITED_KEY` a bucket of 1 refilled every 2 s.
+async fn gateway(upstream: &MockUpstream) -> Gateway {
+    let toml = format!(
+        "[queue]\nmax_wait = \"2s\"\n[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n\
+         [[clients]]\nname = \"limited\"\nkey_env = \"LIMITED\"\nburst = 1\nrate_per_second = 0.5\n{}",
+        node(
+            "n",
+            &upstream.base_url(),
+            "sk-mock",
+            "models = [\"gpt-4o-mini\", \"text-embedding-3-small\"]\ntpm = 1000000",
+        )
+    );
+    Gateway::start_file_text(
+        &toml,
+        &[("TEST_CLIENT_KEY", CLIENT_KEY), ("LIMITED", LIMITED_KEY)],
+    )
+    .await
+}
+
+/// Runs an SDK's suite against `gw`; fails with its output unless it passes.
+async fn run_suite(gw: &Gateway, dir: &Path, program: &str, args: &[&str]) {
+    let embedding: Vec<f64> = mock_upstreams::EMBEDDING
+        .iter()
+        .map(|f| f64::from(*f))
+        .collect();
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("BALANCER_BASE_URL", gw.url("/v1"))
+        .env("BALANCER_KEY", CLIENT_KEY)
+        .env("BALANCER_LIMITED_KEY", LIMITED_KEY)
+        .env(
+            "BALANCER_EMBEDDING",
+            serde_json::to_string(&embedding).unwrap(),
+        )
+        // Loopback only, whatever the machine's proxy settings.
+        .env("NO_PROXY", "127.0.0.1")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within 120 s"))
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    println!("{stdout}{stderr}");
+}
+
+/// Every token the SDK's requests used upstream was counted by the gateway.
+async fn tokens_match(gw: &Gateway, upstream: &MockUpstream) {
+    gw.settled_status().await;
+    let m = Metrics::scrape(gw).await;
+    let counted: f64 = ["gpt-4o-mini", "text-embedding-3-small"]
+        .iter()
+        .flat_map(|model| ["prompt", "completion"].map(|kind| (*model, kind)))
+        .map(|(model, kind)| {
+            m.value(
+                "balancer_tokens_total",
+                &[("node", "n"), ("model", model), ("kind", kind)],
+            )
+        })
+        .sum();
+    let stats = upstream.stats();
+    assert_eq!(
+        counted,
+        (stats.prompt_tokens() + stats.completion_tokens()) as f64
+    );
+}
+
+async fn mock() -> MockUpstream {
+    MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockConfig::new("sk-mock"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_official_python_sdk_works_against_the_gateway() {
+    let dir = sdk_dir("python");
+    let python = std::env::var("BALANCER_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let check = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .output();
+    assert!(
+        check.is_ok_and(|o| o.status.success()),
+        "{python} cannot import openai: pip install -r tests/sdk/python/requirements.txt"
+    );
+    let upstream = mock().await;
+    let gw = gateway(&upstream).await;
+    run_suite(&gw, &dir, &python, &["test_openai_sdk.py"]).await;
+    tokens_match(&gw, &upstream).await;
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn the_official_node_sdk_works_against_the_gateway() {
+    let dir = sdk_dir("node");
+    assert!(
+        dir.join("node_modules/openai/package.json").is_file(),
+        "the openai npm package is not installed: npm ci --prefix tests/sdk/node"
+    );
+    let upstream = mock().await;
+    let gw = gateway(&upstream).await;
+    run_suite(&gw, &dir, "node", &["--test", "--test-concurrency=1"]).await;
+    tokens_match(&gw, &upstream).await;
+    upstream.stop().await;
+}

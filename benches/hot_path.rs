@@ -267,12 +267,72 @@ fn client_lookup(c: &mut Criterion) {
     group.finish();
 }
 
+/// Recording one answered request's metrics: the node's route for its
+/// model (a copy-on-write map, no lock), its status, duration, tokens and
+/// bytes; beside the same counters in one map behind one mutex.
+fn metrics(c: &mut Criterion) {
+    use axum::http::StatusCode;
+    use balancer::metrics::NodeMetrics;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    let mut group = c.benchmark_group("metrics");
+    let node = NodeMetrics::default();
+    for model in ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"] {
+        node.routes.route(model);
+    }
+    group.bench_function("record_request", |b| {
+        b.iter(|| {
+            let route = node.routes.route(black_box("gpt-4o-mini"));
+            route.answered(StatusCode::OK, black_box(Duration::from_millis(420)));
+            route
+                .first_byte
+                .observe(black_box(Duration::from_millis(80)));
+            route
+                .prompt_tokens
+                .fetch_add(black_box(120), Ordering::Relaxed);
+            route
+                .completion_tokens
+                .fetch_add(black_box(250), Ordering::Relaxed);
+            route
+                .request_bytes
+                .fetch_add(black_box(900), Ordering::Relaxed);
+            route
+                .response_bytes
+                .fetch_add(black_box(2400), Ordering::Relaxed);
+        })
+    });
+    type Counters = [u64; 7];
+    let naive: Mutex<HashMap<(String, String, u16), Counters>> = Mutex::default();
+    group.bench_function("naive_mutex_hashmap_baseline", |b| {
+        b.iter(|| {
+            let mut map = naive.lock().unwrap();
+            let entry = map
+                .entry((
+                    black_box("node-a").to_owned(),
+                    black_box("gpt-4o-mini").to_owned(),
+                    200,
+                ))
+                .or_default();
+            entry[0] += 1;
+            entry[1] += black_box(420);
+            entry[2] += black_box(80);
+            entry[3] += black_box(120);
+            entry[4] += black_box(250);
+            entry[5] += black_box(900);
+            entry[6] += black_box(2400);
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     tokens,
     selection,
     limiter,
     whole_request,
-    client_lookup
+    client_lookup,
+    metrics
 );
 criterion_main!(benches);

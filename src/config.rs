@@ -711,9 +711,14 @@ pub fn from_toml_str(
     from_figment(Figment::from(Toml::string(toml)), env)
 }
 
+/// `BALANCER_<SECTION>__<FIELD>` variables. Only names with `__` are
+/// settings: `BALANCER_CONFIG` names the file, and a variable a config
+/// names for a secret may well start with `BALANCER_` too (the shipped
+/// config's `BALANCER_ADMIN_TOKEN`).
 fn env_overrides() -> Env {
-    // BALANCER_CONFIG names the file; it is not a setting.
-    Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"])
+    Env::prefixed(ENV_PREFIX)
+        .filter(|key| key.as_str().contains("__"))
+        .split("__")
 }
 
 fn from_figment(
@@ -1297,6 +1302,30 @@ mod tests {
 
     const NODE: &str =
         "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
+
+    #[test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment::Jail's closure returns figment::Error"
+    )]
+    fn only_section_field_variables_override_settings() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("Balancer.toml", NODE)?;
+            // A secret the config names, not a setting.
+            jail.set_env("BALANCER_ADMIN_TOKEN", "admin-token-0123456789");
+            jail.set_env("BALANCER_QUEUE__MAX_WAIT", "2s");
+            jail.set_env("BALANCER_LOG__FORMAT", "json");
+            let (config, _) =
+                load_with(Path::new("Balancer.toml"), &env).map_err(|e| e.problems.join("; "))?;
+            assert_eq!(config.queue.max_wait, Duration::from_secs(2));
+            assert_eq!(config.log.format, LogFormat::Json);
+            assert_eq!(
+                configured_log_format(Path::new("Balancer.toml")),
+                LogFormat::Json
+            );
+            Ok(())
+        });
+    }
 
     #[test]
     fn a_minimal_config_takes_every_default() {

@@ -105,7 +105,10 @@ impl Gateway {
         for (i, key) in mocks.keys.iter().enumerate() {
             env.push((node_key_env(i), key.clone()));
         }
-        env.push(("RUST_LOG".to_owned(), "warn".to_owned()));
+        // Quiet by default; LOADTEST_GATEWAY_LOG=info measures the gateway
+        // with its per-request access log on (written to stderr).
+        let log = std::env::var("LOADTEST_GATEWAY_LOG").unwrap_or_else(|_| "warn".to_owned());
+        env.push(("RUST_LOG".to_owned(), log));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let args = vec![
             "gateway".to_owned(),

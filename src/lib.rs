@@ -23,7 +23,8 @@
 //!    passive health ([`health::NodeHealth::on_request`]).
 //! 7. [`relay::relay`] streams the answer back untouched and settles the
 //!    [`limits::Reservation`] from the usage it saw; a client's usage goes to
-//!    the [`usage::UsageRecorder`].
+//!    the [`usage::UsageRecorder`]. When it ends, the request is counted in
+//!    [`metrics`] (atomics only) and logs its one access-log line.
 //!
 //! Every error the gateway produces is a [`error::GatewayError`], mapped to
 //! the OpenAI error shape in one place.
@@ -36,6 +37,8 @@
 //! - [`admin::router`] is the admin API (clients, usage, nodes) on its own
 //!   listener; [`store::Store`] keeps clients and usage in SQLite or
 //!   PostgreSQL; [`usage::UsageWriter`] writes usage in batches.
+//! - [`metrics::handle`] serves `/metrics`; [`status::handle`] serves
+//!   `/status`, which the page at `/dashboard` draws.
 //! - [`server::run`] is all of `balancer serve`.
 
 pub mod admin;

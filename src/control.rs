@@ -71,7 +71,7 @@ pub fn healthz_url(listen: std::net::SocketAddr) -> String {
     format!("http://{host}:{}/healthz", listen.port())
 }
 
-/// Whether `url` answers 200 within [`HEALTHCHECK_WAIT`]; the error says why not.
+/// Whether `url` answers 200 within 3 s; the error says why not.
 pub async fn healthcheck(url: &str) -> Result<(), String> {
     let client = reqwest::Client::builder()
         .timeout(HEALTHCHECK_WAIT)

@@ -112,6 +112,18 @@ impl ClientCounters {
 }
 
 impl ClientUsage {
+    /// The limits, as the shared windows take them: rpm, tpm, bucket burst
+    /// and rate (0 = none).
+    pub fn shared_limits(&self) -> (u64, u64, u64, f64) {
+        let quota = self.window.quota();
+        let n = |v: Option<std::num::NonZeroU64>| v.map_or(0, u64::from);
+        let (burst, rate) = self.bucket.as_ref().map_or((0, 0.0), |b| {
+            let limit = b.lock().limit;
+            (u64::from(limit.burst), limit.rate_per_second)
+        });
+        (n(quota.rpm), n(quota.tpm), burst, rate)
+    }
+
     pub fn new(name: &Arc<str>, limits: &ClientLimits) -> Arc<Self> {
         let quota = Quota {
             rpm: limits.rpm,

@@ -91,6 +91,7 @@ struct RawConfig {
     store: RawStore,
     admin: RawAdmin,
     log: LogSettings,
+    cluster: Option<RawCluster>,
     clients: Vec<RawClient>,
     nodes: Vec<RawNode>,
 }
@@ -114,6 +115,62 @@ impl Default for RawStore {
             usage_flush_interval: DEFAULT_USAGE_FLUSH_INTERVAL,
         }
     }
+}
+
+/// `[cluster]`: limits shared with other replicas through Redis.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis_url: String,
+    #[serde(default)]
+    on_redis_error: OnRedisError,
+    #[serde(default = "default_key_prefix")]
+    key_prefix: String,
+    #[serde(default = "default_redis_timeout", with = "humantime_serde")]
+    timeout: Duration,
+}
+
+fn default_key_prefix() -> String {
+    "balancer".to_owned()
+}
+
+fn default_redis_timeout() -> Duration {
+    DEFAULT_REDIS_TIMEOUT
+}
+
+/// How long one call to Redis may take before it counts as unreachable: a
+/// healthy Redis on the same network answers in about a millisecond.
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// `cluster.on_redis_error`: what to do while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    /// Admit by this replica's own windows (availability over exactness).
+    #[default]
+    Local,
+    /// Answer 503 `cluster_unavailable` (exactness over availability).
+    Reject,
+}
+
+impl OnRedisError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnRedisError::Local => "local",
+            OnRedisError::Reject => "reject",
+        }
+    }
+}
+
+/// `[cluster]`, validated. Read at start-up only.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// `redis://...`; secret, as it may hold a password.
+    pub redis_url: SecretString,
+    pub on_redis_error: OnRedisError,
+    /// Namespaces the keys, so gateways of different teams can share a Redis.
+    pub key_prefix: String,
+    pub timeout: Duration,
 }
 
 /// `[log]`: how log lines are written; the level comes from `RUST_LOG`.
@@ -363,6 +420,8 @@ pub struct Config {
     pub admin: AdminSettings,
     /// Read at start-up only.
     pub log: LogSettings,
+    /// Shared limits; `None` keeps them in this process. Start-up only.
+    pub cluster: Option<ClusterSettings>,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -796,6 +855,7 @@ fn validate(
     let clients = validate_clients(raw.clients, env, &mut problems);
     let store = validate_store(raw.store, &mut problems);
     let admin = validate_admin(raw.admin, &raw.server, env, &mut problems);
+    let cluster = raw.cluster.and_then(|c| validate_cluster(c, &mut problems));
 
     if raw.nodes.is_empty() {
         problems.push("nodes: at least one [[nodes]] entry is required".to_owned());
@@ -829,10 +889,30 @@ fn validate(
             store,
             admin,
             log: raw.log,
+            cluster,
             nodes,
         },
         warnings,
     ))
+}
+
+fn validate_cluster(raw: RawCluster, problems: &mut Vec<String>) -> Option<ClusterSettings> {
+    let scheme_ok = raw.redis_url.starts_with("redis://") || raw.redis_url.starts_with("rediss://");
+    if !scheme_ok {
+        problems.push("cluster.redis_url: must start with redis:// or rediss://".to_owned());
+    }
+    if raw.key_prefix.is_empty() || raw.key_prefix.contains(char::is_whitespace) {
+        problems.push("cluster.key_prefix: must be non-empty, without spaces".to_owned());
+    }
+    if raw.timeout.is_zero() {
+        problems.push("cluster.timeout: must be greater than 0".to_owned());
+    }
+    scheme_ok.then(|| ClusterSettings {
+        redis_url: SecretString::from(raw.redis_url),
+        on_redis_error: raw.on_redis_error,
+        key_prefix: raw.key_prefix,
+        timeout: raw.timeout,
+    })
 }
 
 fn validate_clients(
@@ -1224,6 +1304,18 @@ impl Config {
             "none (admin API off)"
         };
         let _ = writeln!(out, "token = {token}");
+        if let Some(cluster) = &self.cluster {
+            let _ = writeln!(out, "\n[cluster]");
+            let url = crate::store::describe(cluster.redis_url.expose_secret());
+            let _ = writeln!(out, "redis_url = \"{url}\"");
+            let _ = writeln!(
+                out,
+                "on_redis_error = \"{}\"",
+                cluster.on_redis_error.as_str()
+            );
+            let _ = writeln!(out, "key_prefix = \"{}\"", cluster.key_prefix);
+            let _ = writeln!(out, "timeout = \"{}\"", human(cluster.timeout));
+        }
         let _ = writeln!(out, "\n[log]");
         let _ = writeln!(out, "format = \"{}\"", self.log.format.as_str());
         let _ = writeln!(out, "\n[auth]");
@@ -1302,6 +1394,40 @@ mod tests {
 
     const NODE: &str =
         "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
+
+    #[test]
+    fn a_cluster_section_is_validated_and_its_password_never_shown() {
+        let toml = format!(
+            "[cluster]\nredis_url = \"redis://:hunter2@10.0.0.5:6379/0\"\non_redis_error = \"reject\"\n{NODE}"
+        );
+        let (config, _) = from_toml_str(&toml, &env).unwrap();
+        let cluster = config.cluster.as_ref().unwrap();
+        assert_eq!(cluster.on_redis_error, OnRedisError::Reject);
+        assert_eq!(cluster.timeout, DEFAULT_REDIS_TIMEOUT);
+        let rendered = config.render();
+        assert!(
+            rendered.contains("redis_url = \"redis://10.0.0.5:6379/0\""),
+            "{rendered}"
+        );
+        assert!(!rendered.contains("hunter2"));
+        assert!(!format!("{config:?}").contains("hunter2"));
+
+        let bad = format!("[cluster]\nredis_url = \"http://x\"\ntimeout = \"0s\"\n{NODE}");
+        assert_eq!(
+            problems(&bad),
+            [
+                "cluster.redis_url: must start with redis:// or rediss://",
+                "cluster.timeout: must be greater than 0"
+            ]
+        );
+        let typo =
+            format!("[cluster]\nredis_url = \"redis://x\"\non_redis_error = \"ignore\"\n{NODE}");
+        assert!(
+            problems(&typo)[0].contains("on_redis_error"),
+            "{:?}",
+            problems(&typo)
+        );
+    }
 
     #[test]
     #[expect(

@@ -61,6 +61,10 @@ pub enum GatewayError {
     ShuttingDown,
     #[error("The client store cannot be reached; retry shortly.")]
     StoreUnavailable,
+    #[error(
+        "The limits shared with the other gateway replicas (Redis) cannot be reached; retry shortly."
+    )]
+    ClusterUnavailable,
     #[error("Incorrect or missing admin token. Send it as 'Authorization: Bearer <admin token>'.")]
     AdminTokenInvalid,
     /// Bad admin input: the field at fault and what is wrong with it.
@@ -179,6 +183,11 @@ impl GatewayError {
                 "api_error",
                 "store_unavailable",
             ),
+            E::ClusterUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "cluster_unavailable",
+            ),
             E::AdminTokenInvalid => (
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
@@ -246,6 +255,9 @@ impl IntoResponse for GatewayError {
             // Whole seconds, rounded up, never 0: a client must not retry at once.
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if let GatewayError::ClusterUnavailable = self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
         }
         response
     }

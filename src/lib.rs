@@ -45,6 +45,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod clients;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -28,6 +28,8 @@ use tokio::time::Instant;
 
 use crate::auth;
 use crate::clients::Client;
+use crate::cluster::{self, NotPlaced};
+use crate::config::OnRedisError;
 use crate::error::GatewayError;
 use crate::health::Verdict;
 use crate::limits::{CooldownReason, Reservation};
@@ -172,17 +174,8 @@ async fn dispatch(
     for attempt in 0..attempts {
         let placement = if attempt == 0 {
             let queued = Instant::now();
-            let admitted = state
-                .queue
-                .admit(
-                    &live,
-                    info.model.as_deref(),
-                    &candidates,
-                    &tried,
-                    info.demand,
-                    deadline,
-                )
-                .await;
+            let admitted =
+                admit(state, &live, info, &candidates, client.as_deref(), deadline).await;
             trace.queue_wait = metrics::elapsed(queued);
             state.metrics.queue_wait.observe(trace.queue_wait);
             let mut placement = match admitted {
@@ -204,10 +197,7 @@ async fn dispatch(
         } else {
             // A retry takes a node that has headroom now, or ends with the
             // last answer: it does not queue behind fresh requests.
-            match state
-                .queue
-                .place(&live, &candidates, &tried, info.demand, Instant::now())
-            {
+            match place_now(state, &live, info, &candidates, &tried, client.as_deref()).await {
                 Some(placement) => {
                     if let Some(&failed) = tried.last() {
                         live.nodes[failed].metrics.retried_elsewhere();
@@ -245,7 +235,88 @@ async fn dispatch(
     }
 }
 
+/// Step 5 for a first attempt: placed now, or after waiting, or refused.
+/// With `[cluster]`, the shared windows decide while Redis answers; when it
+/// does not, `cluster.on_redis_error` does.
+async fn admit(
+    state: &AppState,
+    live: &Arc<Live>,
+    info: &RequestInfo,
+    candidates: &Arc<[usize]>,
+    client: Option<&Client>,
+    deadline: Instant,
+) -> Result<Placement, GatewayError> {
+    if let Some(cluster) = &state.cluster {
+        if cluster.is_up() {
+            let ask = cluster::Ask {
+                candidates,
+                excluded: &[],
+                demand: info.demand,
+                client,
+                wait: true,
+                deadline,
+            };
+            match cluster::place(cluster, live, state.queue.next_rotation(), ask).await {
+                Ok(placement) => return Ok(placement),
+                Err(NotPlaced::Refused(err)) => return Err(err),
+                Err(NotPlaced::NoHeadroom) => {
+                    return Err(GatewayError::Saturated {
+                        retry_after: std::time::Duration::from_secs(1),
+                    });
+                }
+                Err(NotPlaced::Unavailable(_)) => {}
+            }
+        }
+        if cluster.on_error() == OnRedisError::Reject {
+            return Err(GatewayError::ClusterUnavailable);
+        }
+    }
+    let model = info.model.as_deref();
+    state
+        .queue
+        .admit(live, model, candidates, &[], info.demand, deadline)
+        .await
+}
+
+/// Step 5 for a retry: a node with headroom now, or none.
+async fn place_now(
+    state: &AppState,
+    live: &Arc<Live>,
+    info: &RequestInfo,
+    candidates: &[usize],
+    tried: &[usize],
+    client: Option<&Client>,
+) -> Option<Placement> {
+    if let Some(cluster) = &state.cluster {
+        if cluster.is_up() {
+            let ask = cluster::Ask {
+                candidates,
+                excluded: tried,
+                demand: info.demand,
+                client,
+                wait: false,
+                deadline: Instant::now(),
+            };
+            match cluster::place(cluster, live, state.queue.next_rotation(), ask).await {
+                Ok(placement) => return Some(placement),
+                Err(NotPlaced::Refused(_) | NotPlaced::NoHeadroom) => return None,
+                Err(NotPlaced::Unavailable(_)) => {}
+            }
+        }
+        if cluster.on_error() == OnRedisError::Reject {
+            return None;
+        }
+    }
+    state
+        .queue
+        .place(live, candidates, tried, info.demand, Instant::now())
+}
+
 /// The result of one attempt on one node.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per attempt, on the stack; boxing the answer would allocate on every request"
+)]
 enum Attempt {
     Answered {
         response: reqwest::Response,

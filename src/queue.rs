@@ -91,6 +91,11 @@ impl Queue {
         }
     }
 
+    /// The next turn of the rotation among equally loaded nodes.
+    pub fn next_rotation(&self) -> usize {
+        self.rotation.fetch_add(1, Ordering::Relaxed)
+    }
+
     pub fn depth(&self) -> usize {
         self.signal.waiting()
     }
@@ -393,7 +398,12 @@ fn combined_outlook(
     }
 }
 
-fn too_large(live: &Live, candidates: &[usize], limit: Limit, demand: Demand) -> GatewayError {
+pub(crate) fn too_large(
+    live: &Live,
+    candidates: &[usize],
+    limit: Limit,
+    demand: Demand,
+) -> GatewayError {
     let now = Instant::now();
     let largest = candidates
         .iter()

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clients::{Directory, Registry};
+use crate::cluster::Cluster;
 use crate::config::{Config, NodeConfig, NodeKey};
 use crate::error::GatewayError;
 use crate::health::{self, NodeHealth};
@@ -40,6 +41,10 @@ use crate::metrics::{GatewayMetrics, NodeMetrics};
 use crate::queue::Queue;
 use crate::store::{Store, StoreError};
 use crate::usage::{self, UsageWriter};
+
+/// How long start-up waits for Redis before serving with
+/// `cluster.on_redis_error` in force.
+const CLUSTER_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// One upstream node as the request path uses it.
 #[derive(Debug)]
@@ -142,6 +147,8 @@ pub struct AppState {
     pub clients: Registry,
     /// What the gateway answered itself, and queue waits.
     pub metrics: GatewayMetrics,
+    /// Limits shared with other replicas (`[cluster]`), if configured.
+    pub cluster: Option<Arc<Cluster>>,
     signal: Arc<HeadroomSignal>,
     /// Per node name; held only while preparing a snapshot and
     /// for `/status`.
@@ -178,7 +185,15 @@ impl AppState {
         let store = Store::open(&config.store.url, base_dir).await?;
         let (recorder, writer) = usage::channel();
         let registry = Registry::new(store, config.store.cache_ttl, recorder).await?;
-        Self::new(config, registry, writer).map_err(StartError::Prepare)
+        let state = Self::new(config, registry, writer).map_err(StartError::Prepare)?;
+        if let Some(cluster) = &state.cluster
+            && !cluster.connected(CLUSTER_CONNECT_WAIT).await
+        {
+            tracing::warn!(
+                "redis not reachable at start-up; cluster.on_redis_error applies until it is"
+            );
+        }
+        Ok(state)
     }
 
     /// Builds the state and starts the queue's dispatcher, the health
@@ -200,11 +215,16 @@ impl AppState {
             &clients,
         )?));
         let queue = Arc::new(Queue::new(Arc::clone(&signal), Arc::clone(&live)));
+        let cluster = match live.load().config.cluster.clone() {
+            Some(settings) => Some(Cluster::new(settings)?),
+            None => None,
+        };
         let state = Arc::new(Self {
             live,
             queue,
             clients,
             metrics: GatewayMetrics::default(),
+            cluster,
             signal,
             tracked,
             generation: AtomicU64::new(1),
@@ -214,6 +234,10 @@ impl AppState {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
+        if let Some(cluster) = &state.cluster {
+            let cluster = Arc::clone(cluster);
+            state.spawn(|cancel| cluster.run(cancel));
+        }
         let dispatcher = Arc::clone(&state.queue);
         state.spawn(|cancel| async move { dispatcher.dispatch(cancel).await });
         let weak = Arc::downgrade(&state);

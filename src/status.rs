@@ -59,6 +59,7 @@ pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
             "generation": live.generation,
             "last_reload": reload,
         },
+        "cluster": state.cluster.as_ref().map(|c| c.describe()),
     }))
 }
 

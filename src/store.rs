@@ -380,7 +380,7 @@ impl Store {
 /// The store URL without credentials, for logs and errors.
 pub fn describe(url: &str) -> String {
     match url.split_once("://") {
-        Some((scheme, rest)) if scheme.starts_with("postgres") => {
+        Some((scheme, rest)) if scheme.starts_with("postgres") || scheme.starts_with("redis") => {
             let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
             let host = host.split('?').next().unwrap_or(host);
             format!("{scheme}://{host}")

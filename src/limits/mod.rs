@@ -32,6 +32,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::cluster::{Ending, Lease};
 use crate::config::Quota;
 
 mod reported;
@@ -235,6 +236,23 @@ impl NodeUsage {
         if state.outlook(demand, now) != Outlook::Now {
             return None;
         }
+        Some(self.record_locked(state, demand))
+    }
+
+    /// Records `demand` whatever the local outlook: the shared limits
+    /// ([`crate::cluster`]) admitted it. This replica's window keeps
+    /// counting its own requests, for `/status` and for the fallback.
+    pub fn record(self: &Arc<Self>, demand: Demand, now: Instant) -> Reservation {
+        let mut state = self.state.lock();
+        state.advance(now);
+        self.record_locked(state, demand)
+    }
+
+    fn record_locked(
+        self: &Arc<Self>,
+        mut state: parking_lot::MutexGuard<'_, UsageState>,
+        demand: Demand,
+    ) -> Reservation {
         let slot = state.window.head;
         state.window.add(
             slot,
@@ -251,13 +269,14 @@ impl NodeUsage {
         state.reported.take(demand.tokens);
         let mark = state.marks;
         drop(state);
-        Some(Reservation {
+        Reservation {
             usage: Arc::clone(self),
             slot,
             demand,
             mark,
             open: true,
-        })
+            shared: None,
+        }
     }
 
     /// Keeps the node out of rotation until `until`. A later call extends
@@ -289,6 +308,11 @@ impl NodeUsage {
         let mut state = self.state.lock();
         state.advance(now);
         state.in_flight == 0 && state.window.total == Amounts::default()
+    }
+
+    /// The quota in force.
+    pub fn quota(&self) -> Quota {
+        self.state.lock().quota
     }
 
     /// Applies a changed quota (config reload) without resetting the window.
@@ -416,6 +440,16 @@ pub struct Reservation {
     /// The node's marks right after this reservation.
     mark: Marks,
     open: bool,
+    /// The same request's hold on the shared windows, in cluster mode
+    /// (boxed: a local reservation stays small).
+    shared: Option<Box<Shared>>,
+}
+
+/// A [`Lease`] and the response bytes to add when it is released.
+#[derive(Debug)]
+struct Shared {
+    lease: Lease,
+    response_bytes: AtomicU64,
 }
 
 impl Reservation {
@@ -423,8 +457,29 @@ impl Reservation {
         self.demand
     }
 
+    /// Ties the shared windows' lease to this reservation: it is released
+    /// with it, the same way.
+    pub fn with_lease(mut self, lease: Lease) -> Self {
+        self.shared = Some(Box::new(Shared {
+            lease,
+            response_bytes: AtomicU64::new(0),
+        }));
+        self
+    }
+
+    /// Ends the shared lease, if any, the way the local reservation ended.
+    fn release_shared(&mut self, ending: Ending) {
+        if let Some(shared) = self.shared.take() {
+            let bytes = shared.response_bytes.load(Ordering::Relaxed);
+            shared.lease.release(ending, bytes);
+        }
+    }
+
     /// Counts response bytes against the node's bpm as they flow.
     pub fn record_response_bytes(&self, bytes: u64) {
+        if let Some(shared) = &self.shared {
+            shared.response_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
         let mut state = self.usage.state.lock();
         state.advance(Instant::now());
         let head = state.window.head;
@@ -455,6 +510,7 @@ impl Reservation {
 
     /// Ends the request having used `tokens` in all (prompt + completion).
     pub fn settle(mut self, tokens: u64) {
+        self.release_shared(Ending::Settle(tokens));
         let reserved = self.demand.tokens;
         let mut state = self.usage.state.lock();
         state.advance(Instant::now());
@@ -476,6 +532,7 @@ impl Reservation {
 
     /// Ends a request that never reached the upstream (it could not connect).
     pub fn cancel(mut self) {
+        self.release_shared(Ending::Cancel);
         let mut state = self.usage.state.lock();
         state.advance(Instant::now());
         let everything = Amounts {
@@ -501,6 +558,7 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        self.release_shared(Ending::Keep);
         if self.open {
             let usage = Arc::clone(&self.usage);
             let mut state = usage.state.lock();

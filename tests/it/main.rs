@@ -5,6 +5,7 @@
 mod admin;
 mod cli;
 mod clients;
+mod cluster;
 mod dashboard;
 mod errors;
 mod health;
@@ -13,6 +14,7 @@ mod metrics;
 mod pg;
 mod proxy;
 mod queue;
+mod redis;
 mod reload;
 mod retry;
 mod sdk;

@@ -1,0 +1,460 @@
+//! Limits shared by several gateway replicas through Redis (`[cluster]`).
+//!
+//! With `cluster.redis_url` set, every admission is one server-side script
+//! (`src/cluster/admit.lua`) that, atomically: checks the client's window
+//! and token bucket, advances each candidate node's window (100 ms slots
+//! over 60.5 s, as in [`crate::limits`]), chooses the least-loaded node with
+//! headroom and records the request on it and on the client. Every release
+//! is one more script (`src/cluster/settle.lua`): the lease ends, the
+//! tokens are corrected to what was used (or all is returned, or all kept),
+//! the response bytes are added, and the node's name is published so that
+//! requests waiting on other replicas try again at once. Nothing else talks
+//! to Redis on the request path: one round trip to admit, one to release.
+//!
+//! Time is Redis's own (`TIME`), so replicas' clocks never disagree about a
+//! window. Requests in flight are leases that expire after
+//! `server.request_timeout` and a margin, so a replica that dies does not
+//! hold concurrency slots for ever.
+//!
+//! The queue stays local: a request that finds no headroom waits (up to
+//! `queue.max_wait`) for the first of a release published by any replica or
+//! the moment the script said a window frees enough, then asks again.
+//!
+//! Redis slow (over `cluster.timeout`) or unreachable: `on_redis_error =
+//! "local"` admits by this replica's own windows (which keep counting this
+//! replica's requests throughout), `"reject"` answers 503. The connection
+//! is re-made in the background; both transitions are logged and shown in
+//! `/status`. A single Redis primary is expected (keys of one request are
+//! not hashed to one Redis Cluster slot).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use redis::aio::ConnectionManager;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+mod place;
+
+pub use place::{Ask, NotPlaced, place};
+
+use crate::config::{ClusterSettings, OnRedisError, Quota};
+use crate::limits::{Demand, Limit};
+
+/// A lease outlives the request by this much, so that a slow release never
+/// finds its lease already gone; only a dead replica's leases expire.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// While Redis is marked down but still connected, it is pinged this often.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Re-connecting backs off up to this.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Release messages, one per request ended on any replica.
+type Releases = std::pin::Pin<Box<dyn futures_util::Stream<Item = redis::Msg> + Send>>;
+
+/// The shared limits, and the state of the connection to them.
+pub struct Cluster {
+    client: redis::Client,
+    conn: ArcSwapOption<ConnectionManager>,
+    settings: ClusterSettings,
+    admit: redis::Script,
+    settle: redis::Script,
+    /// Rung when any replica releases capacity (Redis pub/sub).
+    freed: Notify,
+    up: AtomicBool,
+    /// Rung when Redis becomes reachable.
+    came_up: Notify,
+    last_error: Mutex<Option<String>>,
+    /// Identifies this replica's reservations.
+    replica: String,
+    next: AtomicU64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("up", &self.up)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One candidate node, as the script sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate<'a> {
+    pub name: &'a str,
+    pub quota: Quota,
+}
+
+/// A client's limits, as the script sees them.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimitsView<'a> {
+    pub id: &'a str,
+    pub rpm: u64,
+    pub tpm: u64,
+    pub burst: u64,
+    pub rate_per_second: f64,
+}
+
+/// What one admission script answered.
+#[derive(Debug)]
+pub enum Admission {
+    /// Placed on candidate `index`; release the lease when the request ends.
+    Placed { index: usize, lease: Lease },
+    /// Nothing has headroom: try again on a release, or at `until`.
+    Wait { until: Option<Instant> },
+    /// The request alone exceeds this limit on every candidate.
+    Never(Limit),
+    /// The client is over its own limit.
+    ClientLimited { retry_after: Duration },
+    /// The request alone exceeds this limit of the client's.
+    ClientTooSmall(Limit),
+}
+
+/// Redis could not answer (in time).
+#[derive(Debug, thiserror::Error)]
+#[error("redis: {0}")]
+pub struct Unavailable(String);
+
+/// A request's hold on the shared windows; released by one script call.
+#[derive(Debug)]
+pub struct Lease {
+    cluster: Arc<Cluster>,
+    id: String,
+    slot: i64,
+    node: String,
+    client: Option<String>,
+    demand: Demand,
+}
+
+/// How a request ended, for its release.
+#[derive(Debug, Clone, Copy)]
+pub enum Ending {
+    /// Used this many tokens in all.
+    Settle(u64),
+    /// Nothing reached the node: give everything back.
+    Cancel,
+    /// Unknown: keep the reservation counted in full.
+    Keep,
+}
+
+impl Lease {
+    /// Ends the lease in the background (a release never delays the
+    /// response): one script call.
+    pub fn release(self, ending: Ending, response_bytes: u64) {
+        let (how, used) = match ending {
+            Ending::Settle(tokens) => ("settle", tokens),
+            Ending::Cancel => ("cancel", 0),
+            Ending::Keep => ("keep", 0),
+        };
+        let cluster = Arc::clone(&self.cluster);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Only at the very end of the process; the lease expires.
+            return;
+        };
+        runtime.spawn(async move {
+            let mut invocation = cluster.settle.prepare_invoke();
+            invocation
+                .key(&self.node)
+                .key(self.client.as_deref().unwrap_or(""))
+                .arg(&self.id)
+                .arg(self.slot)
+                .arg(self.demand.tokens)
+                .arg(self.demand.bytes)
+                .arg(how)
+                .arg(used)
+                .arg(response_bytes)
+                .arg(cluster.channel())
+                .arg(&self.node);
+            if let Err(err) = cluster.call::<i64>(&invocation).await {
+                // The lease expires by itself; the window entry stays as
+                // reserved (the safe side).
+                tracing::warn!(error = %err, "cannot release a shared reservation");
+            }
+        });
+    }
+}
+
+impl Cluster {
+    /// Starts connecting in the background (see [`run`](Self::run)); the
+    /// gateway serves meanwhile, with `on_redis_error`'s behaviour.
+    pub fn new(settings: ClusterSettings) -> Result<Arc<Self>, String> {
+        use secrecy::ExposeSecret;
+        let client = redis::Client::open(settings.redis_url.expose_secret())
+            .map_err(|e| format!("cluster.redis_url: {e}"))?;
+        Ok(Arc::new(Self {
+            client,
+            conn: ArcSwapOption::empty(),
+            admit: redis::Script::new(include_str!("admit.lua")),
+            settle: redis::Script::new(include_str!("settle.lua")),
+            freed: Notify::new(),
+            up: AtomicBool::new(false),
+            came_up: Notify::new(),
+            last_error: Mutex::new(Some("not connected yet".to_owned())),
+            replica: crate::clients::new_id(),
+            next: AtomicU64::new(0),
+            settings,
+        }))
+    }
+
+    pub fn on_error(&self) -> OnRedisError {
+        self.settings.on_redis_error
+    }
+
+    /// Whether the last call to Redis succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// For `/status`: up or not, and the last error.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "redis": if self.is_up() { "up" } else { "down" },
+            "on_redis_error": self.settings.on_redis_error.as_str(),
+            "last_error": *self.last_error.lock(),
+        })
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:freed", self.settings.key_prefix)
+    }
+
+    fn node_key(&self, name: &str) -> String {
+        format!("{}:n:{name}", self.settings.key_prefix)
+    }
+
+    fn client_key(&self, id: &str) -> String {
+        format!("{}:c:{id}", self.settings.key_prefix)
+    }
+
+    /// Resolves when any replica releases capacity (or the subscription
+    /// breaks, so nobody sleeps on a bell that no longer rings).
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
+    }
+
+    /// One admission: the client's limits and the candidates, atomically.
+    pub async fn admit(
+        self: &Arc<Self>,
+        candidates: &[Candidate<'_>],
+        demand: Demand,
+        client: Option<ClientLimitsView<'_>>,
+        rotation: usize,
+        lease_for: Duration,
+    ) -> Result<Admission, Unavailable> {
+        let id = format!(
+            "{}-{}",
+            self.replica,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let client_key = client.map(|c| self.client_key(c.id));
+        let mut invocation = self.admit.prepare_invoke();
+        invocation.key(client_key.as_deref().unwrap_or(""));
+        for candidate in candidates {
+            invocation.key(self.node_key(candidate.name));
+        }
+        let lease_ms = (lease_for + LEASE_MARGIN).as_millis() as u64;
+        invocation
+            .arg(demand.tokens)
+            .arg(demand.bytes)
+            .arg(&id)
+            .arg(lease_ms)
+            .arg(rotation as u64);
+        let c = client.unwrap_or(ClientLimitsView {
+            id: "",
+            rpm: 0,
+            tpm: 0,
+            burst: 0,
+            rate_per_second: 0.0,
+        });
+        invocation
+            .arg(c.rpm)
+            .arg(c.tpm)
+            .arg(c.burst)
+            .arg(c.rate_per_second);
+        for candidate in candidates {
+            let q = candidate.quota;
+            let n = |v: Option<std::num::NonZeroU64>| v.map_or(0, u64::from);
+            invocation
+                .arg(n(q.rpm))
+                .arg(n(q.tpm))
+                .arg(n(q.bpm))
+                .arg(n(q.max_concurrency));
+        }
+        let sent = Instant::now();
+        let (kind, a, redis_now, slot): (i64, i64, i64, i64) = self.call(&invocation).await?;
+        // Redis time to ours: the script ran about when we sent it.
+        let local =
+            |ms: i64| sent + Duration::from_millis(ms.saturating_sub(redis_now).max(0) as u64);
+        let limit = |code: i64| match code {
+            1 => Limit::Rpm,
+            2 => Limit::Tpm,
+            _ => Limit::Bpm,
+        };
+        Ok(match kind {
+            0 => {
+                let index = (a.max(1) - 1) as usize;
+                let node = self.node_key(candidates.get(index).map_or("", |c| c.name));
+                Admission::Placed {
+                    index,
+                    lease: Lease {
+                        cluster: Arc::clone(self),
+                        id,
+                        slot,
+                        node,
+                        client: client_key,
+                        demand,
+                    },
+                }
+            }
+            1 => Admission::Wait {
+                until: (a > 0).then(|| local(a)),
+            },
+            2 => Admission::Never(limit(a)),
+            3 => Admission::ClientLimited {
+                retry_after: Duration::from_millis(a.max(0) as u64),
+            },
+            _ => Admission::ClientTooSmall(limit(a)),
+        })
+    }
+
+    /// Runs a script with `cluster.timeout`; notes whether Redis answered.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, Unavailable> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err(self.down("not connected".to_owned()));
+        };
+        let mut conn = ConnectionManager::clone(&conn);
+        match tokio::time::timeout(self.settings.timeout, invocation.invoke_async(&mut conn)).await
+        {
+            Ok(Ok(value)) => {
+                self.mark_up();
+                Ok(value)
+            }
+            Ok(Err(err)) => Err(self.down(err.to_string())),
+            Err(_) => Err(self.down(format!(
+                "no answer within {} ms",
+                self.settings.timeout.as_millis()
+            ))),
+        }
+    }
+
+    fn mark_up(&self) {
+        if !self.up.swap(true, Ordering::AcqRel) {
+            tracing::info!("redis reachable: limits are shared");
+            *self.last_error.lock() = None;
+            self.came_up.notify_waiters();
+        }
+    }
+
+    /// Waits (at most `limit`) for the first connection, so a gateway that
+    /// starts beside a reachable Redis never admits by its own windows.
+    pub async fn connected(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let came_up = self.came_up.notified();
+            if self.is_up() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, came_up).await.is_err() {
+                return self.is_up();
+            }
+        }
+    }
+
+    fn down(&self, why: String) -> Unavailable {
+        if self.up.swap(false, Ordering::AcqRel) {
+            let fallback = match self.settings.on_redis_error {
+                OnRedisError::Local => "admitting by this replica's own windows",
+                OnRedisError::Reject => "refusing requests with 503",
+            };
+            tracing::error!(error = %why, "redis unreachable: {fallback} until it is back");
+        }
+        *self.last_error.lock() = Some(why.clone());
+        Unavailable(why)
+    }
+
+    /// Connects, listens for releases, and re-connects whenever the
+    /// connection is lost, until `cancel`.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let connected = tokio::select! {
+                () = cancel.cancelled() => return,
+                connected = self.connect() => connected,
+            };
+            match connected {
+                Ok(mut messages) => {
+                    backoff = Duration::from_millis(100);
+                    self.mark_up();
+                    // A call that timed out marks Redis down while the
+                    // subscription lives on: a ping each second tells when
+                    // it answers again.
+                    let mut probe = tokio::time::interval(PROBE_EVERY);
+                    loop {
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            message = messages.next() => match message {
+                                Some(_) => self.freed.notify_waiters(),
+                                None => break,
+                            },
+                            _ = probe.tick(), if !self.is_up() => self.ping().await,
+                        }
+                    }
+                    // The subscription ended: the server went away.
+                    let _ = self.down("connection lost".to_owned());
+                    // Waiters must not sleep on a bell that no longer rings.
+                    self.freed.notify_waiters();
+                }
+                Err(err) => {
+                    let _ = self.down(err);
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RECONNECT_MAX);
+        }
+    }
+
+    async fn ping(&self) {
+        let Some(conn) = self.conn.load_full() else {
+            return;
+        };
+        let mut conn = ConnectionManager::clone(&conn);
+        let pinged = tokio::time::timeout(
+            self.settings.timeout,
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await;
+        match pinged {
+            Ok(Ok(_)) => self.mark_up(),
+            Ok(Err(err)) => drop(self.down(err.to_string())),
+            Err(_) => drop(self.down("ping timed out".to_owned())),
+        }
+    }
+
+    /// A fresh command connection and a subscription to the release channel.
+    async fn connect(&self) -> Result<Releases, String> {
+        let timeout = self.settings.timeout.max(Duration::from_secs(1));
+        let attempt = async {
+            let manager = ConnectionManager::new(self.client.clone()).await?;
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(self.channel()).await?;
+            Ok::<_, redis::RedisError>((manager, pubsub))
+        };
+        let (manager, pubsub) = tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| format!("no connection within {} ms", timeout.as_millis()))?
+            .map_err(|e| e.to_string())?;
+        self.conn.store(Some(Arc::new(manager)));
+        Ok(Box::pin(pubsub.into_on_message()))
+    }
+}

@@ -1,0 +1,244 @@
+//! Several replicas sharing quotas through a real Redis (`[cluster]`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mock_upstreams::{MockConfig, MockUpstream};
+use tokio::sync::Semaphore;
+
+use crate::redis::RedisServer;
+use crate::support::{Gateway, ask_as, chat, client, node};
+
+async fn mock(rpm: Option<u64>) -> MockUpstream {
+    MockUpstream::start(
+        "127.0.0.1:0".parse().unwrap(),
+        MockConfig::new("sk-mock").quota(rpm, None),
+    )
+    .await
+    .unwrap()
+}
+
+fn cluster_toml(redis: &RedisServer, extra: &str, nodes: &[(&str, &MockUpstream, u64)]) -> String {
+    let nodes: String = nodes
+        .iter()
+        .map(|(name, upstream, rpm)| {
+            node(
+                name,
+                &upstream.base_url(),
+                "sk-mock",
+                &format!("rpm = {rpm}"),
+            )
+        })
+        .collect();
+    // A generous timeout: on a loaded test machine a call slower than the
+    // default 250 ms would (rightly) fall back to local limits, which is
+    // not what these tests measure.
+    format!(
+        "[queue]\nmax_wait = \"1s\"\n[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n{extra}\n{nodes}",
+        redis.url()
+    )
+}
+
+/// Sends `count` chat requests, spread in turn over `replicas`, 30 at a
+/// time; returns how many got each status.
+async fn spread(
+    replicas: &[Gateway],
+    count: usize,
+    key: Option<&str>,
+) -> std::collections::BTreeMap<u16, usize> {
+    let gate = Arc::new(Semaphore::new(30));
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let url = replicas[i % replicas.len()].url("/v1/chat/completions");
+        let permit = Arc::clone(&gate).acquire_owned().await.unwrap();
+        let key = key.map(str::to_owned);
+        tasks.push(tokio::spawn(async move {
+            let mut request = client()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(chat("gpt-4o-mini", "hi", 5));
+            if let Some(key) = key {
+                request = request.header("authorization", format!("Bearer {key}"));
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            response.bytes().await.unwrap();
+            drop(permit);
+            status
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for task in tasks {
+        *statuses.entry(task.await.unwrap()).or_default() += 1;
+    }
+    statuses
+}
+
+/// Script runs Redis has completed (admissions and releases; a first
+/// `EVALSHA` that finds the script not yet loaded does not count).
+async fn script_calls(redis: &RedisServer) -> u64 {
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .map(|l| stat(l, "calls=") - stat(l, "failed_calls="))
+        .sum()
+}
+
+fn stat(line: &str, name: &str) -> u64 {
+    line.split([':', ','])
+        .find_map(|field| field.strip_prefix(name)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits (bounded, 10 s) until every lease on node `name` is released:
+/// releases run just after the answer, in the background.
+async fn released(redis: &RedisServer, name: &str) {
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let open: u64 = ::redis::cmd("ZCARD")
+            .arg(format!("balancer:n:{name}:fly"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if open == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{open} leases still open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn three_replicas_keep_each_node_exactly_at_its_quota() {
+    let redis = RedisServer::start();
+    let (a, b, c) = (
+        mock(Some(100)).await,
+        mock(Some(150)).await,
+        mock(Some(200)).await,
+    );
+    let toml = cluster_toml(
+        &redis,
+        "",
+        &[("a", &a, 100), ("b", &b, 150), ("c", &c, 200)],
+    );
+    let replicas = [
+        Gateway::start(&toml).await,
+        Gateway::start(&toml).await,
+        Gateway::start(&toml).await,
+    ];
+    let statuses = spread(&replicas, 600, None).await;
+    assert_eq!(statuses.get(&200), Some(&450), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&150), "{statuses:?}");
+    let received: Vec<u64> = [&a, &b, &c].iter().map(|m| m.stats().requests()).collect();
+    assert_eq!(received, [100, 150, 200]);
+    let refused: Vec<u64> = [&a, &b, &c]
+        .iter()
+        .map(|m| m.stats().rate_limited())
+        .collect();
+    assert_eq!(refused, [0, 0, 0], "no upstream ever said 429");
+    let status = replicas[0].status().await;
+    assert_eq!(status["cluster"]["redis"], "up");
+}
+
+#[tokio::test]
+async fn a_client_limit_holds_across_replicas() {
+    let redis = RedisServer::start();
+    let upstream = mock(None).await;
+    let toml = cluster_toml(
+        &redis,
+        "[[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\nrpm = 10\n",
+        &[("a", &upstream, 1000)],
+    );
+    let env = [("TEAM", "sk-team-cluster-key")];
+    let replicas = [
+        Gateway::start_file_text(&toml, &env).await,
+        Gateway::start_file_text(&toml, &env).await,
+        Gateway::start_file_text(&toml, &env).await,
+    ];
+    let statuses = spread(&replicas, 30, Some("sk-team-cluster-key")).await;
+    assert_eq!(statuses.get(&200), Some(&10), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&20), "{statuses:?}");
+    assert_eq!(upstream.stats().requests(), 10);
+    let (status, retry, body) = ask_as(&replicas[1], "sk-team-cluster-key", "gpt-4o-mini", 5).await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["code"], "client_rate_limit_exceeded");
+    assert!(retry.is_some());
+}
+
+#[tokio::test]
+async fn redis_killed_falls_back_to_local_limits_and_sharing_resumes_when_it_returns() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let upstream = mock(None).await;
+    let toml = cluster_toml(&redis, "", &[("a", &upstream, 30)]);
+    let replicas = [Gateway::start(&toml).await, Gateway::start(&toml).await];
+    for replica in &replicas {
+        replica.until(|s| s["cluster"]["redis"] == "up").await;
+    }
+    assert_eq!(spread(&replicas, 10, None).await.get(&200), Some(&10));
+
+    redis.kill();
+    // Every request is answered, by each replica's own windows: no hang.
+    let during = spread(&replicas, 10, None).await;
+    assert_eq!(during.get(&200), Some(&10), "{during:?}");
+    for replica in &replicas {
+        let status = replica.until(|s| s["cluster"]["redis"] == "down").await;
+        assert!(status["cluster"]["last_error"].is_string());
+    }
+
+    // Back, empty: the replicas reconnect by themselves and share again.
+    let redis = RedisServer::start_on(port);
+    for replica in &replicas {
+        replica.until(|s| s["cluster"]["redis"] == "up").await;
+    }
+    let after = spread(&replicas, 40, None).await;
+    assert_eq!(after.get(&200), Some(&30), "{after:?}");
+    assert_eq!(after.get(&429), Some(&10), "{after:?}");
+    assert_eq!(upstream.stats().requests(), 10 + 10 + 30);
+    drop(redis);
+}
+
+#[tokio::test]
+async fn with_on_redis_error_reject_an_unreachable_redis_gets_503() {
+    let redis = RedisServer::start();
+    let upstream = mock(None).await;
+    let toml = cluster_toml(
+        &redis,
+        "on_redis_error = \"reject\"\n",
+        &[("a", &upstream, 100)],
+    );
+    let gw = Gateway::start(&toml).await;
+    gw.until(|s| s["cluster"]["redis"] == "up").await;
+    assert_eq!(ask_as(&gw, "", "gpt-4o-mini", 5).await.0, 200);
+    redis.kill();
+    gw.until(|s| s["cluster"]["redis"] == "down").await;
+    let (status, retry, body) = ask_as(&gw, "", "gpt-4o-mini", 5).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["error"]["code"], "cluster_unavailable");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(upstream.stats().requests(), 1);
+    let _ = Duration::ZERO;
+}
+
+#[tokio::test]
+async fn the_hot_path_makes_one_redis_call_to_admit_and_one_to_release() {
+    let redis = RedisServer::start();
+    let upstream = mock(None).await;
+    let gw = Gateway::start(&cluster_toml(&redis, "", &[("a", &upstream, 1000)])).await;
+    for _ in 0..5 {
+        assert_eq!(ask_as(&gw, "", "gpt-4o-mini", 5).await.0, 200);
+    }
+    released(&redis, "a").await;
+    assert_eq!(script_calls(&redis).await, 10);
+}

@@ -1,0 +1,103 @@
+//! A real `redis-server` per test, on a free port on 127.0.0.1.
+//!
+//! Found through `BALANCER_TEST_REDIS_SERVER`, else `redis-server` on the
+//! `PATH` (Debian's `redis-server` package). It stops by itself: a small
+//! shell holds it and waits on a pipe from this process; when the handle
+//! is dropped, or the test binary exits for any reason, the pipe closes and
+//! the shell kills the server. Nothing is written to disk.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub struct RedisServer {
+    pub port: u16,
+    pid: i32,
+    shell: Child,
+    /// Closing it stops the server.
+    stdin: Option<ChildStdin>,
+}
+
+impl RedisServer {
+    /// A server on a free port.
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    /// A server on `port` (to bring one back where it was).
+    pub fn start_on(port: u16) -> Self {
+        let binary = std::env::var("BALANCER_TEST_REDIS_SERVER")
+            .unwrap_or_else(|_| "redis-server".to_owned());
+        let mut shell = Command::new("sh")
+            .arg("-c")
+            .arg(r#""$0" "$@" & echo "$!"; read _; kill -9 "$!" 2>/dev/null"#)
+            .arg(&binary)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--logfile", "/dev/stderr"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {binary}: {e} (apt-get install redis-server)")
+            });
+        let mut stdout = BufReader::new(shell.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let pid: i32 = line.trim().parse().unwrap();
+        // Redis logs to stderr: wait for it to say it is ready.
+        let log = BufReader::new(shell.stderr.take().unwrap());
+        let (ready, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ready = Some(ready);
+            for line in log.lines().map_while(Result::ok) {
+                if line.contains("Ready to accept connections")
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        wait.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{binary} did not get ready on port {port}"));
+        let stdin = shell.stdin.take();
+        Self {
+            port,
+            pid,
+            shell,
+            stdin,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"\n");
+        }
+        let _ = self.shell.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -288,3 +288,47 @@ pub fn per_node_line(before: &[StatsReport], after: &[StatsReport]) -> String {
 pub fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
 }
+
+/// A `redis-server` on a free port on 127.0.0.1, for the gateway's shared
+/// limits; nothing written to disk, killed when dropped.
+pub struct Redis {
+    _process: tokio::process::Child,
+    pub url: String,
+}
+
+impl Redis {
+    pub async fn start() -> anyhow::Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut process = tokio::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting redis-server (apt-get install redis-server)")?;
+        let stdout = process.stdout.take().context("redis-server stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let ready = async {
+            while let Some(line) = lines.next_line().await? {
+                if line.contains("Ready to accept connections") {
+                    return Ok::<bool, std::io::Error>(true);
+                }
+            }
+            Ok(false)
+        };
+        let ready = tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .context("redis-server did not get ready in 10 s")??;
+        anyhow::ensure!(ready, "redis-server exited before it was ready");
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            _process: process,
+            url: format!("redis://127.0.0.1:{port}"),
+        })
+    }
+}

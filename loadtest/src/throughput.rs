@@ -35,6 +35,10 @@ pub struct ThroughputArgs {
     /// How long part 2 holds that rate (whole seconds).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub rate_time: Duration,
+    /// Also run parts 1 and 2 through a second gateway whose limits live in
+    /// Redis (`[cluster]`; starts `redis-server` on 127.0.0.1), to compare.
+    #[arg(long)]
+    pub redis: bool,
 }
 
 struct Run {
@@ -172,13 +176,98 @@ pub async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow::Result
         dir.join("throughput-*.html").display()
     );
 
-    let ok = [&direct, &through, &direct_rate, &through_rate]
+    let mut ok = [&direct, &through, &direct_rate, &through_rate]
         .iter()
         .all(|r| r.all_ok());
     gateway.stop().await?;
+    if args.redis {
+        ok &= compare_with_redis(
+            args,
+            dir,
+            &mocks,
+            &through,
+            cpu_us,
+            &direct_rate,
+            &through_rate,
+        )
+        .await?;
+    }
     mocks.stop().await?;
     if !ok {
         println!("FAILED: some requests failed or were not answered 200");
     }
     Ok(ok)
+}
+
+/// The same parts 1 and 2 through a gateway whose limits live in Redis: one
+/// admission and one release script per request.
+async fn compare_with_redis(
+    args: &ThroughputArgs,
+    dir: &std::path::Path,
+    mocks: &Mocks,
+    local: &Run,
+    local_cpu_us: f64,
+    direct_rate: &Run,
+    local_rate: &Run,
+) -> anyhow::Result<bool> {
+    let redis = harness::Redis::start().await?;
+    let extra = format!("[cluster]\nredis_url = \"{}\"\n", redis.url);
+    let gateway =
+        Gateway::start(mocks, dir, "throughput-redis", &extra, &|_| String::new()).await?;
+    let report = |name: &str| -> PathBuf { drive::report_path(dir, "throughput", name) };
+    let part1 = match args.duration {
+        Some(d) => Plan::timed(args.concurrency, d, report("redis")),
+        None => Plan::requests(args.requests, args.concurrency, report("redis")),
+    };
+    let warm = Plan::requests(
+        args.concurrency * 4,
+        args.concurrency,
+        report("redis-warmup"),
+    );
+    load(&gateway.origin, CLIENT_KEY, &warm).await?;
+    let cpu_before = gateway.cpu_time();
+    let shared = load(&gateway.origin, CLIENT_KEY, &part1).await?;
+    let cpu = gateway.cpu_time().saturating_sub(cpu_before);
+    let cpu_us = cpu.as_secs_f64() * 1e6 / shared.measured.requests.max(1) as f64;
+    let rate_plan = Plan {
+        rate: Some(args.rate),
+        ..Plan::timed(
+            args.concurrency.min(20),
+            args.rate_time,
+            report("rate-redis"),
+        )
+    };
+    let shared_rate = load(&gateway.origin, CLIENT_KEY, &rate_plan).await?;
+    let status = gateway.status().await?;
+    gateway.stop().await?;
+
+    shared.print("through the gateway, limits in Redis ([cluster])");
+    println!("    gateway CPU: {cpu_us:.1} µs per request (redis-server's own CPU not included)");
+    let added = |run: &Run| {
+        (run.measured.p50_us as i64 - direct_rate.measured.p50_us as i64) as f64 / 1000.0
+    };
+    println!(
+        "    at {} requests/s: p50 {}, added {:.3} ms",
+        args.rate,
+        ms(shared_rate.measured.p50_us),
+        added(&shared_rate)
+    );
+    println!("  Redis against in-process limits (same run, same mocks):");
+    println!(
+        "    requests/s {:.0} against {:.0} ({:.2}×)",
+        shared.rps(),
+        local.rps(),
+        shared.rps() / local.rps().max(1e-9)
+    );
+    println!("    gateway CPU {cpu_us:.1} µs against {local_cpu_us:.1} µs per request");
+    println!(
+        "    added p50 at {} requests/s: {:.3} ms against {:.3} ms",
+        args.rate,
+        added(&shared_rate),
+        added(local_rate)
+    );
+    let up = status["cluster"]["redis"] == "up";
+    println!("    redis stayed up: {}", verdict(up));
+    drop(redis);
+    Ok(shared.all_ok() && shared_rate.all_ok() && up)
 }

@@ -446,6 +446,7 @@ async fn try_node(
         (rest, CooldownReason::RateLimited)
     };
     node.usage.cool_down(Instant::now() + rest, reason);
+    placement.reservation.share_cooldown(rest);
     tracing::info!(node = %node.name, cooldown_ms = rest.as_millis() as u64, reason = reason.as_str(), "upstream refused with 429; cooling down");
     Attempt::Answered {
         response,

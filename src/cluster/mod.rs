@@ -11,6 +11,9 @@
 //! requests waiting on other replicas try again at once. Nothing else talks
 //! to Redis on the request path: one round trip to admit, one to release.
 //!
+//! A node's cooldown after an upstream 429 is shared too
+//! (`src/cluster/cool.lua`, one call per 429).
+//!
 //! Time is Redis's own (`TIME`), so replicas' clocks never disagree about a
 //! window. Requests in flight are leases that expire after
 //! `server.request_timeout` and a margin, so a replica that dies does not
@@ -64,6 +67,7 @@ pub struct Cluster {
     settings: ClusterSettings,
     admit: redis::Script,
     settle: redis::Script,
+    cool: redis::Script,
     /// Rung when any replica releases capacity (Redis pub/sub).
     freed: Notify,
     up: AtomicBool,
@@ -143,6 +147,23 @@ pub enum Ending {
 }
 
 impl Lease {
+    /// The lease's node rests for `rest` on every replica (after its 429);
+    /// one script call in the background.
+    pub fn cool_down(&self, rest: Duration) {
+        let cluster = Arc::clone(&self.cluster);
+        let key = format!("{}:cool", self.node);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let mut invocation = cluster.cool.prepare_invoke();
+            invocation.key(&key).arg(rest.as_millis().max(1) as u64);
+            if let Err(err) = cluster.call::<i64>(&invocation).await {
+                tracing::warn!(error = %err, "cannot share a node's cooldown");
+            }
+        });
+    }
+
     /// Ends the lease in the background (a release never delays the
     /// response): one script call.
     pub fn release(self, ending: Ending, response_bytes: u64) {
@@ -191,6 +212,7 @@ impl Cluster {
             conn: ArcSwapOption::empty(),
             admit: redis::Script::new(include_str!("admit.lua")),
             settle: redis::Script::new(include_str!("settle.lua")),
+            cool: redis::Script::new(include_str!("cool.lua")),
             freed: Notify::new(),
             up: AtomicBool::new(false),
             came_up: Notify::new(),
@@ -444,8 +466,13 @@ impl Cluster {
     /// A fresh command connection and a subscription to the release channel.
     async fn connect(&self) -> Result<Releases, String> {
         let timeout = self.settings.timeout.max(Duration::from_secs(1));
+        // `cluster.timeout` bounds every call (see `call`); the client's own
+        // 500 ms default would cut in first when it is set longer.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(None)
+            .set_connection_timeout(Some(timeout));
         let attempt = async {
-            let manager = ConnectionManager::new(self.client.clone()).await?;
+            let manager = ConnectionManager::new_with_config(self.client.clone(), config).await?;
             let mut pubsub = self.client.get_async_pubsub().await?;
             pubsub.subscribe(self.channel()).await?;
             Ok::<_, redis::RedisError>((manager, pubsub))

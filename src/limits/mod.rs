@@ -467,6 +467,13 @@ impl Reservation {
         self
     }
 
+    /// In cluster mode, lets every replica know the node rests for `rest`.
+    pub fn share_cooldown(&self, rest: Duration) {
+        if let Some(shared) = &self.shared {
+            shared.lease.cool_down(rest);
+        }
+    }
+
     /// Ends the shared lease, if any, the way the local reservation ended.
     fn release_shared(&mut self, ending: Ending) {
         if let Some(shared) = self.shared.take() {

@@ -90,6 +90,29 @@ async fn script_calls(redis: &RedisServer) -> u64 {
         .sum()
 }
 
+/// Waits (bounded, 10 s) until Redis holds node `name`'s cooldown: it is
+/// shared in the background.
+async fn rests(redis: &RedisServer, name: &str) {
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let exists: bool = ::redis::cmd("EXISTS")
+            .arg(format!("balancer:n:{name}:cool"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if exists {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no shared cooldown for {name}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn stat(line: &str, name: &str) -> u64 {
     line.split([':', ','])
         .find_map(|field| field.strip_prefix(name)?.parse().ok())
@@ -241,4 +264,44 @@ async fn the_hot_path_makes_one_redis_call_to_admit_and_one_to_release() {
     }
     released(&redis, "a").await;
     assert_eq!(script_calls(&redis).await, 10);
+}
+
+#[tokio::test]
+async fn a_node_that_answered_429_rests_on_every_replica() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let redis = RedisServer::start();
+    let limited = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "30")
+                .set_body_json(serde_json::json!({"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}})),
+        )
+        .mount(&limited)
+        .await;
+    let answer = mock(None).await;
+    let toml = format!(
+        "[queue]\nmax_wait = \"1s\"\n[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n{}{}",
+        redis.url(),
+        node("limited", &format!("{}/v1", limited.uri()), "k", ""),
+        node("answer", &answer.base_url(), "sk-mock", ""),
+    );
+    let first = Gateway::start(&toml).await;
+    let second = Gateway::start(&toml).await;
+    // A fresh gateway tries its first node first: the 429 is retried on
+    // the other, and the first node's rest is shared.
+    assert_eq!(ask_as(&first, "", "gpt-4o-mini", 5).await.0, 200);
+    assert_eq!(limited.received_requests().await.unwrap().len(), 1);
+    first.settled_status().await;
+    released(&redis, "limited").await;
+    rests(&redis, "limited").await;
+    for _ in 0..4 {
+        assert_eq!(ask_as(&second, "", "gpt-4o-mini", 5).await.0, 200);
+    }
+    assert_eq!(
+        limited.received_requests().await.unwrap().len(),
+        1,
+        "the other replica kept away from the resting node"
+    );
 }

@@ -897,9 +897,14 @@ fn validate(
 }
 
 fn validate_cluster(raw: RawCluster, problems: &mut Vec<String>) -> Option<ClusterSettings> {
-    let scheme_ok = raw.redis_url.starts_with("redis://") || raw.redis_url.starts_with("rediss://");
-    if !scheme_ok {
-        problems.push("cluster.redis_url: must start with redis:// or rediss://".to_owned());
+    let scheme_ok = raw.redis_url.starts_with("redis://");
+    if raw.redis_url.starts_with("rediss://") {
+        problems.push(
+            "cluster.redis_url: TLS to Redis (rediss://) is not supported yet; use redis:// on a private network"
+                .to_owned(),
+        );
+    } else if !scheme_ok {
+        problems.push("cluster.redis_url: must start with redis://".to_owned());
     }
     if raw.key_prefix.is_empty() || raw.key_prefix.contains(char::is_whitespace) {
         problems.push("cluster.key_prefix: must be non-empty, without spaces".to_owned());
@@ -1416,7 +1421,7 @@ mod tests {
         assert_eq!(
             problems(&bad),
             [
-                "cluster.redis_url: must start with redis:// or rediss://",
+                "cluster.redis_url: must start with redis://",
                 "cluster.timeout: must be greater than 0"
             ]
         );

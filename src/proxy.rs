@@ -256,9 +256,14 @@ async fn admit(
                 wait: true,
                 deadline,
             };
-            match cluster::place(cluster, live, state.queue.next_rotation(), ask).await {
+            match cluster::place(cluster, &state.queue, live, ask).await {
                 Ok(placement) => return Ok(placement),
-                Err(NotPlaced::Refused(err)) => return Err(err),
+                Err(NotPlaced::Refused(err)) => {
+                    if let GatewayError::Saturated { .. } = err {
+                        state.queue.refused();
+                    }
+                    return Err(err);
+                }
                 Err(NotPlaced::NoHeadroom) => {
                     return Err(GatewayError::Saturated {
                         retry_after: std::time::Duration::from_secs(1),
@@ -297,7 +302,7 @@ async fn place_now(
                 wait: false,
                 deadline: Instant::now(),
             };
-            match cluster::place(cluster, live, state.queue.next_rotation(), ask).await {
+            match cluster::place(cluster, &state.queue, live, ask).await {
                 Ok(placement) => return Some(placement),
                 Err(NotPlaced::Refused(_) | NotPlaced::NoHeadroom) => return None,
                 Err(NotPlaced::Unavailable(_)) => {}

@@ -76,6 +76,21 @@ pub struct Queue {
     queued_total: AtomicU64,
     /// Requests refused as saturated (429), since start.
     refused_total: AtomicU64,
+    /// Requests waiting for headroom in the shared windows ([`crate::cluster`]).
+    shared_waiting: AtomicUsize,
+}
+
+/// A request waiting for shared headroom: counted in the queue's depth
+/// until dropped.
+#[derive(Debug)]
+pub struct SharedWaiter<'a> {
+    count: &'a AtomicUsize,
+}
+
+impl Drop for SharedWaiter<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Queue {
@@ -88,6 +103,7 @@ impl Queue {
             rotation: AtomicUsize::new(0),
             queued_total: AtomicU64::new(0),
             refused_total: AtomicU64::new(0),
+            shared_waiting: AtomicUsize::new(0),
         }
     }
 
@@ -96,8 +112,28 @@ impl Queue {
         self.rotation.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Requests waiting now, here and for shared headroom.
     pub fn depth(&self) -> usize {
-        self.signal.waiting()
+        self.signal.waiting() + self.shared_waiting.load(Ordering::Acquire)
+    }
+
+    /// Joins the requests waiting for shared headroom, unless `max_depth`
+    /// already wait.
+    pub fn wait_shared(&self, max_depth: usize) -> Option<SharedWaiter<'_>> {
+        let shared = self.shared_waiting.fetch_add(1, Ordering::AcqRel);
+        let waiter = SharedWaiter {
+            count: &self.shared_waiting,
+        };
+        if shared + self.signal.waiting() >= max_depth {
+            return None;
+        }
+        self.queued_total.fetch_add(1, Ordering::Relaxed);
+        Some(waiter)
+    }
+
+    /// Counts a request refused as saturated outside [`admit`](Self::admit).
+    pub fn refused(&self) {
+        self.refused_total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Requests that have waited for headroom, since start.

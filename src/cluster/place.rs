@@ -12,7 +12,7 @@ use super::{Admission, Candidate, ClientLimitsView, Cluster, Unavailable};
 use crate::clients::Client;
 use crate::error::GatewayError;
 use crate::limits::Demand;
-use crate::queue::{Placement, too_large};
+use crate::queue::{Placement, Queue, too_large};
 use crate::state::Live;
 
 /// Why the shared windows placed nothing.
@@ -43,10 +43,11 @@ pub struct Ask<'a> {
 /// the shared windows, waiting for it if `ask.wait`.
 pub async fn place(
     cluster: &Arc<Cluster>,
+    queue: &Queue,
     live: &Live,
-    rotation: usize,
     ask: Ask<'_>,
 ) -> Result<Placement, NotPlaced> {
+    let rotation = queue.next_rotation();
     let in_rotation: Vec<usize> = ask
         .candidates
         .iter()
@@ -82,6 +83,8 @@ pub async fn place(
         .deadline
         .min(Instant::now() + live.config.queue.max_wait);
     let lease_for = live.config.server.request_timeout;
+    // Counted in the queue's depth while it waits.
+    let mut waiting = None;
     loop {
         // Listen before asking, so a release between the answer and the
         // wait is not missed.
@@ -134,6 +137,17 @@ pub async fn place(
                 at.saturating_duration_since(now)
             });
             return Err(NotPlaced::Refused(GatewayError::Saturated { retry_after }));
+        }
+        if waiting.is_none() {
+            match queue.wait_shared(live.config.queue.max_depth) {
+                Some(waiter) => waiting = Some(waiter),
+                None => {
+                    let retry_after = until.map_or(Duration::from_secs(1), |at| {
+                        at.saturating_duration_since(now)
+                    });
+                    return Err(NotPlaced::Refused(GatewayError::Saturated { retry_after }));
+                }
+            }
         }
         tokio::select! {
             () = &mut freed => {}

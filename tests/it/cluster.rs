@@ -305,3 +305,42 @@ async fn a_node_that_answered_429_rests_on_every_replica() {
         "the other replica kept away from the resting node"
     );
 }
+
+#[tokio::test]
+async fn a_request_waits_for_a_release_on_another_replica_and_the_queue_bound_holds() {
+    use crate::support::{answering_upstream, send_in_background};
+    let redis = RedisServer::start();
+    let slow = answering_upstream(Duration::from_millis(1500)).await;
+    let toml = format!(
+        "[queue]\nmax_wait = \"15s\"\nmax_depth = 1\n[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n{}",
+        redis.url(),
+        node(
+            "a",
+            &format!("{}/v1", slow.uri()),
+            "k",
+            "max_concurrency = 1"
+        ),
+    );
+    let (first, second) = (Gateway::start(&toml).await, Gateway::start(&toml).await);
+    let held = send_in_background(&first, chat("gpt-4o-mini", "one", 5));
+    first.until(|s| s["nodes"][0]["in_flight"] == 1).await;
+    // The only slot is taken on the first replica: this one waits on the second.
+    let waiting = send_in_background(&second, chat("gpt-4o-mini", "two", 5));
+    second.until(|s| s["queue"]["depth"] == 1).await;
+    // One waits already (max_depth = 1): the next is refused at once.
+    let (status, retry, _) = ask_as(&second, "", "gpt-4o-mini", 5).await;
+    assert_eq!(status, 429);
+    assert!(retry.is_some());
+    assert_eq!(held.await.unwrap().0, 200);
+    // The release on the first replica, published through Redis, lets the
+    // waiter through long before its 15 s max_wait.
+    let started = tokio::time::Instant::now();
+    assert_eq!(waiting.await.unwrap().0, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(slow.received_requests().await.unwrap().len(), 2);
+    assert_eq!(second.status().await["queue"]["depth"], 0);
+}

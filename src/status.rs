@@ -22,11 +22,25 @@ pub async fn dashboard() -> axum::response::Html<&'static str> {
 pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
     let live = state.live();
     let now = Instant::now();
-    let nodes: Vec<Value> = live
+    let mut nodes: Vec<Value> = live
         .nodes
         .iter()
         .map(|node| node_status(node, now))
         .collect();
+    // With [cluster]: the node's use summed over every replica.
+    if let Some(cluster) = &state.cluster {
+        let names: Vec<&str> = live.nodes.iter().map(|n| &*n.name).collect();
+        if let Some(shared) = cluster.peek(&names).await {
+            for (node, used) in nodes.iter_mut().zip(shared) {
+                node["shared"] = json!({
+                    "requests": used.requests,
+                    "tokens": used.tokens,
+                    "bytes": used.bytes,
+                    "in_flight": used.in_flight,
+                });
+            }
+        }
+    }
     let retired: Vec<Value> = state
         .retired()
         .iter()

@@ -6,11 +6,8 @@
 --       client rpm, client tpm, client burst, client rate per second,
 --       then per candidate: rpm, tpm, bpm, max concurrency (0 = none).
 --
--- Each limited thing keeps a window of 100 ms slots (<p>:slots, a sorted set
--- of slot numbers; <p>:amt, a hash of "r:<slot>", "t:<slot>", "b:<slot>"
--- and the totals "r", "t", "b"), its requests in flight as leases that
--- expire (<p>:fly, reservation id -> expiry ms), a cooldown (<p>:cool, ms)
--- and, for a client, a token bucket (<p>:bucket).
+-- The window of each thing is window.lua's (put in front of this file); a
+-- client also has a token bucket (<p>:bucket).
 --
 -- Returns {kind, a, now_ms, slot}:
 --   0: placed on candidate a (1-based)
@@ -21,47 +18,11 @@
 --   3: the client is over its limit; a = retry after (ms)
 --   4: the request alone exceeds the client's limit; a = 1 rpm, 2 tpm
 
-local SLOT_MS = 100
-local SLOTS = 605
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local slot = math.floor(now / SLOT_MS)
-
 local tokens = tonumber(ARGV[1])
 local bytes = tonumber(ARGV[2])
 local rid = ARGV[3]
 local lease = tonumber(ARGV[4])
 local rotation = tonumber(ARGV[5])
-
--- Drops the slots that have left the window, and expired leases.
-local function advance(p)
-  local old = redis.call('ZRANGEBYSCORE', p .. ':slots', '-inf', slot - SLOTS)
-  for _, s in ipairs(old) do
-    for _, l in ipairs({'r', 't', 'b'}) do
-      local v = tonumber(redis.call('HGET', p .. ':amt', l .. ':' .. s) or '0')
-      if v ~= 0 then redis.call('HINCRBY', p .. ':amt', l, -v) end
-      redis.call('HDEL', p .. ':amt', l .. ':' .. s)
-    end
-  end
-  if #old > 0 then redis.call('ZREMRANGEBYSCORE', p .. ':slots', '-inf', slot - SLOTS) end
-  redis.call('ZREMRANGEBYSCORE', p .. ':fly', '-inf', now)
-end
-
-local function total(p, l)
-  return tonumber(redis.call('HGET', p .. ':amt', l) or '0')
-end
-
--- When enough of limit l leaves the window to free `need`.
-local function freed_at(p, l, need)
-  local slots = redis.call('ZRANGE', p .. ':slots', 0, -1)
-  local sum = 0
-  for _, s in ipairs(slots) do
-    sum = sum + tonumber(redis.call('HGET', p .. ':amt', l .. ':' .. s) or '0')
-    if sum >= need then return (tonumber(s) + SLOTS) * SLOT_MS end
-  end
-  return now + 60000
-end
 
 -- 'now', or 'never' with the limit, or 'at' with a time, or 'release'.
 local function outlook(p, limits, want)

@@ -14,6 +14,10 @@
 //! A node's cooldown after an upstream 429 is shared too
 //! (`src/cluster/cool.lua`, one call per 429).
 //!
+//! `/status` reads the shared totals with one more script
+//! (`src/cluster/peek.lua`); `src/cluster/window.lua` is the window code
+//! every script shares.
+//!
 //! Time is Redis's own (`TIME`), so replicas' clocks never disagree about a
 //! window. Requests in flight are leases that expire after
 //! `server.request_timeout` and a margin, so a replica that dies does not
@@ -66,6 +70,7 @@ pub struct Cluster {
     conn: ArcSwapOption<ConnectionManager>,
     settings: ClusterSettings,
     admit: redis::Script,
+    peek: redis::Script,
     settle: redis::Script,
     cool: redis::Script,
     /// Rung when any replica releases capacity (Redis pub/sub).
@@ -102,6 +107,15 @@ pub struct ClientLimitsView<'a> {
     pub tpm: u64,
     pub burst: u64,
     pub rate_per_second: f64,
+}
+
+/// A node's use of the shared windows, summed over every replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedUse {
+    pub requests: u64,
+    pub tokens: u64,
+    pub bytes: u64,
+    pub in_flight: u64,
 }
 
 /// What one admission script answered.
@@ -210,7 +224,14 @@ impl Cluster {
         Ok(Arc::new(Self {
             client,
             conn: ArcSwapOption::empty(),
-            admit: redis::Script::new(include_str!("admit.lua")),
+            admit: redis::Script::new(concat!(
+                include_str!("window.lua"),
+                include_str!("admit.lua")
+            )),
+            peek: redis::Script::new(concat!(
+                include_str!("window.lua"),
+                include_str!("peek.lua")
+            )),
             settle: redis::Script::new(include_str!("settle.lua")),
             cool: redis::Script::new(include_str!("cool.lua")),
             freed: Notify::new(),
@@ -342,6 +363,30 @@ impl Cluster {
             },
             _ => Admission::ClientTooSmall(limit(a)),
         })
+    }
+
+    /// What each named node has used in the shared windows (requests,
+    /// tokens, bytes in the rolling minute; requests in flight), for
+    /// `/status`. `None` while Redis is down or does not answer.
+    pub async fn peek(&self, nodes: &[&str]) -> Option<Vec<SharedUse>> {
+        if !self.is_up() || nodes.is_empty() {
+            return None;
+        }
+        let mut invocation = self.peek.prepare_invoke();
+        for name in nodes {
+            invocation.key(self.node_key(name));
+        }
+        let flat: Vec<u64> = self.call(&invocation).await.ok()?;
+        Some(
+            flat.chunks_exact(4)
+                .map(|c| SharedUse {
+                    requests: c[0],
+                    tokens: c[1],
+                    bytes: c[2],
+                    in_flight: c[3],
+                })
+                .collect(),
+        )
     }
 
     /// Runs a script with `cluster.timeout`; notes whether Redis answered.

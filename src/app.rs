@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use serde_json::json;
+use tokio::time::Instant;
 
 use crate::auth;
 use crate::error::GatewayError;
@@ -34,26 +35,37 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+/// `/v1/models` and `/v1/models/{id}` are counted and logged like every
+/// request (under node `""`).
+async fn list_models(State(state): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) -> Response {
+    let received = Instant::now();
     let live = state.live();
     if let Err(err) = auth::identify(&live, &state.clients, &headers).await {
+        proxy::refused(&state, uri.path(), &err, None, received);
         return err.into_response();
     }
+    proxy::answered_itself(&state, uri.path(), None, received);
     json_response(live.models_list.clone())
 }
 
 async fn get_model(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
+    let received = Instant::now();
     let live = state.live();
     if let Err(err) = auth::identify(&live, &state.clients, &headers).await {
+        proxy::refused(&state, uri.path(), &err, Some(&id), received);
         return err.into_response();
     }
     if !live.lists_model(&id) {
-        return GatewayError::ModelNotFound(id).into_response();
+        let err = GatewayError::ModelNotFound(id);
+        proxy::refused(&state, uri.path(), &err, None, received);
+        return err.into_response();
     }
+    proxy::answered_itself(&state, uri.path(), Some(&id), received);
     let body = json!({"id": id, "object": "model", "created": 0, "owned_by": "balancer"});
     json_response(body.to_string().into())
 }

@@ -69,9 +69,23 @@ impl From<GatewayError> for Refused {
     }
 }
 
+/// Counts and logs a successful answer the gateway gave itself
+/// (`/v1/models`), as [`refused`] does an error.
+pub fn answered_itself(state: &AppState, path: &str, model: Option<&str>, received: Instant) {
+    let label = model.filter(|m| state.live().lists_model(m)).unwrap_or("");
+    let elapsed = metrics::elapsed(received);
+    state
+        .metrics
+        .answered
+        .route(label)
+        .answered(StatusCode::OK, elapsed);
+    let duration_ms = elapsed.as_millis() as u64;
+    tracing::info!(target: ACCESS_LOG, path, node = "", model = model.unwrap_or(""), status = 200u16, duration_ms, "request");
+}
+
 /// Counts and logs an answer the gateway gave itself: under node `""`, and
 /// under the model only if the config lists it (a made-up name is no label).
-fn refused(
+pub fn refused(
     state: &AppState,
     path: &str,
     error: &GatewayError,

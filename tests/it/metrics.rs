@@ -113,6 +113,14 @@ async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency()
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    // Answered by the gateway from its config.
+    let models = client()
+        .get(gw.url("/v1/models"))
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
     // Metrics are counted as each relay ends: wait for the last to settle.
     gw.settled_status().await;
 
@@ -123,7 +131,7 @@ async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency()
         m.value("balancer_requests_total", &with(("code", "200"))),
         3.0
     );
-    for (code, model) in [("401", ""), ("404", ""), ("400", "")] {
+    for (code, model) in [("401", ""), ("404", ""), ("400", ""), ("200", "")] {
         let labels = [("node", ""), ("model", model), ("code", code)];
         assert_eq!(m.value("balancer_requests_total", &labels), 1.0, "{code}");
     }
@@ -161,7 +169,7 @@ async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency()
     let own = [("node", ""), ("model", "")];
     assert_eq!(
         m.value("balancer_request_duration_seconds_count", &own),
-        3.0
+        4.0
     );
     assert_eq!(m.value("balancer_queue_wait_seconds_count", &[]), 3.0);
     assert_eq!(m.value("balancer_queue_depth", &[]), 0.0);

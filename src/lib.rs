@@ -12,7 +12,8 @@
 //! 3. [`request::inspect`] reads model, stream flag and prompt tokens
 //!    (with [`tokens`]' real tokenizers) into a [`limits::Demand`].
 //! 4. [`state::Live::candidates`] lists the nodes that serve the model.
-//! 5. [`queue::Queue::admit`] reserves on the least-loaded node in rotation
+//! 5. [`queue::Queue::admit`] (or, with `[cluster]`, [`cluster::place`]
+//!    through limits shared in Redis) reserves on the least-loaded node in rotation
 //!    ([`health::NodeHealth::in_rotation`]) with headroom
 //!    ([`selection::choose`], [`limits::NodeUsage::try_reserve`]), or waits
 //!    for headroom, or refuses with `Retry-After`.

@@ -686,55 +686,32 @@ pub fn pid_file_for(config_path: &Path, configured: Option<&Path>) -> PathBuf {
     }
 }
 
-/// `server.pid_file` as the file at `config_path` sets it, if it can be read.
-pub fn configured_pid_file(config_path: &Path) -> Option<PathBuf> {
-    #[derive(Deserialize)]
-    struct Server {
-        pid_file: Option<PathBuf>,
-    }
-    #[derive(Deserialize)]
-    struct Only {
-        server: Option<Server>,
-    }
-    let only: Only = Figment::from(Toml::file(config_path))
+/// One setting (`"server.listen"`) as the file at `config_path` and the
+/// `BALANCER_*` overrides set it, read alone: it works even when the rest
+/// of the file is invalid (`balancer reload` must report that). `None` when
+/// it is absent or cannot be read.
+fn configured<T: serde::de::DeserializeOwned>(config_path: &Path, key: &str) -> Option<T> {
+    Figment::from(Toml::file(config_path))
         .merge(env_overrides())
-        .extract()
-        .ok()?;
-    only.server?.pid_file
+        .extract_inner(key)
+        .ok()
 }
 
-/// `server.listen` as the config at `config_path` sets it (after
-/// `BALANCER_*` overrides), if it can be read.
+/// `server.pid_file` as the file at `config_path` sets it, if it can be read.
+pub fn configured_pid_file(config_path: &Path) -> Option<PathBuf> {
+    configured(config_path, "server.pid_file")
+}
+
+/// `server.listen` as the config at `config_path` sets it, if it can be read.
 pub fn configured_listen(config_path: &Path) -> Option<SocketAddr> {
-    #[derive(Deserialize)]
-    struct Server {
-        listen: Option<SocketAddr>,
-    }
-    #[derive(Deserialize)]
-    struct Only {
-        server: Option<Server>,
-    }
-    let only: Only = Figment::from(Toml::file(config_path))
-        .merge(env_overrides())
-        .extract()
-        .ok()?;
-    only.server?.listen
+    configured(config_path, "server.listen")
 }
 
 /// `log.format` as the config at `config_path` sets it, read before
-/// logging starts; text when the file cannot be read (the full load then
+/// logging starts; text when it cannot be read (the full load then
 /// reports why).
 pub fn configured_log_format(config_path: &Path) -> LogFormat {
-    #[derive(Deserialize)]
-    struct Only {
-        log: Option<LogSettings>,
-    }
-    Figment::from(Toml::file(config_path))
-        .merge(env_overrides())
-        .extract::<Only>()
-        .ok()
-        .and_then(|only| only.log)
-        .map_or(LogFormat::Text, |log| log.format)
+    configured(config_path, "log.format").unwrap_or_default()
 }
 
 /// Where a literal key or other soft problem deserves a warning at start-up.

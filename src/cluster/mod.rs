@@ -149,6 +149,54 @@ pub struct Lease {
     demand: Demand,
 }
 
+/// An admission whose answer never arrived (`cluster.timeout`, or the
+/// client went away during the round trip): the script may still have run
+/// and leased a concurrency slot under this id. Dropped armed, it ends that
+/// lease on every candidate in the background; the window keeps the
+/// request counted (the safe side).
+struct Unanswered {
+    cluster: Arc<Cluster>,
+    id: String,
+    keys: Vec<String>,
+    client: Option<String>,
+    armed: bool,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let cluster = Arc::clone(&self.cluster);
+        let id = std::mem::take(&mut self.id);
+        let keys: Vec<String> = self
+            .keys
+            .drain(..)
+            .chain(self.client.take())
+            .map(|key| format!("{key}:fly"))
+            .collect();
+        runtime.spawn(async move {
+            let Some(conn) = cluster.conn.load_full() else {
+                return;
+            };
+            let mut conn = ConnectionManager::clone(&conn);
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("ZREM").arg(key).arg(&id).ignore();
+            }
+            // Bounded by the lease itself if this fails too.
+            let _ = tokio::time::timeout(
+                cluster.settings.timeout.max(Duration::from_secs(5)),
+                pipe.query_async::<()>(&mut conn),
+            )
+            .await;
+        });
+    }
+}
+
 /// How a request ended, for its release.
 #[derive(Debug, Clone, Copy)]
 pub enum Ending {
@@ -219,8 +267,10 @@ impl Cluster {
     /// gateway serves meanwhile, with `on_redis_error`'s behaviour.
     pub fn new(settings: ClusterSettings) -> Result<Arc<Self>, String> {
         use secrecy::ExposeSecret;
+        // The error's kind only: its text could quote the URL, password
+        // and all.
         let client = redis::Client::open(settings.redis_url.expose_secret())
-            .map_err(|e| format!("cluster.redis_url: {e}"))?;
+            .map_err(|e| format!("cluster.redis_url: not a usable Redis URL ({:?})", e.kind()))?;
         Ok(Arc::new(Self {
             client,
             conn: ArcSwapOption::empty(),
@@ -295,10 +345,17 @@ impl Cluster {
             self.next.fetch_add(1, Ordering::Relaxed)
         );
         let client_key = client.map(|c| self.client_key(c.id));
+        let mut unanswered = Unanswered {
+            cluster: Arc::clone(self),
+            id: id.clone(),
+            keys: candidates.iter().map(|c| self.node_key(c.name)).collect(),
+            client: client_key.clone(),
+            armed: true,
+        };
         let mut invocation = self.admit.prepare_invoke();
         invocation.key(client_key.as_deref().unwrap_or(""));
-        for candidate in candidates {
-            invocation.key(self.node_key(candidate.name));
+        for key in &unanswered.keys {
+            invocation.key(key);
         }
         let lease_ms = (lease_for + LEASE_MARGIN).as_millis() as u64;
         invocation
@@ -330,6 +387,7 @@ impl Cluster {
         }
         let sent = Instant::now();
         let (kind, a, redis_now, slot): (i64, i64, i64, i64) = self.call(&invocation).await?;
+        unanswered.armed = false;
         // Redis time to ours: the script ran about when we sent it.
         let local =
             |ms: i64| sent + Duration::from_millis(ms.saturating_sub(redis_now).max(0) as u64);
@@ -341,7 +399,10 @@ impl Cluster {
         Ok(match kind {
             0 => {
                 let index = (a.max(1) - 1) as usize;
-                let node = self.node_key(candidates.get(index).map_or("", |c| c.name));
+                let node = std::mem::take(&mut unanswered.keys)
+                    .into_iter()
+                    .nth(index)
+                    .unwrap_or_default();
                 Admission::Placed {
                     index,
                     lease: Lease {
@@ -471,7 +532,9 @@ impl Cluster {
                                 Some(_) => self.freed.notify_waiters(),
                                 None => break,
                             },
-                            _ = probe.tick(), if !self.is_up() => self.ping().await,
+                            // Ticks always: a branch disabled while Redis was
+                            // up would not be looked at again until a message.
+                            _ = probe.tick() => if !self.is_up() { self.ping().await },
                         }
                     }
                     // The subscription ended: the server went away.

@@ -74,11 +74,60 @@ async fn spread(
     statuses
 }
 
+async fn redis_conn(redis: &RedisServer) -> ::redis::aio::MultiplexedConnection {
+    ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Waits (bounded, 10 s) until `ready` holds of what `command` on `key`
+/// answers: the gateway writes to Redis in the background (releases,
+/// cooldowns), so a test waits for the write to land.
+async fn until_redis(redis: &RedisServer, command: &str, key: &str, ready: impl Fn(u64) -> bool) {
+    let mut conn = redis_conn(redis).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let value: u64 = ::redis::cmd(command)
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if ready(value) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{command} {key} is still {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every lease on node `name` is released.
+async fn released(redis: &RedisServer, name: &str) {
+    until_redis(redis, "ZCARD", &format!("balancer:n:{name}:fly"), |open| {
+        open == 0
+    })
+    .await;
+}
+
+/// Node `name`'s cooldown is in Redis.
+async fn rests(redis: &RedisServer, name: &str) {
+    until_redis(
+        redis,
+        "EXISTS",
+        &format!("balancer:n:{name}:cool"),
+        |exists| exists == 1,
+    )
+    .await;
+}
+
 /// Script runs Redis has completed (admissions and releases; a first
 /// `EVALSHA` that finds the script not yet loaded does not count).
 async fn script_calls(redis: &RedisServer) -> u64 {
-    let client = ::redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_conn(redis).await;
     let info: String = ::redis::cmd("INFO")
         .arg("commandstats")
         .query_async(&mut conn)
@@ -90,56 +139,10 @@ async fn script_calls(redis: &RedisServer) -> u64 {
         .sum()
 }
 
-/// Waits (bounded, 10 s) until Redis holds node `name`'s cooldown: it is
-/// shared in the background.
-async fn rests(redis: &RedisServer, name: &str) {
-    let client = ::redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let exists: bool = ::redis::cmd("EXISTS")
-            .arg(format!("balancer:n:{name}:cool"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if exists {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no shared cooldown for {name}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn stat(line: &str, name: &str) -> u64 {
     line.split([':', ','])
         .find_map(|field| field.strip_prefix(name)?.parse().ok())
         .unwrap_or(0)
-}
-
-/// Waits (bounded, 10 s) until every lease on node `name` is released:
-/// releases run just after the answer, in the background.
-async fn released(redis: &RedisServer, name: &str) {
-    let client = ::redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let open: u64 = ::redis::cmd("ZCARD")
-            .arg(format!("balancer:n:{name}:fly"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if open == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{open} leases still open"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]
@@ -350,4 +353,79 @@ async fn a_request_waits_for_a_release_on_another_replica_and_the_queue_bound_ho
     );
     assert_eq!(slow.received_requests().await.unwrap().len(), 2);
     assert_eq!(second.status().await["queue"]["depth"], 0);
+}
+
+#[tokio::test]
+async fn an_admission_that_times_out_leaves_no_concurrency_slot_behind() {
+    let redis = RedisServer::start();
+    let upstream = mock(None).await;
+    let toml = format!(
+        "[queue]\nmax_wait = \"1s\"\n[cluster]\nredis_url = \"{}\"\ntimeout = \"300ms\"\n{}",
+        redis.url(),
+        node("a", &upstream.base_url(), "sk-mock", "max_concurrency = 4"),
+    );
+    let gw = Gateway::start(&toml).await;
+    assert_eq!(ask_as(&gw, "", "gpt-4o-mini", 5).await.0, 200);
+    released(&redis, "a").await;
+    // Redis holds every script for 2 s: the admission times out, the
+    // request is served by the local fallback, and the script runs later,
+    // leasing a slot nobody will release.
+    let mut conn = redis_conn(&redis).await;
+    let () = ::redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2000)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ask_as(&gw, "", "gpt-4o-mini", 5).await.0, 200);
+    assert_eq!(gw.status().await["cluster"]["redis"], "down");
+    // Redis answers on one connection in order: the held script, then the
+    // ending of its lease, then the ping that marks Redis up again.
+    gw.until(|s| s["cluster"]["redis"] == "up").await;
+    // The unanswered admission's lease is gone, not left to expire
+    // (request_timeout + 30 s).
+    let mut conn = redis_conn(&redis).await;
+    let open: u64 = ::redis::cmd("ZCARD")
+        .arg("balancer:n:a:fly")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(open, 0, "a lease of the unanswered admission is left");
+    // The script did run: the request stays counted in the window.
+    let requests: u64 = ::redis::cmd("HGET")
+        .arg("balancer:n:a:amt")
+        .arg("r")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(requests, 2);
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_while_waiting_for_shared_headroom_leaves_the_queue() {
+    use crate::support::{answering_upstream, send_in_background};
+    let redis = RedisServer::start();
+    let slow = answering_upstream(Duration::from_secs(3)).await;
+    let toml = format!(
+        "[queue]\nmax_wait = \"15s\"\n[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n{}",
+        redis.url(),
+        node(
+            "a",
+            &format!("{}/v1", slow.uri()),
+            "k",
+            "max_concurrency = 1"
+        ),
+    );
+    let gw = Gateway::start(&toml).await;
+    let held = send_in_background(&gw, chat("gpt-4o-mini", "one", 5));
+    gw.until(|s| s["nodes"][0]["in_flight"] == 1).await;
+    let waiter = send_in_background(&gw, chat("gpt-4o-mini", "two", 5));
+    gw.until(|s| s["queue"]["depth"] == 1).await;
+    waiter.abort();
+    gw.until(|s| s["queue"]["depth"] == 0).await;
+    assert_eq!(held.await.unwrap().0, 200);
+    released(&redis, "a").await;
+    // The one that hung up never reached the node.
+    assert_eq!(slow.received_requests().await.unwrap().len(), 1);
 }

@@ -156,6 +156,30 @@ fn write_config(dir: &Path, upstream: &str, extra: &str) -> PathBuf {
     path
 }
 
+/// A mock upstream and `balancer serve` in front of it, its config in a
+/// fresh directory with `extra` in the node's table.
+struct Setup {
+    upstream: MockUpstream,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    served: Served,
+}
+
+async fn serve_in_front_of(mock: MockConfig, extra: &str) -> Setup {
+    let upstream = MockUpstream::start("127.0.0.1:0".parse().unwrap(), mock)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &upstream.base_url(), extra);
+    let served = Served::start(&config, &[("NODE_KEY", "sk-mock")]);
+    Setup {
+        upstream,
+        dir,
+        config,
+        served,
+    }
+}
+
 async fn chat_status(served: &Served) -> u16 {
     client()
         .post(served.url("/v1/chat/completions"))
@@ -170,12 +194,12 @@ async fn chat_status(served: &Served) -> u16 {
 
 #[tokio::test]
 async fn reload_reports_what_changed_or_why_not_and_stop_waits_for_the_exit() {
-    let upstream = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockConfig::new("sk-mock"))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &upstream.base_url(), "rpm = 50");
-    let served = Served::start(&config, &[("NODE_KEY", "sk-mock")]);
+    let Setup {
+        upstream,
+        dir,
+        config,
+        served,
+    } = serve_in_front_of(MockConfig::new("sk-mock"), "rpm = 50").await;
     let pid_file = dir.path().join("balancer.pid");
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
@@ -236,12 +260,11 @@ async fn sigterm_during_streaming_lets_every_stream_finish() {
     let mock = MockConfig::new("sk-mock")
         .stream_timing(Duration::from_millis(50), Duration::from_millis(100))
         .completion_words(20);
-    let upstream = MockUpstream::start("127.0.0.1:0".parse().unwrap(), mock)
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &upstream.base_url(), "");
-    let served = Served::start(&config, &[("NODE_KEY", "sk-mock")]);
+    // Named first: the fields not taken (the directory) live to the end.
+    let setup = serve_in_front_of(mock, "").await;
+    let Setup {
+        upstream, served, ..
+    } = setup;
 
     let http = client();
     let body = serde_json::json!({
@@ -284,16 +307,14 @@ async fn sigterm_during_streaming_lets_every_stream_finish() {
 
 #[tokio::test]
 async fn json_logs_give_one_line_per_request_with_what_it_used_and_never_a_key() {
-    let upstream = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockConfig::new("sk-mock"))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &upstream.base_url(),
+    let setup = serve_in_front_of(
+        MockConfig::new("sk-mock"),
         "models = [\"gpt-4o-mini\"]\n[log]\nformat = \"json\"",
-    );
-    let served = Served::start(&config, &[("NODE_KEY", "sk-mock")]);
+    )
+    .await;
+    let Setup {
+        upstream, served, ..
+    } = setup;
     let body = chat("gpt-4o-mini", "hi", 5);
     let response = client()
         .post(served.url("/v1/chat/completions"))
@@ -352,12 +373,8 @@ async fn json_logs_give_one_line_per_request_with_what_it_used_and_never_a_key()
 
 #[tokio::test]
 async fn healthcheck_exits_0_while_the_gateway_answers_and_1_when_it_does_not() {
-    let upstream = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockConfig::new("sk-mock"))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &upstream.base_url(), "");
-    let served = Served::start(&config, &[("NODE_KEY", "sk-mock")]);
+    let setup = serve_in_front_of(MockConfig::new("sk-mock"), "").await;
+    let Setup { config, served, .. } = setup;
     let healthz = served.url("/healthz");
     let (code, _, err) = run_with(&config, &["healthcheck", "--url", &healthz]).await;
     assert_eq!(code, 0, "{err}");

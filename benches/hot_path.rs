@@ -7,9 +7,9 @@ use std::hint::black_box;
 use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 
-use balancer::config::Quota;
-use balancer::limits::{Demand, HeadroomSignal, Load, NodeUsage};
+use balancer::limits::{Demand, HeadroomSignal, Limiter, Load, Quota};
 use balancer::selection;
+use balancer::snapshot::NodeId;
 use balancer::tokens::Encoding;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tokio::time::Instant;
@@ -45,10 +45,10 @@ fn tokens(c: &mut Criterion) {
 fn selection(c: &mut Criterion) {
     let mut group = c.benchmark_group("selection");
     for n in [3usize, 30, 300] {
-        let loads: Vec<(usize, Load)> = (0..n)
+        let loads: Vec<(NodeId, Load)> = (0..n)
             .map(|i| {
                 (
-                    i,
+                    NodeId::from_index(i),
                     Load {
                         utilisation_ppm: ((i * 7919) % 1000) as u32,
                         in_flight: (i % 5) as u64,
@@ -66,7 +66,7 @@ fn selection(c: &mut Criterion) {
         // The full placement look: lock each node, check its headroom, read its load.
         let signal = Arc::new(HeadroomSignal::default());
         let nodes: Vec<_> = (0..n)
-            .map(|_| NodeUsage::new(limited_quota(), Arc::clone(&signal)))
+            .map(|_| Limiter::new(limited_quota(), Arc::clone(&signal)))
             .collect();
         group.bench_with_input(
             BenchmarkId::new("look_and_choose", n),
@@ -76,10 +76,10 @@ fn selection(c: &mut Criterion) {
                 b.iter(|| {
                     rotation += 1;
                     let now = Instant::now();
-                    let eligible = nodes
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, u)| u.load_if_fits(DEMAND, now).map(|l| (i, l)));
+                    let eligible = nodes.iter().enumerate().filter_map(|(i, u)| {
+                        let load = u.load_if_fits(DEMAND, now)?;
+                        Some((NodeId::from_index(i), load))
+                    });
                     selection::choose(eligible, rotation, n)
                 })
             },
@@ -127,7 +127,7 @@ impl NaiveLimiter {
 
 fn limiter(c: &mut Criterion) {
     let mut group = c.benchmark_group("limiter");
-    let usage = NodeUsage::new(limited_quota(), Arc::new(HeadroomSignal::default()));
+    let usage = Limiter::new(limited_quota(), Arc::new(HeadroomSignal::default()));
     group.bench_function("reserve_settle", |b| {
         b.iter(|| {
             let reservation = usage
@@ -177,10 +177,7 @@ fn whole_request(c: &mut Criterion) {
     };
     let (config, _) = balancer::config::from_toml_str(&toml, &env).unwrap();
     let state = runtime
-        .block_on(balancer::state::AppState::start(
-            config,
-            std::path::Path::new("."),
-        ))
+        .block_on(balancer::server::start(config, std::path::Path::new(".")))
         .unwrap();
     let router = balancer::app::router(state);
     let body = bytes::Bytes::from_static(
@@ -223,8 +220,9 @@ fn whole_request(c: &mut Criterion) {
 /// every request does) against asking the store each time (the baseline
 /// the cache replaces).
 fn client_lookup(c: &mut Criterion) {
-    use balancer::clients::{Registry, key_prefix, new_id};
-    use balancer::config::{ClientLimits, hash_key};
+    use balancer::clients::Registry;
+    use balancer::keys::{hash_key, key_prefix, new_id};
+    use balancer::limits::ClientLimits;
     use balancer::store::{Store, StoredClient};
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -249,7 +247,7 @@ fn client_lookup(c: &mut Criterion) {
             })
             .await
             .unwrap();
-        let (recorder, _writer) = balancer::usage::channel();
+        let (recorder, _writer) = balancer::ledger::channel();
         let registry = Registry::new(store.clone(), std::time::Duration::from_secs(60), recorder)
             .await
             .unwrap();

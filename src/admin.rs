@@ -34,13 +34,15 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::clients::{self, CONFIG_ID_PREFIX, config_id};
-use crate::config::{ClientConfig, ClientLimits, models_problem};
+use crate::clients::config_id;
+use crate::config::{ClientConfig, models_problem};
 use crate::error::GatewayError;
+use crate::keys::{self, CONFIG_ID_PREFIX};
+use crate::ledger::utc_day;
+use crate::limits::ClientLimits;
 use crate::state::AppState;
 use crate::status;
 use crate::store::{StoreError, StoredClient, UsageTotals};
-use crate::usage::utc_day;
 
 /// The admin API's routes, every one behind the admin token.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -138,12 +140,12 @@ async fn create_client(State(state): State<Arc<AppState>>, body: Bytes) -> Answe
     let limits = valid_limits(new.rpm, new.tpm, new.burst, new.rate_per_second)?;
     let models = valid_models(new.models)?;
     ensure_name_free(&state, &name, "").await?;
-    let key = clients::new_key();
+    let key = keys::new_key();
     let client = StoredClient {
-        id: clients::new_id(),
+        id: keys::new_id(),
         name,
-        key_hash: crate::config::hash_key(key.expose_secret().as_bytes()),
-        key_prefix: clients::key_prefix(key.expose_secret()),
+        key_hash: keys::hash_key(key.expose_secret().as_bytes()),
+        key_prefix: keys::key_prefix(key.expose_secret()),
         limits,
         models,
         enabled: new.enabled,
@@ -236,9 +238,9 @@ async fn delete_client(State(state): State<Arc<AppState>>, Path(id): Path<String
 async fn rotate_key(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Answer {
     refuse_declared(&state, &id)?;
     let mut client = find_stored(&state, &id).await?;
-    let key = clients::new_key();
-    client.key_hash = crate::config::hash_key(key.expose_secret().as_bytes());
-    client.key_prefix = clients::key_prefix(key.expose_secret());
+    let key = keys::new_key();
+    client.key_hash = keys::hash_key(key.expose_secret().as_bytes());
+    client.key_prefix = keys::key_prefix(key.expose_secret());
     let found = state
         .clients
         .store()
@@ -281,12 +283,7 @@ async fn client_usage(
     let from = valid_day("from", query.from)?
         .unwrap_or_else(|| utc_day(now - Duration::from_secs(86_400 * (DEFAULT_USAGE_DAYS - 1))));
     // Requests that have ended on this gateway are counted, written or not.
-    state
-        .clients
-        .recorder()
-        .flush()
-        .await
-        .map_err(unavailable)?;
+    state.clients.ledger().flush().await.map_err(unavailable)?;
     let rows = state
         .clients
         .store()
@@ -327,8 +324,7 @@ async fn nodes(State(state): State<Arc<AppState>>) -> Answer {
     let live = state.live();
     let now = Instant::now();
     let data: Vec<Value> = live
-        .nodes
-        .iter()
+        .nodes()
         .map(|node| status::node_status(node, now))
         .collect();
     Ok(Json(json!({"object": "list", "data": data})).into_response())

@@ -12,7 +12,6 @@ use tokio::time::Instant;
 
 use crate::auth;
 use crate::error::GatewayError;
-use crate::metrics;
 use crate::proxy;
 use crate::state::AppState;
 use crate::status;
@@ -23,7 +22,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Operations: no key needed, no secret revealed.
         .route("/healthz", get(|| async { "ok" }))
         .route("/status", get(status::handle))
-        .route("/metrics", get(metrics::handle))
+        .route("/metrics", get(status::scrape::handle))
         .route("/dashboard", get(status::dashboard))
         // Answered by the gateway from its config, behind the client key.
         .route("/v1/models", get(list_models))

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, header};
 
 use crate::clients::{Client, Registry};
-use crate::config::{ClientKey, hash_key};
 use crate::error::GatewayError;
-use crate::state::Live;
+use crate::keys::{ClientKey, hash_key};
+use crate::snapshot::Live;
 
 /// Who is calling: a client with its own limits, or `None` for a plain
 /// gateway key (or an open gateway).

@@ -1,24 +1,17 @@
-//! Clients: who is calling, and the limits the gateway keeps for them.
+//! Clients: who is calling, and what the gateway keeps for each of them.
 //!
 //! A client presents its own gateway key. It is declared in the config
 //! (`[[clients]]`, found in the snapshot's [`Directory`]) or made through
 //! the admin API and kept in the [`Store`], found through the [`Registry`]'s
 //! cache. Either way it is found by the key's SHA-256: the key itself is
-//! never kept, and [`Client::admit`] applies its limits before any node is
-//! chosen:
-//! - disabled, deleted or rotated away: 401 at authentication, as if the key
-//!   were unknown;
-//! - a model outside its `models`: 403 `model_not_allowed`;
-//! - its token bucket (`burst`, `rate_per_second`) empty, or its `rpm` /
-//!   `tpm` window full: 429 `client_rate_limit_exceeded` with the honest
-//!   `Retry-After`. A client over its own limit does not queue: waiting
-//!   would not free anything for it sooner than the `Retry-After`.
+//! never kept. Its limits are applied by admission
+//! ([`crate::admission`]) before any node is chosen.
 //!
-//! A client's window is the same structure as a node's
-//! ([`NodeUsage`]): reserved at admission, settled to the tokens used when
-//! the answer ends, released on every path. It is kept by client id in the
-//! registry, apart from any snapshot or cache entry, so neither a reload nor
-//! a cache expiry resets a client's minute.
+//! A client's [`ClientLimiter`] (an rpm/tpm window, the same
+//! [`Limiter`] a node has, and a token bucket) and its
+//! [`ClientCounters`] are kept by client id in the registry, apart from any
+//! snapshot or cache entry, so neither a reload nor a cache expiry resets a
+//! client's minute.
 //!
 //! The cache: a key's lookup is kept for `store.cache_ttl`, so another
 //! replica's changes arrive within it. A change made here bumps the
@@ -31,18 +24,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use rand::Rng;
-use rand::distr::Alphanumeric;
-use secrecy::SecretString;
-
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::config::{BucketLimit, ClientConfig, ClientLimits, Quota};
-use crate::error::GatewayError;
-use crate::limits::{Demand, HeadroomSignal, NodeUsage, Outlook, Reservation};
+use crate::config::ClientConfig;
+use crate::keys::CONFIG_ID_PREFIX;
+use crate::ledger::Ledger;
+use crate::limits::{ClientLimits, HeadroomSignal, Limiter, Quota, TokenBucket};
 use crate::store::{Store, StoreError, StoredClient};
-use crate::usage::UsageRecorder;
 
 /// A client as the request path uses it.
 #[derive(Debug)]
@@ -52,16 +41,16 @@ pub struct Client {
     pub name: Arc<str>,
     pub models: Option<Vec<String>>,
     pub enabled: bool,
-    pub usage: Arc<ClientUsage>,
+    pub limiter: Arc<ClientLimiter>,
+    pub counters: Arc<ClientCounters>,
 }
 
-/// What a client has used: its rolling window, its token bucket, and its
-/// counters since start (for `/metrics`).
+/// A client's own limits in force: its rolling rpm/tpm window and its
+/// token bucket.
 #[derive(Debug)]
-pub struct ClientUsage {
-    window: Arc<NodeUsage>,
-    bucket: Option<Mutex<TokenBucket>>,
-    pub counters: Arc<ClientCounters>,
+pub struct ClientLimiter {
+    pub window: Arc<Limiter>,
+    pub bucket: Option<Mutex<TokenBucket>>,
 }
 
 /// A client's requests and tokens since start: atomics, counted when an
@@ -98,6 +87,14 @@ impl ClientCounters {
         Arc::clone(&self.name.lock())
     }
 
+    /// The client was renamed; the next scrape shows the new name.
+    fn rename(&self, name: &Arc<str>) {
+        let mut current = self.name.lock();
+        if **current != **name {
+            *current = Arc::clone(name);
+        }
+    }
+
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
@@ -111,55 +108,39 @@ impl ClientCounters {
     }
 }
 
-impl ClientUsage {
+impl ClientLimiter {
     /// The limits, as the shared windows take them: rpm, tpm, bucket burst
     /// and rate (0 = none).
     pub fn shared_limits(&self) -> (u64, u64, u64, f64) {
         let quota = self.window.quota();
         let n = |v: Option<std::num::NonZeroU64>| v.map_or(0, u64::from);
         let (burst, rate) = self.bucket.as_ref().map_or((0, 0.0), |b| {
-            let limit = b.lock().limit;
+            let limit = b.lock().limit();
             (u64::from(limit.burst), limit.rate_per_second)
         });
         (n(quota.rpm), n(quota.tpm), burst, rate)
     }
 
-    pub fn new(name: &Arc<str>, limits: &ClientLimits) -> Arc<Self> {
-        let quota = Quota {
-            rpm: limits.rpm,
-            tpm: limits.tpm,
-            ..Quota::default()
-        };
+    fn new(limits: &ClientLimits) -> Arc<Self> {
         // Nothing waits on a client's window, so it wakes nobody.
-        let window = NodeUsage::new(quota, Arc::new(HeadroomSignal::default()));
+        let window = Limiter::new(quota_of(limits), Arc::new(HeadroomSignal::default()));
         Arc::new(Self {
             window,
             bucket: limits
                 .bucket
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
-            counters: ClientCounters::new(name),
         })
     }
 
     /// Applies changed limits (a reload, an admin change) without resetting
     /// what was used. A bucket whose limit changed starts full at its new size.
-    fn update(self: &Arc<Self>, name: &Arc<str>, limits: &ClientLimits) -> Arc<Self> {
-        {
-            let mut current = self.counters.name.lock();
-            if **current != **name {
-                *current = Arc::clone(name);
-            }
-        }
+    fn update(self: &Arc<Self>, limits: &ClientLimits) -> Arc<Self> {
         let bucket_same = match (&self.bucket, limits.bucket) {
             (None, None) => true,
-            (Some(b), Some(limit)) => b.lock().limit == limit,
+            (Some(b), Some(limit)) => b.lock().limit() == limit,
             _ => false,
         };
-        self.window.set_quota(Quota {
-            rpm: limits.rpm,
-            tpm: limits.tpm,
-            ..Quota::default()
-        });
+        self.window.set_quota(quota_of(limits));
         if bucket_same {
             return Arc::clone(self);
         }
@@ -168,79 +149,23 @@ impl ClientUsage {
             bucket: limits
                 .bucket
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
-            counters: Arc::clone(&self.counters),
         })
     }
 }
 
-impl Client {
-    /// Applies the client's own limits to a request for `model` that asks
-    /// `demand`; the reservation settles with the request.
-    pub fn admit(&self, model: Option<&str>, demand: Demand) -> Result<Reservation, GatewayError> {
-        // A disabled client never gets here: `auth::identify` refuses its key.
-        if let (Some(allowed), Some(model)) = (&self.models, model)
-            && !allowed.iter().any(|m| m == model)
-        {
-            return Err(GatewayError::ModelNotAllowed(model.to_owned()));
-        }
-        let now = Instant::now();
-        // The window first: a refused request must not spend a bucket token.
-        let demand = Demand { bytes: 0, ..demand };
-        let Some(reservation) = self.usage.window.try_reserve(demand, now) else {
-            let retry_after = match self.usage.window.outlook(demand, now) {
-                Outlook::At(at) => at.saturating_duration_since(now),
-                Outlook::Never(limit) => {
-                    return Err(GatewayError::ClientLimitTooSmall {
-                        limit: limit.field(),
-                    });
-                }
-                _ => Duration::from_secs(1),
-            };
-            return Err(GatewayError::ClientRateLimited { retry_after });
-        };
-        if let Some(bucket) = &self.usage.bucket
-            && let Err(retry_after) = bucket.lock().take(now)
-        {
-            reservation.cancel();
-            return Err(GatewayError::ClientRateLimited { retry_after });
-        }
-        Ok(reservation)
+fn quota_of(limits: &ClientLimits) -> Quota {
+    Quota {
+        rpm: limits.rpm,
+        tpm: limits.tpm,
+        ..Quota::default()
     }
 }
 
-/// A token bucket: `burst` requests at once, refilled continuously at
-/// `rate_per_second`.
-#[derive(Debug)]
-struct TokenBucket {
-    limit: BucketLimit,
-    tokens: f64,
-    at: Instant,
-}
-
-impl TokenBucket {
-    fn full(limit: BucketLimit, now: Instant) -> Self {
-        Self {
-            limit,
-            tokens: u64::from(limit.burst) as f64,
-            at: now,
-        }
-    }
-
-    /// Takes one token, or says how long until one is there.
-    fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        let capacity = u64::from(self.limit.burst) as f64;
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.limit.rate_per_second).min(capacity);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - self.tokens) / self.limit.rate_per_second,
-            ))
-        }
-    }
+/// What the registry keeps of a client by id.
+#[derive(Debug, Clone)]
+struct Kept {
+    limiter: Arc<ClientLimiter>,
+    counters: Arc<ClientCounters>,
 }
 
 /// The clients declared in one snapshot's config, by key hash.
@@ -257,8 +182,10 @@ impl Directory {
         registry.keep_declared(&ids);
         let mut by_hash = HashMap::with_capacity(configs.len());
         for (config, id) in configs.iter().zip(ids) {
+            let kept = registry.keep(&id, &config.name, &config.limits);
             let client = Client {
-                usage: registry.usage_for(&id, &config.name, &config.limits),
+                limiter: kept.limiter,
+                counters: kept.counters,
                 id,
                 name: Arc::clone(&config.name),
                 models: config.models.clone(),
@@ -289,40 +216,6 @@ pub fn config_id(name: &str) -> Arc<str> {
     Arc::from(format!("{CONFIG_ID_PREFIX}{name}"))
 }
 
-pub const CONFIG_ID_PREFIX: &str = "cfg_";
-const STORED_ID_PREFIX: &str = "cl_";
-/// What every key the gateway makes starts with, so one is recognisable.
-const KEY_PREFIX: &str = "sk-bal-";
-/// 40 alphanumerics: about 238 bits.
-const KEY_RANDOM_CHARS: usize = 40;
-
-/// A new client id.
-pub fn new_id() -> String {
-    format!("{STORED_ID_PREFIX}{}", random_chars(16))
-}
-
-/// A new gateway key, shown once and stored only as its hash.
-pub fn new_key() -> SecretString {
-    SecretString::from(format!("{KEY_PREFIX}{}", random_chars(KEY_RANDOM_CHARS)))
-}
-
-/// What is shown of a key so people can tell keys apart: `sk-bal-` and 4
-/// more characters of a generated key; of a shorter declared key, at most a
-/// third of it.
-pub fn key_prefix(key: &str) -> String {
-    let shown = (KEY_PREFIX.len() + 4).min(key.chars().count() / 3);
-    key.chars().take(shown).collect()
-}
-
-fn random_chars(n: usize) -> String {
-    // `rand::rng()` is a CSPRNG seeded from the OS.
-    rand::rng()
-        .sample_iter(Alphanumeric)
-        .take(n)
-        .map(char::from)
-        .collect()
-}
-
 /// The clients kept in the store, looked up through a cache, and every
 /// client's usage by id.
 pub struct Registry {
@@ -331,11 +224,11 @@ pub struct Registry {
     /// Counts changes made through this gateway; a cache entry from before
     /// the latest is a miss.
     changes: AtomicU64,
-    usages: Mutex<HashMap<Arc<str>, Arc<ClientUsage>>>,
+    kept: Mutex<HashMap<Arc<str>, Kept>>,
     /// Whether the store held any client when last seen: with none, and no
     /// keys in the config, the gateway is open.
     any_stored: AtomicBool,
-    recorder: UsageRecorder,
+    ledger: Ledger,
 }
 
 #[derive(Clone)]
@@ -361,7 +254,7 @@ impl Registry {
     pub async fn new(
         store: Store,
         cache_ttl: Duration,
-        recorder: UsageRecorder,
+        ledger: Ledger,
     ) -> Result<Self, StoreError> {
         let any_stored = store.count_clients().await? > 0;
         Ok(Self {
@@ -371,9 +264,9 @@ impl Registry {
                 .time_to_live(cache_ttl)
                 .build(),
             changes: AtomicU64::new(0),
-            usages: Mutex::new(HashMap::new()),
+            kept: Mutex::new(HashMap::new()),
             any_stored: AtomicBool::new(any_stored),
-            recorder,
+            ledger,
         })
     }
 
@@ -381,8 +274,8 @@ impl Registry {
         &self.store
     }
 
-    pub fn recorder(&self) -> &UsageRecorder {
-        &self.recorder
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     /// Whether the store may hold clients (then every request needs a key).
@@ -424,14 +317,14 @@ impl Registry {
         self.cache.invalidate_all();
         if let Some(client) = client {
             self.any_stored.store(true, Ordering::Release);
-            self.usage_for(
+            self.keep(
                 &Arc::from(client.id.as_str()),
                 &Arc::from(client.name.as_str()),
                 &client.limits,
             );
         }
         if let Some(id) = deleted {
-            self.usages.lock().remove(id);
+            self.kept.lock().remove(id);
         }
     }
 
@@ -443,26 +336,30 @@ impl Registry {
         Ok(())
     }
 
-    /// A client's usage, made on first sight and kept by id; updated to
-    /// `limits` when they changed.
-    pub fn usage_for(
-        &self,
-        id: &Arc<str>,
-        name: &Arc<str>,
-        limits: &ClientLimits,
-    ) -> Arc<ClientUsage> {
-        let mut usages = self.usages.lock();
-        let usage = match usages.get(id) {
-            Some(existing) => existing.update(name, limits),
-            None => ClientUsage::new(name, limits),
+    /// A client's limiter and counters, made on first sight and kept by
+    /// id; its limits updated when they changed, its name renamed.
+    fn keep(&self, id: &Arc<str>, name: &Arc<str>, limits: &ClientLimits) -> Kept {
+        let mut kept = self.kept.lock();
+        let entry = match kept.get(id) {
+            Some(existing) => {
+                existing.counters.rename(name);
+                Kept {
+                    limiter: existing.limiter.update(limits),
+                    counters: Arc::clone(&existing.counters),
+                }
+            }
+            None => Kept {
+                limiter: ClientLimiter::new(limits),
+                counters: ClientCounters::new(name),
+            },
         };
-        usages.insert(Arc::clone(id), Arc::clone(&usage));
-        usage
+        kept.insert(Arc::clone(id), entry.clone());
+        entry
     }
 
-    /// Forgets the usage of declared clients no longer in the config.
+    /// Forgets what was kept of declared clients no longer in the config.
     fn keep_declared(&self, ids: &[Arc<str>]) {
-        self.usages
+        self.kept
             .lock()
             .retain(|id, _| !id.starts_with(CONFIG_ID_PREFIX) || ids.contains(id));
     }
@@ -470,10 +367,10 @@ impl Registry {
     /// Every client's counters by id, sorted, for the `/metrics` scrape.
     pub fn counters(&self) -> Vec<(Arc<str>, Arc<ClientCounters>)> {
         let mut all: Vec<_> = self
-            .usages
+            .kept
             .lock()
             .iter()
-            .map(|(id, usage)| (Arc::clone(id), Arc::clone(&usage.counters)))
+            .map(|(id, kept)| (Arc::clone(id), Arc::clone(&kept.counters)))
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
@@ -482,58 +379,14 @@ impl Registry {
     fn client(&self, stored: &StoredClient) -> Arc<Client> {
         let id: Arc<str> = Arc::from(stored.id.as_str());
         let name: Arc<str> = Arc::from(stored.name.as_str());
+        let kept = self.keep(&id, &name, &stored.limits);
         Arc::new(Client {
-            usage: self.usage_for(&id, &name, &stored.limits),
+            limiter: kept.limiter,
+            counters: kept.counters,
             id,
             name,
             models: stored.models.clone(),
             enabled: stored.enabled,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::num::NonZeroU64;
-
-    use super::*;
-
-    fn bucket(burst: u64, rate: f64) -> TokenBucket {
-        TokenBucket::full(
-            BucketLimit {
-                burst: NonZeroU64::new(burst).unwrap(),
-                rate_per_second: rate,
-            },
-            Instant::now(),
-        )
-    }
-
-    #[test]
-    fn a_key_shows_only_its_prefix() {
-        use secrecy::ExposeSecret;
-        let key = new_key();
-        assert_eq!(
-            key.expose_secret().len(),
-            KEY_PREFIX.len() + KEY_RANDOM_CHARS
-        );
-        assert_eq!(key_prefix(key.expose_secret()).len(), KEY_PREFIX.len() + 4);
-        assert_ne!(new_key().expose_secret(), key.expose_secret());
-        // A short declared key shows a third of itself at most.
-        assert_eq!(key_prefix("sk-team-a-key"), "sk-t");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_bucket_allows_its_burst_then_refills_at_its_rate() {
-        let mut b = bucket(2, 4.0);
-        assert!(b.take(Instant::now()).is_ok());
-        assert!(b.take(Instant::now()).is_ok());
-        assert_eq!(b.take(Instant::now()), Err(Duration::from_millis(250)));
-        tokio::time::advance(Duration::from_millis(250)).await;
-        assert!(b.take(Instant::now()).is_ok());
-        // Never more than the burst, however long it rested.
-        tokio::time::advance(Duration::from_secs(60)).await;
-        assert!(b.take(Instant::now()).is_ok());
-        assert!(b.take(Instant::now()).is_ok());
-        assert!(b.take(Instant::now()).is_err());
     }
 }

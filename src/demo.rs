@@ -13,7 +13,6 @@ use mock_upstreams::{MockConfig, MockUpstream};
 
 use crate::config::{self, Config, ConfigError};
 use crate::server;
-use crate::state::AppState;
 
 /// The gateway key the demo uses when `APP_GATEWAY_KEY` (or whichever
 /// variable `auth.client_keys_env` names) is not set. Public by design.
@@ -78,7 +77,7 @@ pub async fn run(config_path: &Path) -> Result<(), DemoError> {
         .and_then(|l| l.local_addr().ok())
         .zip(admin_token_hint(config_path));
     let base_dir = config_path.parent().unwrap_or(Path::new("."));
-    let state = AppState::start(config, base_dir)
+    let state = server::start(config, base_dir)
         .await
         .map_err(|e| DemoError::Start(e.to_string()))?;
     print_examples(listen, &model, &key_hint);

@@ -14,6 +14,42 @@ use serde_json::json;
 
 use crate::limits::Limit;
 
+/// When a refused client should come back, as `Retry-After` sends it:
+/// whole seconds, rounded up, never 0 (a client must not retry at once).
+/// The message and the header of one answer show the same number.
+///
+/// How long to ask for is the refusal policy's choice
+/// ([`crate::admission`]); this type only keeps the message and the header
+/// in agreement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryAfter(u64);
+
+impl RetryAfter {
+    /// A wait of `wait`, in whole seconds rounded up, at least 1.
+    pub(crate) fn after(wait: Duration) -> Self {
+        let secs = wait
+            .as_secs()
+            .saturating_add(u64::from(wait.subsec_nanos() > 0));
+        Self(secs.max(1))
+    }
+
+    pub fn seconds(self) -> u64 {
+        self.0
+    }
+
+    /// The same wait in milliseconds (at least 1 000: it is rounded up to
+    /// the second like the header).
+    pub fn millis(self) -> u64 {
+        self.0.saturating_mul(1000)
+    }
+}
+
+impl std::fmt::Display for RetryAfter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} s", self.0)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("The request body is not valid JSON: {0}")]
@@ -35,8 +71,8 @@ pub enum GatewayError {
     ModelNotFound(String),
     #[error("Your gateway key may not use the model '{0}'.")]
     ModelNotAllowed(String),
-    #[error("You are over your own rate limit on this gateway. Retry after {} s.", retry_after.as_secs().max(1))]
-    ClientRateLimited { retry_after: Duration },
+    #[error("You are over your own rate limit on this gateway. Retry after {retry_after}.")]
+    ClientRateLimited { retry_after: RetryAfter },
     #[error(
         "This request alone exceeds your own {limit} limit on this gateway; shorten the input or lower max_tokens."
     )]
@@ -49,10 +85,12 @@ pub enum GatewayError {
     BodyTooLarge { limit: usize },
     #[error("The request body could not be read: {0}")]
     BodyUnreadable(String),
-    #[error("Every node that serves this request is at its rate limit. Retry after {} s.", retry_after.as_secs())]
-    Saturated { retry_after: Duration },
-    #[error("No node that serves this request is in rotation (each is unhealthy, ejected after failures, or has its key refused; see /status). Retry after {} s.", retry_after.as_secs().max(1))]
-    NoHealthyNode { retry_after: Duration },
+    #[error("Every node that serves this request is at its rate limit. Retry after {retry_after}.")]
+    Saturated { retry_after: RetryAfter },
+    #[error(
+        "No node that serves this request is in rotation (each is unhealthy, ejected after failures, or has its key refused; see /status). Retry after {retry_after}."
+    )]
+    NoHealthyNode { retry_after: RetryAfter },
     #[error("No upstream could be reached (last tried: node '{node}').")]
     UpstreamUnavailable { node: String },
     #[error("The upstream did not answer in time (last tried: node '{node}').")]
@@ -62,9 +100,9 @@ pub enum GatewayError {
     #[error("The client store cannot be reached; retry shortly.")]
     StoreUnavailable,
     #[error(
-        "The limits shared with the other gateway replicas (Redis) cannot be reached; retry shortly."
+        "The limits shared with the other gateway replicas (Redis) cannot be reached. Retry after {retry_after}."
     )]
-    ClusterUnavailable,
+    ClusterUnavailable { retry_after: RetryAfter },
     #[error("Incorrect or missing admin token. Send it as 'Authorization: Bearer <admin token>'.")]
     AdminTokenInvalid,
     /// Bad admin input: the field at fault and what is wrong with it.
@@ -183,7 +221,7 @@ impl GatewayError {
                 "api_error",
                 "store_unavailable",
             ),
-            E::ClusterUnavailable => (
+            E::ClusterUnavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "api_error",
                 "cluster_unavailable",
@@ -221,6 +259,17 @@ impl GatewayError {
         self.classify().2
     }
 
+    /// When to come back, for the errors that say so.
+    pub fn retry_after(&self) -> Option<RetryAfter> {
+        match self {
+            GatewayError::Saturated { retry_after }
+            | GatewayError::NoHealthyNode { retry_after }
+            | GatewayError::ClientRateLimited { retry_after }
+            | GatewayError::ClusterUnavailable { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
     /// The request field at fault, for the body's `param`.
     fn param(&self) -> Option<&str> {
         match self {
@@ -248,16 +297,11 @@ impl IntoResponse for GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let GatewayError::Saturated { retry_after }
-        | GatewayError::NoHealthyNode { retry_after }
-        | GatewayError::ClientRateLimited { retry_after } = self
-        {
-            // Whole seconds, rounded up, never 0: a client must not retry at once.
-            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        }
-        if let GatewayError::ClusterUnavailable = self {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
+        if let Some(retry_after) = self.retry_after() {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after.seconds()),
+            );
         }
         response
     }
@@ -283,13 +327,24 @@ mod tests {
     #[tokio::test]
     async fn saturation_is_429_with_a_rounded_up_retry_after() {
         let (status, retry, body) = body_of(GatewayError::Saturated {
-            retry_after: Duration::from_millis(2100),
+            retry_after: RetryAfter::after(Duration::from_millis(2100)),
         })
         .await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(retry.as_deref(), Some("3"));
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.ends_with("Retry after 3 s."), "{message}");
         assert_eq!(body["error"]["code"], "rate_limit_exceeded");
         assert_eq!(body["error"]["type"], "rate_limit_error");
+    }
+
+    #[test]
+    fn a_short_wait_is_one_second_in_the_message_and_the_header_alike() {
+        let wait = RetryAfter::after(Duration::from_millis(400));
+        assert_eq!(wait.seconds(), 1);
+        assert_eq!(wait.to_string(), "1 s");
+        assert_eq!(RetryAfter::after(Duration::ZERO).seconds(), 1);
+        assert_eq!(RetryAfter::after(Duration::MAX).seconds(), u64::MAX);
     }
 
     #[tokio::test]

@@ -13,6 +13,8 @@
 //! - `KeyRefused`: the upstream answered 401/403 to the node's key. Out of
 //!   rotation until a reload brings a different key.
 //!
+//! This module is the state machine; [`crate::probes`] sends the probes.
+//!
 //! Invariants: probes never run on the request path and take nothing from a
 //! node's limits; `in_rotation` is one atomic load on the request path; the
 //! state survives reloads (kept by node name, like the limit windows), so a
@@ -22,20 +24,18 @@
 //! Cooldowns after 429 are not here: a rate-limited node is healthy, only
 //! busy, and the limits module keeps its rest.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::config::{HealthSettings, NodeKey};
+use crate::config::HealthSettings;
+use crate::keys::NodeKey;
 use crate::limits::HeadroomSignal;
-use crate::state::{AppState, Node};
 
 /// Where a node stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,7 +167,7 @@ impl NodeHealth {
     /// if the key is a different one.
     pub fn set_key(&self, key: NodeKey) {
         let mut state = self.state.lock();
-        let changed = state.key.expose() != key.expose();
+        let changed = !state.key.same_as(&key);
         state.key = key;
         if changed && matches!(state.condition, Condition::KeyRefused { .. }) {
             tracing::info!(node = %self.name, "node key changed by reload; back in rotation");
@@ -193,14 +193,14 @@ impl NodeHealth {
                 self.clean.store(true, Ordering::Release);
             }
             Verdict::KeyRefused(status) => {
-                if state.key.expose() == key.expose() {
+                if state.key.same_as(key) {
                     self.refuse_key(&mut state, status, "a request");
                 }
             }
             Verdict::Failed(why) => {
                 self.clean.store(false, Ordering::Release);
                 state.traffic_failures += 1;
-                if state.traffic_failures >= settings.eject_after
+                if state.traffic_failures >= settings.eject_after.get()
                     && state.condition == Condition::Healthy
                 {
                     let failures = state.traffic_failures;
@@ -232,7 +232,7 @@ impl NodeHealth {
                         self.set(&mut state, Condition::Healthy);
                     }
                     Condition::Unhealthy { .. }
-                        if state.probe_successes >= settings.healthy_after =>
+                        if state.probe_successes >= settings.healthy_after.get() =>
                     {
                         self.set(&mut state, Condition::Healthy);
                     }
@@ -251,7 +251,9 @@ impl NodeHealth {
                     Condition::Ejected { .. } => {
                         self.eject(&mut state, settings, &format!("re-probe GET {path} {why}"));
                     }
-                    Condition::Healthy if state.probe_failures >= settings.unhealthy_after => {
+                    Condition::Healthy
+                        if state.probe_failures >= settings.unhealthy_after.get() =>
+                    {
                         let reason = format!(
                             "{} probes GET {path} in a row failed (last: {why})",
                             state.probe_failures
@@ -272,22 +274,22 @@ impl NodeHealth {
     }
 
     /// When the next probe (or trial re-admission) is due.
-    fn next_due(&self) -> Option<Instant> {
+    pub(crate) fn next_due(&self) -> Option<Instant> {
         self.state.lock().next_probe
     }
 
     /// An ejected node whose backoff ended, with probes off: back on trial.
-    fn readmit_on_trial(&self, settings: &HealthSettings) {
+    pub(crate) fn readmit_on_trial(&self, settings: &HealthSettings) {
         let mut state = self.state.lock();
         state.next_probe = None;
         if matches!(state.condition, Condition::Ejected { .. }) {
-            state.traffic_failures = settings.eject_after.saturating_sub(1);
+            state.traffic_failures = settings.eject_after.get() - 1;
             self.set(&mut state, Condition::Healthy);
         }
     }
 
     /// The probe schedule after a reload: probes on or off, a new interval.
-    fn reschedule(&self, settings: &HealthSettings, now: Instant) {
+    pub(crate) fn reschedule(&self, settings: &HealthSettings, now: Instant) {
         let mut state = self.state.lock();
         state.next_probe = match &state.condition {
             Condition::Ejected { until, .. } => Some(*until),
@@ -370,99 +372,8 @@ impl NodeHealth {
     }
 }
 
-fn human(d: Duration) -> String {
+pub(crate) fn human(d: Duration) -> String {
     humantime_serde::re::humantime::format_duration(d).to_string()
-}
-
-/// Sends one probe: `GET {url}{path}` with the node's key, within `timeout`.
-pub async fn probe(node: &Node, settings: &HealthSettings) -> Verdict {
-    let mut url = node.base.clone();
-    let joined = [node.base.path().trim_end_matches('/'), &settings.path].concat();
-    url.set_path(&joined);
-    let request = node
-        .client
-        .get(url)
-        .header(
-            axum::http::header::AUTHORIZATION,
-            node.key.authorization().clone(),
-        )
-        .timeout(settings.timeout)
-        .send();
-    match request.await {
-        Ok(response) => {
-            let status = response.status();
-            if status.is_success() || status == StatusCode::TOO_MANY_REQUESTS {
-                // A 429 is a live node at its limit.
-                Verdict::Answered
-            } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                Verdict::KeyRefused(status)
-            } else {
-                Verdict::Failed(format!("answered {status}"))
-            }
-        }
-        Err(err) if err.is_timeout() => {
-            Verdict::Failed(format!("timed out after {}", human(settings.timeout)))
-        }
-        Err(err) if err.is_connect() => Verdict::Failed("could not connect".to_owned()),
-        Err(_) => Verdict::Failed("connection broke".to_owned()),
-    }
-}
-
-/// Probes one node, or with probes off readmits an ejected one on trial.
-async fn check(node: &Node, settings: &HealthSettings) {
-    if settings.enabled {
-        let verdict = probe(node, settings).await;
-        if let Verdict::Failed(why) = &verdict {
-            tracing::debug!(node = %node.name, why, "probe failed");
-        }
-        node.health.on_probe(verdict, settings, &settings.path);
-    } else {
-        node.health.readmit_on_trial(settings);
-    }
-}
-
-/// The probe task: probes every node when due, at most
-/// `health.max_concurrent_probes` at a time, until `cancel` fires. It reads
-/// the live snapshot each round, so reloads change what it probes.
-pub async fn run(state: Weak<AppState>, wake: Arc<Notify>, cancel: CancellationToken) {
-    let mut generation_seen = None;
-    loop {
-        let Some(live) = state.upgrade().map(|s| s.live()) else {
-            return;
-        };
-        let settings = &live.config.health;
-        let now = Instant::now();
-        // A new snapshot may have turned probes on or off or changed the interval.
-        if generation_seen != Some(live.generation) {
-            generation_seen = Some(live.generation);
-            for node in &live.nodes {
-                node.health.reschedule(settings, now);
-            }
-        }
-        let due: Vec<usize> = (0..live.nodes.len())
-            .filter(|&i| live.nodes[i].health.next_due().is_some_and(|t| t <= now))
-            .collect();
-        // Each probe owns its snapshot handle: borrowed futures in a
-        // buffered stream trip a compiler limitation on `Send`.
-        let probes = futures_util::stream::iter(due)
-            .map(|i| {
-                let live = Arc::clone(&live);
-                async move { check(&live.nodes[i], &live.config.health).await }
-            })
-            .buffer_unordered(settings.max_concurrent_probes);
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = probes.collect::<()>() => {}
-        }
-        let next = live.nodes.iter().filter_map(|n| n.health.next_due()).min();
-        drop(live);
-        let far = Instant::now() + Duration::from_secs(3600);
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = wake.notified() => {}
-            () = tokio::time::sleep_until(next.unwrap_or(far)) => {}
-        }
-    }
 }
 
 #[cfg(test)]
@@ -476,10 +387,11 @@ mod tests {
     }
 
     fn settings() -> HealthSettings {
+        let n = |v: u32| std::num::NonZeroU32::new(v).unwrap();
         HealthSettings {
-            unhealthy_after: 2,
-            healthy_after: 2,
-            eject_after: 3,
+            unhealthy_after: n(2),
+            healthy_after: n(2),
+            eject_after: n(3),
             ..HealthSettings::default()
         }
     }

@@ -4,66 +4,86 @@
 //!
 //! # The request path
 //! 1. [`app::router`] routes `/v1/*` to [`proxy::handle`]; `/v1/models` is
-//!    answered from the config; `/healthz` and `/status` need no key.
+//!    answered from the config; `/healthz`, `/status` and `/metrics` need
+//!    no key.
 //! 2. [`auth::identify`] verifies the caller's gateway key and finds its
 //!    client (declared in the config, or stored and found through
-//!    [`clients::Registry`]'s cache), whose own limits
-//!    [`clients::Client::admit`] applies after step 3.
+//!    [`clients::Registry`]'s cache).
 //! 3. [`request::inspect`] reads model, stream flag and prompt tokens
 //!    (with [`tokens`]' real tokenizers) into a [`limits::Demand`].
-//! 4. [`state::Live::candidates`] lists the nodes that serve the model.
-//! 5. [`queue::Queue::admit`] (or, with `[cluster]`, [`cluster::place`]
-//!    through limits shared in Redis) reserves on the least-loaded node in rotation
+//! 4. [`snapshot::Live::candidates`] lists the nodes that serve the model.
+//! 5. [`admission::Admission::admit`], the one door, applies the client's
+//!    own limits and reserves on the least-loaded node in rotation
 //!    ([`health::NodeHealth::in_rotation`]) with headroom
-//!    ([`selection::choose`], [`limits::NodeUsage::try_reserve`]), or waits
-//!    for headroom, or refuses with `Retry-After`.
+//!    ([`selection::choose`], [`limits::Limiter::try_reserve`]), or waits
+//!    for headroom ([`admission::Queue`]), or refuses with `Retry-After`
+//!    (the one policy in [`admission::refusal`]). With `[cluster]` the
+//!    limits are shared by replicas through Redis
+//!    ([`admission::shared`]).
 //! 6. [`upstream::send`] forwards with the node's key; failures before any
-//!    byte reached the client are retried on another node. The answer's
-//!    rate-limit headers cap the node's headroom
-//!    ([`limits::Reservation::observe_upstream`]) and its status feeds
-//!    passive health ([`health::NodeHealth::on_request`]).
-//! 7. [`relay::relay`] streams the answer back untouched and settles the
-//!    [`limits::Reservation`] from the usage it saw; a client's usage goes to
-//!    the [`usage::UsageRecorder`]. When it ends, the request is counted in
+//!    byte reached the client are retried on another node
+//!    ([`admission::Admission::place_retry`]). The answer's rate-limit
+//!    headers cap the node's headroom ([`limits::Reservation::observe_upstream`])
+//!    and its status feeds passive health ([`health::NodeHealth::on_request`]).
+//! 7. [`relay::relay`] streams the answer back untouched; when it ends,
+//!    [`admission::settle`] settles the [`admission::Booking`] and the
+//!    [`admission::ClientHold`] from the usage the [`meter`] saw, the
+//!    client's usage goes to the [`ledger`], the request is counted in
 //!    [`metrics`] (atomics only) and logs its one access-log line.
 //!
 //! Every error the gateway produces is a [`error::GatewayError`], mapped to
 //! the OpenAI error shape in one place.
 //!
 //! # Beside the request path
-//! - [`health::run`] probes nodes in the background.
-//! - [`reload`] swaps in a changed config ([`state::AppState::swap`]) on a
-//!   file change or SIGHUP; [`control`] is the `reload` and `stop` commands'
-//!   side, through the pid file.
+//! - [`server::start`] builds the [`state::AppState`] and starts every
+//!   background task through [`tasks::Tasks`]; [`server::run`] is all of
+//!   `balancer serve`.
+//! - [`probes::run`] probes nodes; [`health`] is the state machine it feeds.
+//! - [`reload`] swaps in a changed config ([`state::AppState::swap`],
+//!   [`snapshot::prepare`]) on a file change or SIGHUP; [`control`] is the
+//!   `reload` and `stop` commands' side, through the pid file.
 //! - [`admin::router`] is the admin API (clients, usage, nodes) on its own
 //!   listener; [`store::Store`] keeps clients and usage in SQLite or
-//!   PostgreSQL; [`usage::UsageWriter`] writes usage in batches.
-//! - [`metrics::handle`] serves `/metrics`; [`status::handle`] serves
-//!   `/status`, which the page at `/dashboard` draws.
-//! - [`server::run`] is all of `balancer serve`.
+//!   PostgreSQL; [`ledger::LedgerWriter`] writes usage in batches.
+//! - [`status`] serves `/status` and the page at `/dashboard`;
+//!   [`status::scrape`] serves `/metrics`.
+//! - [`config`] loads and validates `Balancer.toml`; [`keys`] holds every
+//!   secret.
+//!
+//! # Module dependencies
+//! Leaves first: [`keys`], [`limits`], [`tokens`], [`metrics`], [`tasks`];
+//! then [`config`], [`error`], [`store`], [`ledger`], [`health`],
+//! [`clients`]; [`snapshot`] builds on those, [`admission`] on the
+//! snapshot, [`state`] holds both; the HTTP-facing modules ([`proxy`],
+//! [`relay`], [`status`], [`admin`], [`reload`], [`probes`], [`server`])
+//! sit on top. No two top-level modules import each other.
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod clients;
-pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod demo;
 pub mod error;
 pub mod health;
+pub mod keys;
+pub mod ledger;
 pub mod limits;
+pub mod meter;
 pub mod metrics;
+pub mod probes;
 pub mod proxy;
-pub mod queue;
 pub mod relay;
 pub mod reload;
 pub mod request;
 pub mod selection;
 pub mod server;
+pub mod snapshot;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod tasks;
 pub mod tokens;
 pub mod upstream;
-pub mod usage;

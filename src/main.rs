@@ -95,11 +95,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Healthcheck { url } => {
-            let url = url.unwrap_or_else(|| {
-                let listen = config::configured_listen(&cli.config)
-                    .unwrap_or_else(|| config::ServerSettings::default().listen);
-                control::healthz_url(listen)
-            });
+            let url =
+                url.unwrap_or_else(|| control::healthz_url(config::configured_listen(&cli.config)));
             match runtime.block_on(control::healthcheck(&url)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {

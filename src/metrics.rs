@@ -1,5 +1,5 @@
-//! Prometheus metrics: what the request path records, and the `/metrics`
-//! scrape that reads it.
+//! Prometheus metrics: what the request path records. The `/metrics`
+//! scrape that reads it is [`crate::status::scrape`].
 //!
 //! Recording costs atomics only. A request's [`Route`] (its node and model)
 //! is found once, when its answer arrives, through a copy-on-write map
@@ -10,11 +10,6 @@
 //! Everything that is a state rather than an event (utilisation of each
 //! limit, health, cooldown, queue depth) is read at scrape time from the
 //! same structures `/status` reads, so the two never disagree.
-//!
-//! The scrape is encoded by `prometheus-client` in the OpenMetrics text
-//! format, which Prometheus negotiates by default. Metric names follow
-//! Prometheus conventions: a `balancer_` prefix, base units (seconds,
-//! bytes), `_total` on counters, `_ratio` on fractions.
 //!
 //! Label values come from the config (node names, listed models) or from a
 //! bounded set (status codes, error kinds). A model a node serves without
@@ -28,18 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::{Registry, Unit};
+use axum::http::StatusCode;
 use tokio::time::Instant;
-
-use crate::state::AppState;
 
 /// Upper bounds (seconds) of the latency histograms: from a cached answer
 /// (milliseconds) to a long completion (minutes).
@@ -93,7 +78,10 @@ impl Histogram {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
-    fn encode(&self, encoder: &mut prometheus_client::encoding::MetricEncoder<'_>) -> Fmt {
+    pub(crate) fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::MetricEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
         let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
             .iter()
             .copied()
@@ -154,7 +142,7 @@ impl Route {
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
-    fn statuses(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+    pub(crate) fn statuses(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
         self.responses.iter().enumerate().filter_map(|(slot, c)| {
             let n = c.load(Ordering::Relaxed);
             (n > 0).then_some((slot as u16 + 100, n))
@@ -195,7 +183,7 @@ impl Routes {
         found.unwrap_or_else(|| Arc::new(Route::new(model)))
     }
 
-    fn sorted(&self) -> Vec<Arc<Route>> {
+    pub(crate) fn sorted(&self) -> Vec<Arc<Route>> {
         let mut routes: Vec<Arc<Route>> = self.by_model.load().values().cloned().collect();
         routes.sort_by(|a, b| a.model.cmp(&b.model));
         routes
@@ -220,7 +208,7 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    const ALL: [UpstreamError; 6] = [
+    pub(crate) const ALL: [UpstreamError; 6] = [
         UpstreamError::Connect,
         UpstreamError::Timeout,
         UpstreamError::Broken,
@@ -296,276 +284,6 @@ pub struct GatewayMetrics {
 /// Time since `since`, by the clock the request path uses.
 pub fn elapsed(since: Instant) -> Duration {
     Instant::now().saturating_duration_since(since)
-}
-
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// `GET /metrics`.
-pub async fn handle(State(state): State<Arc<AppState>>) -> Response {
-    let mut registry = Registry::with_prefix("balancer");
-    registry.register_collector(Box::new(Scrape(state)));
-    let mut body = String::with_capacity(16 * 1024);
-    match prometheus_client::encoding::text::encode(&mut body, &registry) {
-        Ok(()) => (
-            [(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS))],
-            body,
-        )
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
-type Fmt = Result<(), std::fmt::Error>;
-
-/// Reads the gateway's state once per scrape.
-struct Scrape(Arc<AppState>);
-
-impl std::fmt::Debug for Scrape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Scrape")
-    }
-}
-
-impl Collector for Scrape {
-    fn encode(&self, mut out: DescriptorEncoder<'_>) -> Fmt {
-        let state = &self.0;
-        let live = state.live();
-        let now = Instant::now();
-        // (node label, routes): the gateway's own answers under node="".
-        let mut routed: Vec<(&str, Vec<Arc<Route>>)> = live
-            .nodes
-            .iter()
-            .map(|n| (&*n.name, n.metrics.routes.sorted()))
-            .collect();
-        routed.push(("", state.metrics.answered.sorted()));
-
-        let mut family = out.encode_descriptor(
-            "requests",
-            "Requests answered, by the node that answered (\"\" when the gateway answered itself), model and status code.",
-            None,
-            MetricType::Counter,
-        )?;
-        for (node, routes) in &routed {
-            for route in routes {
-                for (code, n) in route.statuses() {
-                    let code = code.to_string();
-                    let labels = [("node", *node), ("model", &route.model), ("code", &code)];
-                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-                }
-            }
-        }
-        for (name, help, pick) in [
-            (
-                "request_duration",
-                "Time from a request's arrival to the end of its answer.",
-                (|r: &Route| &r.duration) as fn(&Route) -> &Histogram,
-            ),
-            (
-                "time_to_first_byte",
-                "Time from a request's arrival to the first byte of its answer's body.",
-                |r: &Route| &r.first_byte,
-            ),
-        ] {
-            let mut family =
-                out.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
-            for (node, routes) in &routed {
-                for route in routes.iter().filter(|r| pick(r).count() > 0) {
-                    let labels = [("node", *node), ("model", &*route.model)];
-                    pick(route).encode(&mut family.encode_family(&labels)?)?;
-                }
-            }
-        }
-        let mut family = out.encode_descriptor(
-            "tokens",
-            "Tokens used by answered requests: the answer's usage, else the tokenizer's count.",
-            None,
-            MetricType::Counter,
-        )?;
-        for (node, routes) in &routed[..routed.len() - 1] {
-            for route in routes {
-                for (kind, n) in [
-                    ("prompt", &route.prompt_tokens),
-                    ("completion", &route.completion_tokens),
-                ] {
-                    let labels = [("node", *node), ("model", &route.model), ("kind", kind)];
-                    let n = n.load(Ordering::Relaxed);
-                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-                }
-            }
-        }
-        let mut family = out.encode_descriptor(
-            "transferred",
-            "Bytes sent to nodes (request bodies) and relayed back (response bodies).",
-            Some(&Unit::Bytes),
-            MetricType::Counter,
-        )?;
-        for (node, routes) in &routed[..routed.len() - 1] {
-            for route in routes {
-                for (direction, n) in [
-                    ("request", &route.request_bytes),
-                    ("response", &route.response_bytes),
-                ] {
-                    let labels = [
-                        ("node", *node),
-                        ("model", &route.model),
-                        ("direction", direction),
-                    ];
-                    let n = n.load(Ordering::Relaxed);
-                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-                }
-            }
-        }
-
-        // The queue.
-        let depth = ConstGauge::new(state.queue.depth() as i64);
-        depth.encode(out.encode_descriptor(
-            "queue_depth",
-            "Requests waiting for headroom now.",
-            None,
-            depth.metric_type(),
-        )?)?;
-        state.metrics.queue_wait.encode(&mut out.encode_descriptor(
-            "queue_wait",
-            "How long requests waited for a node with headroom (0 when placed at once).",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?)?;
-        let refused = ConstCounter::new(state.queue.refused_total());
-        refused.encode(out.encode_descriptor(
-            "queue_refused",
-            "Requests refused with 429 because every node stayed saturated until their deadline.",
-            None,
-            refused.metric_type(),
-        )?)?;
-
-        // Each node's state, read as /status reads it.
-        let usages: Vec<_> = live.nodes.iter().map(|n| n.usage.snapshot(now)).collect();
-        let limits = |u: &crate::limits::UsageSnapshot| {
-            [
-                ("rpm", u.quota.rpm, u.requests),
-                ("tpm", u.quota.tpm, u.tokens),
-                ("bpm", u.quota.bpm, u.bytes),
-                ("concurrency", u.quota.max_concurrency, u.in_flight),
-            ]
-        };
-        let mut family = out.encode_descriptor(
-            "node_limit",
-            "Each node's configured limit (absent when unlimited).",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (node, u) in live.nodes.iter().zip(&usages) {
-            for (limit, quota, _) in limits(u) {
-                if let Some(quota) = quota {
-                    let labels = [("node", &*node.name), ("limit", limit)];
-                    ConstGauge::new(u64::from(quota) as i64)
-                        .encode(family.encode_family(&labels)?)?;
-                }
-            }
-        }
-        let mut family = out.encode_descriptor(
-            "node_used",
-            "What each node has used of each limit: in the rolling minute (rpm, tpm, bpm) or now (concurrency).",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (node, u) in live.nodes.iter().zip(&usages) {
-            for (limit, _, used) in limits(u) {
-                let labels = [("node", &*node.name), ("limit", limit)];
-                ConstGauge::new(used as i64).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = out.encode_descriptor(
-            "node_utilization_ratio",
-            "Used over limit, for each limit a node has (1 = at its quota).",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (node, u) in live.nodes.iter().zip(&usages) {
-            for (limit, quota, used) in limits(u) {
-                if let Some(quota) = quota {
-                    let labels = [("node", &*node.name), ("limit", limit)];
-                    let ratio = used as f64 / u64::from(quota) as f64;
-                    ConstGauge::new(ratio).encode(family.encode_family(&labels)?)?;
-                }
-            }
-        }
-        let mut family = out.encode_descriptor(
-            "node_healthy",
-            "1 when the node is in rotation, 0 when health checks or failures took it out.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for node in live.nodes.iter() {
-            let labels = [("node", &*node.name)];
-            ConstGauge::new(i64::from(node.health.in_rotation()))
-                .encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = out.encode_descriptor(
-            "node_cooldown_remaining",
-            "Time until a node cooled down after a 429 takes requests again (0 when it is not cooling down).",
-            Some(&Unit::Seconds),
-            MetricType::Gauge,
-        )?;
-        for (node, u) in live.nodes.iter().zip(&usages) {
-            let labels = [("node", &*node.name)];
-            let left = u.cooldown.map_or(0.0, |(left, _)| left.as_secs_f64());
-            ConstGauge::new(left).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = out.encode_descriptor(
-            "retries",
-            "Requests a node failed before any byte reached the client, then sent to another node.",
-            None,
-            MetricType::Counter,
-        )?;
-        for node in live.nodes.iter() {
-            let labels = [("node", &*node.name)];
-            ConstCounter::new(node.metrics.retries()).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = out.encode_descriptor(
-            "upstream_errors",
-            "Attempts on a node that failed, by kind: connect, timeout, broken (no answer), rate_limited (429), key_refused (401/403), server_error (5xx).",
-            None,
-            MetricType::Counter,
-        )?;
-        for node in live.nodes.iter() {
-            for (kind, n) in node.metrics.errors() {
-                let labels = [("node", &*node.name), ("kind", kind)];
-                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-            }
-        }
-
-        // Clients, when there are any.
-        let clients = state.clients.counters();
-        if !clients.is_empty() {
-            let mut family = out.encode_descriptor(
-                "client_requests",
-                "Requests each client made that a node answered.",
-                None,
-                MetricType::Counter,
-            )?;
-            for (id, counters) in &clients {
-                let name = counters.name();
-                let labels = [("client", &**id), ("name", &*name)];
-                ConstCounter::new(counters.requests()).encode(family.encode_family(&labels)?)?;
-            }
-            let mut family = out.encode_descriptor(
-                "client_tokens",
-                "Tokens each client used, as recorded in its usage.",
-                None,
-                MetricType::Counter,
-            )?;
-            for (id, counters) in &clients {
-                let name = counters.name();
-                let (prompt, completion) = counters.tokens();
-                for (kind, n) in [("prompt", prompt), ("completion", completion)] {
-                    let labels = [("client", &**id), ("name", &*name), ("kind", kind)];
-                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -6,13 +6,14 @@
 //! 3. **Inspect** it ([`request::inspect`]): model, stream flag, prompt tokens
 //!    and the [`Demand`](crate::limits::Demand) to reserve.
 //! 4. **Candidates**: the nodes that serve the model.
-//! 5. **Admit** ([`Queue::admit`](crate::queue::Queue::admit)): reserve on the
-//!    least-loaded node with headroom, or wait, or refuse.
+//! 5. **Admit** ([`Admission::admit`](crate::admission::Admission::admit)):
+//!    the client's limits, then the least-loaded node with headroom, or a
+//!    wait, or a refusal.
 //! 6. **Forward** with the node's key ([`upstream::send`]). A failure before
 //!    anything reached the client (no connection, no head in time, 5xx, 429,
 //!    401/403) is retried on another node, up to `retry.attempts` times.
 //! 7. **Relay** the answer untouched ([`relay::relay`]), settling the
-//!    reservation when it ends.
+//!    booking and the client's hold when it ends.
 //!
 //! Everything that happens before the response head is bounded by
 //! `server.request_timeout`; the relay carries the same deadline.
@@ -21,26 +22,27 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::admission::{Ask, Booking, ClientHold, Placement};
 use crate::auth;
 use crate::clients::Client;
-use crate::cluster::{self, NotPlaced};
-use crate::config::OnRedisError;
+use crate::config::HealthSettings;
 use crate::error::GatewayError;
 use crate::health::Verdict;
-use crate::limits::{CooldownReason, Reservation};
+use crate::ledger::Entry;
+use crate::limits::CooldownReason;
 use crate::metrics::{self, UpstreamError};
-use crate::queue::Placement;
 use crate::relay::{self, ACCESS_LOG, Trace, UsageTicket};
 use crate::request::{self, RequestInfo};
-use crate::state::{AppState, Live};
+use crate::snapshot::{Live, Node, NodeId};
+use crate::state::AppState;
 use crate::store::UsageTotals;
 use crate::upstream::{self, Failure};
-use crate::usage::UsageRecord;
 
 /// The handler for every `/v1/*` path the gateway does not answer itself.
 pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -71,7 +73,12 @@ impl From<GatewayError> for Refused {
 
 /// Counts and logs a successful answer the gateway gave itself
 /// (`/v1/models`), as [`refused`] does an error.
-pub fn answered_itself(state: &AppState, path: &str, model: Option<&str>, received: Instant) {
+pub(crate) fn answered_itself(
+    state: &AppState,
+    path: &str,
+    model: Option<&str>,
+    received: Instant,
+) {
     let label = model.filter(|m| state.live().lists_model(m)).unwrap_or("");
     let elapsed = metrics::elapsed(received);
     state
@@ -85,7 +92,7 @@ pub fn answered_itself(state: &AppState, path: &str, model: Option<&str>, receiv
 
 /// Counts and logs an answer the gateway gave itself: under node `""`, and
 /// under the model only if the config lists it (a made-up name is no label).
-pub fn refused(
+pub(crate) fn refused(
     state: &AppState,
     path: &str,
     error: &GatewayError,
@@ -112,6 +119,7 @@ pub fn refused(
     }
 }
 
+/// Steps 1 to 3, then the rest.
 async fn forward(
     state: &AppState,
     request: Request,
@@ -120,7 +128,8 @@ async fn forward(
     let live = state.live();
     let (parts, body) = request.into_parts();
     let client = auth::identify(&live, &state.clients, &parts.headers).await?;
-    let body = read_body(body, &parts.headers, live.config.server.max_body_bytes).await?;
+    let limit = live.config.server.max_body_bytes.get();
+    let body = read_body(body, &parts.headers, limit).await?;
     let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
     let info = request::inspect(
         rest,
@@ -128,207 +137,146 @@ async fn forward(
         is_json(&parts.headers, &body),
         live.config.accounting.default_completion_tokens,
     )?;
-    let answered = dispatch(state, live, &parts, body, &info, client, received).await;
-    answered.map_err(|error| Refused {
-        error,
-        model: info.model,
-    })
+    let request = Inbound {
+        parts: &parts,
+        body,
+        info: &info,
+        client: client.as_deref(),
+        received,
+    };
+    dispatch(state, live, request)
+        .await
+        .map_err(|error| Refused {
+            error,
+            model: info.model.clone(),
+        })
 }
 
-/// Steps 4 to 7 for a request that has been read and inspected.
+/// A request that has been read and inspected.
+struct Inbound<'a> {
+    parts: &'a Parts,
+    body: Bytes,
+    info: &'a RequestInfo,
+    client: Option<&'a Client>,
+    received: Instant,
+}
+
+impl Inbound<'_> {
+    /// Path and query below `/v1`, as the upstream gets them.
+    fn path_and_query(&self) -> &str {
+        self.parts
+            .uri
+            .path_and_query()
+            .map_or("", |pq| pq.as_str())
+            .strip_prefix("/v1")
+            .unwrap_or("")
+    }
+
+    /// The client's ledger entry for this request, to be completed by the
+    /// relay.
+    fn usage_ticket(&self, state: &AppState) -> Option<UsageTicket> {
+        self.client.map(|client| UsageTicket {
+            ledger: state.clients.ledger().clone(),
+            counters: Arc::clone(&client.counters),
+            entry: Entry {
+                client_id: Arc::clone(&client.id),
+                model: self.info.model.as_deref().unwrap_or("").to_owned(),
+                totals: UsageTotals {
+                    requests: 1,
+                    request_bytes: self.body.len() as u64,
+                    ..UsageTotals::default()
+                },
+            },
+        })
+    }
+}
+
+/// Steps 4 to 7: admit, then try nodes until one answers in a way the
+/// client should see.
 async fn dispatch(
     state: &AppState,
     mut live: Arc<Live>,
-    parts: &axum::http::request::Parts,
-    body: Bytes,
-    info: &RequestInfo,
-    client: Option<Arc<Client>>,
-    received: Instant,
+    request: Inbound<'_>,
 ) -> Result<Response, GatewayError> {
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("", |pq| pq.as_str())
-        .strip_prefix("/v1")
-        .unwrap_or("");
-    let mut candidates = live.candidates(info.model.as_deref())?;
-    // The client's own limits come before any node is chosen. Its
-    // reservation settles with the answer, or stays counted in full if none
-    // is relayed.
-    let mut client_reservation = match &client {
-        Some(client) => Some(client.admit(info.model.as_deref(), info.demand)?),
-        None => None,
-    };
-    let mut usage = client.as_ref().map(|client| UsageTicket {
-        recorder: state.clients.recorder().clone(),
-        counters: Arc::clone(&client.usage.counters),
-        record: UsageRecord {
-            client_id: Arc::clone(&client.id),
-            model: info.model.as_deref().unwrap_or("").to_owned(),
-            totals: UsageTotals {
-                requests: 1,
-                request_bytes: body.len() as u64,
-                ..UsageTotals::default()
-            },
-        },
-    });
-    let deadline = received + live.config.server.request_timeout;
+    let info = request.info;
+    let model = info.model.as_deref();
+    let mut candidates = live.candidates(model)?;
+    let deadline = request.received + live.config.server.request_timeout;
     let mut trace = Trace {
-        uri: parts.uri.clone(),
-        received,
+        uri: request.parts.uri.clone(),
+        received: request.received,
         queue_wait: std::time::Duration::ZERO,
-        sent: received,
+        sent: request.received,
         attempts: 0,
-        request_bytes: body.len() as u64,
+        request_bytes: request.body.len() as u64,
     };
 
+    let queued = Instant::now();
+    let ask = Ask {
+        live: &live,
+        model,
+        candidates: &candidates,
+        demand: info.demand,
+        client: request.client,
+        deadline,
+    };
+    let admitted = state.admission.admit(&ask).await;
+    trace.queue_wait = metrics::elapsed(queued);
+    state.metrics.queue_wait.observe(trace.queue_wait);
+    let admitted = admitted?;
+    let client_hold = admitted.client;
+    let mut next = Some(admitted.placement);
+    if let Some(newer) = next.as_mut().and_then(|p| p.rebased.take()) {
+        // It waited through a reload: go on in the new snapshot.
+        candidates = newer.candidates(model)?;
+        live = newer;
+    }
+    let usage = request.usage_ticket(state);
+
     let attempts = live.config.retry.attempts as usize + 1;
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried: Vec<NodeId> = Vec::new();
     let mut last: Option<Attempt> = None;
-    for attempt in 0..attempts {
-        let placement = if attempt == 0 {
-            let queued = Instant::now();
-            let admitted =
-                admit(state, &live, info, &candidates, client.as_deref(), deadline).await;
-            trace.queue_wait = metrics::elapsed(queued);
-            state.metrics.queue_wait.observe(trace.queue_wait);
-            let mut placement = match admitted {
-                Ok(placement) => placement,
-                Err(err) => {
-                    // The gateway refused it: nothing the client used.
-                    if let Some(reservation) = client_reservation.take() {
-                        reservation.cancel();
-                    }
-                    return Err(err);
-                }
-            };
-            // It waited through a reload: go on in the new snapshot.
-            if let Some(newer) = placement.rebased.take() {
-                candidates = newer.candidates(info.model.as_deref())?;
-                live = newer;
-            }
-            placement
-        } else {
+    for _ in 0..attempts {
+        let placement = match next.take() {
+            Some(placement) => placement,
             // A retry takes a node that has headroom now, or ends with the
             // last answer: it does not queue behind fresh requests.
-            match place_now(state, &live, info, &candidates, &tried, client.as_deref()).await {
-                Some(placement) => {
-                    if let Some(&failed) = tried.last() {
-                        live.nodes[failed].metrics.retried_elsewhere();
-                    }
-                    placement
+            None => {
+                let ask = Ask {
+                    live: &live,
+                    model,
+                    candidates: &candidates,
+                    demand: info.demand,
+                    client: request.client,
+                    deadline,
+                };
+                let Some(placement) = state.admission.place_retry(&ask, &tried).await else {
+                    break;
+                };
+                if let Some(&failed) = tried.last() {
+                    live.node(failed).metrics.retried_elsewhere();
                 }
-                None => break,
+                placement
             }
         };
         let node = placement.node;
         trace.attempts += 1;
         trace.sent = Instant::now();
-        let outcome = try_node(&live, placement, parts, path_and_query, &body, deadline).await;
+        let outcome = try_node(&live, placement, &request, deadline).await;
         if !outcome.retryable() {
-            return outcome.finish(
-                &live,
-                info,
-                deadline,
-                client_reservation.take(),
-                usage.take(),
-                trace,
-            );
+            return outcome.finish(&live, info, client_hold, usage, deadline, trace);
         }
-        // Only a retry needs the list of nodes already tried.
         tried.push(node);
         if let Some(previous) = last.replace(outcome) {
             previous.discard(info.prompt_tokens);
         }
     }
     match last {
-        Some(outcome) => outcome.finish(&live, info, deadline, client_reservation, usage, trace),
+        Some(outcome) => outcome.finish(&live, info, client_hold, usage, deadline, trace),
         None => Err(GatewayError::UpstreamUnavailable {
             node: "none".to_owned(),
         }),
     }
-}
-
-/// Step 5 for a first attempt: placed now, or after waiting, or refused.
-/// With `[cluster]`, the shared windows decide while Redis answers; when it
-/// does not, `cluster.on_redis_error` does.
-async fn admit(
-    state: &AppState,
-    live: &Arc<Live>,
-    info: &RequestInfo,
-    candidates: &Arc<[usize]>,
-    client: Option<&Client>,
-    deadline: Instant,
-) -> Result<Placement, GatewayError> {
-    if let Some(cluster) = &state.cluster {
-        if cluster.is_up() {
-            let ask = cluster::Ask {
-                candidates,
-                excluded: &[],
-                demand: info.demand,
-                client,
-                wait: true,
-                deadline,
-            };
-            match cluster::place(cluster, &state.queue, live, ask).await {
-                Ok(placement) => return Ok(placement),
-                Err(NotPlaced::Refused(err)) => {
-                    if let GatewayError::Saturated { .. } = err {
-                        state.queue.refused();
-                    }
-                    return Err(err);
-                }
-                Err(NotPlaced::NoHeadroom) => {
-                    return Err(GatewayError::Saturated {
-                        retry_after: std::time::Duration::from_secs(1),
-                    });
-                }
-                Err(NotPlaced::Unavailable(_)) => {}
-            }
-        }
-        if cluster.on_error() == OnRedisError::Reject {
-            return Err(GatewayError::ClusterUnavailable);
-        }
-    }
-    let model = info.model.as_deref();
-    state
-        .queue
-        .admit(live, model, candidates, &[], info.demand, deadline)
-        .await
-}
-
-/// Step 5 for a retry: a node with headroom now, or none.
-async fn place_now(
-    state: &AppState,
-    live: &Arc<Live>,
-    info: &RequestInfo,
-    candidates: &[usize],
-    tried: &[usize],
-    client: Option<&Client>,
-) -> Option<Placement> {
-    if let Some(cluster) = &state.cluster {
-        if cluster.is_up() {
-            let ask = cluster::Ask {
-                candidates,
-                excluded: tried,
-                demand: info.demand,
-                client,
-                wait: false,
-                deadline: Instant::now(),
-            };
-            match cluster::place(cluster, &state.queue, live, ask).await {
-                Ok(placement) => return Some(placement),
-                Err(NotPlaced::Refused(_) | NotPlaced::NoHeadroom) => return None,
-                Err(NotPlaced::Unavailable(_)) => {}
-            }
-        }
-        if cluster.on_error() == OnRedisError::Reject {
-            return None;
-        }
-    }
-    state
-        .queue
-        .place(live, candidates, tried, info.demand, Instant::now())
 }
 
 /// The result of one attempt on one node.
@@ -339,10 +287,11 @@ async fn place_now(
 enum Attempt {
     Answered {
         response: reqwest::Response,
-        placement: Placement,
+        node: NodeId,
+        booking: Booking,
     },
     Failed {
-        node: usize,
+        node: NodeId,
         failure: Failure,
     },
 }
@@ -364,8 +313,8 @@ impl Attempt {
     /// Ends an attempt superseded by a later one. An error answer used no
     /// completion, so only the prompt stays counted.
     fn discard(self, prompt_tokens: u64) {
-        if let Attempt::Answered { placement, .. } = self {
-            placement.reservation.settle(prompt_tokens);
+        if let Attempt::Answered { booking, .. } = self {
+            booking.settle(prompt_tokens);
         }
     }
 
@@ -375,9 +324,9 @@ impl Attempt {
         self,
         live: &Live,
         info: &RequestInfo,
-        deadline: Instant,
-        client: Option<Reservation>,
+        client: ClientHold,
         usage: Option<UsageTicket>,
+        deadline: Instant,
         trace: Trace,
     ) -> Result<Response, GatewayError> {
         match self {
@@ -385,18 +334,20 @@ impl Attempt {
             // upstream served, whatever its status.
             Attempt::Answered {
                 response,
-                placement,
+                node,
+                booking,
             } => Ok(relay::relay(
                 response,
-                &live.nodes[placement.node],
-                [Some(placement.reservation), client],
+                live.node(node),
+                booking,
+                client,
                 usage,
                 info,
                 deadline,
                 trace,
             )),
             Attempt::Failed { node, failure } => {
-                let node = live.nodes[node].name.to_string();
+                let node = live.node(node).name.to_string();
                 Err(match failure {
                     Failure::Timeout => GatewayError::UpstreamTimeout { node },
                     Failure::Connect | Failure::Broken => {
@@ -411,12 +362,12 @@ impl Attempt {
 async fn try_node(
     live: &Live,
     placement: Placement,
-    parts: &axum::http::request::Parts,
-    path_and_query: &str,
-    body: &Bytes,
+    request: &Inbound<'_>,
     deadline: Instant,
 ) -> Attempt {
-    let node = &live.nodes[placement.node];
+    let id = placement.node;
+    let booking = placement.booking;
+    let node = live.node(id);
     let first_byte = live
         .config
         .upstream
@@ -424,37 +375,36 @@ async fn try_node(
         .min(deadline.saturating_duration_since(Instant::now()));
     let sent = upstream::send(
         node,
-        parts.method.clone(),
-        path_and_query,
-        &parts.headers,
-        body.clone(),
+        request.parts.method.clone(),
+        request.path_and_query(),
+        &request.parts.headers,
+        request.body.clone(),
         first_byte,
     )
     .await;
     let health = &live.config.health;
     let response = match sent {
         Ok(response) => response,
-        Err(failure) => return failed(node, placement, failure, health),
+        Err(failure) => return failed(node, id, booking, failure, health),
     };
     let status = response.status();
     if let Some(kind) = UpstreamError::of_status(status) {
         node.metrics.upstream_error(kind);
     }
-    placement
-        .reservation
-        .observe_upstream(&upstream::rate_limit_report(response.headers()));
+    booking.observe_upstream(&upstream::rate_limit_report(response.headers()));
     node.health
         .on_request(Verdict::of_status(status), &node.key, health);
     if status != StatusCode::TOO_MANY_REQUESTS {
         return Attempt::Answered {
             response,
-            placement,
+            node: id,
+            booking,
         };
     }
     // A 429 is read whole: a spent quota rests far longer than a busy minute.
     let (response, body) = match upstream::read_error(response, first_byte).await {
         Ok(read) => read,
-        Err(failure) => return failed(node, placement, failure, health),
+        Err(failure) => return failed(node, id, booking, failure, health),
     };
     let (rest, reason) = if upstream::is_insufficient_quota(&body) {
         let rest =
@@ -464,22 +414,24 @@ async fn try_node(
         let rest = upstream::cooldown_of(response.headers());
         (rest, CooldownReason::RateLimited)
     };
-    node.usage.cool_down(Instant::now() + rest, reason);
-    placement.reservation.share_cooldown(rest);
+    node.limiter.cool_down(Instant::now() + rest, reason);
+    booking.share_cooldown(rest);
     tracing::info!(node = %node.name, cooldown_ms = rest.as_millis() as u64, reason = reason.as_str(), "upstream refused with 429; cooling down");
     Attempt::Answered {
         response,
-        placement,
+        node: id,
+        booking,
     }
 }
 
 /// An attempt that got no answer: passive health hears of it, and the
-/// reservation is taken back as far as the failure allows.
+/// booking is taken back as far as the failure allows.
 fn failed(
-    node: &crate::state::Node,
-    placement: Placement,
+    node: &Node,
+    id: NodeId,
+    booking: Booking,
     failure: Failure,
-    health: &crate::config::HealthSettings,
+    health: &HealthSettings,
 ) -> Attempt {
     tracing::warn!(node = %node.name, ?failure, "upstream attempt failed");
     let (why, kind) = match failure {
@@ -490,17 +442,13 @@ fn failed(
     node.metrics.upstream_error(kind);
     node.health
         .on_request(Verdict::Failed(why.to_owned()), &node.key, health);
-    let index = placement.node;
     match failure {
         // Nothing reached the node: take the request back in full.
-        Failure::Connect => placement.reservation.cancel(),
+        Failure::Connect => booking.cancel(),
         // It may have been received: keep what was reserved.
-        Failure::Timeout | Failure::Broken => drop(placement.reservation),
+        Failure::Timeout | Failure::Broken => drop(booking),
     }
-    Attempt::Failed {
-        node: index,
-        failure,
-    }
+    Attempt::Failed { node: id, failure }
 }
 
 /// Whether to read the body as JSON: a JSON content type, none at all, or

@@ -10,9 +10,8 @@
 //! for any reason: end of body, upstream error, `request_timeout`, or the
 //! client going away (the body is dropped). A stream cut short is settled at
 //! the prompt plus the tokens streamed so far. A client with its own key
-//! gets its [`UsageRecord`] at the same moment, with the same token counts.
+//! gets its ledger [`Entry`] at the same moment, with the same token counts.
 
-use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,22 +23,19 @@ use axum::http::{HeaderName, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::Stream;
-use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
+use crate::admission::{self, Booking, ClientHold};
 use crate::clients::ClientCounters;
-use crate::limits::Reservation;
+use crate::ledger::{Entry, Ledger};
+use crate::meter::{Meter, SseMeter, TokenUsage};
 use crate::metrics::{self, Route};
 use crate::request::RequestInfo;
-use crate::state::Node;
+use crate::snapshot::Node;
 use crate::tokens::Encoding;
 use crate::upstream;
-use crate::usage::{UsageRecord, UsageRecorder};
 
 pub const NODE_HEADER: HeaderName = HeaderName::from_static("x-balancer-node");
-/// A JSON answer longer than this is relayed without reading its usage (the
-/// reservation then stays counted in full). Chat answers are far smaller.
-const MAX_JSON_USAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The `tracing` target of the one line logged per request, so
 /// `RUST_LOG` can set its level apart (`balancer::access=warn`).
@@ -48,10 +44,10 @@ pub const ACCESS_LOG: &str = "balancer::access";
 /// A client's usage of one request, recorded when its relay ends.
 #[derive(Debug)]
 pub struct UsageTicket {
-    pub recorder: UsageRecorder,
+    pub ledger: Ledger,
     /// The client's counters for `/metrics`.
     pub counters: Arc<ClientCounters>,
-    pub record: UsageRecord,
+    pub entry: Entry,
 }
 
 /// When a request arrived and what it went through before its answer, for
@@ -74,7 +70,8 @@ pub struct Trace {
 pub fn relay(
     response: reqwest::Response,
     node: &Node,
-    reservations: [Option<Reservation>; 2],
+    booking: Booking,
+    client: ClientHold,
     usage: Option<UsageTicket>,
     info: &RequestInfo,
     deadline: Instant,
@@ -99,7 +96,7 @@ pub fn relay(
         .routes
         .route(info.model.as_deref().unwrap_or(""));
     let settlement = Settlement {
-        reservations,
+        holds: Some((booking, client)),
         usage,
         meter,
         prompt_tokens: info.prompt_tokens,
@@ -192,8 +189,8 @@ impl End {
 /// Settles the reservation, counts the request and logs its line when
 /// dropped: on every way a relay can end.
 struct Settlement {
-    /// The node's, and the client's when it has its own limits.
-    reservations: [Option<Reservation>; 2],
+    /// The node's booking and the client's hold, settled together.
+    holds: Option<(Booking, ClientHold)>,
     usage: Option<UsageTicket>,
     meter: Meter,
     prompt_tokens: u64,
@@ -220,11 +217,11 @@ impl Settlement {
         }
         self.response_bytes += chunk.len() as u64;
         // Response bytes count against the node's bpm; a client has no bpm.
-        if let Some(reservation) = &self.reservations[0] {
-            reservation.record_response_bytes(chunk.len() as u64);
+        if let Some((booking, _)) = &self.holds {
+            booking.record_response_bytes(chunk.len() as u64);
         }
         if let Some(ticket) = &mut self.usage {
-            ticket.record.totals.response_bytes += chunk.len() as u64;
+            ticket.entry.totals.response_bytes += chunk.len() as u64;
         }
         self.meter.observe(chunk);
     }
@@ -247,23 +244,20 @@ impl Drop for Settlement {
         // shows), the record is already on its way to the writer.
         let client = self.usage.take().map(|ticket| {
             let UsageTicket {
-                recorder,
+                ledger,
                 counters,
-                mut record,
+                mut entry,
             } = ticket;
             counters.record(counted.prompt, counted.completion);
-            record.totals.prompt_tokens = counted.prompt;
-            record.totals.completion_tokens = counted.completion;
-            let id = Arc::clone(&record.client_id);
-            recorder.record(record);
+            entry.totals.prompt_tokens = counted.prompt;
+            entry.totals.completion_tokens = counted.completion;
+            let id = Arc::clone(&entry.client_id);
+            ledger.record(entry);
             id
         });
-        for reservation in self.reservations.iter_mut().filter_map(Option::take) {
-            match used {
-                Some(used) => reservation.settle(used.total()),
-                // Unknown usage of a successful answer: keep the full reservation.
-                None => drop(reservation),
-            }
+        if let Some((booking, client)) = self.holds.take() {
+            // Unknown usage of a successful answer: keep the full reservation.
+            admission::settle(booking, client, used.map(TokenUsage::total));
         }
         self.log(counted, client.as_deref());
     }
@@ -310,222 +304,5 @@ impl Settlement {
             duration_ms = ms(now.saturating_duration_since(self.trace.received)),
             "request"
         );
-    }
-}
-
-/// What a response says about the tokens it used.
-#[derive(Debug)]
-pub enum Meter {
-    /// A JSON answer, kept (up to a bound) to read its `usage` at the end.
-    Json(Vec<u8>),
-    Sse(SseMeter),
-    /// Neither JSON nor a stream: nothing to read.
-    Opaque,
-}
-
-impl Meter {
-    pub fn observe(&mut self, chunk: &[u8]) {
-        match self {
-            Meter::Json(body) => {
-                if body.len() + chunk.len() <= MAX_JSON_USAGE_BYTES {
-                    body.extend_from_slice(chunk);
-                } else {
-                    *self = Meter::Opaque;
-                }
-            }
-            Meter::Sse(sse) => sse.observe(chunk),
-            Meter::Opaque => {}
-        }
-    }
-
-    /// The tokens the request used, if known: the answer's own `usage`, or
-    /// else the prompt as counted here and the streamed text. A failed
-    /// answer used its prompt only.
-    pub fn usage(
-        &self,
-        prompt_tokens: u64,
-        encoding: Encoding,
-        success: bool,
-    ) -> Option<TokenUsage> {
-        let prompt_only = TokenUsage {
-            prompt: prompt_tokens,
-            completion: 0,
-        };
-        match self {
-            Meter::Json(body) => serde_json::from_slice::<WithUsage>(body)
-                .ok()
-                .and_then(|w| w.usage)
-                .map(|u| u.split(prompt_tokens))
-                .or((!success).then_some(prompt_only)),
-            Meter::Sse(sse) => Some(sse.usage.map_or_else(
-                || TokenUsage {
-                    prompt: prompt_tokens,
-                    completion: encoding.count(&sse.text),
-                },
-                |u| u.split(prompt_tokens),
-            )),
-            Meter::Opaque => (!success).then_some(prompt_only),
-        }
-    }
-
-    /// Total tokens (prompt + completion) the request used, if known.
-    pub fn tokens(&self, prompt_tokens: u64, encoding: Encoding, success: bool) -> Option<u64> {
-        self.usage(prompt_tokens, encoding, success)
-            .map(TokenUsage::total)
-    }
-}
-
-/// Prompt and completion tokens of one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TokenUsage {
-    pub prompt: u64,
-    pub completion: u64,
-}
-
-impl TokenUsage {
-    pub fn total(self) -> u64 {
-        self.prompt + self.completion
-    }
-}
-
-/// Follows a server-sent event stream line by line across chunk borders.
-#[derive(Debug, Default)]
-pub struct SseMeter {
-    partial: Vec<u8>,
-    usage: Option<Usage>,
-    /// Streamed completion text, counted only if no usage arrives.
-    text: String,
-}
-
-impl SseMeter {
-    fn observe(&mut self, chunk: &[u8]) {
-        let mut rest = chunk;
-        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
-            if self.partial.is_empty() {
-                self.line(&rest[..end]);
-            } else {
-                self.partial.extend_from_slice(&rest[..end]);
-                let line = std::mem::take(&mut self.partial);
-                self.line(&line);
-            }
-            rest = &rest[end + 1..];
-        }
-        self.partial.extend_from_slice(rest);
-    }
-
-    fn line(&mut self, line: &[u8]) {
-        let Some(data) = line.strip_prefix(b"data:") else {
-            return;
-        };
-        let data = data.trim_ascii();
-        if data.is_empty() || data == b"[DONE]" {
-            return;
-        }
-        let Ok(event) = serde_json::from_slice::<StreamEvent<'_>>(data) else {
-            return;
-        };
-        if let Some(usage) = event.usage {
-            self.usage = Some(usage);
-        }
-        for choice in event.choices.iter().flatten() {
-            if let Some(text) = choice.delta.as_ref().and_then(|d| d.content.as_deref()) {
-                self.text.push_str(text);
-            }
-            if let Some(text) = choice.text.as_deref() {
-                self.text.push_str(text);
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Usage {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    total_tokens: Option<u64>,
-}
-
-impl Usage {
-    /// Prompt and completion as the upstream reported them; a missing part
-    /// is what the total leaves (the prompt as counted here if need be).
-    fn split(self, counted_prompt: u64) -> TokenUsage {
-        let prompt = self
-            .prompt_tokens
-            .unwrap_or_else(|| match self.total_tokens {
-                Some(total) => total.saturating_sub(self.completion_tokens.unwrap_or(0)),
-                None => counted_prompt,
-            });
-        let completion = self.completion_tokens.unwrap_or_else(|| {
-            self.total_tokens
-                .map_or(0, |total| total.saturating_sub(prompt))
-        });
-        TokenUsage { prompt, completion }
-    }
-}
-
-#[derive(Deserialize)]
-struct WithUsage {
-    usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct StreamEvent<'a> {
-    usage: Option<Usage>,
-    #[serde(borrow)]
-    choices: Option<Vec<StreamChoice<'a>>>,
-}
-
-#[derive(Deserialize)]
-struct StreamChoice<'a> {
-    #[serde(borrow)]
-    delta: Option<Delta<'a>>,
-    #[serde(borrow)]
-    text: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(borrow)]
-    content: Option<Cow<'a, str>>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ENC: Encoding = Encoding::Cl100kBase;
-
-    #[test]
-    fn json_usage_is_read_at_the_end() {
-        let mut meter = Meter::Json(Vec::new());
-        meter.observe(br#"{"id":"x","usage":{"prompt_tokens":7,"#);
-        meter.observe(br#""completion_tokens":5,"total_tokens":12}}"#);
-        assert_eq!(meter.tokens(99, ENC, true), Some(12));
-    }
-
-    #[test]
-    fn a_json_answer_without_usage_keeps_the_reservation_unless_it_failed() {
-        let mut meter = Meter::Json(Vec::new());
-        meter.observe(br#"{"error":{"message":"bad"}}"#);
-        assert_eq!(meter.tokens(9, ENC, true), None);
-        assert_eq!(meter.tokens(9, ENC, false), Some(9));
-    }
-
-    #[test]
-    fn the_final_stream_event_usage_wins_across_chunk_borders() {
-        let mut meter = Meter::Sse(SseMeter::default());
-        meter.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\nda");
-        meter.observe(b"ta: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n");
-        meter.observe(b"data: [DONE]\n\n");
-        assert_eq!(meter.tokens(100, ENC, true), Some(5));
-    }
-
-    #[test]
-    fn a_stream_without_usage_counts_its_text() {
-        let mut meter = Meter::Sse(SseMeter::default());
-        meter.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\n");
-        meter.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\" world\"}}]}\n");
-        // Cut short here: no [DONE], no usage.
-        assert_eq!(meter.tokens(10, ENC, true), Some(10 + 2));
     }
 }

@@ -5,7 +5,7 @@
 //! key variable included) and builds the new snapshot before anything
 //! changes ([`AppState::swap`]); an invalid file leaves the running config in
 //! force and logs every problem. What survives and what does not is
-//! [`state`](crate::state)'s business: windows, in-flight counts, cooldowns
+//! [`snapshot`](crate::snapshot)'s business: windows, in-flight counts, cooldowns
 //! and health stay with nodes that stay.
 //!
 //! Every attempt, whatever triggered it, is recorded in `/status` and written
@@ -28,7 +28,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
-use crate::state::{AppState, Live, ReloadOutcome};
+use crate::snapshot::Live;
+use crate::state::{AppState, ReloadOutcome};
 
 /// Resolves the environment variables a config names (`api_key_env`, ...).
 pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -104,17 +105,17 @@ fn describe_changes(old: &Live, new: &Config) -> String {
     let mut added = Vec::new();
     let mut changed = Vec::new();
     for node in &new.nodes {
-        match old.nodes.iter().find(|n| n.name == node.name) {
+        match old.node_named(&node.name) {
             None => added.push(node.name.to_string()),
             Some(before) => {
                 let mut what = Vec::new();
                 if before.url != node.url {
                     what.push("url");
                 }
-                if before.key.expose() != node.key.expose() {
+                if !before.key.same_as(&node.key) {
                     what.push("key");
                 }
-                if before.usage.snapshot(tokio::time::Instant::now()).quota != node.quota {
+                if before.limiter.quota() != node.quota {
                     what.push("limits");
                 }
                 if before.models != node.models {
@@ -127,8 +128,7 @@ fn describe_changes(old: &Live, new: &Config) -> String {
         }
     }
     let removed: Vec<String> = old
-        .nodes
-        .iter()
+        .nodes()
         .filter(|n| !new.nodes.iter().any(|m| m.name == n.name))
         .map(|n| n.name.to_string())
         .collect();

@@ -9,25 +9,30 @@
 //! choice is fully determined by its inputs.
 
 use crate::limits::Load;
+use crate::snapshot::NodeId;
 
-/// Picks among `(index, load)` pairs of eligible nodes; `node_count` is the
-/// size of the index space the rotation runs over.
+/// Picks among `(node, load)` pairs of eligible nodes; `node_count` is the
+/// size of the id space the rotation runs over.
 pub fn choose(
-    eligible: impl IntoIterator<Item = (usize, Load)>,
+    eligible: impl IntoIterator<Item = (NodeId, Load)>,
     rotation: usize,
     node_count: usize,
-) -> Option<usize> {
+) -> Option<NodeId> {
     let n = node_count.max(1);
     let start = rotation % n;
     eligible
         .into_iter()
-        .min_by_key(|(index, load)| (*load, (index + n - start) % n))
-        .map(|(index, _)| index)
+        .min_by_key(|(id, load)| (*load, (id.index() + n - start) % n))
+        .map(|(id, _)| id)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(index: usize) -> NodeId {
+        NodeId::from_index(index)
+    }
 
     fn load(utilisation_ppm: u32, in_flight: u64) -> Load {
         Load {
@@ -39,31 +44,41 @@ mod tests {
     #[test]
     fn the_least_utilised_node_wins() {
         let nodes = [
-            (0, load(500_000, 0)),
-            (1, load(100_000, 9)),
-            (2, load(300_000, 0)),
+            (id(0), load(500_000, 0)),
+            (id(1), load(100_000, 9)),
+            (id(2), load(300_000, 0)),
         ];
-        assert_eq!(choose(nodes, 0, 3), Some(1));
+        assert_eq!(choose(nodes, 0, 3), Some(id(1)));
     }
 
     #[test]
     fn fewer_in_flight_breaks_a_utilisation_tie() {
-        let nodes = [(0, load(0, 3)), (1, load(0, 1)), (2, load(0, 2))];
-        assert_eq!(choose(nodes, 0, 3), Some(1));
+        let nodes = [
+            (id(0), load(0, 3)),
+            (id(1), load(0, 1)),
+            (id(2), load(0, 2)),
+        ];
+        assert_eq!(choose(nodes, 0, 3), Some(id(1)));
     }
 
     #[test]
     fn equal_nodes_are_taken_in_turn() {
-        let nodes = [(0, load(0, 0)), (1, load(0, 0)), (2, load(0, 0))];
-        let picks: Vec<_> = (0..6).map(|r| choose(nodes, r, 3).unwrap()).collect();
+        let nodes = [
+            (id(0), load(0, 0)),
+            (id(1), load(0, 0)),
+            (id(2), load(0, 0)),
+        ];
+        let picks: Vec<_> = (0..6)
+            .map(|r| choose(nodes, r, 3).unwrap().index())
+            .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn rotation_skips_nodes_that_are_not_eligible() {
         // Node 1 has no headroom, so it is absent; rotation 1 falls to node 2.
-        let nodes = [(0, load(0, 0)), (2, load(0, 0))];
-        assert_eq!(choose(nodes, 1, 3), Some(2));
+        let nodes = [(id(0), load(0, 0)), (id(2), load(0, 0))];
+        assert_eq!(choose(nodes, 1, 3), Some(id(2)));
     }
 
     #[test]
@@ -87,13 +102,14 @@ mod tests {
         for mask in 0u32..64 {
             let eligible: Vec<_> = (0..6)
                 .filter(|i| mask & (1 << i) != 0)
-                .map(|i| (i, loads[i]))
+                .map(|i| (id(i), loads[i]))
                 .collect();
             for rotation in 0..12 {
                 let chosen = choose(eligible.iter().copied(), rotation, 6);
                 match chosen {
                     None => assert!(eligible.is_empty()),
                     Some(c) => {
+                        let c = c.index();
                         assert!(mask & (1 << c) != 0, "chose ineligible node {c}");
                         assert!(eligible.iter().all(|(_, l)| *l >= loads[c]));
                     }

@@ -14,14 +14,88 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use std::future::IntoFuture;
+use std::sync::Weak;
+use std::time::Duration;
+
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, ConfigError};
+use crate::clients::Registry;
+use crate::config::{self, Config, ConfigError};
 use crate::control::{ControlError, PidFile};
 use crate::reload::{self, ConfigSource};
-use crate::state::{AppState, StartError};
-use crate::{admin, app};
+use crate::state::AppState;
+use crate::store::{Store, StoreError};
+use crate::tasks::Tasks;
+use crate::{admin, app, ledger, probes};
+
+/// How long start-up waits for Redis before serving with
+/// `cluster.on_redis_error` in force.
+const CLUSTER_CONNECT_WAIT: Duration = Duration::from_secs(3);
+
+/// Why the state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The config is valid but cannot be put to use (an HTTP client or a CA
+    /// bundle cannot be built).
+    #[error("{0}")]
+    Prepare(String),
+}
+
+/// Opens the client store (`base_dir` resolves a relative SQLite path),
+/// builds the state and starts its background tasks: the shared limits'
+/// connection, the queue's dispatcher, the health probes, the ledger
+/// writer and the stored-clients refresh.
+pub async fn start(config: Config, base_dir: &Path) -> Result<Arc<AppState>, StartError> {
+    let store = Store::open(&config.store.url, base_dir).await?;
+    let (ledger, writer) = ledger::channel();
+    let registry = Registry::new(store, config.store.cache_ttl, ledger).await?;
+    let settings = config.store.clone();
+    let tasks = Tasks::new();
+    let state = AppState::new(config, registry, tasks.clone()).map_err(StartError::Prepare)?;
+    if let Some(shared) = &state.admission.shared {
+        let shared = Arc::clone(shared);
+        tasks.spawn(|cancel| shared.run(cancel));
+    }
+    let queue = Arc::clone(&state.admission.queue);
+    tasks.spawn(|cancel| async move { queue.dispatch(cancel).await });
+    let (weak, wake) = (Arc::downgrade(&state), Arc::clone(&state.kept.health_wake));
+    tasks.spawn(|cancel| probes::run(weak, wake, cancel));
+    let store = state.clients.store().clone();
+    tasks.spawn(|cancel| writer.run(store, settings.usage_flush_interval, cancel));
+    let weak = Arc::downgrade(&state);
+    tasks.spawn(|cancel| refresh_clients(weak, settings.cache_ttl, cancel));
+    if let Some(shared) = &state.admission.shared
+        && !shared.connected(CLUSTER_CONNECT_WAIT).await
+    {
+        tracing::warn!(
+            "redis not reachable at start-up; cluster.on_redis_error applies until it is"
+        );
+    }
+    Ok(state)
+}
+
+/// Re-reads whether the store holds clients every `every`, so the first
+/// client another replica makes closes this gateway too.
+async fn refresh_clients(state: Weak<AppState>, every: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let Some(state) = state.upgrade() else { return };
+        if let Err(err) = state.clients.refresh().await {
+            tracing::warn!(error = %err, "cannot count the stored clients");
+        }
+    }
+}
 
 /// Why `balancer serve` could not run.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +142,7 @@ pub async fn run(
     let pid_path = config::pid_file_for(path, config.server.pid_file.as_deref());
     let watch = config.server.watch_config;
     let base_dir = path.parent().unwrap_or(Path::new("."));
-    let state = AppState::start(config, base_dir).await?;
+    let state = start(config, base_dir).await?;
     warn_if_open(&state);
     // SIGHUP is taken over before the pid file announces this process, so
     // `balancer reload` can never kill a gateway that is still starting.
@@ -77,10 +151,12 @@ pub async fn run(
     let source = ConfigSource::from_process(path.to_owned(), pid_file.path());
     if watch {
         let (s, src) = (Arc::clone(&state), source.clone());
-        state.spawn(|cancel| reload::watch(s, src, cancel));
+        state.tasks.spawn(|cancel| reload::watch(s, src, cancel));
     }
     let (s, src) = (Arc::clone(&state), source);
-    state.spawn(|cancel| reload::on_sighup(s, src, hangups, cancel));
+    state
+        .tasks
+        .spawn(|cancel| reload::on_sighup(s, src, hangups, cancel));
     listening(addr, nodes, pid_file.path());
     let served = serve_all(listener, admin_listener, state, shutdown).await;
     drop(pid_file);
@@ -88,7 +164,7 @@ pub async fn run(
 }
 
 /// Binds the admin API's listener, or says why there is none.
-pub fn bind_admin(config: &config::Config) -> Result<Option<TcpListener>, RunError> {
+pub fn bind_admin(config: &Config) -> Result<Option<TcpListener>, RunError> {
     if config.admin.token.is_none() {
         tracing::info!(
             "admin API off: set admin.token_env to a variable holding the admin token to turn it on"
@@ -119,14 +195,17 @@ pub async fn serve_all(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let stopping = tokio_util::sync::CancellationToken::new();
+    let stopping = CancellationToken::new();
     let admin = admin_listener.map(|listener| {
         let router = admin::router(Arc::clone(&state));
         let stopped = stopping.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, router)
+        state.tasks.run(async move {
+            let served = axum::serve(listener, router)
                 .with_graceful_shutdown(async move { stopped.cancelled().await })
-                .await
+                .await;
+            if let Err(err) = served {
+                tracing::error!(error = %err, "admin API stopped");
+            }
         })
     });
     let signal = stopping.clone();
@@ -140,11 +219,13 @@ pub async fn serve_all(
         // Admin requests are short; one still open after the gateway's
         // grace is cut.
         let grace = state.live().config.server.shutdown_grace;
+        let abort = admin.abort_handle();
         if tokio::time::timeout(grace, admin).await.is_err() {
             tracing::warn!("admin API still busy after the shutdown grace; closing it");
+            abort.abort();
         }
     }
-    state.stop_tasks().await;
+    state.tasks.stop().await;
     state.clients.store().close().await;
     served
 }
@@ -173,21 +254,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = state.live().config.server.shutdown_grace;
-    let stopping = tokio_util::sync::CancellationToken::new();
-    let signal = stopping.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        signal.cancel();
-    });
+    let stopping = CancellationToken::new();
     // Nagle would hold back small writes (an SSE event) for tens of ms.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
     let draining = stopping.clone();
     let server = axum::serve(listener, app::router(state))
-        .with_graceful_shutdown(async move { draining.cancelled().await });
+        .with_graceful_shutdown(async move { draining.cancelled().await })
+        .into_future();
+    // Turns the shutdown signal into the token; never ends by itself.
+    let signalled = async {
+        shutdown.await;
+        stopping.cancel();
+        std::future::pending::<()>().await;
+    };
     tokio::select! {
         result = server => result,
+        () = signalled => Ok(()),
         () = async {
             stopping.cancelled().await;
             tokio::time::sleep(grace).await;

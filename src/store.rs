@@ -25,7 +25,8 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use crate::config::{BucketLimit, ClientLimits};
+use crate::keys::redacted_url;
+use crate::limits::{BucketLimit, ClientLimits};
 
 /// Which database a store URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +125,7 @@ impl Store {
     /// SQLite path is taken from `base_dir` (the config file's directory).
     pub async fn open(url: &SecretString, base_dir: &Path) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
-        let target = describe(url.expose_secret());
+        let target = redacted_url(url.expose_secret());
         let failed = |reason: String| StoreError::Open {
             target: target.clone(),
             reason,
@@ -377,18 +378,6 @@ impl Store {
     }
 }
 
-/// The store URL without credentials, for logs and errors.
-pub fn describe(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) if scheme.starts_with("postgres") || scheme.starts_with("redis") => {
-            let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-            let host = host.split('?').next().unwrap_or(host);
-            format!("{scheme}://{host}")
-        }
-        _ => url.split('?').next().unwrap_or(url).to_owned(),
-    }
-}
-
 /// The URL to connect to: a SQLite path made absolute (from `base_dir`)
 /// and opened read-write-create.
 fn resolve(url: &str, base_dir: &Path) -> Result<(SecretString, Backend), String> {
@@ -523,18 +512,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_postgres_url_is_described_without_its_credentials() {
-        assert_eq!(
-            describe("postgres://app:s3cret@db.internal:5432/balancer?sslmode=require"),
-            "postgres://db.internal:5432/balancer"
-        );
-        assert_eq!(
-            describe("sqlite://balancer.db?mode=rwc"),
-            "sqlite://balancer.db"
-        );
-    }
-
     #[tokio::test]
     async fn an_in_memory_store_is_one_database_however_many_ask_at_once() {
         let url = SecretString::from("sqlite::memory:".to_owned());
@@ -547,7 +524,7 @@ mod tests {
 
     #[test]
     fn a_hash_survives_its_hex_column() {
-        let hash = crate::config::hash_key(b"sk-anything");
+        let hash = crate::keys::hash_key(b"sk-anything");
         assert_eq!(unhex(&hex(&hash)), Some(hash));
         assert_eq!(unhex("zz"), None);
     }

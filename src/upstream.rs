@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, HeaderName, Method, header};
 use bytes::Bytes;
 
 use crate::limits::RateLimitReport;
-use crate::state::Node;
+use crate::snapshot::Node;
 
 /// Why an attempt got no answer from the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

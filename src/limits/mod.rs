@@ -1,10 +1,11 @@
-//! Per-node quotas over a rolling 60-second window, and the [`Reservation`]
-//! guard that takes capacity on admission and gives it back exactly once.
+//! Quotas over a rolling 60-second window, and the [`Reservation`] guard
+//! that takes capacity on admission and gives it back exactly once.
 //!
-//! A node's [`NodeUsage`] owns its window, in-flight count, outstanding token
-//! reservations and cooldown behind one short `parking_lot::Mutex` (never held
-//! across an `.await`). There is no global lock: requests for different nodes
-//! never contend.
+//! A [`Limiter`] (one per node, and one per client with its own limits)
+//! owns its window, in-flight count, outstanding token reservations and
+//! cooldown behind one short `parking_lot::Mutex` (never held across an
+//! `.await`). There is no global lock: requests for different nodes never
+//! contend.
 //!
 //! Invariant: **no node receives more requests, reserved tokens or request
 //! bytes than its quota in any rolling 60 s.** The window is a ring of 100 ms
@@ -15,15 +16,17 @@
 //! arrivals of a burst spread out by their own queueing; without the band, a
 //! burst dispatched the moment last minute's slots expire could land inside
 //! the upstream's view of last minute. It costs under 1% of the quota.
-//! [`NodeUsage::try_reserve`] checks and records under one lock, so two
+//! [`Limiter::try_reserve`] checks and records under one lock, so two
 //! requests can never both take the last unit of headroom.
 //!
-//! This module is the limit state's whole interface: `try_reserve`,
-//! `outlook`, `load`, the `Reservation` methods and `snapshot`. A shared
-//! (Redis) implementation for several replicas replaces what sits behind it.
+//! The limit types live here too: a node's [`Quota`], a client's
+//! [`ClientLimits`] and its token bucket ([`bucket`]).
 //!
-//! Not here: choosing among nodes (`selection`), waiting (`queue`).
+//! Not here: choosing among nodes (`selection`), waiting and the limits
+//! shared through Redis (`admission`, which joins this module's
+//! [`Reservation`] and a shared lease in one guard).
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -32,12 +35,11 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::cluster::{Ending, Lease};
-use crate::config::Quota;
-
+mod bucket;
 mod reported;
 mod window;
 
+pub use bucket::{BucketLimit, ClientLimits, TokenBucket};
 pub use reported::{Marks, RateLimitReport, Remaining, Reported};
 use window::{Amounts, Window};
 
@@ -126,6 +128,28 @@ impl Limit {
     }
 }
 
+/// A node's limits (or a client's rpm and tpm); `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub rpm: Option<NonZeroU64>,
+    pub tpm: Option<NonZeroU64>,
+    pub bpm: Option<NonZeroU64>,
+    pub max_concurrency: Option<NonZeroU64>,
+}
+
+impl Quota {
+    /// The quota for `limit`, if limited.
+    pub fn of(&self, limit: Limit) -> Option<u64> {
+        let value = match limit {
+            Limit::Rpm => self.rpm,
+            Limit::Tpm => self.tpm,
+            Limit::Bpm => self.bpm,
+            Limit::MaxConcurrency => self.max_concurrency,
+        };
+        value.map(u64::from)
+    }
+}
+
 /// How loaded a node is, for choosing among nodes with headroom.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Load {
@@ -169,7 +193,7 @@ impl HeadroomSignal {
 }
 
 #[derive(Debug)]
-struct UsageState {
+struct LimiterState {
     quota: Quota,
     window: Window,
     in_flight: u64,
@@ -182,21 +206,23 @@ struct UsageState {
     retired: bool,
 }
 
-/// The live usage of one node. Survives config reloads (keyed by node name).
+/// The live use of one node's quota (or one client's). A node's survives
+/// config reloads (kept by node name), a client's lives as long as the
+/// client (kept by id).
 #[derive(Debug)]
-pub struct NodeUsage {
+pub struct Limiter {
     id: u64,
-    state: Mutex<UsageState>,
+    state: Mutex<LimiterState>,
     signal: Arc<HeadroomSignal>,
 }
 
-static NEXT_USAGE_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_LIMITER_ID: AtomicU64 = AtomicU64::new(1);
 
-impl NodeUsage {
+impl Limiter {
     pub fn new(quota: Quota, signal: Arc<HeadroomSignal>) -> Arc<Self> {
         Arc::new(Self {
-            id: NEXT_USAGE_ID.fetch_add(1, Ordering::Relaxed),
-            state: Mutex::new(UsageState {
+            id: NEXT_LIMITER_ID.fetch_add(1, Ordering::Relaxed),
+            state: Mutex::new(LimiterState {
                 quota,
                 window: Window::new(Instant::now()),
                 in_flight: 0,
@@ -239,8 +265,8 @@ impl NodeUsage {
         Some(self.record_locked(state, demand))
     }
 
-    /// Records `demand` whatever the local outlook: the shared limits
-    /// ([`crate::cluster`]) admitted it. This replica's window keeps
+    /// Records `demand` whatever the local outlook: the limits shared
+    /// through Redis admitted it. This replica's window keeps
     /// counting its own requests, for `/status` and for the fallback.
     pub fn record(self: &Arc<Self>, demand: Demand, now: Instant) -> Reservation {
         let mut state = self.state.lock();
@@ -250,7 +276,7 @@ impl NodeUsage {
 
     fn record_locked(
         self: &Arc<Self>,
-        mut state: parking_lot::MutexGuard<'_, UsageState>,
+        mut state: parking_lot::MutexGuard<'_, LimiterState>,
         demand: Demand,
     ) -> Reservation {
         let slot = state.window.head;
@@ -275,7 +301,6 @@ impl NodeUsage {
             demand,
             mark,
             open: true,
-            shared: None,
         }
     }
 
@@ -322,10 +347,10 @@ impl NodeUsage {
     }
 
     /// A point-in-time view for `/status`.
-    pub fn snapshot(&self, now: Instant) -> UsageSnapshot {
+    pub fn snapshot(&self, now: Instant) -> LimiterSnapshot {
         let mut state = self.state.lock();
         state.advance(now);
-        UsageSnapshot {
+        LimiterSnapshot {
             quota: state.quota,
             requests: state.window.total.requests,
             tokens: state.window.total.tokens,
@@ -342,7 +367,7 @@ impl NodeUsage {
     }
 }
 
-impl UsageState {
+impl LimiterState {
     fn advance(&mut self, now: Instant) {
         let slot = self.window.slot_of(now);
         self.window.advance(slot);
@@ -410,7 +435,7 @@ impl UsageState {
 
 /// What `/status` shows of a node's usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UsageSnapshot {
+pub struct LimiterSnapshot {
     pub quota: Quota,
     pub requests: u64,
     pub tokens: u64,
@@ -434,22 +459,12 @@ pub struct UsageSnapshot {
 ///   the upstream consumed, so we assume the most).
 #[derive(Debug)]
 pub struct Reservation {
-    usage: Arc<NodeUsage>,
+    usage: Arc<Limiter>,
     slot: u64,
     demand: Demand,
     /// The node's marks right after this reservation.
     mark: Marks,
     open: bool,
-    /// The same request's hold on the shared windows, in cluster mode
-    /// (boxed: a local reservation stays small).
-    shared: Option<Box<Shared>>,
-}
-
-/// A [`Lease`] and the response bytes to add when it is released.
-#[derive(Debug)]
-struct Shared {
-    lease: Lease,
-    response_bytes: AtomicU64,
 }
 
 impl Reservation {
@@ -457,36 +472,8 @@ impl Reservation {
         self.demand
     }
 
-    /// Ties the shared windows' lease to this reservation: it is released
-    /// with it, the same way.
-    pub fn with_lease(mut self, lease: Lease) -> Self {
-        self.shared = Some(Box::new(Shared {
-            lease,
-            response_bytes: AtomicU64::new(0),
-        }));
-        self
-    }
-
-    /// In cluster mode, lets every replica know the node rests for `rest`.
-    pub fn share_cooldown(&self, rest: Duration) {
-        if let Some(shared) = &self.shared {
-            shared.lease.cool_down(rest);
-        }
-    }
-
-    /// Ends the shared lease, if any, the way the local reservation ended.
-    fn release_shared(&mut self, ending: Ending) {
-        if let Some(shared) = self.shared.take() {
-            let bytes = shared.response_bytes.load(Ordering::Relaxed);
-            shared.lease.release(ending, bytes);
-        }
-    }
-
     /// Counts response bytes against the node's bpm as they flow.
     pub fn record_response_bytes(&self, bytes: u64) {
-        if let Some(shared) = &self.shared {
-            shared.response_bytes.fetch_add(bytes, Ordering::Relaxed);
-        }
         let mut state = self.usage.state.lock();
         state.advance(Instant::now());
         let head = state.window.head;
@@ -517,7 +504,6 @@ impl Reservation {
 
     /// Ends the request having used `tokens` in all (prompt + completion).
     pub fn settle(mut self, tokens: u64) {
-        self.release_shared(Ending::Settle(tokens));
         let reserved = self.demand.tokens;
         let mut state = self.usage.state.lock();
         state.advance(Instant::now());
@@ -539,7 +525,6 @@ impl Reservation {
 
     /// Ends a request that never reached the upstream (it could not connect).
     pub fn cancel(mut self) {
-        self.release_shared(Ending::Cancel);
         let mut state = self.usage.state.lock();
         state.advance(Instant::now());
         let everything = Amounts {
@@ -553,7 +538,7 @@ impl Reservation {
     }
 
     /// Gives back the in-flight slot and the outstanding reservation, once.
-    fn release(open: &mut bool, demand: Demand, usage: &NodeUsage, state: &mut UsageState) {
+    fn release(open: &mut bool, demand: Demand, usage: &Limiter, state: &mut LimiterState) {
         if !std::mem::take(open) {
             return;
         }
@@ -565,7 +550,6 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.release_shared(Ending::Keep);
         if self.open {
             let usage = Arc::clone(&self.usage);
             let mut state = usage.state.lock();
@@ -589,8 +573,8 @@ mod tests {
         }
     }
 
-    fn node(q: Quota) -> Arc<NodeUsage> {
-        NodeUsage::new(q, Arc::new(HeadroomSignal::default()))
+    fn node(q: Quota) -> Arc<Limiter> {
+        Limiter::new(q, Arc::new(HeadroomSignal::default()))
     }
 
     const SMALL: Demand = Demand {

@@ -618,7 +618,7 @@ async fn the_store_never_holds_a_key(backend: Backend) {
     let dump = store.dump().await;
     // The rows are there (the name, the hash of the current key)...
     assert!(dump.contains(&id(&made)));
-    let hash: String = balancer::config::hash_key(second.as_bytes())
+    let hash: String = balancer::keys::hash_key(second.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use balancer::config;
 use balancer::server;
-use balancer::state::AppState;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -90,12 +89,14 @@ impl Gateway {
             .is_some()
             .then(|| server::bind("127.0.0.1:0".parse().unwrap()).unwrap());
         let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
-        let state = AppState::start(config, dir.path())
+        let state = server::start(config, dir.path())
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         if let Some(source) = source {
             let watched = Arc::clone(&state);
-            state.spawn(|cancel| balancer::reload::watch(watched, source, cancel));
+            state
+                .tasks
+                .spawn(|cancel| balancer::reload::watch(watched, source, cancel));
         }
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::serve_all(listener, admin, state, async move {

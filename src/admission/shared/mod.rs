@@ -1,22 +1,22 @@
-//! Limits shared by several gateway replicas through Redis (`[cluster]`).
+//! Limits shared by several gateway replicas through Redis (`[cluster]`):
+//! the connection, the admission script, and the state of the link.
 //!
 //! With `cluster.redis_url` set, every admission is one server-side script
-//! (`src/cluster/admit.lua`) that, atomically: checks the client's window
+//! (`admit.lua` beside this file) that, atomically: checks the client's window
 //! and token bucket, advances each candidate node's window (100 ms slots
 //! over 60.5 s, as in [`crate::limits`]), chooses the least-loaded node with
 //! headroom and records the request on it and on the client. Every release
-//! is one more script (`src/cluster/settle.lua`): the lease ends, the
+//! is one more script (`settle.lua`, see [`lease`]): the lease ends, the
 //! tokens are corrected to what was used (or all is returned, or all kept),
 //! the response bytes are added, and the node's name is published so that
 //! requests waiting on other replicas try again at once. Nothing else talks
 //! to Redis on the request path: one round trip to admit, one to release.
 //!
 //! A node's cooldown after an upstream 429 is shared too
-//! (`src/cluster/cool.lua`, one call per 429).
+//! (`cool.lua`, one call per 429).
 //!
 //! `/status` reads the shared totals with one more script
-//! (`src/cluster/peek.lua`); `src/cluster/window.lua` is the window code
-//! every script shares.
+//! (`peek.lua`); `window.lua` is the window code every script shares.
 //!
 //! Time is Redis's own (`TIME`), so replicas' clocks never disagree about a
 //! window. Requests in flight are leases that expire after
@@ -32,7 +32,7 @@
 //! replica's requests throughout), `"reject"` answers 503. The connection
 //! is re-made in the background; both transitions are logged and shown in
 //! `/status`. A single Redis primary is expected (keys of one request are
-//! not hashed to one Redis Cluster slot).
+//! not hashed to one Redis SharedLimits slot).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,12 +46,16 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod lease;
 mod place;
 
-pub use place::{Ask, NotPlaced, place};
+pub(crate) use lease::{Ending, Lease};
+use lease::{Part, Unanswered};
+pub(super) use place::{NotPlaced, place};
 
-use crate::config::{ClusterSettings, OnRedisError, Quota};
-use crate::limits::{Demand, Limit};
+use crate::config::{ClusterSettings, OnRedisError};
+use crate::limits::{Demand, Limit, Quota};
+use crate::tasks::Tasks;
 
 /// A lease outlives the request by this much, so that a slow release never
 /// finds its lease already gone; only a dead replica's leases expire.
@@ -65,7 +69,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 type Releases = std::pin::Pin<Box<dyn futures_util::Stream<Item = redis::Msg> + Send>>;
 
 /// The shared limits, and the state of the connection to them.
-pub struct Cluster {
+pub struct SharedLimits {
     client: redis::Client,
     conn: ArcSwapOption<ConnectionManager>,
     settings: ClusterSettings,
@@ -82,11 +86,13 @@ pub struct Cluster {
     /// Identifies this replica's reservations.
     replica: String,
     next: AtomicU64,
+    /// Releases and shared cooldowns run here, tracked for shutdown.
+    tasks: Tasks,
 }
 
-impl std::fmt::Debug for Cluster {
+impl std::fmt::Debug for SharedLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster")
+        f.debug_struct("SharedLimits")
             .field("up", &self.up)
             .finish_non_exhaustive()
     }
@@ -120,7 +126,7 @@ pub struct SharedUse {
 
 /// What one admission script answered.
 #[derive(Debug)]
-pub enum Admission {
+pub enum ScriptAnswer {
     /// Placed on candidate `index`; release the lease when the request ends.
     Placed { index: usize, lease: Lease },
     /// Nothing has headroom: try again on a release, or at `until`.
@@ -138,134 +144,10 @@ pub enum Admission {
 #[error("redis: {0}")]
 pub struct Unavailable(String);
 
-/// A request's hold on the shared windows; released by one script call.
-#[derive(Debug)]
-pub struct Lease {
-    cluster: Arc<Cluster>,
-    id: String,
-    slot: i64,
-    node: String,
-    client: Option<String>,
-    demand: Demand,
-}
-
-/// An admission whose answer never arrived (`cluster.timeout`, or the
-/// client went away during the round trip): the script may still have run
-/// and leased a concurrency slot under this id. Dropped armed, it ends that
-/// lease on every candidate in the background; the window keeps the
-/// request counted (the safe side).
-struct Unanswered {
-    cluster: Arc<Cluster>,
-    id: String,
-    keys: Vec<String>,
-    client: Option<String>,
-    armed: bool,
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let cluster = Arc::clone(&self.cluster);
-        let id = std::mem::take(&mut self.id);
-        let keys: Vec<String> = self
-            .keys
-            .drain(..)
-            .chain(self.client.take())
-            .map(|key| format!("{key}:fly"))
-            .collect();
-        runtime.spawn(async move {
-            let Some(conn) = cluster.conn.load_full() else {
-                return;
-            };
-            let mut conn = ConnectionManager::clone(&conn);
-            let mut pipe = redis::pipe();
-            for key in &keys {
-                pipe.cmd("ZREM").arg(key).arg(&id).ignore();
-            }
-            // Bounded by the lease itself if this fails too.
-            let _ = tokio::time::timeout(
-                cluster.settings.timeout.max(Duration::from_secs(5)),
-                pipe.query_async::<()>(&mut conn),
-            )
-            .await;
-        });
-    }
-}
-
-/// How a request ended, for its release.
-#[derive(Debug, Clone, Copy)]
-pub enum Ending {
-    /// Used this many tokens in all.
-    Settle(u64),
-    /// Nothing reached the node: give everything back.
-    Cancel,
-    /// Unknown: keep the reservation counted in full.
-    Keep,
-}
-
-impl Lease {
-    /// The lease's node rests for `rest` on every replica (after its 429);
-    /// one script call in the background.
-    pub fn cool_down(&self, rest: Duration) {
-        let cluster = Arc::clone(&self.cluster);
-        let key = format!("{}:cool", self.node);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
-            let mut invocation = cluster.cool.prepare_invoke();
-            invocation.key(&key).arg(rest.as_millis().max(1) as u64);
-            if let Err(err) = cluster.call::<i64>(&invocation).await {
-                tracing::warn!(error = %err, "cannot share a node's cooldown");
-            }
-        });
-    }
-
-    /// Ends the lease in the background (a release never delays the
-    /// response): one script call.
-    pub fn release(self, ending: Ending, response_bytes: u64) {
-        let (how, used) = match ending {
-            Ending::Settle(tokens) => ("settle", tokens),
-            Ending::Cancel => ("cancel", 0),
-            Ending::Keep => ("keep", 0),
-        };
-        let cluster = Arc::clone(&self.cluster);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // Only at the very end of the process; the lease expires.
-            return;
-        };
-        runtime.spawn(async move {
-            let mut invocation = cluster.settle.prepare_invoke();
-            invocation
-                .key(&self.node)
-                .key(self.client.as_deref().unwrap_or(""))
-                .arg(&self.id)
-                .arg(self.slot)
-                .arg(self.demand.tokens)
-                .arg(self.demand.bytes)
-                .arg(how)
-                .arg(used)
-                .arg(response_bytes)
-                .arg(cluster.channel())
-                .arg(&self.node);
-            if let Err(err) = cluster.call::<i64>(&invocation).await {
-                // The lease expires by itself; the window entry stays as
-                // reserved (the safe side).
-                tracing::warn!(error = %err, "cannot release a shared reservation");
-            }
-        });
-    }
-}
-
-impl Cluster {
+impl SharedLimits {
     /// Starts connecting in the background (see [`run`](Self::run)); the
     /// gateway serves meanwhile, with `on_redis_error`'s behaviour.
-    pub fn new(settings: ClusterSettings) -> Result<Arc<Self>, String> {
+    pub fn new(settings: ClusterSettings, tasks: Tasks) -> Result<Arc<Self>, String> {
         use secrecy::ExposeSecret;
         // The error's kind only: its text could quote the URL, password
         // and all.
@@ -288,8 +170,9 @@ impl Cluster {
             up: AtomicBool::new(false),
             came_up: Notify::new(),
             last_error: Mutex::new(Some("not connected yet".to_owned())),
-            replica: crate::clients::new_id(),
+            replica: crate::keys::new_id(),
             next: AtomicU64::new(0),
+            tasks,
             settings,
         }))
     }
@@ -338,7 +221,7 @@ impl Cluster {
         client: Option<ClientLimitsView<'_>>,
         rotation: usize,
         lease_for: Duration,
-    ) -> Result<Admission, Unavailable> {
+    ) -> Result<ScriptAnswer, Unavailable> {
         let id = format!(
             "{}-{}",
             self.replica,
@@ -346,7 +229,7 @@ impl Cluster {
         );
         let client_key = client.map(|c| self.client_key(c.id));
         let mut unanswered = Unanswered {
-            cluster: Arc::clone(self),
+            limits: Arc::clone(self),
             id: id.clone(),
             keys: candidates.iter().map(|c| self.node_key(c.name)).collect(),
             client: client_key.clone(),
@@ -403,26 +286,29 @@ impl Cluster {
                     .into_iter()
                     .nth(index)
                     .unwrap_or_default();
-                Admission::Placed {
+                let part = |key: String| Part {
+                    key,
+                    id: id.clone(),
+                    slot,
+                };
+                ScriptAnswer::Placed {
                     index,
                     lease: Lease {
-                        cluster: Arc::clone(self),
-                        id,
-                        slot,
-                        node,
-                        client: client_key,
+                        limits: Arc::clone(self),
+                        node: Some(part(node)),
+                        client: client_key.map(part),
                         demand,
                     },
                 }
             }
-            1 => Admission::Wait {
+            1 => ScriptAnswer::Wait {
                 until: (a > 0).then(|| local(a)),
             },
-            2 => Admission::Never(limit(a)),
-            3 => Admission::ClientLimited {
+            2 => ScriptAnswer::Never(limit(a)),
+            3 => ScriptAnswer::ClientLimited {
                 retry_after: Duration::from_millis(a.max(0) as u64),
             },
-            _ => Admission::ClientTooSmall(limit(a)),
+            _ => ScriptAnswer::ClientTooSmall(limit(a)),
         })
     }
 

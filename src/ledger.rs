@@ -1,12 +1,14 @@
-//! Usage accounting: what each client used, by model and UTC day, written
-//! to the store in batches off the request path.
+//! The ledger: what each client used (requests, tokens, bytes), by model
+//! and UTC day, written to the store in batches off the request path. (The
+//! rate windows are [`crate::limits`]'; the tokens one answer used are
+//! [`crate::meter`]'s.)
 //!
-//! A request hands its [`UsageRecord`] to the [`UsageRecorder`] (a channel
-//! send: no lock, no wait) when its relay ends. The [`UsageWriter`] task
-//! adds records up in memory and writes them in one transaction every
+//! A request hands its [`Entry`] to the [`Ledger`] (a channel send: no
+//! lock, no wait) when its relay ends. The [`LedgerWriter`] task adds
+//! entries up in memory and writes them in one transaction every
 //! `store.usage_flush_interval`, and whenever the admin API asks
-//! ([`UsageRecorder::flush`]), so a usage report includes every request that
-//! has ended.
+//! ([`Ledger::flush`]), so a usage report includes every request that has
+//! ended.
 //!
 //! Nothing is lost on a graceful stop: the writer runs until the server has
 //! drained, then takes what is left in the channel and writes it. A failed
@@ -24,7 +26,7 @@ use crate::store::{Store, StoreError, UsageRow, UsageTotals};
 
 /// One request's usage.
 #[derive(Debug, Clone)]
-pub struct UsageRecord {
+pub struct Entry {
     pub client_id: Arc<str>,
     /// Empty for requests that name no model.
     pub model: String,
@@ -32,13 +34,13 @@ pub struct UsageRecord {
 }
 
 enum Command {
-    Record(UsageRecord),
+    Record(Entry),
     Flush(oneshot::Sender<Result<(), String>>),
 }
 
-/// The request path's end of the usage channel.
+/// The request path's end of the ledger's channel.
 #[derive(Debug, Clone)]
-pub struct UsageRecorder {
+pub struct Ledger {
     tx: mpsc::UnboundedSender<Command>,
 }
 
@@ -51,9 +53,9 @@ impl std::fmt::Debug for Command {
     }
 }
 
-impl UsageRecorder {
+impl Ledger {
     /// Hands a request's usage to the writer; never waits.
-    pub fn record(&self, record: UsageRecord) {
+    pub fn record(&self, record: Entry) {
         if self.tx.send(Command::Record(record)).is_err() {
             tracing::error!("usage writer has stopped; a request's usage was not recorded");
         }
@@ -75,17 +77,17 @@ impl UsageRecorder {
 type Key = (Arc<str>, String, String);
 
 /// The task that writes usage to the store.
-pub struct UsageWriter {
+pub struct LedgerWriter {
     rx: mpsc::UnboundedReceiver<Command>,
     pending: HashMap<Key, UsageTotals>,
 }
 
 /// A recorder and the writer that empties it.
-pub fn channel() -> (UsageRecorder, UsageWriter) {
+pub fn channel() -> (Ledger, LedgerWriter) {
     let (tx, rx) = mpsc::unbounded_channel();
     (
-        UsageRecorder { tx },
-        UsageWriter {
+        Ledger { tx },
+        LedgerWriter {
             rx,
             pending: HashMap::new(),
         },
@@ -95,7 +97,7 @@ pub fn channel() -> (UsageRecorder, UsageWriter) {
 /// Attempts at the last write on shutdown before usage is given up (logged).
 const FINAL_WRITE_ATTEMPTS: u32 = 3;
 
-impl UsageWriter {
+impl LedgerWriter {
     /// Writes batches every `interval` until `cancel`, then writes the rest.
     pub async fn run(mut self, store: Store, interval: Duration, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(interval);
@@ -142,7 +144,7 @@ impl UsageWriter {
         }
     }
 
-    fn add(&mut self, record: UsageRecord) {
+    fn add(&mut self, record: Entry) {
         let key = (record.client_id, record.model, utc_day(SystemTime::now()));
         *self.pending.entry(key).or_default() += record.totals;
     }

@@ -1,7 +1,9 @@
-//! `GET /status`: what each node is doing and why it is or is not in
-//! rotation, the queue, and the config's reload history, as JSON. Never a
-//! key: nodes are shown by name and URL, and reload errors name fields,
-//! variables and files, never their values.
+//! Looking at the gateway from outside: `GET /status` (what each node is
+//! doing and why it is or is not in rotation, the queue, and the config's
+//! reload history, as JSON), `GET /dashboard` (a page that draws
+//! `/status`) and `GET /metrics` ([`scrape`]). Never a key: nodes are
+//! shown by name and URL, and reload errors name fields, variables and
+//! files, never their values.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,10 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::limits::Remaining;
-use crate::state::{AppState, Node};
+use crate::snapshot::Node;
+use crate::state::AppState;
+
+pub mod scrape;
 
 /// `GET /dashboard`: one self-contained page that draws `/status`.
 pub async fn dashboard() -> axum::response::Html<&'static str> {
@@ -22,16 +27,12 @@ pub async fn dashboard() -> axum::response::Html<&'static str> {
 pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
     let live = state.live();
     let now = Instant::now();
-    let mut nodes: Vec<Value> = live
-        .nodes
-        .iter()
-        .map(|node| node_status(node, now))
-        .collect();
+    let mut nodes: Vec<Value> = live.nodes().map(|node| node_status(node, now)).collect();
     // With [cluster]: the node's use summed over every replica.
-    if let Some(cluster) = &state.cluster {
-        let names: Vec<&str> = live.nodes.iter().map(|n| &*n.name).collect();
-        if let Some(shared) = cluster.peek(&names).await {
-            for (node, used) in nodes.iter_mut().zip(shared) {
+    if let Some(shared) = &state.admission.shared {
+        let names: Vec<&str> = live.nodes().map(|n| &*n.name).collect();
+        if let Some(used) = shared.peek(&names).await {
+            for (node, used) in nodes.iter_mut().zip(used) {
                 node["shared"] = json!({
                     "requests": used.requests,
                     "tokens": used.tokens,
@@ -45,7 +46,7 @@ pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
         .retired()
         .iter()
         .map(|r| {
-            let u = r.usage.snapshot(now);
+            let u = r.limiter.snapshot(now);
             json!({"name": &*r.name, "in_flight": u.in_flight, "requests_in_window": u.requests})
         })
         .collect();
@@ -63,22 +64,22 @@ pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
         "nodes": nodes,
         "retired_nodes": retired,
         "queue": {
-            "depth": state.queue.depth(),
+            "depth": state.admission.depth(),
             "max_depth": live.config.queue.max_depth,
             "max_wait_ms": live.config.queue.max_wait.as_millis() as u64,
-            "queued_total": state.queue.queued_total(),
-            "refused_total": state.queue.refused_total(),
+            "queued_total": state.admission.queued_total(),
+            "refused_total": state.admission.refused_total(),
         },
         "config": {
             "generation": live.generation,
             "last_reload": reload,
         },
-        "cluster": state.cluster.as_ref().map(|c| c.describe()),
+        "cluster": state.admission.shared.as_ref().map(|c| c.describe()),
     }))
 }
 
 pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
-    let u = node.usage.snapshot(now);
+    let u = node.limiter.snapshot(now);
     let h = node.health.snapshot(now);
     let limit = |quota: Option<std::num::NonZeroU64>, used: u64| json!({"limit": quota.map(u64::from), "used": used});
     let remaining = |r: Option<Remaining>| {

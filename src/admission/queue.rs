@@ -1,5 +1,6 @@
-//! Admission: place a request on a node now, or wait in a bounded FIFO
-//! until one has headroom, or refuse with an honest `Retry-After`.
+//! The local waiting room: place a request on a node now, or wait in a
+//! bounded FIFO until one has headroom, or refuse (and say why, for the
+//! refusal policy to word).
 //!
 //! Fast path: while nobody waits, a request is placed directly
 //! ([`Queue::place`]): no queue lock is taken. Once anyone waits, new requests join
@@ -35,21 +36,11 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::GatewayError;
-use crate::limits::{Demand, HeadroomSignal, Limit, Outlook, Reservation};
+use super::refusal::{self, Headroom, Refusal};
+use super::{Booking, Placement};
+use crate::limits::{Demand, HeadroomSignal, Limit, Outlook};
 use crate::selection;
-use crate::state::Live;
-
-/// A request placed on a node.
-#[derive(Debug)]
-pub struct Placement {
-    /// Index into the snapshot's nodes.
-    pub node: usize,
-    pub reservation: Reservation,
-    /// The snapshot `node` indexes, when it is not the one the request
-    /// began with (it waited through a reload).
-    pub rebased: Option<Arc<Live>>,
-}
+use crate::snapshot::{Live, NodeId};
 
 struct Waiter {
     id: u64,
@@ -58,10 +49,10 @@ struct Waiter {
     first_generation: u64,
     /// The model it asked for, to find its candidates again after a reload.
     model: Option<Box<str>>,
-    candidates: Arc<[usize]>,
-    excluded: Vec<usize>,
+    candidates: Arc<[NodeId]>,
+    excluded: Vec<NodeId>,
     demand: Demand,
-    reply: Option<oneshot::Sender<Result<Placement, GatewayError>>>,
+    reply: Option<oneshot::Sender<Result<Placement, Refusal>>>,
 }
 
 /// The waiting requests and the counter that rotates among equal nodes.
@@ -76,7 +67,7 @@ pub struct Queue {
     queued_total: AtomicU64,
     /// Requests refused as saturated (429), since start.
     refused_total: AtomicU64,
-    /// Requests waiting for headroom in the shared windows ([`crate::cluster`]).
+    /// Requests waiting for headroom in the shared windows.
     shared_waiting: AtomicUsize,
 }
 
@@ -90,6 +81,14 @@ pub struct SharedWaiter<'a> {
 impl Drop for SharedWaiter<'_> {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("depth", &self.depth())
+            .finish_non_exhaustive()
     }
 }
 
@@ -131,7 +130,7 @@ impl Queue {
         Some(waiter)
     }
 
-    /// Counts a request refused as saturated outside [`admit`](Self::admit).
+    /// Counts a request refused as saturated.
     pub fn refused(&self) {
         self.refused_total.fetch_add(1, Ordering::Relaxed);
     }
@@ -146,34 +145,17 @@ impl Queue {
         self.refused_total.load(Ordering::Relaxed)
     }
 
-    /// Places the request for `model` now, waits for headroom, or refuses it.
+    /// Places the request for `model` now, waits for headroom, or says
+    /// why not.
     pub async fn admit(
         &self,
         live: &Arc<Live>,
         model: Option<&str>,
-        candidates: &Arc<[usize]>,
-        excluded: &[usize],
+        candidates: &Arc<[NodeId]>,
         demand: Demand,
         deadline: Instant,
-    ) -> Result<Placement, GatewayError> {
-        let admitted = self
-            .admit_or_wait(live, model, candidates, excluded, demand, deadline)
-            .await;
-        if let Err(GatewayError::Saturated { .. }) = admitted {
-            self.refused_total.fetch_add(1, Ordering::Relaxed);
-        }
-        admitted
-    }
-
-    async fn admit_or_wait(
-        &self,
-        live: &Arc<Live>,
-        model: Option<&str>,
-        candidates: &Arc<[usize]>,
-        excluded: &[usize],
-        demand: Demand,
-        deadline: Instant,
-    ) -> Result<Placement, GatewayError> {
+    ) -> Result<Placement, Refusal> {
+        let excluded: &[NodeId] = &[];
         if self.depth() == 0
             && let Some(placed) = self.place(live, candidates, excluded, demand, Instant::now())
         {
@@ -182,23 +164,17 @@ impl Queue {
 
         let now = Instant::now();
         let max_wait = live.config.queue.max_wait;
-        let retry_after = match combined_outlook(live, candidates, excluded, demand, now) {
-            Combined::Never(err) => return Err(err),
-            Combined::OutOfRotation(retry_after) => {
-                return Err(GatewayError::NoHealthyNode { retry_after });
+        let headroom = match combined_outlook(live, candidates, excluded, demand, now) {
+            Err(refusal) => return Err(refusal),
+            Ok(Some(at)) if at > now + max_wait => {
+                return Err(Refusal::Saturated(Headroom::at(Some(at), now)));
             }
-            Combined::At(at) if at > now + max_wait => {
-                return Err(GatewayError::Saturated {
-                    retry_after: at - now,
-                });
-            }
-            Combined::At(at) => at - now,
-            Combined::Soon => Duration::from_secs(1),
+            Ok(at) => Headroom::at(at, now),
         };
         let (guard, placed) = {
             let mut waiters = self.waiters.lock();
             if waiters.len() >= live.config.queue.max_depth {
-                return Err(GatewayError::Saturated { retry_after });
+                return Err(Refusal::Saturated(headroom));
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (reply, placed) = oneshot::channel();
@@ -223,18 +199,11 @@ impl Queue {
         drop(guard);
         match outcome {
             Ok(Ok(placed)) => placed,
-            Ok(Err(_)) => Err(GatewayError::ShuttingDown),
+            Ok(Err(_)) => Err(Refusal::ShuttingDown),
             Err(_elapsed) => {
                 let now = Instant::now();
-                let retry_after = match combined_outlook(live, candidates, excluded, demand, now) {
-                    Combined::At(at) => at.saturating_duration_since(now),
-                    Combined::Never(err) => return Err(err),
-                    Combined::OutOfRotation(retry_after) => {
-                        return Err(GatewayError::NoHealthyNode { retry_after });
-                    }
-                    Combined::Soon => Duration::from_secs(1),
-                };
-                Err(GatewayError::Saturated { retry_after })
+                let at = combined_outlook(live, candidates, excluded, demand, now)?;
+                Err(Refusal::Saturated(Headroom::at(at, now)))
             }
         }
     }
@@ -243,8 +212,8 @@ impl Queue {
     pub fn place(
         &self,
         live: &Live,
-        candidates: &[usize],
-        excluded: &[usize],
+        candidates: &[NodeId],
+        excluded: &[NodeId],
         demand: Demand,
         now: Instant,
     ) -> Option<Placement> {
@@ -286,18 +255,19 @@ impl Queue {
                         // Only a first attempt queues: nothing was tried yet.
                         waiter.excluded.clear();
                     }
-                    Err(err) => {
+                    Err(_) => {
                         // The reload took its model away.
-                        let _ = reply.send(Err(err));
+                        let model = waiter.model.as_deref().unwrap_or_default().to_owned();
+                        let _ = reply.send(Err(Refusal::ModelGone(model)));
                         return false;
                     }
                 }
             }
             let live = &waiter.live;
-            let is_open = |i: &usize| {
-                !waiter.excluded.contains(i) && !blocked.contains(&live.nodes[*i].usage.id())
+            let is_open = |id: &NodeId| {
+                !waiter.excluded.contains(id) && !blocked.contains(&live.node(*id).limiter.id())
             };
-            let open: Vec<usize> = waiter.candidates.iter().copied().filter(is_open).collect();
+            let open: Vec<NodeId> = waiter.candidates.iter().copied().filter(is_open).collect();
             if !open.is_empty()
                 && let Some(mut placement) = self.place(live, &open, &[], waiter.demand, now)
             {
@@ -308,9 +278,10 @@ impl Queue {
                 let _ = reply.send(Ok(placement));
                 return false;
             }
-            for &i in waiter.candidates.iter() {
-                blocked.push(live.nodes[i].usage.id());
-                if let Outlook::At(at) = live.nodes[i].usage.outlook(waiter.demand, now) {
+            for &id in waiter.candidates.iter() {
+                let limiter = &live.node(id).limiter;
+                blocked.push(limiter.id());
+                if let Outlook::At(at) = limiter.outlook(waiter.demand, now) {
                     next_slide = Some(next_slide.map_or(at, |t| t.min(at)));
                 }
             }
@@ -341,33 +312,33 @@ impl Drop for WaiterGuard<'_> {
 
 fn place_with(
     live: &Live,
-    candidates: &[usize],
-    excluded: &[usize],
+    candidates: &[NodeId],
+    excluded: &[NodeId],
     demand: Demand,
     now: Instant,
     rotation: usize,
 ) -> Option<Placement> {
     // Another request may take the chosen node's last headroom between the
     // look and the reservation; then that node is skipped and we choose again.
-    let mut lost_race: Vec<usize> = Vec::new();
+    let mut lost_race: Vec<NodeId> = Vec::new();
     loop {
         let eligible = candidates
             .iter()
             .copied()
-            .filter(|i| !excluded.contains(i) && !lost_race.contains(i))
-            .filter(|&i| live.nodes[i].health.in_rotation())
-            .filter_map(|i| {
-                live.nodes[i]
-                    .usage
+            .filter(|id| !excluded.contains(id) && !lost_race.contains(id))
+            .filter(|&id| live.node(id).health.in_rotation())
+            .filter_map(|id| {
+                live.node(id)
+                    .limiter
                     .load_if_fits(demand, now)
-                    .map(|l| (i, l))
+                    .map(|load| (id, load))
             });
-        let node = selection::choose(eligible, rotation, live.nodes.len())?;
-        match live.nodes[node].usage.try_reserve(demand, now) {
+        let node = selection::choose(eligible, rotation, live.node_count())?;
+        match live.node(node).limiter.try_reserve(demand, now) {
             Some(reservation) => {
                 return Some(Placement {
                     node,
-                    reservation,
+                    booking: Booking::local(reservation),
                     rebased: None,
                 });
             }
@@ -376,75 +347,44 @@ fn place_with(
     }
 }
 
-enum Combined {
-    /// Headroom by this instant at the latest (the earliest over nodes).
-    At(Instant),
-    /// Headroom when a request in flight finishes: soon, but unknown.
-    Soon,
-    Never(GatewayError),
-    /// Every candidate is out of rotation (unhealthy, ejected, key refused
-    /// or removed); one may be back after this long.
-    OutOfRotation(Duration),
-}
-
-/// The `Retry-After` when no candidate is in rotation and none says when
-/// it may be back (a refused key waits for a reload).
-const OUT_OF_ROTATION_RETRY: Duration = Duration::from_secs(5);
-
+/// When the request could be placed, looking at every candidate not
+/// excluded: `Ok(Some(at))` by that instant at the latest, `Ok(None)` when
+/// a request in flight ends; or why it never can be (too large, nothing in
+/// rotation).
 fn combined_outlook(
     live: &Live,
-    candidates: &[usize],
-    excluded: &[usize],
+    candidates: &[NodeId],
+    excluded: &[NodeId],
     demand: Demand,
     now: Instant,
-) -> Combined {
+) -> Result<Option<Instant>, Refusal> {
+    if let Some(refusal) = refusal::out_of_rotation(live, candidates, excluded, now) {
+        return Err(refusal);
+    }
     let mut earliest: Option<Instant> = None;
-    let mut soon = false;
+    let mut on_release = false;
     let mut never: Option<Limit> = None;
-    let mut back_in: Option<Duration> = None;
-    let mut out_of_rotation = false;
-    for &i in candidates.iter().filter(|i| !excluded.contains(i)) {
-        let node = &live.nodes[i];
+    let mut retired = false;
+    for &id in candidates.iter().filter(|id| !excluded.contains(id)) {
+        let node = live.node(id);
         if !node.health.in_rotation() {
-            out_of_rotation = true;
-            if let Some(d) = node.health.back_in(now, &live.config.health) {
-                back_in = Some(back_in.map_or(d, |t| t.min(d)));
-            }
             continue;
         }
-        match node.usage.outlook(demand, now) {
+        match node.limiter.outlook(demand, now) {
             Outlook::Now => earliest = Some(now),
             Outlook::At(at) => earliest = Some(earliest.map_or(at, |t| t.min(at))),
-            Outlook::OnRelease => soon = true,
+            Outlook::OnRelease => on_release = true,
             Outlook::Never(limit) => never = never.or(Some(limit)),
-            Outlook::Retired => out_of_rotation = true,
+            // Removed by a reload: out of rotation for good.
+            Outlook::Retired => retired = true,
         }
     }
-    match (earliest, soon, never) {
-        (Some(at), _, _) => Combined::At(at),
-        (None, true, _) => Combined::Soon,
-        (None, false, Some(limit)) => Combined::Never(too_large(live, candidates, limit, demand)),
-        (None, false, None) if out_of_rotation => Combined::OutOfRotation(
-            back_in
-                .filter(|d| !d.is_zero())
-                .unwrap_or(OUT_OF_ROTATION_RETRY),
-        ),
+    match (earliest, on_release, never) {
+        (Some(at), _, _) => Ok(Some(at)),
+        (None, true, _) => Ok(None),
+        (None, false, Some(limit)) => Err(refusal::too_large(live, candidates, limit, demand)),
+        (None, false, None) if retired => Err(Refusal::OutOfRotation(None)),
         // No candidate left at all (every one excluded): as good as saturated.
-        (None, false, None) => Combined::Soon,
+        (None, false, None) => Ok(None),
     }
-}
-
-pub(crate) fn too_large(
-    live: &Live,
-    candidates: &[usize],
-    limit: Limit,
-    demand: Demand,
-) -> GatewayError {
-    let now = Instant::now();
-    let largest = candidates
-        .iter()
-        .filter_map(|&i| live.nodes[i].usage.snapshot(now).quota.of(limit))
-        .max()
-        .unwrap_or(0);
-    GatewayError::request_too_large(limit, demand.of(limit), largest)
 }

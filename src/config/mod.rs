@@ -1,0 +1,419 @@
+//! Configuration: the `Balancer.toml` contract, its defaults, and validation.
+//!
+//! Loading happens in two steps. [`load`] merges the TOML file with
+//! `BALANCER_*` environment overrides (figment; `__` separates levels) into
+//! the raw serde structs of [`raw`], which reject unknown fields and hold
+//! every default. [`validate`] then turns the raw form into a [`Config`]
+//! that cannot hold an invalid state: every limit is non-zero, every URL
+//! parses, every key was read. The rest of the crate sees only the
+//! validated types below; [`render`] prints one back as TOML.
+//!
+//! Invariants:
+//! - A key is a [`secrecy`] type from the moment it is read (env var, file or
+//!   literal; see [`crate::keys`]). Nothing here implements `Serialize`;
+//!   [`Config::render`] prints keys as `[redacted]`.
+//! - Every validation message starts with the field path, e.g.
+//!   `nodes[1].rpm: must be greater than 0`, and never quotes the value of
+//!   a secret field.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::keys::{ClientKey, NodeKey};
+use crate::limits::{ClientLimits, Quota};
+
+mod raw;
+mod render;
+mod validate;
+
+pub const DEFAULT_CONFIG_PATH: &str = "./Balancer.toml";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The pid file's name when `server.pid_file` is not set; it sits beside the
+/// config file, so `balancer reload --config X` finds the gateway started
+/// with `--config X`.
+pub const DEFAULT_PID_FILE: &str = "balancer.pid";
+/// The environment variable that names the config file (a path, not an override).
+pub const CONFIG_PATH_ENV: &str = "BALANCER_CONFIG";
+const ENV_PREFIX: &str = "BALANCER_";
+
+/// A validated configuration: every field holds a usable value.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub accounting: AccountingSettings,
+    pub queue: QueueSettings,
+    pub retry: RetrySettings,
+    pub health: HealthSettings,
+    /// Gateway keys clients must present; empty (and no `clients`) means
+    /// an open gateway.
+    pub client_keys: Vec<ClientKey>,
+    /// Clients with their own key, limits and models (`[[clients]]`).
+    pub clients: Vec<ClientConfig>,
+    /// Read at start-up only.
+    pub store: StoreSettings,
+    /// Read at start-up only.
+    pub admin: AdminSettings,
+    /// Read at start-up only.
+    pub log: LogSettings,
+    /// Shared limits; `None` keeps them in this process. Start-up only.
+    pub cluster: Option<ClusterSettings>,
+    /// At least one.
+    pub nodes: Vec<NodeConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: NonZeroUsize,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// Where `serve` writes its pid for `balancer reload` and `balancer
+    /// stop`; relative paths are beside the config file. Read at start-up.
+    pub pid_file: Option<PathBuf>,
+    /// Reload by itself when the config file or a key file changes.
+    pub watch_config: bool,
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+}
+
+/// `[accounting]`
+#[derive(Debug, Clone)]
+pub struct AccountingSettings {
+    pub default_completion_tokens: u64,
+}
+
+/// `[queue]`
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    pub max_wait: Duration,
+    /// 0 refuses every request that would have to wait.
+    pub max_depth: usize,
+}
+
+/// `[retry]`
+#[derive(Debug, Clone)]
+pub struct RetrySettings {
+    /// Further attempts after the first; 0 never retries.
+    pub attempts: u32,
+}
+
+/// `[health]`: active probes and passive ejection.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// Active probes; passive health (real traffic) always applies.
+    pub enabled: bool,
+    pub interval: Duration,
+    /// Probed as `GET {node url}{path}` with the node's key; starts with `/`.
+    pub path: String,
+    pub timeout: Duration,
+    pub unhealthy_after: NonZeroU32,
+    pub healthy_after: NonZeroU32,
+    pub max_concurrent_probes: NonZeroUsize,
+    pub eject_after: NonZeroU32,
+    pub eject_backoff: Duration,
+    /// Never less than `eject_backoff`.
+    pub eject_backoff_max: Duration,
+    pub quota_exhausted_cooldown: Duration,
+}
+
+impl Default for HealthSettings {
+    /// The defaults of `[health]`, as an empty table gives them.
+    fn default() -> Self {
+        validate::health(raw::RawHealth::default(), &mut Vec::new())
+    }
+}
+
+/// `[store]`: where clients and their usage are kept.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// `sqlite://<path>` or `postgres://...`; secret, as it may hold a password.
+    pub url: SecretString,
+    pub cache_ttl: Duration,
+    pub usage_flush_interval: Duration,
+}
+
+/// `[admin]`: the admin API's listener and bearer token.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    /// From `admin.token_env`; `None` turns the admin API off. Compared in
+    /// constant time, like a client key.
+    pub token: Option<ClientKey>,
+}
+
+/// `[log]`: how log lines are written; the level comes from `RUST_LOG`.
+/// Read at start-up only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, its fields at the top level.
+    Json,
+}
+
+impl LogFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// `[cluster]`, validated. Read at start-up only.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// `redis://...`; secret, as it may hold a password.
+    pub redis_url: SecretString,
+    pub on_redis_error: OnRedisError,
+    /// Namespaces the keys, so gateways of different teams can share a Redis.
+    pub key_prefix: String,
+    pub timeout: Duration,
+}
+
+/// `cluster.on_redis_error`: what to do while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    /// Admit by this replica's own windows (availability over exactness).
+    #[default]
+    Local,
+    /// Answer 503 `cluster_unavailable` (exactness over availability).
+    Reject,
+}
+
+impl OnRedisError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnRedisError::Local => "local",
+            OnRedisError::Reject => "reject",
+        }
+    }
+}
+
+/// One upstream deployment and its quota.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: Arc<str>,
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:9001/v1`.
+    pub url: Arc<str>,
+    pub key: NodeKey,
+    /// `None` serves any model; never an empty list.
+    pub models: Option<Vec<String>>,
+    pub quota: Quota,
+    pub ca_file: Option<PathBuf>,
+    /// Where the key was read from, when from a file: reload watches it.
+    pub key_file: Option<PathBuf>,
+}
+
+/// A client declared in the config: its own gateway key and limits.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: Arc<str>,
+    pub key: ClientKey,
+    pub limits: ClientLimits,
+    /// `None` may use every model; never an empty list.
+    pub models: Option<Vec<String>>,
+    pub enabled: bool,
+}
+
+/// What is wrong with a client's `models` list, if anything.
+pub fn models_problem(models: &[String]) -> Option<&'static str> {
+    (models.is_empty() || models.iter().any(|m| m.trim().is_empty()))
+        .then_some("must list model names; leave it out to allow every model")
+}
+
+/// Everything wrong with a configuration, one line per problem.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problems.join("\n"))
+    }
+}
+
+impl ConfigError {
+    fn one(problem: impl Into<String>) -> Self {
+        Self {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+/// Where a literal key or other soft problem deserves a warning at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Warnings(pub Vec<String>);
+
+impl Config {
+    /// The files whose change should reload this config: every key file
+    /// and CA bundle it reads.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.key_file.iter().chain(n.ca_file.iter()))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Reads `path`, applies `BALANCER_*` overrides, and validates.
+pub fn load(path: &Path) -> Result<(Config, Warnings), ConfigError> {
+    load_with(path, &|var| std::env::var(var).ok())
+}
+
+/// [`load`], with `env` resolving the variables that hold keys.
+pub fn load_with(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Warnings), ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::one(format!(
+            "{}: config file not found",
+            path.display()
+        )));
+    }
+    let figment = Figment::from(Toml::file(path)).merge(env_overrides());
+    validate::from_figment(figment, env)
+}
+
+/// Validates TOML text with `env` resolving `api_key_env` / `client_keys_env`
+/// names (no `BALANCER_*` overrides). Used by tests and the demo.
+pub fn from_toml_str(
+    toml: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Warnings), ConfigError> {
+    validate::from_figment(Figment::from(Toml::string(toml)), env)
+}
+
+/// `BALANCER_<SECTION>__<FIELD>` variables. Only names with `__` are
+/// settings: `BALANCER_CONFIG` names the file, and a variable a config
+/// names for a secret may well start with `BALANCER_` too (the shipped
+/// config's `BALANCER_ADMIN_TOKEN`).
+fn env_overrides() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .filter(|key| key.as_str().contains("__"))
+        .split("__")
+}
+
+/// The pid file of the gateway started with the config at `config_path`:
+/// `server.pid_file` (relative to the config's directory), else
+/// `balancer.pid` beside it.
+pub fn pid_file_for(config_path: &Path, configured: Option<&Path>) -> PathBuf {
+    let dir = config_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match configured {
+        Some(path) if path.is_absolute() => path.to_owned(),
+        Some(path) => dir.join(path),
+        None => dir.join(DEFAULT_PID_FILE),
+    }
+}
+
+/// One setting (`"server.listen"`) as the file at `config_path` and the
+/// `BALANCER_*` overrides set it, read alone: it works even when the rest
+/// of the file is invalid (`balancer reload` must report that). `None` when
+/// it is absent or cannot be read.
+fn configured<T: serde::de::DeserializeOwned>(config_path: &Path, key: &str) -> Option<T> {
+    Figment::from(Toml::file(config_path))
+        .merge(env_overrides())
+        .extract_inner(key)
+        .ok()
+}
+
+/// `server.pid_file` as the file at `config_path` sets it, if it can be read.
+pub fn configured_pid_file(config_path: &Path) -> Option<PathBuf> {
+    configured(config_path, "server.pid_file")
+}
+
+/// `server.listen` as the config at `config_path` sets it, else the default.
+pub fn configured_listen(config_path: &Path) -> SocketAddr {
+    configured(config_path, "server.listen").unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080)))
+}
+
+/// `log.format` as the config at `config_path` sets it, read before
+/// logging starts; text when it cannot be read (the full load then
+/// reports why).
+pub fn configured_log_format(config_path: &Path) -> LogFormat {
+    configured(config_path, "log.format").unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str =
+        "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
+
+    fn env(var: &str) -> Option<String> {
+        (var == "KEY_A").then(|| "sk-a-secret".to_owned())
+    }
+
+    #[test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment::Jail's closure returns figment::Error"
+    )]
+    fn only_section_field_variables_override_settings() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("Balancer.toml", NODE)?;
+            // A secret the config names, not a setting.
+            jail.set_env("BALANCER_ADMIN_TOKEN", "admin-token-0123456789");
+            jail.set_env("BALANCER_QUEUE__MAX_WAIT", "2s");
+            jail.set_env("BALANCER_LOG__FORMAT", "json");
+            let (config, _) =
+                load_with(Path::new("Balancer.toml"), &env).map_err(|e| e.problems.join("; "))?;
+            assert_eq!(config.queue.max_wait, Duration::from_secs(2));
+            assert_eq!(config.log.format, LogFormat::Json);
+            assert_eq!(
+                configured_log_format(Path::new("Balancer.toml")),
+                LogFormat::Json
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_pid_file_sits_beside_the_config_unless_placed() {
+        let config = Path::new("/etc/balancer/Balancer.toml");
+        assert_eq!(
+            pid_file_for(config, None),
+            Path::new("/etc/balancer/balancer.pid")
+        );
+        assert_eq!(
+            pid_file_for(config, Some(Path::new("run/b.pid"))),
+            Path::new("/etc/balancer/run/b.pid")
+        );
+        assert_eq!(
+            pid_file_for(Path::new("Balancer.toml"), None),
+            Path::new("./balancer.pid")
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! The raw form of `Balancer.toml`: what serde reads, field for field,
+//! with every default in one place. Every table rejects unknown fields, so
+//! a typo is an error naming its path, not a setting silently ignored.
+//!
+//! Nothing here is used past validation ([`super::validate`]): the rest of
+//! the crate sees only the validated types of [`super`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{LogFormat, OnRedisError};
+
+/// 10 MiB: large enough for long chat histories and small file uploads.
+pub(super) const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+/// Long generations from reasoning models can take minutes.
+pub(super) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+pub(super) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub(super) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
+/// What a request that names no `max_tokens` reserves for its completion.
+pub(super) const DEFAULT_COMPLETION_TOKENS: u64 = 1024;
+pub(super) const DEFAULT_QUEUE_MAX_WAIT: Duration = Duration::from_secs(5);
+pub(super) const DEFAULT_QUEUE_MAX_DEPTH: usize = 1024;
+pub(super) const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+/// Often enough to take a dead node out within seconds, rare enough to be
+/// noise to the upstream (one `GET /models` per node).
+pub(super) const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub(super) const DEFAULT_HEALTH_PATH: &str = "/models";
+pub(super) const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
+pub(super) const DEFAULT_HEALTHY_AFTER: u32 = 2;
+pub(super) const DEFAULT_MAX_CONCURRENT_PROBES: usize = 8;
+/// Consecutive failed requests (connect error, timeout, 5xx) that eject a node.
+pub(super) const DEFAULT_EJECT_AFTER: u32 = 3;
+/// The first re-probe after an ejection; each further ejection in a row
+/// doubles it, up to the maximum.
+pub(super) const DEFAULT_EJECT_BACKOFF: Duration = Duration::from_secs(1);
+pub(super) const DEFAULT_EJECT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How long a node whose quota is exhausted (`insufficient_quota`) rests when
+/// the upstream gives no reset time: billing quotas do not refill by the minute.
+pub(super) const DEFAULT_QUOTA_EXHAUSTED_COOLDOWN: Duration = Duration::from_secs(3600);
+/// Embedded SQLite beside the config file: created and migrated at start-up.
+pub(super) const DEFAULT_STORE_URL: &str = "sqlite://balancer.db";
+/// How long a key lookup is cached. Changes made through this gateway's
+/// admin API apply at once; this bounds how late another replica's arrive.
+pub(super) const DEFAULT_CLIENT_CACHE_TTL: Duration = Duration::from_secs(5);
+/// Usage is written in one batch this often, off the request path.
+pub(super) const DEFAULT_USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one call to Redis may take before it counts as unreachable: a
+/// healthy Redis on the same network answers in about a millisecond.
+pub(super) const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawConfig {
+    pub(super) server: RawServer,
+    pub(super) upstream: RawUpstream,
+    pub(super) accounting: RawAccounting,
+    pub(super) queue: RawQueue,
+    pub(super) retry: RawRetry,
+    pub(super) health: RawHealth,
+    pub(super) auth: RawAuth,
+    pub(super) store: RawStore,
+    pub(super) admin: RawAdmin,
+    pub(super) log: RawLog,
+    pub(super) cluster: Option<RawCluster>,
+    pub(super) clients: Vec<RawClient>,
+    pub(super) nodes: Vec<RawNode>,
+}
+
+/// `[server]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawServer {
+    pub(super) listen: SocketAddr,
+    pub(super) max_body_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub(super) request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(super) shutdown_grace: Duration,
+    pub(super) pid_file: Option<PathBuf>,
+    pub(super) watch_config: bool,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            pid_file: None,
+            watch_config: true,
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawUpstream {
+    #[serde(with = "humantime_serde")]
+    pub(super) connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(super) first_byte_timeout: Duration,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
+        }
+    }
+}
+
+/// `[accounting]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAccounting {
+    pub(super) default_completion_tokens: u64,
+}
+
+impl Default for RawAccounting {
+    fn default() -> Self {
+        Self {
+            default_completion_tokens: DEFAULT_COMPLETION_TOKENS,
+        }
+    }
+}
+
+/// `[queue]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawQueue {
+    #[serde(with = "humantime_serde")]
+    pub(super) max_wait: Duration,
+    pub(super) max_depth: usize,
+}
+
+impl Default for RawQueue {
+    fn default() -> Self {
+        Self {
+            max_wait: DEFAULT_QUEUE_MAX_WAIT,
+            max_depth: DEFAULT_QUEUE_MAX_DEPTH,
+        }
+    }
+}
+
+/// `[retry]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRetry {
+    pub(super) attempts: u32,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        Self {
+            attempts: DEFAULT_RETRY_ATTEMPTS,
+        }
+    }
+}
+
+/// `[health]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawHealth {
+    pub(super) enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub(super) interval: Duration,
+    pub(super) path: String,
+    #[serde(with = "humantime_serde")]
+    pub(super) timeout: Duration,
+    pub(super) unhealthy_after: u32,
+    pub(super) healthy_after: u32,
+    pub(super) max_concurrent_probes: usize,
+    pub(super) eject_after: u32,
+    #[serde(with = "humantime_serde")]
+    pub(super) eject_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(super) eject_backoff_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(super) quota_exhausted_cooldown: Duration,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: DEFAULT_HEALTH_INTERVAL,
+            path: DEFAULT_HEALTH_PATH.to_owned(),
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            unhealthy_after: DEFAULT_UNHEALTHY_AFTER,
+            healthy_after: DEFAULT_HEALTHY_AFTER,
+            max_concurrent_probes: DEFAULT_MAX_CONCURRENT_PROBES,
+            eject_after: DEFAULT_EJECT_AFTER,
+            eject_backoff: DEFAULT_EJECT_BACKOFF,
+            eject_backoff_max: DEFAULT_EJECT_BACKOFF_MAX,
+            quota_exhausted_cooldown: DEFAULT_QUOTA_EXHAUSTED_COOLDOWN,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAuth {
+    pub(super) client_keys_env: Vec<String>,
+}
+
+/// `[store]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawStore {
+    pub(super) url: String,
+    #[serde(with = "humantime_serde")]
+    pub(super) cache_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(super) usage_flush_interval: Duration,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_STORE_URL.to_owned(),
+            cache_ttl: DEFAULT_CLIENT_CACHE_TTL,
+            usage_flush_interval: DEFAULT_USAGE_FLUSH_INTERVAL,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAdmin {
+    pub(super) listen: SocketAddr,
+    pub(super) token_env: Option<String>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            token_env: None,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLog {
+    pub(super) format: LogFormat,
+}
+
+/// `[cluster]`: limits shared with other replicas through Redis.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) redis_url: String,
+    #[serde(default)]
+    pub(super) on_redis_error: OnRedisError,
+    #[serde(default = "default_key_prefix")]
+    pub(super) key_prefix: String,
+    #[serde(default = "default_redis_timeout", with = "humantime_serde")]
+    pub(super) timeout: Duration,
+}
+
+fn default_key_prefix() -> String {
+    "balancer".to_owned()
+}
+
+fn default_redis_timeout() -> Duration {
+    DEFAULT_REDIS_TIMEOUT
+}
+
+/// `[[clients]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClient {
+    pub(super) name: String,
+    pub(super) key_env: String,
+    pub(super) rpm: Option<u64>,
+    pub(super) tpm: Option<u64>,
+    pub(super) burst: Option<u64>,
+    pub(super) rate_per_second: Option<f64>,
+    pub(super) models: Option<Vec<String>>,
+    #[serde(default = "enabled_by_default")]
+    pub(super) enabled: bool,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+/// `[[nodes]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNode {
+    pub(super) name: String,
+    pub(super) url: String,
+    pub(super) api_key_env: Option<String>,
+    pub(super) api_key_file: Option<PathBuf>,
+    pub(super) api_key: Option<String>,
+    pub(super) models: Option<Vec<String>>,
+    pub(super) rpm: Option<u64>,
+    pub(super) tpm: Option<u64>,
+    pub(super) bpm: Option<u64>,
+    pub(super) max_concurrency: Option<u64>,
+    pub(super) ca_file: Option<PathBuf>,
+}

@@ -1,0 +1,749 @@
+//! From the raw form to the validated [`Config`]: every problem found is
+//! collected (one line each, starting with the field's path), so a broken
+//! file is reported whole, not one typo per run.
+//!
+//! A message names the field, the variable or the file at fault, never the
+//! value of a secret field (a key, a token, a URL that may hold a
+//! password).
+
+use std::fmt::Write as _;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::sync::Arc;
+
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::raw::{
+    RawAdmin, RawClient, RawCluster, RawConfig, RawHealth, RawNode, RawServer, RawStore,
+};
+use super::{
+    AccountingSettings, AdminSettings, ClientConfig, ClusterSettings, Config, ConfigError,
+    HealthSettings, LogSettings, NodeConfig, QueueSettings, RetrySettings, ServerSettings,
+    StoreSettings, UpstreamSettings, Warnings, models_problem,
+};
+use crate::keys::{ClientKey, NodeKey};
+use crate::limits::{ClientLimits, Quota};
+
+/// Extracts the raw form from `figment` and validates it.
+pub(super) fn from_figment(
+    figment: Figment,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Warnings), ConfigError> {
+    let raw: RawConfig = figment.extract().map_err(|err| ConfigError {
+        problems: err
+            .into_iter()
+            .map(|e| describe_figment_error(&e))
+            .collect(),
+    })?;
+    validate(raw, env)
+}
+
+fn describe_figment_error(err: &figment::Error) -> String {
+    let mut path = String::new();
+    for segment in &err.path {
+        if segment.chars().all(|c| c.is_ascii_digit()) {
+            let _ = write!(path, "[{segment}]");
+        } else {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(segment);
+        }
+    }
+    let source = err
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    if path.is_empty() {
+        format!("config: {}{source}", err.kind)
+    } else {
+        format!("{path}: {}{source}", err.kind)
+    }
+}
+
+fn validate(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Warnings), ConfigError> {
+    let mut problems = Vec::new();
+    let mut warnings = Warnings::default();
+
+    let server = server(raw.server, &mut problems);
+    let upstream = UpstreamSettings {
+        connect_timeout: positive(
+            "upstream.connect_timeout",
+            raw.upstream.connect_timeout,
+            &mut problems,
+        ),
+        first_byte_timeout: positive(
+            "upstream.first_byte_timeout",
+            raw.upstream.first_byte_timeout,
+            &mut problems,
+        ),
+    };
+    let health = health(raw.health, &mut problems);
+    let client_keys = client_keys(&raw.auth.client_keys_env, env, &mut problems);
+    let clients = validate_clients(raw.clients, env, &mut problems);
+    let store = validate_store(raw.store, &mut problems);
+    let admin = validate_admin(raw.admin, server.listen, env, &mut problems);
+    let cluster = raw.cluster.and_then(|c| validate_cluster(c, &mut problems));
+
+    if raw.nodes.is_empty() {
+        problems.push("nodes: at least one [[nodes]] entry is required".to_owned());
+    }
+    let mut nodes = Vec::with_capacity(raw.nodes.len());
+    for (i, node) in raw.nodes.into_iter().enumerate() {
+        if let Some(node) = validate_node(i, node, env, &mut problems, &mut warnings) {
+            if nodes.iter().any(|n: &NodeConfig| n.name == node.name) {
+                problems.push(format!(
+                    "nodes[{i}].name: duplicate node name \"{}\"",
+                    node.name
+                ));
+            }
+            nodes.push(node);
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(ConfigError { problems });
+    }
+    Ok((
+        Config {
+            server,
+            upstream,
+            accounting: AccountingSettings {
+                default_completion_tokens: raw.accounting.default_completion_tokens,
+            },
+            queue: QueueSettings {
+                max_wait: raw.queue.max_wait,
+                max_depth: raw.queue.max_depth,
+            },
+            retry: RetrySettings {
+                attempts: raw.retry.attempts,
+            },
+            health,
+            client_keys,
+            clients,
+            store,
+            admin,
+            log: LogSettings {
+                format: raw.log.format,
+            },
+            cluster,
+            nodes,
+        },
+        warnings,
+    ))
+}
+
+/// `value`, with a problem noted under `field` when it is zero.
+fn positive(
+    field: &str,
+    value: std::time::Duration,
+    problems: &mut Vec<String>,
+) -> std::time::Duration {
+    if value.is_zero() {
+        problems.push(format!("{field}: must be greater than 0"));
+    }
+    value
+}
+
+/// A count that must not be zero; 1 stands in (with a problem noted) so
+/// validation can go on and report everything.
+fn count_u32(field: &str, value: u32, problems: &mut Vec<String>) -> NonZeroU32 {
+    NonZeroU32::new(value).unwrap_or_else(|| {
+        problems.push(format!("{field}: must be greater than 0"));
+        NonZeroU32::MIN
+    })
+}
+
+fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerSettings {
+    let max_body_bytes = NonZeroUsize::new(raw.max_body_bytes).unwrap_or_else(|| {
+        problems.push("server.max_body_bytes: must be greater than 0".to_owned());
+        NonZeroUsize::MIN
+    });
+    ServerSettings {
+        listen: raw.listen,
+        max_body_bytes,
+        request_timeout: positive("server.request_timeout", raw.request_timeout, problems),
+        shutdown_grace: raw.shutdown_grace,
+        pid_file: raw.pid_file,
+        watch_config: raw.watch_config,
+    }
+}
+
+pub(super) fn health(raw: RawHealth, problems: &mut Vec<String>) -> HealthSettings {
+    let settings = HealthSettings {
+        enabled: raw.enabled,
+        interval: positive("health.interval", raw.interval, problems),
+        timeout: positive("health.timeout", raw.timeout, problems),
+        eject_backoff: positive("health.eject_backoff", raw.eject_backoff, problems),
+        eject_backoff_max: positive("health.eject_backoff_max", raw.eject_backoff_max, problems),
+        quota_exhausted_cooldown: positive(
+            "health.quota_exhausted_cooldown",
+            raw.quota_exhausted_cooldown,
+            problems,
+        ),
+        unhealthy_after: count_u32("health.unhealthy_after", raw.unhealthy_after, problems),
+        healthy_after: count_u32("health.healthy_after", raw.healthy_after, problems),
+        eject_after: count_u32("health.eject_after", raw.eject_after, problems),
+        max_concurrent_probes: NonZeroUsize::new(raw.max_concurrent_probes).unwrap_or_else(|| {
+            problems.push("health.max_concurrent_probes: must be greater than 0".to_owned());
+            NonZeroUsize::MIN
+        }),
+        path: raw.path,
+    };
+    if !settings.path.starts_with('/') {
+        problems.push(format!(
+            "health.path: must start with '/', found \"{}\"",
+            settings.path
+        ));
+    }
+    if settings.eject_backoff_max < settings.eject_backoff {
+        problems.push(
+            "health.eject_backoff_max: must not be less than health.eject_backoff".to_owned(),
+        );
+    }
+    settings
+}
+
+fn client_keys(
+    vars: &[String],
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Vec<ClientKey> {
+    let mut keys = Vec::new();
+    for (i, var) in vars.iter().enumerate() {
+        match env(var).filter(|v| !v.trim().is_empty()) {
+            Some(value) => keys.push(ClientKey::new(SecretString::from(value))),
+            None => problems.push(format!(
+                "auth.client_keys_env[{i}]: environment variable {var} is not set or empty"
+            )),
+        }
+    }
+    keys
+}
+
+fn validate_cluster(raw: RawCluster, problems: &mut Vec<String>) -> Option<ClusterSettings> {
+    let scheme_ok = raw.redis_url.starts_with("redis://");
+    if raw.redis_url.starts_with("rediss://") {
+        problems.push(
+            "cluster.redis_url: TLS to Redis (rediss://) is not supported yet; use redis:// on a private network"
+                .to_owned(),
+        );
+    } else if !scheme_ok {
+        problems.push("cluster.redis_url: must start with redis://".to_owned());
+    }
+    if raw.key_prefix.is_empty() || raw.key_prefix.contains(char::is_whitespace) {
+        problems.push("cluster.key_prefix: must be non-empty, without spaces".to_owned());
+    }
+    if raw.timeout.is_zero() {
+        problems.push("cluster.timeout: must be greater than 0".to_owned());
+    }
+    scheme_ok.then(|| ClusterSettings {
+        redis_url: SecretString::from(raw.redis_url),
+        on_redis_error: raw.on_redis_error,
+        key_prefix: raw.key_prefix,
+        timeout: raw.timeout,
+    })
+}
+
+fn validate_clients(
+    raw: Vec<RawClient>,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Vec<ClientConfig> {
+    let mut clients: Vec<ClientConfig> = Vec::with_capacity(raw.len());
+    // Every entry's name and key, valid or not, so a duplicate is named
+    // even when its first occurrence has problems of its own.
+    let mut names: Vec<String> = Vec::new();
+    let mut hashes: Vec<[u8; 32]> = Vec::new();
+    for (i, client) in raw.into_iter().enumerate() {
+        let before = problems.len();
+        let at = |field: &str| format!("clients[{i}].{field}");
+        let name = client.name.trim();
+        if name.is_empty() {
+            problems.push(format!("{}: must not be empty", at("name")));
+        } else if names.iter().any(|n| n == name) {
+            problems.push(format!("{}: duplicate client name \"{name}\"", at("name")));
+        }
+        names.push(name.to_owned());
+        let key = match env(&client.key_env).filter(|v| !v.trim().is_empty()) {
+            Some(value) => Some(ClientKey::new(SecretString::from(value.trim().to_owned()))),
+            None => {
+                problems.push(format!(
+                    "{}: environment variable {} is not set or empty",
+                    at("key_env"),
+                    client.key_env
+                ));
+                None
+            }
+        };
+        if let Some(key) = &key {
+            let hash = key.hash();
+            if hashes.contains(&hash) {
+                problems.push(format!("{}: the same key as another client", at("key_env")));
+            }
+            hashes.push(hash);
+        }
+        let limits =
+            ClientLimits::from_parts(client.rpm, client.tpm, client.burst, client.rate_per_second)
+                .map_err(|found| {
+                    for (field, message) in found {
+                        problems.push(format!("{}: {message}", at(field)));
+                    }
+                })
+                .ok();
+        if let Some(message) = client.models.as_deref().and_then(models_problem) {
+            problems.push(format!("{}: {message}", at("models")));
+        }
+        if problems.len() > before {
+            continue;
+        }
+        if let (Some(key), Some(limits)) = (key, limits) {
+            clients.push(ClientConfig {
+                name: Arc::from(name),
+                key,
+                limits,
+                models: client.models,
+                enabled: client.enabled,
+            });
+        }
+    }
+    clients
+}
+
+fn validate_store(raw: RawStore, problems: &mut Vec<String>) -> StoreSettings {
+    let url = raw.url.trim();
+    let known = ["sqlite:", "postgres://", "postgresql://"];
+    if !known.iter().any(|scheme| url.starts_with(scheme)) {
+        // The URL may hold a password: name the field, not the value.
+        problems.push(
+            "store.url: must start with sqlite:// (embedded) or postgres:// (shared)".to_owned(),
+        );
+    }
+    for (field, value) in [
+        ("store.cache_ttl", raw.cache_ttl),
+        ("store.usage_flush_interval", raw.usage_flush_interval),
+    ] {
+        if value.is_zero() {
+            problems.push(format!("{field}: must be greater than 0"));
+        }
+    }
+    StoreSettings {
+        url: SecretString::from(url.to_owned()),
+        cache_ttl: raw.cache_ttl,
+        usage_flush_interval: raw.usage_flush_interval,
+    }
+}
+
+fn validate_admin(
+    raw: RawAdmin,
+    server_listen: std::net::SocketAddr,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> AdminSettings {
+    if raw.listen == server_listen && raw.listen.port() != 0 {
+        problems.push(format!(
+            "admin.listen: {} is server.listen too; the admin API needs its own",
+            raw.listen
+        ));
+    }
+    let token = raw.token_env.and_then(|var| {
+        match env(&var)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+        {
+            Some(value) if value.len() < 16 => {
+                problems.push(format!(
+                    "admin.token_env: the token in {var} is shorter than 16 characters"
+                ));
+                None
+            }
+            Some(value) => Some(ClientKey::new(SecretString::from(value))),
+            None => {
+                problems.push(format!(
+                    "admin.token_env: environment variable {var} is not set or empty"
+                ));
+                None
+            }
+        }
+    });
+    AdminSettings {
+        listen: raw.listen,
+        token,
+    }
+}
+
+fn validate_node(
+    i: usize,
+    raw: RawNode,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+    warnings: &mut Warnings,
+) -> Option<NodeConfig> {
+    let before = problems.len();
+    let at = |field: &str| format!("nodes[{i}].{field}");
+
+    let name = raw.name.trim();
+    if name.is_empty() {
+        problems.push(format!("{}: must not be empty", at("name")));
+    }
+
+    let url = raw.url.trim_end_matches('/');
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if !matches!(parsed.scheme(), "http" | "https") => problems.push(format!(
+            "{}: scheme must be http or https, found \"{}\"",
+            at("url"),
+            parsed.scheme()
+        )),
+        Ok(parsed) if !parsed.username().is_empty() || parsed.password().is_some() => problems
+            .push(format!(
+                "{}: must not carry credentials; use api_key_env or api_key_file",
+                at("url")
+            )),
+        Ok(parsed) if parsed.query().is_some() || parsed.fragment().is_some() => {
+            problems.push(format!("{}: must not have a query or fragment", at("url")))
+        }
+        Ok(_) => {}
+        Err(err) => problems.push(format!("{}: not a valid URL ({err})", at("url"))),
+    }
+
+    let key = read_node_key(i, &raw, env, problems, warnings);
+
+    if let Some(models) = &raw.models {
+        if models.is_empty() {
+            problems.push(format!(
+                "{}: must not be empty; leave it out to serve any model",
+                at("models")
+            ));
+        }
+        if models.iter().any(|m| m.trim().is_empty()) {
+            problems.push(format!("{}: model names must not be empty", at("models")));
+        }
+    }
+
+    let mut limit = |field: &str, value: Option<u64>| match value {
+        Some(0) => {
+            problems.push(format!("{}: must be greater than 0", at(field)));
+            None
+        }
+        other => other.and_then(NonZeroU64::new),
+    };
+    let quota = Quota {
+        rpm: limit("rpm", raw.rpm),
+        tpm: limit("tpm", raw.tpm),
+        bpm: limit("bpm", raw.bpm),
+        max_concurrency: limit("max_concurrency", raw.max_concurrency),
+    };
+
+    if let Some(ca) = &raw.ca_file
+        && !ca.is_file()
+    {
+        problems.push(format!(
+            "{}: file {} not found",
+            at("ca_file"),
+            ca.display()
+        ));
+    }
+
+    if problems.len() > before {
+        return None;
+    }
+    Some(NodeConfig {
+        name: Arc::from(name),
+        url: Arc::from(url),
+        key: key?,
+        models: raw.models,
+        quota,
+        ca_file: raw.ca_file,
+        key_file: raw.api_key_file,
+    })
+}
+
+fn read_node_key(
+    i: usize,
+    raw: &RawNode,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+    warnings: &mut Warnings,
+) -> Option<NodeKey> {
+    let sources = [
+        raw.api_key_env.is_some(),
+        raw.api_key_file.is_some(),
+        raw.api_key.is_some(),
+    ];
+    match sources.iter().filter(|s| **s).count() {
+        1 => {}
+        0 => {
+            problems.push(format!(
+                "nodes[{i}]: needs one of api_key_env, api_key_file or api_key"
+            ));
+            return None;
+        }
+        _ => {
+            problems.push(format!(
+                "nodes[{i}]: give only one of api_key_env, api_key_file or api_key"
+            ));
+            return None;
+        }
+    }
+    let (field, secret): (&str, Result<SecretString, String>) = if let Some(var) = &raw.api_key_env
+    {
+        let value = env(var).map(SecretString::from);
+        let missing = format!("environment variable {var} is not set or empty");
+        ("api_key_env", value.ok_or(missing))
+    } else if let Some(path) = &raw.api_key_file {
+        let value = std::fs::read_to_string(path)
+            .map(|text| SecretString::from(text.trim().to_owned()))
+            .map_err(|err| format!("cannot read {}: {}", path.display(), err.kind()));
+        ("api_key_file", value)
+    } else {
+        warnings.0.push(format!(
+            "nodes[{i}].api_key: a literal key in the config file; prefer api_key_env or api_key_file"
+        ));
+        let value = raw.api_key.clone().map(SecretString::from);
+        ("api_key", value.ok_or_else(String::new))
+    };
+    let secret = match secret {
+        Ok(secret) if secret.expose_secret().trim().is_empty() => {
+            problems.push(format!("nodes[{i}].{field}: the key is empty"));
+            return None;
+        }
+        Ok(secret) => secret,
+        Err(why) => {
+            problems.push(format!("nodes[{i}].{field}: {why}"));
+            return None;
+        }
+    };
+    match NodeKey::new(secret) {
+        Ok(key) => Some(key),
+        Err(why) => {
+            problems.push(format!("nodes[{i}].{field}: {why}"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::raw::{
+        DEFAULT_QUEUE_MAX_WAIT, DEFAULT_REDIS_TIMEOUT, DEFAULT_RETRY_ATTEMPTS,
+    };
+    use super::super::{DEFAULT_LISTEN, OnRedisError, from_toml_str};
+    use super::*;
+    use crate::keys::hash_key;
+
+    fn env(var: &str) -> Option<String> {
+        match var {
+            "KEY_A" => Some("sk-a-secret".to_owned()),
+            "APP_KEY" => Some("app-secret".to_owned()),
+            _ => None,
+        }
+    }
+
+    fn problems(toml: &str) -> Vec<String> {
+        match from_toml_str(toml, &env) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems,
+        }
+    }
+
+    const NODE: &str =
+        "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
+
+    #[test]
+    fn a_cluster_section_is_validated_and_its_password_never_shown() {
+        let toml = format!(
+            "[cluster]\nredis_url = \"redis://:hunter2@10.0.0.5:6379/0\"\non_redis_error = \"reject\"\n{NODE}"
+        );
+        let (config, _) = from_toml_str(&toml, &env).unwrap();
+        let cluster = config.cluster.as_ref().unwrap();
+        assert_eq!(cluster.on_redis_error, OnRedisError::Reject);
+        assert_eq!(cluster.timeout, DEFAULT_REDIS_TIMEOUT);
+        let rendered = config.render();
+        assert!(
+            rendered.contains("redis_url = \"redis://10.0.0.5:6379/0\""),
+            "{rendered}"
+        );
+        assert!(!rendered.contains("hunter2"));
+        assert!(!format!("{config:?}").contains("hunter2"));
+
+        let bad = format!("[cluster]\nredis_url = \"http://x\"\ntimeout = \"0s\"\n{NODE}");
+        assert_eq!(
+            problems(&bad),
+            [
+                "cluster.redis_url: must start with redis://",
+                "cluster.timeout: must be greater than 0"
+            ]
+        );
+        let typo =
+            format!("[cluster]\nredis_url = \"redis://x\"\non_redis_error = \"ignore\"\n{NODE}");
+        assert!(
+            problems(&typo)[0].contains("on_redis_error"),
+            "{:?}",
+            problems(&typo)
+        );
+    }
+
+    #[test]
+    fn a_minimal_config_takes_every_default() {
+        let (config, warnings) = from_toml_str(NODE, &env).unwrap();
+        assert!(warnings.0.is_empty());
+        assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.queue.max_wait, DEFAULT_QUEUE_MAX_WAIT);
+        assert_eq!(config.retry.attempts, DEFAULT_RETRY_ATTEMPTS);
+        assert_eq!(&*config.nodes[0].url, "http://127.0.0.1:9001/v1");
+        assert_eq!(config.nodes[0].key.expose(), "sk-a-secret");
+        assert_eq!(config.nodes[0].quota, Quota::default());
+    }
+
+    #[test]
+    fn durations_read_as_human_text() {
+        let toml =
+            format!("[queue]\nmax_wait = \"250ms\"\n[server]\nrequest_timeout = \"2m\"\n{NODE}");
+        let (config, _) = from_toml_str(&toml, &env).unwrap();
+        assert_eq!(config.queue.max_wait, Duration::from_millis(250));
+        assert_eq!(config.server.request_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn a_zero_limit_names_node_and_field() {
+        let toml = format!(
+            "{NODE}\n[[nodes]]\nname = \"b\"\nurl = \"http://h/v1\"\napi_key = \"k\"\nrpm = 0\n"
+        );
+        assert_eq!(problems(&toml), ["nodes[1].rpm: must be greater than 0"]);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_path() {
+        let toml = format!("{NODE}colour = \"red\"\n");
+        let p = problems(&toml);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("nodes[0].colour: unknown field"), "{p:?}");
+
+        let p = problems(&format!("[server]\nlisten_on = 1\n{NODE}"));
+        assert!(p[0].starts_with("server.listen_on: unknown field"), "{p:?}");
+    }
+
+    #[test]
+    fn duplicate_names_bad_urls_and_missing_keys_are_each_reported() {
+        let toml = "[[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key_env = \"KEY_A\"\n\
+                    [[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key_env = \"KEY_A\"\n\
+                    [[nodes]]\nname = \"c\"\nurl = \"not a url\"\napi_key_env = \"NOPE\"\n";
+        let p = problems(toml);
+        assert!(
+            p.contains(&"nodes[1].name: duplicate node name \"a\"".to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("nodes[2].url: not a valid URL")),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(
+                &"nodes[2].api_key_env: environment variable NOPE is not set or empty".to_owned()
+            ),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_node_needs_exactly_one_key_source() {
+        let none = "[[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\n";
+        assert_eq!(
+            problems(none),
+            ["nodes[0]: needs one of api_key_env, api_key_file or api_key"]
+        );
+        let two = "[[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key = \"x\"\napi_key_env = \"KEY_A\"\n";
+        assert_eq!(
+            problems(two),
+            ["nodes[0]: give only one of api_key_env, api_key_file or api_key"]
+        );
+    }
+
+    #[test]
+    fn a_key_file_is_trimmed_and_a_literal_key_is_warned() {
+        let dir = std::env::temp_dir().join(format!("balancer-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, "  sk-from-file\n").unwrap();
+        let toml = format!(
+            "[[nodes]]\nname = \"f\"\nurl = \"http://h/v1\"\napi_key_file = \"{}\"\n\
+             [[nodes]]\nname = \"l\"\nurl = \"http://h/v1\"\napi_key = \"sk-literal\"\n",
+            file.display()
+        );
+        let (config, warnings) = from_toml_str(&toml, &env).unwrap();
+        assert_eq!(config.nodes[0].key.expose(), "sk-from-file");
+        assert_eq!(warnings.0.len(), 1);
+        assert!(warnings.0[0].starts_with("nodes[1].api_key:"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn client_keys_must_be_set() {
+        let toml = format!("[auth]\nclient_keys_env = [\"APP_KEY\", \"MISSING\"]\n{NODE}");
+        assert_eq!(
+            problems(&toml),
+            ["auth.client_keys_env[1]: environment variable MISSING is not set or empty"]
+        );
+    }
+
+    #[test]
+    fn clients_are_validated_field_by_field() {
+        let toml = format!(
+            "{NODE}[[clients]]\nname = \"a\"\nkey_env = \"APP_KEY\"\nrpm = 0\nburst = 5\n\
+             [[clients]]\nname = \"a\"\nkey_env = \"APP_KEY\"\nmodels = []\n\
+             [[clients]]\nname = \"c\"\nkey_env = \"NOPE\"\n"
+        );
+        assert_eq!(
+            problems(&toml),
+            [
+                "clients[0].rpm: must be greater than 0; leave it out for no limit",
+                "clients[0].rate_per_second: burst needs rate_per_second too",
+                "clients[1].name: duplicate client name \"a\"",
+                "clients[1].key_env: the same key as another client",
+                "clients[1].models: must list model names; leave it out to allow every model",
+                "clients[2].key_env: environment variable NOPE is not set or empty",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_client_reads_its_key_and_limits() {
+        let toml = format!(
+            "{NODE}[[clients]]\nname = \"team\"\nkey_env = \"APP_KEY\"\nrpm = 60\nburst = 5\nrate_per_second = 0.5\nmodels = [\"gpt-4o-mini\"]\n"
+        );
+        let (config, _) = from_toml_str(&toml, &env).unwrap();
+        let client = &config.clients[0];
+        assert_eq!(client.key.hash(), hash_key(b"app-secret"));
+        assert_eq!(client.limits.rpm.map(u64::from), Some(60));
+        assert_eq!(
+            client
+                .limits
+                .bucket
+                .map(|b| (u64::from(b.burst), b.rate_per_second)),
+            Some((5, 0.5))
+        );
+        assert!(client.enabled);
+        assert!(!config.render().contains("app-secret"));
+    }
+
+    #[test]
+    fn render_never_shows_a_key() {
+        let toml = format!("[auth]\nclient_keys_env = [\"APP_KEY\"]\n{NODE}rpm = 10\n");
+        let (config, _) = from_toml_str(&toml, &env).unwrap();
+        let text = config.render();
+        assert!(
+            !text.contains("sk-a-secret") && !text.contains("app-secret"),
+            "{text}"
+        );
+        assert!(text.contains("api_key = \"[redacted]\""));
+        assert!(text.contains("rpm = 10"));
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+}

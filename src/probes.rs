@@ -1,0 +1,115 @@
+//! Active health probes: a background task that sends `GET {url}{path}`
+//! with each node's key when its probe is due, at most
+//! `health.max_concurrent_probes` at a time, and hands each verdict to the
+//! node's [`NodeHealth`](crate::health::NodeHealth) state machine.
+//!
+//! Probes never run on the request path and take nothing from a node's
+//! limits. The task reads the live snapshot each round, so a reload changes
+//! what it probes; it sleeps until the next probe is due or a node asks for
+//! one sooner (the wake signal).
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HealthSettings;
+use crate::health::{Verdict, human};
+use crate::snapshot::{Node, NodeId};
+use crate::state::AppState;
+
+/// Sends one probe: `GET {url}{path}` with the node's key, within `timeout`.
+pub async fn probe(node: &Node, settings: &HealthSettings) -> Verdict {
+    let mut url = node.base.clone();
+    let joined = [node.base.path().trim_end_matches('/'), &settings.path].concat();
+    url.set_path(&joined);
+    let request = node
+        .client
+        .get(url)
+        .header(
+            axum::http::header::AUTHORIZATION,
+            node.key.authorization().clone(),
+        )
+        .timeout(settings.timeout)
+        .send();
+    match request.await {
+        Ok(response) => {
+            let status = response.status();
+            if status.is_success() || status == StatusCode::TOO_MANY_REQUESTS {
+                // A 429 is a live node at its limit.
+                Verdict::Answered
+            } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                Verdict::KeyRefused(status)
+            } else {
+                Verdict::Failed(format!("answered {status}"))
+            }
+        }
+        Err(err) if err.is_timeout() => {
+            Verdict::Failed(format!("timed out after {}", human(settings.timeout)))
+        }
+        Err(err) if err.is_connect() => Verdict::Failed("could not connect".to_owned()),
+        Err(_) => Verdict::Failed("connection broke".to_owned()),
+    }
+}
+
+/// Probes one node, or with probes off readmits an ejected one on trial.
+async fn check(node: &Node, settings: &HealthSettings) {
+    if settings.enabled {
+        let verdict = probe(node, settings).await;
+        if let Verdict::Failed(why) = &verdict {
+            tracing::debug!(node = %node.name, why, "probe failed");
+        }
+        node.health.on_probe(verdict, settings, &settings.path);
+    } else {
+        node.health.readmit_on_trial(settings);
+    }
+}
+
+/// The probe task: probes every node when due, at most
+/// `health.max_concurrent_probes` at a time, until `cancel` fires. It reads
+/// the live snapshot each round, so reloads change what it probes.
+pub async fn run(state: Weak<AppState>, wake: Arc<Notify>, cancel: CancellationToken) {
+    let mut generation_seen = None;
+    loop {
+        let Some(live) = state.upgrade().map(|s| s.live()) else {
+            return;
+        };
+        let settings = &live.config.health;
+        let now = Instant::now();
+        // A new snapshot may have turned probes on or off or changed the interval.
+        if generation_seen != Some(live.generation) {
+            generation_seen = Some(live.generation);
+            for node in live.nodes() {
+                node.health.reschedule(settings, now);
+            }
+        }
+        let due: Vec<NodeId> = live
+            .node_ids()
+            .filter(|&id| live.node(id).health.next_due().is_some_and(|t| t <= now))
+            .collect();
+        // Each probe owns its snapshot handle: borrowed futures in a
+        // buffered stream trip a compiler limitation on `Send`.
+        let probes = futures_util::stream::iter(due)
+            .map(|id| {
+                let live = Arc::clone(&live);
+                async move { check(live.node(id), &live.config.health).await }
+            })
+            .buffer_unordered(settings.max_concurrent_probes.get());
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = probes.collect::<()>() => {}
+        }
+        let next = live.nodes().filter_map(|n| n.health.next_due()).min();
+        drop(live);
+        let far = Instant::now() + Duration::from_secs(3600);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = wake.notified() => {}
+            () = tokio::time::sleep_until(next.unwrap_or(far)) => {}
+        }
+    }
+}

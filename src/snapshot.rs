@@ -1,0 +1,330 @@
+//! The live snapshot: everything built from one validated config, which a
+//! request reads from start to end, and what outlives snapshots.
+//!
+//! [`Live`] holds the nodes (with their HTTP clients and parsed URLs,
+//! addressed by [`NodeId`]), the model index, the declared clients and the
+//! `/v1/models` answer. A request takes the snapshot once and keeps it to
+//! the end, so a config swap never changes a request halfway.
+//!
+//! Counters that must survive a reload (windows, in-flight counts,
+//! cooldowns: a node's [`Limiter`]; its [`NodeHealth`]; its
+//! [`NodeMetrics`]) are kept by node name in [`Kept`], outside any
+//! snapshot: a node that stays in the config keeps them, so a reload can
+//! never reset a window and push a node past its quota, nor readmit a
+//! failing node. A node that leaves the config is retired (it takes nothing
+//! new and finishes what it has); its counters are forgotten only once its
+//! window is empty, so a node that comes back within the minute finds its
+//! window as it was.
+//!
+//! [`prepare`] does every fallible step of building a snapshot before it
+//! touches anything shared; the swap itself ([`crate::state`]) cannot fail.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::http::HeaderValue;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::clients::{Directory, Registry};
+use crate::config::{Config, NodeConfig};
+use crate::error::GatewayError;
+use crate::health::NodeHealth;
+use crate::keys::NodeKey;
+use crate::limits::{HeadroomSignal, Limiter};
+use crate::metrics::NodeMetrics;
+
+/// A node's place in one snapshot's node list. Valid for that snapshot
+/// only: a request keeps its snapshot, so its ids never dangle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(u32);
+
+impl NodeId {
+    /// The id of the `index`th node (for tests and benches of selection).
+    pub fn from_index(index: usize) -> Self {
+        Self(u32::try_from(index).unwrap_or(u32::MAX))
+    }
+
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// One upstream node as the request path uses it.
+#[derive(Debug)]
+pub struct Node {
+    pub name: Arc<str>,
+    /// `x-balancer-node` value, built once.
+    pub name_header: HeaderValue,
+    /// Base URL without a trailing slash.
+    pub url: Arc<str>,
+    /// The same, parsed once: a request only sets its path and query.
+    pub base: reqwest::Url,
+    pub key: NodeKey,
+    pub models: Option<Vec<String>>,
+    pub limiter: Arc<Limiter>,
+    pub health: Arc<NodeHealth>,
+    pub metrics: Arc<NodeMetrics>,
+    pub client: reqwest::Client,
+}
+
+/// Everything built from one config.
+#[derive(Debug)]
+pub struct Live {
+    /// Counts swaps since start: 1 is the config the gateway started with.
+    pub generation: u64,
+    /// Clients with their own keys and limits, by key hash.
+    pub clients: Directory,
+    pub config: Config,
+    nodes: Vec<Node>,
+    /// Model name to the nodes that serve it (listed or serving any model).
+    by_model: HashMap<String, Arc<[NodeId]>>,
+    /// Nodes with no `models` list.
+    any_model: Arc<[NodeId]>,
+    all: Arc<[NodeId]>,
+    /// The `/v1/models` answer.
+    pub models_list: Bytes,
+}
+
+impl Live {
+    /// The node `id` names in this snapshot.
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id.index()]
+    }
+
+    pub fn nodes(&self) -> std::slice::Iter<'_, Node> {
+        self.nodes.iter()
+    }
+
+    pub fn node_ids(&self) -> impl Iterator<Item = NodeId> + use<> {
+        (0..self.nodes.len()).map(NodeId::from_index)
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The node named `name`, if this snapshot has it.
+    pub fn node_named(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| &*n.name == name)
+    }
+
+    /// The nodes that may serve `model` (all nodes when there is none).
+    pub fn candidates(&self, model: Option<&str>) -> Result<Arc<[NodeId]>, GatewayError> {
+        let Some(model) = model else {
+            return Ok(Arc::clone(&self.all));
+        };
+        if let Some(nodes) = self.by_model.get(model) {
+            return Ok(Arc::clone(nodes));
+        }
+        if self.any_model.is_empty() {
+            return Err(GatewayError::ModelNotFound(model.to_owned()));
+        }
+        Ok(Arc::clone(&self.any_model))
+    }
+
+    /// Whether a configured node lists `model`.
+    pub fn lists_model(&self, model: &str) -> bool {
+        self.by_model.contains_key(model)
+    }
+}
+
+/// What the gateway keeps of a node across snapshots.
+#[derive(Debug)]
+struct Tracked {
+    url: Arc<str>,
+    limiter: Arc<Limiter>,
+    health: Arc<NodeHealth>,
+    metrics: Arc<NodeMetrics>,
+}
+
+/// What outlives snapshots, by node name, and the signals every node's
+/// limiter and health ring.
+#[derive(Debug)]
+pub struct Kept {
+    nodes: Mutex<HashMap<Arc<str>, Tracked>>,
+    /// Rung when capacity may have been freed (the queue listens).
+    pub signal: Arc<HeadroomSignal>,
+    /// Rung when a node needs a probe sooner (the probe task listens).
+    pub health_wake: Arc<Notify>,
+}
+
+/// A node that left the config and still has requests in flight or
+/// requests in its window.
+#[derive(Debug)]
+pub struct Retired {
+    pub name: Arc<str>,
+    pub limiter: Arc<Limiter>,
+}
+
+impl Kept {
+    pub fn new(signal: Arc<HeadroomSignal>) -> Self {
+        Self {
+            nodes: Mutex::new(HashMap::new()),
+            signal,
+            health_wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Nodes `live` no longer has that still finish requests or hold a
+    /// window, by name.
+    pub fn retired(&self, live: &Live) -> Vec<Retired> {
+        let nodes = self.nodes.lock();
+        let mut out: Vec<Retired> = nodes
+            .iter()
+            .filter(|(name, _)| live.node_named(name).is_none())
+            .map(|(name, t)| Retired {
+                name: Arc::clone(name),
+                limiter: Arc::clone(&t.limiter),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn new_health(&self, node: &NodeConfig) -> Arc<NodeHealth> {
+        NodeHealth::new(
+            Arc::clone(&node.name),
+            node.key.clone(),
+            Arc::clone(&self.health_wake),
+            Arc::clone(&self.signal),
+        )
+    }
+}
+
+/// Builds the snapshot of `config`: every fallible step first (HTTP
+/// clients, CA bundles, header values, URLs), then, once all succeeded,
+/// the nodes are matched with what [`Kept`] holds of them.
+pub fn prepare(
+    config: Config,
+    generation: u64,
+    kept: &Kept,
+    registry: &Registry,
+) -> Result<Live, String> {
+    let shared_client = build_client(&config, None)?;
+    let mut built = Vec::with_capacity(config.nodes.len());
+    for node in &config.nodes {
+        let client = match &node.ca_file {
+            Some(_) => build_client(&config, Some(node))?,
+            None => shared_client.clone(),
+        };
+        let name_header = HeaderValue::from_str(&node.name)
+            .map_err(|_| format!("node '{}': name is not a valid header value", node.name))?;
+        let base = reqwest::Url::parse(&node.url)
+            .map_err(|e| format!("node '{}': url: {e}", node.name))?;
+        built.push((node, client, name_header, base));
+    }
+
+    // Nothing below fails.
+    let now = Instant::now();
+    let mut tracked = kept.nodes.lock();
+    let clients = Directory::build(&config.clients, registry);
+    let mut nodes: Vec<Node> = Vec::with_capacity(built.len());
+    for (node, client, name_header, base) in built {
+        let entry = tracked
+            .entry(Arc::clone(&node.name))
+            .or_insert_with(|| Tracked {
+                url: Arc::clone(&node.url),
+                limiter: Limiter::new(node.quota, Arc::clone(&kept.signal)),
+                health: kept.new_health(node),
+                metrics: Arc::default(),
+            });
+        if entry.url != node.url {
+            // Another deployment under the same name: its health starts
+            // afresh; its window stays (it may be the same key's quota).
+            entry.url = Arc::clone(&node.url);
+            entry.health = kept.new_health(node);
+        }
+        entry.limiter.revive();
+        entry.limiter.set_quota(node.quota);
+        entry.health.set_key(node.key.clone());
+        nodes.push(Node {
+            name: Arc::clone(&node.name),
+            name_header,
+            url: Arc::clone(&node.url),
+            base,
+            key: node.key.clone(),
+            models: node.models.clone(),
+            limiter: Arc::clone(&entry.limiter),
+            health: Arc::clone(&entry.health),
+            metrics: Arc::clone(&entry.metrics),
+            client,
+        });
+    }
+    tracked.retain(|name, t| {
+        if config.nodes.iter().any(|n| n.name == *name) {
+            return true;
+        }
+        t.limiter.retire();
+        !t.limiter.is_idle(now)
+    });
+    drop(tracked);
+    Ok(index(config, generation, clients, nodes))
+}
+
+/// The model index and the `/v1/models` answer of `nodes`.
+fn index(config: Config, generation: u64, clients: Directory, nodes: Vec<Node>) -> Live {
+    let ids = || (0..nodes.len()).map(NodeId::from_index);
+    let any_model: Arc<[NodeId]> = ids()
+        .filter(|id| nodes[id.index()].models.is_none())
+        .collect();
+    let mut by_model: HashMap<String, Vec<NodeId>> = HashMap::new();
+    for id in ids() {
+        for model in nodes[id.index()].models.iter().flatten() {
+            by_model.entry(model.clone()).or_default().push(id);
+        }
+    }
+    let mut names: Vec<&String> = by_model.keys().collect();
+    names.sort();
+    let data: Vec<_> = names
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "balancer"}))
+        .collect();
+    let models_list = Bytes::from(json!({"object": "list", "data": data}).to_string());
+    let by_model = by_model
+        .into_iter()
+        .map(|(model, mut list)| {
+            list.extend(any_model.iter().copied());
+            list.sort_unstable();
+            list.dedup();
+            (model, Arc::from(list))
+        })
+        .collect();
+    Live {
+        generation,
+        clients,
+        all: ids().collect(),
+        config,
+        nodes,
+        by_model,
+        any_model,
+        models_list,
+    }
+}
+
+fn build_client(config: &Config, node: Option<&NodeConfig>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.upstream.connect_timeout)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        // Redirects would forward the node's key elsewhere; relay them instead.
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy();
+    if let Some(node) = node
+        && let Some(path) = &node.ca_file
+    {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("node '{}': cannot read ca_file: {e}", node.name))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("node '{}': ca_file is not PEM: {e}", node.name))?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}

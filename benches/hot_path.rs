@@ -1,6 +1,9 @@
 //! Hot-path benchmarks: token counting (and the tokenizer-crate choice),
 //! node selection, and limiter reserve + release against a naive baseline.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a benchmark that cannot set up should stop loudly"
+)]
 
 use std::collections::HashMap;
 use std::hint::black_box;

@@ -45,7 +45,7 @@ use crate::status;
 use crate::store::{StoreError, StoredClient, UsageTotals};
 
 /// The admin API's routes, every one behind the admin token.
-pub fn router(state: Arc<AppState>) -> Router {
+pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/admin/clients", get(list_clients).post(create_client))
         .route(

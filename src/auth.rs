@@ -19,7 +19,7 @@ use crate::snapshot::Live;
 
 /// Who is calling: a client with its own limits, or `None` for a plain
 /// gateway key (or an open gateway).
-pub async fn identify(
+pub(crate) async fn identify(
     live: &Live,
     registry: &Registry,
     headers: &HeaderMap,
@@ -56,7 +56,7 @@ pub async fn identify(
 /// Whether the gateway lets anyone in: no key in the config, no client
 /// declared, the admin API off (with it on, clients are managed, so keys
 /// are required even before the first is made) and no client stored.
-pub fn is_open(live: &Live, registry: &Registry) -> bool {
+pub(crate) fn is_open(live: &Live, registry: &Registry) -> bool {
     live.config.client_keys.is_empty()
         && live.clients.is_empty()
         && live.config.admin.token.is_none()

@@ -58,32 +58,32 @@
 //! [`relay`], [`status`], [`admin`], [`reload`], [`probes`], [`server`])
 //! sit on top. No two top-level modules import each other.
 
-pub mod admin;
-pub mod admission;
+pub(crate) mod admin;
+pub(crate) mod admission;
 pub mod app;
-pub mod auth;
+pub(crate) mod auth;
 pub mod clients;
 pub mod config;
 pub mod control;
 pub mod demo;
 pub mod error;
-pub mod health;
+pub(crate) mod health;
 pub mod keys;
 pub mod ledger;
 pub mod limits;
-pub mod meter;
+pub(crate) mod meter;
 pub mod metrics;
-pub mod probes;
-pub mod proxy;
-pub mod relay;
+pub(crate) mod probes;
+pub(crate) mod proxy;
+pub(crate) mod relay;
 pub mod reload;
 pub mod request;
 pub mod selection;
 pub mod server;
 pub mod snapshot;
 pub mod state;
-pub mod status;
+pub(crate) mod status;
 pub mod store;
 pub mod tasks;
 pub mod tokens;
-pub mod upstream;
+pub(crate) mod upstream;

@@ -15,7 +15,7 @@ const MAX_JSON_USAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// What a response says about the tokens it used.
 #[derive(Debug)]
-pub enum Meter {
+pub(crate) enum Meter {
     /// A JSON answer, kept (up to a bound) to read its `usage` at the end.
     Json(Vec<u8>),
     Sse(SseMeter),
@@ -24,7 +24,7 @@ pub enum Meter {
 }
 
 impl Meter {
-    pub fn observe(&mut self, chunk: &[u8]) {
+    pub(crate) fn observe(&mut self, chunk: &[u8]) {
         match self {
             Meter::Json(body) => {
                 if body.len() + chunk.len() <= MAX_JSON_USAGE_BYTES {
@@ -41,7 +41,7 @@ impl Meter {
     /// The tokens the request used, if known: the answer's own `usage`, or
     /// else the prompt as counted here and the streamed text. A failed
     /// answer used its prompt only.
-    pub fn usage(
+    pub(crate) fn usage(
         &self,
         prompt_tokens: u64,
         encoding: Encoding,
@@ -69,7 +69,13 @@ impl Meter {
     }
 
     /// Total tokens (prompt + completion) the request used, if known.
-    pub fn tokens(&self, prompt_tokens: u64, encoding: Encoding, success: bool) -> Option<u64> {
+    #[cfg(test)]
+    pub(crate) fn tokens(
+        &self,
+        prompt_tokens: u64,
+        encoding: Encoding,
+        success: bool,
+    ) -> Option<u64> {
         self.usage(prompt_tokens, encoding, success)
             .map(TokenUsage::total)
     }
@@ -77,20 +83,20 @@ impl Meter {
 
 /// Prompt and completion tokens of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TokenUsage {
+pub(crate) struct TokenUsage {
     pub prompt: u64,
     pub completion: u64,
 }
 
 impl TokenUsage {
-    pub fn total(self) -> u64 {
+    pub(crate) fn total(self) -> u64 {
         self.prompt + self.completion
     }
 }
 
 /// Follows a server-sent event stream line by line across chunk borders.
 #[derive(Debug, Default)]
-pub struct SseMeter {
+pub(crate) struct SseMeter {
     partial: Vec<u8>,
     usage: Option<Usage>,
     /// Streamed completion text, counted only if no usage arrives.

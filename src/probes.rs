@@ -23,7 +23,7 @@ use crate::snapshot::{Node, NodeId};
 use crate::state::AppState;
 
 /// Sends one probe: `GET {url}{path}` with the node's key, within `timeout`.
-pub async fn probe(node: &Node, settings: &HealthSettings) -> Verdict {
+pub(crate) async fn probe(node: &Node, settings: &HealthSettings) -> Verdict {
     let mut url = node.base.clone();
     let joined = [node.base.path().trim_end_matches('/'), &settings.path].concat();
     url.set_path(&joined);
@@ -72,7 +72,7 @@ async fn check(node: &Node, settings: &HealthSettings) {
 /// The probe task: probes every node when due, at most
 /// `health.max_concurrent_probes` at a time, until `cancel` fires. It reads
 /// the live snapshot each round, so reloads change what it probes.
-pub async fn run(state: Weak<AppState>, wake: Arc<Notify>, cancel: CancellationToken) {
+pub(crate) async fn run(state: Weak<AppState>, wake: Arc<Notify>, cancel: CancellationToken) {
     let mut generation_seen = None;
     loop {
         let Some(live) = state.upgrade().map(|s| s.live()) else {

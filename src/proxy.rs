@@ -37,7 +37,7 @@ use crate::health::Verdict;
 use crate::ledger::Entry;
 use crate::limits::CooldownReason;
 use crate::metrics::{self, UpstreamError};
-use crate::relay::{self, ACCESS_LOG, Trace, UsageTicket};
+use crate::relay::{self, ACCESS_LOG, Held, Trace, UsageTicket};
 use crate::request::{self, RequestInfo};
 use crate::snapshot::{Live, Node, NodeId};
 use crate::state::AppState;
@@ -45,7 +45,7 @@ use crate::store::UsageTotals;
 use crate::upstream::{self, Failure};
 
 /// The handler for every `/v1/*` path the gateway does not answer itself.
-pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
+pub(crate) async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let received = Instant::now();
     // A `Uri` clone shares its bytes: no copy of the path on the hot path.
     let uri = request.uri().clone();
@@ -143,6 +143,7 @@ async fn forward(
         info: &info,
         client: client.as_deref(),
         received,
+        deadline: received + live.config.server.request_timeout,
     };
     dispatch(state, live, request)
         .await
@@ -159,6 +160,9 @@ struct Inbound<'a> {
     info: &'a RequestInfo,
     client: Option<&'a Client>,
     received: Instant,
+    /// `received` + `server.request_timeout`: bounds waiting, every
+    /// attempt, and the relay.
+    deadline: Instant,
 }
 
 impl Inbound<'_> {
@@ -191,17 +195,38 @@ impl Inbound<'_> {
     }
 }
 
+/// Where a request may go: its snapshot and the nodes in it that serve
+/// its model.
+struct Target {
+    live: Arc<Live>,
+    candidates: Arc<[NodeId]>,
+}
+
+impl Target {
+    fn ask<'a>(&'a self, request: &'a Inbound<'_>, deadline: Instant) -> Ask<'a> {
+        Ask {
+            live: &self.live,
+            model: request.info.model.as_deref(),
+            candidates: &self.candidates,
+            demand: request.info.demand,
+            client: request.client,
+            deadline,
+        }
+    }
+}
+
 /// Steps 4 to 7: admit, then try nodes until one answers in a way the
 /// client should see.
 async fn dispatch(
     state: &AppState,
-    mut live: Arc<Live>,
+    live: Arc<Live>,
     request: Inbound<'_>,
 ) -> Result<Response, GatewayError> {
-    let info = request.info;
-    let model = info.model.as_deref();
-    let mut candidates = live.candidates(model)?;
-    let deadline = request.received + live.config.server.request_timeout;
+    let model = request.info.model.as_deref();
+    let mut target = Target {
+        candidates: live.candidates(model)?,
+        live,
+    };
     let mut trace = Trace {
         uri: request.parts.uri.clone(),
         received: request.received,
@@ -210,30 +235,46 @@ async fn dispatch(
         attempts: 0,
         request_bytes: request.body.len() as u64,
     };
-
     let queued = Instant::now();
-    let ask = Ask {
-        live: &live,
-        model,
-        candidates: &candidates,
-        demand: info.demand,
-        client: request.client,
-        deadline,
-    };
-    let admitted = state.admission.admit(&ask).await;
+    let admitted = state
+        .admission
+        .admit(&target.ask(&request, request.deadline))
+        .await;
     trace.queue_wait = metrics::elapsed(queued);
     state.metrics.queue_wait.observe(trace.queue_wait);
-    let admitted = admitted?;
-    let client_hold = admitted.client;
-    let mut next = Some(admitted.placement);
-    if let Some(newer) = next.as_mut().and_then(|p| p.rebased.take()) {
+    let mut admitted = admitted?;
+    if let Some(newer) = admitted.placement.rebased.take() {
         // It waited through a reload: go on in the new snapshot.
-        candidates = newer.candidates(model)?;
-        live = newer;
+        target = Target {
+            candidates: newer.candidates(model)?,
+            live: newer,
+        };
     }
-    let usage = request.usage_ticket(state);
+    attempt_all(
+        state,
+        &target,
+        &request,
+        admitted.placement,
+        admitted.client,
+        trace,
+    )
+    .await
+}
 
+/// Step 6: the first placement, then retries on other nodes with headroom
+/// now, until an answer the client should see (or the last one).
+async fn attempt_all(
+    state: &AppState,
+    target: &Target,
+    request: &Inbound<'_>,
+    first: Placement,
+    client: ClientHold,
+    mut trace: Trace,
+) -> Result<Response, GatewayError> {
+    let live = &target.live;
+    let usage = request.usage_ticket(state);
     let attempts = live.config.retry.attempts as usize + 1;
+    let mut next = Some(first);
     let mut tried: Vec<NodeId> = Vec::new();
     let mut last: Option<Attempt> = None;
     for _ in 0..attempts {
@@ -242,14 +283,7 @@ async fn dispatch(
             // A retry takes a node that has headroom now, or ends with the
             // last answer: it does not queue behind fresh requests.
             None => {
-                let ask = Ask {
-                    live: &live,
-                    model,
-                    candidates: &candidates,
-                    demand: info.demand,
-                    client: request.client,
-                    deadline,
-                };
+                let ask = target.ask(request, request.deadline);
                 let Some(placement) = state.admission.place_retry(&ask, &tried).await else {
                     break;
                 };
@@ -262,28 +296,23 @@ async fn dispatch(
         let node = placement.node;
         trace.attempts += 1;
         trace.sent = Instant::now();
-        let outcome = try_node(&live, placement, &request, deadline).await;
+        let outcome = try_node(live, placement, request).await;
         if !outcome.retryable() {
-            return outcome.finish(&live, info, client_hold, usage, deadline, trace);
+            return outcome.finish(live, request, client, usage, trace);
         }
         tried.push(node);
         if let Some(previous) = last.replace(outcome) {
-            previous.discard(info.prompt_tokens);
+            previous.discard(request.info.prompt_tokens);
         }
     }
     match last {
-        Some(outcome) => outcome.finish(&live, info, client_hold, usage, deadline, trace),
+        Some(outcome) => outcome.finish(live, request, client, usage, trace),
         None => Err(GatewayError::UpstreamUnavailable {
             node: "none".to_owned(),
         }),
     }
 }
-
 /// The result of one attempt on one node.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one per attempt, on the stack; boxing the answer would allocate on every request"
-)]
 enum Attempt {
     Answered {
         response: reqwest::Response,
@@ -323,10 +352,9 @@ impl Attempt {
     fn finish(
         self,
         live: &Live,
-        info: &RequestInfo,
+        request: &Inbound<'_>,
         client: ClientHold,
         usage: Option<UsageTicket>,
-        deadline: Instant,
         trace: Trace,
     ) -> Result<Response, GatewayError> {
         match self {
@@ -339,11 +367,13 @@ impl Attempt {
             } => Ok(relay::relay(
                 response,
                 live.node(node),
-                booking,
-                client,
-                usage,
-                info,
-                deadline,
+                Held {
+                    booking,
+                    client,
+                    usage,
+                },
+                request.info,
+                request.deadline,
                 trace,
             )),
             Attempt::Failed { node, failure } => {
@@ -359,12 +389,7 @@ impl Attempt {
     }
 }
 
-async fn try_node(
-    live: &Live,
-    placement: Placement,
-    request: &Inbound<'_>,
-    deadline: Instant,
-) -> Attempt {
+async fn try_node(live: &Live, placement: Placement, request: &Inbound<'_>) -> Attempt {
     let id = placement.node;
     let booking = placement.booking;
     let node = live.node(id);
@@ -372,7 +397,7 @@ async fn try_node(
         .config
         .upstream
         .first_byte_timeout
-        .min(deadline.saturating_duration_since(Instant::now()));
+        .min(request.deadline.saturating_duration_since(Instant::now()));
     let sent = upstream::send(
         node,
         request.parts.method.clone(),

@@ -35,25 +35,37 @@ use crate::snapshot::Node;
 use crate::tokens::Encoding;
 use crate::upstream;
 
-pub const NODE_HEADER: HeaderName = HeaderName::from_static("x-balancer-node");
+pub(crate) const NODE_HEADER: HeaderName = HeaderName::from_static("x-balancer-node");
 
 /// The `tracing` target of the one line logged per request, so
 /// `RUST_LOG` can set its level apart (`balancer::access=warn`).
-pub const ACCESS_LOG: &str = "balancer::access";
+pub(crate) const ACCESS_LOG: &str = "balancer::access";
 
 /// A client's usage of one request, recorded when its relay ends.
 #[derive(Debug)]
-pub struct UsageTicket {
+pub(crate) struct UsageTicket {
     pub ledger: Ledger,
     /// The client's counters for `/metrics`.
     pub counters: Arc<ClientCounters>,
     pub entry: Entry,
 }
 
+/// What a request holds while its answer is relayed, settled when the
+/// relay ends.
+#[derive(Debug)]
+pub(crate) struct Held {
+    /// The answering node's booking.
+    pub(crate) booking: Booking,
+    /// The client's hold on its own limits.
+    pub(crate) client: ClientHold,
+    /// The client's ledger entry, if it has its own key.
+    pub(crate) usage: Option<UsageTicket>,
+}
+
 /// When a request arrived and what it went through before its answer, for
 /// its metrics and its log line.
 #[derive(Debug)]
-pub struct Trace {
+pub(crate) struct Trace {
     /// The request's URL (a clone shares its bytes).
     pub uri: Uri,
     pub received: Instant,
@@ -67,12 +79,10 @@ pub struct Trace {
 }
 
 /// Turns the upstream's answer into the client's response.
-pub fn relay(
+pub(crate) fn relay(
     response: reqwest::Response,
     node: &Node,
-    booking: Booking,
-    client: ClientHold,
-    usage: Option<UsageTicket>,
+    held: Held,
     info: &RequestInfo,
     deadline: Instant,
     trace: Trace,
@@ -96,8 +106,8 @@ pub fn relay(
         .routes
         .route(info.model.as_deref().unwrap_or(""));
     let settlement = Settlement {
-        holds: Some((booking, client)),
-        usage,
+        holds: Some((held.booking, held.client)),
+        usage: held.usage,
         meter,
         prompt_tokens: info.prompt_tokens,
         encoding: info.encoding,

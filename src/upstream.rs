@@ -18,7 +18,7 @@ use crate::snapshot::Node;
 
 /// Why an attempt got no answer from the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// Nothing reached the upstream: the request may be taken back in full.
     Connect,
     /// No response head within `first_byte_timeout`, or the connection broke
@@ -68,7 +68,7 @@ fn outgoing_headers(client: &HeaderMap, node: &Node) -> HeaderMap {
 }
 
 /// The upstream's headers to relay to the client.
-pub fn relayed_headers(upstream: &HeaderMap) -> HeaderMap {
+pub(crate) fn relayed_headers(upstream: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(upstream.len() + 1);
     for (name, value) in upstream {
         if !is_hop_by_hop(name, upstream) {
@@ -79,7 +79,7 @@ pub fn relayed_headers(upstream: &HeaderMap) -> HeaderMap {
 }
 
 /// Sends one attempt and waits for the response head.
-pub async fn send(
+pub(crate) async fn send(
     node: &Node,
     method: Method,
     path_and_query: &str,
@@ -110,7 +110,7 @@ pub async fn send(
 }
 
 /// The `x-ratelimit-remaining-*` / `-reset-*` headers of an answer.
-pub fn rate_limit_report(headers: &HeaderMap) -> RateLimitReport {
+pub(crate) fn rate_limit_report(headers: &HeaderMap) -> RateLimitReport {
     let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
     let reset = |name: &str| parse_reset(headers.get(name)?.to_str().ok()?);
     RateLimitReport {
@@ -127,7 +127,7 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Reads a small error answer whole (within `timeout`) so its `error.code`
 /// can be read, and gives back an equivalent response to relay.
-pub async fn read_error(
+pub(crate) async fn read_error(
     response: reqwest::Response,
     timeout: Duration,
 ) -> Result<(reqwest::Response, Bytes), Failure> {
@@ -167,7 +167,7 @@ pub async fn read_error(
 
 /// Whether an error body says the key's quota is spent (OpenAI's
 /// `insufficient_quota`, as `code` or `type`), not just a per-minute limit.
-pub fn is_insufficient_quota(body: &[u8]) -> bool {
+pub(crate) fn is_insufficient_quota(body: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Envelope {
         error: Option<Inner>,
@@ -188,14 +188,14 @@ pub fn is_insufficient_quota(body: &[u8]) -> bool {
 /// How long a node that answered 429 should rest: `Retry-After` (seconds),
 /// else the later of `x-ratelimit-reset-requests` / `-tokens` (`"1s"`,
 /// `"6m0s"`, `"20ms"`), else one second.
-pub fn cooldown_of(headers: &HeaderMap) -> Duration {
+pub(crate) fn cooldown_of(headers: &HeaderMap) -> Duration {
     explicit_rest(headers)
         .unwrap_or(Duration::from_secs(1))
         .max(Duration::from_millis(100))
 }
 
 /// The rest an answer asks for itself: `Retry-After`, else the later reset.
-pub fn explicit_rest(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn explicit_rest(headers: &HeaderMap) -> Option<Duration> {
     let retry_after = headers
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())

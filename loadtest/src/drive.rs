@@ -21,7 +21,7 @@ use goose::prelude::*;
 
 /// How much load to apply.
 #[derive(Debug, Clone)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub users: usize,
     /// Iterations per user; `None` runs for `run_time`.
     pub per_user: Option<usize>,
@@ -34,7 +34,7 @@ pub struct Plan {
 
 impl Plan {
     /// `requests` spread over `users` users.
-    pub fn requests(requests: usize, users: usize, report: PathBuf) -> Self {
+    pub(crate) fn requests(requests: usize, users: usize, report: PathBuf) -> Self {
         Self {
             users,
             per_user: Some(requests.div_ceil(users.max(1))),
@@ -45,7 +45,7 @@ impl Plan {
     }
 
     /// `users` users for `run_time`.
-    pub fn timed(users: usize, run_time: Duration, report: PathBuf) -> Self {
+    pub(crate) fn timed(users: usize, run_time: Duration, report: PathBuf) -> Self {
         Self {
             users,
             per_user: None,
@@ -58,7 +58,7 @@ impl Plan {
 
 /// The span from the first request's start to the last answer's end.
 #[derive(Debug)]
-pub struct Clock {
+pub(crate) struct Clock {
     origin: Instant,
     /// Nanoseconds after `origin`, +1 so that 0 means "not yet".
     first_start: AtomicU64,
@@ -66,7 +66,7 @@ pub struct Clock {
 }
 
 impl Clock {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             origin: Instant::now(),
             first_start: AtomicU64::new(0),
@@ -78,17 +78,17 @@ impl Clock {
         t.duration_since(self.origin).as_nanos() as u64 + 1
     }
 
-    pub fn started(&self, t: Instant) {
+    pub(crate) fn started(&self, t: Instant) {
         let _ =
             self.first_start
                 .compare_exchange(0, self.at(t), Ordering::Relaxed, Ordering::Relaxed);
     }
 
-    pub fn ended(&self, t: Instant) {
+    pub(crate) fn ended(&self, t: Instant) {
         self.last_end.fetch_max(self.at(t), Ordering::Relaxed);
     }
 
-    pub fn span(&self) -> Duration {
+    pub(crate) fn span(&self) -> Duration {
         let (a, b) = (
             self.first_start.load(Ordering::Relaxed),
             self.last_end.load(Ordering::Relaxed),
@@ -98,7 +98,7 @@ impl Clock {
 }
 
 /// Runs `transaction` against `host` as `plan` says.
-pub async fn drive(
+pub(crate) async fn drive(
     host: &str,
     plan: &Plan,
     transaction: TransactionFunction,
@@ -149,7 +149,7 @@ pub async fn drive(
 }
 
 /// POSTs `body` to `path` with `key` as a bearer token, as one goose request.
-pub async fn post(
+pub(crate) async fn post(
     user: &mut GooseUser,
     path: &str,
     key: &str,
@@ -169,7 +169,7 @@ pub async fn post(
 
 /// What goose measured, summed over every request name.
 #[derive(Debug, Clone, Default)]
-pub struct Measured {
+pub(crate) struct Measured {
     pub requests: usize,
     pub failures: usize,
     /// Status code → count; 0 counts requests that got no answer.
@@ -182,7 +182,7 @@ pub struct Measured {
 }
 
 impl Measured {
-    pub fn of(metrics: &GooseMetrics) -> Self {
+    pub(crate) fn of(metrics: &GooseMetrics) -> Self {
         let mut m = Measured::default();
         let mut timing: Option<goose::metrics::GooseRequestMetricTimingData> = None;
         for aggregate in metrics.requests.values() {
@@ -208,12 +208,12 @@ impl Measured {
         m
     }
 
-    pub fn count(&self, status: u16) -> usize {
+    pub(crate) fn count(&self, status: u16) -> usize {
         self.statuses.get(&status).copied().unwrap_or(0)
     }
 
     /// `latency: avg …, p50 …, p95 …, p99 …` (time to the response head).
-    pub fn latency_line(&self) -> String {
+    pub(crate) fn latency_line(&self) -> String {
         let ms = |us: u64| format!("{:.3} ms", us as f64 / 1000.0);
         format!(
             "latency: avg {}, p50 {}, p95 {}, p99 {}",
@@ -225,7 +225,7 @@ impl Measured {
     }
 
     /// `status codes: 200: 1990 (99.5%), 429: 10 (0.5%)`.
-    pub fn status_line(&self) -> String {
+    pub(crate) fn status_line(&self) -> String {
         let total = self.requests.max(1) as f64;
         let statuses: Vec<String> = self
             .statuses
@@ -237,6 +237,6 @@ impl Measured {
 }
 
 /// The report path for one run of a scenario.
-pub fn report_path(dir: &Path, scenario: &str, run: &str) -> PathBuf {
+pub(crate) fn report_path(dir: &Path, scenario: &str, run: &str) -> PathBuf {
     dir.join(format!("{scenario}-{run}.html"))
 }

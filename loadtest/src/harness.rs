@@ -15,15 +15,15 @@ use crate::drive::{self, Clock};
 use crate::procs::Child;
 
 /// The gateway key the load test's clients present.
-pub const CLIENT_KEY: &str = "sk-loadtest-client";
+pub(crate) const CLIENT_KEY: &str = "sk-loadtest-client";
 const CLIENT_KEY_ENV: &str = "LOADTEST_CLIENT_KEY";
 const MOCK_KEY_PREFIX: &str = "sk-loadtest-node-";
-pub const CHAT_PATH: &str = "/v1/chat/completions";
+pub(crate) const CHAT_PATH: &str = "/v1/chat/completions";
 /// Fixed `created` for the mocks, so streams compare byte for byte.
-pub const CREATED: u64 = 1_700_000_000;
+pub(crate) const CREATED: u64 = 1_700_000_000;
 
 /// Mock upstreams in a child process.
-pub struct Mocks {
+pub(crate) struct Mocks {
     child: Child,
     /// `http://127.0.0.1:<port>/v1`, one per mock.
     pub urls: Vec<String>,
@@ -33,7 +33,7 @@ pub struct Mocks {
 impl Mocks {
     /// Starts `nodes` mocks on free ports with the given extra options
     /// (`--rpm 100,150,200`, `--words 20`, …).
-    pub async fn start(nodes: u16, options: &[String]) -> anyhow::Result<Self> {
+    pub(crate) async fn start(nodes: u16, options: &[String]) -> anyhow::Result<Self> {
         let mut args: Vec<String> = [
             "mocks",
             "--nodes",
@@ -57,11 +57,11 @@ impl Mocks {
     }
 
     /// `http://127.0.0.1:<port>` of mock `i`.
-    pub fn origin(&self, i: usize) -> &str {
+    pub(crate) fn origin(&self, i: usize) -> &str {
         self.urls[i].trim_end_matches("/v1")
     }
 
-    pub async fn stats(&self) -> anyhow::Result<Vec<StatsReport>> {
+    pub(crate) async fn stats(&self) -> anyhow::Result<Vec<StatsReport>> {
         let mut all = Vec::with_capacity(self.urls.len());
         for i in 0..self.urls.len() {
             let url = format!("{}/_stats", self.origin(i));
@@ -70,16 +70,16 @@ impl Mocks {
         Ok(all)
     }
 
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
         self.child.stop().await
     }
 }
 
 /// One gateway node's quota line(s), by node index.
-pub type NodeQuota<'a> = &'a dyn Fn(usize) -> String;
+pub(crate) type NodeQuota<'a> = &'a dyn Fn(usize) -> String;
 
 /// The gateway in a child process, in front of `mocks`.
-pub struct Gateway {
+pub(crate) struct Gateway {
     child: Child,
     /// `http://127.0.0.1:<port>`
     pub origin: String,
@@ -88,7 +88,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub async fn start(
+    pub(crate) async fn start(
         mocks: &Mocks,
         dir: &Path,
         scenario: &str,
@@ -126,7 +126,7 @@ impl Gateway {
 
     /// Replaces the config file (a new file renamed over it, as editors do)
     /// with one that has only the `nodes` given, by mock index.
-    pub fn rewrite_config(
+    pub(crate) fn rewrite_config(
         &self,
         mocks: &Mocks,
         scenario: &str,
@@ -141,29 +141,29 @@ impl Gateway {
     }
 
     /// Sends the gateway SIGHUP (it is our own child).
-    pub fn hangup(&self) -> anyhow::Result<()> {
+    pub(crate) fn hangup(&self) -> anyhow::Result<()> {
         let pid = nix::unistd::Pid::from_raw(self.child.pid() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)?;
         Ok(())
     }
 
-    pub async fn status(&self) -> anyhow::Result<Value> {
+    pub(crate) async fn status(&self) -> anyhow::Result<Value> {
         Ok(reqwest::get(format!("{}/status", self.origin))
             .await?
             .json()
             .await?)
     }
 
-    pub fn cpu_time(&self) -> Duration {
+    pub(crate) fn cpu_time(&self) -> Duration {
         self.child.cpu_time()
     }
 
     /// (peak, current) resident memory in bytes.
-    pub fn memory(&self) -> (u64, u64) {
+    pub(crate) fn memory(&self) -> (u64, u64) {
         self.child.memory()
     }
 
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
         self.child.stop().await
     }
 }
@@ -172,7 +172,7 @@ fn node_key_env(i: usize) -> String {
     format!("LOADTEST_NODE_{i}_KEY")
 }
 
-pub fn node_name(i: usize) -> String {
+pub(crate) fn node_name(i: usize) -> String {
     char::from(b'a' + (i % 26) as u8).to_string()
 }
 
@@ -201,7 +201,7 @@ fn gateway_toml(
 }
 
 /// A small chat request, as an SDK would send it.
-pub fn chat_body(stream: bool) -> Bytes {
+pub(crate) fn chat_body(stream: bool) -> Bytes {
     let mut body = json!({
         "model": "gpt-4o-mini",
         "messages": [
@@ -220,7 +220,7 @@ pub fn chat_body(stream: bool) -> Bytes {
 /// Sends one chat request and reads the answer to its end. With
 /// `accept_429`, a 429 counts as an answered request (the saturation
 /// scenario expects them); any other non-2xx is a failure.
-pub fn chat_transaction(
+pub(crate) fn chat_transaction(
     key: Arc<str>,
     body: Bytes,
     clock: Arc<Clock>,
@@ -253,17 +253,17 @@ pub fn chat_transaction(
 }
 
 /// Formats bytes as MB.
-pub fn mb(bytes: u64) -> String {
+pub(crate) fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1_000_000.0)
 }
 
 /// Formats microseconds as milliseconds.
-pub fn ms(us: u64) -> String {
+pub(crate) fn ms(us: u64) -> String {
     format!("{:.3} ms", us as f64 / 1000.0)
 }
 
 /// Served requests per node between two `/_stats` readings, as a line.
-pub fn per_node_line(before: &[StatsReport], after: &[StatsReport]) -> String {
+pub(crate) fn per_node_line(before: &[StatsReport], after: &[StatsReport]) -> String {
     let served: Vec<u64> = after
         .iter()
         .zip(before)
@@ -285,19 +285,19 @@ pub fn per_node_line(before: &[StatsReport], after: &[StatsReport]) -> String {
 }
 
 /// A pass/miss verdict line for a target.
-pub fn verdict(met: bool) -> &'static str {
+pub(crate) fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
 }
 
 /// A `redis-server` on a free port on 127.0.0.1, for the gateway's shared
 /// limits; nothing written to disk, killed when dropped.
-pub struct Redis {
+pub(crate) struct Redis {
     _process: tokio::process::Child,
     pub url: String,
 }
 
 impl Redis {
-    pub async fn start() -> anyhow::Result<Self> {
+    pub(crate) async fn start() -> anyhow::Result<Self> {
         use tokio::io::AsyncBufReadExt;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -325,6 +325,10 @@ impl Redis {
             .context("redis-server did not get ready in 10 s")??;
         anyhow::ensure!(ready, "redis-server exited before it was ready");
         // Keep draining its log so it never blocks on a full pipe.
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "drains a child's output; ends when the child (killed on drop) closes it"
+        )]
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self {
             _process: process,

@@ -21,7 +21,7 @@ use tokio::process::{ChildStdin, Command};
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(40);
 
-pub struct Child {
+pub(crate) struct Child {
     name: &'static str,
     process: tokio::process::Child,
     stdin: Option<ChildStdin>,
@@ -29,14 +29,14 @@ pub struct Child {
 }
 
 impl Child {
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.pid
     }
 
     /// Re-runs this binary with `args` and waits until it has printed
     /// `listeners` lines ending in `listening on <address>`; returns the
     /// addresses.
-    pub async fn spawn(
+    pub(crate) async fn spawn(
         name: &'static str,
         args: &[String],
         env: &[(&str, &str)],
@@ -76,6 +76,10 @@ impl Child {
             .await
             .with_context(|| format!("the {name} did not listen within {START_TIMEOUT:?}"))??;
         // Keep draining its stdout so it never blocks on a full pipe.
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "drains a child's output; ends when the child (killed on drop) closes it"
+        )]
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok((
             Self {
@@ -90,7 +94,7 @@ impl Child {
 
     /// CPU time used by all of the child's threads so far (from
     /// `/proc/<pid>/task/*/schedstat`, nanosecond resolution).
-    pub fn cpu_time(&self) -> Duration {
+    pub(crate) fn cpu_time(&self) -> Duration {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
             return Duration::ZERO;
         };
@@ -103,7 +107,7 @@ impl Child {
     }
 
     /// Peak resident memory (`VmHWM`) and current (`VmRSS`), in bytes.
-    pub fn memory(&self) -> (u64, u64) {
+    pub(crate) fn memory(&self) -> (u64, u64) {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
         let field = |name: &str| {
@@ -117,7 +121,7 @@ impl Child {
     }
 
     /// Closes the child's stdin (its stop signal) and waits for it to exit.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         drop(self.stdin.take());
         match tokio::time::timeout(STOP_TIMEOUT, self.process.wait()).await {
             Ok(status) => {
@@ -136,7 +140,7 @@ impl Child {
 }
 
 /// Resolves when this process's stdin closes: a child's stop signal.
-pub async fn stdin_closed() {
+pub(crate) async fn stdin_closed() {
     let mut stdin = tokio::io::stdin();
     let mut buf = [0u8; 64];
     while let Ok(n) = stdin.read(&mut buf).await {
@@ -149,7 +153,7 @@ pub async fn stdin_closed() {
 /// Raises this process's open-file limit as far as it may go: thousands of
 /// streams need a socket each on the client, and two on the gateway. The
 /// children inherit it.
-pub fn raise_open_files() -> u64 {
+pub(crate) fn raise_open_files() -> u64 {
     const WANT: u64 = 65_536;
     if rlimit::setrlimit(rlimit::Resource::NOFILE, WANT, WANT).is_ok() {
         return WANT;
@@ -159,7 +163,7 @@ pub fn raise_open_files() -> u64 {
 
 /// The `gateway` child: runs exactly what `balancer serve` runs (pid file,
 /// reload on file change and SIGHUP) until stdin closes.
-pub async fn run_gateway(config: &Path) -> anyhow::Result<()> {
+pub(crate) async fn run_gateway(config: &Path) -> anyhow::Result<()> {
     let listening = |addr, _nodes, _pid_file: &Path| println!("gateway listening on {addr}");
     balancer::server::run(config, stdin_closed(), listening)
         .await

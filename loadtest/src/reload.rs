@@ -22,7 +22,7 @@ use crate::drive::{self, Clock, Measured, Plan};
 use crate::harness::{self, CLIENT_KEY, Gateway, Mocks, verdict};
 
 #[derive(Debug, Clone, Args)]
-pub struct ReloadArgs {
+pub(crate) struct ReloadArgs {
     /// Concurrent clients.
     #[arg(long, default_value_t = 50)]
     pub clients: usize,
@@ -32,7 +32,7 @@ pub struct ReloadArgs {
 }
 
 impl ReloadArgs {
-    pub fn smoke(&mut self) {
+    pub(crate) fn smoke(&mut self) {
         self.duration = Duration::from_secs(6);
     }
 }
@@ -140,7 +140,7 @@ async fn change_config(
     })
 }
 
-pub async fn run(args: &ReloadArgs, dir: &Path) -> anyhow::Result<bool> {
+pub(crate) async fn run(args: &ReloadArgs, dir: &Path) -> anyhow::Result<bool> {
     let mocks = Mocks::start(3, &[]).await?;
     let gateway = Gateway::start(&mocks, dir, SCENARIO, "", &no_quota).await?;
     println!(

@@ -17,7 +17,7 @@ use crate::drive::{self, Clock, Measured, Plan};
 use crate::harness::{self, CLIENT_KEY, Gateway, Mocks, verdict};
 
 #[derive(Debug, Clone, Args)]
-pub struct SaturationArgs {
+pub(crate) struct SaturationArgs {
     /// Requests in all.
     #[arg(long, default_value_t = 20_000)]
     pub requests: usize,
@@ -36,7 +36,7 @@ pub struct SaturationArgs {
 }
 
 impl SaturationArgs {
-    pub fn smoke(&mut self) {
+    pub(crate) fn smoke(&mut self) {
         self.requests = 1000;
         self.connections = 100;
         self.rpm = vec![10, 15, 20];
@@ -45,7 +45,7 @@ impl SaturationArgs {
     }
 }
 
-pub async fn run(args: &SaturationArgs, dir: &std::path::Path) -> anyhow::Result<bool> {
+pub(crate) async fn run(args: &SaturationArgs, dir: &std::path::Path) -> anyhow::Result<bool> {
     let nodes = args.rpm.len() as u16;
     let rpm_list = args
         .rpm

@@ -26,7 +26,7 @@ use crate::drive::{self, Clock, Measured, Plan};
 use crate::harness::{self, CHAT_PATH, CLIENT_KEY, Gateway, Mocks, mb, ms, verdict};
 
 #[derive(Debug, Clone, Args)]
-pub struct StreamingArgs {
+pub(crate) struct StreamingArgs {
     /// Concurrent streams.
     #[arg(long, default_value_t = 1000)]
     pub streams: usize,
@@ -46,7 +46,7 @@ pub struct StreamingArgs {
 }
 
 impl StreamingArgs {
-    pub fn smoke(&mut self) {
+    pub(crate) fn smoke(&mut self) {
         self.streams = 50;
         self.per_client = 2;
         self.events = 5;
@@ -70,16 +70,16 @@ mod samples {
     /// Microsecond samples; a plain mutex is fine off the measured path
     /// (taken once per stream, after its first event).
     #[derive(Default)]
-    pub struct Samples(Mutex<Vec<u64>>);
+    pub(super) struct Samples(Mutex<Vec<u64>>);
 
     impl Samples {
-        pub fn push(&self, us: u64) {
+        pub(super) fn push(&self, us: u64) {
             if let Ok(mut v) = self.0.lock() {
                 v.push(us);
             }
         }
 
-        pub fn percentile(&self, p: f64) -> u64 {
+        pub(super) fn percentile(&self, p: f64) -> u64 {
             let Ok(mut v) = self.0.lock() else { return 0 };
             if v.is_empty() {
                 return 0;
@@ -224,7 +224,7 @@ async fn load(host: &str, key: &str, reference: &Bytes, plan: &Plan) -> anyhow::
     })
 }
 
-pub async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::Result<bool> {
+pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::Result<bool> {
     let interval = humantime::format_duration(args.interval).to_string();
     let mocks = Mocks::start(
         3,

@@ -19,7 +19,7 @@ use crate::drive::{self, Clock, Measured, Plan};
 use crate::harness::{self, CLIENT_KEY, Gateway, Mocks, mb, ms, verdict};
 
 #[derive(Debug, Clone, Args)]
-pub struct ThroughputArgs {
+pub(crate) struct ThroughputArgs {
     /// Requests in part 1 (ignored with --duration).
     #[arg(long, default_value_t = 2000)]
     pub requests: usize,
@@ -86,7 +86,7 @@ async fn load(host: &str, key: &str, plan: &Plan) -> anyhow::Result<Run> {
     })
 }
 
-pub async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow::Result<bool> {
+pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow::Result<bool> {
     let mocks = Mocks::start(3, &[]).await?;
     let gateway = Gateway::start(&mocks, dir, "throughput", "", &|_| String::new()).await?;
     let direct_host = mocks.origin(0).to_owned();

@@ -288,6 +288,10 @@ impl MockUpstream {
             let _ = tcp.set_nodelay(true);
         });
         let stopped = stopping.clone();
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the server task is owned by its MockUpstream, whose stop() ends and awaits it"
+        )]
         let task = tokio::spawn(async move {
             let serve = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stopped.cancelled().await });

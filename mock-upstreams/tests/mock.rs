@@ -1,6 +1,10 @@
 //! The mock over real HTTP on 127.0.0.1: keys, quotas and their headers,
 //! faults, and `/_stats`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![expect(
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    reason = "tests stop loudly, and spawn their own helpers"
+)]
 
 use std::time::Duration;
 

@@ -43,7 +43,7 @@ use crate::config::OnRedisError;
 use crate::error::GatewayError;
 use crate::limits::{Demand, RateLimitReport, Reservation};
 use crate::snapshot::{Live, NodeId};
-pub use queue::Queue;
+pub(crate) use queue::Queue;
 use refusal::{Headroom, Refusal, refuse};
 use shared::{Ending, Lease, NotPlaced, SharedLimits};
 
@@ -359,7 +359,7 @@ impl Drop for ClientHold {
 /// the client's hold, settled to `used` tokens (prompt + completion), or
 /// kept in full when the usage is unknown. In shared mode the node's and
 /// the client's leases end in one release call.
-pub fn settle(mut booking: Booking, mut client: ClientHold, used: Option<u64>) {
+pub(crate) fn settle(mut booking: Booking, mut client: ClientHold, used: Option<u64>) {
     let ending = used.map_or(Ending::Keep, Ending::Settle);
     if let Some(reservation) = booking.reservation.take() {
         end_reservation(reservation, ending);

@@ -147,7 +147,7 @@ impl Queue {
 
     /// Places the request for `model` now, waits for headroom, or says
     /// why not.
-    pub async fn admit(
+    pub(crate) async fn admit(
         &self,
         live: &Arc<Live>,
         model: Option<&str>,

@@ -31,6 +31,7 @@ use serde::Deserialize;
 use crate::keys::{ClientKey, NodeKey};
 use crate::limits::{ClientLimits, Quota};
 
+mod entries;
 mod raw;
 mod render;
 mod validate;

@@ -17,14 +17,14 @@ use crate::limits::Remaining;
 use crate::snapshot::Node;
 use crate::state::AppState;
 
-pub mod scrape;
+pub(crate) mod scrape;
 
 /// `GET /dashboard`: one self-contained page that draws `/status`.
-pub async fn dashboard() -> axum::response::Html<&'static str> {
+pub(crate) async fn dashboard() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("dashboard.html"))
 }
 
-pub async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
+pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
     let live = state.live();
     let now = Instant::now();
     let mut nodes: Vec<Value> = live.nodes().map(|node| node_status(node, now)).collect();

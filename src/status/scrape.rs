@@ -30,7 +30,7 @@ use crate::state::AppState;
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// `GET /metrics`.
-pub async fn handle(State(state): State<Arc<AppState>>) -> Response {
+pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Response {
     let mut registry = Registry::with_prefix("balancer");
     registry.register_collector(Box::new(Scrape(state)));
     let mut body = String::with_capacity(16 * 1024);
@@ -66,7 +66,8 @@ impl Collector for Scrape {
         routed.push(("", state.metrics.answered.sorted()));
         encode_routes(&mut out, &routed)?;
         encode_queue(&mut out, state)?;
-        encode_nodes(&mut out, &live)?;
+        encode_node_limits(&mut out, &live)?;
+        encode_node_health(&mut out, &live)?;
         encode_clients(&mut out, state)
     }
 }
@@ -180,8 +181,8 @@ fn encode_queue(out: &mut DescriptorEncoder<'_>, state: &AppState) -> Fmt {
     Ok(())
 }
 
-/// Each node's limits, use, health, cooldown, retries and errors.
-fn encode_nodes(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
+/// Each node's limits and what it uses of them.
+fn encode_node_limits(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
     let now = Instant::now();
     // Each node's state, read as /status reads it.
     let usages: Vec<LimiterSnapshot> = live.nodes().map(|n| n.limiter.snapshot(now)).collect();
@@ -234,6 +235,12 @@ fn encode_nodes(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
             }
         }
     }
+    Ok(())
+}
+
+/// Each node's health, cooldown, retries and upstream errors.
+fn encode_node_health(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
+    let now = Instant::now();
     let mut family = out.encode_descriptor(
         "node_healthy",
         "1 when the node is in rotation, 0 when health checks or failures took it out.",
@@ -251,9 +258,10 @@ fn encode_nodes(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
         Some(&Unit::Seconds),
         MetricType::Gauge,
     )?;
-    for (node, u) in live.nodes().zip(&usages) {
+    for node in live.nodes() {
         let labels = [("node", &*node.name)];
-        let left = u.cooldown.map_or(0.0, |(left, _)| left.as_secs_f64());
+        let cooldown = node.limiter.snapshot(now).cooldown;
+        let left = cooldown.map_or(0.0, |(left, _)| left.as_secs_f64());
         ConstGauge::new(left).encode(family.encode_family(&labels)?)?;
     }
     let mut family = out.encode_descriptor(

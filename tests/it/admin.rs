@@ -11,7 +11,7 @@ use crate::pg;
 use crate::support::{ADMIN_TOKEN, Gateway, ask_as, client, node};
 
 #[derive(Debug, Clone, Copy)]
-pub enum Backend {
+pub(crate) enum Backend {
     Sqlite,
     Postgres,
 }
@@ -688,11 +688,9 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !ready().await {
-        assert!(tokio::time::Instant::now() < deadline, "not within 5 s");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let within = std::time::Duration::from_secs(5);
+    let held = crate::support::eventually(within, async || ready().await.then_some(())).await;
+    assert!(held.is_some(), "not within 5 s");
 }
 
 macro_rules! on_both_stores {

@@ -100,17 +100,10 @@ impl Served {
     /// Waits (bounded) for the process to exit and returns whether it
     /// exited with status 0.
     async fn exited_ok(mut self) -> bool {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.success();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the gateway did not exit"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let exited = crate::support::eventually(Duration::from_secs(30), async || {
+            self.child.try_wait().unwrap()
+        });
+        exited.await.expect("the gateway did not exit").success()
     }
 }
 

@@ -4,11 +4,10 @@
 use std::time::Duration;
 
 use balancer::request;
-use futures_util::StreamExt;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::{FAST, Gateway, answering_upstream, chat, client, node, post};
+use crate::support::{FAST, Gateway, answering_upstream, chat, node, post_many};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpm_100_150_200_serve_exactly_450_of_600_and_refuse_150_with_retry_after() {
@@ -27,34 +26,13 @@ async fn rpm_100_150_200_serve_exactly_450_of_600_and_refuse_150_with_retry_afte
         ));
     }
     let gw = Gateway::start(&toml).await;
-    let http = client();
-    let outcomes: Vec<(u16, Option<u64>)> = futures_util::stream::iter(0..600)
-        .map(|_| {
-            let (http, gw) = (&http, &gw);
-            async move {
-                let response = post(
-                    http,
-                    gw,
-                    "/v1/chat/completions",
-                    chat("gpt-4o-mini", "hi", 5),
-                )
-                .await;
-                let retry = response
-                    .headers()
-                    .get("retry-after")
-                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
-                (response.status().as_u16(), retry)
-            }
-        })
-        .buffer_unordered(50)
-        .collect()
-        .await;
+    let outcomes = post_many(&gw, 600, 50, |_| chat("gpt-4o-mini", "hi", 5)).await;
 
-    let served = outcomes.iter().filter(|(s, _)| *s == 200).count();
-    let refused: Vec<_> = outcomes.iter().filter(|(s, _)| *s == 429).collect();
+    let served = outcomes.iter().filter(|o| o.status == 200).count();
+    let refused: Vec<_> = outcomes.iter().filter(|o| o.status == 429).collect();
     assert_eq!((served, refused.len()), (450, 150));
-    for (_, retry) in refused {
-        let retry = retry.expect("a 429 carries Retry-After");
+    for outcome in refused {
+        let retry = outcome.retry_after.expect("a 429 carries Retry-After");
         assert!((1..=61).contains(&retry), "Retry-After {retry}");
     }
     for (s, rpm) in servers.iter().zip([100, 150, 200]) {
@@ -90,26 +68,17 @@ async fn no_node_receives_more_reserved_tokens_or_bytes_than_its_quota() {
         ));
     }
     let gw = Gateway::start(&toml).await;
-    let http = client();
-    let statuses: Vec<u16> = futures_util::stream::iter(0..200)
-        .map(|i| {
-            let (http, gw) = (&http, &gw);
-            let text = "lorem ipsum dolor sit amet ".repeat(1 + i % 20);
-            async move {
-                post(
-                    http,
-                    gw,
-                    "/v1/chat/completions",
-                    chat("gpt-4o-mini", &text, 40),
-                )
-                .await
-                .status()
-                .as_u16()
-            }
-        })
-        .buffer_unordered(20)
-        .collect()
-        .await;
+    let statuses: Vec<u16> = post_many(&gw, 200, 20, |i| {
+        chat(
+            "gpt-4o-mini",
+            &"lorem ipsum dolor sit amet ".repeat(1 + i % 20),
+            40,
+        )
+    })
+    .await
+    .iter()
+    .map(|o| o.status)
+    .collect();
     assert!(
         statuses.iter().all(|s| *s == 200 || *s == 429),
         "{statuses:?}"
@@ -154,17 +123,11 @@ async fn saturated_requests_wait_in_the_queue_and_all_succeed() {
         )
     );
     let gw = Gateway::start(&toml).await;
-    let http = client();
-    let statuses: Vec<u16> = futures_util::future::join_all((0..10).map(|_| {
-        let (http, gw) = (&http, &gw);
-        async move {
-            post(http, gw, "/v1/chat/completions", chat("gpt-4", "hi", 5))
-                .await
-                .status()
-                .as_u16()
-        }
-    }))
-    .await;
+    let statuses: Vec<u16> = post_many(&gw, 10, 10, |_| chat("gpt-4", "hi", 5))
+        .await
+        .iter()
+        .map(|o| o.status)
+        .collect();
     assert_eq!(statuses, [200; 10]);
     assert_eq!(server.received_requests().await.unwrap().len(), 10);
     let status = gw.settled_status().await;
@@ -185,17 +148,11 @@ async fn a_full_queue_refuses_at_once() {
         )
     );
     let gw = Gateway::start(&toml).await;
-    let http = client();
-    let statuses: Vec<u16> = futures_util::future::join_all((0..6).map(|_| {
-        let (http, gw) = (&http, &gw);
-        async move {
-            post(http, gw, "/v1/chat/completions", chat("gpt-4", "hi", 5))
-                .await
-                .status()
-                .as_u16()
-        }
-    }))
-    .await;
+    let statuses: Vec<u16> = post_many(&gw, 6, 6, |_| chat("gpt-4", "hi", 5))
+        .await
+        .iter()
+        .map(|o| o.status)
+        .collect();
     // One runs, two wait, three are refused.
     assert_eq!(
         statuses.iter().filter(|s| **s == 200).count(),

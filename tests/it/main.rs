@@ -1,6 +1,12 @@
 //! balancer's integration tests: the gateway in-process on an ephemeral
 //! port, in front of wiremock or mock-upstreams servers on 127.0.0.1.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::disallowed_methods,
+    reason = "tests stop loudly, and spawn their own helpers (requests in the background)"
+)]
 
 mod admin;
 mod cli;

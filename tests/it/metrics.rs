@@ -14,10 +14,10 @@ use crate::support::{
 const TEAM: &str = "sk-team-metrics-key";
 
 /// One scrape, parsed by a Prometheus text-format parser.
-pub struct Metrics(Scrape);
+pub(crate) struct Metrics(Scrape);
 
 impl Metrics {
-    pub async fn scrape(gw: &Gateway) -> Self {
+    pub(crate) async fn scrape(gw: &Gateway) -> Self {
         let response = client().get(gw.url("/metrics")).send().await.unwrap();
         assert_eq!(response.status(), 200);
         assert!(
@@ -36,7 +36,7 @@ impl Metrics {
     }
 
     /// The value of the one sample named `name` with exactly these labels.
-    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let found: Vec<f64> = self
             .0
             .samples

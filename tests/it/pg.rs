@@ -27,7 +27,7 @@ struct Server {
 static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
 
 /// A URL to a new, empty database on the shared test server.
-pub async fn fresh_database() -> String {
+pub(crate) async fn fresh_database() -> String {
     let server = SERVER
         .get_or_init(start)
         .as_ref()

@@ -13,7 +13,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-pub struct RedisServer {
+pub(crate) struct RedisServer {
     pub port: u16,
     pid: i32,
     shell: Child,
@@ -23,7 +23,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     /// A server on a free port.
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -33,7 +33,7 @@ impl RedisServer {
     }
 
     /// A server on `port` (to bring one back where it was).
-    pub fn start_on(port: u16) -> Self {
+    pub(crate) fn start_on(port: u16) -> Self {
         let binary = std::env::var("BALANCER_TEST_REDIS_SERVER")
             .unwrap_or_else(|_| "redis-server".to_owned());
         let mut shell = Command::new("sh")
@@ -78,12 +78,12 @@ impl RedisServer {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// Kills the server at once (SIGKILL), as a crash would.
-    pub fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
         self.stop();
     }

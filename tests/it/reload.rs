@@ -223,11 +223,11 @@ async fn removing_a_node_under_load_fails_no_request_and_sends_it_nothing_more()
     let until_ok = |n: u64| {
         let ok = Arc::clone(&ok);
         async move {
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-            while ok.load(Ordering::Relaxed) < n {
-                assert!(tokio::time::Instant::now() < deadline, "clients stalled");
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
+            let within = std::time::Duration::from_secs(30);
+            let reached = crate::support::eventually(within, async || {
+                (ok.load(Ordering::Relaxed) >= n).then_some(())
+            });
+            assert!(reached.await.is_some(), "clients stalled");
         }
     };
     until_ok(300).await;

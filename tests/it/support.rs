@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// A gateway serving on 127.0.0.1 with an ephemeral port.
-pub struct Gateway {
+pub(crate) struct Gateway {
     pub addr: SocketAddr,
     /// The admin API's address, when the config sets `admin.token_env`.
     pub admin_addr: Option<SocketAddr>,
@@ -23,21 +23,21 @@ pub struct Gateway {
 }
 
 /// The gateway key every test gateway with auth expects.
-pub const CLIENT_KEY: &str = "sk-client-test";
+pub(crate) const CLIENT_KEY: &str = "sk-client-test";
 /// The admin token of every test gateway with `admin.token_env = "TEST_ADMIN_TOKEN"`.
-pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+pub(crate) const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
 
 impl Gateway {
     /// Starts a gateway from `toml` (which must not set `server.listen`),
     /// probes off unless it has a `[health]` table.
-    pub async fn start(toml: &str) -> Self {
+    pub(crate) async fn start(toml: &str) -> Self {
         Self::launch(toml, &[], false).await
     }
 
     /// Starts a gateway from the config file at `path`, reloading it (and
     /// its key files) when they change, as `balancer serve` does. Variables
     /// it names resolve through `env`; `TEST_CLIENT_KEY` is the client key.
-    pub async fn start_file(path: &std::path::Path, env: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start_file(path: &std::path::Path, env: &[(&str, &str)]) -> Self {
         let lookup = lookup(env);
         let (config, _) =
             config::load_with(path, &|var| lookup(var)).unwrap_or_else(|e| panic!("{e}"));
@@ -51,7 +51,7 @@ impl Gateway {
 
     /// [`start_file`](Self::start_file) with `toml` written to a temporary
     /// file (kept for the gateway's life), for configs that name variables.
-    pub async fn start_file_text(toml: &str, env: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start_file_text(toml: &str, env: &[(&str, &str)]) -> Self {
         Self::launch(toml, env, true).await
     }
 
@@ -112,22 +112,22 @@ impl Gateway {
     }
 
     /// A URL on the admin API.
-    pub fn admin_url(&self, path: &str) -> String {
+    pub(crate) fn admin_url(&self, path: &str) -> String {
         let addr = self.admin_addr.expect("the config sets admin.token_env");
         format!("http://{addr}{path}")
     }
 
     /// `/status` once the config has been reloaded `attempts` times.
-    pub async fn reloaded(&self, attempts: u64) -> Value {
+    pub(crate) async fn reloaded(&self, attempts: u64) -> Value {
         self.until(|s| s["config"]["last_reload"]["attempt"].as_u64() >= Some(attempts))
             .await
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
 
-    pub async fn status(&self) -> Value {
+    pub(crate) async fn status(&self) -> Value {
         let body = reqwest::get(self.url("/status"))
             .await
             .unwrap()
@@ -140,23 +140,20 @@ impl Gateway {
     /// Waits (bounded, 10 s) until `/status` satisfies `ready`, and returns it.
     /// Gateway state changes as requests end, so tests await that event
     /// through `/status` rather than sleeping a guessed time.
-    pub async fn until(&self, ready: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
+    pub(crate) async fn until(&self, ready: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        let found = eventually(Duration::from_secs(10), async || {
             let status = self.status().await;
-            if ready(&status) {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "condition not reached: {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            let done = ready(&status);
+            last = status.clone();
+            done.then_some(status)
+        })
+        .await;
+        found.unwrap_or_else(|| panic!("condition not reached: {last}"))
     }
 
     /// `/status` once nothing is in flight or reserved on any node.
-    pub async fn settled_status(&self) -> Value {
+    pub(crate) async fn settled_status(&self) -> Value {
         self.until(|status| {
             status["nodes"]
                 .as_array()
@@ -168,7 +165,7 @@ impl Gateway {
     }
 
     /// Begins a graceful shutdown and waits for the server to return.
-    pub async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -213,7 +210,10 @@ fn without_probes(toml: &str) -> String {
 /// Sends a chat request (with the test client key) in the background, for
 /// tests that must act while it waits; yields its status and the node that
 /// served it (empty if none).
-pub fn send_in_background(gw: &Gateway, body: String) -> tokio::task::JoinHandle<(u16, String)> {
+pub(crate) fn send_in_background(
+    gw: &Gateway,
+    body: String,
+) -> tokio::task::JoinHandle<(u16, String)> {
     let url = gw.url("/v1/chat/completions");
     tokio::spawn(async move {
         let response = client()
@@ -234,19 +234,19 @@ pub fn send_in_background(gw: &Gateway, body: String) -> tokio::task::JoinHandle
 }
 
 /// A `[[nodes]]` table with a literal key.
-pub fn node(name: &str, url: &str, key: &str, extra: &str) -> String {
+pub(crate) fn node(name: &str, url: &str, key: &str, extra: &str) -> String {
     format!("[[nodes]]\nname = \"{name}\"\nurl = \"{url}\"\napi_key = \"{key}\"\n{extra}\n")
 }
 
 /// Settings that keep tests fast: short queue wait, one retry.
-pub const FAST: &str = "[queue]\nmax_wait = \"2s\"\n[upstream]\nfirst_byte_timeout = \"2s\"\nconnect_timeout = \"1s\"\n";
+pub(crate) const FAST: &str = "[queue]\nmax_wait = \"2s\"\n[upstream]\nfirst_byte_timeout = \"2s\"\nconnect_timeout = \"1s\"\n";
 
-pub fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
 /// A chat request body.
-pub fn chat(model: &str, text: &str, max_tokens: u64) -> String {
+pub(crate) fn chat(model: &str, text: &str, max_tokens: u64) -> String {
     serde_json::json!({
         "model": model,
         "max_tokens": max_tokens,
@@ -256,7 +256,7 @@ pub fn chat(model: &str, text: &str, max_tokens: u64) -> String {
 }
 
 /// A chat request with `key`: status, `Retry-After`, body.
-pub async fn ask_as(
+pub(crate) async fn ask_as(
     gw: &Gateway,
     key: &str,
     model: &str,
@@ -284,7 +284,7 @@ pub async fn ask_as(
 }
 
 /// POSTs JSON to the gateway.
-pub async fn post(
+pub(crate) async fn post(
     client: &reqwest::Client,
     gw: &Gateway,
     path: &str,
@@ -301,7 +301,7 @@ pub async fn post(
 }
 
 /// A node's entry in `/status`.
-pub fn node_status<'a>(status: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn node_status<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["nodes"]
         .as_array()
         .unwrap()
@@ -311,7 +311,7 @@ pub fn node_status<'a>(status: &'a Value, name: &str) -> &'a Value {
 }
 
 /// An OpenAI-style chat answer with the given usage.
-pub fn chat_answer(prompt: u64, completion: u64) -> Value {
+pub(crate) fn chat_answer(prompt: u64, completion: u64) -> Value {
     serde_json::json!({
         "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
@@ -320,13 +320,13 @@ pub fn chat_answer(prompt: u64, completion: u64) -> Value {
 }
 
 /// A port on 127.0.0.1 that refuses connections (bound, then closed).
-pub fn closed_port() -> u16 {
+pub(crate) fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
 
 /// A wiremock upstream answering every POST with a chat answer after `delay`.
-pub async fn answering_upstream(delay: Duration) -> wiremock::MockServer {
+pub(crate) async fn answering_upstream(delay: Duration) -> wiremock::MockServer {
     use wiremock::matchers::method;
     use wiremock::{Mock, MockServer, ResponseTemplate};
     let server = MockServer::start().await;
@@ -339,4 +339,64 @@ pub async fn answering_upstream(delay: Duration) -> wiremock::MockServer {
         .mount(&server)
         .await;
     server
+}
+
+/// Polls `ready` every 10 ms until it yields a value, for at most
+/// `within`: for state that changes when something ends elsewhere (a
+/// request, a process, another replica's cache) and cannot be awaited
+/// directly. `None` if it never did (the caller says what was awaited).
+pub(crate) async fn eventually<T>(
+    within: Duration,
+    mut ready: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = ready().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What one of [`post_many`]'s requests got back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub(crate) status: u16,
+    pub(crate) retry_after: Option<u64>,
+}
+
+/// Posts `count` chat requests (`body(i)` for the `i`th, with the test
+/// client key), `at_once` in flight at a time, each read to its end;
+/// returns what each got, in the order they finished.
+pub(crate) async fn post_many(
+    gw: &Gateway,
+    count: usize,
+    at_once: usize,
+    body: impl Fn(usize) -> String,
+) -> Vec<Outcome> {
+    use futures_util::StreamExt;
+    let http = client();
+    futures_util::stream::iter(0..count)
+        .map(|i| {
+            let (http, body) = (&http, body(i));
+            async move {
+                let response = post(http, gw, "/v1/chat/completions", body).await;
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+                let status = response.status().as_u16();
+                response.bytes().await.unwrap();
+                Outcome {
+                    status,
+                    retry_after,
+                }
+            }
+        })
+        .buffer_unordered(at_once)
+        .collect()
+        .await
 }

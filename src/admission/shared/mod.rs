@@ -100,14 +100,14 @@ impl std::fmt::Debug for SharedLimits {
 
 /// One candidate node, as the script sees it.
 #[derive(Debug, Clone)]
-pub struct Candidate<'a> {
+pub(crate) struct Candidate<'a> {
     pub name: &'a str,
     pub quota: Quota,
 }
 
 /// A client's limits, as the script sees them.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientLimitsView<'a> {
+pub(crate) struct ClientLimitsView<'a> {
     pub id: &'a str,
     pub rpm: u64,
     pub tpm: u64,
@@ -126,7 +126,7 @@ pub struct SharedUse {
 
 /// What one admission script answered.
 #[derive(Debug)]
-pub enum ScriptAnswer {
+pub(crate) enum ScriptAnswer {
     /// Placed on candidate `index`; release the lease when the request ends.
     Placed { index: usize, lease: Lease },
     /// Nothing has headroom: try again on a release, or at `until`.
@@ -142,7 +142,7 @@ pub enum ScriptAnswer {
 /// Redis could not answer (in time).
 #[derive(Debug, thiserror::Error)]
 #[error("redis: {0}")]
-pub struct Unavailable(String);
+pub(crate) struct Unavailable(String);
 
 impl SharedLimits {
     /// Starts connecting in the background (see [`run`](Self::run)); the
@@ -214,7 +214,7 @@ impl SharedLimits {
     }
 
     /// One admission: the client's limits and the candidates, atomically.
-    pub async fn admit(
+    pub(crate) async fn admit(
         self: &Arc<Self>,
         candidates: &[Candidate<'_>],
         demand: Demand,
@@ -247,27 +247,7 @@ impl SharedLimits {
             .arg(&id)
             .arg(lease_ms)
             .arg(rotation as u64);
-        let c = client.unwrap_or(ClientLimitsView {
-            id: "",
-            rpm: 0,
-            tpm: 0,
-            burst: 0,
-            rate_per_second: 0.0,
-        });
-        invocation
-            .arg(c.rpm)
-            .arg(c.tpm)
-            .arg(c.burst)
-            .arg(c.rate_per_second);
-        for candidate in candidates {
-            let q = candidate.quota;
-            let n = |v: Option<std::num::NonZeroU64>| v.map_or(0, u64::from);
-            invocation
-                .arg(n(q.rpm))
-                .arg(n(q.tpm))
-                .arg(n(q.bpm))
-                .arg(n(q.max_concurrency));
-        }
+        push_limits(&mut invocation, client, candidates);
         let sent = Instant::now();
         let (kind, a, redis_now, slot): (i64, i64, i64, i64) = self.call(&invocation).await?;
         unanswered.armed = false;
@@ -477,5 +457,36 @@ impl SharedLimits {
             .map_err(|e| e.to_string())?;
         self.conn.store(Some(Arc::new(manager)));
         Ok(Box::pin(pubsub.into_on_message()))
+    }
+}
+
+/// The admission script's limit arguments: the client's rpm, tpm, bucket
+/// burst and rate, then each candidate's rpm, tpm, bpm and concurrency
+/// (0 = none).
+fn push_limits(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    client: Option<ClientLimitsView<'_>>,
+    candidates: &[Candidate<'_>],
+) {
+    let c = client.unwrap_or(ClientLimitsView {
+        id: "",
+        rpm: 0,
+        tpm: 0,
+        burst: 0,
+        rate_per_second: 0.0,
+    });
+    invocation
+        .arg(c.rpm)
+        .arg(c.tpm)
+        .arg(c.burst)
+        .arg(c.rate_per_second);
+    let n = |v: Option<std::num::NonZeroU64>| v.map_or(0, u64::from);
+    for candidate in candidates {
+        let q = candidate.quota;
+        invocation
+            .arg(n(q.rpm))
+            .arg(n(q.tpm))
+            .arg(n(q.bpm))
+            .arg(n(q.max_concurrency));
     }
 }

@@ -61,16 +61,7 @@ pub(in crate::admission) async fn place(
             quota: live.node(id).limiter.quota(),
         })
         .collect();
-    let client = client.map(|c| {
-        let (rpm, tpm, burst, rate_per_second) = c.limiter.shared_limits();
-        ClientLimitsView {
-            id: &c.id,
-            rpm,
-            tpm,
-            burst,
-            rate_per_second,
-        }
-    });
+    let client = client.map(client_view);
     let give_up = ask
         .deadline
         .min(Instant::now() + live.config.queue.max_wait);
@@ -89,18 +80,8 @@ pub(in crate::admission) async fn place(
             .map_err(|_| NotPlaced::Unavailable)?;
         let until = match answer {
             ScriptAnswer::Placed { index, lease } => return Ok((in_rotation[index], lease)),
-            ScriptAnswer::Never(limit) => {
-                let refusal = refusal::too_large(live, &in_rotation, limit, ask.demand);
-                return Err(NotPlaced::Refused(refusal));
-            }
-            ScriptAnswer::ClientLimited { retry_after } => {
-                let refusal = Refusal::ClientLimited(Headroom::In(retry_after));
-                return Err(NotPlaced::Refused(refusal));
-            }
-            ScriptAnswer::ClientTooSmall(limit) => {
-                return Err(NotPlaced::Refused(Refusal::ClientTooSmall(limit)));
-            }
             ScriptAnswer::Wait { until } => until,
+            refused => return Err(NotPlaced::Refused(refusal_of(refused, ask, &in_rotation))),
         };
         if !wait {
             return Err(NotPlaced::NoHeadroom);
@@ -120,6 +101,33 @@ pub(in crate::admission) async fn place(
         tokio::select! {
             () = &mut freed => {}
             () = tokio::time::sleep_until(until.unwrap_or(give_up).min(give_up)) => {}
+        }
+    }
+}
+
+/// A client's limits, as the script takes them.
+fn client_view(client: &Client) -> ClientLimitsView<'_> {
+    let (rpm, tpm, burst, rate_per_second) = client.limiter.shared_limits();
+    ClientLimitsView {
+        id: &client.id,
+        rpm,
+        tpm,
+        burst,
+        rate_per_second,
+    }
+}
+
+/// The refusal a script's answer means (neither placed nor waiting).
+fn refusal_of(answer: ScriptAnswer, ask: &Ask<'_>, in_rotation: &[NodeId]) -> Refusal {
+    match answer {
+        ScriptAnswer::Never(limit) => refusal::too_large(ask.live, in_rotation, limit, ask.demand),
+        ScriptAnswer::ClientLimited { retry_after } => {
+            Refusal::ClientLimited(Headroom::In(retry_after))
+        }
+        ScriptAnswer::ClientTooSmall(limit) => Refusal::ClientTooSmall(limit),
+        // Not refusals: the caller took these.
+        ScriptAnswer::Placed { .. } | ScriptAnswer::Wait { .. } => {
+            Refusal::Saturated(Headroom::OnRelease)
         }
     }
 }

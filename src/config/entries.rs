@@ -1,0 +1,361 @@
+//! The `[[nodes]]` and `[[clients]]` entries: each validated on its own,
+//! every problem named by the entry's index and field, and duplicates
+//! (names, keys) found across entries. Keys are read here from their
+//! variable, file or literal, straight into [`secrecy`] types.
+
+use std::num::NonZeroU64;
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use super::raw::{RawClient, RawNode};
+use super::{ClientConfig, NodeConfig, Warnings, models_problem};
+use crate::keys::{ClientKey, NodeKey};
+use crate::limits::{ClientLimits, Quota};
+
+pub(super) fn validate_clients(
+    raw: Vec<RawClient>,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Vec<ClientConfig> {
+    let mut clients: Vec<ClientConfig> = Vec::with_capacity(raw.len());
+    // Every entry's name and key, valid or not, so a duplicate is named
+    // even when its first occurrence has problems of its own.
+    let mut names: Vec<String> = Vec::new();
+    let mut hashes: Vec<[u8; 32]> = Vec::new();
+    for (i, client) in raw.into_iter().enumerate() {
+        let before = problems.len();
+        let at = |field: &str| format!("clients[{i}].{field}");
+        let name = client.name.trim();
+        if name.is_empty() {
+            problems.push(format!("{}: must not be empty", at("name")));
+        } else if names.iter().any(|n| n == name) {
+            problems.push(format!("{}: duplicate client name \"{name}\"", at("name")));
+        }
+        names.push(name.to_owned());
+        let key = match env(&client.key_env).filter(|v| !v.trim().is_empty()) {
+            Some(value) => Some(ClientKey::new(SecretString::from(value.trim().to_owned()))),
+            None => {
+                problems.push(format!(
+                    "{}: environment variable {} is not set or empty",
+                    at("key_env"),
+                    client.key_env
+                ));
+                None
+            }
+        };
+        if let Some(key) = &key {
+            let hash = key.hash();
+            if hashes.contains(&hash) {
+                problems.push(format!("{}: the same key as another client", at("key_env")));
+            }
+            hashes.push(hash);
+        }
+        let limits =
+            ClientLimits::from_parts(client.rpm, client.tpm, client.burst, client.rate_per_second)
+                .map_err(|found| {
+                    for (field, message) in found {
+                        problems.push(format!("{}: {message}", at(field)));
+                    }
+                })
+                .ok();
+        if let Some(message) = client.models.as_deref().and_then(models_problem) {
+            problems.push(format!("{}: {message}", at("models")));
+        }
+        if problems.len() > before {
+            continue;
+        }
+        if let (Some(key), Some(limits)) = (key, limits) {
+            clients.push(ClientConfig {
+                name: Arc::from(name),
+                key,
+                limits,
+                models: client.models,
+                enabled: client.enabled,
+            });
+        }
+    }
+    clients
+}
+
+pub(super) fn validate_node(
+    i: usize,
+    raw: RawNode,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+    warnings: &mut Warnings,
+) -> Option<NodeConfig> {
+    let before = problems.len();
+    let at = |field: &str| format!("nodes[{i}].{field}");
+
+    let name = raw.name.trim();
+    if name.is_empty() {
+        problems.push(format!("{}: must not be empty", at("name")));
+    }
+
+    let url = raw.url.trim_end_matches('/');
+    if let Some(problem) = url_problem(url) {
+        problems.push(format!("{}: {problem}", at("url")));
+    }
+
+    let key = read_node_key(i, &raw, env, problems, warnings);
+
+    if let Some(models) = &raw.models {
+        if models.is_empty() {
+            problems.push(format!(
+                "{}: must not be empty; leave it out to serve any model",
+                at("models")
+            ));
+        }
+        if models.iter().any(|m| m.trim().is_empty()) {
+            problems.push(format!("{}: model names must not be empty", at("models")));
+        }
+    }
+
+    let mut limit = |field: &str, value: Option<u64>| match value {
+        Some(0) => {
+            problems.push(format!("{}: must be greater than 0", at(field)));
+            None
+        }
+        other => other.and_then(NonZeroU64::new),
+    };
+    let quota = Quota {
+        rpm: limit("rpm", raw.rpm),
+        tpm: limit("tpm", raw.tpm),
+        bpm: limit("bpm", raw.bpm),
+        max_concurrency: limit("max_concurrency", raw.max_concurrency),
+    };
+
+    if let Some(ca) = &raw.ca_file
+        && !ca.is_file()
+    {
+        problems.push(format!(
+            "{}: file {} not found",
+            at("ca_file"),
+            ca.display()
+        ));
+    }
+
+    if problems.len() > before {
+        return None;
+    }
+    Some(NodeConfig {
+        name: Arc::from(name),
+        url: Arc::from(url),
+        key: key?,
+        models: raw.models,
+        quota,
+        ca_file: raw.ca_file,
+        key_file: raw.api_key_file,
+    })
+}
+
+/// What is wrong with a node's base URL, if anything. A URL that does not
+/// parse is not quoted back whole: it may carry credentials.
+fn url_problem(url: &str) -> Option<String> {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if !matches!(parsed.scheme(), "http" | "https") => Some(format!(
+            "scheme must be http or https, found \"{}\"",
+            parsed.scheme()
+        )),
+        Ok(parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            Some("must not carry credentials; use api_key_env or api_key_file".to_owned())
+        }
+        Ok(parsed) if parsed.query().is_some() || parsed.fragment().is_some() => {
+            Some("must not have a query or fragment".to_owned())
+        }
+        Ok(_) => None,
+        Err(err) => Some(format!("not a valid URL ({err})")),
+    }
+}
+
+fn read_node_key(
+    i: usize,
+    raw: &RawNode,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+    warnings: &mut Warnings,
+) -> Option<NodeKey> {
+    let sources = [
+        raw.api_key_env.is_some(),
+        raw.api_key_file.is_some(),
+        raw.api_key.is_some(),
+    ];
+    match sources.iter().filter(|s| **s).count() {
+        1 => {}
+        0 => {
+            problems.push(format!(
+                "nodes[{i}]: needs one of api_key_env, api_key_file or api_key"
+            ));
+            return None;
+        }
+        _ => {
+            problems.push(format!(
+                "nodes[{i}]: give only one of api_key_env, api_key_file or api_key"
+            ));
+            return None;
+        }
+    }
+    let (field, secret): (&str, Result<SecretString, String>) = if let Some(var) = &raw.api_key_env
+    {
+        let value = env(var).map(SecretString::from);
+        let missing = format!("environment variable {var} is not set or empty");
+        ("api_key_env", value.ok_or(missing))
+    } else if let Some(path) = &raw.api_key_file {
+        let value = std::fs::read_to_string(path)
+            .map(|text| SecretString::from(text.trim().to_owned()))
+            .map_err(|err| format!("cannot read {}: {}", path.display(), err.kind()));
+        ("api_key_file", value)
+    } else {
+        warnings.0.push(format!(
+            "nodes[{i}].api_key: a literal key in the config file; prefer api_key_env or api_key_file"
+        ));
+        let value = raw.api_key.clone().map(SecretString::from);
+        ("api_key", value.ok_or_else(String::new))
+    };
+    let secret = match secret {
+        Ok(secret) if secret.expose_secret().trim().is_empty() => {
+            problems.push(format!("nodes[{i}].{field}: the key is empty"));
+            return None;
+        }
+        Ok(secret) => secret,
+        Err(why) => {
+            problems.push(format!("nodes[{i}].{field}: {why}"));
+            return None;
+        }
+    };
+    match NodeKey::new(secret) {
+        Ok(key) => Some(key),
+        Err(why) => {
+            problems.push(format!("nodes[{i}].{field}: {why}"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::from_toml_str;
+    use crate::keys::hash_key;
+
+    fn env(var: &str) -> Option<String> {
+        match var {
+            "KEY_A" => Some("sk-a-secret".to_owned()),
+            "APP_KEY" => Some("app-secret".to_owned()),
+            _ => None,
+        }
+    }
+
+    fn problems(toml: &str) -> Vec<String> {
+        match from_toml_str(toml, &env) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems,
+        }
+    }
+
+    const NODE: &str =
+        "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
+
+    #[test]
+    fn a_zero_limit_names_node_and_field() {
+        let toml = format!(
+            "{NODE}\n[[nodes]]\nname = \"b\"\nurl = \"http://h/v1\"\napi_key = \"k\"\nrpm = 0\n"
+        );
+        assert_eq!(problems(&toml), ["nodes[1].rpm: must be greater than 0"]);
+    }
+
+    #[test]
+    fn duplicate_names_bad_urls_and_missing_keys_are_each_reported() {
+        let toml = "[[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key_env = \"KEY_A\"\n\
+                    [[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key_env = \"KEY_A\"\n\
+                    [[nodes]]\nname = \"c\"\nurl = \"not a url\"\napi_key_env = \"NOPE\"\n";
+        let p = problems(toml);
+        assert!(
+            p.contains(&"nodes[1].name: duplicate node name \"a\"".to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("nodes[2].url: not a valid URL")),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(
+                &"nodes[2].api_key_env: environment variable NOPE is not set or empty".to_owned()
+            ),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_node_needs_exactly_one_key_source() {
+        let none = "[[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\n";
+        assert_eq!(
+            problems(none),
+            ["nodes[0]: needs one of api_key_env, api_key_file or api_key"]
+        );
+        let two = "[[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key = \"x\"\napi_key_env = \"KEY_A\"\n";
+        assert_eq!(
+            problems(two),
+            ["nodes[0]: give only one of api_key_env, api_key_file or api_key"]
+        );
+    }
+
+    #[test]
+    fn a_key_file_is_trimmed_and_a_literal_key_is_warned() {
+        let dir = std::env::temp_dir().join(format!("balancer-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, "  sk-from-file\n").unwrap();
+        let toml = format!(
+            "[[nodes]]\nname = \"f\"\nurl = \"http://h/v1\"\napi_key_file = \"{}\"\n\
+             [[nodes]]\nname = \"l\"\nurl = \"http://h/v1\"\napi_key = \"sk-literal\"\n",
+            file.display()
+        );
+        let (config, warnings) = from_toml_str(&toml, &env).unwrap();
+        assert_eq!(config.nodes[0].key.expose(), "sk-from-file");
+        assert_eq!(warnings.0.len(), 1);
+        assert!(warnings.0[0].starts_with("nodes[1].api_key:"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn clients_are_validated_field_by_field() {
+        let toml = format!(
+            "{NODE}[[clients]]\nname = \"a\"\nkey_env = \"APP_KEY\"\nrpm = 0\nburst = 5\n\
+             [[clients]]\nname = \"a\"\nkey_env = \"APP_KEY\"\nmodels = []\n\
+             [[clients]]\nname = \"c\"\nkey_env = \"NOPE\"\n"
+        );
+        assert_eq!(
+            problems(&toml),
+            [
+                "clients[0].rpm: must be greater than 0; leave it out for no limit",
+                "clients[0].rate_per_second: burst needs rate_per_second too",
+                "clients[1].name: duplicate client name \"a\"",
+                "clients[1].key_env: the same key as another client",
+                "clients[1].models: must list model names; leave it out to allow every model",
+                "clients[2].key_env: environment variable NOPE is not set or empty",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_client_reads_its_key_and_limits() {
+        let toml = format!(
+            "{NODE}[[clients]]\nname = \"team\"\nkey_env = \"APP_KEY\"\nrpm = 60\nburst = 5\nrate_per_second = 0.5\nmodels = [\"gpt-4o-mini\"]\n"
+        );
+        let (config, _) = from_toml_str(&toml, &env).unwrap();
+        let client = &config.clients[0];
+        assert_eq!(client.key.hash(), hash_key(b"app-secret"));
+        assert_eq!(client.limits.rpm.map(u64::from), Some(60));
+        assert_eq!(
+            client
+                .limits
+                .bucket
+                .map(|b| (u64::from(b.burst), b.rate_per_second)),
+            Some((5, 0.5))
+        );
+        assert!(client.enabled);
+        assert!(!config.render().contains("app-secret"));
+    }
+}

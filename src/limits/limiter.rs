@@ -1,0 +1,591 @@
+//! A [`Limiter`]: one node's (or one client's) live use of its quota,
+//! behind one short lock, and the [`Reservation`] guard that takes capacity
+//! and gives it back exactly once. The invariants are the module's
+//! ([`super`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::window::{Amounts, Window};
+use super::{
+    CooldownReason, Demand, HeadroomSignal, Limit, Load, Marks, Outlook, Quota, RateLimitReport,
+    Reported, WINDOW,
+};
+
+#[derive(Debug)]
+struct LimiterState {
+    quota: Quota,
+    window: Window,
+    in_flight: u64,
+    /// Tokens reserved by requests not yet settled.
+    pending_tokens: u64,
+    cooldown: Option<(Instant, CooldownReason)>,
+    /// Every reservation ever made, to order them against upstream answers.
+    marks: Marks,
+    reported: Reported,
+    retired: bool,
+}
+
+/// The live use of one node's quota (or one client's). A node's survives
+/// config reloads (kept by node name), a client's lives as long as the
+/// client (kept by id).
+#[derive(Debug)]
+pub struct Limiter {
+    id: u64,
+    state: Mutex<LimiterState>,
+    signal: Arc<HeadroomSignal>,
+}
+
+static NEXT_LIMITER_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Limiter {
+    pub fn new(quota: Quota, signal: Arc<HeadroomSignal>) -> Arc<Self> {
+        Arc::new(Self {
+            id: NEXT_LIMITER_ID.fetch_add(1, Ordering::Relaxed),
+            state: Mutex::new(LimiterState {
+                quota,
+                window: Window::new(Instant::now()),
+                in_flight: 0,
+                pending_tokens: 0,
+                cooldown: None,
+                marks: Marks::default(),
+                reported: Reported::default(),
+                retired: false,
+            }),
+            signal,
+        })
+    }
+
+    /// A stable identity, for the queue's bookkeeping.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether `demand` fits now, and if not, when it could.
+    pub fn outlook(&self, demand: Demand, now: Instant) -> Outlook {
+        let mut state = self.state.lock();
+        state.advance(now);
+        state.outlook(demand, now)
+    }
+
+    /// The node's load if `demand` fits now.
+    pub fn load_if_fits(&self, demand: Demand, now: Instant) -> Option<Load> {
+        let mut state = self.state.lock();
+        state.advance(now);
+        (state.outlook(demand, now) == Outlook::Now).then(|| state.load())
+    }
+
+    /// Records `demand` and one request in flight if it fits now.
+    pub fn try_reserve(self: &Arc<Self>, demand: Demand, now: Instant) -> Option<Reservation> {
+        let mut state = self.state.lock();
+        state.advance(now);
+        if state.outlook(demand, now) != Outlook::Now {
+            return None;
+        }
+        Some(self.record_locked(state, demand))
+    }
+
+    /// Records `demand` whatever the local outlook: the limits shared
+    /// through Redis admitted it. This replica's window keeps
+    /// counting its own requests, for `/status` and for the fallback.
+    pub fn record(self: &Arc<Self>, demand: Demand, now: Instant) -> Reservation {
+        let mut state = self.state.lock();
+        state.advance(now);
+        self.record_locked(state, demand)
+    }
+
+    fn record_locked(
+        self: &Arc<Self>,
+        mut state: parking_lot::MutexGuard<'_, LimiterState>,
+        demand: Demand,
+    ) -> Reservation {
+        let slot = state.window.head;
+        state.window.add(
+            slot,
+            Amounts {
+                requests: 1,
+                tokens: demand.tokens,
+                bytes: demand.bytes,
+            },
+        );
+        state.in_flight += 1;
+        state.pending_tokens += demand.tokens;
+        state.marks.requests += 1;
+        state.marks.tokens += demand.tokens;
+        state.reported.take(demand.tokens);
+        let mark = state.marks;
+        drop(state);
+        Reservation {
+            usage: Arc::clone(self),
+            slot,
+            demand,
+            mark,
+            open: true,
+        }
+    }
+
+    /// Keeps the node out of rotation until `until`. A later call extends
+    /// the rest, never shortens it; the reason of the longer rest is kept.
+    pub fn cool_down(&self, until: Instant, reason: CooldownReason) {
+        let mut state = self.state.lock();
+        if state.cooldown.is_none_or(|(t, _)| until > t) {
+            state.cooldown = Some((until, reason));
+        }
+    }
+
+    /// The node left the config: it takes no new reservation and finishes
+    /// what it has. Its window is kept in case it comes back.
+    pub fn retire(&self) {
+        self.state.lock().retired = true;
+        // Waiters blocked on it must look elsewhere.
+        self.signal.freed();
+    }
+
+    /// The node is in the config again, with its window intact.
+    pub fn revive(&self) {
+        self.state.lock().retired = false;
+        self.signal.freed();
+    }
+
+    /// Whether forgetting this usage could lose anything: nothing in flight
+    /// and nothing left in its window.
+    pub fn is_idle(&self, now: Instant) -> bool {
+        let mut state = self.state.lock();
+        state.advance(now);
+        state.in_flight == 0 && state.window.total == Amounts::default()
+    }
+
+    /// The quota in force.
+    pub fn quota(&self) -> Quota {
+        self.state.lock().quota
+    }
+
+    /// Applies a changed quota (config reload) without resetting the window.
+    pub fn set_quota(&self, quota: Quota) {
+        self.state.lock().quota = quota;
+        self.signal.freed();
+    }
+
+    /// A point-in-time view for `/status`.
+    pub fn snapshot(&self, now: Instant) -> LimiterSnapshot {
+        let mut state = self.state.lock();
+        state.advance(now);
+        LimiterSnapshot {
+            quota: state.quota,
+            requests: state.window.total.requests,
+            tokens: state.window.total.tokens,
+            bytes: state.window.total.bytes,
+            in_flight: state.in_flight,
+            pending_tokens: state.pending_tokens,
+            cooldown: state
+                .cooldown
+                .map(|(t, reason)| (t.saturating_duration_since(now), reason))
+                .filter(|(d, _)| !d.is_zero()),
+            reported: state.reported,
+            retired: state.retired,
+        }
+    }
+}
+
+impl LimiterState {
+    fn advance(&mut self, now: Instant) {
+        let slot = self.window.slot_of(now);
+        self.window.advance(slot);
+        if self.cooldown.is_some_and(|(t, _)| t <= now) {
+            self.cooldown = None;
+        }
+        self.reported.expire(now);
+    }
+
+    fn outlook(&self, demand: Demand, now: Instant) -> Outlook {
+        if self.retired {
+            return Outlook::Retired;
+        }
+        let cooldown = self.cooldown.map(|(t, _)| t).filter(|t| *t > now);
+        let reported = self.reported.blocked_until(demand.tokens);
+        let mut wait_until = cooldown.max(reported);
+        for limit in [Limit::Rpm, Limit::Tpm, Limit::Bpm] {
+            let Some(quota) = self.quota.of(limit) else {
+                continue;
+            };
+            let wanted = demand.of(limit);
+            if wanted > quota {
+                return Outlook::Never(limit);
+            }
+            let used = self.window.total.of(limit);
+            if used + wanted > quota {
+                // A limit can be over-used (actual usage above the reservation,
+                // response bytes); then the slots must free more than `wanted`.
+                let at = self
+                    .window
+                    .freed_at(used + wanted - quota, limit)
+                    .unwrap_or(now + WINDOW);
+                wait_until = Some(wait_until.map_or(at, |t| t.max(at)));
+            }
+        }
+        let concurrency_full = self
+            .quota
+            .max_concurrency
+            .is_some_and(|max| self.in_flight >= u64::from(max));
+        match (wait_until, concurrency_full) {
+            (Some(at), _) => Outlook::At(at),
+            (None, true) => Outlook::OnRelease,
+            (None, false) => Outlook::Now,
+        }
+    }
+
+    fn load(&self) -> Load {
+        fn ppm(used: u64, quota: Option<std::num::NonZeroU64>) -> u32 {
+            quota.map_or(0, |q| {
+                (used.saturating_mul(1_000_000) / u64::from(q)).min(u64::from(u32::MAX)) as u32
+            })
+        }
+        let q = &self.quota;
+        let t = &self.window.total;
+        let utilisation_ppm = ppm(t.requests, q.rpm)
+            .max(ppm(t.tokens, q.tpm))
+            .max(ppm(t.bytes, q.bpm))
+            .max(ppm(self.in_flight, q.max_concurrency));
+        Load {
+            utilisation_ppm,
+            in_flight: self.in_flight,
+        }
+    }
+}
+
+/// What `/status` shows of a node's usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimiterSnapshot {
+    pub quota: Quota,
+    pub requests: u64,
+    pub tokens: u64,
+    pub bytes: u64,
+    pub in_flight: u64,
+    pub pending_tokens: u64,
+    pub cooldown: Option<(Duration, CooldownReason)>,
+    /// What the upstream last said remains, until its reset.
+    pub reported: Reported,
+    pub retired: bool,
+}
+
+/// Capacity taken on one node for one request.
+///
+/// Dropping it ends the request: the in-flight slot and the outstanding token
+/// reservation are released exactly once, on every path. What stays in the
+/// window depends on how it ended:
+/// - [`settle`](Self::settle): tokens corrected to what the request used;
+/// - [`cancel`](Self::cancel): nothing reached the upstream, all is returned;
+/// - plain drop: the reservation stays counted in full (we cannot know what
+///   the upstream consumed, so we assume the most).
+#[derive(Debug)]
+pub struct Reservation {
+    usage: Arc<Limiter>,
+    slot: u64,
+    demand: Demand,
+    /// The node's marks right after this reservation.
+    mark: Marks,
+    open: bool,
+}
+
+impl Reservation {
+    pub fn demand(&self) -> Demand {
+        self.demand
+    }
+
+    /// Counts response bytes against the node's bpm as they flow.
+    pub fn record_response_bytes(&self, bytes: u64) {
+        let mut state = self.usage.state.lock();
+        state.advance(Instant::now());
+        let head = state.window.head;
+        state.window.add(
+            head,
+            Amounts {
+                bytes,
+                ..Amounts::default()
+            },
+        );
+    }
+
+    /// Takes the upstream's word on the node's remaining quota from the
+    /// answer to this request (the `reported` module explains the arithmetic).
+    pub fn observe_upstream(&self, report: &RateLimitReport) {
+        if report.remaining_requests.is_none() && report.remaining_tokens.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let mut state = self.usage.state.lock();
+        let marks = state.marks;
+        state.reported.observe(report, self.mark, marks, now);
+        drop(state);
+        // A later reset may let waiters through sooner; a lower count only
+        // holds them back, which the next pass sees.
+        self.usage.signal.freed();
+    }
+
+    /// Ends the request having used `tokens` in all (prompt + completion).
+    pub fn settle(mut self, tokens: u64) {
+        let reserved = self.demand.tokens;
+        let mut state = self.usage.state.lock();
+        state.advance(Instant::now());
+        if tokens < reserved {
+            let unused = Amounts {
+                tokens: reserved - tokens,
+                ..Amounts::default()
+            };
+            state.window.sub(self.slot, unused);
+        } else if tokens > reserved {
+            let extra = Amounts {
+                tokens: tokens - reserved,
+                ..Amounts::default()
+            };
+            state.window.add(self.slot, extra);
+        }
+        Self::release(&mut self.open, self.demand, &self.usage, &mut state);
+    }
+
+    /// Ends a request that never reached the upstream (it could not connect).
+    pub fn cancel(mut self) {
+        let mut state = self.usage.state.lock();
+        state.advance(Instant::now());
+        let everything = Amounts {
+            requests: 1,
+            tokens: self.demand.tokens,
+            bytes: self.demand.bytes,
+        };
+        state.window.sub(self.slot, everything);
+        state.reported.give_back(self.demand.tokens);
+        Self::release(&mut self.open, self.demand, &self.usage, &mut state);
+    }
+
+    /// Gives back the in-flight slot and the outstanding reservation, once.
+    fn release(open: &mut bool, demand: Demand, usage: &Limiter, state: &mut LimiterState) {
+        if !std::mem::take(open) {
+            return;
+        }
+        state.in_flight = state.in_flight.saturating_sub(1);
+        state.pending_tokens = state.pending_tokens.saturating_sub(demand.tokens);
+        usage.signal.freed();
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.open {
+            let usage = Arc::clone(&self.usage);
+            let mut state = usage.state.lock();
+            Self::release(&mut self.open, self.demand, &self.usage, &mut state);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU64;
+
+    use super::super::{GUARD, SLOT};
+    use super::*;
+
+    fn quota(rpm: Option<u64>, tpm: Option<u64>, bpm: Option<u64>, conc: Option<u64>) -> Quota {
+        Quota {
+            rpm: rpm.and_then(NonZeroU64::new),
+            tpm: tpm.and_then(NonZeroU64::new),
+            bpm: bpm.and_then(NonZeroU64::new),
+            max_concurrency: conc.and_then(NonZeroU64::new),
+        }
+    }
+
+    fn node(q: Quota) -> Arc<Limiter> {
+        Limiter::new(q, Arc::new(HeadroomSignal::default()))
+    }
+
+    const SMALL: Demand = Demand {
+        tokens: 10,
+        bytes: 100,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn rpm_admits_exactly_the_quota_then_frees_after_sixty_seconds() {
+        let n = node(quota(Some(3), None, None, None));
+        let start = Instant::now();
+        let held: Vec<_> = (0..3)
+            .map(|_| n.try_reserve(SMALL, Instant::now()).unwrap())
+            .collect();
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+        drop(held);
+        // Finishing does not give back a per-minute request.
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+
+        let Outlook::At(at) = n.outlook(SMALL, Instant::now()) else {
+            panic!("expected a time-bound outlook")
+        };
+        assert!(at - start >= WINDOW + GUARD && at - start <= WINDOW + GUARD + SLOT);
+
+        tokio::time::advance(WINDOW + GUARD - Duration::from_millis(1)).await;
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+        tokio::time::sleep_until(at).await;
+        assert!(n.try_reserve(SMALL, Instant::now()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_rolling_minute_ever_holds_more_than_the_quota() {
+        // Requests arrive every 37 ms for 3 minutes against rpm 50; every
+        // admitted timestamp is checked against every 60 s span.
+        let n = node(quota(Some(50), None, None, None));
+        let mut admitted = Vec::new();
+        for _ in 0..(180_000 / 37) {
+            if let Some(r) = n.try_reserve(SMALL, Instant::now()) {
+                admitted.push(Instant::now());
+                r.settle(SMALL.tokens);
+            }
+            tokio::time::advance(Duration::from_millis(37)).await;
+        }
+        for (i, first) in admitted.iter().enumerate() {
+            let in_span = admitted[i..]
+                .iter()
+                .take_while(|t| **t - *first < WINDOW)
+                .count();
+            assert!(in_span <= 50, "{in_span} requests within 60 s");
+        }
+        // And the quota was used: three minutes hold at least three windows' worth.
+        assert!(admitted.len() >= 145, "only {} admitted", admitted.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_reserved_then_corrected_to_actual_use() {
+        let n = node(quota(None, Some(1000), None, None));
+        let demand = Demand {
+            tokens: 600,
+            bytes: 0,
+        };
+        let r = n.try_reserve(demand, Instant::now()).unwrap();
+        assert_eq!(n.snapshot(Instant::now()).pending_tokens, 600);
+        assert!(n.try_reserve(demand, Instant::now()).is_none());
+        r.settle(150);
+        let snap = n.snapshot(Instant::now());
+        assert_eq!(
+            (snap.tokens, snap.pending_tokens, snap.in_flight),
+            (150, 0, 0)
+        );
+        assert!(n.try_reserve(demand, Instant::now()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_demand_larger_than_the_quota_never_fits() {
+        let n = node(quota(None, Some(100), Some(1000), None));
+        let big = Demand {
+            tokens: 101,
+            bytes: 10,
+        };
+        assert_eq!(n.outlook(big, Instant::now()), Outlook::Never(Limit::Tpm));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_frees_on_release_and_every_path_releases_once() {
+        let n = node(quota(None, None, None, Some(2)));
+        let a = n.try_reserve(SMALL, Instant::now()).unwrap();
+        let b = n.try_reserve(SMALL, Instant::now()).unwrap();
+        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::OnRelease);
+        a.cancel();
+        assert_eq!(n.snapshot(Instant::now()).in_flight, 1);
+        drop(b);
+        let snap = n.snapshot(Instant::now());
+        assert_eq!((snap.in_flight, snap.pending_tokens), (0, 0));
+        // Cancel took everything back; the plain drop kept its reservation.
+        assert_eq!((snap.requests, snap.tokens, snap.bytes), (1, 10, 100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn response_bytes_count_against_bpm() {
+        let n = node(quota(None, None, Some(1000), None));
+        let r = n.try_reserve(SMALL, Instant::now()).unwrap();
+        r.record_response_bytes(850);
+        r.settle(10);
+        assert_eq!(n.snapshot(Instant::now()).bytes, 950);
+        assert!(matches!(n.outlook(SMALL, Instant::now()), Outlook::At(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cooldown_is_extended_never_shortened() {
+        let n = node(Quota::default());
+        let now = Instant::now();
+        n.cool_down(
+            now + Duration::from_secs(10),
+            CooldownReason::QuotaExhausted,
+        );
+        n.cool_down(now + Duration::from_secs(2), CooldownReason::RateLimited);
+        assert_eq!(
+            n.outlook(SMALL, now),
+            Outlook::At(now + Duration::from_secs(10))
+        );
+        let reason = n.snapshot(now).cooldown.map(|(_, r)| r);
+        assert_eq!(reason, Some(CooldownReason::QuotaExhausted));
+        n.cool_down(now + Duration::from_secs(12), CooldownReason::RateLimited);
+        assert_eq!(
+            n.outlook(SMALL, now),
+            Outlook::At(now + Duration::from_secs(12))
+        );
+        tokio::time::advance(Duration::from_secs(12)).await;
+        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::Now);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_node_takes_nothing_new_but_finishes_what_it_has() {
+        let n = node(quota(Some(10), None, None, None));
+        let held = n.try_reserve(SMALL, Instant::now()).unwrap();
+        n.retire();
+        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::Retired);
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+        assert!(!n.is_idle(Instant::now()));
+        held.settle(SMALL.tokens);
+        assert_eq!(n.snapshot(Instant::now()).in_flight, 0);
+        // Its window still counts if it comes back.
+        n.revive();
+        assert_eq!(n.snapshot(Instant::now()).requests, 1);
+        assert!(n.try_reserve(SMALL, Instant::now()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_upstreams_remaining_count_caps_headroom_until_its_reset() {
+        let n = node(quota(Some(100), None, None, None));
+        let first = n.try_reserve(SMALL, Instant::now()).unwrap();
+        let second = n.try_reserve(SMALL, Instant::now()).unwrap();
+        // The answer to the first says 1 remains; the second was reserved
+        // after it and may not be counted yet, so nothing is left.
+        first.observe_upstream(&RateLimitReport {
+            remaining_requests: Some(1),
+            reset_requests: Some(Duration::from_secs(3)),
+            ..RateLimitReport::default()
+        });
+        let reset = Instant::now() + Duration::from_secs(3);
+        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::At(reset));
+        // Cancelling the second (it never reached the upstream) gives it back.
+        second.cancel();
+        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::Now);
+        let third = n.try_reserve(SMALL, Instant::now()).unwrap();
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+        tokio::time::sleep_until(reset).await;
+        assert!(n.try_reserve(SMALL, Instant::now()).is_some());
+        drop((first, third));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn load_is_the_highest_utilisation_over_limited_dimensions() {
+        let n = node(quota(Some(10), Some(1000), None, Some(4)));
+        let _r = n
+            .try_reserve(
+                Demand {
+                    tokens: 500,
+                    bytes: 0,
+                },
+                Instant::now(),
+            )
+            .unwrap();
+        let load = n.load_if_fits(SMALL, Instant::now()).unwrap();
+        assert_eq!(load.utilisation_ppm, 500_000);
+        assert_eq!(load.in_flight, 1);
+    }
+}

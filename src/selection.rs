@@ -41,33 +41,30 @@ mod tests {
         }
     }
 
+    /// Nodes 0, 1, 2 with these (utilisation, in flight).
+    fn three(loads: [(u32, u64); 3]) -> [(NodeId, Load); 3] {
+        let mut i = 0;
+        loads.map(|(ppm, in_flight)| {
+            i += 1;
+            (id(i - 1), load(ppm, in_flight))
+        })
+    }
+
     #[test]
     fn the_least_utilised_node_wins() {
-        let nodes = [
-            (id(0), load(500_000, 0)),
-            (id(1), load(100_000, 9)),
-            (id(2), load(300_000, 0)),
-        ];
+        let nodes = three([(500_000, 0), (100_000, 9), (300_000, 0)]);
         assert_eq!(choose(nodes, 0, 3), Some(id(1)));
     }
 
     #[test]
     fn fewer_in_flight_breaks_a_utilisation_tie() {
-        let nodes = [
-            (id(0), load(0, 3)),
-            (id(1), load(0, 1)),
-            (id(2), load(0, 2)),
-        ];
+        let nodes = three([(0, 3), (0, 1), (0, 2)]);
         assert_eq!(choose(nodes, 0, 3), Some(id(1)));
     }
 
     #[test]
     fn equal_nodes_are_taken_in_turn() {
-        let nodes = [
-            (id(0), load(0, 0)),
-            (id(1), load(0, 0)),
-            (id(2), load(0, 0)),
-        ];
+        let nodes = three([(0, 0); 3]);
         let picks: Vec<_> = (0..6)
             .map(|r| choose(nodes, r, 3).unwrap().index())
             .collect();

@@ -177,24 +177,18 @@ impl Store {
     }
 
     pub async fn insert_client(&self, client: &StoredClient) -> Result<(), StoreError> {
-        let (rpm, tpm, burst, rate) = limit_columns(&client.limits);
-        sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO clients (id, name, key_hash, key_prefix, rpm, tpm, burst, rate_per_second, models, enabled, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)",
         )
         .bind(&client.id)
         .bind(&client.name)
         .bind(hex(&client.key_hash))
-        .bind(&client.key_prefix)
-        .bind(rpm)
-        .bind(tpm)
-        .bind(burst)
-        .bind(rate)
-        .bind(models_column(client.models.as_deref()))
-        .bind(i64::from(client.enabled))
-        .bind(client.created_at)
-        .execute(&self.pool)
-        .await?;
+        .bind(&client.key_prefix);
+        bind_settings(insert, client)
+            .bind(client.created_at)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -244,22 +238,16 @@ impl Store {
     /// Writes everything but the key and the creation time; `false` if
     /// there is no such client.
     pub async fn update_client(&self, client: &StoredClient, now: i64) -> Result<bool, StoreError> {
-        let (rpm, tpm, burst, rate) = limit_columns(&client.limits);
-        let done = sqlx::query(
+        let update = sqlx::query(
             "UPDATE clients SET name = $2, rpm = $3, tpm = $4, burst = $5, rate_per_second = $6, \
              models = $7, enabled = $8, updated_at = $9 WHERE id = $1",
         )
         .bind(&client.id)
-        .bind(&client.name)
-        .bind(rpm)
-        .bind(tpm)
-        .bind(burst)
-        .bind(rate)
-        .bind(models_column(client.models.as_deref()))
-        .bind(i64::from(client.enabled))
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+        .bind(&client.name);
+        let done = bind_settings(update, client)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -450,6 +438,21 @@ fn client_from_row(row: &AnyRow) -> Result<StoredClient, StoreError> {
 }
 
 type LimitColumns = (Option<i64>, Option<i64>, Option<i64>, Option<f64>);
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds a client's settings, in their column order: rpm, tpm, burst,
+/// rate_per_second, models, enabled.
+fn bind_settings<'q>(query: AnyQuery<'q>, client: &'q StoredClient) -> AnyQuery<'q> {
+    let (rpm, tpm, burst, rate) = limit_columns(&client.limits);
+    query
+        .bind(rpm)
+        .bind(tpm)
+        .bind(burst)
+        .bind(rate)
+        .bind(models_column(client.models.as_deref()))
+        .bind(i64::from(client.enabled))
+}
 
 fn limit_columns(limits: &ClientLimits) -> LimitColumns {
     let n = |v: Option<NonZeroU64>| v.map(|v| column(v.get()));

@@ -236,25 +236,8 @@ fn read_node_key(
 #[cfg(test)]
 mod tests {
     use super::super::from_toml_str;
+    use super::super::testing::{NODE, env, problems};
     use crate::keys::hash_key;
-
-    fn env(var: &str) -> Option<String> {
-        match var {
-            "KEY_A" => Some("sk-a-secret".to_owned()),
-            "APP_KEY" => Some("app-secret".to_owned()),
-            _ => None,
-        }
-    }
-
-    fn problems(toml: &str) -> Vec<String> {
-        match from_toml_str(toml, &env) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.problems,
-        }
-    }
-
-    const NODE: &str =
-        "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
 
     #[test]
     fn a_zero_limit_names_node_and_field() {

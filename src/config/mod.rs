@@ -366,16 +366,33 @@ pub fn configured_log_format(config_path: &Path) -> LogFormat {
     configured(config_path, "log.format").unwrap_or_default()
 }
 
+/// What the config tests share: a node, the variables they set, and the
+/// problems a TOML text has.
+#[cfg(test)]
+mod testing {
+    pub(super) fn env(var: &str) -> Option<String> {
+        match var {
+            "KEY_A" => Some("sk-a-secret".to_owned()),
+            "APP_KEY" => Some("app-secret".to_owned()),
+            _ => None,
+        }
+    }
+
+    pub(super) fn problems(toml: &str) -> Vec<String> {
+        match super::from_toml_str(toml, &env) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems,
+        }
+    }
+
+    pub(super) const NODE: &str =
+        "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::{NODE, env};
     use super::*;
-
-    const NODE: &str =
-        "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
-
-    fn env(var: &str) -> Option<String> {
-        (var == "KEY_A").then(|| "sk-a-secret".to_owned())
-    }
 
     #[test]
     #[expect(

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use smart_default::SmartDefault;
 
 use super::{LogFormat, OnRedisError};
 
@@ -72,137 +73,94 @@ pub(super) struct RawConfig {
 }
 
 /// `[server]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawServer {
+    #[default(SocketAddr::from(([127, 0, 0, 1], 8080)))]
     pub(super) listen: SocketAddr,
+    #[default(DEFAULT_MAX_BODY_BYTES)]
     pub(super) max_body_bytes: usize,
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_REQUEST_TIMEOUT)]
     pub(super) request_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_SHUTDOWN_GRACE)]
     pub(super) shutdown_grace: Duration,
     pub(super) pid_file: Option<PathBuf>,
+    #[default(true)]
     pub(super) watch_config: bool,
 }
 
-impl Default for RawServer {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
-            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
-            pid_file: None,
-            watch_config: true,
-        }
-    }
-}
-
 /// `[upstream]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawUpstream {
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_CONNECT_TIMEOUT)]
     pub(super) connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_FIRST_BYTE_TIMEOUT)]
     pub(super) first_byte_timeout: Duration,
 }
 
-impl Default for RawUpstream {
-    fn default() -> Self {
-        Self {
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
-        }
-    }
-}
-
 /// `[accounting]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAccounting {
+    #[default(DEFAULT_COMPLETION_TOKENS)]
     pub(super) default_completion_tokens: u64,
 }
 
-impl Default for RawAccounting {
-    fn default() -> Self {
-        Self {
-            default_completion_tokens: DEFAULT_COMPLETION_TOKENS,
-        }
-    }
-}
-
 /// `[queue]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawQueue {
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_QUEUE_MAX_WAIT)]
     pub(super) max_wait: Duration,
+    #[default(DEFAULT_QUEUE_MAX_DEPTH)]
     pub(super) max_depth: usize,
 }
 
-impl Default for RawQueue {
-    fn default() -> Self {
-        Self {
-            max_wait: DEFAULT_QUEUE_MAX_WAIT,
-            max_depth: DEFAULT_QUEUE_MAX_DEPTH,
-        }
-    }
-}
-
 /// `[retry]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawRetry {
+    #[default(DEFAULT_RETRY_ATTEMPTS)]
     pub(super) attempts: u32,
 }
 
-impl Default for RawRetry {
-    fn default() -> Self {
-        Self {
-            attempts: DEFAULT_RETRY_ATTEMPTS,
-        }
-    }
-}
-
 /// `[health]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawHealth {
+    #[default(true)]
     pub(super) enabled: bool,
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_HEALTH_INTERVAL)]
     pub(super) interval: Duration,
+    #[default(DEFAULT_HEALTH_PATH.to_owned())]
     pub(super) path: String,
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_HEALTH_TIMEOUT)]
     pub(super) timeout: Duration,
+    #[default(DEFAULT_UNHEALTHY_AFTER)]
     pub(super) unhealthy_after: u32,
+    #[default(DEFAULT_HEALTHY_AFTER)]
     pub(super) healthy_after: u32,
+    #[default(DEFAULT_MAX_CONCURRENT_PROBES)]
     pub(super) max_concurrent_probes: usize,
+    #[default(DEFAULT_EJECT_AFTER)]
     pub(super) eject_after: u32,
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_EJECT_BACKOFF)]
     pub(super) eject_backoff: Duration,
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_EJECT_BACKOFF_MAX)]
     pub(super) eject_backoff_max: Duration,
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_QUOTA_EXHAUSTED_COOLDOWN)]
     pub(super) quota_exhausted_cooldown: Duration,
-}
-
-impl Default for RawHealth {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: DEFAULT_HEALTH_INTERVAL,
-            path: DEFAULT_HEALTH_PATH.to_owned(),
-            timeout: DEFAULT_HEALTH_TIMEOUT,
-            unhealthy_after: DEFAULT_UNHEALTHY_AFTER,
-            healthy_after: DEFAULT_HEALTHY_AFTER,
-            max_concurrent_probes: DEFAULT_MAX_CONCURRENT_PROBES,
-            eject_after: DEFAULT_EJECT_AFTER,
-            eject_backoff: DEFAULT_EJECT_BACKOFF,
-            eject_backoff_max: DEFAULT_EJECT_BACKOFF_MAX,
-            quota_exhausted_cooldown: DEFAULT_QUOTA_EXHAUSTED_COOLDOWN,
-        }
-    }
 }
 
 /// `[auth]`
@@ -213,41 +171,26 @@ pub(super) struct RawAuth {
 }
 
 /// `[store]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawStore {
+    #[default(DEFAULT_STORE_URL.to_owned())]
     pub(super) url: String,
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_CLIENT_CACHE_TTL)]
     pub(super) cache_ttl: Duration,
     #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_USAGE_FLUSH_INTERVAL)]
     pub(super) usage_flush_interval: Duration,
 }
 
-impl Default for RawStore {
-    fn default() -> Self {
-        Self {
-            url: DEFAULT_STORE_URL.to_owned(),
-            cache_ttl: DEFAULT_CLIENT_CACHE_TTL,
-            usage_flush_interval: DEFAULT_USAGE_FLUSH_INTERVAL,
-        }
-    }
-}
-
 /// `[admin]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAdmin {
+    #[default(SocketAddr::from(([127, 0, 0, 1], 8081)))]
     pub(super) listen: SocketAddr,
     pub(super) token_env: Option<String>,
-}
-
-impl Default for RawAdmin {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
-            token_env: None,
-        }
-    }
 }
 
 /// `[log]`

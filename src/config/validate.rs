@@ -315,26 +315,9 @@ mod tests {
     use super::super::raw::{
         DEFAULT_QUEUE_MAX_WAIT, DEFAULT_REDIS_TIMEOUT, DEFAULT_RETRY_ATTEMPTS,
     };
+    use super::super::testing::{NODE, env, problems};
     use super::super::{DEFAULT_LISTEN, OnRedisError, from_toml_str};
     use crate::limits::Quota;
-
-    fn env(var: &str) -> Option<String> {
-        match var {
-            "KEY_A" => Some("sk-a-secret".to_owned()),
-            "APP_KEY" => Some("app-secret".to_owned()),
-            _ => None,
-        }
-    }
-
-    fn problems(toml: &str) -> Vec<String> {
-        match from_toml_str(toml, &env) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.problems,
-        }
-    }
-
-    const NODE: &str =
-        "[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:9001/v1/\"\napi_key_env = \"KEY_A\"\n";
 
     #[test]
     fn a_cluster_section_is_validated_and_its_password_never_shown() {

@@ -8,6 +8,7 @@
 //! Prometheus conventions: a `balancer_` prefix, base units (seconds,
 //! bytes), `_total` on counters, `_ratio` on fractions.
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -194,44 +195,33 @@ fn encode_node_limits(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
             ("concurrency", u.quota.max_concurrency, u.in_flight),
         ]
     };
-    let mut family = out.encode_descriptor(
-        "node_limit",
-        "Each node's configured limit (absent when unlimited).",
-        None,
-        MetricType::Gauge,
-    )?;
-    for (node, u) in live.nodes().zip(&usages) {
-        for (limit, quota, _) in limits(u) {
-            if let Some(quota) = quota {
-                let labels = [("node", &*node.name), ("limit", limit)];
-                ConstGauge::new(u64::from(quota) as i64).encode(family.encode_family(&labels)?)?;
-            }
-        }
-    }
-    let mut family = out.encode_descriptor(
-        "node_used",
-        "What each node has used of each limit: in the rolling minute (rpm, tpm, bpm) or now (concurrency).",
-        None,
-        MetricType::Gauge,
-    )?;
-    for (node, u) in live.nodes().zip(&usages) {
-        for (limit, _, used) in limits(u) {
-            let labels = [("node", &*node.name), ("limit", limit)];
-            ConstGauge::new(used as i64).encode(family.encode_family(&labels)?)?;
-        }
-    }
-    let mut family = out.encode_descriptor(
-        "node_utilization_ratio",
-        "Used over limit, for each limit a node has (1 = at its quota).",
-        None,
-        MetricType::Gauge,
-    )?;
-    for (node, u) in live.nodes().zip(&usages) {
-        for (limit, quota, used) in limits(u) {
-            if let Some(quota) = quota {
-                let labels = [("node", &*node.name), ("limit", limit)];
-                let ratio = used as f64 / u64::from(quota) as f64;
-                ConstGauge::new(ratio).encode(family.encode_family(&labels)?)?;
+    // What each gauge shows of one limit: (quota, used) to a value, or none.
+    type Pick = fn(Option<NonZeroU64>, u64) -> Option<f64>;
+    let gauges: [(&str, &str, Pick); 3] = [
+        (
+            "node_limit",
+            "Each node's configured limit (absent when unlimited).",
+            |quota, _| quota.map(|q| u64::from(q) as f64),
+        ),
+        (
+            "node_used",
+            "What each node has used of each limit: in the rolling minute (rpm, tpm, bpm) or now (concurrency).",
+            |_, used| Some(used as f64),
+        ),
+        (
+            "node_utilization_ratio",
+            "Used over limit, for each limit a node has (1 = at its quota).",
+            |quota, used| quota.map(|q| used as f64 / u64::from(q) as f64),
+        ),
+    ];
+    for (name, help, pick) in gauges {
+        let mut family = out.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (node, u) in live.nodes().zip(&usages) {
+            for (limit, quota, used) in limits(u) {
+                if let Some(value) = pick(quota, used) {
+                    let labels = [("node", &*node.name), ("limit", limit)];
+                    ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
     }

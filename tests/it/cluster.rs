@@ -274,23 +274,16 @@ async fn the_hot_path_makes_one_redis_call_to_admit_and_one_to_release() {
 
 #[tokio::test]
 async fn a_node_that_answered_429_rests_on_every_replica() {
-    use wiremock::matchers::method;
-    use wiremock::{Mock, MockServer, ResponseTemplate};
+    use wiremock::ResponseTemplate;
     let redis = RedisServer::start();
-    let limited = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(429)
+    let limited = crate::support::answering(ResponseTemplate::new(429)
                 .insert_header("retry-after", "30")
-                .set_body_json(serde_json::json!({"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}})),
-        )
-        .mount(&limited)
-        .await;
+                .set_body_json(serde_json::json!({"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}})),).await;
     let answer = mock(None).await;
     let toml = format!(
         "[queue]\nmax_wait = \"1s\"\n[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n{}{}",
         redis.url(),
-        node("limited", &format!("{}/v1", limited.uri()), "k", ""),
+        node("limited", &crate::support::v1(&limited), "k", ""),
         node("answer", &answer.base_url(), "sk-mock", ""),
     );
     let first = Gateway::start(&toml).await;
@@ -320,12 +313,7 @@ async fn a_request_waits_for_a_release_on_another_replica_and_the_queue_bound_ho
     let toml = format!(
         "[queue]\nmax_wait = \"15s\"\nmax_depth = 1\n[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n{}",
         redis.url(),
-        node(
-            "a",
-            &format!("{}/v1", slow.uri()),
-            "k",
-            "max_concurrency = 1"
-        ),
+        node("a", &crate::support::v1(&slow), "k", "max_concurrency = 1"),
     );
     let (first, second) = (Gateway::start(&toml).await, Gateway::start(&toml).await);
     let held = send_in_background(&first, chat("gpt-4o-mini", "one", 5));
@@ -406,12 +394,7 @@ async fn a_client_that_hangs_up_while_waiting_for_shared_headroom_leaves_the_que
     let toml = format!(
         "[queue]\nmax_wait = \"15s\"\n[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n{}",
         redis.url(),
-        node(
-            "a",
-            &format!("{}/v1", slow.uri()),
-            "k",
-            "max_concurrency = 1"
-        ),
+        node("a", &crate::support::v1(&slow), "k", "max_concurrency = 1"),
     );
     let gw = Gateway::start(&toml).await;
     let held = send_in_background(&gw, chat("gpt-4o-mini", "one", 5));
@@ -431,34 +414,29 @@ async fn a_client_that_hangs_up_while_waiting_for_shared_headroom_leaves_the_que
 /// through Redis.
 #[tokio::test]
 async fn local_and_shared_admission_refuse_alike() {
-    use wiremock::matchers::method;
-    use wiremock::{Mock, MockServer, ResponseTemplate};
+    use wiremock::ResponseTemplate;
     let redis = RedisServer::start();
-    let refusing = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(401).set_body_json(
+    let refusing = crate::support::answering(ResponseTemplate::new(401).set_body_json(
             serde_json::json!({"error": {"message": "bad key", "type": "invalid_request_error", "code": "invalid_api_key"}}),
-        ))
-        .mount(&refusing)
-        .await;
+        )).await;
     let slow = crate::support::answering_upstream(Duration::from_secs(3)).await;
     let nodes = format!(
         "{}{}{}",
         node(
             "refused",
-            &format!("{}/v1", refusing.uri()),
+            &crate::support::v1(&refusing),
             "k",
             "models = [\"gpt-4\"]"
         ),
         node(
             "small",
-            &format!("{}/v1", slow.uri()),
+            &crate::support::v1(&slow),
             "k",
             "models = [\"gpt-4o\"]\ntpm = 100"
         ),
         node(
             "one",
-            &format!("{}/v1", slow.uri()),
+            &crate::support::v1(&slow),
             "k",
             "models = [\"gpt-4o-mini\"]\nmax_concurrency = 1"
         ),

@@ -105,8 +105,8 @@ async fn the_dashboard_draws_each_node_with_live_bars_in_headless_chromium() {
     let limits = "rpm = 100\ntpm = 20000\nbpm = 1000000\nmax_concurrency = 4";
     let gw = Gateway::start(&format!(
         "[upstream]\nfirst_byte_timeout = \"60s\"\n{}{}",
-        node("slow", &format!("{}/v1", slow.uri()), "k", limits),
-        node("fast", &format!("{}/v1", fast.uri()), "k", limits),
+        node("slow", &crate::support::v1(&slow), "k", limits),
+        node("fast", &crate::support::v1(&fast), "k", limits),
     ))
     .await;
 

@@ -1,22 +1,19 @@
 //! Every error the gateway produces, in the OpenAI error shape.
 
 use serde_json::Value;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{MockServer, ResponseTemplate};
 
 use crate::support::{CLIENT_KEY, Gateway, chat, chat_answer, client, node};
 
 async fn gateway(extra: &str, node_extra: &str) -> (Gateway, MockServer) {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2)))
-        .mount(&server)
-        .await;
+    let server =
+        crate::support::answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2)))
+            .await;
     let toml = format!(
         "[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n{extra}{}",
         node(
             "a",
-            &format!("{}/v1", server.uri()),
+            &crate::support::v1(&server),
             "sk-node-secret",
             &format!("models = [\"gpt-4o-mini\"]\n{node_extra}")
         )

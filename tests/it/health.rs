@@ -71,8 +71,8 @@ async fn a_node_failing_its_probe_leaves_rotation_and_returns_when_it_recovers()
     let unhealthy_after = 2;
     let gw = Gateway::start(&format!(
         "{FAST}[health]\ninterval = \"200ms\"\ntimeout = \"1s\"\nunhealthy_after = {unhealthy_after}\nhealthy_after = 2\n{}{}",
-        node("flaky", &format!("{}/v1", flaky.uri()), "k", ""),
-        node("steady", &format!("{}/v1", steady.uri()), "k", ""),
+        node("flaky", &crate::support::v1(&flaky), "k", ""),
+        node("steady", &crate::support::v1(&steady), "k", ""),
     ))
     .await;
     gw.until(|s| node_status(s, "flaky")["health"]["last_probe"]["ok"] == true)
@@ -123,7 +123,7 @@ async fn refused_connections_eject_a_node_at_once_and_it_returns_when_it_answers
     let gw = Gateway::start(&format!(
         "{FAST}[retry]\nattempts = 2\n[health]\ninterval = \"1h\"\neject_after = 3\neject_backoff = \"100ms\"\neject_backoff_max = \"400ms\"\n{}{}",
         node("gone", &format!("http://127.0.0.1:{port}/v1"), "sk-mocka", ""),
-        node("steady", &format!("{}/v1", steady.uri()), "k", ""),
+        node("steady", &crate::support::v1(&steady), "k", ""),
     ))
     .await;
 
@@ -173,7 +173,7 @@ async fn a_node_whose_key_is_refused_leaves_rotation_and_status_says_why() {
     let gw = Gateway::start(&format!(
         "{FAST}[health]\nenabled = false\n{}{}",
         node("wrong", &wrong.base_url(), "sk-wrong", ""),
-        node("steady", &format!("{}/v1", steady.uri()), "k", ""),
+        node("steady", &crate::support::v1(&steady), "k", ""),
     ))
     .await;
     assert!(send(&gw, 4).await.iter().all(|n| n == "steady"));
@@ -200,26 +200,16 @@ async fn a_node_whose_key_is_refused_leaves_rotation_and_status_says_why() {
 
 #[tokio::test]
 async fn a_spent_quota_rests_the_node_far_longer_than_a_busy_minute() {
-    let spent = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(429).set_body_json(serde_json::json!({
+    let spent = crate::support::answering(ResponseTemplate::new(429).set_body_json(serde_json::json!({
             "error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}
-        })))
-        .mount(&spent)
-        .await;
-    let busy = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(429)
+        }))).await;
+    let busy = crate::support::answering(ResponseTemplate::new(429)
                 .insert_header("retry-after", "2")
-                .set_body_json(serde_json::json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}})),
-        )
-        .mount(&busy)
-        .await;
+                .set_body_json(serde_json::json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}})),).await;
     let gw = Gateway::start(&format!(
         "{FAST}[retry]\nattempts = 1\n[health]\nenabled = false\nquota_exhausted_cooldown = \"30m\"\n{}{}",
-        node("spent", &format!("{}/v1", spent.uri()), "k", ""),
-        node("busy", &format!("{}/v1", busy.uri()), "k", ""),
+        node("spent", &crate::support::v1(&spent), "k", ""),
+        node("busy", &crate::support::v1(&busy), "k", ""),
     ))
     .await;
     let response = post(
@@ -247,21 +237,18 @@ async fn a_spent_quota_rests_the_node_far_longer_than_a_busy_minute() {
 
 #[tokio::test]
 async fn remaining_requests_of_zero_holds_requests_until_the_upstreams_reset() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .insert_header("x-ratelimit-remaining-requests", "0")
-                .insert_header("x-ratelimit-reset-requests", "1s")
-                .set_body_json(chat_answer(5, 2)),
-        )
-        .mount(&server)
-        .await;
+    let server = crate::support::answering(
+        ResponseTemplate::new(200)
+            .insert_header("x-ratelimit-remaining-requests", "0")
+            .insert_header("x-ratelimit-reset-requests", "1s")
+            .set_body_json(chat_answer(5, 2)),
+    )
+    .await;
     // The gateway's own limit (rpm 100) has room; only the upstream's word
     // holds the second request back.
     let gw = Gateway::start(&format!(
         "[queue]\nmax_wait = \"5s\"\n{}",
-        node("shared", &format!("{}/v1", server.uri()), "k", "rpm = 100")
+        node("shared", &crate::support::v1(&server), "k", "rpm = 100")
     ))
     .await;
     let http = client();
@@ -294,7 +281,7 @@ async fn a_request_waiting_for_headroom_goes_to_a_node_the_moment_it_is_back() {
     let gw = Gateway::start(&format!(
         "[queue]\nmax_wait = \"90s\"\n[upstream]\nconnect_timeout = \"1s\"\n[health]\ninterval = \"1h\"\neject_after = 1\neject_backoff = \"300ms\"\n{}{}",
         node("back", &format!("http://127.0.0.1:{port}/v1"), "sk-mocka", ""),
-        node("full", &format!("{}/v1", full.uri()), "k", "rpm = 1"),
+        node("full", &crate::support::v1(&full), "k", "rpm = 1"),
     ))
     .await;
     assert_eq!(send(&gw, 1).await, ["full"]);

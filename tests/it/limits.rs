@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use balancer::request;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::ResponseTemplate;
 
-use crate::support::{FAST, Gateway, answering_upstream, chat, node, post_many};
+use crate::support::{FAST, Gateway, answering_upstream, chat, node, post_many, tally};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpm_100_150_200_serve_exactly_450_of_600_and_refuse_150_with_retry_after() {
@@ -20,7 +19,7 @@ async fn rpm_100_150_200_serve_exactly_450_of_600_and_refuse_150_with_retry_afte
     for (s, rpm) in servers.iter().zip([100, 150, 200]) {
         toml.push_str(&node(
             &format!("rpm{rpm}"),
-            &format!("{}/v1", s.uri()),
+            &crate::support::v1(&s),
             "k",
             &format!("rpm = {rpm}"),
         ));
@@ -47,14 +46,10 @@ async fn no_node_receives_more_reserved_tokens_or_bytes_than_its_quota() {
     // of reservations the upstream received must stay within tpm.
     let mut servers = Vec::new();
     for _ in 0..2 {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(
-                ResponseTemplate::new(200)
-                    .set_body_json(serde_json::json!({"id": "x", "choices": []})),
-            )
-            .mount(&server)
-            .await;
+        let server = crate::support::answering(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"id": "x", "choices": []})),
+        )
+        .await;
         servers.push(server);
     }
     let (tpm, bpm) = (3000u64, 12_000u64);
@@ -62,7 +57,7 @@ async fn no_node_receives_more_reserved_tokens_or_bytes_than_its_quota() {
     for (i, s) in servers.iter().enumerate() {
         toml.push_str(&node(
             &format!("n{i}"),
-            &format!("{}/v1", s.uri()),
+            &crate::support::v1(&s),
             "k",
             &format!("tpm = {tpm}\nbpm = {bpm}"),
         ));
@@ -117,18 +112,14 @@ async fn saturated_requests_wait_in_the_queue_and_all_succeed() {
         "{FAST}{}",
         node(
             "slow",
-            &format!("{}/v1", server.uri()),
+            &crate::support::v1(&server),
             "k",
             "max_concurrency = 2"
         )
     );
     let gw = Gateway::start(&toml).await;
-    let statuses: Vec<u16> = post_many(&gw, 10, 10, |_| chat("gpt-4", "hi", 5))
-        .await
-        .iter()
-        .map(|o| o.status)
-        .collect();
-    assert_eq!(statuses, [200; 10]);
+    let statuses = tally(&post_many(&gw, 10, 10, |_| chat("gpt-4", "hi", 5)).await);
+    assert_eq!(statuses, [(200, 10)].into());
     assert_eq!(server.received_requests().await.unwrap().len(), 10);
     let status = gw.settled_status().await;
     assert_eq!(status["queue"]["depth"], 0);
@@ -142,26 +133,13 @@ async fn a_full_queue_refuses_at_once() {
         "[queue]\nmax_wait = \"5s\"\nmax_depth = 2\n{}",
         node(
             "one",
-            &format!("{}/v1", server.uri()),
+            &crate::support::v1(&server),
             "k",
             "max_concurrency = 1"
         )
     );
     let gw = Gateway::start(&toml).await;
-    let statuses: Vec<u16> = post_many(&gw, 6, 6, |_| chat("gpt-4", "hi", 5))
-        .await
-        .iter()
-        .map(|o| o.status)
-        .collect();
+    let statuses = tally(&post_many(&gw, 6, 6, |_| chat("gpt-4", "hi", 5)).await);
     // One runs, two wait, three are refused.
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        3,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 429).count(),
-        3,
-        "{statuses:?}"
-    );
+    assert_eq!(statuses, [(200, 3), (429, 3)].into());
 }

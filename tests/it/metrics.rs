@@ -4,11 +4,10 @@
 use std::time::Duration;
 
 use prometheus_parse::{Scrape, Value as Sample};
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::ResponseTemplate;
 
 use crate::support::{
-    CLIENT_KEY, FAST, Gateway, ask_as, chat, chat_answer, client, closed_port, node,
+    CLIENT_KEY, FAST, Gateway, answering, ask_as, chat, chat_answer, client, closed_port, node,
 };
 
 const TEAM: &str = "sk-team-metrics-key";
@@ -57,24 +56,15 @@ impl Metrics {
     }
 }
 
-async fn upstream(template: ResponseTemplate) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(template)
-        .mount(&server)
-        .await;
-    server
-}
-
 #[tokio::test]
 async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency() {
-    let answer = upstream(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let answer = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
     let toml = format!(
         "{FAST}[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n\
          [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\n{}",
         node(
             "a",
-            &format!("{}/v1", answer.uri()),
+            &crate::support::v1(&answer),
             "k",
             "models = [\"gpt-4o-mini\"]\nrpm = 40\ntpm = 10000\nbpm = 1000000\nmax_concurrency = 8",
         ),
@@ -204,14 +194,14 @@ async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency()
 
 #[tokio::test]
 async fn failures_count_as_upstream_errors_by_kind_and_retries_by_node() {
-    let failing = upstream(ResponseTemplate::new(503).set_body_string("down")).await;
-    let limited = upstream(
+    let failing = answering(ResponseTemplate::new(503).set_body_string("down")).await;
+    let limited = answering(
         ResponseTemplate::new(429)
             .insert_header("retry-after", "30")
             .set_body_json(serde_json::json!({"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}})),
     )
     .await;
-    let answer = upstream(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let answer = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
     // A fresh gateway places its first request on its first node; each
     // failure is retried on the next.
     let toml = format!(
@@ -222,9 +212,9 @@ async fn failures_count_as_upstream_errors_by_kind_and_retries_by_node() {
             "k",
             "rpm = 1"
         ),
-        node("failing", &format!("{}/v1", failing.uri()), "k", "rpm = 1"),
-        node("limited", &format!("{}/v1", limited.uri()), "k", "rpm = 1"),
-        node("answer", &format!("{}/v1", answer.uri()), "k", ""),
+        node("failing", &crate::support::v1(&failing), "k", "rpm = 1"),
+        node("limited", &crate::support::v1(&limited), "k", "rpm = 1"),
+        node("answer", &crate::support::v1(&answer), "k", ""),
     );
     let gw = Gateway::start(&toml).await;
     let response = client()

@@ -18,8 +18,8 @@ async fn each_upstream_sees_only_its_own_key_never_the_clients() {
     );
     let toml = format!(
         "{FAST}[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n{}{}",
-        node("a", &format!("{}/v1", a.uri()), "sk-upstream-a", ""),
-        node("b", &format!("{}/v1", b.uri()), "sk-upstream-b", ""),
+        node("a", &crate::support::v1(&a), "sk-upstream-a", ""),
+        node("b", &crate::support::v1(&b), "sk-upstream-b", ""),
     );
     let gw = Gateway::start(&toml).await;
     let http = client();
@@ -83,7 +83,7 @@ async fn equal_nodes_share_requests_evenly() {
     ];
     let mut toml = FAST.to_owned();
     for (i, s) in servers.iter().enumerate() {
-        toml.push_str(&node(&format!("n{i}"), &format!("{}/v1", s.uri()), "k", ""));
+        toml.push_str(&node(&format!("n{i}"), &crate::support::v1(&s), "k", ""));
     }
     let gw = Gateway::start(&toml).await;
     let http = client();
@@ -171,7 +171,7 @@ async fn a_request_without_a_model_goes_to_a_node_and_counts_one_request() {
         .await;
     let gw = Gateway::start(&format!(
         "{FAST}{}",
-        node("a", &format!("{}/v1", server.uri()), "k", "rpm = 10")
+        node("a", &crate::support::v1(&server), "k", "rpm = 10")
     ))
     .await;
     let response = client().get(gw.url("/v1/files")).send().await.unwrap();
@@ -195,7 +195,7 @@ async fn an_upstream_client_error_is_relayed_as_it_came() {
         .await;
     let gw = Gateway::start(&format!(
         "{FAST}{}",
-        node("a", &format!("{}/v1", server.uri()), "k", "")
+        node("a", &crate::support::v1(&server), "k", "")
     ))
     .await;
     let response = post(

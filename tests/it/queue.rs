@@ -16,7 +16,7 @@ async fn one_slow_node(delay: Duration) -> (wiremock::MockServer, Arc<Gateway>) 
         "{QUEUE}{}",
         node(
             "one",
-            &format!("{}/v1", server.uri()),
+            &crate::support::v1(&server),
             "k",
             "max_concurrency = 1"
         )
@@ -71,13 +71,13 @@ async fn a_waiting_request_never_blocks_one_that_another_node_can_serve() {
         "{QUEUE}{}{}",
         node(
             "busy",
-            &format!("{}/v1", busy.uri()),
+            &crate::support::v1(&busy),
             "k",
             "max_concurrency = 1\nmodels = [\"gpt-4\"]"
         ),
         node(
             "free",
-            &format!("{}/v1", free.uri()),
+            &crate::support::v1(&free),
             "k",
             "models = [\"gpt-4o-mini\"]"
         ),

@@ -3,21 +3,11 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::ResponseTemplate;
 
 use crate::support::{
-    FAST, Gateway, chat, chat_answer, client, closed_port, node, node_status, post,
+    FAST, Gateway, answering, chat, chat_answer, client, closed_port, node, node_status, post,
 };
-
-async fn answering(template: ResponseTemplate) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(template)
-        .mount(&server)
-        .await;
-    server
-}
 
 fn ok() -> ResponseTemplate {
     ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))
@@ -38,8 +28,8 @@ async fn a_500_is_retried_on_another_node() {
     let broken = answering(ResponseTemplate::new(500).set_body_string("boom")).await;
     let healthy = answering(ok()).await;
     let gw = gateway(
-        &format!("{}/v1", broken.uri()),
-        &format!("{}/v1", healthy.uri()),
+        &crate::support::v1(&broken),
+        &crate::support::v1(&healthy),
         "",
     )
     .await;
@@ -63,8 +53,8 @@ async fn a_429_cools_the_node_down_for_its_retry_after_and_is_retried() {
     let limited = answering(ResponseTemplate::new(429).insert_header("retry-after", "30")).await;
     let healthy = answering(ok()).await;
     let gw = gateway(
-        &format!("{}/v1", limited.uri()),
-        &format!("{}/v1", healthy.uri()),
+        &crate::support::v1(&limited),
+        &crate::support::v1(&healthy),
         "",
     )
     .await;
@@ -90,7 +80,7 @@ async fn a_429_cools_the_node_down_for_its_retry_after_and_is_retried() {
 async fn a_refused_connection_is_retried_and_takes_nothing_from_the_quota() {
     let healthy = answering(ok()).await;
     let dead = format!("http://127.0.0.1:{}/v1", closed_port());
-    let gw = gateway(&dead, &format!("{}/v1", healthy.uri()), "").await;
+    let gw = gateway(&dead, &crate::support::v1(&healthy), "").await;
     let response = post(
         &client(),
         &gw,
@@ -147,8 +137,8 @@ async fn no_head_within_first_byte_timeout_is_504_upstream_timeout() {
     let extra = "[upstream]\nfirst_byte_timeout = \"200ms\"\n";
     let toml = format!(
         "{extra}{}{}",
-        node("first", &format!("{}/v1", a.uri()), "k", ""),
-        node("second", &format!("{}/v1", b.uri()), "k", "")
+        node("first", &crate::support::v1(&a), "k", ""),
+        node("second", &crate::support::v1(&b), "k", "")
     );
     let gw = Gateway::start(&toml).await;
     let (status, body) = error_of(
@@ -172,7 +162,7 @@ async fn no_head_within_first_byte_timeout_is_504_upstream_timeout() {
 async fn when_every_attempt_got_an_answer_the_last_one_is_relayed() {
     let a = answering(ResponseTemplate::new(503).set_body_string("first down")).await;
     let b = answering(ResponseTemplate::new(503).set_body_string("second down")).await;
-    let gw = gateway(&format!("{}/v1", a.uri()), &format!("{}/v1", b.uri()), "").await;
+    let gw = gateway(&crate::support::v1(&a), &crate::support::v1(&b), "").await;
     let response = post(
         &client(),
         &gw,

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use mock_upstreams::{MockConfig, MockUpstream};
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::ResponseTemplate;
 
 use crate::support::{FAST, Gateway, chat_answer, client, node, node_status, post};
 
@@ -130,14 +129,12 @@ async fn a_stream_without_usage_is_settled_at_the_text_it_carried() {
 
 #[tokio::test]
 async fn a_json_answer_is_settled_at_its_usage() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(chat_answer(11, 9)))
-        .mount(&server)
-        .await;
+    let server =
+        crate::support::answering(ResponseTemplate::new(200).set_body_json(chat_answer(11, 9)))
+            .await;
     let gw = Gateway::start(&format!(
         "{FAST}{}",
-        node("w", &format!("{}/v1", server.uri()), "k", "tpm = 100000")
+        node("w", &crate::support::v1(&server), "k", "tpm = 100000")
     ))
     .await;
     let response = post(

@@ -325,20 +325,22 @@ pub(crate) fn closed_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-/// A wiremock upstream answering every POST with a chat answer after `delay`.
-pub(crate) async fn answering_upstream(delay: Duration) -> wiremock::MockServer {
+/// A wiremock upstream answering every POST with `template`.
+pub(crate) async fn answering(template: wiremock::ResponseTemplate) -> wiremock::MockServer {
     use wiremock::matchers::method;
-    use wiremock::{Mock, MockServer, ResponseTemplate};
+    use wiremock::{Mock, MockServer};
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(chat_answer(5, 2))
-                .set_delay(delay),
-        )
+        .respond_with(template)
         .mount(&server)
         .await;
     server
+}
+
+/// A wiremock upstream answering every POST with a chat answer after `delay`.
+pub(crate) async fn answering_upstream(delay: Duration) -> wiremock::MockServer {
+    let answer = wiremock::ResponseTemplate::new(200).set_body_json(chat_answer(5, 2));
+    answering(answer.set_delay(delay)).await
 }
 
 /// Polls `ready` every 10 ms until it yields a value, for at most
@@ -399,4 +401,18 @@ pub(crate) async fn post_many(
         .buffer_unordered(at_once)
         .collect()
         .await
+}
+
+/// How many of `outcomes` got each status.
+pub(crate) fn tally(outcomes: &[Outcome]) -> std::collections::BTreeMap<u16, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for outcome in outcomes {
+        *counts.entry(outcome.status).or_default() += 1;
+    }
+    counts
+}
+
+/// A wiremock server's base URL as a node's `url`.
+pub(crate) fn v1(server: &wiremock::MockServer) -> String {
+    format!("{}/v1", server.uri())
 }

@@ -19,7 +19,7 @@ async fn rpm_100_150_200_serve_exactly_450_of_600_and_refuse_150_with_retry_afte
     for (s, rpm) in servers.iter().zip([100, 150, 200]) {
         toml.push_str(&node(
             &format!("rpm{rpm}"),
-            &crate::support::v1(&s),
+            &crate::support::v1(s),
             "k",
             &format!("rpm = {rpm}"),
         ));
@@ -57,7 +57,7 @@ async fn no_node_receives_more_reserved_tokens_or_bytes_than_its_quota() {
     for (i, s) in servers.iter().enumerate() {
         toml.push_str(&node(
             &format!("n{i}"),
-            &crate::support::v1(&s),
+            &crate::support::v1(s),
             "k",
             &format!("tpm = {tpm}\nbpm = {bpm}"),
         ));

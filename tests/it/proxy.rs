@@ -83,7 +83,7 @@ async fn equal_nodes_share_requests_evenly() {
     ];
     let mut toml = FAST.to_owned();
     for (i, s) in servers.iter().enumerate() {
-        toml.push_str(&node(&format!("n{i}"), &crate::support::v1(&s), "k", ""));
+        toml.push_str(&node(&format!("n{i}"), &crate::support::v1(s), "k", ""));
     }
     let gw = Gateway::start(&toml).await;
     let http = client();

@@ -56,6 +56,12 @@ pub enum GatewayError {
     InvalidJson(String),
     #[error("You must provide a model parameter.")]
     MissingModel,
+    #[error("The model name is not usable: {0}.")]
+    InvalidModel(String),
+    #[error(
+        "The request path may not contain '.' or '..' segments (also percent-encoded), an encoded '/' or '\\', or empty segments."
+    )]
+    InvalidPath,
     #[error(
         "This request needs {wanted} {unit} but no node that serves it allows more than {largest} ({limit} limit); shorten the input or lower max_tokens."
     )]
@@ -144,6 +150,16 @@ impl GatewayError {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "missing_model",
+            ),
+            E::InvalidModel(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_model",
+            ),
+            E::InvalidPath => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_path",
             ),
             E::RequestTooLarge { .. } => (
                 StatusCode::BAD_REQUEST,
@@ -275,7 +291,9 @@ impl GatewayError {
         match self {
             GatewayError::InvalidField { field, .. } => Some(field),
             GatewayError::ClientNameTaken(_) => Some("name"),
-            GatewayError::MissingModel | GatewayError::ModelNotAllowed(_) => Some("model"),
+            GatewayError::MissingModel
+            | GatewayError::InvalidModel(_)
+            | GatewayError::ModelNotAllowed(_) => Some("model"),
             _ => None,
         }
     }

@@ -39,6 +39,7 @@ use crate::limits::CooldownReason;
 use crate::metrics::{self, UpstreamError};
 use crate::relay::{self, ACCESS_LOG, Held, Trace, UsageTicket};
 use crate::request::{self, RequestInfo};
+use crate::server::conn::WriteDeadline;
 use crate::snapshot::{Live, Node, NodeId};
 use crate::state::AppState;
 use crate::store::UsageTotals;
@@ -364,18 +365,24 @@ impl Attempt {
                 response,
                 node,
                 booking,
-            } => Ok(relay::relay(
-                response,
-                live.node(node),
-                Held {
-                    booking,
-                    client,
-                    usage,
-                },
-                request.info,
-                request.deadline,
-                trace,
-            )),
+            } => {
+                // A client that stops reading is cut at the deadline.
+                if let Some(write) = request.parts.extensions.get::<WriteDeadline>() {
+                    write.until(request.deadline);
+                }
+                Ok(relay::relay(
+                    response,
+                    live.node(node),
+                    Held {
+                        booking,
+                        client,
+                        usage,
+                    },
+                    request.info,
+                    request.deadline,
+                    trace,
+                ))
+            }
             Attempt::Failed { node, failure } => {
                 let node = live.node(node).name.to_string();
                 Err(match failure {

@@ -1,15 +1,31 @@
 //! What the gateway reads from a client request before choosing a node:
 //! the model, whether it streams, and what it will cost (its [`Demand`]).
 //!
-//! The body is parsed once, borrowing from the received bytes; fields the
-//! gateway does not need are skipped, not built. A field of an unexpected
-//! shape is left for the upstream to judge: only malformed JSON and a missing
-//! model (where the OpenAI API requires one) are the gateway's errors.
+//! The body is parsed once, by visitors that borrow text from the received
+//! bytes and skip everything else without building it: a `messages` array
+//! of ten million zeros costs a walk over the bytes, not ten million
+//! values. A field of an unexpected shape is left for the upstream to
+//! judge: only malformed JSON, a missing model (where the OpenAI API
+//! requires one) and an unusable model name are the gateway's errors.
+//!
+//! Work here is bounded before any limit is applied:
+//! - at most [`MAX_COUNTED_BYTES`] of prompt text are counted with the
+//!   tokenizer; text beyond that counts one token per byte, an upper bound
+//!   (a token is never shorter than a byte), so a huge prompt is
+//!   over-reserved, never under, and the answer's usage corrects it;
+//! - arithmetic saturates, and a demand never exceeds
+//!   [`MAX_DEMAND_TOKENS`]: far above any quota (such a request is refused
+//!   as too large) and small enough for the shared-limits script's number
+//!   type;
+//! - a model name longer than [`MAX_MODEL_LEN`] or holding control
+//!   characters is refused before it reaches a metric label, a log line, a
+//!   store or a script.
 
 use std::borrow::Cow;
+use std::fmt;
 
-use serde::Deserialize;
-use serde::de::IgnoredAny;
+use serde::Deserializer;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::error::GatewayError;
 use crate::limits::Demand;
@@ -23,6 +39,19 @@ const MODEL_REQUIRED: &[&str] = &[
     "/responses",
     "/audio/speech",
 ];
+
+/// Prompt text counted exactly per request: 1 MiB is about 250,000 tokens
+/// of English, counted in ~30 ms; past it, a byte counts as a token.
+pub const MAX_COUNTED_BYTES: usize = 1 << 20;
+
+/// The most tokens one request may ask for: above every real quota, and
+/// exactly representable (and printed without an exponent) by the
+/// shared-limits script's numbers.
+pub const MAX_DEMAND_TOKENS: u64 = 1_000_000_000_000;
+
+/// Model names are short (`gpt-4o-mini-2024-07-18`, an Azure deployment);
+/// 256 bytes leaves room for prefixes and fine-tune suffixes.
+pub const MAX_MODEL_LEN: usize = 256;
 
 /// A request as the gateway sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +73,13 @@ pub fn inspect(
 ) -> Result<RequestInfo, GatewayError> {
     let bytes = body.len() as u64;
     let requires_model = MODEL_REQUIRED.contains(&path);
+    // An empty body is no JSON document; only where one is required is
+    // that the client's error (a GET with a JSON content type is fine).
+    if json && body.is_empty() && requires_model {
+        return Err(GatewayError::InvalidJson(
+            "the body is empty; a JSON object is required".to_owned(),
+        ));
+    }
     if !json || body.is_empty() {
         if requires_model {
             return Err(GatewayError::MissingModel);
@@ -56,167 +92,437 @@ pub fn inspect(
             demand: Demand { tokens: 0, bytes },
         });
     }
-
-    let parsed: Body<'_> =
-        serde_json::from_slice(body).map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
-    let model = parsed
-        .model
-        .and_then(Lenient::ok)
-        .map(|m| m.into_owned().into_boxed_str());
-    let model = model.filter(|m| !m.is_empty());
+    let mut parsed = Parsed::default();
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    BodySeed(&mut parsed)
+        .deserialize(&mut deserializer)
+        .and_then(|()| deserializer.end())
+        .map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
+    let model = parsed.model.filter(|m| !m.is_empty());
+    if let Some(model) = &model {
+        check_model_name(model)?;
+    }
     if model.is_none() && requires_model {
         return Err(GatewayError::MissingModel);
     }
     let encoding = model
         .as_deref()
         .map_or(Encoding::Cl100kBase, Encoding::for_model);
-
-    let mut prompt_tokens = 0;
-    if let Some(Lenient::Ok(messages)) = &parsed.messages {
-        prompt_tokens += chat_tokens(encoding, messages);
-    }
-    if let Some(Lenient::Ok(prompt)) = &parsed.prompt {
-        prompt_tokens += prompt.tokens(encoding);
-    }
-    if let Some(Lenient::Ok(input)) = &parsed.input {
-        prompt_tokens += input.tokens(encoding);
-    }
-    if let Some(Lenient::Ok(instructions)) = &parsed.instructions {
-        prompt_tokens += encoding.count(instructions);
-    }
-
+    let prompt_tokens = parsed.texts.count(encoding);
     let completion_tokens = if path == "/embeddings" || model.is_none() {
         0
     } else {
-        [
-            &parsed.max_completion_tokens,
-            &parsed.max_tokens,
-            &parsed.max_output_tokens,
-        ]
-        .into_iter()
-        .find_map(|v| v.as_ref().and_then(|l| l.as_ok().copied()))
-        .unwrap_or(default_completion_tokens)
+        parsed.max_tokens.unwrap_or(default_completion_tokens)
     };
-    let stream = matches!(parsed.stream, Some(Lenient::Ok(true)));
-
     Ok(RequestInfo {
-        model,
-        stream,
+        model: model.map(|m| m.into_owned().into_boxed_str()),
+        stream: parsed.stream,
         encoding,
         prompt_tokens,
         demand: Demand {
-            tokens: prompt_tokens + completion_tokens,
+            tokens: prompt_tokens
+                .saturating_add(completion_tokens)
+                .min(MAX_DEMAND_TOKENS),
             bytes,
         },
     })
 }
 
-fn chat_tokens(encoding: Encoding, messages: &[Lenient<Message<'_>>]) -> u64 {
-    let mut tokens = REPLY_PRIMING_TOKENS;
-    for message in messages.iter().filter_map(Lenient::as_ok) {
-        tokens += TOKENS_PER_MESSAGE;
-        if let Some(role) = &message.role {
-            tokens += encoding.count(role);
+/// Whether `model` may be used as a label, a log field, a store column and
+/// a script argument: short, and no control characters.
+pub fn check_model_name(model: &str) -> Result<(), GatewayError> {
+    if model.len() > MAX_MODEL_LEN {
+        return Err(GatewayError::InvalidModel(format!(
+            "longer than {MAX_MODEL_LEN} bytes"
+        )));
+    }
+    if model.chars().any(char::is_control) {
+        return Err(GatewayError::InvalidModel(
+            "it contains control characters".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Visitor methods that take a scalar value and do nothing with it.
+macro_rules! skip_scalars {
+    ($($method:ident($ty:ty)),* $(,)?) => {
+        $(fn $method<E>(self, _: $ty) -> Result<(), E> {
+            Ok(())
+        })*
+    };
+}
+
+/// Visitor methods that walk a container without building it.
+macro_rules! skip_containers {
+    () => {
+        fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(())
         }
-        if let Some(Lenient::Ok(content)) = &message.content {
-            tokens += content.tokens(encoding);
+    };
+    (maps) => {
+        fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(())
         }
-        if let Some(name) = &message.name {
-            tokens += encoding.count(name) + TOKENS_PER_NAME;
+    };
+}
+
+/// What the body says, as far as the gateway cares.
+#[derive(Debug, Default)]
+struct Parsed<'a> {
+    model: Option<Cow<'a, str>>,
+    stream: bool,
+    /// `max_completion_tokens`, else `max_tokens`, else `max_output_tokens`.
+    max_tokens: Option<u64>,
+    /// Which of those three set `max_tokens` (0 best).
+    max_tokens_rank: u8,
+    texts: Texts<'a>,
+}
+
+/// The prompt's text pieces (borrowed from the body where JSON allows) and
+/// the tokens counted without text: token ids and per-message overheads.
+#[derive(Debug, Default)]
+struct Texts<'a> {
+    pieces: Vec<Cow<'a, str>>,
+    tokens: u64,
+}
+
+impl<'a> Texts<'a> {
+    fn push(&mut self, text: Cow<'a, str>) {
+        if !text.is_empty() {
+            self.pieces.push(text);
         }
     }
-    tokens
-}
 
-/// A field that is used when it has the expected shape and ignored otherwise.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Lenient<T> {
-    Ok(T),
-    Other(IgnoredAny),
-}
-
-impl<T> Lenient<T> {
-    fn ok(self) -> Option<T> {
-        match self {
-            Lenient::Ok(v) => Some(v),
-            Lenient::Other(_) => None,
-        }
+    fn add(&mut self, tokens: u64) {
+        self.tokens = self.tokens.saturating_add(tokens);
     }
 
-    fn as_ok(&self) -> Option<&T> {
-        match self {
-            Lenient::Ok(v) => Some(v),
-            Lenient::Other(_) => None,
+    /// Tokens in all: the first [`MAX_COUNTED_BYTES`] of text counted
+    /// exactly, the rest a token per byte.
+    fn count(&self, encoding: Encoding) -> u64 {
+        let mut budget = MAX_COUNTED_BYTES;
+        let mut tokens = self.tokens;
+        for piece in &self.pieces {
+            let counted = if piece.len() <= budget {
+                budget -= piece.len();
+                encoding.count(piece)
+            } else {
+                budget = 0;
+                piece.len() as u64
+            };
+            tokens = tokens.saturating_add(counted);
         }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct Body<'a> {
-    #[serde(borrow)]
-    model: Option<Lenient<Cow<'a, str>>>,
-    stream: Option<Lenient<bool>>,
-    max_tokens: Option<Lenient<u64>>,
-    max_completion_tokens: Option<Lenient<u64>>,
-    max_output_tokens: Option<Lenient<u64>>,
-    #[serde(borrow)]
-    messages: Option<Lenient<Vec<Lenient<Message<'a>>>>>,
-    #[serde(borrow)]
-    prompt: Option<Lenient<Text<'a>>>,
-    #[serde(borrow)]
-    input: Option<Lenient<Text<'a>>>,
-    #[serde(borrow)]
-    instructions: Option<Lenient<Cow<'a, str>>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Message<'a> {
-    #[serde(borrow)]
-    role: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    content: Option<Lenient<Text<'a>>>,
-    #[serde(borrow)]
-    name: Option<Cow<'a, str>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Part<'a> {
-    #[serde(borrow)]
-    text: Option<Cow<'a, str>>,
-}
-
-/// Every shape a prompt, input or content takes: text, a list of texts,
-/// token ids, lists of token ids, content parts or (Responses API) messages.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Text<'a> {
-    One(#[serde(borrow)] Cow<'a, str>),
-    Many(#[serde(borrow)] Vec<Cow<'a, str>>),
-    Ids(Vec<u32>),
-    IdLists(Vec<Vec<u32>>),
-    Parts(#[serde(borrow)] Vec<Lenient<Part<'a>>>),
-    Messages(#[serde(borrow)] Vec<Lenient<Message<'a>>>),
-}
-
-impl Text<'_> {
-    fn tokens(&self, encoding: Encoding) -> u64 {
-        match self {
-            Text::One(text) => encoding.count(text),
-            Text::Many(texts) => texts.iter().map(|t| encoding.count(t)).sum(),
-            Text::Ids(ids) => ids.len() as u64,
-            Text::IdLists(lists) => lists.iter().map(|l| l.len() as u64).sum(),
-            Text::Parts(parts) => parts
-                .iter()
-                .filter_map(Lenient::as_ok)
-                .filter_map(|p| p.text.as_deref())
-                .map(|t| encoding.count(t))
-                .sum(),
-            Text::Messages(messages) => chat_tokens(encoding, messages) - REPLY_PRIMING_TOKENS,
-        }
+        tokens
     }
 }
 
+/// The top-level object: the fields that matter, everything else skipped.
+struct BodySeed<'p, 'a>(&'p mut Parsed<'a>);
+
+impl<'de, 'p> DeserializeSeed<'de> for BodySeed<'p, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de, 'p> Visitor<'de> for BodySeed<'p, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        let parsed = self.0;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "model" => parsed.model = map.next_value::<Loose<Cow<'de, str>>>()?.0,
+                "stream" => parsed.stream = map.next_value::<Loose<bool>>()?.0 == Some(true),
+                "max_completion_tokens" | "max_tokens" | "max_output_tokens" => {
+                    let rank = match &*key {
+                        "max_completion_tokens" => 1,
+                        "max_tokens" => 2,
+                        _ => 3,
+                    };
+                    let value = map.next_value::<Loose<u64>>()?.0;
+                    let better = parsed.max_tokens.is_none() || rank < parsed.max_tokens_rank;
+                    if value.is_some() && better {
+                        parsed.max_tokens = value;
+                        parsed.max_tokens_rank = rank;
+                    }
+                }
+                "messages" => map.next_value_seed(MessagesSeed(&mut parsed.texts))?,
+                "prompt" | "input" | "instructions" => {
+                    map.next_value_seed(ContentSeed(&mut parsed.texts))?;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // Any other JSON value is valid JSON with nothing in it for us.
+    skip_scalars!(
+        visit_bool(bool),
+        visit_i64(i64),
+        visit_u64(u64),
+        visit_f64(f64),
+        visit_str(&str)
+    );
+    skip_containers!();
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// A JSON value as far as a scalar field cares: strings, booleans and
+/// non-negative integers are kept; anything else is skipped unbuilt.
+enum Scalar<'a> {
+    Str(Cow<'a, str>),
+    Bool(bool),
+    U64(u64),
+    Other,
+}
+
+struct Loose<T>(Option<T>);
+
+impl<'de> serde::Deserialize<'de> for Loose<Cow<'de, str>> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Loose(
+            match deserializer.deserialize_any(ScalarVisitor)? {
+                Scalar::Str(text) => Some(text),
+                _ => None,
+            },
+        ))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Loose<bool> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Loose(
+            match deserializer.deserialize_any(ScalarVisitor)? {
+                Scalar::Bool(value) => Some(value),
+                _ => None,
+            },
+        ))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Loose<u64> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Loose(
+            match deserializer.deserialize_any(ScalarVisitor)? {
+                Scalar::U64(value) => Some(value),
+                _ => None,
+            },
+        ))
+    }
+}
+
+struct ScalarVisitor;
+
+impl<'de> Visitor<'de> for ScalarVisitor {
+    type Value = Scalar<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Owned(v)))
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Scalar::Bool(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Scalar::U64(v))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Scalar::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Scalar::Other)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Scalar::Other)
+    }
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Other)
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Other)
+    }
+}
+
+/// A chat's `messages`: a list, each message counted with its overhead,
+/// and the tokens that prime the reply; anything but a list is skipped.
+struct MessagesSeed<'t, 'a>(&'t mut Texts<'a>);
+
+impl<'de, 't> DeserializeSeed<'de> for MessagesSeed<'t, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de, 't> Visitor<'de> for MessagesSeed<'t, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+        self.0.add(REPLY_PRIMING_TOKENS);
+        while seq.next_element_seed(MessageSeed(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+    skip_containers!(maps);
+    skip_scalars!(
+        visit_bool(bool),
+        visit_i64(i64),
+        visit_u64(u64),
+        visit_f64(f64),
+        visit_str(&str)
+    );
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// One element of `messages`: a message object is counted; anything else
+/// (a number, a string) is skipped.
+struct MessageSeed<'t, 'a>(&'t mut Texts<'a>);
+
+impl<'de, 't> DeserializeSeed<'de> for MessageSeed<'t, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de, 't> Visitor<'de> for MessageSeed<'t, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<(), M::Error> {
+        ContentSeed(self.0).visit_map(map)
+    }
+    skip_containers!();
+    skip_scalars!(
+        visit_bool(bool),
+        visit_i64(i64),
+        visit_u64(u64),
+        visit_f64(f64),
+        visit_str(&str)
+    );
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// Prompt-bearing content in any of its shapes: a string, a list (of
+/// strings, token ids, lists of token ids, content parts or messages), or
+/// one part or message. Its text goes to the [`Texts`]; token ids count
+/// one each; anything else is skipped.
+struct ContentSeed<'t, 'a>(&'t mut Texts<'a>);
+
+impl<'de, 't> DeserializeSeed<'de> for ContentSeed<'t, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de, 't> Visitor<'de> for ContentSeed<'t, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<(), E> {
+        self.0.push(Cow::Borrowed(v));
+        Ok(())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.0.push(Cow::Owned(v.to_owned()));
+        Ok(())
+    }
+    fn visit_string<E>(self, v: String) -> Result<(), E> {
+        self.0.push(Cow::Owned(v));
+        Ok(())
+    }
+    /// A token id.
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        self.0.add(1);
+        Ok(())
+    }
+    skip_scalars!(visit_bool(bool), visit_i64(i64), visit_f64(f64));
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+        while seq.next_element_seed(ContentSeed(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+    /// A message (`role`, `content`, `name`) or a content part (`text`).
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        let texts = self.0;
+        let (mut role, mut name, mut text) = (None, None, None);
+        let mut has_content = false;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "role" => role = map.next_value::<Loose<Cow<'de, str>>>()?.0,
+                "name" => name = map.next_value::<Loose<Cow<'de, str>>>()?.0,
+                "text" => text = map.next_value::<Loose<Cow<'de, str>>>()?.0,
+                "content" => {
+                    has_content = true;
+                    map.next_value_seed(ContentSeed(&mut *texts))?;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if role.is_some() || has_content {
+            texts.add(TOKENS_PER_MESSAGE);
+        }
+        if let Some(name) = name {
+            texts.add(TOKENS_PER_NAME);
+            texts.push(name);
+        }
+        for piece in [role, text].into_iter().flatten() {
+            texts.push(piece);
+        }
+        Ok(())
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +602,87 @@ mod tests {
         assert_eq!(info.prompt_tokens, 0);
         assert!(!info.stream);
         assert_eq!(info.demand.tokens, 100);
+    }
+
+    #[test]
+    fn an_empty_json_body_is_invalid_json_where_a_model_is_required() {
+        assert!(matches!(
+            inspect_json("/chat/completions", ""),
+            Err(GatewayError::InvalidJson(_))
+        ));
+        assert_eq!(inspect_json("/files", "").unwrap().demand.tokens, 0);
+    }
+
+    #[test]
+    fn a_huge_max_tokens_saturates_instead_of_wrapping() {
+        let body = format!(
+            r#"{{"model":"gpt-4","messages":[],"max_tokens":{}}}"#,
+            u64::MAX
+        );
+        let info = inspect_json("/chat/completions", &body).unwrap();
+        assert_eq!(info.demand.tokens, MAX_DEMAND_TOKENS);
+    }
+
+    #[test]
+    fn a_model_name_must_be_short_and_free_of_control_characters() {
+        for model in [
+            r"gpt\u0000x",
+            r"gpt\nstatus=200",
+            &"m".repeat(MAX_MODEL_LEN + 1),
+        ] {
+            let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
+            assert!(
+                matches!(
+                    inspect_json("/chat/completions", &body),
+                    Err(GatewayError::InvalidModel(_))
+                ),
+                "{model}"
+            );
+        }
+        let longest = format!(
+            r#"{{"model":"{}","messages":[]}}"#,
+            "m".repeat(MAX_MODEL_LEN)
+        );
+        assert!(inspect_json("/chat/completions", &longest).is_ok());
+    }
+
+    #[test]
+    fn text_past_the_counting_budget_counts_a_token_per_byte() {
+        let small = "hello world";
+        let big = "lorem ipsum ".repeat(MAX_COUNTED_BYTES / 12 + 10);
+        let body = serde_json::json!({
+            "model": "gpt-4",
+            "messages": [{"role": "user", "content": small}, {"role": "user", "content": big}],
+        })
+        .to_string();
+        let info = inspect("/chat/completions", body.as_bytes(), true, 0).unwrap();
+        let enc = Encoding::Cl100kBase;
+        // The first message is counted exactly; once the big content has
+        // spent the budget, the rest (it, and the second role) by bytes.
+        let exact_head = 3 + 2 * 3 + enc.count("user") + enc.count(small);
+        let by_bytes = (big.len() + "user".len()) as u64;
+        assert_eq!(info.prompt_tokens, exact_head + by_bytes);
+    }
+
+    #[test]
+    fn values_of_other_shapes_are_walked_not_built() {
+        let zeros = format!(
+            r#"{{"model":"gpt-4","messages":[{}0],"max_tokens":1}}"#,
+            "0,".repeat(100_000)
+        );
+        let info = inspect_json("/chat/completions", &zeros).unwrap();
+        assert_eq!(info.prompt_tokens, REPLY_PRIMING_TOKENS);
+    }
+
+    #[test]
+    fn responses_input_messages_count_like_chat_messages() {
+        let body = r#"{"model":"gpt-4o","input":[{"role":"user","content":"hello world"}]}"#;
+        let info = inspect_json("/responses", body).unwrap();
+        let o200k = Encoding::O200kBase;
+        assert_eq!(
+            info.prompt_tokens,
+            3 + o200k.count("user") + o200k.count("hello world")
+        );
     }
 
     #[test]

@@ -84,6 +84,13 @@ pub struct ServerSettings {
     pub pid_file: Option<PathBuf>,
     /// Reload by itself when the config file or a key file changes.
     pub watch_config: bool,
+    /// Client connections open at once; start-up only.
+    pub max_connections: NonZeroUsize,
+    /// How long a client may take to send a request head (also the idle
+    /// keep-alive timeout); start-up only.
+    pub header_read_timeout: Duration,
+    /// How long a write to a client may make no progress; start-up only.
+    pub write_timeout: Duration,
 }
 
 /// `[upstream]`

@@ -19,6 +19,14 @@ pub(super) const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 /// Long generations from reasoning models can take minutes.
 pub(super) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 pub(super) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Client connections open at once: far above what one gateway serves,
+/// and lowered at start-up to what the open-file limit allows.
+pub(super) const DEFAULT_MAX_CONNECTIONS: usize = 8192;
+/// A client sends a request head in milliseconds; 30 s tolerates a slow
+/// network and ends idle keep-alive connections.
+pub(super) const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that reads nothing of its answer for a minute has gone.
+pub(super) const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(super) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
 /// What a request that names no `max_tokens` reserves for its completion.
@@ -89,6 +97,14 @@ pub(super) struct RawServer {
     pub(super) pid_file: Option<PathBuf>,
     #[default(true)]
     pub(super) watch_config: bool,
+    #[default(DEFAULT_MAX_CONNECTIONS)]
+    pub(super) max_connections: usize,
+    #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_HEADER_READ_TIMEOUT)]
+    pub(super) header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_WRITE_TIMEOUT)]
+    pub(super) write_timeout: Duration,
 }
 
 /// `[upstream]`

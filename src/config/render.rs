@@ -77,6 +77,9 @@ impl Config {
             out.text("pid_file", pid_file.display());
         }
         out.bare("watch_config", s.watch_config);
+        out.bare("max_connections", s.max_connections);
+        out.duration("header_read_timeout", s.header_read_timeout);
+        out.duration("write_timeout", s.write_timeout);
         out.table("[upstream]");
         out.duration("connect_timeout", self.upstream.connect_timeout);
         out.duration("first_byte_timeout", self.upstream.first_byte_timeout);

@@ -167,6 +167,16 @@ fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerSettings {
         shutdown_grace: raw.shutdown_grace,
         pid_file: raw.pid_file,
         watch_config: raw.watch_config,
+        max_connections: NonZeroUsize::new(raw.max_connections).unwrap_or_else(|| {
+            problems.push("server.max_connections: must be greater than 0".to_owned());
+            NonZeroUsize::MIN
+        }),
+        header_read_timeout: positive(
+            "server.header_read_timeout",
+            raw.header_read_timeout,
+            problems,
+        ),
+        write_timeout: positive("server.write_timeout", raw.write_timeout, problems),
     }
 }
 

@@ -14,11 +14,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use std::future::IntoFuture;
 use std::sync::Weak;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +28,8 @@ use crate::state::AppState;
 use crate::store::{Store, StoreError};
 use crate::tasks::Tasks;
 use crate::{admin, app, ledger, probes};
+
+pub(crate) mod conn;
 
 /// How long start-up waits for Redis before serving with
 /// `cluster.on_redis_error` in force.
@@ -247,39 +247,43 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves until `shutdown` resolves, then drains for up to the configured
-/// grace period.
+/// grace period, within the connection limits of `[server]`.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let grace = state.live().config.server.shutdown_grace;
-    let stopping = CancellationToken::new();
-    // Nagle would hold back small writes (an SSE event) for tens of ms.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let draining = stopping.clone();
-    let server = axum::serve(listener, app::router(state))
-        .with_graceful_shutdown(async move { draining.cancelled().await })
-        .into_future();
-    // Turns the shutdown signal into the token; never ends by itself.
-    let signalled = async {
-        shutdown.await;
-        stopping.cancel();
-        std::future::pending::<()>().await;
+    let settings = state.live().config.server.clone();
+    let limits = conn::ConnLimits {
+        max_connections: connection_cap(settings.max_connections.get()),
+        header_read_timeout: settings.header_read_timeout,
+        write_timeout: settings.write_timeout,
+        shutdown_grace: settings.shutdown_grace,
     };
-    tokio::select! {
-        result = server => result,
-        () = signalled => Ok(()),
-        () = async {
-            stopping.cancelled().await;
-            tokio::time::sleep(grace).await;
-        } => {
-            tracing::warn!(grace_s = grace.as_secs(), "shutdown grace elapsed; closing open connections");
-            Ok(())
-        }
+    conn::serve(listener, app::router(state), limits, shutdown).await
+}
+
+/// File descriptors kept for everything but client connections: upstream
+/// connections, the store, Redis, config and key files.
+const FD_RESERVE: u64 = 256;
+
+/// `server.max_connections`, lowered (with a warning) to what the process's
+/// open-file limit leaves room for after [`FD_RESERVE`].
+fn connection_cap(configured: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return configured;
+    };
+    let room = usize::try_from(soft.saturating_sub(FD_RESERVE).max(16)).unwrap_or(usize::MAX);
+    if configured > room {
+        tracing::warn!(
+            configured,
+            open_file_limit = soft,
+            using = room,
+            "server.max_connections is above what the open-file limit allows; lowered"
+        );
     }
+    configured.min(room)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, header};
 
 use crate::clients::{Client, Registry};
+use crate::config::Config;
 use crate::error::GatewayError;
 use crate::keys::{ClientKey, hash_key};
 use crate::snapshot::Live;
@@ -57,9 +58,14 @@ pub(crate) async fn identify(
 /// declared, the admin API off (with it on, clients are managed, so keys
 /// are required even before the first is made) and no client stored.
 pub(crate) fn is_open(live: &Live, registry: &Registry) -> bool {
-    live.config.client_keys.is_empty()
-        && live.clients.is_empty()
-        && live.config.admin.token.is_none()
+    config_is_open(&live.config, registry)
+}
+
+/// Whether `config` would let anyone in (see [`is_open`]).
+pub(crate) fn config_is_open(config: &Config, registry: &Registry) -> bool {
+    config.client_keys.is_empty()
+        && config.clients.is_empty()
+        && config.admin.token.is_none()
         && !registry.any_stored()
 }
 

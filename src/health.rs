@@ -5,13 +5,22 @@
 //! - `Healthy`: in rotation.
 //! - `Unhealthy`: `health.unhealthy_after` probes in a row failed; probed
 //!   every `health.interval`, back after `health.healthy_after` successes.
-//! - `Ejected`: `health.eject_after` requests in a row failed (no
-//!   connection, no answer in time, 5xx). Re-probed after a backoff that
-//!   doubles with each ejection in a row (up to `health.eject_backoff_max`);
-//!   one good probe brings it back. With probes off, it comes back on trial
-//!   when the backoff ends.
-//! - `KeyRefused`: the upstream answered 401/403 to the node's key. Out of
-//!   rotation until a reload brings a different key.
+//! - `Ejected`: `health.eject_after` requests in a row failed. Re-probed
+//!   after a backoff that doubles with each ejection in a row (up to
+//!   `health.eject_backoff_max`); one good probe brings it back. With
+//!   probes off, it comes back on trial when the backoff ends.
+//! - `KeyRefused`: the upstream refused the node's key (401/403) to a
+//!   probe. Out of rotation until a reload brings a different key.
+//!
+//! A client can shape what its request gets back (a 5xx, a timeout, a
+//! 401 for a header it sent), so what a request saw takes a node out only
+//! when the node's own probe agrees: failures the client could have caused
+//! (a 5xx, no answer in time, a broken connection) mark the node *suspect*
+//! at `health.eject_after` in a row and ask for a probe at once; the probe
+//! ejects it or clears it. A request answered 401/403 asks
+//! [`crate::probes::key_refused`], which probes the key before anything
+//! changes. Only a refused connection, which no request can cause, ejects
+//! by itself.
 //!
 //! This module is the state machine; [`crate::probes`] sends the probes.
 //!
@@ -71,9 +80,13 @@ impl Condition {
 pub enum Verdict {
     /// It answered, and not with a 5xx or a refused key.
     Answered,
-    /// No connection, no answer in time, or a 5xx; the text says which.
+    /// No answer in time, a broken connection, or a 5xx; the text says
+    /// which. From a request, the client may have caused it.
     Failed(String),
-    /// 401 or 403 to the node's key.
+    /// No connection could be made: nothing a client could cause.
+    Unreachable(String),
+    /// 401 or 403. From a probe, the node's key is refused; from a
+    /// request, perhaps only what the client sent.
     KeyRefused(StatusCode),
 }
 
@@ -90,6 +103,12 @@ impl Verdict {
     }
 }
 
+/// After a probe accepted the node's key, a request's 401/403 is taken as
+/// the client's own for this long without probing again: a client sending
+/// a header the upstream refuses cannot make the gateway probe for each of
+/// its requests.
+pub(crate) const KEY_CONFIRMED_FOR: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 struct HealthState {
     condition: Condition,
@@ -103,6 +122,11 @@ struct HealthState {
     last_probe: Option<(Instant, Result<(), String>)>,
     /// The key the node uses now, to tell whether a refusal is about it.
     key: NodeKey,
+    /// Requests failed `eject_after` times in a row: why, until a probe
+    /// confirms (ejects) or clears it.
+    suspect: Option<String>,
+    /// When a probe last had the key accepted.
+    key_accepted_at: Option<Instant>,
 }
 
 /// A node's health. Kept by node name across reloads.
@@ -119,6 +143,8 @@ pub struct NodeHealth {
     wake: Arc<Notify>,
     /// Wakes the queue when the node comes back: waiters may go to it now.
     headroom: Arc<HeadroomSignal>,
+    /// A probe of the key is under way (one at a time).
+    checking_key: AtomicBool,
 }
 
 /// What `/status` shows of a node's health.
@@ -152,9 +178,12 @@ impl NodeHealth {
                 next_probe: Some(Instant::now()),
                 last_probe: None,
                 key,
+                suspect: None,
+                key_accepted_at: None,
             }),
             wake,
             headroom,
+            checking_key: AtomicBool::new(false),
         })
     }
 
@@ -178,42 +207,67 @@ impl NodeHealth {
         }
     }
 
-    /// Applies what a real request saw. `key` is the key that request used:
-    /// a refusal of an older key (a request that began before a reload) says
-    /// nothing about the current one.
-    pub fn on_request(&self, verdict: Verdict, key: &NodeKey, settings: &HealthSettings) {
+    /// Applies what a real request saw. A 401/403 changes nothing here:
+    /// [`crate::probes::key_refused`] asks the upstream about the key.
+    pub fn on_request(&self, verdict: Verdict, settings: &HealthSettings) {
         if verdict == Verdict::Answered && self.clean.load(Ordering::Acquire) {
             return;
         }
         let mut state = self.state.lock();
-        match verdict {
+        let (why, confirmed) = match verdict {
             Verdict::Answered => {
                 state.traffic_failures = 0;
                 state.ejections = 0;
                 self.clean.store(true, Ordering::Release);
+                return;
             }
-            Verdict::KeyRefused(status) => {
-                if state.key.same_as(key) {
-                    self.refuse_key(&mut state, status, "a request");
-                }
-            }
-            Verdict::Failed(why) => {
-                self.clean.store(false, Ordering::Release);
-                state.traffic_failures += 1;
-                if state.traffic_failures >= settings.eject_after.get()
-                    && state.condition == Condition::Healthy
-                {
-                    let failures = state.traffic_failures;
-                    self.eject(
-                        &mut state,
-                        settings,
-                        &format!("{failures} requests in a row failed (last: {why})"),
-                    );
-                    drop(state);
-                    self.wake.notify_one();
-                }
-            }
+            Verdict::KeyRefused(_) => return,
+            Verdict::Failed(why) => (why, false),
+            Verdict::Unreachable(why) => (why, true),
+        };
+        self.clean.store(false, Ordering::Release);
+        state.traffic_failures = state.traffic_failures.saturating_add(1);
+        if state.traffic_failures < settings.eject_after.get()
+            || state.condition != Condition::Healthy
+        {
+            return;
         }
+        let reason = format!(
+            "{} requests in a row failed (last: {why})",
+            state.traffic_failures
+        );
+        if confirmed {
+            self.eject(&mut state, settings, &reason);
+        } else if state.suspect.is_none() {
+            // The client may have caused it: the node's own probe decides.
+            tracing::info!(node = %self.name, reason, "node suspect; probing it");
+            state.suspect = Some(reason);
+            state.next_probe = Some(Instant::now());
+        } else {
+            return;
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Whether requests' failures wait for a probe to confirm them.
+    pub(crate) fn is_suspect(&self) -> bool {
+        self.state.lock().suspect.is_some()
+    }
+
+    /// Starts checking the key after a request's 401/403, unless a probe
+    /// accepted it lately or a check is under way: `false` means the
+    /// refusal is the client's own.
+    pub(crate) fn begin_key_check(&self, now: Instant) -> bool {
+        let accepted = self.state.lock().key_accepted_at;
+        if accepted.is_some_and(|at| now.saturating_duration_since(at) < KEY_CONFIRMED_FOR) {
+            return false;
+        }
+        !self.checking_key.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn end_key_check(&self) {
+        self.checking_key.store(false, Ordering::Release);
     }
 
     /// Applies a probe's verdict.
@@ -224,6 +278,11 @@ impl NodeHealth {
         match verdict {
             Verdict::Answered => {
                 state.last_probe = Some((now, Ok(())));
+                state.key_accepted_at = Some(now);
+                if let Some(reason) = state.suspect.take() {
+                    tracing::info!(node = %self.name, reason, "a probe answered; the failures were not the node's");
+                    state.traffic_failures = 0;
+                }
                 state.probe_failures = 0;
                 state.probe_successes += 1;
                 match state.condition {
@@ -243,10 +302,17 @@ impl NodeHealth {
                 state.last_probe = Some((now, Err(format!("answered {status}"))));
                 self.refuse_key(&mut state, status, &format!("probe GET {path}"));
             }
-            Verdict::Failed(why) => {
+            Verdict::Failed(why) | Verdict::Unreachable(why) => {
                 state.last_probe = Some((now, Err(why.clone())));
                 state.probe_successes = 0;
                 state.probe_failures += 1;
+                if let Some(reason) = state.suspect.take()
+                    && state.condition == Condition::Healthy
+                {
+                    let reason = format!("{reason}; probe GET {path} {why} too");
+                    self.eject(&mut state, settings, &reason);
+                    return;
+                }
                 match state.condition {
                     Condition::Ejected { .. } => {
                         self.eject(&mut state, settings, &format!("re-probe GET {path} {why}"));
@@ -421,16 +487,20 @@ mod tests {
         assert!(h.in_rotation());
     }
 
+    fn unreachable() -> Verdict {
+        Verdict::Unreachable("could not connect".to_owned())
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn failed_requests_in_a_row_eject_with_a_doubling_backoff() {
+    async fn unreachable_in_a_row_ejects_with_a_doubling_backoff() {
         let s = settings();
         let h = NodeHealth::new(Arc::from("n"), key("k"), Arc::default(), Arc::default());
-        h.on_request(failed(), &key("k"), &s);
-        h.on_request(Verdict::Answered, &key("k"), &s);
-        h.on_request(failed(), &key("k"), &s);
-        h.on_request(failed(), &key("k"), &s);
+        h.on_request(unreachable(), &s);
+        h.on_request(Verdict::Answered, &s);
+        h.on_request(unreachable(), &s);
+        h.on_request(unreachable(), &s);
         assert!(h.in_rotation(), "the good answer broke the run");
-        h.on_request(failed(), &key("k"), &s);
+        h.on_request(unreachable(), &s);
         assert!(!h.in_rotation());
         let first = h.snapshot(Instant::now()).next_probe_in.unwrap();
         assert_eq!(first, s.eject_backoff);
@@ -443,21 +513,53 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn failures_a_client_may_cause_eject_only_when_a_probe_fails_too() {
+        let s = settings();
+        let h = NodeHealth::new(Arc::from("n"), key("k"), Arc::default(), Arc::default());
+        for _ in 0..3 {
+            h.on_request(failed(), &s);
+        }
+        assert!(h.in_rotation() && h.is_suspect(), "suspect, not ejected");
+        assert_eq!(h.snapshot(Instant::now()).next_probe_in, Some(Duration::ZERO));
+        // The node's own probe answers: the failures were the requests'.
+        h.on_probe(Verdict::Answered, &s, "/models");
+        assert!(h.in_rotation() && !h.is_suspect());
+        assert_eq!(h.snapshot(Instant::now()).traffic_failures, 0);
+        // Again, and now the probe fails too: out.
+        for _ in 0..3 {
+            h.on_request(failed(), &s);
+        }
+        h.on_probe(failed(), &s, "/models");
+        assert!(!h.in_rotation());
+        let reason = h.snapshot(Instant::now()).condition;
+        assert!(reason.reason().unwrap().contains("probe GET /models"), "{reason:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_refused_401_changes_nothing_and_a_probe_decides() {
+        let s = settings();
+        let h = NodeHealth::new(Arc::from("n"), key("old"), Arc::default(), Arc::default());
+        h.on_request(Verdict::KeyRefused(StatusCode::UNAUTHORIZED), &s);
+        assert!(h.in_rotation());
+        // Only one key check at a time; none again soon after an accepted probe.
+        assert!(h.begin_key_check(Instant::now()));
+        assert!(!h.begin_key_check(Instant::now()));
+        h.on_probe(Verdict::Answered, &s, "/models");
+        h.end_key_check();
+        assert!(!h.begin_key_check(Instant::now()), "accepted a moment ago");
+        tokio::time::advance(KEY_CONFIRMED_FOR).await;
+        assert!(h.begin_key_check(Instant::now()));
+        h.on_probe(Verdict::KeyRefused(StatusCode::UNAUTHORIZED), &s, "/models");
+        h.end_key_check();
+        assert!(!h.in_rotation());
+        assert_eq!(h.snapshot(Instant::now()).condition.name(), "key_refused");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_refused_key_stays_out_until_the_key_changes() {
         let s = settings();
         let h = NodeHealth::new(Arc::from("n"), key("old"), Arc::default(), Arc::default());
-        // A request that still used an older key says nothing of this one.
-        h.on_request(
-            Verdict::KeyRefused(StatusCode::UNAUTHORIZED),
-            &key("older"),
-            &s,
-        );
-        assert!(h.in_rotation());
-        h.on_request(
-            Verdict::KeyRefused(StatusCode::UNAUTHORIZED),
-            &key("old"),
-            &s,
-        );
+        h.on_probe(Verdict::KeyRefused(StatusCode::UNAUTHORIZED), &s, "/models");
         assert!(!h.in_rotation());
         assert_eq!(h.snapshot(Instant::now()).condition.name(), "key_refused");
         h.on_probe(Verdict::Answered, &s, "/models");

@@ -60,7 +60,7 @@ impl Meter {
             Meter::Sse(sse) => Some(sse.usage.map_or_else(
                 || TokenUsage {
                     prompt: prompt_tokens,
-                    completion: encoding.count(&sse.text),
+                    completion: sse.streamed_tokens(encoding),
                 },
                 |u| u.split(prompt_tokens),
             )),
@@ -90,33 +90,73 @@ pub(crate) struct TokenUsage {
 
 impl TokenUsage {
     pub(crate) fn total(self) -> u64 {
-        self.prompt + self.completion
+        self.prompt.saturating_add(self.completion)
     }
 }
 
+/// The longest stream line kept to be read: a streamed event is a few
+/// hundred bytes; a longer line is relayed but not read (its usage, if
+/// any, is lost; the streamed text still counts).
+pub(crate) const MAX_SSE_LINE: usize = 1 << 20;
+
+/// Streamed text kept to be counted exactly if no usage arrives; past it,
+/// a byte counts as a token (an upper bound).
+const MAX_STREAMED_TEXT: usize = crate::request::MAX_COUNTED_BYTES;
+
 /// Follows a server-sent event stream line by line across chunk borders.
+/// What it keeps is bounded: one line up to [`MAX_SSE_LINE`], text up to
+/// [`MAX_STREAMED_TEXT`].
 #[derive(Debug, Default)]
 pub(crate) struct SseMeter {
     partial: Vec<u8>,
+    /// The line in progress passed [`MAX_SSE_LINE`]: skip to its end.
+    skipping: bool,
     usage: Option<Usage>,
     /// Streamed completion text, counted only if no usage arrives.
     text: String,
+    /// Streamed text bytes past [`MAX_STREAMED_TEXT`].
+    text_overflow: u64,
 }
 
 impl SseMeter {
     fn observe(&mut self, chunk: &[u8]) {
         let mut rest = chunk;
         while let Some(end) = rest.iter().position(|b| *b == b'\n') {
-            if self.partial.is_empty() {
+            if std::mem::take(&mut self.skipping) {
+                self.partial.clear();
+            } else if self.partial.is_empty() {
                 self.line(&rest[..end]);
-            } else {
+            } else if self.partial.len() + end <= MAX_SSE_LINE {
                 self.partial.extend_from_slice(&rest[..end]);
                 let line = std::mem::take(&mut self.partial);
                 self.line(&line);
+            } else {
+                self.partial.clear();
             }
             rest = &rest[end + 1..];
         }
-        self.partial.extend_from_slice(rest);
+        if self.skipping {
+            return;
+        }
+        if self.partial.len() + rest.len() > MAX_SSE_LINE {
+            self.partial = Vec::new();
+            self.skipping = true;
+        } else {
+            self.partial.extend_from_slice(rest);
+        }
+    }
+
+    fn keep_text(&mut self, text: &str) {
+        if self.text.len() + text.len() <= MAX_STREAMED_TEXT {
+            self.text.push_str(text);
+        } else {
+            self.text_overflow = self.text_overflow.saturating_add(text.len() as u64);
+        }
+    }
+
+    /// Completion tokens in the streamed text.
+    fn streamed_tokens(&self, encoding: Encoding) -> u64 {
+        encoding.count(&self.text).saturating_add(self.text_overflow)
     }
 
     fn line(&mut self, line: &[u8]) {
@@ -135,10 +175,10 @@ impl SseMeter {
         }
         for choice in event.choices.iter().flatten() {
             if let Some(text) = choice.delta.as_ref().and_then(|d| d.content.as_deref()) {
-                self.text.push_str(text);
+                self.keep_text(text);
             }
             if let Some(text) = choice.text.as_deref() {
-                self.text.push_str(text);
+                self.keep_text(text);
             }
         }
     }
@@ -233,5 +273,20 @@ mod tests {
         meter.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\" world\"}}]}\n");
         // Cut short here: no [DONE], no usage.
         assert_eq!(meter.tokens(10, ENC, true), Some(10 + 2));
+    }
+
+    #[test]
+    fn a_line_without_an_end_is_not_kept_past_its_bound() {
+        let mut sse = SseMeter::default();
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..(MAX_SSE_LINE / chunk.len() + 4) {
+            sse.observe(&chunk);
+        }
+        assert!(sse.partial.len() <= MAX_SSE_LINE, "{}", sse.partial.len());
+        // The next line is read again.
+        sse.observe(b"\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n");
+        let mut meter = Meter::Sse(sse);
+        meter.observe(b"");
+        assert_eq!(meter.tokens(9, ENC, true), Some(3));
     }
 }

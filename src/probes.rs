@@ -27,13 +27,14 @@ pub(crate) async fn probe(node: &Node, settings: &HealthSettings) -> Verdict {
     let mut url = node.base.clone();
     let joined = [node.base.path().trim_end_matches('/'), &settings.path].concat();
     url.set_path(&joined);
-    let request = node
-        .client
-        .get(url)
-        .header(
-            axum::http::header::AUTHORIZATION,
-            node.key.authorization().clone(),
-        )
+    let mut request = node.client.get(url).header(
+        axum::http::header::AUTHORIZATION,
+        node.key.authorization().clone(),
+    );
+    for (name, value) in &node.identity {
+        request = request.header(name.clone(), value.clone());
+    }
+    let request = request
         .timeout(settings.timeout)
         .send();
     match request.await {
@@ -51,14 +52,32 @@ pub(crate) async fn probe(node: &Node, settings: &HealthSettings) -> Verdict {
         Err(err) if err.is_timeout() => {
             Verdict::Failed(format!("timed out after {}", human(settings.timeout)))
         }
-        Err(err) if err.is_connect() => Verdict::Failed("could not connect".to_owned()),
+        Err(err) if err.is_connect() => Verdict::Unreachable("could not connect".to_owned()),
         Err(_) => Verdict::Failed("connection broke".to_owned()),
     }
 }
 
-/// Probes one node, or with probes off readmits an ejected one on trial.
+/// A request to `node` was answered 401/403: is it the node's own key the
+/// upstream refuses, or only what the client sent? A probe with the key
+/// alone decides (even with `health.enabled = false`: one `GET` per
+/// suspected refusal, at most one at a time, none within
+/// [`KEY_CONFIRMED_FOR`](crate::health::KEY_CONFIRMED_FOR) of an accepted
+/// probe). `true`: the key is refused and the node is out of rotation.
+pub(crate) async fn key_refused(node: &Node, settings: &HealthSettings) -> bool {
+    if !node.health.begin_key_check(Instant::now()) {
+        return false;
+    }
+    let verdict = probe(node, settings).await;
+    let refused = matches!(verdict, Verdict::KeyRefused(_));
+    node.health.on_probe(verdict, settings, &settings.path);
+    node.health.end_key_check();
+    refused
+}
+
+/// Probes one node (when probes are on, or its requests' failures await a
+/// probe), or with probes off readmits an ejected one on trial.
 async fn check(node: &Node, settings: &HealthSettings) {
-    if settings.enabled {
+    if settings.enabled || node.health.is_suspect() {
         let verdict = probe(node, settings).await;
         if let Verdict::Failed(why) = &verdict {
             tracing::debug!(node = %node.name, why, "probe failed");

@@ -37,6 +37,7 @@ use crate::health::Verdict;
 use crate::ledger::Entry;
 use crate::limits::CooldownReason;
 use crate::metrics::{self, UpstreamError};
+use crate::probes;
 use crate::relay::{self, ACCESS_LOG, Held, Trace, UsageTicket};
 use crate::request::{self, RequestInfo};
 use crate::server::conn::WriteDeadline;
@@ -128,16 +129,16 @@ async fn forward(
 ) -> Result<Response, Refused> {
     let live = state.live();
     let (parts, body) = request.into_parts();
+    request::check_path(parts.uri.path())?;
     let client = auth::identify(&live, &state.clients, &parts.headers).await?;
+    // Work before admission is bounded: a client over its own limit is
+    // refused before its body is read or parsed.
+    if let Some(client) = &client {
+        state.admission.precheck(client)?;
+    }
     let limit = live.config.server.max_body_bytes.get();
     let body = read_body(body, &parts.headers, limit).await?;
-    let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
-    let info = request::inspect(
-        rest,
-        &body,
-        is_json(&parts.headers, &body),
-        live.config.accounting.default_completion_tokens,
-    )?;
+    let info = inspect(&parts, &body, live.config.accounting.default_completion_tokens).await?;
     let request = Inbound {
         parts: &parts,
         body,
@@ -319,6 +320,9 @@ enum Attempt {
         response: reqwest::Response,
         node: NodeId,
         booking: Booking,
+        /// A refusal of what the client sent (not of the node's key):
+        /// relayed, never retried.
+        clients_own: bool,
     },
     Failed {
         node: NodeId,
@@ -329,6 +333,9 @@ enum Attempt {
 impl Attempt {
     fn retryable(&self) -> bool {
         match self {
+            Attempt::Answered {
+                clients_own: true, ..
+            } => false,
             Attempt::Answered { response, .. } => {
                 let status = response.status();
                 status.is_server_error()
@@ -365,6 +372,7 @@ impl Attempt {
                 response,
                 node,
                 booking,
+                ..
             } => {
                 // A client that stops reading is cut at the deadline.
                 if let Some(write) = request.parts.extensions.get::<WriteDeadline>() {
@@ -424,13 +432,24 @@ async fn try_node(live: &Live, placement: Placement, request: &Inbound<'_>) -> A
         node.metrics.upstream_error(kind);
     }
     booking.observe_upstream(&upstream::rate_limit_report(response.headers()));
-    node.health
-        .on_request(Verdict::of_status(status), &node.key, health);
+    node.health.on_request(Verdict::of_status(status), health);
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        // Retried elsewhere only if the node's own key is refused; else
+        // the client's request was refused, and the client gets the answer.
+        let clients_own = !probes::key_refused(node, health).await;
+        return Attempt::Answered {
+            response,
+            node: id,
+            booking,
+            clients_own,
+        };
+    }
     if status != StatusCode::TOO_MANY_REQUESTS {
         return Attempt::Answered {
             response,
             node: id,
             booking,
+            clients_own: false,
         };
     }
     // A 429 is read whole: a spent quota rests far longer than a busy minute.
@@ -453,6 +472,7 @@ async fn try_node(live: &Live, placement: Placement, request: &Inbound<'_>) -> A
         response,
         node: id,
         booking,
+        clients_own: false,
     }
 }
 
@@ -466,14 +486,22 @@ fn failed(
     health: &HealthSettings,
 ) -> Attempt {
     tracing::warn!(node = %node.name, ?failure, "upstream attempt failed");
-    let (why, kind) = match failure {
-        Failure::Connect => ("could not connect", UpstreamError::Connect),
-        Failure::Timeout => ("no answer in time", UpstreamError::Timeout),
-        Failure::Broken => ("connection broke", UpstreamError::Broken),
+    let (verdict, kind) = match failure {
+        Failure::Connect => (
+            Verdict::Unreachable("could not connect".to_owned()),
+            UpstreamError::Connect,
+        ),
+        Failure::Timeout => (
+            Verdict::Failed("no answer in time".to_owned()),
+            UpstreamError::Timeout,
+        ),
+        Failure::Broken => (
+            Verdict::Failed("connection broke".to_owned()),
+            UpstreamError::Broken,
+        ),
     };
     node.metrics.upstream_error(kind);
-    node.health
-        .on_request(Verdict::Failed(why.to_owned()), &node.key, health);
+    node.health.on_request(verdict, health);
     match failure {
         // Nothing reached the node: take the request back in full.
         Failure::Connect => booking.cancel(),
@@ -481,6 +509,30 @@ fn failed(
         Failure::Timeout | Failure::Broken => drop(booking),
     }
     Attempt::Failed { node: id, failure }
+}
+
+/// Bodies larger than this are inspected on the blocking pool: their
+/// parsing and counting (bounded, but tens of milliseconds) must not stall
+/// the other requests on this worker.
+const INSPECT_INLINE_BYTES: usize = 256 * 1024;
+
+/// Step 3 for the body of `parts`.
+async fn inspect(
+    parts: &Parts,
+    body: &Bytes,
+    default_completion_tokens: u64,
+) -> Result<RequestInfo, GatewayError> {
+    let path = parts.uri.path().strip_prefix("/v1").unwrap_or("");
+    let json = is_json(&parts.headers, body);
+    if body.len() <= INSPECT_INLINE_BYTES {
+        return request::inspect(path, body, json, default_completion_tokens);
+    }
+    let (path, body) = (path.to_owned(), body.clone());
+    tokio::task::spawn_blocking(move || {
+        request::inspect(&path, &body, json, default_completion_tokens)
+    })
+    .await
+    .map_err(|_| GatewayError::ShuttingDown)?
 }
 
 /// Whether to read the body as JSON: a JSON content type, none at all, or

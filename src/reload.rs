@@ -63,6 +63,9 @@ pub fn outcome_file_for(pid_file: &Path) -> PathBuf {
 /// Quiet time after a file event before reloading: an editor's save or a
 /// secret rotation is several events in a few milliseconds.
 const SETTLE: Duration = Duration::from_millis(150);
+/// However busy the files are, a change is applied this long after its
+/// first event at the latest.
+const SETTLE_MAX: Duration = Duration::from_secs(1);
 
 /// Re-reads the config and swaps it in, or keeps the running one. Blocking
 /// (files, TLS set-up): call it off the async workers.
@@ -70,6 +73,7 @@ pub fn reload(state: &AppState, source: &ConfigSource, trigger: &'static str) ->
     let env = |var: &str| (source.env)(var);
     let result = match config::load_with(&source.path, &env) {
         Err(err) => Err(err.problems.join("\n")),
+        Ok((config, _)) if opens(state, &config) => Err(OPENS.to_owned()),
         Ok((config, warnings)) => {
             for warning in &warnings.0 {
                 tracing::warn!("{warning}");
@@ -97,6 +101,17 @@ pub fn reload(state: &AppState, source: &ConfigSource, trigger: &'static str) ->
         tracing::warn!(path = %path.display(), error = %err, "cannot write the reload outcome file");
     }
     outcome
+}
+
+/// Why a reload that would open a closed gateway is refused.
+const OPENS: &str = "auth: this config lets anyone in (no auth.client_keys_env, no [[clients]], no admin token, no stored client) while the running gateway requires a key; a reload never opens a gateway: restart it to run it open";
+
+/// Whether `config` would open the gateway, which now requires a key. An
+/// edit that drops `[auth]` and `[admin]` by mistake must not let the
+/// world in; one that means it takes a restart (with its start-up warning).
+fn opens(state: &AppState, config: &Config) -> bool {
+    !crate::auth::is_open(&state.live(), &state.clients)
+        && crate::auth::config_is_open(config, &state.clients)
 }
 
 /// One line on what a reload changes, by node name. Never a key: only
@@ -222,28 +237,35 @@ pub async fn watch(state: Arc<AppState>, source: ConfigSource, cancel: Cancellat
     let mut watched = Watched::default();
     watched.update(&mut watcher, &source.path, &state.live().config);
     loop {
+        // Events for files the gateway does not read (a log beside the
+        // config, say) are passed over: they neither start nor delay a reload.
         let first = tokio::select! {
             () = cancel.cancelled() => return,
             path = changed.recv() => path,
         };
         let Some(first) = first else { return };
-        let mut relevant = watched.covers(&first);
-        // Let a burst of events settle into one reload.
+        if !watched.covers(&first) {
+            continue;
+        }
+        // Let a burst of events on the files it reads settle into one
+        // reload, for at most SETTLE_MAX.
+        let latest = tokio::time::Instant::now() + SETTLE_MAX;
+        let mut quiet_from = tokio::time::Instant::now();
         loop {
+            let until = (quiet_from + SETTLE).min(latest);
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(SETTLE) => break,
+                () = tokio::time::sleep_until(until) => break,
                 path = changed.recv() => match path {
-                    Some(path) => relevant |= watched.covers(&path),
+                    Some(path) if watched.covers(&path) => quiet_from = tokio::time::Instant::now(),
+                    Some(_) => {}
                     None => return,
                 },
             }
         }
-        if relevant {
-            reload_blocking(&state, &source, "file change").await;
-            // Key files may have been added or removed.
-            watched.update(&mut watcher, &source.path, &state.live().config);
-        }
+        reload_blocking(&state, &source, "file change").await;
+        // Key files may have been added or removed.
+        watched.update(&mut watcher, &source.path, &state.live().config);
     }
 }
 

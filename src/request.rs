@@ -128,6 +128,22 @@ pub fn inspect(
     })
 }
 
+/// Whether a request path may be forwarded: no segment that is `.` or
+/// `..` (also percent-encoded, in any case), and no encoded `/` or `\`
+/// (nor a raw `\`), any of which could make the upstream's path escape
+/// `/v1` (a URL parser resolves dot segments) and reach another of its
+/// routes with the node's key.
+pub fn check_path(path: &str) -> Result<(), GatewayError> {
+    for segment in path.split('/') {
+        let lower = segment.to_ascii_lowercase();
+        let dots = lower.replace("%2e", ".");
+        if dots == "." || dots == ".." || lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
+            return Err(GatewayError::InvalidPath);
+        }
+    }
+    Ok(())
+}
+
 /// Whether `model` may be used as a label, a log field, a store column and
 /// a script argument: short, and no control characters.
 pub fn check_model_name(model: &str) -> Result<(), GatewayError> {
@@ -602,6 +618,25 @@ mod tests {
         assert_eq!(info.prompt_tokens, 0);
         assert!(!info.stream);
         assert_eq!(info.demand.tokens, 100);
+    }
+
+    #[test]
+    fn dot_segments_and_encoded_separators_are_refused_in_any_spelling() {
+        for path in [
+            "/v1/../_stats",
+            "/v1/./models",
+            "/v1/%2e%2e/_stats",
+            "/v1/%2E./x",
+            "/v1/.%2e/x",
+            "/v1/files%2f..%2fx",
+            "/v1/files%5cx",
+            "/v1/a\\b",
+        ] {
+            assert!(matches!(check_path(path), Err(GatewayError::InvalidPath)), "{path}");
+        }
+        for path in ["/v1/chat/completions", "/v1/files/file-abc.jsonl", "/v1/a..b", "/v1/models/gpt-4.1"] {
+            assert!(check_path(path).is_ok(), "{path}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::http::HeaderValue;
+use axum::http::{HeaderName, HeaderValue};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::json;
@@ -64,6 +64,8 @@ pub struct Node {
     /// The same, parsed once: a request only sets its path and query.
     pub base: reqwest::Url,
     pub key: NodeKey,
+    /// The node's own `OpenAI-Organization` / `OpenAI-Project`, if set.
+    pub identity: Vec<(HeaderName, HeaderValue)>,
     pub models: Option<Vec<String>>,
     pub limiter: Arc<Limiter>,
     pub health: Arc<NodeHealth>,
@@ -215,7 +217,8 @@ pub fn prepare(
             .map_err(|_| format!("node '{}': name is not a valid header value", node.name))?;
         let base = reqwest::Url::parse(&node.url)
             .map_err(|e| format!("node '{}': url: {e}", node.name))?;
-        built.push((node, client, name_header, base));
+        let identity = identity_headers(node)?;
+        built.push((node, client, name_header, base, identity));
     }
 
     // Nothing below fails.
@@ -223,7 +226,7 @@ pub fn prepare(
     let mut tracked = kept.nodes.lock();
     let clients = Directory::build(&config.clients, registry);
     let mut nodes: Vec<Node> = Vec::with_capacity(built.len());
-    for (node, client, name_header, base) in built {
+    for (node, client, name_header, base, identity) in built {
         let entry = tracked
             .entry(Arc::clone(&node.name))
             .or_insert_with(|| Tracked {
@@ -247,6 +250,7 @@ pub fn prepare(
             url: Arc::clone(&node.url),
             base,
             key: node.key.clone(),
+            identity,
             models: node.models.clone(),
             limiter: Arc::clone(&entry.limiter),
             health: Arc::clone(&entry.health),
@@ -303,6 +307,22 @@ fn index(config: Config, generation: u64, clients: Directory, nodes: Vec<Node>) 
         any_model,
         models_list,
     }
+}
+
+/// The organisation and project headers a node sends, if configured.
+fn identity_headers(node: &NodeConfig) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let mut headers = Vec::new();
+    for (name, value) in [
+        (crate::upstream::ORGANIZATION, &node.organization),
+        (crate::upstream::PROJECT, &node.project),
+    ] {
+        if let Some(value) = value {
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| format!("node '{}': {name} is not a valid header value", node.name))?;
+            headers.push((name, value));
+        }
+    }
+    Ok(headers)
 }
 
 fn build_client(config: &Config, node: Option<&NodeConfig>) -> Result<reqwest::Client, String> {

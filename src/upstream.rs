@@ -49,21 +49,33 @@ fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
             .any(|token| name.as_str().eq_ignore_ascii_case(token.trim()))
 }
 
-/// The client's end-to-end headers, minus its credentials and what the
-/// HTTP client sets itself.
+/// `OpenAI-Organization`: which organisation a request bills.
+pub(crate) const ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+/// `OpenAI-Project`: which project a request bills.
+pub(crate) const PROJECT: HeaderName = HeaderName::from_static("openai-project");
+
+/// The client's end-to-end headers, minus its credentials, what the HTTP
+/// client sets itself, and what would let a client pick which organisation
+/// or project a node's key bills; plus the node's key and its own
+/// organisation and project.
 fn outgoing_headers(client: &HeaderMap, node: &Node) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(client.len() + 1);
+    let mut out = HeaderMap::with_capacity(client.len() + 1 + node.identity.len());
     for (name, value) in client {
         let dropped = is_hop_by_hop(name, client)
             || name == header::AUTHORIZATION
             || name == header::HOST
             || name == header::CONTENT_LENGTH
-            || name.as_str() == "api-key";
+            || name.as_str() == "api-key"
+            || name == ORGANIZATION
+            || name == PROJECT;
         if !dropped {
             out.append(name.clone(), value.clone());
         }
     }
     out.insert(header::AUTHORIZATION, node.key.authorization().clone());
+    for (name, value) in &node.identity {
+        out.insert(name.clone(), value.clone());
+    }
     out
 }
 
@@ -185,6 +197,20 @@ pub(crate) fn is_insufficient_quota(body: &[u8]) -> bool {
         || inner.code.as_ref().and_then(|c| c.as_str()) == Some("insufficient_quota")
 }
 
+/// The longest wait an upstream header is believed for: a day. A reset or
+/// `Retry-After` beyond it is taken as a day (a spent billing quota); one
+/// that is negative, not a number or not finite is ignored.
+pub(crate) const MAX_HEADER_WAIT: Duration = Duration::from_secs(86_400);
+
+/// `seconds` as a wait, if it is one: finite, not negative, at most
+/// [`MAX_HEADER_WAIT`].
+fn wait_of(seconds: f64) -> Option<Duration> {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(seconds).map_or(MAX_HEADER_WAIT, |d| d.min(MAX_HEADER_WAIT)))
+}
+
 /// How long a node that answered 429 should rest: `Retry-After` (seconds),
 /// else the later of `x-ratelimit-reset-requests` / `-tokens` (`"1s"`,
 /// `"6m0s"`, `"20ms"`), else one second.
@@ -200,8 +226,7 @@ pub(crate) fn explicit_rest(headers: &HeaderMap) -> Option<Duration> {
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64);
+        .and_then(wait_of);
     let reset = ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
         .iter()
         .filter_map(|name| headers.get(*name)?.to_str().ok())
@@ -220,6 +245,9 @@ fn parse_reset(text: &str) -> Option<Duration> {
     while !rest.is_empty() {
         let split = rest.find(|c: char| c.is_ascii_alphabetic())?;
         let number: f64 = rest[..split].parse().ok()?;
+        if !number.is_finite() || number < 0.0 {
+            return None;
+        }
         let unit_len = rest[split..]
             .find(|c: char| !c.is_ascii_alphabetic())
             .unwrap_or(rest.len() - split);
@@ -233,7 +261,7 @@ fn parse_reset(text: &str) -> Option<Duration> {
         total += number * scale;
         rest = &rest[split + unit_len..];
     }
-    Some(Duration::from_secs_f64(total))
+    wait_of(total)
 }
 
 #[cfg(test)]
@@ -252,6 +280,12 @@ mod tests {
             Some(Duration::from_secs_f64(3723.5))
         );
         assert_eq!(parse_reset("soon"), None);
+        // Nothing an upstream sends makes a panic or an endless rest.
+        assert_eq!(parse_reset("-1s"), None);
+        assert_eq!(parse_reset("1e19s"), None);
+        assert_eq!(parse_reset("10000000000000000000s"), Some(MAX_HEADER_WAIT));
+        assert_eq!(parse_reset("NaNs"), None);
+        assert_eq!(parse_reset("infs"), None);
     }
 
     #[test]

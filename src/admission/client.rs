@@ -24,6 +24,23 @@ pub(super) fn allowed(client: &Client, model: Option<&str>) -> Result<(), Refusa
     }
 }
 
+/// Whether the client could make any request now: its window has a
+/// request to spare and its bucket a token. Checked before the body is
+/// read, so a client over its own limit costs no parsing; takes nothing.
+pub(super) fn precheck(client: &Client) -> Result<(), Refusal> {
+    let now = Instant::now();
+    let nothing = Demand::default();
+    if let Outlook::At(at) = client.limiter.window.outlook(nothing, now) {
+        return Err(Refusal::ClientLimited(Headroom::at(Some(at), now)));
+    }
+    if let Some(bucket) = &client.limiter.bucket
+        && let Err(wait) = bucket.lock().peek(now)
+    {
+        return Err(Refusal::ClientLimited(Headroom::In(wait)));
+    }
+    Ok(())
+}
+
 /// A client has no bytes limit: only requests and tokens count.
 fn of_client(demand: Demand) -> Demand {
     Demand { bytes: 0, ..demand }

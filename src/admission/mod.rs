@@ -156,6 +156,13 @@ impl Admission {
         }
     }
 
+    /// Before the body is read: refuses a client already over its own
+    /// rate limits (what any request would find), so refusing it costs no
+    /// parsing. The full check is [`admit`](Self::admit)'s.
+    pub fn precheck(&self, client: &Client) -> Result<(), GatewayError> {
+        client::precheck(client).map_err(refuse)
+    }
+
     /// A retry: a node other than those `tried` with headroom now, or none.
     /// The client was admitted with the first attempt.
     pub async fn place_retry(&self, ask: &Ask<'_>, tried: &[NodeId]) -> Option<Placement> {

@@ -147,6 +147,8 @@ pub(super) fn validate_node(
         quota,
         ca_file: raw.ca_file,
         key_file: raw.api_key_file,
+        organization: raw.organization,
+        project: raw.project,
     })
 }
 

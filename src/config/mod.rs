@@ -236,6 +236,10 @@ pub struct NodeConfig {
     pub ca_file: Option<PathBuf>,
     /// Where the key was read from, when from a file: reload watches it.
     pub key_file: Option<PathBuf>,
+    /// Sent as `OpenAI-Organization` / `OpenAI-Project` (a client's own
+    /// are never passed on): which organisation and project the key bills.
+    pub organization: Option<String>,
+    pub project: Option<String>,
 }
 
 /// A client declared in the config: its own gateway key and limits.

@@ -271,4 +271,6 @@ pub(super) struct RawNode {
     pub(super) bpm: Option<u64>,
     pub(super) max_concurrency: Option<u64>,
     pub(super) ca_file: Option<PathBuf>,
+    pub(super) organization: Option<String>,
+    pub(super) project: Option<String>,
 }

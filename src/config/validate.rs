@@ -52,11 +52,36 @@ fn describe_figment_error(err: &figment::Error) -> String {
         .as_ref()
         .map(|m| format!(" (from {})", m.name))
         .unwrap_or_default();
-    if path.is_empty() {
-        format!("config: {}{source}", err.kind)
+    let secret = err
+        .path
+        .last()
+        .is_some_and(|field| SECRET_FIELDS.contains(&field.as_str()));
+    let what = if secret {
+        "not a valid value (not shown: the field holds a secret)".to_owned()
     } else {
-        format!("{path}: {}{source}", err.kind)
+        without_source_lines(&err.kind.to_string())
+    };
+    if path.is_empty() {
+        format!("config: {what}{source}")
+    } else {
+        format!("{path}: {what}{source}")
     }
+}
+
+/// Fields whose values are secrets (or may hold one, like a URL with a
+/// password): an error about them never quotes the value.
+const SECRET_FIELDS: &[&str] = &["api_key", "redis_url", "url", "token"];
+
+/// A TOML parse error without the lines of the file it quotes: the line at
+/// fault may be a key (`api_key = "sk-...` with its quote missing). What
+/// is left names the line and column and what was expected there.
+fn without_source_lines(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.contains('|'))
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn validate(

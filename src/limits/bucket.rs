@@ -26,6 +26,12 @@ pub struct BucketLimit {
     pub rate_per_second: f64,
 }
 
+/// The slowest refill a bucket may have: one request in about 17 minutes.
+/// Slower would be a `Retry-After` of days; leave the bucket out instead.
+const MIN_RATE: f64 = 0.001;
+/// The fastest: a million requests a second is no limit at all.
+const MAX_RATE: f64 = 1_000_000.0;
+
 impl ClientLimits {
     /// Validates a client's limits as written (config or admin API): zero is
     /// refused (leave a limit out for none), and a bucket needs both its
@@ -47,9 +53,9 @@ impl ClientLimits {
         let rpm = limit("rpm", rpm);
         let tpm = limit("tpm", tpm);
         let burst_limit = limit("burst", burst);
-        let rate_valid = rate_per_second.map(|r| r.is_finite() && r > 0.0);
+        let rate_valid = rate_per_second.map(|r| (MIN_RATE..=MAX_RATE).contains(&r));
         if rate_valid == Some(false) {
-            problems.push(("rate_per_second", "must be a number greater than 0"));
+            problems.push(("rate_per_second", "must be a number from 0.001 to 1000000"));
         }
         let bucket = match (
             burst_limit,

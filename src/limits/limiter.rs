@@ -113,9 +113,9 @@ impl Limiter {
             },
         );
         state.in_flight += 1;
-        state.pending_tokens += demand.tokens;
+        state.pending_tokens = state.pending_tokens.saturating_add(demand.tokens);
         state.marks.requests += 1;
-        state.marks.tokens += demand.tokens;
+        state.marks.tokens = state.marks.tokens.saturating_add(demand.tokens);
         state.reported.take(demand.tokens);
         let mark = state.marks;
         drop(state);
@@ -217,12 +217,13 @@ impl LimiterState {
                 return Outlook::Never(limit);
             }
             let used = self.window.total.of(limit);
-            if used + wanted > quota {
+            let after = used.saturating_add(wanted);
+            if after > quota {
                 // A limit can be over-used (actual usage above the reservation,
                 // response bytes); then the slots must free more than `wanted`.
                 let at = self
                     .window
-                    .freed_at(used + wanted - quota, limit)
+                    .freed_at(after - quota, limit)
                     .unwrap_or(now + WINDOW);
                 wait_until = Some(wait_until.map_or(at, |t| t.max(at)));
             }

@@ -107,10 +107,10 @@ impl Reported {
     /// A reserved request never reached the upstream.
     pub fn give_back(&mut self, tokens: u64) {
         if let Some(r) = &mut self.requests {
-            r.left += 1;
+            r.left = r.left.saturating_add(1);
         }
         if let Some(r) = &mut self.tokens {
-            r.left += tokens;
+            r.left = r.left.saturating_add(tokens);
         }
     }
 }

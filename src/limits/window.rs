@@ -30,9 +30,10 @@ impl Amounts {
     }
 
     pub(super) fn add(&mut self, other: Amounts) {
-        self.requests += other.requests;
-        self.tokens += other.tokens;
-        self.bytes += other.bytes;
+        // Saturating: a usage an upstream reports can be anything.
+        self.requests = self.requests.saturating_add(other.requests);
+        self.tokens = self.tokens.saturating_add(other.tokens);
+        self.bytes = self.bytes.saturating_add(other.bytes);
     }
 
     pub(super) fn sub(&mut self, other: Amounts) {
@@ -132,13 +133,13 @@ impl Window {
     /// The first instant at which at least `need` of one amount has expired.
     pub(super) fn freed_at(&self, need: u64, limit: Limit) -> Option<Instant> {
         let oldest = self.head.saturating_sub(SLOTS - 1);
-        let mut freed = 0;
+        let mut freed: u64 = 0;
         for index in oldest..=self.head {
             let slot = &self.slots[(index % SLOTS) as usize];
             if slot.index != index {
                 continue;
             }
-            freed += slot.amounts.of(limit);
+            freed = freed.saturating_add(slot.amounts.of(limit));
             if freed >= need {
                 return Some(self.expiry_of(index));
             }

@@ -416,9 +416,14 @@ async fn a_client_that_hangs_up_while_waiting_for_shared_headroom_leaves_the_que
 async fn local_and_shared_admission_refuse_alike() {
     use wiremock::ResponseTemplate;
     let redis = RedisServer::start();
-    let refusing = crate::support::answering(ResponseTemplate::new(401).set_body_json(
+    // Refuses the key, to requests and to the probe that confirms it.
+    let refusing = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::any())
+        .respond_with(ResponseTemplate::new(401).set_body_json(
             serde_json::json!({"error": {"message": "bad key", "type": "invalid_request_error", "code": "invalid_api_key"}}),
-        )).await;
+        ))
+        .mount(&refusing)
+        .await;
     let slow = crate::support::answering_upstream(Duration::from_secs(3)).await;
     let nodes = format!(
         "{}{}{}",

@@ -168,8 +168,8 @@ async fn a_node_whose_key_is_refused_leaves_rotation_and_status_says_why() {
         .unwrap();
     let steady = MockServer::start().await;
     probed_upstream(&steady, 200).await;
-    // Probes off: the refusal is learnt from a real request, which is
-    // retried on the other node.
+    // Probes off: a real request is refused, a probe of the key confirms
+    // it, and the request is retried on the other node.
     let gw = Gateway::start(&format!(
         "{FAST}[health]\nenabled = false\n{}{}",
         node("wrong", &wrong.base_url(), "sk-wrong", ""),
@@ -192,8 +192,8 @@ async fn a_node_whose_key_is_refused_leaves_rotation_and_status_says_why() {
     );
     assert_eq!(
         wrong.stats().unauthorized(),
-        1,
-        "refused once, then left alone"
+        2,
+        "the request, the probe that confirmed it, then left alone"
     );
     wrong.stop().await;
 }

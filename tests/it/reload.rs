@@ -156,7 +156,8 @@ async fn a_key_rotated_in_its_file_is_used_from_then_on_and_a_refused_key_comes_
     )
     .await;
     assert_eq!(response.status(), 503, "no node in rotation");
-    assert_eq!(upstream.stats().unauthorized(), 1);
+    // The request, and the probe of the key that confirmed the refusal.
+    assert_eq!(upstream.stats().unauthorized(), 2);
 
     replace(&key, "sk-new-2222\n");
     let status = gw.reloaded(3).await;

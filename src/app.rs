@@ -59,6 +59,10 @@ async fn get_model(
         proxy::refused(&state, uri.path(), &err, Some(&id), received);
         return err.into_response();
     }
+    if let Err(err) = crate::request::check_model_name(&id) {
+        proxy::refused(&state, uri.path(), &err, None, received);
+        return err.into_response();
+    }
     if !live.lists_model(&id) {
         let err = GatewayError::ModelNotFound(id);
         proxy::refused(&state, uri.path(), &err, None, received);

@@ -11,13 +11,19 @@
 //! ended.
 //!
 //! Nothing is lost on a graceful stop: the writer runs until the server has
-//! drained, then takes what is left in the channel and writes it. A failed
-//! write keeps its batch for the next one; memory stays bounded by the
-//! number of (client, model, day) entries, not by requests.
+//! drained, then takes what is left in the channel and writes it. A write
+//! that failed to reach the store keeps its batch for the next one; memory
+//! stays bounded by the number of (client, model, day) entries, not by
+//! requests. A batch the store refuses for its data is written row by row,
+//! and a row the store refuses on its own is dropped, logged and counted
+//! ([`dropped`](Ledger::dropped)): one bad row never holds up the others,
+//! nor is it retried for ever.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +48,8 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     tx: mpsc::UnboundedSender<Command>,
+    /// Rows the store refused, since start.
+    dropped: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Command {
@@ -54,6 +62,11 @@ impl std::fmt::Debug for Command {
 }
 
 impl Ledger {
+    /// Usage rows the store refused and that were dropped, since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// Hands a request's usage to the writer; never waits.
     pub fn record(&self, record: Entry) {
         if self.tx.send(Command::Record(record)).is_err() {
@@ -80,16 +93,22 @@ type Key = (Arc<str>, String, String);
 pub struct LedgerWriter {
     rx: mpsc::UnboundedReceiver<Command>,
     pending: HashMap<Key, UsageTotals>,
+    dropped: Arc<AtomicU64>,
 }
 
 /// A recorder and the writer that empties it.
 pub fn channel() -> (Ledger, LedgerWriter) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let dropped = Arc::new(AtomicU64::new(0));
     (
-        Ledger { tx },
+        Ledger {
+            tx,
+            dropped: Arc::clone(&dropped),
+        },
         LedgerWriter {
             rx,
             pending: HashMap::new(),
+            dropped,
         },
     )
 }
@@ -163,8 +182,33 @@ impl LedgerWriter {
                 totals: *totals,
             })
             .collect();
-        store.add_usage(&batch).await?;
-        self.pending.clear();
+        match store.add_usage(&batch).await {
+            Ok(()) => {
+                self.pending.clear();
+                Ok(())
+            }
+            Err(StoreError::Rejected(_)) => self.write_each(store, batch).await,
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The store refused a batch for its data: each row alone, dropping
+    /// (and counting) those it refuses. Each row leaves the pending set
+    /// once written or dropped, so a failure to reach the store midway
+    /// writes nothing twice.
+    async fn write_each(&mut self, store: &Store, batch: Vec<UsageRow>) -> Result<(), StoreError> {
+        for row in batch {
+            match store.add_usage(std::slice::from_ref(&row)).await {
+                Ok(()) => {}
+                Err(StoreError::Rejected(why)) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(client = %row.client_id, day = %row.day, error = %why, "usage row refused by the store; dropped");
+                }
+                Err(err) => return Err(err),
+            }
+            let key = (Arc::from(row.client_id.as_str()), row.model, row.day);
+            self.pending.remove(&key);
+        }
         Ok(())
     }
 }

@@ -236,6 +236,7 @@ async fn dispatch(
         sent: request.received,
         attempts: 0,
         request_bytes: request.body.len() as u64,
+        model_listed: model.is_some_and(|m| target.live.lists_model(m)),
     };
     let queued = Instant::now();
     let admitted = state

@@ -29,7 +29,7 @@ use crate::admission::{self, Booking, ClientHold};
 use crate::clients::ClientCounters;
 use crate::ledger::{Entry, Ledger};
 use crate::meter::{Meter, SseMeter, TokenUsage};
-use crate::metrics::{self, Route};
+use crate::metrics::{self, OTHER_MODEL, Route};
 use crate::request::RequestInfo;
 use crate::snapshot::Node;
 use crate::tokens::Encoding;
@@ -76,6 +76,22 @@ pub(crate) struct Trace {
     /// Attempts made, the answered one included.
     pub attempts: u32,
     pub request_bytes: u64,
+    /// Whether the config lists the model asked for: only listed models
+    /// are metric labels.
+    pub model_listed: bool,
+}
+
+impl Trace {
+    /// The `model` label of this request's metrics: the model if the
+    /// config lists it, else [`OTHER_MODEL`] (a client's made-up names
+    /// never become labels), `""` when none was asked for.
+    fn model_label<'m>(&self, model: Option<&'m str>) -> &'m str {
+        match model {
+            Some(model) if self.model_listed => model,
+            Some(_) => OTHER_MODEL,
+            None => "",
+        }
+    }
 }
 
 /// Turns the upstream's answer into the client's response.
@@ -104,7 +120,7 @@ pub(crate) fn relay(
     let route = node
         .metrics
         .routes
-        .route(info.model.as_deref().unwrap_or(""));
+        .route(trace.model_label(info.model.as_deref()));
     let settlement = Settlement {
         holds: Some((held.booking, held.client)),
         usage: held.usage,
@@ -113,6 +129,12 @@ pub(crate) fn relay(
         encoding: info.encoding,
         status,
         node: Arc::clone(&node.name),
+        // The log names the model asked for when its label does not.
+        unlisted_model: info
+            .model
+            .as_deref()
+            .filter(|m| *m != &*route.model)
+            .map(Box::from),
         route,
         trace,
         first_byte: None,
@@ -208,6 +230,8 @@ struct Settlement {
     status: StatusCode,
     node: Arc<str>,
     route: Arc<Route>,
+    /// The model asked for, when the config does not list it.
+    unlisted_model: Option<Box<str>>,
     trace: Trace,
     /// Time from arrival to the first body byte, once it came.
     first_byte: Option<Duration>,
@@ -299,7 +323,7 @@ impl Settlement {
             target: ACCESS_LOG,
             path = self.trace.uri.path(),
             node = &*self.node,
-            model = &*self.route.model,
+            model = self.unlisted_model.as_deref().unwrap_or(&self.route.model),
             status = self.status.as_u16(),
             end = self.end.as_str(),
             client = client.unwrap_or(""),

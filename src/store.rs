@@ -88,6 +88,10 @@ pub enum StoreError {
     /// A unique column already holds the value: the column's name.
     #[error("{0} is already taken")]
     Conflict(&'static str),
+    /// The database refused the data itself (not the connection): trying
+    /// the same again would fail the same way.
+    #[error("the client store refused the data: {0}")]
+    Rejected(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -101,6 +105,9 @@ impl From<sqlx::Error> for StoreError {
                 "name"
             };
             return StoreError::Conflict(column);
+        }
+        if let sqlx::Error::Database(db) = &err {
+            return StoreError::Rejected(db.message().to_owned());
         }
         StoreError::Failed(err.to_string())
     }

@@ -282,6 +282,13 @@ fn encode_node_health(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
 
 /// Per-client counters, when there are clients.
 fn encode_clients(out: &mut DescriptorEncoder<'_>, state: &AppState) -> Fmt {
+    let dropped = ConstCounter::new(state.clients.ledger().dropped());
+    dropped.encode(out.encode_descriptor(
+        "usage_dropped",
+        "Usage rows the store refused for their data (logged), so not recorded.",
+        None,
+        dropped.metric_type(),
+    )?)?;
     // Clients, when there are any.
     let clients = state.clients.counters();
     if !clients.is_empty() {

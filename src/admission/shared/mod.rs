@@ -331,6 +331,12 @@ impl SharedLimits {
                 self.mark_up();
                 Ok(value)
             }
+            // Redis answered, with an error about this call: it is up.
+            Ok(Err(err)) if !is_unreachable(&err) => {
+                self.mark_up();
+                tracing::warn!(kind = ?err.kind(), "a shared-limits script failed; this request falls back");
+                Err(Unavailable(format!("script failed ({:?})", err.kind())))
+            }
             Ok(Err(err)) => Err(self.down(err.to_string())),
             Err(_) => Err(self.down(format!(
                 "no answer within {} ms",
@@ -458,6 +464,12 @@ impl SharedLimits {
         self.conn.store(Some(Arc::new(manager)));
         Ok(Box::pin(pubsub.into_on_message()))
     }
+}
+
+/// Whether an error says Redis cannot be reached (as opposed to Redis
+/// answering that one call failed).
+fn is_unreachable(err: &redis::RedisError) -> bool {
+    err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() || err.is_timeout()
 }
 
 /// The admission script's limit arguments: the client's rpm, tpm, bucket

@@ -520,7 +520,10 @@ mod tests {
             h.on_request(failed(), &s);
         }
         assert!(h.in_rotation() && h.is_suspect(), "suspect, not ejected");
-        assert_eq!(h.snapshot(Instant::now()).next_probe_in, Some(Duration::ZERO));
+        assert_eq!(
+            h.snapshot(Instant::now()).next_probe_in,
+            Some(Duration::ZERO)
+        );
         // The node's own probe answers: the failures were the requests'.
         h.on_probe(Verdict::Answered, &s, "/models");
         assert!(h.in_rotation() && !h.is_suspect());
@@ -532,7 +535,10 @@ mod tests {
         h.on_probe(failed(), &s, "/models");
         assert!(!h.in_rotation());
         let reason = h.snapshot(Instant::now()).condition;
-        assert!(reason.reason().unwrap().contains("probe GET /models"), "{reason:?}");
+        assert!(
+            reason.reason().unwrap().contains("probe GET /models"),
+            "{reason:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -156,7 +156,9 @@ impl SseMeter {
 
     /// Completion tokens in the streamed text.
     fn streamed_tokens(&self, encoding: Encoding) -> u64 {
-        encoding.count(&self.text).saturating_add(self.text_overflow)
+        encoding
+            .count(&self.text)
+            .saturating_add(self.text_overflow)
     }
 
     fn line(&mut self, line: &[u8]) {
@@ -284,7 +286,9 @@ mod tests {
         }
         assert!(sse.partial.len() <= MAX_SSE_LINE, "{}", sse.partial.len());
         // The next line is read again.
-        sse.observe(b"\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n");
+        sse.observe(
+            b"\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n",
+        );
         let mut meter = Meter::Sse(sse);
         meter.observe(b"");
         assert_eq!(meter.tokens(9, ENC, true), Some(3));

@@ -34,9 +34,7 @@ pub(crate) async fn probe(node: &Node, settings: &HealthSettings) -> Verdict {
     for (name, value) in &node.identity {
         request = request.header(name.clone(), value.clone());
     }
-    let request = request
-        .timeout(settings.timeout)
-        .send();
+    let request = request.timeout(settings.timeout).send();
     match request.await {
         Ok(response) => {
             let status = response.status();

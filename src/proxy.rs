@@ -138,7 +138,12 @@ async fn forward(
     }
     let limit = live.config.server.max_body_bytes.get();
     let body = read_body(body, &parts.headers, limit).await?;
-    let info = inspect(&parts, &body, live.config.accounting.default_completion_tokens).await?;
+    let info = inspect(
+        &parts,
+        &body,
+        live.config.accounting.default_completion_tokens,
+    )
+    .await?;
     let request = Inbound {
         parts: &parts,
         body,

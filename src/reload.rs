@@ -236,6 +236,9 @@ pub async fn watch(state: Arc<AppState>, source: ConfigSource, cancel: Cancellat
     };
     let mut watched = Watched::default();
     watched.update(&mut watcher, &source.path, &state.live().config);
+    state
+        .watching
+        .store(true, std::sync::atomic::Ordering::Release);
     loop {
         // Events for files the gateway does not read (a log beside the
         // config, say) are passed over: they neither start nor delay a reload.

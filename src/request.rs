@@ -137,7 +137,12 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
     for segment in path.split('/') {
         let lower = segment.to_ascii_lowercase();
         let dots = lower.replace("%2e", ".");
-        if dots == "." || dots == ".." || lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
+        if dots == "."
+            || dots == ".."
+            || lower.contains("%2f")
+            || lower.contains("%5c")
+            || lower.contains('\\')
+        {
             return Err(GatewayError::InvalidPath);
         }
     }
@@ -632,9 +637,17 @@ mod tests {
             "/v1/files%5cx",
             "/v1/a\\b",
         ] {
-            assert!(matches!(check_path(path), Err(GatewayError::InvalidPath)), "{path}");
+            assert!(
+                matches!(check_path(path), Err(GatewayError::InvalidPath)),
+                "{path}"
+            );
         }
-        for path in ["/v1/chat/completions", "/v1/files/file-abc.jsonl", "/v1/a..b", "/v1/models/gpt-4.1"] {
+        for path in [
+            "/v1/chat/completions",
+            "/v1/files/file-abc.jsonl",
+            "/v1/a..b",
+            "/v1/models/gpt-4.1",
+        ] {
             assert!(check_path(path).is_ok(), "{path}");
         }
     }

@@ -11,7 +11,7 @@
 //! started by [`crate::server::start`], through [`Tasks`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -52,6 +52,8 @@ pub struct AppState {
     /// Held for a whole swap, so two reloads at once apply one after the other.
     swapping: Mutex<()>,
     last_reload: Mutex<Option<ReloadOutcome>>,
+    /// Whether the config files are watched (the watcher is in place).
+    pub watching: AtomicBool,
     /// Every background task, cancelled together on shutdown.
     pub tasks: Tasks,
 }
@@ -79,6 +81,7 @@ impl AppState {
             generation: AtomicU64::new(1),
             swapping: Mutex::new(()),
             last_reload: Mutex::new(None),
+            watching: AtomicBool::new(false),
             tasks,
         }))
     }

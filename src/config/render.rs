@@ -170,7 +170,10 @@ fn render_node(out: &mut Toml, node: &NodeConfig) {
     if let Some(ca) = &node.ca_file {
         out.text("ca_file", ca.display());
     }
-    for (field, value) in [("organization", &node.organization), ("project", &node.project)] {
+    for (field, value) in [
+        ("organization", &node.organization),
+        ("project", &node.project),
+    ] {
         if let Some(value) = value {
             out.text(field, value);
         }

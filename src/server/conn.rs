@@ -125,7 +125,7 @@ pub(crate) async fn serve(
         // Nagle would hold back small writes (an SSE event) for tens of ms.
         let _ = tcp.set_nodelay(true);
         let deadline = WriteDeadline::new();
-        let io = TokioIo::new(Guarded::new(tcp, limits.write_timeout, deadline.clone()));
+        let io = TokioIo::new(Guarded::new(tcp, &limits, deadline.clone()));
         let service = TowerToHyperService::new(Marked {
             router: router.clone(),
             deadline,
@@ -192,22 +192,28 @@ impl tower_service::Service<axum::http::Request<hyper::body::Incoming>> for Mark
 }
 
 /// A client socket whose writes may not stall for longer than the write
-/// timeout, nor past the answer's deadline.
+/// timeout, nor past the answer's deadline, and which must deliver its
+/// first request head within the header-read timeout (hyper's own timer
+/// starts only once it knows the protocol, so a silent or trickling
+/// connection is bounded here until the first answer begins).
 struct Guarded {
     io: TcpStream,
     write_timeout: Duration,
     deadline: WriteDeadline,
     /// Armed while a write waits for the client to read.
     stall: Option<Pin<Box<Sleep>>>,
+    /// Until the first write: when reading must have produced a request.
+    first_request_by: Option<Pin<Box<Sleep>>>,
 }
 
 impl Guarded {
-    fn new(io: TcpStream, write_timeout: Duration, deadline: WriteDeadline) -> Self {
+    fn new(io: TcpStream, limits: &ConnLimits, deadline: WriteDeadline) -> Self {
         Self {
             io,
-            write_timeout,
+            write_timeout: limits.write_timeout,
             deadline,
             stall: None,
+            first_request_by: Some(Box::pin(tokio::time::sleep(limits.header_read_timeout))),
         }
     }
 
@@ -228,6 +234,8 @@ impl Guarded {
 
     fn progressed<T>(&mut self, result: io::Result<T>) -> Poll<io::Result<T>> {
         self.stall = None;
+        // An answer is being written: a request came; hyper times the next.
+        self.first_request_by = None;
         Poll::Ready(result)
     }
 }
@@ -238,7 +246,17 @@ impl AsyncRead for Guarded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if read.is_pending()
+            && let Some(by) = &mut self.first_request_by
+        {
+            ready!(by.as_mut().poll(cx));
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request within server.header_read_timeout",
+            )));
+        }
+        read
     }
 }
 

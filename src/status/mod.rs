@@ -72,6 +72,7 @@ pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
         },
         "config": {
             "generation": live.generation,
+            "watching": state.watching.load(std::sync::atomic::Ordering::Acquire),
             "last_reload": reload,
         },
         "cluster": state.admission.shared.as_ref().map(|c| c.describe()),

@@ -19,7 +19,7 @@ use crate::support::{chat, client};
 const BINARY: &str = env!("CARGO_BIN_EXE_balancer");
 
 /// A `balancer serve` child process; killed on drop if still running.
-struct Served {
+pub(crate) struct Served {
     child: Child,
     addr: SocketAddr,
     /// Every line it logged after saying it was listening.
@@ -28,7 +28,7 @@ struct Served {
 
 impl Served {
     /// Starts `balancer --config <config> serve` and waits for it to listen.
-    fn start(config: &Path, env: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(config: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BINARY)
             .arg("--config")
             .arg(config)
@@ -75,7 +75,7 @@ impl Served {
     }
 
     /// The next line it logs that contains `needle` (waits up to 10 s).
-    fn logged(&self, needle: &str) -> String {
+    pub(crate) fn logged(&self, needle: &str) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -89,11 +89,30 @@ impl Served {
         }
     }
 
-    fn pid(&self) -> Pid {
+    /// Every line it logs until (and with) the first that contains
+    /// `needle` (waits up to 10 s).
+    pub(crate) fn lines_until(&self, needle: &str) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .log
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line with {needle:?} within 10 s"));
+            let found = line.contains(needle);
+            lines.push(line);
+            if found {
+                return lines;
+            }
+        }
+    }
+
+    pub(crate) fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
@@ -138,7 +157,7 @@ async fn run_with(config: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn write_config(dir: &Path, upstream: &str, extra: &str) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, upstream: &str, extra: &str) -> PathBuf {
     let path = dir.join("Balancer.toml");
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nwatch_config = false\nshutdown_grace = \"30s\"\n\

@@ -15,6 +15,7 @@ mod cluster;
 mod dashboard;
 mod errors;
 mod health;
+mod hostile;
 mod limits;
 mod metrics;
 mod pg;

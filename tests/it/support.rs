@@ -46,7 +46,9 @@ impl Gateway {
             env: lookup,
             outcome_file: None,
         };
-        Self::serve(config, Some(source)).await
+        let gw = Self::serve(config, Some(source)).await;
+        gw.until(|s| s["config"]["watching"] == true).await;
+        gw
     }
 
     /// [`start_file`](Self::start_file) with `toml` written to a temporary
@@ -67,7 +69,11 @@ impl Gateway {
             env: lookup,
             outcome_file: None,
         });
-        Self::serve_in(config, source, dir).await
+        let gw = Self::serve_in(config, source, dir).await;
+        if watch {
+            gw.until(|s| s["config"]["watching"] == true).await;
+        }
+        gw
     }
 
     async fn serve(config: config::Config, source: Option<balancer::reload::ConfigSource>) -> Self {

@@ -469,7 +469,10 @@ impl SharedLimits {
 /// Whether an error says Redis cannot be reached (as opposed to Redis
 /// answering that one call failed).
 fn is_unreachable(err: &redis::RedisError) -> bool {
-    err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() || err.is_timeout()
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
 }
 
 /// The admission script's limit arguments: the client's rpm, tpm, bucket

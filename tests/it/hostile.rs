@@ -1,0 +1,676 @@
+//! Hostile clients and broken upstreams: what an attacker (or a careless
+//! team, or a misbehaving upstream) tried, one test each, against the
+//! in-process gateway or the real binary on 127.0.0.1.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wiremock::matchers::{any, body_string_contains, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::support::{
+    ADMIN_TOKEN, CLIENT_KEY, FAST, Gateway, answering, ask_as, chat, chat_answer, client, node,
+    node_status, post, v1,
+};
+
+/// Sends `request` (raw HTTP/1.1, as written) and returns the whole answer
+/// as text; the connection is closed by `Connection: close`.
+async fn raw(gw: &Gateway, request: &str) -> String {
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// An upstream that serves chat answers and its `/models` probe, and
+/// answers a request whose body holds `trap` with `trapped`.
+async fn trapped_upstream(trap: &str, trapped: ResponseTemplate) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains(trap))
+        .respond_with(trapped)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2)))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/models"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"object": "list", "data": []})),
+        )
+        .mount(&server)
+        .await;
+    server
+}
+
+fn healthy_everywhere(status: &Value) -> bool {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n["health"]["state"] == "healthy")
+}
+
+/// 1. A 401 the client provoked (the real API answers 401 to a request
+/// naming another organisation) is relayed to that client, and no node
+/// leaves rotation: a probe of each node's own key says it is fine.
+#[tokio::test]
+async fn a_refusal_the_client_provoked_is_relayed_and_takes_no_node_out() {
+    let refused = ResponseTemplate::new(401).set_body_json(
+        json!({"error": {"message": "You do not belong to that organization", "type": "invalid_request_error", "code": "invalid_organization"}}),
+    );
+    let a = trapped_upstream("org-not-mine", refused.clone()).await;
+    let b = trapped_upstream("org-not-mine", refused).await;
+    let gw = Gateway::start(&format!(
+        "{FAST}{}{}",
+        node("a", &v1(&a), "k", ""),
+        node("b", &v1(&b), "k", "")
+    ))
+    .await;
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/chat/completions",
+        chat("gpt-4o-mini", "org-not-mine", 5),
+    )
+    .await;
+    assert_eq!(response.status(), 401, "the client's own refusal, relayed");
+    let mut posts = 0;
+    for server in [&a, &b] {
+        let requests = server.received_requests().await.unwrap();
+        posts += requests
+            .iter()
+            .filter(|r| r.method.as_str() == "POST")
+            .count();
+    }
+    assert_eq!(posts, 1, "not retried on every node");
+    assert!(healthy_everywhere(&gw.status().await));
+    assert_eq!(ask_as(&gw, CLIENT_KEY, "gpt-4o-mini", 5).await.0, 200);
+}
+
+/// 1. Likewise, 5xx a client's requests provoke eject no node while the
+/// node's own probe answers.
+#[tokio::test]
+async fn server_errors_the_client_provoked_eject_no_node() {
+    let boom = ResponseTemplate::new(500).set_body_string("poisoned prompt");
+    let a = trapped_upstream("poison", boom.clone()).await;
+    let b = trapped_upstream("poison", boom).await;
+    let gw = Gateway::start(&format!(
+        "{FAST}[health]\nenabled = false\neject_after = 2\n[retry]\nattempts = 1\n{}{}",
+        node("a", &v1(&a), "k", ""),
+        node("b", &v1(&b), "k", "")
+    ))
+    .await;
+    for _ in 0..4 {
+        let response = post(
+            &client(),
+            &gw,
+            "/v1/chat/completions",
+            chat("gpt-4o-mini", "poison", 5),
+        )
+        .await;
+        assert_eq!(response.status(), 500);
+    }
+    // Both nodes failed twice in a row: suspect, probed, cleared.
+    gw.until(|s| {
+        s["nodes"].as_array().unwrap().iter().all(|n| {
+            n["health"]["request_failures_in_a_row"] == 0 && n["health"]["last_probe"]["ok"] == true
+        })
+    })
+    .await;
+    assert!(healthy_everywhere(&gw.status().await));
+    assert_eq!(ask_as(&gw, CLIENT_KEY, "gpt-4o-mini", 5).await.0, 200);
+}
+
+/// 2. Dot segments, plain or percent-encoded, never reach the upstream
+/// (with the node's key, on another of its routes).
+#[tokio::test]
+async fn dot_segments_are_refused_and_never_forwarded() {
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200).set_body_string("upstream internals"))
+        .mount(&upstream)
+        .await;
+    let gw = Gateway::start(&node("a", &v1(&upstream), "sk-node-secret", "")).await;
+    for target in [
+        "/v1/../_stats",
+        "/v1/%2e%2e/_stats",
+        "/v1/.%2E/.%2e/tenant-b/v1/files",
+        "/v1/files%2F..%2F_stats",
+    ] {
+        let answer = raw(
+            &gw,
+            &format!("GET {target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{target}: {answer}");
+        assert!(answer.contains("invalid_path"), "{target}: {answer}");
+    }
+    assert!(upstream.received_requests().await.unwrap().is_empty());
+}
+
+/// 3. A client over its own limit is refused before its body is read or
+/// parsed: refusing it costs nothing.
+#[tokio::test]
+async fn a_client_over_its_own_limit_is_refused_before_its_body_is_parsed() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = Gateway::start_file_text(
+        &format!(
+            "[[clients]]\nname = \"one\"\nkey_env = \"ONE\"\nrpm = 1\n{}",
+            node("a", &v1(&upstream), "k", "")
+        ),
+        &[("ONE", "sk-one-per-minute")],
+    )
+    .await;
+    assert_eq!(
+        ask_as(&gw, "sk-one-per-minute", "gpt-4o-mini", 5).await.0,
+        200
+    );
+    let response = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .bearer_auth("sk-one-per-minute")
+        .body(format!(
+            "{{\"model\":\"gpt-4o-mini\",\"messages\":[{}",
+            "0,".repeat(100_000)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429, "not 400: the body was never parsed");
+    let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "client_rate_limit_exceeded");
+}
+
+/// 4. An idle connection is closed after `server.header_read_timeout`, and
+/// no more than `server.max_connections` are open: a newcomer is served
+/// once an idle one has gone.
+#[tokio::test]
+async fn idle_connections_are_closed_and_their_number_is_capped() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = Gateway::start(&format!(
+        "[server]\nheader_read_timeout = \"500ms\"\nmax_connections = 2\n{}",
+        node("a", &v1(&upstream), "k", "")
+    ))
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(TcpStream::connect(gw.addr).await.unwrap());
+    }
+    let newcomer = tokio::spawn(async move {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        (answer, tokio::time::Instant::now())
+    });
+    let mut closed_at = Vec::new();
+    for mut stream in idle {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("the idle connection was closed within 10 s");
+        assert_eq!(read.unwrap(), 0, "closed, not answered");
+        closed_at.push(tokio::time::Instant::now());
+    }
+    let (answer, answered_at) = newcomer.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let first_closed = closed_at.iter().min().unwrap();
+    assert!(
+        *first_closed <= answered_at,
+        "served only once a slot was free"
+    );
+}
+
+/// 5. A client that stops reading its stream is cut at
+/// `server.request_timeout`, and its node's slot is released.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_stream_frees_its_slot_at_the_deadline() {
+    let endless = "data: {\"choices\":[{\"delta\":{\"content\":\"word \"}}]}\n\n".repeat(800_000);
+    let upstream =
+        answering(ResponseTemplate::new(200).set_body_raw(endless, "text/event-stream")).await;
+    let gw = Gateway::start(&format!(
+        "[server]\nrequest_timeout = \"1s\"\n{}",
+        node("a", &v1(&upstream), "k", "max_concurrency = 1")
+    ))
+    .await;
+    let body = chat("gpt-4o-mini", "stream please", 5);
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 64];
+    let _ = stream.read(&mut first).await.unwrap();
+    // Reads nothing more, and keeps the connection open.
+    gw.until(|s| node_status(s, "a")["in_flight"] == 1).await;
+    gw.until(|s| node_status(s, "a")["in_flight"] == 0).await;
+    drop(stream);
+}
+
+/// 6. A model name a client makes up is no metric label.
+#[tokio::test]
+async fn made_up_model_names_never_become_metric_labels() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = Gateway::start(&node("any", &v1(&upstream), "k", "")).await;
+    let made_up = format!("made-up-{}", "x".repeat(200));
+    assert_eq!(ask_as(&gw, CLIENT_KEY, &made_up, 5).await.0, 200);
+    let scrape = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !scrape.contains("made-up-"),
+        "a client's name became a label"
+    );
+    assert!(scrape.contains("model=\"other\""), "{scrape}");
+}
+
+/// 7. A usage row the store refuses (a NUL byte PostgreSQL will not take)
+/// is dropped and counted; the rest is written, and the writer goes on.
+#[tokio::test]
+async fn a_usage_row_the_store_refuses_is_dropped_not_retried_for_ever() {
+    use balancer::ledger::{Entry, channel};
+    use balancer::store::{Store, UsageTotals};
+    use secrecy::SecretString;
+    let url = SecretString::from(crate::pg::fresh_database().await);
+    let store = Store::open(&url, std::path::Path::new(".")).await.unwrap();
+    let (ledger, writer) = channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(writer.run(store.clone(), Duration::from_secs(3600), stop.clone()));
+    let one = UsageTotals {
+        requests: 1,
+        prompt_tokens: 5,
+        ..UsageTotals::default()
+    };
+    for model in ["good-model", "bad\0model"] {
+        ledger.record(Entry {
+            client_id: "cl_x".into(),
+            model: model.to_owned(),
+            totals: one,
+        });
+    }
+    ledger
+        .flush()
+        .await
+        .expect("the writer wrote what it could");
+    assert_eq!(ledger.dropped(), 1);
+    let rows = store
+        .usage("cl_x", "1970-01-01", "9999-12-31")
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].model, "good-model");
+    // Later usage is still written.
+    ledger.record(Entry {
+        client_id: "cl_x".into(),
+        model: "good-model".to_owned(),
+        totals: one,
+    });
+    ledger.flush().await.unwrap();
+    let rows = store
+        .usage("cl_x", "1970-01-01", "9999-12-31")
+        .await
+        .unwrap();
+    assert_eq!(rows[0].totals.requests, 2);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+/// 8. A `max_tokens` far past any quota neither breaks the shared-limits
+/// script nor marks Redis down.
+#[tokio::test]
+async fn a_huge_max_tokens_never_marks_redis_down() {
+    let redis = crate::redis::RedisServer::start();
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = Gateway::start(&format!(
+        "[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\non_redis_error = \"reject\"\n{}",
+        redis.url(),
+        node("a", &v1(&upstream), "k", "rpm = 100")
+    ))
+    .await;
+    gw.until(|s| s["cluster"]["redis"] == "up").await;
+    let huge = json!({"model": "gpt-4o-mini", "max_tokens": 100_000_000_000_000_000u64,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let response = post(&client(), &gw, "/v1/chat/completions", huge.to_string()).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(gw.status().await["cluster"]["redis"], "up");
+    assert_eq!(ask_as(&gw, CLIENT_KEY, "gpt-4o-mini", 5).await.0, 200);
+}
+
+/// 9. A typo on a secret's line is reported by line and column; the line
+/// itself (the key) appears nowhere.
+#[tokio::test]
+async fn a_typo_on_a_secret_line_never_shows_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("Balancer.toml");
+    let good = node("a", "http://127.0.0.1:9/v1", "sk-first-key", "");
+    std::fs::write(&config, &good).unwrap();
+    let gw = Gateway::start_file(&config, &[]).await;
+    let typo = good.replace(
+        "api_key = \"sk-first-key\"",
+        "api_key = \"sk-typo-secret-0123456789",
+    );
+    std::fs::write(&config, typo).unwrap();
+    let status = gw.reloaded(1).await;
+    let error = status["config"]["last_reload"]["error"].as_str().unwrap();
+    assert!(error.contains("line 4"), "{error}");
+    assert!(!status.to_string().contains("sk-typo-secret"), "{status}");
+}
+
+/// 10. Rate-limit headers no real service sends (negative, astronomical)
+/// are ignored or clamped: the client gets its answer.
+#[tokio::test]
+async fn absurd_upstream_rate_limit_headers_are_answered_not_panicked() {
+    let headers = [
+        ("x-ratelimit-remaining-tokens", "5"),
+        ("x-ratelimit-reset-tokens", "-1s"),
+        ("x-ratelimit-remaining-requests", "0"),
+        ("x-ratelimit-reset-requests", "10000000000000000000s"),
+    ];
+    let mut ok = ResponseTemplate::new(200).set_body_json(chat_answer(5, 2));
+    for (name, value) in headers {
+        ok = ok.insert_header(name, value);
+    }
+    let limited = ResponseTemplate::new(429)
+        .insert_header("retry-after", "1e300")
+        .set_body_json(json!({"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}}));
+    let a = answering(ok).await;
+    let b = answering(limited).await;
+    let gw = Gateway::start(&format!("{FAST}{}", node("a", &v1(&a), "k", ""))).await;
+    assert_eq!(ask_as(&gw, CLIENT_KEY, "gpt-4o-mini", 5).await.0, 200);
+    let gw = Gateway::start(&format!(
+        "{FAST}[retry]\nattempts = 0\n{}",
+        node("b", &v1(&b), "k", "")
+    ))
+    .await;
+    assert_eq!(ask_as(&gw, CLIENT_KEY, "gpt-4o-mini", 5).await.0, 429);
+    let status = gw.status().await;
+    let rest = node_status(&status, "b")["cooldown_remaining_ms"]
+        .as_u64()
+        .unwrap();
+    assert!(rest <= 86_400_000, "a day at most, not {rest} ms");
+}
+
+/// 11. A `max_tokens` that would wrap the reservation around is as large
+/// as it says: too large for the node.
+#[tokio::test]
+async fn a_max_tokens_that_would_wrap_is_refused_as_too_large() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = Gateway::start(&node("a", &v1(&upstream), "k", "tpm = 1000")).await;
+    let (status, _, body) = ask_as(&gw, CLIENT_KEY, "gpt-4o-mini", u64::MAX).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("request_too_large"))
+    );
+    assert!(upstream.received_requests().await.unwrap().is_empty());
+}
+
+/// 13. The admin API refuses a bucket that would refill once in an age.
+#[tokio::test]
+async fn a_bucket_rate_too_small_is_refused_by_the_admin_api() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = Gateway::start(&format!(
+        "[admin]\ntoken_env = \"TEST_ADMIN_TOKEN\"\n{}",
+        node("a", &v1(&upstream), "k", "")
+    ))
+    .await;
+    let response = client()
+        .post(gw.admin_url("/admin/clients"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body(json!({"name": "glacial", "burst": 1, "rate_per_second": 1e-300}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["param"], "rate_per_second");
+}
+
+/// 15. A reload that would open a gateway that requires keys is refused.
+#[tokio::test]
+async fn a_reload_that_would_open_the_gateway_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("Balancer.toml");
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let nodes = node("a", &v1(&upstream), "k", "");
+    std::fs::write(
+        &config,
+        format!("[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n{nodes}"),
+    )
+    .unwrap();
+    let gw = Gateway::start_file(&config, &[]).await;
+    std::fs::write(&config, &nodes).unwrap();
+    let status = gw.reloaded(1).await;
+    assert_eq!(status["config"]["last_reload"]["ok"], false);
+    let error = status["config"]["last_reload"]["error"].as_str().unwrap();
+    assert!(error.contains("lets anyone in"), "{error}");
+    let anonymous = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat("gpt-4o-mini", "hi", 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+}
+
+/// 16. A client's `OpenAI-Organization` and `OpenAI-Project` never reach
+/// the upstream; a node's own do.
+#[tokio::test]
+async fn a_client_cannot_pick_which_organisation_a_key_bills() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        node(
+            "own",
+            &v1(&upstream),
+            "k",
+            "models = [\"gpt-4o\"]\norganization = \"org-ours\""
+        ),
+        node("plain", &v1(&upstream), "k", "models = [\"gpt-4o-mini\"]"),
+    ))
+    .await;
+    for model in ["gpt-4o", "gpt-4o-mini"] {
+        let response = client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("openai-organization", "org-not-mine")
+            .header("openai-project", "proj-not-mine")
+            .body(chat(model, "hi", 5))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let received = upstream.received_requests().await.unwrap();
+    let orgs: Vec<Option<&str>> = received
+        .iter()
+        .map(|r| {
+            r.headers
+                .get("openai-organization")
+                .and_then(|v| v.to_str().ok())
+        })
+        .collect();
+    assert_eq!(orgs, [Some("org-ours"), None]);
+    assert!(
+        received
+            .iter()
+            .all(|r| !r.headers.contains_key("openai-project"))
+    );
+}
+
+/// 17. A file written all the time beside the config (a log) neither
+/// starts nor delays a reload.
+#[tokio::test]
+async fn a_busy_neighbour_file_does_not_hold_up_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("Balancer.toml");
+    std::fs::write(&config, node("a", "http://127.0.0.1:9/v1", "k", "rpm = 10")).unwrap();
+    let gw = Gateway::start_file(&config, &[]).await;
+    let neighbour = dir.path().join("gateway.log");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut line = 0u64;
+            while !stop.is_cancelled() {
+                line += 1;
+                std::fs::write(&neighbour, format!("line {line}\n")).unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    std::fs::write(&config, node("a", "http://127.0.0.1:9/v1", "k", "rpm = 20")).unwrap();
+    let status = gw.reloaded(1).await;
+    assert_eq!(status["config"]["last_reload"]["ok"], true);
+    assert_eq!(node_status(&status, "a")["limits"]["rpm"]["limit"], 20);
+    stop.cancel();
+    writer.await.unwrap();
+}
+
+/// 18. An empty body is no JSON: `invalid_json`, not `missing_model`.
+#[tokio::test]
+async fn an_empty_json_body_is_invalid_json() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = Gateway::start(&node("a", &v1(&upstream), "k", "")).await;
+    for endpoint in ["/v1/chat/completions", "/v1/embeddings"] {
+        let response = client()
+            .post(gw.url(endpoint))
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "invalid_json", "{endpoint}");
+    }
+}
+
+/// The real binary, with its config in a fresh directory, in front of
+/// `upstream` (a base URL ending in `/v1`).
+fn serve_binary(upstream: &str, extra: &str) -> (crate::cli::Served, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::cli::write_config(dir.path(), upstream, extra);
+    let served = crate::cli::Served::start(&config, &[("NODE_KEY", "sk-node")]);
+    (served, dir)
+}
+
+/// The peak resident memory of process `pid`, in bytes.
+fn peak_rss(pid: nix::unistd::Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// 12. An upstream stream line that never ends is relayed, not kept: the
+/// gateway's memory does not grow with it.
+#[tokio::test]
+async fn an_endless_stream_line_is_relayed_without_being_kept() {
+    const CHUNK: usize = 1 << 20;
+    const CHUNKS: usize = 128;
+    // One endless line for "stream"; a small answer otherwise.
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|body: String| async move {
+            let chunks = if body.contains("stream") { CHUNKS } else { 1 };
+            let chunks = futures_util::stream::iter(
+                (0..chunks).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; CHUNK]))),
+            );
+            (
+                [("content-type", "text/event-stream")],
+                axum::body::Body::from_stream(chunks),
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}/v1", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (served, _dir) = serve_binary(&upstream, "");
+    // Warmed up (tokenizer tables loaded, buffers sized) by a small one.
+    let warm_up = post_binary(&served, chat("gpt-4o-mini", "hi", 5)).await;
+    assert_eq!(warm_up.bytes().await.unwrap().len(), CHUNK);
+    let before = peak_rss(served.pid());
+    let response = post_binary(&served, chat("gpt-4o-mini", "stream", 5)).await;
+    assert_eq!(response.status(), 200);
+    let mut relayed = 0;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+        relayed += chunk.unwrap().len();
+    }
+    assert_eq!(relayed, CHUNK * CHUNKS, "relayed whole");
+    let grown = peak_rss(served.pid()).saturating_sub(before);
+    assert!(
+        grown < 48 << 20,
+        "{} MiB kept for a {} MiB line",
+        grown >> 20,
+        CHUNKS
+    );
+    server.abort();
+}
+
+async fn post_binary(served: &crate::cli::Served, body: String) -> reqwest::Response {
+    client()
+        .post(served.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// 14. A model name cannot forge a log line: one with a newline is refused
+/// before anything logs it, in the body or in a path.
+#[tokio::test]
+async fn a_model_name_cannot_forge_a_log_line() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let (served, _dir) = serve_binary(&v1(&upstream), "");
+    let forged = json!({"model": "x\nstatus=200 forged=yes", "messages": []}).to_string();
+    let response = post_binary(&served, forged).await;
+    assert_eq!(response.status(), 400);
+    let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "invalid_model");
+    let path = client()
+        .get(served.url("/v1/models/x%0Astatus=200%20forged=yes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(path.status(), 400);
+    let marker = client()
+        .get(served.url("/v1/models/marker-model"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(marker.status(), 404);
+    let lines = served.lines_until("marker-model");
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.trim_start().starts_with("status=200")),
+        "{lines:#?}"
+    );
+    // Every line is a record of its own (it starts with its timestamp).
+    assert!(lines.iter().all(|l| l.starts_with("20")), "{lines:#?}");
+}

@@ -67,6 +67,8 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod health;
 pub mod keys;
 pub mod ledger;

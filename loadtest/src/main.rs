@@ -10,13 +10,14 @@
 //! every stream complete and byte-identical…). `--smoke` shrinks a scenario
 //! to seconds for CI.
 //!
-//! Scenarios: `throughput`, `reload`, `saturation`, `streaming`.
+//! Scenarios: `throughput`, `reload`, `saturation`, `streaming`, `soak`.
 
 mod drive;
 mod harness;
 mod procs;
 mod reload;
 mod saturation;
+mod soak;
 mod streaming;
 mod throughput;
 
@@ -52,6 +53,9 @@ enum Command {
     /// Concurrent streams with spaced events: completion, byte identity,
     /// time to first event, gateway memory.
     Streaming(streaming::StreamingArgs),
+    /// Ten minutes of mixed traffic with upstream faults, client aborts and
+    /// a reload every minute: nothing lost, nothing left reserved.
+    Soak(soak::SoakArgs),
     /// (internal) the gateway child process.
     #[command(hide = true)]
     Gateway {
@@ -109,6 +113,13 @@ fn main() -> ExitCode {
                     args.smoke();
                 }
                 streaming::run(&args, &cli.report_dir).await
+            }
+            Command::Soak(mut args) => {
+                prepare();
+                if cli.smoke {
+                    args.smoke();
+                }
+                soak::run(&args, &cli.report_dir).await
             }
             Command::Reload(mut args) => {
                 prepare();

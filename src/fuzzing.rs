@@ -1,0 +1,117 @@
+//! Entry points for the fuzz targets in `fuzz/` (and their property-test
+//! twins): the parsers that read what clients and upstreams send. Not part
+//! of the gateway's API.
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::meter::{Meter, SseMeter};
+use crate::tokens::Encoding;
+
+/// The request inspector on a path and a body, as the proxy calls it:
+/// the path check, then the body read as JSON and as an upload.
+pub fn inspect(path: &str, body: &[u8]) {
+    let _ = crate::request::check_path(path);
+    let below_v1 = path.strip_prefix("/v1").unwrap_or(path);
+    for json in [true, false] {
+        if let Ok(info) = crate::request::inspect(below_v1, body, json, 1024) {
+            assert!(info.demand.tokens <= crate::request::MAX_DEMAND_TOKENS);
+            assert_eq!(info.demand.bytes, body.len() as u64);
+        }
+    }
+}
+
+/// The stream meter on an answer cut into `chunks` at arbitrary places;
+/// returns the tokens it settles at.
+pub fn sse(chunks: &[&[u8]]) -> Option<u64> {
+    let mut meter = Meter::Sse(SseMeter::default());
+    for chunk in chunks {
+        meter.observe(chunk);
+    }
+    meter
+        .usage(7, Encoding::Cl100kBase, true)
+        .map(crate::meter::TokenUsage::total)
+}
+
+/// The upstream's rate-limit and retry headers, every reading the gateway
+/// makes of them.
+pub fn rate_limit_headers(pairs: &[(&str, &[u8])]) {
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(*name), HeaderValue::from_bytes(value))
+        {
+            headers.append(name, value);
+        }
+    }
+    let report = crate::upstream::rate_limit_report(&headers);
+    let cap = crate::upstream::MAX_HEADER_WAIT;
+    assert!(report.reset_requests.is_none_or(|d| d <= cap));
+    assert!(report.reset_tokens.is_none_or(|d| d <= cap));
+    assert!(crate::upstream::cooldown_of(&headers) <= cap);
+    let now = tokio::time::Instant::now();
+    let mut reported = crate::limits::Reported::default();
+    reported.observe(
+        &report,
+        crate::limits::Marks::default(),
+        crate::limits::Marks::default(),
+        now,
+    );
+    let _ = reported.blocked_until(1);
+}
+
+/// The config loader on a TOML text (no variables set).
+pub fn config(text: &str) {
+    if let Ok((config, _)) = crate::config::from_toml_str(text, &|_| None) {
+        let _ = config.render();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    /// Every seed of `target` under `fuzz/seeds/`.
+    fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/seeds")
+            .join(target);
+        let mut seeds: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| (e.path(), std::fs::read(e.path()).unwrap()))
+            .collect();
+        seeds.sort();
+        assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
+        seeds
+    }
+
+    /// The committed seed corpus runs through every target as the fuzzers
+    /// feed it (the long runs are `cargo fuzz run`, see the README).
+    #[test]
+    fn every_seed_runs_through_its_target() {
+        for (_, data) in seeds("inspect") {
+            let (path, body) = match data.iter().position(|b| *b == b'\n') {
+                Some(at) => (&data[..at], &data[at + 1..]),
+                None => (&b"/v1/chat/completions"[..], &data[..]),
+            };
+            super::inspect(&String::from_utf8_lossy(path), body);
+        }
+        for (_, data) in seeds("sse_meter") {
+            let (size, body) = data.split_first().unwrap();
+            let chunks: Vec<&[u8]> = body.chunks(usize::from(*size) + 1).collect();
+            let _ = super::sse(&chunks);
+        }
+        for (_, data) in seeds("rate_limit_headers") {
+            let text = String::from_utf8_lossy(&data).into_owned();
+            let pairs: Vec<(&str, &[u8])> = text
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim(), v.trim().as_bytes()))
+                .collect();
+            super::rate_limit_headers(&pairs);
+        }
+        for (path, data) in seeds("config") {
+            let text = String::from_utf8(data).unwrap_or_else(|_| panic!("{}", path.display()));
+            super::config(&text);
+        }
+    }
+}

@@ -309,13 +309,15 @@ fn index(config: Config, generation: u64, clients: Directory, nodes: Vec<Node>) 
     }
 }
 
+/// `OpenAI-Organization`: which organisation a request bills.
+pub(crate) const ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+/// `OpenAI-Project`: which project a request bills.
+pub(crate) const PROJECT: HeaderName = HeaderName::from_static("openai-project");
+
 /// The organisation and project headers a node sends, if configured.
 fn identity_headers(node: &NodeConfig) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
     let mut headers = Vec::new();
-    for (name, value) in [
-        (crate::upstream::ORGANIZATION, &node.organization),
-        (crate::upstream::PROJECT, &node.project),
-    ] {
+    for (name, value) in [(ORGANIZATION, &node.organization), (PROJECT, &node.project)] {
         if let Some(value) = value {
             let value = HeaderValue::from_str(value)
                 .map_err(|_| format!("node '{}': {name} is not a valid header value", node.name))?;

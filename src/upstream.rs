@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, HeaderName, Method, header};
 use bytes::Bytes;
 
 use crate::limits::RateLimitReport;
-use crate::snapshot::Node;
+use crate::snapshot::{Node, ORGANIZATION, PROJECT};
 
 /// Why an attempt got no answer from the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +48,6 @@ fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
             .flat_map(|v| v.split(','))
             .any(|token| name.as_str().eq_ignore_ascii_case(token.trim()))
 }
-
-/// `OpenAI-Organization`: which organisation a request bills.
-pub(crate) const ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
-/// `OpenAI-Project`: which project a request bills.
-pub(crate) const PROJECT: HeaderName = HeaderName::from_static("openai-project");
 
 /// The client's end-to-end headers, minus its credentials, what the HTTP
 /// client sets itself, and what would let a client pick which organisation

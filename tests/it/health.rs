@@ -11,7 +11,7 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::{
-    FAST, Gateway, chat, chat_answer, client, closed_port, node, node_status, post,
+    FAST, Gateway, chat, chat_answer, client, closed_port, node, node_status, post, say,
     send_in_background,
 };
 
@@ -212,13 +212,7 @@ async fn a_spent_quota_rests_the_node_far_longer_than_a_busy_minute() {
         node("busy", &crate::support::v1(&busy), "k", ""),
     ))
     .await;
-    let response = post(
-        &client(),
-        &gw,
-        "/v1/chat/completions",
-        chat("gpt-4", "hi", 5),
-    )
-    .await;
+    let response = say(&gw, chat("gpt-4", "hi", 5)).await;
     assert_eq!(
         response.status(),
         429,

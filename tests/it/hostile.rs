@@ -12,7 +12,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::{
     ADMIN_TOKEN, CLIENT_KEY, FAST, Gateway, answering, ask_as, chat, chat_answer, client, node,
-    node_status, post, v1,
+    node_status, say, v1,
 };
 
 /// Sends `request` (raw HTTP/1.1, as written) and returns the whole answer
@@ -76,13 +76,7 @@ async fn a_refusal_the_client_provoked_is_relayed_and_takes_no_node_out() {
         node("b", &v1(&b), "k", "")
     ))
     .await;
-    let response = post(
-        &client(),
-        &gw,
-        "/v1/chat/completions",
-        chat("gpt-4o-mini", "org-not-mine", 5),
-    )
-    .await;
+    let response = say(&gw, chat("gpt-4o-mini", "org-not-mine", 5)).await;
     assert_eq!(response.status(), 401, "the client's own refusal, relayed");
     let mut posts = 0;
     for server in [&a, &b] {
@@ -111,13 +105,7 @@ async fn server_errors_the_client_provoked_eject_no_node() {
     ))
     .await;
     for _ in 0..4 {
-        let response = post(
-            &client(),
-            &gw,
-            "/v1/chat/completions",
-            chat("gpt-4o-mini", "poison", 5),
-        )
-        .await;
+        let response = say(&gw, chat("gpt-4o-mini", "poison", 5)).await;
         assert_eq!(response.status(), 500);
     }
     // Both nodes failed twice in a row: suspect, probed, cleared.
@@ -349,7 +337,7 @@ async fn a_huge_max_tokens_never_marks_redis_down() {
     gw.until(|s| s["cluster"]["redis"] == "up").await;
     let huge = json!({"model": "gpt-4o-mini", "max_tokens": 100_000_000_000_000_000u64,
                       "messages": [{"role": "user", "content": "hi"}]});
-    let response = post(&client(), &gw, "/v1/chat/completions", huge.to_string()).await;
+    let response = say(&gw, huge.to_string()).await;
     assert_eq!(response.status(), 200);
     assert_eq!(gw.status().await["cluster"]["redis"], "up");
     assert_eq!(ask_as(&gw, CLIENT_KEY, "gpt-4o-mini", 5).await.0, 200);

@@ -7,7 +7,7 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::{
-    CLIENT_KEY, FAST, Gateway, answering_upstream, chat, client, node, node_status, post,
+    CLIENT_KEY, FAST, Gateway, answering_upstream, chat, client, node, node_status, post, say,
 };
 
 #[tokio::test]
@@ -198,13 +198,7 @@ async fn an_upstream_client_error_is_relayed_as_it_came() {
         node("a", &crate::support::v1(&server), "k", "")
     ))
     .await;
-    let response = post(
-        &client(),
-        &gw,
-        "/v1/chat/completions",
-        chat("gpt-4", "hi", 5),
-    )
-    .await;
+    let response = say(&gw, chat("gpt-4", "hi", 5)).await;
     assert_eq!(response.status(), 400);
     assert_eq!(response.headers()["x-upstream-trace"], "t-1");
     assert_eq!(response.bytes().await.unwrap(), body.as_bytes());

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::support::{Gateway, answering_upstream, chat, client, node, post};
+use crate::support::{Gateway, answering_upstream, chat, client, node, post, say};
 
 const QUEUE: &str = "[queue]\nmax_wait = \"10s\"\n";
 
@@ -85,24 +85,14 @@ async fn a_waiting_request_never_blocks_one_that_another_node_can_serve() {
     let gw = Arc::new(Gateway::start(&toml).await);
     let spawn = |model: &'static str| {
         let gw = Arc::clone(&gw);
-        tokio::spawn(async move {
-            post(&client(), &gw, "/v1/chat/completions", chat(model, "hi", 5))
-                .await
-                .status()
-        })
+        tokio::spawn(async move { say(&gw, chat(model, "hi", 5)).await.status() })
     };
     let running = spawn("gpt-4");
     gw.until(|s| s["nodes"][0]["in_flight"] == 1).await;
     let waiting = spawn("gpt-4");
     gw.until(|s| s["queue"]["depth"] == 1).await;
 
-    let response = post(
-        &client(),
-        &gw,
-        "/v1/chat/completions",
-        chat("gpt-4o-mini", "hi", 5),
-    )
-    .await;
+    let response = say(&gw, chat("gpt-4o-mini", "hi", 5)).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-balancer-node"], "free");
     assert!(
@@ -118,30 +108,12 @@ async fn a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once() {
     let (server, gw) = one_slow_node(Duration::from_secs(3)).await;
     let holder = {
         let gw = Arc::clone(&gw);
-        tokio::spawn(async move {
-            post(
-                &client(),
-                &gw,
-                "/v1/chat/completions",
-                chat("gpt-4", "hi", 5),
-            )
-            .await
-            .status()
-        })
+        tokio::spawn(async move { say(&gw, chat("gpt-4", "hi", 5)).await.status() })
     };
     gw.until(|s| s["nodes"][0]["in_flight"] == 1).await;
     let waiter = {
         let gw = Arc::clone(&gw);
-        tokio::spawn(async move {
-            post(
-                &client(),
-                &gw,
-                "/v1/chat/completions",
-                chat("gpt-4", "hi", 5),
-            )
-            .await
-            .status()
-        })
+        tokio::spawn(async move { say(&gw, chat("gpt-4", "hi", 5)).await.status() })
     };
     gw.until(|s| s["queue"]["depth"] == 1).await;
     // Hang up: aborting the task drops its connection.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use mock_upstreams::{MockConfig, MockUpstream};
 
-use crate::support::{Gateway, chat, client, node_status, post};
+use crate::support::{Gateway, chat, client, node_status, post, say};
 
 async fn mock(key: &str) -> MockUpstream {
     MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockConfig::new(key))
@@ -138,23 +138,11 @@ async fn a_key_rotated_in_its_file_is_used_from_then_on_and_a_refused_key_comes_
     // A key the upstream refuses takes the node out until the key changes.
     replace(&key, "sk-revoked-3333\n");
     gw.reloaded(2).await;
-    let response = post(
-        &client(),
-        &gw,
-        "/v1/chat/completions",
-        chat("gpt-4o-mini", "hi", 5),
-    )
-    .await;
+    let response = say(&gw, chat("gpt-4o-mini", "hi", 5)).await;
     assert_eq!(response.status(), 401, "the upstream's refusal, relayed");
     let status = gw.status().await;
     assert_eq!(node_status(&status, "a")["health"]["state"], "key_refused");
-    let response = post(
-        &client(),
-        &gw,
-        "/v1/chat/completions",
-        chat("gpt-4o-mini", "hi", 5),
-    )
-    .await;
+    let response = say(&gw, chat("gpt-4o-mini", "hi", 5)).await;
     assert_eq!(response.status(), 503, "no node in rotation");
     // The request, and the probe of the key that confirmed the refusal.
     assert_eq!(upstream.stats().unauthorized(), 2);

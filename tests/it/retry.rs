@@ -6,7 +6,7 @@ use serde_json::Value;
 use wiremock::ResponseTemplate;
 
 use crate::support::{
-    FAST, Gateway, answering, chat, chat_answer, client, closed_port, node, node_status, post,
+    FAST, Gateway, answering, chat, chat_answer, client, closed_port, node, node_status, post, say,
 };
 
 fn ok() -> ResponseTemplate {
@@ -33,13 +33,7 @@ async fn a_500_is_retried_on_another_node() {
         "",
     )
     .await;
-    let response = post(
-        &client(),
-        &gw,
-        "/v1/chat/completions",
-        chat("gpt-4", "hi", 5),
-    )
-    .await;
+    let response = say(&gw, chat("gpt-4", "hi", 5)).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-balancer-node"], "second");
     assert_eq!(broken.received_requests().await.unwrap().len(), 1);
@@ -81,13 +75,7 @@ async fn a_refused_connection_is_retried_and_takes_nothing_from_the_quota() {
     let healthy = answering(ok()).await;
     let dead = format!("http://127.0.0.1:{}/v1", closed_port());
     let gw = gateway(&dead, &crate::support::v1(&healthy), "").await;
-    let response = post(
-        &client(),
-        &gw,
-        "/v1/chat/completions",
-        chat("gpt-4", "hi", 5),
-    )
-    .await;
+    let response = say(&gw, chat("gpt-4", "hi", 5)).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-balancer-node"], "second");
     let status = gw.settled_status().await;
@@ -109,16 +97,7 @@ async fn no_reachable_node_is_502_upstream_unavailable() {
     let a = format!("http://127.0.0.1:{}/v1", closed_port());
     let b = format!("http://127.0.0.1:{}/v1", closed_port());
     let gw = gateway(&a, &b, "").await;
-    let (status, body) = error_of(
-        post(
-            &client(),
-            &gw,
-            "/v1/chat/completions",
-            chat("gpt-4", "hi", 5),
-        )
-        .await,
-    )
-    .await;
+    let (status, body) = error_of(say(&gw, chat("gpt-4", "hi", 5)).await).await;
     assert_eq!(status, 502);
     assert_eq!(body["error"]["code"], "upstream_unavailable");
     let status = gw.settled_status().await;
@@ -141,16 +120,7 @@ async fn no_head_within_first_byte_timeout_is_504_upstream_timeout() {
         node("second", &crate::support::v1(&b), "k", "")
     );
     let gw = Gateway::start(&toml).await;
-    let (status, body) = error_of(
-        post(
-            &client(),
-            &gw,
-            "/v1/chat/completions",
-            chat("gpt-4", "hi", 5),
-        )
-        .await,
-    )
-    .await;
+    let (status, body) = error_of(say(&gw, chat("gpt-4", "hi", 5)).await).await;
     assert_eq!(status, 504);
     assert_eq!(body["error"]["code"], "upstream_timeout");
     // Both nodes were tried.
@@ -163,13 +133,7 @@ async fn when_every_attempt_got_an_answer_the_last_one_is_relayed() {
     let a = answering(ResponseTemplate::new(503).set_body_string("first down")).await;
     let b = answering(ResponseTemplate::new(503).set_body_string("second down")).await;
     let gw = gateway(&crate::support::v1(&a), &crate::support::v1(&b), "").await;
-    let response = post(
-        &client(),
-        &gw,
-        "/v1/chat/completions",
-        chat("gpt-4", "hi", 5),
-    )
-    .await;
+    let response = say(&gw, chat("gpt-4", "hi", 5)).await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["x-balancer-node"], "second");
     assert_eq!(response.text().await.unwrap(), "second down");

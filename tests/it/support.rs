@@ -289,6 +289,11 @@ pub(crate) async fn ask_as(
     )
 }
 
+/// POSTs a chat request body to the gateway with the test client key.
+pub(crate) async fn say(gw: &Gateway, body: String) -> reqwest::Response {
+    post(&client(), gw, "/v1/chat/completions", body).await
+}
+
 /// POSTs JSON to the gateway.
 pub(crate) async fn post(
     client: &reqwest::Client,

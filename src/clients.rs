@@ -112,7 +112,7 @@ impl ClientLimiter {
     /// The limits, as the shared windows take them: rpm, tpm, bucket burst
     /// and rate (0 = none).
     pub fn shared_limits(&self) -> (u64, u64, u64, f64) {
-        let quota = self.window.quota();
+        let quota = self.window.quota_in_force();
         let n = |v: Option<std::num::NonZeroU64>| v.map_or(0, u64::from);
         let (burst, rate) = self.bucket.as_ref().map_or((0, 0.0), |b| {
             let limit = b.lock().limit();

@@ -53,9 +53,12 @@ pub fn rate_limit_headers(pairs: &[(&str, &[u8])]) {
         &report,
         crate::limits::Marks::default(),
         crate::limits::Marks::default(),
+        (Some(100), Some(10_000)),
         now,
     );
-    let _ = reported.blocked_until(1);
+    let _ = reported.blocked_until(1, now);
+    reported.take(u64::MAX);
+    let _ = reported.blocked_until(u64::MAX, now + std::time::Duration::from_secs(1));
 }
 
 /// The config loader on a TOML text (no variables set).

@@ -437,7 +437,11 @@ async fn try_node(live: &Live, placement: Placement, request: &Inbound<'_>) -> A
     if let Some(kind) = UpstreamError::of_status(status) {
         node.metrics.upstream_error(kind);
     }
-    booking.observe_upstream(&upstream::rate_limit_report(response.headers()));
+    if let Some((rpm, tpm)) =
+        booking.observe_upstream(&upstream::rate_limit_report(response.headers()))
+    {
+        tracing::warn!(node = %node.name, upstream_rpm = ?rpm, upstream_tpm = ?tpm, "the upstream reports limits below the configured ones; the lower are in force");
+    }
     node.health.on_request(Verdict::of_status(status), health);
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         // Retried elsewhere only if the node's own key is refused; else

@@ -130,7 +130,7 @@ fn describe_changes(old: &Live, new: &Config) -> String {
                 if !before.key.same_as(&node.key) {
                     what.push("key");
                 }
-                if before.limiter.quota() != node.quota {
+                if before.limiter.configured_quota() != node.quota {
                     what.push("limits");
                 }
                 if before.models != node.models {

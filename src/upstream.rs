@@ -121,6 +121,8 @@ pub(crate) fn rate_limit_report(headers: &HeaderMap) -> RateLimitReport {
     let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
     let reset = |name: &str| parse_reset(headers.get(name)?.to_str().ok()?);
     RateLimitReport {
+        limit_requests: number("x-ratelimit-limit-requests"),
+        limit_tokens: number("x-ratelimit-limit-tokens"),
         remaining_requests: number("x-ratelimit-remaining-requests"),
         remaining_tokens: number("x-ratelimit-remaining-tokens"),
         reset_requests: reset("x-ratelimit-reset-requests"),

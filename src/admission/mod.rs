@@ -279,11 +279,10 @@ impl Booking {
         }
     }
 
-    /// Takes the upstream's word on the node's remaining quota.
-    pub fn observe_upstream(&self, report: &RateLimitReport) {
-        if let Some(reservation) = &self.reservation {
-            reservation.observe_upstream(report);
-        }
+    /// Takes the upstream's word on the node's quota; returns the (rpm,
+    /// tpm) limits it reports where they are newly in force.
+    pub fn observe_upstream(&self, report: &RateLimitReport) -> Option<(Option<u64>, Option<u64>)> {
+        self.reservation.as_ref()?.observe_upstream(report)
     }
 
     /// In shared mode, lets every replica know the node rests for `rest`.

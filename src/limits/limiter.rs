@@ -3,6 +3,7 @@
 //! and gives it back exactly once. The invariants are the module's
 //! ([`super`]).
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -18,7 +19,13 @@ use super::{
 
 #[derive(Debug)]
 struct LimiterState {
+    /// As configured.
     quota: Quota,
+    /// The quota in force: the configured one, lowered where the upstream
+    /// reports a lower limit (`x-ratelimit-limit-*`).
+    effective: Quota,
+    /// The upstream's reported (rpm, tpm) limits, when below the quota.
+    upstream_limits: (Option<NonZeroU64>, Option<NonZeroU64>),
     window: Window,
     in_flight: u64,
     /// Tokens reserved by requests not yet settled.
@@ -48,6 +55,8 @@ impl Limiter {
             id: NEXT_LIMITER_ID.fetch_add(1, Ordering::Relaxed),
             state: Mutex::new(LimiterState {
                 quota,
+                effective: quota,
+                upstream_limits: (None, None),
                 window: Window::new(Instant::now()),
                 in_flight: 0,
                 pending_tokens: 0,
@@ -159,14 +168,24 @@ impl Limiter {
         state.in_flight == 0 && state.window.total == Amounts::default()
     }
 
-    /// The quota in force.
-    pub fn quota(&self) -> Quota {
+    /// The quota in force: the configured one, lowered to what the
+    /// upstream reports where that is lower.
+    pub fn quota_in_force(&self) -> Quota {
+        self.state.lock().effective
+    }
+
+    /// The quota as configured.
+    pub fn configured_quota(&self) -> Quota {
         self.state.lock().quota
     }
 
     /// Applies a changed quota (config reload) without resetting the window.
     pub fn set_quota(&self, quota: Quota) {
-        self.state.lock().quota = quota;
+        let mut state = self.state.lock();
+        state.quota = quota;
+        state.upstream_limits = (None, None);
+        state.effective = quota;
+        drop(state);
         self.signal.freed();
     }
 
@@ -176,6 +195,7 @@ impl Limiter {
         state.advance(now);
         LimiterSnapshot {
             quota: state.quota,
+            upstream_limits: state.upstream_limits,
             requests: state.window.total.requests,
             tokens: state.window.total.tokens,
             bytes: state.window.total.bytes,
@@ -192,6 +212,41 @@ impl Limiter {
 }
 
 impl LimiterState {
+    /// Lowers the quota in force to the limits the upstream reports, where
+    /// they are below the configured ones; returns them if that changed.
+    fn take_upstream_limits(
+        &mut self,
+        report: &RateLimitReport,
+    ) -> Option<(Option<u64>, Option<u64>)> {
+        // A report decides: below the quota it is in force, at or above it
+        // lifts an earlier one; no report keeps what was.
+        let decide = |reported: Option<u64>, configured: Option<NonZeroU64>, current| match reported
+        {
+            None => current,
+            Some(reported) => {
+                NonZeroU64::new(reported).filter(|r| configured.is_none_or(|c| *r < c))
+            }
+        };
+        let limits = (
+            decide(
+                report.limit_requests,
+                self.quota.rpm,
+                self.upstream_limits.0,
+            ),
+            decide(report.limit_tokens, self.quota.tpm, self.upstream_limits.1),
+        );
+        if limits == self.upstream_limits {
+            return None;
+        }
+        self.upstream_limits = limits;
+        self.effective = Quota {
+            rpm: limits.0.or(self.quota.rpm),
+            tpm: limits.1.or(self.quota.tpm),
+            ..self.quota
+        };
+        Some((limits.0.map(u64::from), limits.1.map(u64::from)))
+    }
+
     fn advance(&mut self, now: Instant) {
         let slot = self.window.slot_of(now);
         self.window.advance(slot);
@@ -206,10 +261,10 @@ impl LimiterState {
             return Outlook::Retired;
         }
         let cooldown = self.cooldown.map(|(t, _)| t).filter(|t| *t > now);
-        let reported = self.reported.blocked_until(demand.tokens);
+        let reported = self.reported.blocked_until(demand.tokens, now);
         let mut wait_until = cooldown.max(reported);
         for limit in [Limit::Rpm, Limit::Tpm, Limit::Bpm] {
-            let Some(quota) = self.quota.of(limit) else {
+            let Some(quota) = self.effective.of(limit) else {
                 continue;
             };
             let wanted = demand.of(limit);
@@ -229,7 +284,7 @@ impl LimiterState {
             }
         }
         let concurrency_full = self
-            .quota
+            .effective
             .max_concurrency
             .is_some_and(|max| self.in_flight >= u64::from(max));
         match (wait_until, concurrency_full) {
@@ -245,7 +300,7 @@ impl LimiterState {
                 (used.saturating_mul(1_000_000) / u64::from(q)).min(u64::from(u32::MAX)) as u32
             })
         }
-        let q = &self.quota;
+        let q = &self.effective;
         let t = &self.window.total;
         let utilisation_ppm = ppm(t.requests, q.rpm)
             .max(ppm(t.tokens, q.tpm))
@@ -261,7 +316,11 @@ impl LimiterState {
 /// What `/status` shows of a node's usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimiterSnapshot {
+    /// As configured.
     pub quota: Quota,
+    /// The upstream's (rpm, tpm) limits, where they are below the quota
+    /// (and in force).
+    pub upstream_limits: (Option<NonZeroU64>, Option<NonZeroU64>),
     pub requests: u64,
     pub tokens: u64,
     pub bytes: u64,
@@ -311,20 +370,28 @@ impl Reservation {
         );
     }
 
-    /// Takes the upstream's word on the node's remaining quota from the
-    /// answer to this request (the `reported` module explains the arithmetic).
-    pub fn observe_upstream(&self, report: &RateLimitReport) {
+    /// Takes the upstream's word on the node's quota from the answer to
+    /// this request (the `reported` module explains the arithmetic).
+    /// Returns the (rpm, tpm) limits the upstream reports where they are
+    /// newly in force, below the configured quota (to be logged once).
+    pub fn observe_upstream(&self, report: &RateLimitReport) -> Option<(Option<u64>, Option<u64>)> {
+        let mut state = self.usage.state.lock();
+        let lowered = state.take_upstream_limits(report);
         if report.remaining_requests.is_none() && report.remaining_tokens.is_none() {
-            return;
+            return lowered;
         }
         let now = Instant::now();
-        let mut state = self.usage.state.lock();
         let marks = state.marks;
-        state.reported.observe(report, self.mark, marks, now);
+        let quota = (
+            state.effective.of(Limit::Rpm),
+            state.effective.of(Limit::Tpm),
+        );
+        state.reported.observe(report, self.mark, marks, quota, now);
         drop(state);
         // A later reset may let waiters through sooner; a lower count only
         // holds them back, which the next pass sees.
         self.usage.signal.freed();
+        lowered
     }
 
     /// Ends the request having used `tokens` in all (prompt + completion).
@@ -550,7 +617,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_upstreams_remaining_count_caps_headroom_until_its_reset() {
+    async fn the_upstreams_remaining_count_caps_headroom_and_refills_toward_the_quota() {
         let n = node(quota(Some(100), None, None, None));
         let first = n.try_reserve(SMALL, Instant::now()).unwrap();
         let second = n.try_reserve(SMALL, Instant::now()).unwrap();
@@ -561,16 +628,41 @@ mod tests {
             reset_requests: Some(Duration::from_secs(3)),
             ..RateLimitReport::default()
         });
-        let reset = Instant::now() + Duration::from_secs(3);
-        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::At(reset));
+        // It refills to the node's rpm of 100 over the 3 s: one every 30 ms.
+        let next = Instant::now() + Duration::from_millis(30);
+        assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::At(next));
         // Cancelling the second (it never reached the upstream) gives it back.
         second.cancel();
         assert_eq!(n.outlook(SMALL, Instant::now()), Outlook::Now);
         let third = n.try_reserve(SMALL, Instant::now()).unwrap();
         assert!(n.try_reserve(SMALL, Instant::now()).is_none());
-        tokio::time::sleep_until(reset).await;
+        let Outlook::At(refilled) = n.outlook(SMALL, Instant::now()) else {
+            panic!("the refill says when")
+        };
+        assert!(refilled <= Instant::now() + Duration::from_millis(31));
+        tokio::time::sleep_until(refilled).await;
         assert!(n.try_reserve(SMALL, Instant::now()).is_some());
         drop((first, third));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lower_limit_the_upstream_reports_is_in_force_until_it_says_otherwise() {
+        let n = node(quota(Some(100), None, None, None));
+        let held = n.try_reserve(SMALL, Instant::now()).unwrap();
+        let says = |limit| RateLimitReport {
+            limit_requests: Some(limit),
+            ..RateLimitReport::default()
+        };
+        assert_eq!(held.observe_upstream(&says(2)), Some((Some(2), None)));
+        assert_eq!(held.observe_upstream(&says(2)), None, "logged once");
+        assert_eq!(n.quota_in_force().rpm.map(u64::from), Some(2));
+        assert_eq!(n.configured_quota().rpm.map(u64::from), Some(100));
+        assert!(n.try_reserve(SMALL, Instant::now()).is_some());
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none(), "2 of 2 used");
+        // A limit at or above the quota lifts it.
+        assert_eq!(held.observe_upstream(&says(500)), Some((None, None)));
+        assert!(n.try_reserve(SMALL, Instant::now()).is_some());
+        drop(held);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,10 +1,15 @@
-//! What the upstream says about its own quota: `x-ratelimit-remaining-*`
-//! and `x-ratelimit-reset-*` on every answer.
+//! What the upstream says about its own quota: `x-ratelimit-limit-*`,
+//! `x-ratelimit-remaining-*` and `x-ratelimit-reset-*` on its answers.
 //!
 //! A key may be shared with other clients the gateway cannot see, so the
 //! upstream's count can be lower than the gateway's window implies. When it
-//! is, the upstream wins until its reset: the gateway sends no more than the
-//! upstream said remain.
+//! is, the upstream wins: the gateway sends no more than the upstream said
+//! remain. What remains refills toward the limit over the reset period, as
+//! the real services' buckets do (OpenAI describes its limits as refilling
+//! continuously), so a low `remaining` with a `6m0s` reset lets requests
+//! through as the bucket refills instead of holding the node idle for six
+//! minutes. The limit it refills to is the reported one, else the node's
+//! configured quota; with neither, the count holds until the reset.
 //!
 //! An answer describes the upstream's count when it produced that answer.
 //! Requests the gateway reserved after the answered one may already be in
@@ -26,17 +31,76 @@ pub struct Marks {
 /// The rate-limit headers of one upstream answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RateLimitReport {
+    pub limit_requests: Option<u64>,
+    pub limit_tokens: Option<u64>,
     pub remaining_requests: Option<u64>,
     pub remaining_tokens: Option<u64>,
     pub reset_requests: Option<Duration>,
     pub reset_tokens: Option<Duration>,
 }
 
-/// One remaining count, valid until the upstream's reset.
+/// One dimension of the upstream's word: `left` at `at` (less what was
+/// reserved since), refilling linearly to `limit` by `full_at`, less what
+/// the gateway has `taken` since.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Remaining {
     pub left: u64,
-    pub until: Instant,
+    pub at: Instant,
+    /// What it refills to; `left` when nothing says (it then holds).
+    pub limit: u64,
+    pub full_at: Instant,
+    /// Reserved since `at`.
+    pub taken: u64,
+}
+
+impl Remaining {
+    /// What the upstream has by `now`, before what was taken.
+    fn refilled(&self, now: Instant) -> u64 {
+        if self.limit <= self.left {
+            return self.left;
+        }
+        if now >= self.full_at {
+            return self.limit;
+        }
+        let span = self
+            .full_at
+            .saturating_duration_since(self.at)
+            .as_secs_f64();
+        let passed = now.saturating_duration_since(self.at).as_secs_f64();
+        let refilled = (self.limit - self.left) as f64 * (passed / span.max(f64::EPSILON));
+        // A hair of slack: the instant `when` computes must see the unit.
+        self.left
+            .saturating_add((refilled + 1e-6) as u64)
+            .min(self.limit)
+    }
+
+    /// What remains at `now`.
+    pub fn available(&self, now: Instant) -> u64 {
+        self.refilled(now).saturating_sub(self.taken)
+    }
+
+    /// When `need` will be available (`None`: now). Past the reset the word
+    /// is forgotten, so the reset is the latest answer.
+    fn when(&self, need: u64, now: Instant) -> Option<Instant> {
+        if self.available(now) >= need {
+            return None;
+        }
+        let wanted = need.saturating_add(self.taken);
+        if wanted > self.limit || self.limit <= self.left {
+            return Some(self.full_at);
+        }
+        let span = self
+            .full_at
+            .saturating_duration_since(self.at)
+            .as_secs_f64();
+        let fraction = (wanted - self.left) as f64 / (self.limit - self.left) as f64;
+        let wait = Duration::try_from_secs_f64(span * fraction).unwrap_or(Duration::MAX);
+        Some(
+            self.at
+                .checked_add(wait)
+                .map_or(self.full_at, |t| t.min(self.full_at)),
+        )
+    }
 }
 
 /// The upstream's latest word on what remains, per dimension.
@@ -50,37 +114,49 @@ pub struct Reported {
 const DEFAULT_RESET: Duration = super::WINDOW;
 
 impl Reported {
-    /// Takes the word of an answer to the request reserved at `then`; `now_marks`
-    /// are the node's marks at the time the answer arrived.
+    /// Takes the word of an answer to the request reserved at `then`;
+    /// `now_marks` are the node's marks when the answer arrived, `quota`
+    /// its configured (rpm, tpm), what the counts refill to when the answer
+    /// gives no limit.
     pub fn observe(
         &mut self,
         report: &RateLimitReport,
         then: Marks,
         now_marks: Marks,
+        quota: (Option<u64>, Option<u64>),
         now: Instant,
     ) {
         let since = Marks {
             requests: now_marks.requests.saturating_sub(then.requests),
             tokens: now_marks.tokens.saturating_sub(then.tokens),
         };
+        let word = |left: u64, limit: Option<u64>, reset: Option<Duration>, since: u64| {
+            let left = left.saturating_sub(since);
+            let full_at = now
+                .checked_add(reset.unwrap_or(DEFAULT_RESET))
+                .unwrap_or(now + DEFAULT_RESET);
+            Remaining {
+                left,
+                at: now,
+                limit: limit.unwrap_or(left).max(left),
+                full_at,
+                taken: 0,
+            }
+        };
         if let Some(left) = report.remaining_requests {
-            self.requests = Some(Remaining {
-                left: left.saturating_sub(since.requests),
-                until: now + report.reset_requests.unwrap_or(DEFAULT_RESET),
-            });
+            let limit = report.limit_requests.or(quota.0);
+            self.requests = Some(word(left, limit, report.reset_requests, since.requests));
         }
         if let Some(left) = report.remaining_tokens {
-            self.tokens = Some(Remaining {
-                left: left.saturating_sub(since.tokens),
-                until: now + report.reset_tokens.unwrap_or(DEFAULT_RESET),
-            });
+            let limit = report.limit_tokens.or(quota.1);
+            self.tokens = Some(word(left, limit, report.reset_tokens, since.tokens));
         }
     }
 
     /// Forgets counts whose reset has passed.
     pub fn expire(&mut self, now: Instant) {
         for dimension in [&mut self.requests, &mut self.tokens] {
-            if dimension.is_some_and(|r| r.until <= now) {
+            if dimension.is_some_and(|r| r.full_at <= now) {
                 *dimension = None;
             }
         }
@@ -88,31 +164,42 @@ impl Reported {
 
     /// When the upstream's word lets a request of `tokens` through: `None`
     /// when it does now.
-    pub fn blocked_until(&self, tokens: u64) -> Option<Instant> {
-        let requests = self.requests.filter(|r| r.left == 0).map(|r| r.until);
-        let tokens = self.tokens.filter(|r| r.left < tokens).map(|r| r.until);
-        requests.max(tokens).or(requests).or(tokens)
+    pub fn blocked_until(&self, tokens: u64, now: Instant) -> Option<Instant> {
+        let requests = self.requests.and_then(|r| r.when(1, now));
+        let tokens = self.tokens.and_then(|r| r.when(tokens, now));
+        requests.max(tokens)
     }
 
     /// A request of `tokens` was reserved.
     pub fn take(&mut self, tokens: u64) {
         if let Some(r) = &mut self.requests {
-            r.left = r.left.saturating_sub(1);
+            r.taken = r.taken.saturating_add(1);
         }
         if let Some(r) = &mut self.tokens {
-            r.left = r.left.saturating_sub(tokens);
+            r.taken = r.taken.saturating_add(tokens);
         }
     }
 
     /// A reserved request never reached the upstream.
     pub fn give_back(&mut self, tokens: u64) {
         if let Some(r) = &mut self.requests {
-            r.left = r.left.saturating_add(1);
+            give_back_to(r, 1);
         }
         if let Some(r) = &mut self.tokens {
-            r.left = r.left.saturating_add(tokens);
+            give_back_to(r, tokens);
         }
     }
+}
+
+/// Returns `n` to what remains: first from what was taken since the word,
+/// the rest (a request the word's `left` already left out) to `left`.
+fn give_back_to(r: &mut Remaining, n: u64) {
+    let from_taken = n.min(r.taken);
+    r.taken -= from_taken;
+    r.left = r
+        .left
+        .saturating_add(n - from_taken)
+        .min(r.limit.max(r.left));
 }
 
 #[cfg(test)]
@@ -127,17 +214,47 @@ mod tests {
         }
     }
 
+    const NONE: (Option<u64>, Option<u64>) = (None, None);
+
     #[tokio::test(start_paused = true)]
-    async fn zero_remaining_blocks_until_the_reset() {
+    async fn zero_remaining_with_no_limit_known_blocks_until_the_reset() {
         let now = Instant::now();
         let mut reported = Reported::default();
-        reported.observe(&report(0, 2), Marks::default(), Marks::default(), now);
+        reported.observe(&report(0, 2), Marks::default(), Marks::default(), NONE, now);
         assert_eq!(
-            reported.blocked_until(1),
+            reported.blocked_until(1, now),
             Some(now + Duration::from_secs(2))
         );
         reported.expire(now + Duration::from_secs(2));
-        assert_eq!(reported.blocked_until(1), None);
+        assert_eq!(reported.blocked_until(1, now), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_low_remaining_refills_toward_the_limit_over_the_reset() {
+        let now = Instant::now();
+        let mut reported = Reported::default();
+        // 0 of 60 left, full again in 6 minutes: one request every 6 s.
+        let words = RateLimitReport {
+            limit_requests: Some(60),
+            ..report(0, 360)
+        };
+        reported.observe(&words, Marks::default(), Marks::default(), NONE, now);
+        assert_eq!(
+            reported.blocked_until(1, now),
+            Some(now + Duration::from_secs(6))
+        );
+        let later = now + Duration::from_secs(60);
+        assert_eq!(reported.requests.unwrap().available(later), 10);
+        // Without a limit header, the configured quota is the limit.
+        let mut configured = Reported::default();
+        configured.observe(
+            &report(0, 360),
+            Marks::default(),
+            Marks::default(),
+            (Some(60), None),
+            now,
+        );
+        assert_eq!(configured.requests.unwrap().available(later), 10);
     }
 
     #[tokio::test(start_paused = true)]
@@ -152,13 +269,13 @@ mod tests {
             requests: 13,
             tokens: 0,
         };
-        reported.observe(&report(5, 60), then, later, now);
+        reported.observe(&report(5, 60), then, later, NONE, now);
         assert_eq!(reported.requests.map(|r| r.left), Some(2));
         reported.take(0);
         reported.take(0);
-        assert!(reported.blocked_until(0).is_some());
+        assert!(reported.blocked_until(0, now).is_some());
         reported.give_back(0);
-        assert_eq!(reported.blocked_until(0), None);
+        assert_eq!(reported.blocked_until(0, now), None);
     }
 
     #[tokio::test(start_paused = true)]
@@ -170,10 +287,10 @@ mod tests {
             reset_tokens: Some(Duration::from_secs(3)),
             ..RateLimitReport::default()
         };
-        reported.observe(&words, Marks::default(), Marks::default(), now);
-        assert_eq!(reported.blocked_until(500), None);
+        reported.observe(&words, Marks::default(), Marks::default(), NONE, now);
+        assert_eq!(reported.blocked_until(500, now), None);
         assert_eq!(
-            reported.blocked_until(501),
+            reported.blocked_until(501, now),
             Some(now + Duration::from_secs(3))
         );
     }
@@ -182,8 +299,20 @@ mod tests {
     async fn the_newest_answer_replaces_an_older_one() {
         let now = Instant::now();
         let mut reported = Reported::default();
-        reported.observe(&report(0, 30), Marks::default(), Marks::default(), now);
-        reported.observe(&report(7, 30), Marks::default(), Marks::default(), now);
+        reported.observe(
+            &report(0, 30),
+            Marks::default(),
+            Marks::default(),
+            NONE,
+            now,
+        );
+        reported.observe(
+            &report(7, 30),
+            Marks::default(),
+            Marks::default(),
+            NONE,
+            now,
+        );
         assert_eq!(reported.requests.map(|r| r.left), Some(7));
     }
 }

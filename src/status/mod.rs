@@ -83,9 +83,15 @@ pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
     let u = node.limiter.snapshot(now);
     let h = node.health.snapshot(now);
     let limit = |quota: Option<std::num::NonZeroU64>, used: u64| json!({"limit": quota.map(u64::from), "used": used});
+    let lowered =
+        |quota: Option<std::num::NonZeroU64>, upstream: Option<std::num::NonZeroU64>, used: u64| {
+            let mut shown = limit(quota, used);
+            shown["upstream_limit"] = json!(upstream.map(u64::from));
+            shown
+        };
     let remaining = |r: Option<Remaining>| {
         r.map(
-            |r| json!({"left": r.left, "reset_in_ms": ms(r.until.saturating_duration_since(now))}),
+            |r| json!({"left": r.available(now), "limit": r.limit, "reset_in_ms": ms(r.full_at.saturating_duration_since(now))}),
         )
     };
     json!({
@@ -116,8 +122,8 @@ pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
             "remaining_tokens": remaining(u.reported.tokens),
         },
         "limits": {
-            "rpm": limit(u.quota.rpm, u.requests),
-            "tpm": limit(u.quota.tpm, u.tokens),
+            "rpm": lowered(u.quota.rpm, u.upstream_limits.0, u.requests),
+            "tpm": lowered(u.quota.tpm, u.upstream_limits.1, u.tokens),
             "bpm": limit(u.quota.bpm, u.bytes),
             "max_concurrency": limit(u.quota.max_concurrency, u.in_flight),
         },

@@ -58,7 +58,7 @@ pub(in crate::admission) async fn place(
         .iter()
         .map(|&id| Candidate {
             name: &live.node(id).name,
-            quota: live.node(id).limiter.quota(),
+            quota: live.node(id).limiter.quota_in_force(),
         })
         .collect();
     let client = client.map(client_view);

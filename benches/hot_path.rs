@@ -94,6 +94,7 @@ fn selection(c: &mut Criterion) {
 const DEMAND: Demand = Demand {
     tokens: 300,
     bytes: 2000,
+    open_ended: None,
 };
 
 fn limited_quota() -> Quota {

@@ -27,8 +27,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Answered by the gateway from its config, behind the client key.
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
-        // Everything else under /v1 goes upstream.
+        // Everything else under /v1 goes upstream; so does what Azure-style
+        // clients send (`/openai/deployments/{name}/...`, `/openai/v1/...`).
         .route("/v1/{*rest}", any(proxy::handle))
+        .route("/openai/{*rest}", any(proxy::handle))
         .fallback(unknown_url)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

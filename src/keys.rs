@@ -18,28 +18,39 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use secrecy::{ExposeSecret, SecretString};
 
-/// An upstream key. The `Authorization` value is built once, marked
+/// An upstream key. Its header values (`Authorization: Bearer …` for
+/// OpenAI-style nodes, `api-key: …` for Azure) are built once, marked
 /// sensitive, so the request path neither formats nor exposes the secret.
 #[derive(Clone)]
 pub struct NodeKey {
     secret: Arc<SecretString>,
     authorization: HeaderValue,
+    api_key: HeaderValue,
 }
 
 impl NodeKey {
     pub(crate) fn new(secret: SecretString) -> Result<Self, String> {
-        let mut authorization = HeaderValue::try_from(format!("Bearer {}", secret.expose_secret()))
-            .map_err(|_| "the key contains characters not allowed in a header".to_owned())?;
+        let invalid = |_| "the key contains characters not allowed in a header".to_owned();
+        let mut authorization =
+            HeaderValue::try_from(format!("Bearer {}", secret.expose_secret())).map_err(invalid)?;
         authorization.set_sensitive(true);
+        let mut api_key = HeaderValue::try_from(secret.expose_secret()).map_err(invalid)?;
+        api_key.set_sensitive(true);
         Ok(Self {
             secret: Arc::new(secret),
             authorization,
+            api_key,
         })
     }
 
     /// The `Authorization: Bearer …` value to send upstream.
     pub(crate) fn authorization(&self) -> &HeaderValue {
         &self.authorization
+    }
+
+    /// The `api-key: …` value an Azure node gets instead.
+    pub(crate) fn api_key(&self) -> &HeaderValue {
+        &self.api_key
     }
 
     /// The key itself, for code that must compare it (tests, probes).

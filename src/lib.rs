@@ -60,6 +60,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod admission;
+pub mod api;
 pub mod app;
 pub(crate) mod auth;
 pub mod clients;

@@ -24,13 +24,9 @@ use crate::state::AppState;
 
 /// Sends one probe: `GET {url}{path}` with the node's key, within `timeout`.
 pub(crate) async fn probe(node: &Node, settings: &HealthSettings) -> Verdict {
-    let mut url = node.base.clone();
-    let joined = [node.base.path().trim_end_matches('/'), &settings.path].concat();
-    url.set_path(&joined);
-    let mut request = node.client.get(url).header(
-        axum::http::header::AUTHORIZATION,
-        node.key.authorization().clone(),
-    );
+    let url = crate::api::probe_url(node, &settings.path);
+    let (key_name, key) = crate::api::key_header(node);
+    let mut request = node.client.get(url).header(key_name, key.clone());
     for (name, value) in &node.identity {
         request = request.header(name.clone(), value.clone());
     }

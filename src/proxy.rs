@@ -29,6 +29,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::admission::{Ask, Booking, ClientHold, Placement};
+use crate::api::{self, Operation};
 use crate::auth;
 use crate::clients::Client;
 use crate::config::HealthSettings;
@@ -39,7 +40,7 @@ use crate::limits::CooldownReason;
 use crate::metrics::{self, UpstreamError};
 use crate::probes;
 use crate::relay::{self, ACCESS_LOG, Held, Trace, UsageTicket};
-use crate::request::{self, RequestInfo};
+use crate::request::{self, CompletionDefaults, RequestInfo};
 use crate::server::conn::WriteDeadline;
 use crate::snapshot::{Live, Node, NodeId};
 use crate::state::AppState;
@@ -129,7 +130,7 @@ async fn forward(
 ) -> Result<Response, Refused> {
     let live = state.live();
     let (parts, body) = request.into_parts();
-    request::check_path(parts.uri.path())?;
+    let operation = Operation::of(parts.uri.path(), parts.uri.query())?;
     let client = auth::identify(&live, &state.clients, &parts.headers).await?;
     // Work before admission is bounded: a client over its own limit is
     // refused before its body is read or parsed.
@@ -138,14 +139,10 @@ async fn forward(
     }
     let limit = live.config.server.max_body_bytes.get();
     let body = read_body(body, &parts.headers, limit).await?;
-    let info = inspect(
-        &parts,
-        &body,
-        live.config.accounting.default_completion_tokens,
-    )
-    .await?;
+    let info = inspect(&operation, &parts, &body, &live.completion_defaults).await?;
     let request = Inbound {
         parts: &parts,
+        operation: &operation,
         body,
         info: &info,
         client: client.as_deref(),
@@ -163,6 +160,8 @@ async fn forward(
 /// A request that has been read and inspected.
 struct Inbound<'a> {
     parts: &'a Parts,
+    /// What it asks for, in either dialect.
+    operation: &'a Operation<'a>,
     body: Bytes,
     info: &'a RequestInfo,
     client: Option<&'a Client>,
@@ -173,16 +172,6 @@ struct Inbound<'a> {
 }
 
 impl Inbound<'_> {
-    /// Path and query below `/v1`, as the upstream gets them.
-    fn path_and_query(&self) -> &str {
-        self.parts
-            .uri
-            .path_and_query()
-            .map_or("", |pq| pq.as_str())
-            .strip_prefix("/v1")
-            .unwrap_or("")
-    }
-
     /// The client's ledger entry for this request, to be completed by the
     /// relay.
     fn usage_ticket(&self, state: &AppState) -> Option<UsageTicket> {
@@ -321,6 +310,10 @@ async fn attempt_all(
     }
 }
 /// The result of one attempt on one node.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per attempt, on the stack; boxing the answer would allocate on every request"
+)]
 enum Attempt {
     Answered {
         response: reqwest::Response,
@@ -419,12 +412,13 @@ async fn try_node(live: &Live, placement: Placement, request: &Inbound<'_>) -> A
         .upstream
         .first_byte_timeout
         .min(request.deadline.saturating_duration_since(Instant::now()));
+    let model = request.info.model.as_deref();
     let sent = upstream::send(
         node,
         request.parts.method.clone(),
-        request.path_and_query(),
+        api::url(node, request.operation, model),
         &request.parts.headers,
-        request.body.clone(),
+        api::body_for(node, request.operation, request.info, &request.body),
         first_byte,
     )
     .await;
@@ -528,18 +522,20 @@ const INSPECT_INLINE_BYTES: usize = 256 * 1024;
 
 /// Step 3 for the body of `parts`.
 async fn inspect(
+    operation: &Operation<'_>,
     parts: &Parts,
     body: &Bytes,
-    default_completion_tokens: u64,
+    defaults: &CompletionDefaults,
 ) -> Result<RequestInfo, GatewayError> {
-    let path = parts.uri.path().strip_prefix("/v1").unwrap_or("");
     let json = is_json(&parts.headers, body);
+    let (path, model) = (operation.path, operation.model);
     if body.len() <= INSPECT_INLINE_BYTES {
-        return request::inspect(path, body, json, default_completion_tokens);
+        return request::inspect_operation(path, model, body, json, defaults);
     }
-    let (path, body) = (path.to_owned(), body.clone());
+    let (path, model, body) = (path.to_owned(), model.map(str::to_owned), body.clone());
+    let defaults = defaults.clone();
     tokio::task::spawn_blocking(move || {
-        request::inspect(&path, &body, json, default_completion_tokens)
+        request::inspect_operation(&path, model.as_deref(), &body, json, &defaults)
     })
     .await
     .map_err(|_| GatewayError::ShuttingDown)?

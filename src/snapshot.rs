@@ -19,7 +19,7 @@
 //! [`prepare`] does every fallible step of building a snapshot before it
 //! touches anything shared; the swap itself ([`crate::state`]) cannot fail.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::http::{HeaderName, HeaderValue};
@@ -30,12 +30,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::clients::{Directory, Registry};
-use crate::config::{Config, NodeConfig};
+use crate::config::{Config, NodeApi, NodeConfig};
 use crate::error::GatewayError;
 use crate::health::NodeHealth;
 use crate::keys::NodeKey;
 use crate::limits::{HeadroomSignal, Limiter};
 use crate::metrics::NodeMetrics;
+use crate::request::CompletionDefaults;
 
 /// A node's place in one snapshot's node list. Valid for that snapshot
 /// only: a request keeps its snapshot, so its ids never dangle.
@@ -66,6 +67,12 @@ pub struct Node {
     pub key: NodeKey,
     /// The node's own `OpenAI-Organization` / `OpenAI-Project`, if set.
     pub identity: Vec<(HeaderName, HeaderValue)>,
+    /// The dialect it speaks.
+    pub api: NodeApi,
+    /// Its names for the models it serves, where not the client's.
+    pub upstream_names: BTreeMap<String, String>,
+    /// Its own default completion reservation, if set.
+    pub default_completion_tokens: Option<u64>,
     pub models: Option<Vec<String>>,
     pub limiter: Arc<Limiter>,
     pub health: Arc<NodeHealth>,
@@ -89,6 +96,16 @@ pub struct Live {
     all: Arc<[NodeId]>,
     /// The `/v1/models` answer.
     pub models_list: Bytes,
+    /// What a request that names no `max_tokens` reserves.
+    pub completion_defaults: CompletionDefaults,
+}
+
+impl Node {
+    /// The node's name for `model`: its deployment (Azure), its
+    /// `model_names` entry, else the client's.
+    pub fn upstream_name<'m>(&'m self, model: &'m str) -> &'m str {
+        self.upstream_names.get(model).map_or(model, String::as_str)
+    }
 }
 
 impl Live {
@@ -251,6 +268,9 @@ pub fn prepare(
             base,
             key: node.key.clone(),
             identity,
+            api: node.api.clone(),
+            upstream_names: node.upstream_names.clone(),
+            default_completion_tokens: node.default_completion_tokens,
             models: node.models.clone(),
             limiter: Arc::clone(&entry.limiter),
             health: Arc::clone(&entry.health),
@@ -297,8 +317,13 @@ fn index(config: Config, generation: u64, clients: Directory, nodes: Vec<Node>) 
             (model, Arc::from(list))
         })
         .collect();
+    let completion_defaults = CompletionDefaults {
+        tokens: config.accounting.default_completion_tokens,
+        by_model: config.accounting.default_completion_tokens_by_model.clone(),
+    };
     Live {
         generation,
+        completion_defaults,
         clients,
         all: ids().collect(),
         config,

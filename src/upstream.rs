@@ -51,8 +51,8 @@ fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
 
 /// The client's end-to-end headers, minus its credentials, what the HTTP
 /// client sets itself, and what would let a client pick which organisation
-/// or project a node's key bills; plus the node's key and its own
-/// organisation and project.
+/// or project a node's key bills; plus the node's key (in its dialect's
+/// header) and its own organisation and project.
 fn outgoing_headers(client: &HeaderMap, node: &Node) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.len() + 1 + node.identity.len());
     for (name, value) in client {
@@ -67,7 +67,8 @@ fn outgoing_headers(client: &HeaderMap, node: &Node) -> HeaderMap {
             out.append(name.clone(), value.clone());
         }
     }
-    out.insert(header::AUTHORIZATION, node.key.authorization().clone());
+    let (name, key) = crate::api::key_header(node);
+    out.insert(name, key.clone());
     for (name, value) in &node.identity {
         out.insert(name.clone(), value.clone());
     }
@@ -85,23 +86,16 @@ pub(crate) fn relayed_headers(upstream: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// Sends one attempt and waits for the response head.
+/// Sends one attempt to `url` (see [`crate::api::url`]) and waits for the
+/// response head.
 pub(crate) async fn send(
     node: &Node,
     method: Method,
-    path_and_query: &str,
+    url: reqwest::Url,
     client_headers: &HeaderMap,
     body: Bytes,
     first_byte_timeout: Duration,
 ) -> Result<reqwest::Response, Failure> {
-    let (path, query) = path_and_query
-        .split_once('?')
-        .map_or((path_and_query, None), |(p, q)| (p, Some(q)));
-    // The base was parsed once; setting path and query skips host parsing.
-    let mut url = node.base.clone();
-    let joined = [node.base.path().trim_end_matches('/'), path].concat();
-    url.set_path(&joined);
-    url.set_query(query);
     let request = node
         .client
         .request(method, url)

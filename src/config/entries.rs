@@ -8,8 +8,11 @@ use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use super::raw::{RawClient, RawNode};
-use super::{ClientConfig, NodeConfig, Warnings, models_problem};
+use super::{Api, ClientConfig, NodeApi, NodeConfig, Warnings, models_problem};
 use crate::keys::{ClientKey, NodeKey};
 use crate::limits::{ClientLimits, Quota};
 
@@ -99,6 +102,17 @@ pub(super) fn validate_node(
     }
 
     let key = read_node_key(i, &raw, env, problems, warnings);
+    let (api, upstream_names, models) = node_api(i, &raw, problems);
+    let window = raw.window.unwrap_or(match api {
+        NodeApi::OpenAi => OPENAI_WINDOW,
+        NodeApi::Azure { .. } => AZURE_WINDOW,
+    });
+    if window < MIN_WINDOW || window > OPENAI_WINDOW {
+        problems.push(format!(
+            "{}: must be from 1s to 60s (the per-minute limits hold pro rata within every span this long)",
+            at("window")
+        ));
+    }
 
     if let Some(models) = &raw.models {
         if models.is_empty() {
@@ -143,13 +157,114 @@ pub(super) fn validate_node(
         name: Arc::from(name),
         url: Arc::from(url),
         key: key?,
-        models: raw.models,
+        models,
         quota,
         ca_file: raw.ca_file,
         key_file: raw.api_key_file,
         organization: raw.organization,
         project: raw.project,
+        api,
+        upstream_names,
+        window,
+        default_completion_tokens: raw.default_completion_tokens,
     })
+}
+
+/// The span over which an OpenAI-style node's limits hold: the minute
+/// (its buckets refill continuously; a shorter `window` can be set).
+const OPENAI_WINDOW: Duration = Duration::from_secs(60);
+/// Azure evaluates RPM and TPM over short periods, typically 10 s.
+const AZURE_WINDOW: Duration = Duration::from_secs(10);
+const MIN_WINDOW: Duration = Duration::from_secs(1);
+
+/// The node's API, the upstream's names for its models, and the models it
+/// serves (an Azure node's are its deployments').
+fn node_api(
+    i: usize,
+    raw: &RawNode,
+    problems: &mut Vec<String>,
+) -> (NodeApi, BTreeMap<String, String>, Option<Vec<String>>) {
+    let at = |field: &str| format!("nodes[{i}].{field}");
+    match raw.api {
+        Api::OpenAi => {
+            for (field, set) in [
+                ("api_version", raw.api_version.is_some()),
+                ("deployments", raw.deployments.is_some()),
+            ] {
+                if set {
+                    problems.push(format!(
+                        "{}: only for api = \"azure\" (an OpenAI-style node renames models with model_names)",
+                        at(field)
+                    ));
+                }
+            }
+            let names = raw.model_names.clone().unwrap_or_default();
+            check_names(&at("model_names"), &names, problems);
+            (NodeApi::OpenAi, names, raw.models.clone())
+        }
+        Api::Azure => {
+            if raw.models.is_some() || raw.model_names.is_some() {
+                problems.push(format!(
+                    "{}: an Azure node serves the models its deployments map; list them there",
+                    at(if raw.models.is_some() {
+                        "models"
+                    } else {
+                        "model_names"
+                    })
+                ));
+            }
+            let deployments = raw.deployments.clone().unwrap_or_default();
+            if deployments.is_empty() {
+                problems.push(format!(
+                    "{}: an Azure node needs deployments = {{ \"<model>\" = \"<deployment>\" }}",
+                    at("deployments")
+                ));
+            }
+            check_names(&at("deployments"), &deployments, problems);
+            if let Some(version) = &raw.api_version
+                && !is_name(version)
+            {
+                problems.push(format!(
+                    "{}: letters, digits, '-', '.' and '_' only (e.g. \"2024-10-21\")",
+                    at("api_version")
+                ));
+            }
+            if raw.url.trim_end_matches('/').ends_with("/openai") {
+                problems.push(format!(
+                    "{}: the resource endpoint (https://NAME.openai.azure.com), without /openai",
+                    at("url")
+                ));
+            }
+            let models = Some(deployments.keys().cloned().collect());
+            let api = NodeApi::Azure {
+                api_version: raw.api_version.clone(),
+            };
+            (api, deployments, models)
+        }
+    }
+}
+
+/// A deployment or upstream model name, or an API version: it goes into a
+/// URL path or query as it is.
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'))
+}
+
+fn check_names(field: &str, names: &BTreeMap<String, String>, problems: &mut Vec<String>) {
+    for (model, upstream) in names {
+        if model.trim().is_empty() {
+            problems.push(format!("{field}: a model name must not be empty"));
+        }
+        if !is_name(upstream) {
+            problems.push(format!(
+                "{field}.\"{model}\": \"{upstream}\" is not a usable name (letters, digits, '-', '.', '_', ':'; no '/')"
+            ));
+        }
+    }
 }
 
 /// What is wrong with a node's base URL, if anything. A URL that does not

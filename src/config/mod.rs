@@ -16,6 +16,7 @@
 //!   `nodes[1].rpm: must be greater than 0`, and never quotes the value of
 //!   a secret field.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -104,6 +105,8 @@ pub struct UpstreamSettings {
 #[derive(Debug, Clone)]
 pub struct AccountingSettings {
     pub default_completion_tokens: u64,
+    /// Per model, over the default.
+    pub default_completion_tokens_by_model: BTreeMap<String, u64>,
 }
 
 /// `[queue]`
@@ -240,6 +243,40 @@ pub struct NodeConfig {
     /// are never passed on): which organisation and project the key bills.
     pub organization: Option<String>,
     pub project: Option<String>,
+    /// Which API the node speaks.
+    pub api: NodeApi,
+    /// The upstream's name for a model, where it is not the client's (an
+    /// Azure deployment, or an OpenAI-style `model_names` entry).
+    pub upstream_names: BTreeMap<String, String>,
+    /// Besides the minute, the node's per-minute limits hold pro rata
+    /// within every rolling span this long (60 s: the minute alone).
+    pub window: Duration,
+    /// Completion tokens reserved for a request that names no
+    /// `max_tokens`, over `[accounting]`'s.
+    pub default_completion_tokens: Option<u64>,
+}
+
+/// `nodes[].api`, as written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    #[default]
+    #[serde(rename = "openai")]
+    OpenAi,
+    Azure,
+}
+
+/// The API a node speaks, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeApi {
+    /// `{url}/chat/completions`, `Authorization: Bearer <key>`.
+    OpenAi,
+    /// Azure OpenAI: `api-key: <key>`; `url` is the resource endpoint.
+    Azure {
+        /// Classic deployment paths with `?api-version=`; `None` is the v1
+        /// surface (`{url}/openai/v1/...`, the deployment as `model`).
+        api_version: Option<String>,
+    },
 }
 
 /// A client declared in the config: its own gateway key and limits.

@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use smart_default::SmartDefault;
 
-use super::{LogFormat, OnRedisError};
+use std::collections::BTreeMap;
+
+use super::{Api, LogFormat, OnRedisError};
 
 /// 10 MiB: large enough for long chat histories and small file uploads.
 pub(super) const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
@@ -125,6 +127,8 @@ pub(super) struct RawUpstream {
 pub(super) struct RawAccounting {
     #[default(DEFAULT_COMPLETION_TOKENS)]
     pub(super) default_completion_tokens: u64,
+    /// Per model, over the default.
+    pub(super) default_completion_tokens_by_model: BTreeMap<String, u64>,
 }
 
 /// `[queue]`
@@ -273,4 +277,12 @@ pub(super) struct RawNode {
     pub(super) ca_file: Option<PathBuf>,
     pub(super) organization: Option<String>,
     pub(super) project: Option<String>,
+    #[serde(default)]
+    pub(super) api: Api,
+    pub(super) api_version: Option<String>,
+    pub(super) deployments: Option<BTreeMap<String, String>>,
+    pub(super) model_names: Option<BTreeMap<String, String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) window: Option<Duration>,
+    pub(super) default_completion_tokens: Option<u64>,
 }

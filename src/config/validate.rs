@@ -136,6 +136,9 @@ fn validate(
             upstream,
             accounting: AccountingSettings {
                 default_completion_tokens: raw.accounting.default_completion_tokens,
+                default_completion_tokens_by_model: raw
+                    .accounting
+                    .default_completion_tokens_by_model,
             },
             queue: QueueSettings {
                 max_wait: raw.queue.max_wait,

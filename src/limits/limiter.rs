@@ -473,6 +473,7 @@ mod tests {
     const SMALL: Demand = Demand {
         tokens: 10,
         bytes: 100,
+        open_ended: None,
     };
 
     #[tokio::test(start_paused = true)]
@@ -528,6 +529,7 @@ mod tests {
         let demand = Demand {
             tokens: 600,
             bytes: 0,
+            open_ended: None,
         };
         let r = n.try_reserve(demand, Instant::now()).unwrap();
         assert_eq!(n.snapshot(Instant::now()).pending_tokens, 600);
@@ -547,6 +549,7 @@ mod tests {
         let big = Demand {
             tokens: 101,
             bytes: 10,
+            open_ended: None,
         };
         assert_eq!(n.outlook(big, Instant::now()), Outlook::Never(Limit::Tpm));
     }
@@ -658,7 +661,10 @@ mod tests {
         assert_eq!(n.quota_in_force().rpm.map(u64::from), Some(2));
         assert_eq!(n.configured_quota().rpm.map(u64::from), Some(100));
         assert!(n.try_reserve(SMALL, Instant::now()).is_some());
-        assert!(n.try_reserve(SMALL, Instant::now()).is_none(), "2 of 2 used");
+        assert!(
+            n.try_reserve(SMALL, Instant::now()).is_none(),
+            "2 of 2 used"
+        );
         // A limit at or above the quota lifts it.
         assert_eq!(held.observe_upstream(&says(500)), Some((None, None)));
         assert!(n.try_reserve(SMALL, Instant::now()).is_some());
@@ -673,6 +679,7 @@ mod tests {
                 Demand {
                     tokens: 500,
                     bytes: 0,
+                    open_ended: None,
                 },
                 Instant::now(),
             )

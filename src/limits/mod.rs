@@ -53,16 +53,40 @@ pub const GUARD: Duration = Duration::from_millis(500);
 pub(super) const SLOTS: u64 =
     (WINDOW.as_millis() + GUARD.as_millis()) as u64 / SLOT.as_millis() as u64 + 1;
 
+/// The most tokens one request may ask for: above every real quota, and
+/// exactly representable (and printed without an exponent) by the
+/// shared-limits script's numbers.
+pub const MAX_DEMAND_TOKENS: u64 = 1_000_000_000_000;
+
 /// What one request asks of a node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Demand {
-    /// Prompt tokens plus the completion tokens reserved.
+    /// Prompt tokens plus the completion tokens reserved; at most
+    /// [`MAX_DEMAND_TOKENS`].
     pub tokens: u64,
     /// Request body bytes.
     pub bytes: u64,
+    /// For a request that names no `max_tokens`: its prompt tokens and the
+    /// choices it asks for, so a node with its own default completion
+    /// reserves by that ([`on`](Self::on)).
+    pub open_ended: Option<(u64, u64)>,
 }
 
 impl Demand {
+    /// What this request asks of a node whose own default completion
+    /// (`nodes[].default_completion_tokens`) is `default`.
+    pub fn on(self, default: Option<u64>) -> Demand {
+        match (self.open_ended, default) {
+            (Some((prompt, choices)), Some(default)) => Demand {
+                tokens: prompt
+                    .saturating_add(default.saturating_mul(choices))
+                    .min(MAX_DEMAND_TOKENS),
+                ..self
+            },
+            _ => self,
+        }
+    }
+
     /// What this request takes of `limit`.
     pub fn of(&self, limit: Limit) -> u64 {
         match limit {

@@ -22,6 +22,7 @@
 //!   store or a script.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use serde::de::DeserializeSeed;
 
@@ -46,10 +47,7 @@ const MODEL_REQUIRED: &[&str] = &[
 /// of English, counted in ~30 ms; past it, a byte counts as a token.
 pub const MAX_COUNTED_BYTES: usize = 1 << 20;
 
-/// The most tokens one request may ask for: above every real quota, and
-/// exactly representable (and printed without an exponent) by the
-/// shared-limits script's numbers.
-pub const MAX_DEMAND_TOKENS: u64 = 1_000_000_000_000;
+pub use crate::limits::MAX_DEMAND_TOKENS;
 
 /// Model names are short (`gpt-4o-mini-2024-07-18`, an Azure deployment);
 /// 256 bytes leaves room for prefixes and fine-tune suffixes.
@@ -63,6 +61,35 @@ pub struct RequestInfo {
     pub encoding: Encoding,
     pub prompt_tokens: u64,
     pub demand: Demand,
+    /// Where the body names its model, for a node that calls it otherwise.
+    pub model_in_body: ModelInBody,
+}
+
+/// Where a JSON body names its model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelInBody {
+    /// The body is not JSON (an upload): left as it is.
+    NotJson,
+    /// No `model` field.
+    Absent,
+    /// The bytes of the `model` string's value (inside its quotes).
+    At(Range<usize>),
+    /// A `model` written with escapes: no span to replace.
+    Escaped,
+}
+
+/// Completion tokens reserved for a request that names no `max_tokens`:
+/// `accounting.default_completion_tokens`, over it a per-model value.
+#[derive(Debug, Clone, Default)]
+pub struct CompletionDefaults {
+    pub tokens: u64,
+    pub by_model: std::collections::BTreeMap<String, u64>,
+}
+
+impl CompletionDefaults {
+    fn for_model(&self, model: &str) -> u64 {
+        self.by_model.get(model).copied().unwrap_or(self.tokens)
+    }
 }
 
 /// Reads `body` sent to `path` (below `/v1`). `json` says whether the body
@@ -73,8 +100,25 @@ pub fn inspect(
     json: bool,
     default_completion_tokens: u64,
 ) -> Result<RequestInfo, GatewayError> {
+    let defaults = CompletionDefaults {
+        tokens: default_completion_tokens,
+        by_model: Default::default(),
+    };
+    inspect_operation(path, None, body, json, &defaults)
+}
+
+/// [`inspect`], for an operation whose path may name the model (an
+/// Azure-style `/openai/deployments/{model}/...`): that model is the
+/// request's, whatever the body says.
+pub fn inspect_operation(
+    path: &str,
+    path_model: Option<&str>,
+    body: &[u8],
+    json: bool,
+    defaults: &CompletionDefaults,
+) -> Result<RequestInfo, GatewayError> {
     let bytes = body.len() as u64;
-    let requires_model = MODEL_REQUIRED.contains(&path);
+    let requires_model = MODEL_REQUIRED.contains(&path) && path_model.is_none();
     // An empty body is no JSON document; only where one is required is
     // that the client's error (a GET with a JSON content type is fine).
     if json && body.is_empty() && requires_model {
@@ -87,20 +131,35 @@ pub fn inspect(
             return Err(GatewayError::MissingModel);
         }
         return Ok(RequestInfo {
-            model: None,
+            model: path_model.map(Box::from),
             stream: false,
             encoding: Encoding::Cl100kBase,
             prompt_tokens: 0,
-            demand: Demand { tokens: 0, bytes },
+            demand: Demand {
+                tokens: 0,
+                bytes,
+                open_ended: None,
+            },
+            model_in_body: if json {
+                ModelInBody::Absent
+            } else {
+                ModelInBody::NotJson
+            },
         });
     }
-    let mut parsed = Parsed::default();
+    let mut parsed = Parsed {
+        body_start: body.as_ptr() as usize,
+        ..Parsed::default()
+    };
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     BodySeed(&mut parsed)
         .deserialize(&mut deserializer)
         .and_then(|()| deserializer.end())
         .map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
-    let model = parsed.model.filter(|m| !m.is_empty());
+    let model = match path_model {
+        Some(model) => Some(Cow::Borrowed(model)),
+        None => parsed.model.filter(|m| !m.is_empty()),
+    };
     if let Some(model) = &model {
         check_model_name(model)?;
     }
@@ -110,14 +169,21 @@ pub fn inspect(
     let encoding = model
         .as_deref()
         .map_or(Encoding::Cl100kBase, Encoding::for_model);
-    let prompt_tokens = parsed.texts.count(encoding);
-    let completion_tokens = if path == "/embeddings" || model.is_none() {
-        0
-    } else {
-        parsed.max_tokens.unwrap_or(default_completion_tokens)
+    let prompt_tokens = parsed
+        .texts
+        .count(encoding)
+        .saturating_add(parsed.texts.media.tokens(model.as_deref().unwrap_or("")));
+    let choices = parsed.choices.unwrap_or(1).clamp(1, 128);
+    let (completion_tokens, open_ended) = match (&model, parsed.max_tokens) {
+        (None, _) => (0, None),
+        _ if path == "/embeddings" => (0, None),
+        (Some(_), Some(max)) => (max.saturating_mul(choices), None),
+        (Some(model), None) => (
+            defaults.for_model(model).saturating_mul(choices),
+            Some((prompt_tokens, choices)),
+        ),
     };
     Ok(RequestInfo {
-        model: model.map(|m| m.into_owned().into_boxed_str()),
         stream: parsed.stream,
         encoding,
         prompt_tokens,
@@ -126,7 +192,10 @@ pub fn inspect(
                 .saturating_add(completion_tokens)
                 .min(MAX_DEMAND_TOKENS),
             bytes,
+            open_ended,
         },
+        model_in_body: parsed.model_in_body,
+        model: model.map(|m| m.into_owned().into_boxed_str()),
     })
 }
 
@@ -168,15 +237,79 @@ pub fn check_model_name(model: &str) -> Result<(), GatewayError> {
 }
 
 /// What the body says, as far as the gateway cares.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Parsed<'a> {
+    /// Where the body starts in memory: a borrowed string's offset in it.
+    body_start: usize,
     model: Option<Cow<'a, str>>,
+    model_in_body: ModelInBody,
     stream: bool,
     /// `max_completion_tokens`, else `max_tokens`, else `max_output_tokens`.
     max_tokens: Option<u64>,
     /// Which of those three set `max_tokens` (0 best).
     max_tokens_rank: u8,
+    /// `n` or `best_of`, the larger: completions the request asks for.
+    choices: Option<u64>,
     texts: Texts<'a>,
+}
+
+impl Default for Parsed<'_> {
+    fn default() -> Self {
+        Self {
+            body_start: 0,
+            model: None,
+            model_in_body: ModelInBody::Absent,
+            stream: false,
+            max_tokens: None,
+            max_tokens_rank: 0,
+            choices: None,
+            texts: Texts::default(),
+        }
+    }
+}
+
+/// Images and audio in the prompt, estimated (the answer's usage corrects
+/// the estimate).
+#[derive(Debug, Default)]
+struct Media {
+    /// Images at low detail: a fixed charge each.
+    low_images: u64,
+    /// Images at high or automatic detail, whose size the gateway does not
+    /// decode: each charged as the largest an image is scaled to.
+    images: u64,
+    /// Base64 characters of audio input.
+    audio_base64: u64,
+}
+
+/// OpenAI's image charge (gpt-4o and most vision models): 85 tokens, plus
+/// 170 per 512-pixel tile of the image scaled to fit 2048 × 2048 and then
+/// to 768 pixels on its short side. The gateway does not decode images, so
+/// it reserves the largest such image: 768 × 2048, 2 × 4 tiles.
+const IMAGE_BASE: u64 = 85;
+const IMAGE_TILE: u64 = 170;
+const IMAGE_MAX_TILES: u64 = 8;
+/// gpt-4o-mini charges images at about 33 times those rates.
+const MINI_IMAGE_BASE: u64 = 2_833;
+const MINI_IMAGE_TILE: u64 = 5_667;
+/// Audio input (gpt-4o audio models): about 10 tokens a second; a second of
+/// 24 kHz 16-bit mono audio is 48,000 bytes, 64,000 base64 characters. An
+/// estimate on the safe side: a token per 2,000 base64 characters.
+const AUDIO_BASE64_PER_TOKEN: u64 = 2_000;
+
+impl Media {
+    fn tokens(&self, model: &str) -> u64 {
+        let (base, tile) = if model.contains("4o-mini") {
+            (MINI_IMAGE_BASE, MINI_IMAGE_TILE)
+        } else {
+            (IMAGE_BASE, IMAGE_TILE)
+        };
+        let low = self.low_images.saturating_mul(base);
+        let full = self
+            .images
+            .saturating_mul(base.saturating_add(tile * IMAGE_MAX_TILES));
+        let audio = self.audio_base64.div_ceil(AUDIO_BASE64_PER_TOKEN);
+        low.saturating_add(full).saturating_add(audio)
+    }
 }
 
 /// The prompt's text pieces (borrowed from the body where JSON allows) and
@@ -185,6 +318,7 @@ struct Parsed<'a> {
 struct Texts<'a> {
     pieces: Vec<Cow<'a, str>>,
     tokens: u64,
+    media: Media,
 }
 
 impl<'a> Texts<'a> {
@@ -415,7 +549,8 @@ mod tests {
             info.demand,
             Demand {
                 tokens: 0,
-                bytes: 12
+                bytes: 12,
+                open_ended: None,
             }
         );
     }

@@ -8,7 +8,9 @@ use std::fmt;
 use serde::Deserializer;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::{Parsed, Texts};
+use serde_json::value::RawValue;
+
+use super::{ModelInBody, Parsed, Texts};
 use crate::tokens::{REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TOKENS_PER_NAME};
 
 /// The top-level object: the fields that matter, everything else skipped.
@@ -34,7 +36,27 @@ impl<'de> Visitor<'de> for BodySeed<'_, 'de> {
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             let shape = match &*key {
                 "model" => {
-                    parsed.model = map.next_value::<Loose<Cow<'de, str>>>()?.0;
+                    let model = map.next_value::<Loose<Cow<'de, str>>>()?.0;
+                    parsed.model_in_body = match &model {
+                        Some(Cow::Borrowed(text)) => {
+                            let start = (text.as_ptr() as usize).saturating_sub(parsed.body_start);
+                            ModelInBody::At(start..start + text.len())
+                        }
+                        _ => ModelInBody::Escaped,
+                    };
+                    parsed.model = model;
+                    continue;
+                }
+                "n" | "best_of" => {
+                    let asked = map.next_value::<Loose<u64>>()?.0;
+                    parsed.choices = parsed.choices.max(asked);
+                    continue;
+                }
+                // Definitions and schemas are part of the prompt: their JSON
+                // text is counted, as written.
+                "tools" | "functions" | "response_format" => {
+                    let raw = map.next_value::<&'de RawValue>()?;
+                    parsed.texts.push(Cow::Borrowed(raw.get()));
                     continue;
                 }
                 "stream" => {
@@ -201,15 +223,28 @@ impl<'de> Visitor<'de> for Walk<'_, 'de> {
             return Ok(());
         }
         let texts = self.texts;
-        let (mut role, mut name, mut text) = (None, None, None);
-        let mut has_content = false;
+        let mut item = Item::default();
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             match &*key {
-                "role" => role = map.next_value::<Loose<Cow<'de, str>>>()?.0,
-                "name" => name = map.next_value::<Loose<Cow<'de, str>>>()?.0,
-                "text" => text = map.next_value::<Loose<Cow<'de, str>>>()?.0,
+                "role" => item.role = map.next_value::<Loose<Cow<'de, str>>>()?.0,
+                "name" => item.name = map.next_value::<Loose<Cow<'de, str>>>()?.0,
+                // A part's text; a tool call's arguments; a tool's output.
+                "text" | "arguments" | "output" => {
+                    if let Some(text) = map.next_value::<Loose<Cow<'de, str>>>()?.0 {
+                        item.texts.push(text);
+                    }
+                }
+                "type" => item.kind = map.next_value::<Loose<Cow<'de, str>>>()?.0,
+                "detail" => item.detail = map.next_value::<Loose<Cow<'de, str>>>()?.0,
+                "image_url" => {
+                    item.image = true;
+                    if let Some(detail) = map.next_value::<ImageUrl<'de>>()?.detail {
+                        item.detail = Some(detail);
+                    }
+                }
+                "input_audio" => item.audio_base64 = map.next_value::<AudioData>()?.0,
                 "content" => {
-                    has_content = true;
+                    item.content = true;
                     map.next_value_seed(Walk {
                         texts: &mut *texts,
                         shape: Shape::Content,
@@ -220,17 +255,150 @@ impl<'de> Visitor<'de> for Walk<'_, 'de> {
                 }
             }
         }
-        if role.is_some() || has_content {
+        item.count(texts);
+        Ok(())
+    }
+}
+
+/// What one object in a prompt (a message, a content part, an input item)
+/// holds, counted when its end is read.
+#[derive(Default)]
+struct Item<'a> {
+    role: Option<Cow<'a, str>>,
+    name: Option<Cow<'a, str>>,
+    kind: Option<Cow<'a, str>>,
+    detail: Option<Cow<'a, str>>,
+    texts: Vec<Cow<'a, str>>,
+    content: bool,
+    image: bool,
+    audio_base64: u64,
+}
+
+impl<'a> Item<'a> {
+    fn count(self, texts: &mut Texts<'a>) {
+        if self.role.is_some() || self.content {
             texts.add(TOKENS_PER_MESSAGE);
         }
-        if let Some(name) = name {
+        if let Some(name) = self.name {
             texts.add(TOKENS_PER_NAME);
             texts.push(name);
         }
-        for piece in [role, text].into_iter().flatten() {
+        let image = self.image || matches!(self.kind.as_deref(), Some("input_image" | "image_url"));
+        if image {
+            if self.detail.as_deref() == Some("low") {
+                texts.media.low_images += 1;
+            } else {
+                texts.media.images += 1;
+            }
+        }
+        texts.media.audio_base64 = texts.media.audio_base64.saturating_add(self.audio_base64);
+        for piece in self.role.into_iter().chain(self.texts) {
             texts.push(piece);
         }
-        Ok(())
+    }
+}
+
+/// An `image_url`: a URL (often a large data URL, walked, not kept) or an
+/// object with `url` and `detail`.
+struct ImageUrl<'a> {
+    detail: Option<Cow<'a, str>>,
+}
+
+impl<'de> serde::Deserialize<'de> for ImageUrl<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Reader;
+        impl<'de> Visitor<'de> for Reader {
+            type Value = ImageUrl<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an image URL")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut detail = None;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "detail" {
+                        detail = map.next_value::<Loose<Cow<'de, str>>>()?.0;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(ImageUrl { detail })
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(ImageUrl { detail: None })
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(ImageUrl { detail: None })
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(ImageUrl { detail: None })
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(ImageUrl { detail: None })
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(ImageUrl { detail: None })
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(ImageUrl { detail: None })
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(ImageUrl { detail: None })
+            }
+        }
+        deserializer.deserialize_any(Reader)
+    }
+}
+
+/// `input_audio`: the length of its base64 `data`, walked, not kept.
+struct AudioData(u64);
+
+impl<'de> serde::Deserialize<'de> for AudioData {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Reader;
+        impl<'de> Visitor<'de> for Reader {
+            type Value = AudioData;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("input audio")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<AudioData, M::Error> {
+                let mut length = 0;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "data" {
+                        length = map
+                            .next_value::<Loose<Cow<'de, str>>>()?
+                            .0
+                            .map_or(0, |d| d.len() as u64);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(AudioData(length))
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<AudioData, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(AudioData(0))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<AudioData, E> {
+                Ok(AudioData(0))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<AudioData, E> {
+                Ok(AudioData(0))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<AudioData, E> {
+                Ok(AudioData(0))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<AudioData, E> {
+                Ok(AudioData(0))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<AudioData, E> {
+                Ok(AudioData(0))
+            }
+            fn visit_unit<E>(self) -> Result<AudioData, E> {
+                Ok(AudioData(0))
+            }
+        }
+        deserializer.deserialize_any(Reader)
     }
 }
 

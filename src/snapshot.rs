@@ -260,6 +260,7 @@ pub fn prepare(
         }
         entry.limiter.revive();
         entry.limiter.set_quota(node.quota);
+        entry.limiter.set_window(node.window);
         entry.health.set_key(node.key.clone());
         nodes.push(Node {
             name: Arc::clone(&node.name),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
-use super::{ClientConfig, Config, NodeConfig};
+use super::{ClientConfig, Config, NodeApi, NodeConfig};
 use crate::keys::redacted_url;
 
 /// TOML text, a table and a field at a time.
@@ -33,6 +33,18 @@ impl Toml {
 
     fn duration(&mut self, name: &str, value: Duration) {
         self.text(name, humantime::format_duration(value));
+    }
+
+    fn map(&mut self, name: &str, entries: &std::collections::BTreeMap<String, String>) {
+        let pairs: Vec<String> = entries
+            .iter()
+            .map(|(k, v)| format!("\"{k}\" = \"{v}\""))
+            .collect();
+        self.bare(name, format!("{{ {} }}", pairs.join(", ")));
+    }
+
+    fn comment(&mut self, text: &str) {
+        let _ = writeln!(self.0, "# {text}");
     }
 
     fn list(&mut self, name: &str, items: &[String]) {
@@ -88,6 +100,17 @@ impl Config {
             "default_completion_tokens",
             self.accounting.default_completion_tokens,
         );
+        let by_model = &self.accounting.default_completion_tokens_by_model;
+        if !by_model.is_empty() {
+            let pairs: Vec<String> = by_model
+                .iter()
+                .map(|(m, t)| format!("\"{m}\" = {t}"))
+                .collect();
+            out.bare(
+                "default_completion_tokens_by_model",
+                format!("{{ {} }}", pairs.join(", ")),
+            );
+        }
         out.table("[queue]");
         out.duration("max_wait", self.queue.max_wait);
         out.bare("max_depth", self.queue.max_depth);
@@ -157,8 +180,40 @@ fn render_node(out: &mut Toml, node: &NodeConfig) {
     out.text("name", &node.name);
     out.text("url", &node.url);
     out.text("api_key", "[redacted]");
-    if let Some(models) = &node.models {
-        out.list("models", models);
+    match &node.api {
+        NodeApi::OpenAi => {
+            out.text("api", "openai");
+            if let Some(models) = &node.models {
+                out.list("models", models);
+            }
+            if !node.upstream_names.is_empty() {
+                out.map("model_names", &node.upstream_names);
+            }
+        }
+        NodeApi::Azure { api_version } => {
+            out.text("api", "azure");
+            if let Some(version) = api_version {
+                out.text("api_version", version);
+            }
+            out.map("deployments", &node.upstream_names);
+            for (model, deployment) in &node.upstream_names {
+                let url = match api_version {
+                    Some(v) => format!(
+                        "{}/openai/deployments/{deployment}/chat/completions?api-version={v}",
+                        node.url
+                    ),
+                    None => format!(
+                        "{}/openai/v1/chat/completions (model \"{deployment}\")",
+                        node.url
+                    ),
+                };
+                out.comment(&format!("{model} -> {url}"));
+            }
+        }
+    }
+    out.duration("window", node.window);
+    if let Some(tokens) = node.default_completion_tokens {
+        out.bare("default_completion_tokens", tokens);
     }
     let q = &node.quota;
     out.limits(&[

@@ -14,8 +14,36 @@ use tokio::time::Instant;
 use super::window::{Amounts, Window};
 use super::{
     CooldownReason, Demand, HeadroomSignal, Limit, Load, Marks, Outlook, Quota, RateLimitReport,
-    Reported, WINDOW,
+    Reported, SLOT, SLOTS, WINDOW,
 };
+
+/// Kept beyond a short window: enough for a clock step between us and the
+/// upstream, small enough to leave 98% of a 10 s allotment usable.
+const SHORT_GUARD: Duration = Duration::from_millis(100);
+
+/// A rolling span shorter than the minute, and its window.
+#[derive(Debug)]
+struct Short {
+    span: Duration,
+    window: Window,
+}
+
+impl Short {
+    /// Starts from what the minute's window holds of the span.
+    fn new(span: Duration, minute: &Window) -> Self {
+        let len = (span + SHORT_GUARD).as_millis() / SLOT.as_millis() + 1;
+        Self {
+            span,
+            window: minute.tail(len as u64),
+        }
+    }
+
+    /// The per-minute `quota` pro rata over the span, never below one.
+    fn allotment(&self, quota: u64) -> u64 {
+        let scaled = u128::from(quota) * self.span.as_millis() / WINDOW.as_millis();
+        (scaled as u64).max(1)
+    }
+}
 
 #[derive(Debug)]
 struct LimiterState {
@@ -24,6 +52,9 @@ struct LimiterState {
     /// The quota in force: the configured one, lowered where the upstream
     /// reports a lower limit (`x-ratelimit-limit-*`).
     effective: Quota,
+    /// Besides the minute: the per-minute limits pro rata over a shorter
+    /// rolling span (`nodes[].window`), as Azure enforces them.
+    short: Option<Short>,
     /// The upstream's reported (rpm, tpm) limits, when below the quota.
     upstream_limits: (Option<NonZeroU64>, Option<NonZeroU64>),
     window: Window,
@@ -56,8 +87,9 @@ impl Limiter {
             state: Mutex::new(LimiterState {
                 quota,
                 effective: quota,
+                short: None,
                 upstream_limits: (None, None),
-                window: Window::new(Instant::now()),
+                window: Window::new(Instant::now(), SLOTS),
                 in_flight: 0,
                 pending_tokens: 0,
                 cooldown: None,
@@ -113,7 +145,7 @@ impl Limiter {
         demand: Demand,
     ) -> Reservation {
         let slot = state.window.head;
-        state.window.add(
+        state.add(
             slot,
             Amounts {
                 requests: 1,
@@ -179,6 +211,19 @@ impl Limiter {
         self.state.lock().quota
     }
 
+    /// Besides the minute, holds the limits pro rata within every rolling
+    /// `span` (60 s or more: the minute alone). A changed span starts from
+    /// what the minute holds of it, so a reload never forgets use.
+    pub fn set_window(&self, span: Duration) {
+        let mut state = self.state.lock();
+        if state.short.as_ref().map(|s| s.span) == Some(span) {
+            return;
+        }
+        state.short = (span < WINDOW).then(|| Short::new(span, &state.window));
+        drop(state);
+        self.signal.freed();
+    }
+
     /// Applies a changed quota (config reload) without resetting the window.
     pub fn set_quota(&self, quota: Quota) {
         let mut state = self.state.lock();
@@ -207,6 +252,16 @@ impl Limiter {
                 .filter(|(d, _)| !d.is_zero()),
             reported: state.reported,
             retired: state.retired,
+            short: state.short.as_ref().map(|short| {
+                let allot = |limit| state.effective.of(limit).map(|q| short.allotment(q));
+                let used = &short.window.total;
+                ShortUse {
+                    span: short.span,
+                    requests: (allot(Limit::Rpm), used.requests),
+                    tokens: (allot(Limit::Tpm), used.tokens),
+                    bytes: (allot(Limit::Bpm), used.bytes),
+                }
+            }),
         }
     }
 }
@@ -247,9 +302,28 @@ impl LimiterState {
         Some((limits.0.map(u64::from), limits.1.map(u64::from)))
     }
 
+    /// Adds to slot `slot` of the minute and of the short window.
+    fn add(&mut self, slot: u64, amounts: Amounts) {
+        self.window.add(slot, amounts);
+        if let Some(short) = &mut self.short {
+            short.window.add(slot, amounts);
+        }
+    }
+
+    /// Takes from slot `slot` of the minute and of the short window.
+    fn sub(&mut self, slot: u64, amounts: Amounts) {
+        self.window.sub(slot, amounts);
+        if let Some(short) = &mut self.short {
+            short.window.sub(slot, amounts);
+        }
+    }
+
     fn advance(&mut self, now: Instant) {
         let slot = self.window.slot_of(now);
         self.window.advance(slot);
+        if let Some(short) = &mut self.short {
+            short.window.advance(slot);
+        }
         if self.cooldown.is_some_and(|(t, _)| t <= now) {
             self.cooldown = None;
         }
@@ -282,6 +356,9 @@ impl LimiterState {
                     .unwrap_or(now + WINDOW);
                 wait_until = Some(wait_until.map_or(at, |t| t.max(at)));
             }
+            if let Some(at) = self.short_wait(limit, quota, wanted) {
+                wait_until = Some(wait_until.map_or(at, |t| t.max(at)));
+            }
         }
         let concurrency_full = self
             .effective
@@ -294,6 +371,26 @@ impl LimiterState {
         }
     }
 
+    /// When the short window has room for `wanted` of `limit` (under the
+    /// per-minute `quota`), if it has none now. A demand above the
+    /// allotment fits an empty short window: the minute still bounds it.
+    fn short_wait(&self, limit: Limit, quota: u64, wanted: u64) -> Option<Instant> {
+        let short = self.short.as_ref()?;
+        let allotment = short.allotment(quota);
+        let used = short.window.total.of(limit);
+        let after = used.saturating_add(wanted);
+        if used == 0 || after <= allotment {
+            return None;
+        }
+        let need = (after - allotment).min(used);
+        Some(
+            short
+                .window
+                .freed_at(need, limit)
+                .unwrap_or_else(|| short.window.expiry_of(short.window.head)),
+        )
+    }
+
     fn load(&self) -> Load {
         fn ppm(used: u64, quota: Option<std::num::NonZeroU64>) -> u32 {
             quota.map_or(0, |q| {
@@ -302,10 +399,19 @@ impl LimiterState {
         }
         let q = &self.effective;
         let t = &self.window.total;
-        let utilisation_ppm = ppm(t.requests, q.rpm)
+        let mut utilisation_ppm = ppm(t.requests, q.rpm)
             .max(ppm(t.tokens, q.tpm))
             .max(ppm(t.bytes, q.bpm))
             .max(ppm(self.in_flight, q.max_concurrency));
+        if let Some(short) = &self.short {
+            let allot =
+                |q: Option<NonZeroU64>| q.and_then(|q| NonZeroU64::new(short.allotment(q.get())));
+            let s = &short.window.total;
+            utilisation_ppm = utilisation_ppm
+                .max(ppm(s.requests, allot(q.rpm)))
+                .max(ppm(s.tokens, allot(q.tpm)))
+                .max(ppm(s.bytes, allot(q.bpm)));
+        }
         Load {
             utilisation_ppm,
             in_flight: self.in_flight,
@@ -330,6 +436,17 @@ pub struct LimiterSnapshot {
     /// What the upstream last said remains, until its reset.
     pub reported: Reported,
     pub retired: bool,
+    /// The short window's use, with `nodes[].window` below the minute.
+    pub short: Option<ShortUse>,
+}
+
+/// A short window's (allotment, used) per limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShortUse {
+    pub span: Duration,
+    pub requests: (Option<u64>, u64),
+    pub tokens: (Option<u64>, u64),
+    pub bytes: (Option<u64>, u64),
 }
 
 /// Capacity taken on one node for one request.
@@ -361,7 +478,7 @@ impl Reservation {
         let mut state = self.usage.state.lock();
         state.advance(Instant::now());
         let head = state.window.head;
-        state.window.add(
+        state.add(
             head,
             Amounts {
                 bytes,
@@ -404,13 +521,13 @@ impl Reservation {
                 tokens: reserved - tokens,
                 ..Amounts::default()
             };
-            state.window.sub(self.slot, unused);
+            state.sub(self.slot, unused);
         } else if tokens > reserved {
             let extra = Amounts {
                 tokens: tokens - reserved,
                 ..Amounts::default()
             };
-            state.window.add(self.slot, extra);
+            state.add(self.slot, extra);
         }
         Self::release(&mut self.open, self.demand, &self.usage, &mut state);
     }
@@ -424,7 +541,7 @@ impl Reservation {
             tokens: self.demand.tokens,
             bytes: self.demand.bytes,
         };
-        state.window.sub(self.slot, everything);
+        state.sub(self.slot, everything);
         state.reported.give_back(self.demand.tokens);
         Self::release(&mut self.open, self.demand, &self.usage, &mut state);
     }
@@ -687,5 +804,88 @@ mod tests {
         let load = n.load_if_fits(SMALL, Instant::now()).unwrap();
         assert_eq!(load.utilisation_ppm, 500_000);
         assert_eq!(load.in_flight, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_window_holds_the_quota_pro_rata_within_every_span() {
+        // rpm 60 within every rolling 10 s: at most 10 requests, and at most
+        // 60 in any minute. Requests arrive every 37 ms for two minutes.
+        let n = node(quota(Some(60), None, None, None));
+        n.set_window(Duration::from_secs(10));
+        let mut admitted = Vec::new();
+        for _ in 0..(120_000 / 37) {
+            if let Some(r) = n.try_reserve(SMALL, Instant::now()) {
+                admitted.push(Instant::now());
+                r.settle(SMALL.tokens);
+            }
+            tokio::time::advance(Duration::from_millis(37)).await;
+        }
+        let most_within = |span: Duration| {
+            (0..admitted.len())
+                .map(|i| {
+                    admitted[i..]
+                        .iter()
+                        .take_while(|t| **t - admitted[i] < span)
+                        .count()
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        assert_eq!(most_within(Duration::from_secs(10)), 10);
+        assert!(most_within(WINDOW) <= 60);
+        // Paced, not bursted: the minute's 60 are spread over its six spans.
+        assert!(admitted.len() >= 110, "only {} admitted", admitted.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_demand_above_the_short_allotment_fits_an_empty_short_window() {
+        // tpm 600 over 10 s allots 100 tokens; 250 fits only alone.
+        let n = node(quota(None, Some(600), None, None));
+        n.set_window(Duration::from_secs(10));
+        let big = Demand {
+            tokens: 250,
+            bytes: 0,
+            open_ended: None,
+        };
+        let r = n
+            .try_reserve(big, Instant::now())
+            .expect("an empty span admits it");
+        r.settle(250);
+        let Outlook::At(at) = n.outlook(SMALL, Instant::now()) else {
+            panic!("the span is full")
+        };
+        tokio::time::sleep_until(at).await;
+        assert!(n.try_reserve(SMALL, Instant::now()).is_some());
+        let short = n.snapshot(Instant::now()).short.unwrap();
+        assert_eq!(short.tokens, (Some(100), 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_short_window_starts_from_the_use_the_minute_holds() {
+        let n = node(quota(Some(60), None, None, None));
+        for _ in 0..10 {
+            n.try_reserve(SMALL, Instant::now()).unwrap().settle(10);
+        }
+        n.set_window(Duration::from_secs(10));
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+        assert_eq!(
+            n.snapshot(Instant::now()).short.unwrap().requests,
+            (Some(10), 10)
+        );
+        // Back to the minute alone: the minute's 60 admit the rest.
+        n.set_window(WINDOW);
+        assert!(n.try_reserve(SMALL, Instant::now()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn use_after_an_idle_minute_counts_from_its_first_slot() {
+        let n = node(quota(Some(3), None, None, None));
+        n.try_reserve(SMALL, Instant::now()).unwrap().settle(10);
+        tokio::time::advance(WINDOW * 2).await;
+        for _ in 0..3 {
+            n.try_reserve(SMALL, Instant::now()).unwrap().settle(10);
+        }
+        assert!(n.try_reserve(SMALL, Instant::now()).is_none());
+        assert_eq!(n.snapshot(Instant::now()).requests, 3);
     }
 }

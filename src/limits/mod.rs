@@ -19,6 +19,14 @@
 //! [`Limiter::try_reserve`] checks and records under one lock, so two
 //! requests can never both take the last unit of headroom.
 //!
+//! With a node `window` below the minute (Azure counts over 10 s), a second
+//! ring over that span holds each per-minute quota pro rata (`rpm × span /
+//! 60 s`, at least 1) within every rolling span plus a 100 ms guard, so a
+//! minute's quota is paced rather than spent in one burst. One demand larger
+//! than the span's allotment fits only an empty span (the minute still
+//! bounds it). Both rings share slot indices, so a reservation corrects
+//! both.
+//!
 //! The limit types live here too: a node's [`Quota`], a client's
 //! [`ClientLimits`] and its token bucket ([`bucket`]).
 //!
@@ -39,7 +47,7 @@ mod reported;
 mod window;
 
 pub use bucket::{BucketLimit, ClientLimits, TokenBucket};
-pub use limiter::{Limiter, LimiterSnapshot, Reservation};
+pub use limiter::{Limiter, LimiterSnapshot, Reservation, ShortUse};
 pub use reported::{Marks, RateLimitReport, Remaining, Reported};
 
 /// The span every per-minute limit covers.

@@ -2,14 +2,15 @@
 //! headroom check is O(1) and advancing costs one step per elapsed slot.
 //!
 //! Invariant: an amount added at slot `i` counts in `total` until the window
-//! has advanced to slot `i + SLOTS`, and never after; [`Window::sub`] never
+//! has advanced to slot `i + len` (its length in slots), and never after;
+//! [`Window::sub`] never
 //! takes more from a slot than the slot holds.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Limit, SLOT, SLOTS};
+use super::{Limit, SLOT};
 
 /// Request, token and byte amounts in one slot or window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,13 +61,34 @@ pub(super) struct Window {
 }
 
 impl Window {
-    pub(super) fn new(origin: Instant) -> Self {
+    /// A window `len` slots long.
+    pub(super) fn new(origin: Instant, len: u64) -> Self {
         Self {
             origin,
-            slots: vec![Slot::default(); SLOTS as usize],
+            slots: vec![Slot::default(); len.max(1) as usize],
             head: 0,
             total: Amounts::default(),
         }
+    }
+
+    /// A window `len` slots long holding this one's newest `len` slots
+    /// (all of them, when it is shorter).
+    pub(super) fn tail(&self, len: u64) -> Self {
+        let mut tail = Self::new(self.origin, len);
+        tail.clear(self.head);
+        let oldest = self.head.saturating_sub(len.min(self.len()) - 1);
+        for index in oldest..=self.head {
+            let slot = self.slots[(index % self.len()) as usize];
+            if slot.index == index {
+                tail.add(index, slot.amounts);
+            }
+        }
+        tail
+    }
+
+    /// Its length in slots.
+    pub(super) fn len(&self) -> u64 {
+        self.slots.len() as u64
     }
 
     pub(super) fn slot_of(&self, at: Instant) -> u64 {
@@ -76,7 +98,7 @@ impl Window {
 
     /// When the amounts recorded in slot `index` stop counting.
     pub(super) fn expiry_of(&self, index: u64) -> Instant {
-        self.origin + Duration::from_millis((index + SLOTS) * SLOT.as_millis() as u64)
+        self.origin + Duration::from_millis((index + self.len()) * SLOT.as_millis() as u64)
     }
 
     /// Drops every slot that has left the window at slot `now`.
@@ -84,12 +106,12 @@ impl Window {
         if now <= self.head {
             return;
         }
-        if now - self.head >= SLOTS {
-            self.slots.fill(Slot::default());
-            self.total = Amounts::default();
+        if now - self.head >= self.len() {
+            self.clear(now);
         } else {
             for index in self.head + 1..=now {
-                let slot = &mut self.slots[(index % SLOTS) as usize];
+                let len = self.len();
+                let slot = &mut self.slots[(index % len) as usize];
                 self.total.sub(slot.amounts);
                 *slot = Slot {
                     index,
@@ -100,15 +122,30 @@ impl Window {
         self.head = now;
     }
 
+    /// Empties the window with its head at slot `head`: every slot it
+    /// covers is stamped with its own index, empty.
+    fn clear(&mut self, head: u64) {
+        let len = self.len();
+        for index in (head + 1).saturating_sub(len)..=head {
+            self.slots[(index % len) as usize] = Slot {
+                index,
+                amounts: Amounts::default(),
+            };
+        }
+        self.total = Amounts::default();
+        self.head = head;
+    }
+
     fn is_live(&self, index: u64) -> bool {
-        index + SLOTS > self.head && index <= self.head
+        index + self.len() > self.head && index <= self.head
     }
 
     pub(super) fn add(&mut self, index: u64, amounts: Amounts) {
         if !self.is_live(index) {
             return;
         }
-        let slot = &mut self.slots[(index % SLOTS) as usize];
+        let len = self.len();
+        let slot = &mut self.slots[(index % len) as usize];
         if slot.index == index {
             slot.amounts.add(amounts);
             self.total.add(amounts);
@@ -119,7 +156,8 @@ impl Window {
         if !self.is_live(index) {
             return;
         }
-        let slot = &mut self.slots[(index % SLOTS) as usize];
+        let len = self.len();
+        let slot = &mut self.slots[(index % len) as usize];
         if slot.index == index {
             let mut taken = amounts;
             taken.requests = taken.requests.min(slot.amounts.requests);
@@ -132,10 +170,10 @@ impl Window {
 
     /// The first instant at which at least `need` of one amount has expired.
     pub(super) fn freed_at(&self, need: u64, limit: Limit) -> Option<Instant> {
-        let oldest = self.head.saturating_sub(SLOTS - 1);
+        let oldest = self.head.saturating_sub(self.len() - 1);
         let mut freed: u64 = 0;
         for index in oldest..=self.head {
-            let slot = &self.slots[(index % SLOTS) as usize];
+            let slot = &self.slots[(index % self.len()) as usize];
             if slot.index != index {
                 continue;
             }

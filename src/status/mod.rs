@@ -127,6 +127,15 @@ pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
             "bpm": limit(u.quota.bpm, u.bytes),
             "max_concurrency": limit(u.quota.max_concurrency, u.in_flight),
         },
+        "short_window": u.short.map(|s| {
+            let shown = |(limit, used): (Option<u64>, u64)| json!({"limit": limit, "used": used});
+            json!({
+                "seconds": s.span.as_secs_f64(),
+                "rpm": shown(s.requests),
+                "tpm": shown(s.tokens),
+                "bpm": shown(s.bytes),
+            })
+        }),
     })
 }
 

@@ -71,8 +71,6 @@ pub struct Node {
     pub api: NodeApi,
     /// Its names for the models it serves, where not the client's.
     pub upstream_names: BTreeMap<String, String>,
-    /// Its own default completion reservation, if set.
-    pub default_completion_tokens: Option<u64>,
     pub models: Option<Vec<String>>,
     pub limiter: Arc<Limiter>,
     pub health: Arc<NodeHealth>,
@@ -261,6 +259,9 @@ pub fn prepare(
         entry.limiter.revive();
         entry.limiter.set_quota(node.quota);
         entry.limiter.set_window(node.window);
+        entry
+            .limiter
+            .set_default_completion(node.default_completion_tokens);
         entry.health.set_key(node.key.clone());
         nodes.push(Node {
             name: Arc::clone(&node.name),
@@ -271,7 +272,6 @@ pub fn prepare(
             identity,
             api: node.api.clone(),
             upstream_names: node.upstream_names.clone(),
-            default_completion_tokens: node.default_completion_tokens,
             models: node.models.clone(),
             limiter: Arc::clone(&entry.limiter),
             health: Arc::clone(&entry.health),

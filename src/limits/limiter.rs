@@ -55,6 +55,9 @@ struct LimiterState {
     /// Besides the minute: the per-minute limits pro rata over a shorter
     /// rolling span (`nodes[].window`), as Azure enforces them.
     short: Option<Short>,
+    /// The completion an open-ended request reserves here
+    /// (`nodes[].default_completion_tokens`), when the node has its own.
+    default_completion: Option<u64>,
     /// The upstream's reported (rpm, tpm) limits, when below the quota.
     upstream_limits: (Option<NonZeroU64>, Option<NonZeroU64>),
     window: Window,
@@ -88,6 +91,7 @@ impl Limiter {
                 quota,
                 effective: quota,
                 short: None,
+                default_completion: None,
                 upstream_limits: (None, None),
                 window: Window::new(Instant::now(), SLOTS),
                 in_flight: 0,
@@ -110,6 +114,7 @@ impl Limiter {
     pub fn outlook(&self, demand: Demand, now: Instant) -> Outlook {
         let mut state = self.state.lock();
         state.advance(now);
+        let demand = demand.on(state.default_completion);
         state.outlook(demand, now)
     }
 
@@ -117,13 +122,21 @@ impl Limiter {
     pub fn load_if_fits(&self, demand: Demand, now: Instant) -> Option<Load> {
         let mut state = self.state.lock();
         state.advance(now);
+        let demand = demand.on(state.default_completion);
         (state.outlook(demand, now) == Outlook::Now).then(|| state.load())
+    }
+
+    /// What `demand` takes here: an open-ended request reserves this
+    /// node's own default completion, where it has one.
+    pub fn demand_here(&self, demand: Demand) -> Demand {
+        demand.on(self.state.lock().default_completion)
     }
 
     /// Records `demand` and one request in flight if it fits now.
     pub fn try_reserve(self: &Arc<Self>, demand: Demand, now: Instant) -> Option<Reservation> {
         let mut state = self.state.lock();
         state.advance(now);
+        let demand = demand.on(state.default_completion);
         if state.outlook(demand, now) != Outlook::Now {
             return None;
         }
@@ -136,6 +149,7 @@ impl Limiter {
     pub fn record(self: &Arc<Self>, demand: Demand, now: Instant) -> Reservation {
         let mut state = self.state.lock();
         state.advance(now);
+        let demand = demand.on(state.default_completion);
         self.record_locked(state, demand)
     }
 
@@ -221,6 +235,18 @@ impl Limiter {
         }
         state.short = (span < WINDOW).then(|| Short::new(span, &state.window));
         drop(state);
+        self.signal.freed();
+    }
+
+    /// The rolling span the quota is also held over (the minute when the
+    /// node has no shorter one).
+    pub fn window(&self) -> Duration {
+        self.state.lock().short.as_ref().map_or(WINDOW, |s| s.span)
+    }
+
+    /// Sets the completion an open-ended request reserves on this node.
+    pub fn set_default_completion(&self, tokens: Option<u64>) {
+        self.state.lock().default_completion = tokens;
         self.signal.freed();
     }
 

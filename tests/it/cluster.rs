@@ -503,3 +503,65 @@ async fn local_and_shared_admission_refuse_alike() {
         }
     }
 }
+
+/// A node's short window (Azure's 10 s) and its own default completion
+/// hold alike whether limits are kept here or shared through Redis.
+#[tokio::test]
+async fn local_and_shared_hold_a_short_window_and_a_nodes_own_default_completion() {
+    let redis = RedisServer::start();
+    let (here, there) = (mock(None).await, mock(None).await);
+    // rpm 60 within 10 s allots 10; tpm 3000 cannot hold the node's own
+    // default completion of 3500, though it holds the gateway's 100.
+    let nodes = |upstream: &MockUpstream| {
+        node(
+            "paced",
+            &upstream.base_url(),
+            "sk-mock",
+            "rpm = 60\ntpm = 3000\nwindow = \"10s\"\ndefault_completion_tokens = 3500",
+        )
+    };
+    let settings = "[queue]\nmax_wait = \"1s\"\n[accounting]\ndefault_completion_tokens = 100\n";
+    let local = Gateway::start(&format!("{settings}{}", nodes(&here))).await;
+    let shared_toml = format!(
+        "{settings}[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n{}",
+        redis.url(),
+        nodes(&there)
+    );
+    let replicas = [
+        Gateway::start(&shared_toml).await,
+        Gateway::start(&shared_toml).await,
+    ];
+    replicas[0].until(|s| s["cluster"]["redis"] == "up").await;
+
+    let open_ended = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    for gw in [&local, &replicas[1]] {
+        let response = client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(open_ended.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let body: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+    }
+
+    let local_statuses = spread(std::slice::from_ref(&local), 20, None).await;
+    let shared_statuses = spread(&replicas, 20, None).await;
+    for statuses in [&local_statuses, &shared_statuses] {
+        assert_eq!(statuses.get(&200), Some(&10), "{statuses:?}");
+        assert_eq!(statuses.get(&429), Some(&10), "{statuses:?}");
+    }
+    assert_eq!(
+        (here.stats().requests(), there.stats().requests()),
+        (10, 10)
+    );
+    let status = local.status().await;
+    assert_eq!(status["nodes"][0]["short_window"]["rpm"]["limit"], 10);
+    assert_eq!(status["nodes"][0]["short_window"]["rpm"]["used"], 10);
+}

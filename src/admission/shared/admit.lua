@@ -2,9 +2,12 @@
 --
 -- KEYS[1]: the client's key prefix ("" when the request has no client
 --          limits); KEYS[2..]: each candidate node's key prefix.
--- ARGV: demand tokens, demand bytes, reservation id, lease ms, rotation,
---       client rpm, client tpm, client burst, client rate per second,
---       then per candidate: rpm, tpm, bpm, max concurrency (0 = none).
+-- ARGV: demand tokens (the client's), demand bytes, reservation id,
+--       lease ms, rotation, client rpm, client tpm, client burst, client
+--       rate per second, then per candidate: rpm, tpm, bpm, max
+--       concurrency (0 = none), the tokens the request reserves there (a
+--       node's own default completion), its window in ms (60000: the
+--       minute alone).
 --
 -- The window of each thing is window.lua's (put in front of this file); a
 -- client also has a token bucket (<p>:bucket).
@@ -25,7 +28,7 @@ local lease = tonumber(ARGV[4])
 local rotation = tonumber(ARGV[5])
 
 -- 'now', or 'never' with the limit, or 'at' with a time, or 'release'.
-local function outlook(p, limits, want)
+local function outlook(p, limits, want, span_ms)
   local cool = tonumber(redis.call('GET', p .. ':cool') or '0')
   local at = 0
   if cool > now then at = cool end
@@ -36,6 +39,10 @@ local function outlook(p, limits, want)
       local used = total(p, l)
       if used + want[i] > q then
         local when = freed_at(p, l, used + want[i] - q)
+        if when > at then at = when end
+      end
+      if span_ms > 0 and span_ms < 60000 then
+        local when = short_wait(p, l, q, want[i], span_ms)
         if when > at then at = when end
       end
     end
@@ -68,7 +75,7 @@ local bucket_tokens = nil
 if client ~= '' then
   advance(client)
   local c_limits = {tonumber(ARGV[6]), tonumber(ARGV[7]), 0, 0}
-  local kind, a = outlook(client, c_limits, {1, tokens, 0})
+  local kind, a = outlook(client, c_limits, {1, tokens, 0}, 0)
   if kind == 'never' then return {4, a, now, slot} end
   if kind == 'at' then return {3, a - now, now, slot} end
   local burst = tonumber(ARGV[8])
@@ -83,16 +90,17 @@ if client ~= '' then
   end
 end
 
-local best, best_load, best_fly, best_turn = nil, nil, nil, nil
+local best, best_load, best_fly, best_turn, best_tokens = nil, nil, nil, nil, nil
 local earliest, on_release, never = nil, false, nil
 local n = #KEYS - 1
 for i = 1, n do
   local p = KEYS[i + 1]
   advance(p)
-  local base = 9 + (i - 1) * 4
+  local base = 9 + (i - 1) * 6
   local limits = {tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]),
                   tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])}
-  local kind, a = outlook(p, limits, {1, tokens, bytes})
+  local here = tonumber(ARGV[base + 5])
+  local kind, a = outlook(p, limits, {1, here, bytes}, tonumber(ARGV[base + 6]))
   if kind == 'now' then
     local fly = redis.call('ZCARD', p .. ':fly')
     local load = 0
@@ -104,7 +112,7 @@ for i = 1, n do
     local turn = (i - 1 + n - (rotation % n)) % n
     if best == nil or load < best_load or (load == best_load and (fly < best_fly
         or (fly == best_fly and turn < best_turn))) then
-      best, best_load, best_fly, best_turn = i, load, fly, turn
+      best, best_load, best_fly, best_turn, best_tokens = i, load, fly, turn, here
     end
   elseif kind == 'at' then
     if earliest == nil or a < earliest then earliest = a end
@@ -121,7 +129,7 @@ if best == nil then
   return {2, never or 1, now, slot}
 end
 
-record(KEYS[best + 1], 1, tokens, bytes)
+record(KEYS[best + 1], 1, best_tokens, bytes)
 if client ~= '' then
   record(client, 1, tokens, 0)
   if bucket_tokens ~= nil then

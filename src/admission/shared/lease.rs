@@ -17,13 +17,22 @@ use redis::aio::ConnectionManager;
 use super::SharedLimits;
 use crate::limits::Demand;
 
-/// One thing leased: its key prefix, the reservation id and the window
-/// slot it was recorded in.
+/// One thing leased: its key prefix, the reservation id, the window slot
+/// it was recorded in and the tokens it reserved there (a node with its
+/// own default completion reserves otherwise than the client).
 #[derive(Debug)]
 pub(crate) struct Part {
     pub(super) key: String,
     pub(super) id: String,
     pub(super) slot: i64,
+    pub(super) tokens: u64,
+}
+
+impl Part {
+    /// Key, reservation id, slot and tokens, as the release script takes them.
+    fn fields(&self) -> (&str, &str, i64, u64) {
+        (&self.key, &self.id, self.slot, self.tokens)
+    }
 }
 
 /// How a request ended, for its release.
@@ -100,22 +109,18 @@ impl Lease {
         }
         let limits = Arc::clone(&self.limits);
         self.limits.tasks.run(async move {
-            let empty = || ("", "", 0);
-            let (node_key, node_id, node_slot) = self
-                .node
-                .as_ref()
-                .map_or_else(empty, |p| (p.key.as_str(), p.id.as_str(), p.slot));
-            let (client_key, client_id, client_slot) = self
-                .client
-                .as_ref()
-                .map_or_else(empty, |p| (p.key.as_str(), p.id.as_str(), p.slot));
+            let empty = || ("", "", 0, 0);
+            let (node_key, node_id, node_slot, node_tokens) =
+                self.node.as_ref().map_or_else(empty, Part::fields);
+            let (client_key, client_id, client_slot, client_tokens) =
+                self.client.as_ref().map_or_else(empty, Part::fields);
             let mut invocation = limits.settle.prepare_invoke();
             invocation
                 .key(node_key)
                 .key(client_key)
                 .arg(node_id)
                 .arg(node_slot)
-                .arg(self.demand.tokens)
+                .arg(node_tokens)
                 .arg(self.demand.bytes)
                 .arg(how)
                 .arg(used)
@@ -123,7 +128,8 @@ impl Lease {
                 .arg(limits.channel())
                 .arg(node_key)
                 .arg(client_id)
-                .arg(client_slot);
+                .arg(client_slot)
+                .arg(client_tokens);
             if let Err(err) = limits.call::<i64>(&invocation).await {
                 // The lease expires by itself; the window entry stays as
                 // reserved (the safe side).

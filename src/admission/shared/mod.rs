@@ -103,6 +103,10 @@ impl std::fmt::Debug for SharedLimits {
 pub(crate) struct Candidate<'a> {
     pub name: &'a str,
     pub quota: Quota,
+    /// The tokens the request reserves on this node.
+    pub tokens: u64,
+    /// The rolling span the quota is also held over, pro rata.
+    pub window: Duration,
 }
 
 /// A client's limits, as the script sees them.
@@ -266,17 +270,19 @@ impl SharedLimits {
                     .into_iter()
                     .nth(index)
                     .unwrap_or_default();
-                let part = |key: String| Part {
+                let part = |key: String, tokens: u64| Part {
                     key,
                     id: id.clone(),
                     slot,
+                    tokens,
                 };
+                let tokens = candidates.get(index).map_or(demand.tokens, |c| c.tokens);
                 ScriptAnswer::Placed {
                     index,
                     lease: Lease {
                         limits: Arc::clone(self),
-                        node: Some(part(node)),
-                        client: client_key.map(part),
+                        node: Some(part(node, tokens)),
+                        client: client_key.map(|key| part(key, demand.tokens)),
                         demand,
                     },
                 }
@@ -502,6 +508,8 @@ fn push_limits(
             .arg(n(q.rpm))
             .arg(n(q.tpm))
             .arg(n(q.bpm))
-            .arg(n(q.max_concurrency));
+            .arg(n(q.max_concurrency))
+            .arg(candidate.tokens)
+            .arg(candidate.window.as_millis() as u64);
     }
 }

@@ -56,9 +56,14 @@ pub(in crate::admission) async fn place(
     }
     let candidates: Vec<Candidate<'_>> = in_rotation
         .iter()
-        .map(|&id| Candidate {
-            name: &live.node(id).name,
-            quota: live.node(id).limiter.quota_in_force(),
+        .map(|&id| {
+            let limiter = &live.node(id).limiter;
+            Candidate {
+                name: &live.node(id).name,
+                quota: limiter.quota_in_force(),
+                tokens: limiter.demand_here(ask.demand).tokens,
+                window: limiter.window(),
+            }
         })
         .collect();
     let client = client.map(client_view);

@@ -3,15 +3,16 @@
 -- that capacity may be free (when a node's hold ended).
 --
 -- KEYS[1]: the node's key prefix ("" for none); KEYS[2]: the client's ("" for none).
--- ARGV: the node's reservation id and slot, reserved tokens, reserved
---       bytes, how it ended ("settle": corrected to the tokens used;
---       "cancel": nothing reached the node, all is returned; "keep":
---       counted in full), tokens used, response bytes, the channel to
---       publish on, the node's name, the client's reservation id and slot
---       (a retried request keeps its client's hold from its first attempt).
+-- ARGV: the node's reservation id and slot, the tokens reserved on the
+--       node, reserved bytes, how it ended ("settle": corrected to the
+--       tokens used; "cancel": nothing reached the node, all is returned;
+--       "keep": counted in full), tokens used, response bytes, the channel
+--       to publish on, the node's name, the client's reservation id and
+--       slot (a retried request keeps its client's hold from its first
+--       attempt), the tokens reserved on the client.
 -- An entry whose slot has left the window is not touched.
 
-local reserved_t, reserved_b = tonumber(ARGV[3]), tonumber(ARGV[4])
+local reserved_b = tonumber(ARGV[4])
 local ending, used_t, response_b = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 
 local function adjust(p, slot, l, delta)
@@ -22,7 +23,7 @@ local function adjust(p, slot, l, delta)
   redis.call('HINCRBY', p .. ':amt', l, delta)
 end
 
-local function finish(p, rid, slot, with_bytes)
+local function finish(p, rid, slot, reserved_t, with_bytes)
   redis.call('ZREM', p .. ':fly', rid)
   if not redis.call('ZSCORE', p .. ':slots', slot) then return end
   if ending == 'cancel' then
@@ -36,8 +37,8 @@ local function finish(p, rid, slot, with_bytes)
 end
 
 if KEYS[1] ~= '' then
-  finish(KEYS[1], ARGV[1], ARGV[2], true)
+  finish(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), true)
   redis.call('PUBLISH', ARGV[8], ARGV[9])
 end
-if KEYS[2] ~= '' then finish(KEYS[2], ARGV[10], ARGV[11], false) end
+if KEYS[2] ~= '' then finish(KEYS[2], ARGV[10], ARGV[11], tonumber(ARGV[12]), false) end
 return 1

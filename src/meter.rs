@@ -1,6 +1,13 @@
 //! What an answer says about the tokens it used: the `usage` object of a
 //! JSON answer or of a stream's final event, or else the streamed text
-//! counted with the model's tokenizer. (The rate windows are
+//! counted with the model's tokenizer.
+//!
+//! Both dialects are read: Chat and Completions (`prompt_tokens`,
+//! `completion_tokens`; text in `choices[].delta.content`, `.text` and tool
+//! call arguments) and the Responses API (`input_tokens`, `output_tokens`,
+//! under `response` in its `response.completed`, `response.incomplete` and
+//! `response.failed` events; text in its `*.delta` events for output text,
+//! refusals, reasoning and its summaries, and function call arguments). (The rate windows are
 //! [`crate::limits`]'; what clients used over time is [`crate::ledger`]'s.)
 
 use std::borrow::Cow;
@@ -172,24 +179,54 @@ impl SseMeter {
         let Ok(event) = serde_json::from_slice::<StreamEvent<'_>>(data) else {
             return;
         };
-        if let Some(usage) = event.usage {
+        if let Some(usage) = event.usage.or_else(|| event.response.and_then(|r| r.usage)) {
             self.usage = Some(usage);
         }
         for choice in event.choices.iter().flatten() {
-            if let Some(text) = choice.delta.as_ref().and_then(|d| d.content.as_deref()) {
-                self.keep_text(text);
+            if let Some(delta) = &choice.delta {
+                if let Some(text) = delta.content.as_deref() {
+                    self.keep_text(text);
+                }
+                for call in delta.tool_calls.iter().flatten() {
+                    if let Some(arguments) =
+                        call.function.as_ref().and_then(|f| f.arguments.as_deref())
+                    {
+                        self.keep_text(arguments);
+                    }
+                }
             }
             if let Some(text) = choice.text.as_deref() {
                 self.keep_text(text);
             }
         }
+        if let (Some(kind), Some(delta)) = (event.kind.as_deref(), event.delta)
+            && RESPONSES_TEXT_DELTAS.contains(&kind)
+            && let Ok(text) = serde_json::from_str::<Cow<'_, str>>(delta.get())
+        {
+            self.keep_text(&text);
+        }
     }
 }
 
+/// The Responses API stream events whose string `delta` is generated text
+/// (what a cut stream is settled by).
+const RESPONSES_TEXT_DELTAS: [&str; 6] = [
+    "response.output_text.delta",
+    "response.refusal.delta",
+    "response.reasoning_text.delta",
+    "response.reasoning_summary_text.delta",
+    "response.function_call_arguments.delta",
+    "response.custom_tool_call_input.delta",
+];
+
+/// A `usage` object in either dialect (Chat's `prompt_tokens` and
+/// `completion_tokens`, Responses' `input_tokens` and `output_tokens`).
 #[derive(Debug, Clone, Copy, Deserialize)]
 struct Usage {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
     total_tokens: Option<u64>,
 }
 
@@ -197,13 +234,15 @@ impl Usage {
     /// Prompt and completion as the upstream reported them; a missing part
     /// is what the total leaves (the prompt as counted here if need be).
     fn split(self, counted_prompt: u64) -> TokenUsage {
-        let prompt = self
-            .prompt_tokens
-            .unwrap_or_else(|| match self.total_tokens {
-                Some(total) => total.saturating_sub(self.completion_tokens.unwrap_or(0)),
-                None => counted_prompt,
-            });
-        let completion = self.completion_tokens.unwrap_or_else(|| {
+        let reported_completion = self.completion_tokens.or(self.output_tokens);
+        let prompt =
+            self.prompt_tokens
+                .or(self.input_tokens)
+                .unwrap_or_else(|| match self.total_tokens {
+                    Some(total) => total.saturating_sub(reported_completion.unwrap_or(0)),
+                    None => counted_prompt,
+                });
+        let completion = reported_completion.unwrap_or_else(|| {
             self.total_tokens
                 .map_or(0, |total| total.saturating_sub(prompt))
         });
@@ -221,6 +260,15 @@ struct StreamEvent<'a> {
     usage: Option<Usage>,
     #[serde(borrow)]
     choices: Option<Vec<StreamChoice<'a>>>,
+    /// A Responses event's name.
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    /// A Responses event's delta: text for the text events, other shapes
+    /// for others (kept raw, read only when it is text).
+    #[serde(borrow)]
+    delta: Option<&'a serde_json::value::RawValue>,
+    /// The response a Responses lifecycle event carries.
+    response: Option<WithUsage>,
 }
 
 #[derive(Deserialize)]
@@ -235,6 +283,20 @@ struct StreamChoice<'a> {
 struct Delta<'a> {
     #[serde(borrow)]
     content: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    tool_calls: Option<Vec<ToolCallDelta<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallDelta<'a> {
+    #[serde(borrow)]
+    function: Option<FunctionDelta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta<'a> {
+    #[serde(borrow)]
+    arguments: Option<Cow<'a, str>>,
 }
 
 #[cfg(test)]
@@ -292,5 +354,58 @@ mod tests {
         let mut meter = Meter::Sse(sse);
         meter.observe(b"");
         assert_eq!(meter.tokens(9, ENC, true), Some(3));
+    }
+
+    fn split(meter: &Meter, counted_prompt: u64) -> (u64, u64) {
+        let usage = meter.usage(counted_prompt, ENC, true).expect("usage known");
+        (usage.prompt, usage.completion)
+    }
+
+    #[test]
+    fn a_responses_answer_settles_at_its_input_and_output_tokens() {
+        let mut meter = Meter::Json(Vec::new());
+        meter.observe(br#"{"id":"resp_1","object":"response","output":[],"usage":{"input_tokens":40,"input_tokens_details":{"cached_tokens":0},"output_tokens":300,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":340}}"#);
+        assert_eq!(split(&meter, 99), (40, 300));
+    }
+
+    #[test]
+    fn a_responses_stream_settles_at_the_usage_its_final_event_carries() {
+        for last in [
+            "response.completed",
+            "response.incomplete",
+            "response.failed",
+        ] {
+            let mut meter = Meter::Sse(SseMeter::default());
+            meter.observe(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"usage\":null}}\n\n");
+            meter.observe(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hello there\"}\n\n");
+            meter.observe(format!("event: {last}\ndata: {{\"type\":\"{last}\",\"response\":{{\"id\":\"resp_1\",\"usage\":{{\"input_tokens\":40,\"output_tokens\":300,\"total_tokens\":340}}}}}}\n\n").as_bytes());
+            assert_eq!(split(&meter, 99), (40, 300), "{last}");
+        }
+    }
+
+    #[test]
+    fn a_cut_responses_stream_counts_its_generated_text_and_nothing_else() {
+        let mut meter = Meter::Sse(SseMeter::default());
+        for (kind, delta) in [
+            ("response.output_text.delta", "\"hello\""),
+            ("response.reasoning_summary_text.delta", "\" world\""),
+            ("response.function_call_arguments.delta", "\" again\""),
+            // Not text: audio bytes, and an event whose delta is an object.
+            ("response.audio.delta", "\"AAAAAAAAAAAAAAAAAAAA\""),
+            ("response.custom.delta", "{\"text\":\"ignored\"}"),
+        ] {
+            meter
+                .observe(format!("data: {{\"type\":\"{kind}\",\"delta\":{delta}}}\n\n").as_bytes());
+        }
+        // Cut: no response.completed. "hello world again" is three tokens.
+        assert_eq!(split(&meter, 10), (10, 3));
+    }
+
+    #[test]
+    fn a_cut_chat_stream_counts_tool_call_arguments() {
+        let mut meter = Meter::Sse(SseMeter::default());
+        meter.observe(b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"f\",\"arguments\":\"hello\"}}]}}]}\n\n");
+        meter.observe(b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\" world\"}}]}}]}\n\n");
+        assert_eq!(split(&meter, 10), (10, 2));
     }
 }

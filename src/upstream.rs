@@ -202,28 +202,48 @@ fn wait_of(seconds: f64) -> Option<Duration> {
     Some(Duration::try_from_secs_f64(seconds).map_or(MAX_HEADER_WAIT, |d| d.min(MAX_HEADER_WAIT)))
 }
 
-/// How long a node that answered 429 should rest: `Retry-After` (seconds),
-/// else the later of `x-ratelimit-reset-requests` / `-tokens` (`"1s"`,
-/// `"6m0s"`, `"20ms"`), else one second.
+/// How long a node that answered 429 should rest: `retry-after-ms` (Azure's,
+/// the most precise), else `Retry-After` (seconds or an HTTP date), else
+/// the later of `x-ratelimit-reset-requests` / `-tokens` (`"1s"`, `"6m0s"`,
+/// `"20ms"`), else one second.
 pub(crate) fn cooldown_of(headers: &HeaderMap) -> Duration {
     explicit_rest(headers)
         .unwrap_or(Duration::from_secs(1))
         .max(Duration::from_millis(100))
 }
 
-/// The rest an answer asks for itself: `Retry-After`, else the later reset.
+/// The rest an answer asks for itself: `retry-after-ms`, else
+/// `Retry-After`, else the later reset.
 pub(crate) fn explicit_rest(headers: &HeaderMap) -> Option<Duration> {
-    let retry_after = headers
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .and_then(wait_of);
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let retry_after_ms = text("retry-after-ms")
+        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(|ms| wait_of(ms / 1000.0));
+    let retry_after = text(header::RETRY_AFTER.as_str()).and_then(|v| match v.parse::<f64>() {
+        Ok(seconds) => wait_of(seconds),
+        Err(_) => until_http_date(v),
+    });
     let reset = ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
         .iter()
         .filter_map(|name| headers.get(*name)?.to_str().ok())
         .filter_map(parse_reset)
         .max();
-    retry_after.or(reset)
+    retry_after_ms.or(retry_after).or(reset)
+}
+
+/// The wait until an HTTP date (`Wed, 21 Oct 2026 07:28:00 GMT`), none if
+/// it has passed; `None` if it is not one.
+fn until_http_date(text: &str) -> Option<Duration> {
+    let at = httpdate::parse_http_date(text).ok()?;
+    let wait = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Some(wait.min(MAX_HEADER_WAIT))
 }
 
 /// Parses OpenAI's reset durations such as `1s`, `6m0s`, `20ms`, `1h2m3.5s`.
@@ -287,7 +307,52 @@ mod tests {
         assert_eq!(cooldown_of(&headers), Duration::from_secs(7));
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
         assert_eq!(cooldown_of(&headers), Duration::from_secs(3));
+        headers.insert("retry-after-ms", HeaderValue::from_static("1500"));
+        assert_eq!(cooldown_of(&headers), Duration::from_millis(1500));
         assert_eq!(cooldown_of(&HeaderMap::new()), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn retry_after_may_be_an_http_date() {
+        let mut headers = HeaderMap::new();
+        let at = std::time::SystemTime::now() + Duration::from_secs(30);
+        let date = httpdate::fmt_http_date(at);
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_str(&date).unwrap());
+        // The date has whole seconds: between 29 and 30 s from now.
+        let rest = cooldown_of(&headers);
+        assert!(
+            rest > Duration::from_secs(28) && rest <= Duration::from_secs(30),
+            "{rest:?}"
+        );
+        // A date in the past asks for no rest beyond the least.
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(cooldown_of(&headers), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn retry_headers_that_are_not_waits_are_ignored() {
+        for (name, value) in [
+            ("retry-after-ms", "-5"),
+            ("retry-after-ms", "NaN"),
+            ("retry-after-ms", "soon"),
+            ("retry-after", "-1"),
+            ("retry-after", "inf"),
+            ("retry-after", "Someday, 99 Foo 2026"),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            assert_eq!(
+                cooldown_of(&headers),
+                Duration::from_secs(1),
+                "{name}: {value}"
+            );
+        }
+        let mut huge = HeaderMap::new();
+        huge.insert("retry-after-ms", HeaderValue::from_static("1e300"));
+        assert_eq!(cooldown_of(&huge), MAX_HEADER_WAIT);
     }
 
     #[test]

@@ -53,7 +53,11 @@ pub fn rate_limit_headers(pairs: &[(&str, &[u8])]) {
         &report,
         crate::limits::Marks::default(),
         crate::limits::Marks::default(),
-        (Some(100), Some(10_000)),
+        crate::limits::Counted {
+            rpm: Some(100),
+            tpm: Some(10_000),
+            over: std::time::Duration::from_secs(10),
+        },
         now,
     );
     let _ = reported.blocked_until(1, now);

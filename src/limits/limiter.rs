@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use super::window::{Amounts, Window};
 use super::{
-    CooldownReason, Demand, HeadroomSignal, Limit, Load, Marks, Outlook, Quota, RateLimitReport,
-    Reported, SLOT, SLOTS, WINDOW,
+    CooldownReason, Counted, Demand, HeadroomSignal, Limit, Load, Marks, Outlook, Quota,
+    RateLimitReport, Reported, SLOT, SLOTS, WINDOW,
 };
 
 /// Kept beyond a short window: enough for a clock step between us and the
@@ -328,6 +328,20 @@ impl LimiterState {
         Some((limits.0.map(u64::from), limits.1.map(u64::from)))
     }
 
+    /// What the upstream's remaining counts are out of, when it does not
+    /// say: the quota in force over the node's window.
+    fn counted(&self) -> Counted {
+        let over = |limit| {
+            let quota = self.effective.of(limit)?;
+            Some(self.short.as_ref().map_or(quota, |s| s.allotment(quota)))
+        };
+        Counted {
+            rpm: over(Limit::Rpm),
+            tpm: over(Limit::Tpm),
+            over: self.short.as_ref().map_or(WINDOW, |s| s.span),
+        }
+    }
+
     /// Adds to slot `slot` of the minute and of the short window.
     fn add(&mut self, slot: u64, amounts: Amounts) {
         self.window.add(slot, amounts);
@@ -525,11 +539,10 @@ impl Reservation {
         }
         let now = Instant::now();
         let marks = state.marks;
-        let quota = (
-            state.effective.of(Limit::Rpm),
-            state.effective.of(Limit::Tpm),
-        );
-        state.reported.observe(report, self.mark, marks, quota, now);
+        let counted = state.counted();
+        state
+            .reported
+            .observe(report, self.mark, marks, counted, now);
         drop(state);
         // A later reset may let waiters through sooner; a lower count only
         // holds them back, which the next pass sees.
@@ -913,5 +926,25 @@ mod tests {
         }
         assert!(n.try_reserve(SMALL, Instant::now()).is_none());
         assert_eq!(n.snapshot(Instant::now()).requests, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_remaining_count_without_limit_or_reset_is_read_over_the_nodes_window() {
+        // Azure's answers carry only `remaining`: out of rpm 60 over 10 s,
+        // 0 left refills one request a second.
+        let n = node(quota(Some(60), None, None, None));
+        n.set_window(Duration::from_secs(10));
+        let r = n.try_reserve(SMALL, Instant::now()).unwrap();
+        r.observe_upstream(&RateLimitReport {
+            remaining_requests: Some(0),
+            ..RateLimitReport::default()
+        });
+        r.settle(10);
+        let Outlook::At(at) = n.outlook(SMALL, Instant::now()) else {
+            panic!("the upstream said none remain")
+        };
+        assert_eq!(at - Instant::now(), Duration::from_secs(1));
+        let remaining = n.snapshot(Instant::now()).reported.requests.unwrap();
+        assert_eq!(remaining.limit, 10);
     }
 }

@@ -48,7 +48,7 @@ mod window;
 
 pub use bucket::{BucketLimit, ClientLimits, TokenBucket};
 pub use limiter::{Limiter, LimiterSnapshot, Reservation, ShortUse};
-pub use reported::{Marks, RateLimitReport, Remaining, Reported};
+pub use reported::{Counted, Marks, RateLimitReport, Remaining, Reported};
 
 /// The span every per-minute limit covers.
 pub const WINDOW: Duration = Duration::from_secs(60);

@@ -110,20 +110,28 @@ pub struct Reported {
     pub tokens: Option<Remaining>,
 }
 
-/// Without a reset header, a remaining count is trusted for one window.
-const DEFAULT_RESET: Duration = super::WINDOW;
+/// What a node's remaining counts are out of when its answers do not say
+/// (no `x-ratelimit-limit-*` or `-reset-*`, as Azure's): the quota in force
+/// pro rata over the span the node counts over (`nodes[].window`), and
+/// that span. For an OpenAI-style node: the per-minute quota, a minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub over: Duration,
+}
 
 impl Reported {
     /// Takes the word of an answer to the request reserved at `then`;
-    /// `now_marks` are the node's marks when the answer arrived, `quota`
-    /// its configured (rpm, tpm), what the counts refill to when the answer
-    /// gives no limit.
+    /// `now_marks` are the node's marks when the answer arrived, `counted`
+    /// what the counts refill to, and over how long, when the answer does
+    /// not say.
     pub fn observe(
         &mut self,
         report: &RateLimitReport,
         then: Marks,
         now_marks: Marks,
-        quota: (Option<u64>, Option<u64>),
+        counted: Counted,
         now: Instant,
     ) {
         let since = Marks {
@@ -133,8 +141,8 @@ impl Reported {
         let word = |left: u64, limit: Option<u64>, reset: Option<Duration>, since: u64| {
             let left = left.saturating_sub(since);
             let full_at = now
-                .checked_add(reset.unwrap_or(DEFAULT_RESET))
-                .unwrap_or(now + DEFAULT_RESET);
+                .checked_add(reset.unwrap_or(counted.over))
+                .unwrap_or(now + counted.over);
             Remaining {
                 left,
                 at: now,
@@ -144,11 +152,11 @@ impl Reported {
             }
         };
         if let Some(left) = report.remaining_requests {
-            let limit = report.limit_requests.or(quota.0);
+            let limit = report.limit_requests.or(counted.rpm);
             self.requests = Some(word(left, limit, report.reset_requests, since.requests));
         }
         if let Some(left) = report.remaining_tokens {
-            let limit = report.limit_tokens.or(quota.1);
+            let limit = report.limit_tokens.or(counted.tpm);
             self.tokens = Some(word(left, limit, report.reset_tokens, since.tokens));
         }
     }
@@ -214,7 +222,11 @@ mod tests {
         }
     }
 
-    const NONE: (Option<u64>, Option<u64>) = (None, None);
+    const NONE: Counted = Counted {
+        rpm: None,
+        tpm: None,
+        over: crate::limits::WINDOW,
+    };
 
     #[tokio::test(start_paused = true)]
     async fn zero_remaining_with_no_limit_known_blocks_until_the_reset() {
@@ -251,7 +263,10 @@ mod tests {
             &report(0, 360),
             Marks::default(),
             Marks::default(),
-            (Some(60), None),
+            Counted {
+                rpm: Some(60),
+                ..NONE
+            },
             now,
         );
         assert_eq!(configured.requests.unwrap().available(later), 10);

@@ -17,9 +17,12 @@ use super::{
     RateLimitReport, Reported, SLOT, SLOTS, WINDOW,
 };
 
-/// Kept beyond a short window: enough for a clock step between us and the
-/// upstream, small enough to leave 98% of a 10 s allotment usable.
-const SHORT_GUARD: Duration = Duration::from_millis(100);
+/// Slots in a short window's span: its slots are a hundredth of the span
+/// (10 ms for 1 s, 100 ms for 10 s), and it keeps two more, one as a guard
+/// band against arrival spread and one for an amount's offset inside its
+/// own slot: an amount counts for 1.01 to 1.02 spans, so 98% of the
+/// allotment is usable.
+const SHORT_SLOTS: u64 = 100;
 
 /// A rolling span shorter than the minute, and its window.
 #[derive(Debug)]
@@ -31,10 +34,11 @@ struct Short {
 impl Short {
     /// Starts from what the minute's window holds of the span.
     fn new(span: Duration, minute: &Window) -> Self {
-        let len = (span + SHORT_GUARD).as_millis() / SLOT.as_millis() + 1;
+        let width = (span / SHORT_SLOTS as u32).clamp(Duration::from_millis(1), SLOT);
+        let len = span.as_nanos().div_ceil(width.as_nanos()) as u64 + 2;
         Self {
             span,
-            window: minute.tail(len as u64),
+            window: minute.tail(len, width),
         }
     }
 
@@ -61,6 +65,9 @@ struct LimiterState {
     /// The upstream's reported (rpm, tpm) limits, when below the quota.
     upstream_limits: (Option<NonZeroU64>, Option<NonZeroU64>),
     window: Window,
+    /// The latest instant any caller saw: what is recorded is recorded at
+    /// it, in the newest slot of every window.
+    latest: Instant,
     in_flight: u64,
     /// Tokens reserved by requests not yet settled.
     pending_tokens: u64,
@@ -93,7 +100,8 @@ impl Limiter {
                 short: None,
                 default_completion: None,
                 upstream_limits: (None, None),
-                window: Window::new(Instant::now(), SLOTS),
+                window: Window::new(Instant::now(), SLOTS, SLOT),
+                latest: Instant::now(),
                 in_flight: 0,
                 pending_tokens: 0,
                 cooldown: None,
@@ -158,9 +166,9 @@ impl Limiter {
         mut state: parking_lot::MutexGuard<'_, LimiterState>,
         demand: Demand,
     ) -> Reservation {
-        let slot = state.window.head;
+        let at = state.latest;
         state.add(
-            slot,
+            at,
             Amounts {
                 requests: 1,
                 tokens: demand.tokens,
@@ -176,7 +184,7 @@ impl Limiter {
         drop(state);
         Reservation {
             usage: Arc::clone(self),
-            slot,
+            at,
             demand,
             mark,
             open: true,
@@ -342,27 +350,29 @@ impl LimiterState {
         }
     }
 
-    /// Adds to slot `slot` of the minute and of the short window.
-    fn add(&mut self, slot: u64, amounts: Amounts) {
-        self.window.add(slot, amounts);
+    /// Adds to the slot holding `at`, in the minute and the short window.
+    fn add(&mut self, at: Instant, amounts: Amounts) {
+        self.window.add(self.window.slot_of(at), amounts);
         if let Some(short) = &mut self.short {
-            short.window.add(slot, amounts);
+            short.window.add(short.window.slot_of(at), amounts);
         }
     }
 
-    /// Takes from slot `slot` of the minute and of the short window.
-    fn sub(&mut self, slot: u64, amounts: Amounts) {
-        self.window.sub(slot, amounts);
+    /// Takes from the slot holding `at`, in the minute and the short window.
+    fn sub(&mut self, at: Instant, amounts: Amounts) {
+        self.window.sub(self.window.slot_of(at), amounts);
         if let Some(short) = &mut self.short {
-            short.window.sub(slot, amounts);
+            short.window.sub(short.window.slot_of(at), amounts);
         }
     }
 
     fn advance(&mut self, now: Instant) {
-        let slot = self.window.slot_of(now);
-        self.window.advance(slot);
+        // Callers' clocks are read before the lock: time never steps back.
+        self.latest = self.latest.max(now);
+        let now = self.latest;
+        self.window.advance(self.window.slot_of(now));
         if let Some(short) = &mut self.short {
-            short.window.advance(slot);
+            short.window.advance(short.window.slot_of(now));
         }
         if self.cooldown.is_some_and(|(t, _)| t <= now) {
             self.cooldown = None;
@@ -501,7 +511,8 @@ pub struct ShortUse {
 #[derive(Debug)]
 pub struct Reservation {
     usage: Arc<Limiter>,
-    slot: u64,
+    /// When it was recorded: its slot in each window.
+    at: Instant,
     demand: Demand,
     /// The node's marks right after this reservation.
     mark: Marks,
@@ -517,9 +528,9 @@ impl Reservation {
     pub fn record_response_bytes(&self, bytes: u64) {
         let mut state = self.usage.state.lock();
         state.advance(Instant::now());
-        let head = state.window.head;
+        let now = state.latest;
         state.add(
-            head,
+            now,
             Amounts {
                 bytes,
                 ..Amounts::default()
@@ -560,13 +571,13 @@ impl Reservation {
                 tokens: reserved - tokens,
                 ..Amounts::default()
             };
-            state.sub(self.slot, unused);
+            state.sub(self.at, unused);
         } else if tokens > reserved {
             let extra = Amounts {
                 tokens: tokens - reserved,
                 ..Amounts::default()
             };
-            state.add(self.slot, extra);
+            state.add(self.at, extra);
         }
         Self::release(&mut self.open, self.demand, &self.usage, &mut state);
     }
@@ -580,7 +591,7 @@ impl Reservation {
             tokens: self.demand.tokens,
             bytes: self.demand.bytes,
         };
-        state.sub(self.slot, everything);
+        state.sub(self.at, everything);
         state.reported.give_back(self.demand.tokens);
         Self::release(&mut self.open, self.demand, &self.usage, &mut state);
     }
@@ -946,5 +957,30 @@ mod tests {
         assert_eq!(at - Instant::now(), Duration::from_secs(1));
         let remaining = n.snapshot(Instant::now()).reported.requests.unwrap();
         assert_eq!(remaining.limit, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_one_second_window_paces_to_the_second_and_uses_98_percent() {
+        // rpm 6000 within every rolling second: at most 100; a request
+        // arrives every 3 ms for 20 s.
+        let n = node(quota(Some(6000), None, None, None));
+        n.set_window(Duration::from_secs(1));
+        let mut admitted = Vec::new();
+        for _ in 0..(20_000 / 3) {
+            if let Some(r) = n.try_reserve(SMALL, Instant::now()) {
+                admitted.push(Instant::now());
+                r.settle(SMALL.tokens);
+            }
+            tokio::time::advance(Duration::from_millis(3)).await;
+        }
+        for (i, first) in admitted.iter().enumerate() {
+            let in_span = admitted[i..]
+                .iter()
+                .take_while(|t| **t - *first < Duration::from_secs(1))
+                .count();
+            assert!(in_span <= 100, "{in_span} requests within 1 s");
+        }
+        // 20 s allow 2,000; the guard band costs at most 2%.
+        assert!(admitted.len() >= 1960, "only {} admitted", admitted.len());
     }
 }

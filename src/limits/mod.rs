@@ -19,13 +19,15 @@
 //! [`Limiter::try_reserve`] checks and records under one lock, so two
 //! requests can never both take the last unit of headroom.
 //!
-//! With a node `window` below the minute (Azure counts over 10 s), a second
-//! ring over that span holds each per-minute quota pro rata (`rpm × span /
-//! 60 s`, at least 1) within every rolling span plus a 100 ms guard, so a
-//! minute's quota is paced rather than spent in one burst. One demand larger
-//! than the span's allotment fits only an empty span (the minute still
-//! bounds it). Both rings share slot indices, so a reservation corrects
-//! both.
+//! With a node `window` below the minute (Azure counts over 10 s or 1 s), a
+//! second ring over that span holds each per-minute quota pro rata (`rpm ×
+//! span / 60 s`, at least 1) within every rolling span, so a minute's quota
+//! is paced rather than spent in one burst. Its slots are a hundredth of
+//! the span and an amount counts for 1.01 to 1.02 spans (a guard band of
+//! one slot), so 98% of the allotment stays usable. One demand larger than
+//! the span's allotment fits only an empty span (the minute still bounds
+//! it). A reservation remembers the instant it was recorded at, which
+//! names its slot in each ring.
 //!
 //! The limit types live here too: a node's [`Quota`], a client's
 //! [`ClientLimits`] and its token bucket ([`bucket`]).

@@ -1,5 +1,6 @@
-//! The rolling window: a ring of 100 ms slots with a running total, so a
-//! headroom check is O(1) and advancing costs one step per elapsed slot.
+//! The rolling window: a ring of slots (100 ms for the minute, finer for a
+//! short window) with a running total, so a headroom check is O(1) and
+//! advancing costs one step per elapsed slot.
 //!
 //! Invariant: an amount added at slot `i` counts in `total` until the window
 //! has advanced to slot `i + len` (its length in slots), and never after;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Limit, SLOT};
+use super::Limit;
 
 /// Request, token and byte amounts in one slot or window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -50,10 +51,11 @@ struct Slot {
     amounts: Amounts,
 }
 
-/// A rolling 60 s window of 100 ms slots with a running total.
+/// A rolling window of `len` slots of `width` with a running total.
 #[derive(Debug)]
 pub(super) struct Window {
     origin: Instant,
+    width: Duration,
     slots: Vec<Slot>,
     /// The newest slot index the window has advanced to.
     pub head: u64,
@@ -61,29 +63,42 @@ pub(super) struct Window {
 }
 
 impl Window {
-    /// A window `len` slots long.
-    pub(super) fn new(origin: Instant, len: u64) -> Self {
+    /// A window of `len` slots of `width` (at least a millisecond).
+    pub(super) fn new(origin: Instant, len: u64, width: Duration) -> Self {
         Self {
             origin,
+            width: width.max(Duration::from_millis(1)),
             slots: vec![Slot::default(); len.max(1) as usize],
             head: 0,
             total: Amounts::default(),
         }
     }
 
-    /// A window `len` slots long holding this one's newest `len` slots
-    /// (all of them, when it is shorter).
-    pub(super) fn tail(&self, len: u64) -> Self {
-        let mut tail = Self::new(self.origin, len);
-        tail.clear(self.head);
-        let oldest = self.head.saturating_sub(len.min(self.len()) - 1);
-        for index in oldest..=self.head {
+    /// A window of `len` slots of `width` holding what this one holds of
+    /// its span: each slot's amounts go to the slot of the new window that
+    /// holds its last instant, so nothing is forgotten early.
+    pub(super) fn tail(&self, len: u64, width: Duration) -> Self {
+        let mut tail = Self::new(self.origin, len, width);
+        let head_end = self.end_of(self.head);
+        tail.clear(tail.slot_of(head_end));
+        for index in self.head.saturating_sub(self.len() - 1)..=self.head {
             let slot = self.slots[(index % self.len()) as usize];
-            if slot.index == index {
-                tail.add(index, slot.amounts);
+            if slot.index == index && slot.amounts != Amounts::default() {
+                tail.add(tail.slot_of(self.end_of(index)), slot.amounts);
             }
         }
         tail
+    }
+
+    /// The last instant (to the nanosecond) of slot `index`.
+    fn end_of(&self, index: u64) -> Instant {
+        self.start_of(index.saturating_add(1)) - Duration::from_nanos(1)
+    }
+
+    /// The first instant of slot `index`.
+    fn start_of(&self, index: u64) -> Instant {
+        let nanos = (self.width.as_nanos() as u64).saturating_mul(index);
+        self.origin + Duration::from_nanos(nanos)
     }
 
     /// Its length in slots.
@@ -93,12 +108,12 @@ impl Window {
 
     pub(super) fn slot_of(&self, at: Instant) -> u64 {
         let elapsed = at.saturating_duration_since(self.origin);
-        (elapsed.as_millis() / SLOT.as_millis()) as u64
+        (elapsed.as_nanos() / self.width.as_nanos()) as u64
     }
 
     /// When the amounts recorded in slot `index` stop counting.
     pub(super) fn expiry_of(&self, index: u64) -> Instant {
-        self.origin + Duration::from_millis((index + self.len()) * SLOT.as_millis() as u64)
+        self.start_of(index.saturating_add(self.len()))
     }
 
     /// Drops every slot that has left the window at slot `now`.

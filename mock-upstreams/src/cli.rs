@@ -16,6 +16,20 @@ use clap::Parser;
 
 use crate::{Faults, Limits, MockConfig, MockUpstream};
 
+/// Which real service the mocks play, and how they enforce their limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Upstream {
+    /// OpenAI's API, limits as buckets holding a minute's worth.
+    Openai,
+    /// OpenAI's API, limits as buckets holding `--burst` worth (its
+    /// quantised enforcement: "60,000 RPM may be enforced as 1,000
+    /// requests/second").
+    OpenaiBucket,
+    /// Azure OpenAI: deployment paths, `api-key`, only `remaining` headers,
+    /// limits over `--window` (10 s) charged at arrival.
+    Azure,
+}
+
 /// OpenAI-compatible mock upstreams that enforce quotas like the real service.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "mock-upstreams")]
@@ -65,6 +79,16 @@ pub struct Args {
     /// A fixed `created` timestamp, for byte-identical answers.
     #[arg(long)]
     pub created: Option<u64>,
+    /// The service the mocks play.
+    #[arg(long, value_enum, default_value = "openai")]
+    pub upstream: Upstream,
+    /// With `--upstream openai-bucket`: how much of the per-minute rate a
+    /// bucket holds.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub burst: Duration,
+    /// With `--upstream azure`: the span the limits are counted over.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub window: Duration,
 }
 
 /// The key mock `i` accepts.
@@ -96,7 +120,15 @@ impl Args {
             tpm: per_node(&self.tpm, i),
         };
         config.created = self.created;
-        config
+        match self.upstream {
+            Upstream::Openai => config,
+            Upstream::OpenaiBucket => config.bucket_burst(self.burst),
+            Upstream::Azure => {
+                let mut config = config.azure();
+                config.enforcement = crate::Enforcement::Window { span: self.window };
+                config
+            }
+        }
     }
 
     /// Starts every mock.

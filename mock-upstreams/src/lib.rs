@@ -2,12 +2,17 @@
 //!
 //! Each mock serves `POST /v1/chat/completions` (JSON, or SSE with
 //! `"stream": true`, honouring `stream_options.include_usage`),
-//! `POST /v1/completions`, `POST /v1/embeddings` and `GET /v1/models`; checks
-//! `Authorization: Bearer <key>` against the keys it accepts; counts the
-//! prompt with the same tokenizer family as the gateway; enforces its own
-//! rpm and tpm the way the real service does ([`ledger`]), with the
+//! `POST /v1/completions`, `POST /v1/embeddings`, `POST /v1/responses`
+//! (JSON, or SSE with the Responses API's events) and `GET /v1/models`;
+//! checks `Authorization: Bearer <key>` against the keys it accepts; counts
+//! the prompt with the same tokenizer family as the gateway; enforces its
+//! own rpm and tpm the way the real service does ([`ledger`]), with the
 //! `x-ratelimit-*` headers on every answer and 429 + `Retry-After` over the
 //! limit; and reports what it saw at `GET /_stats` ([`StatsReport`]).
+//!
+//! A mock may play Azure OpenAI instead ([`Dialect::Azure`], the `azure`
+//! module): the same answers under Azure's paths, auth, headers, errors and
+//! 10 s windows.
 //!
 //! Behaviour is set with [`MockConfig`]: latency (fixed plus jitter), time
 //! to first event and spacing between events, completion length, and faults
@@ -30,9 +35,11 @@
 //!
 //! [`ResponseTemplate`]: https://docs.rs/wiremock/latest/wiremock/struct.ResponseTemplate.html
 
+mod azure;
 pub mod cli;
 pub mod ledger;
 mod openai;
+mod responses;
 
 pub use openai::EMBEDDING;
 
@@ -46,7 +53,21 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use ledger::{KeyUsage, Limits, Peak, StatsReport};
+pub use ledger::{Enforcement, KeyUsage, Limits, Peak, StatsReport};
+
+/// Which service a mock plays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI's API: `/v1/...`, `Authorization: Bearer`, every
+    /// `x-ratelimit-*` header.
+    #[default]
+    OpenAi,
+    /// Azure OpenAI's: `/openai/deployments/{deployment}/...?api-version=`
+    /// (required) and the v1 surface `/openai/v1/...` (the deployment as
+    /// `model`), `api-key` auth, only `x-ratelimit-remaining-*` headers,
+    /// Azure's error shapes.
+    Azure,
+}
 
 /// Shares of requests that fail, each between 0 and 1; they add up.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -86,6 +107,9 @@ pub struct MockConfig {
     /// A fixed `created` timestamp, so that two answers to the same request
     /// are byte-identical (load tests compare streams byte for byte).
     pub created: Option<u64>,
+    pub dialect: Dialect,
+    /// How the limits are enforced; Azure's mocks count over 10 s windows.
+    pub enforcement: Enforcement,
 }
 
 impl MockConfig {
@@ -101,7 +125,27 @@ impl MockConfig {
             limits: Limits::default(),
             faults: Faults::default(),
             created: None,
+            dialect: Dialect::OpenAi,
+            enforcement: Enforcement::default(),
         }
+    }
+
+    /// Plays Azure OpenAI: its paths, auth, headers and errors, with the
+    /// limits enforced over 10 s windows and charged at arrival. The
+    /// deployments it serves are its [`models`](Self::models).
+    pub fn azure(mut self) -> Self {
+        self.dialect = Dialect::Azure;
+        self.enforcement = Enforcement::Window {
+            span: Duration::from_secs(10),
+        };
+        self
+    }
+
+    /// Enforces the limits with buckets holding `burst` worth of the
+    /// per-minute rate (OpenAI's quantised limits: one second's).
+    pub fn bucket_burst(mut self, burst: Duration) -> Self {
+        self.enforcement = Enforcement::Bucket { burst };
+        self
     }
 
     /// Accepts `key` as well (a rotated key, a second client).
@@ -269,7 +313,12 @@ impl MockUpstream {
         let addr = listener.local_addr()?;
         let now = tokio::time::Instant::now();
         let stats = Arc::new(Stats {
-            ledger: Mutex::new(ledger::Ledger::new(config.limits, &config.keys, now)),
+            ledger: Mutex::new(ledger::Ledger::new(
+                config.limits,
+                config.enforcement,
+                &config.keys,
+                now,
+            )),
         });
         let stopping = CancellationToken::new();
         let bearers = config
@@ -349,6 +398,7 @@ mod tests {
             stats: Arc::new(Stats {
                 ledger: Mutex::new(ledger::Ledger::new(
                     config.limits,
+                    config.enforcement,
                     &config.keys,
                     tokio::time::Instant::now(),
                 )),

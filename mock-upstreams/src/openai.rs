@@ -19,44 +19,63 @@ use axum::routing::{get, post};
 use futures_util::stream;
 use serde_json::{Value, json};
 
-use crate::ledger::{BucketHeaders, RateHeaders, Refusal};
-use crate::{Fate, Mock};
+use crate::ledger::{BucketHeaders, Charge, RateHeaders, Refusal};
+use crate::{Dialect, Fate, Mock};
 
 pub(crate) fn router(mock: Arc<Mock>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/models", get(models))
-        .route("/_stats", get(stats))
-        .with_state(mock)
+    let routes = match mock.config.dialect {
+        Dialect::OpenAi => Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .route("/v1/embeddings", post(embeddings))
+            .route("/v1/responses", post(crate::responses::create))
+            .route("/v1/models", get(models)),
+        Dialect::Azure => crate::azure::routes(),
+    };
+    routes.route("/_stats", get(stats)).with_state(mock)
 }
 
-fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
+pub(crate) fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
     let body = json!({"error": {"message": message, "type": kind, "code": code, "param": null}});
     (status, axum::Json(body)).into_response()
 }
 
-/// The accepted key the request presents, if any.
+/// The accepted key the request presents, if any: `Authorization: Bearer`
+/// to an OpenAI mock, `api-key` to an Azure one.
 fn key_of<'m>(mock: &'m Mock, headers: &HeaderMap) -> Option<&'m str> {
-    let presented = headers.get(header::AUTHORIZATION)?.as_bytes();
-    mock.bearers
-        .iter()
-        .find(|(_, bearer)| bearer.as_slice() == presented)
-        .map(|(key, _)| key.as_str())
+    match mock.config.dialect {
+        Dialect::OpenAi => {
+            let presented = headers.get(header::AUTHORIZATION)?.as_bytes();
+            mock.bearers
+                .iter()
+                .find(|(_, bearer)| bearer.as_slice() == presented)
+                .map(|(key, _)| key.as_str())
+        }
+        Dialect::Azure => {
+            let presented = headers.get("api-key")?.as_bytes();
+            mock.config
+                .keys
+                .iter()
+                .find(|key| key.as_bytes() == presented)
+                .map(String::as_str)
+        }
+    }
 }
 
-fn unauthorized(mock: &Mock) -> Response {
+pub(crate) fn unauthorized(mock: &Mock) -> Response {
     mock.stats.ledger.lock().unauthorized();
-    error(
-        StatusCode::UNAUTHORIZED,
-        "Incorrect API key provided.",
-        "invalid_request_error",
-        "invalid_api_key",
-    )
+    match mock.config.dialect {
+        Dialect::OpenAi => error(
+            StatusCode::UNAUTHORIZED,
+            "Incorrect API key provided.",
+            "invalid_request_error",
+            "invalid_api_key",
+        ),
+        Dialect::Azure => crate::azure::unauthorized(),
+    }
 }
 
-fn parse(body: &Bytes) -> Result<Value, Response> {
+pub(crate) fn parse(body: &Bytes) -> Result<Value, Response> {
     serde_json::from_slice(body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
@@ -86,7 +105,9 @@ pub(crate) fn reset_text(d: Duration) -> String {
     out
 }
 
-fn rate_headers(response: &mut Response, rate: RateHeaders) {
+/// The `x-ratelimit-*` headers: limit, remaining and reset from an OpenAI
+/// mock, only remaining from an Azure one.
+pub(crate) fn rate_headers(response: &mut Response, rate: RateHeaders, dialect: Dialect) {
     let headers = response.headers_mut();
     for (kind, bucket) in [("requests", rate.requests), ("tokens", rate.tokens)] {
         let Some(BucketHeaders {
@@ -97,11 +118,16 @@ fn rate_headers(response: &mut Response, rate: RateHeaders) {
         else {
             continue;
         };
-        for (what, value) in [
-            ("limit", limit.to_string()),
+        let all = [
             ("remaining", remaining.to_string()),
+            ("limit", limit.to_string()),
             ("reset", reset_text(reset)),
-        ] {
+        ];
+        let sent = match dialect {
+            Dialect::OpenAi => &all[..],
+            Dialect::Azure => &all[..1],
+        };
+        for (what, value) in sent.iter().cloned() {
             if let (Ok(name), Ok(value)) = (
                 HeaderName::try_from(format!("x-ratelimit-{what}-{kind}")),
                 HeaderValue::try_from(value),
@@ -112,18 +138,21 @@ fn rate_headers(response: &mut Response, rate: RateHeaders) {
     }
 }
 
-fn refused(refusal: Refusal) -> Response {
+fn refused(refusal: Refusal, dialect: Dialect) -> Response {
     match refusal {
         Refusal::RateLimited { limit, retry_after } => {
-            let mut response = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!(
-                    "Rate limit reached for {limit} per min (RPM/TPM). Please try again in {}.",
-                    reset_text(retry_after)
+            let mut response = match dialect {
+                Dialect::OpenAi => error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &format!(
+                        "Rate limit reached for {limit} per min (RPM/TPM). Please try again in {}.",
+                        reset_text(retry_after)
+                    ),
+                    limit,
+                    "rate_limit_exceeded",
                 ),
-                limit,
-                "rate_limit_exceeded",
-            );
+                Dialect::Azure => crate::azure::rate_limited(limit, retry_after),
+            };
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             let headers = response.headers_mut();
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -143,14 +172,46 @@ fn refused(refusal: Refusal) -> Response {
 }
 
 /// What an endpoint has made of a request before the common steps.
-struct Priced {
-    prompt: u64,
-    completion: u64,
+pub(crate) struct Priced {
+    pub prompt: u64,
+    pub completion: u64,
+    /// The completion the request asks for at most (`max_tokens` times the
+    /// choices), which Azure charges at arrival.
+    pub asked: Option<u64>,
+}
+
+impl Priced {
+    /// What the request takes from the quota.
+    fn charge(&self, dialect: Dialect) -> Charge {
+        let completion = match dialect {
+            Dialect::OpenAi => self.completion,
+            Dialect::Azure => self.asked.unwrap_or(self.completion),
+        };
+        Charge {
+            prompt: self.prompt,
+            completion: self.completion,
+            tokens: self.prompt + completion,
+        }
+    }
+}
+
+/// `max_tokens` (or its newer names) times the choices asked for.
+pub(crate) fn asked(request: &Value) -> Option<u64> {
+    let cap = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|f| request[*f].as_u64())?;
+    let choices = ["n", "best_of"]
+        .iter()
+        .filter_map(|f| request[*f].as_u64())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    Some(cap.saturating_mul(choices))
 }
 
 /// Key check, quota, fault and latency: the steps every endpoint shares.
 /// `Ok` carries the headers to attach to the answer and the request's fate.
-async fn gate<T>(
+pub(crate) async fn gate<T>(
     mock: &Mock,
     headers: &HeaderMap,
     price: impl FnOnce() -> Result<(Priced, T), Response>,
@@ -160,14 +221,15 @@ async fn gate<T>(
     };
     let (priced, parsed) = price()?;
     let now = tokio::time::Instant::now();
-    let (admitted, rate) =
-        mock.stats
-            .ledger
-            .lock()
-            .admit(key, priced.prompt, priced.completion, now);
+    let dialect = mock.config.dialect;
+    let (admitted, rate) = mock
+        .stats
+        .ledger
+        .lock()
+        .admit(key, priced.charge(dialect), now);
     if let Err(refusal) = admitted {
-        let mut response = refused(refusal);
-        rate_headers(&mut response, rate);
+        let mut response = refused(refusal, dialect);
+        rate_headers(&mut response, rate, dialect);
         return Err(response);
     }
     let (fate, delay) = mock.draw();
@@ -202,11 +264,11 @@ async fn gate<T>(
         "server_error",
         code,
     );
-    rate_headers(&mut response, rate);
+    rate_headers(&mut response, rate, dialect);
     Err(response)
 }
 
-fn tokenizer(model: &str) -> &'static bpe_openai::Tokenizer {
+pub(crate) fn tokenizer(model: &str) -> &'static bpe_openai::Tokenizer {
     let o_series =
         model.len() >= 2 && model.starts_with('o') && model.as_bytes()[1].is_ascii_digit();
     if o_series
@@ -229,10 +291,15 @@ fn tokenizer(model: &str) -> &'static bpe_openai::Tokenizer {
 
 /// Prompt tokens as OpenAI counts a chat: 3 per message plus its text, plus 3.
 fn chat_prompt_tokens(model: &str, request: &Value) -> u64 {
+    3 + messages_tokens(model, request["messages"].as_array().into_iter().flatten())
+}
+
+/// Messages as OpenAI counts them: 3 each plus their role and text.
+pub(crate) fn messages_tokens<'v>(model: &str, messages: impl Iterator<Item = &'v Value>) -> u64 {
     let bpe = tokenizer(model);
     let count = |v: &Value| v.as_str().map_or(0, |s| bpe.count(s) as u64);
-    let mut tokens = 3;
-    for message in request["messages"].as_array().into_iter().flatten() {
+    let mut tokens = 0;
+    for message in messages {
         tokens += 3 + count(&message["role"]);
         match &message["content"] {
             Value::Array(parts) => tokens += parts.iter().map(|p| count(&p["text"])).sum::<u64>(),
@@ -262,12 +329,12 @@ fn text_tokens(model: &str, value: &Value) -> u64 {
     }
 }
 
-const WORDS: [&str; 8] = [
+pub(crate) const WORDS: [&str; 8] = [
     " The", " quick", " brown", " fox", " jumps", " over", " the", " dog",
 ];
 
-fn completion_words(mock: &Mock, request: &Value) -> Vec<&'static str> {
-    let cap = ["max_completion_tokens", "max_tokens"]
+pub(crate) fn completion_words(mock: &Mock, request: &Value) -> Vec<&'static str> {
+    let cap = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .iter()
         .find_map(|f| request[*f].as_u64())
         .map_or(usize::MAX, |n| n as usize);
@@ -275,7 +342,7 @@ fn completion_words(mock: &Mock, request: &Value) -> Vec<&'static str> {
     (0..n).map(|i| WORDS[i % WORDS.len()]).collect()
 }
 
-fn created(mock: &Mock) -> u64 {
+pub(crate) fn created(mock: &Mock) -> u64 {
     mock.config.created.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -287,12 +354,17 @@ fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-fn model_of(request: &Value, default: &str) -> String {
-    request["model"].as_str().unwrap_or(default).to_owned()
+/// The model a request is for: the deployment its path names (Azure),
+/// else its body's.
+pub(crate) fn model_of(request: &Value, deployment: Option<&str>, default: &str) -> String {
+    deployment
+        .or_else(|| request["model"].as_str())
+        .unwrap_or(default)
+        .to_owned()
 }
 
 /// A JSON answer; cut off after half its bytes when the fate says so.
-fn json_answer(body: &Value, fate: Fate, rate: RateHeaders) -> Response {
+pub(crate) fn json_answer(mock: &Mock, body: &Value, fate: Fate, rate: RateHeaders) -> Response {
     let bytes = Bytes::from(body.to_string());
     let mut response = if fate == Fate::CloseMidway {
         let half = bytes.slice(..bytes.len() / 2);
@@ -320,19 +392,30 @@ fn json_answer(body: &Value, fate: Fate, rate: RateHeaders) -> Response {
         )
             .into_response()
     };
-    rate_headers(&mut response, rate);
+    rate_headers(&mut response, rate, mock.config.dialect);
     response
 }
 
 async fn chat(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
+    chat_for(mock, headers, body, None).await
+}
+
+/// A chat completion, for `deployment` when an Azure path names one.
+pub(crate) async fn chat_for(
+    mock: Arc<Mock>,
+    headers: HeaderMap,
+    body: Bytes,
+    deployment: Option<String>,
+) -> Response {
     let price = || {
         let request = parse(&body)?;
-        let model = model_of(&request, "gpt-4o-mini");
+        let model = model_of(&request, deployment.as_deref(), "gpt-4o-mini");
         let prompt = chat_prompt_tokens(&model, &request);
         let words = completion_words(&mock, &request);
         let priced = Priced {
             prompt,
             completion: words.len() as u64,
+            asked: asked(&request),
         };
         Ok((priced, (request, model, prompt, words)))
     };
@@ -351,7 +434,7 @@ async fn chat(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) ->
             include_usage.then(|| usage(prompt, completion)),
             fate,
         );
-        rate_headers(&mut response, rate);
+        rate_headers(&mut response, rate, mock.config.dialect);
         return response;
     }
     let body = json!({
@@ -366,7 +449,7 @@ async fn chat(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) ->
         }],
         "usage": usage(prompt, completion),
     });
-    json_answer(&body, fate, rate)
+    json_answer(&mock, &body, fate, rate)
 }
 
 fn stream_chat(
@@ -399,7 +482,13 @@ fn stream_chat(
         events.push(sse(&last));
     }
     events.push("data: [DONE]\n\n".to_owned());
+    stream_events(mock, events, fate)
+}
 
+/// Streams `events`, the first at once, the second after the first-event
+/// delay, the others spaced by the event interval; cut after half of them
+/// when the fate says so. The last one written counts the stream complete.
+pub(crate) fn stream_events(mock: &Arc<Mock>, events: Vec<String>, fate: Fate) -> Response {
     let total = events.len();
     // A stream cut off by fault injection ends after half its events.
     let cut = (fate == Fate::CloseMidway).then_some(total / 2);
@@ -444,19 +533,29 @@ fn stream_chat(
         .into_response()
 }
 
-fn sse(value: &Value) -> String {
+pub(crate) fn sse(value: &Value) -> String {
     format!("data: {value}\n\n")
 }
 
 async fn completions(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
+    completions_for(mock, headers, body, None).await
+}
+
+pub(crate) async fn completions_for(
+    mock: Arc<Mock>,
+    headers: HeaderMap,
+    body: Bytes,
+    deployment: Option<String>,
+) -> Response {
     let price = || {
         let request = parse(&body)?;
-        let model = model_of(&request, "gpt-3.5-turbo-instruct");
+        let model = model_of(&request, deployment.as_deref(), "gpt-3.5-turbo-instruct");
         let prompt = text_tokens(&model, &request["prompt"]);
         let words = completion_words(&mock, &request);
         let priced = Priced {
             prompt,
             completion: words.len() as u64,
+            asked: asked(&request),
         };
         Ok((priced, (model, prompt, words)))
     };
@@ -471,7 +570,7 @@ async fn completions(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: By
         "choices": [{"index": 0, "text": words.concat(), "finish_reason": "stop", "logprobs": null}],
         "usage": usage(prompt, completion),
     });
-    json_answer(&body, fate, rate)
+    json_answer(&mock, &body, fate, rate)
 }
 
 /// Every input's embedding: values exact in f32, so a decoded base64
@@ -479,9 +578,18 @@ async fn completions(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: By
 pub const EMBEDDING: [f32; 8] = [0.125, -0.25, 0.5, 0.75, -0.0625, 0.375, 0.3125, -0.4375];
 
 async fn embeddings(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
+    embeddings_for(mock, headers, body, None).await
+}
+
+pub(crate) async fn embeddings_for(
+    mock: Arc<Mock>,
+    headers: HeaderMap,
+    body: Bytes,
+    deployment: Option<String>,
+) -> Response {
     let price = || {
         let request = parse(&body)?;
-        let model = model_of(&request, "text-embedding-3-small");
+        let model = model_of(&request, deployment.as_deref(), "text-embedding-3-small");
         let input = &request["input"];
         let items = match input {
             Value::Array(items) if !items.iter().all(Value::is_number) => items.len(),
@@ -491,6 +599,7 @@ async fn embeddings(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Byt
         let priced = Priced {
             prompt,
             completion: 0,
+            asked: Some(0),
         };
         let base64 = request["encoding_format"] == "base64";
         Ok((priced, (model, prompt, items, base64)))
@@ -515,10 +624,10 @@ async fn embeddings(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Byt
         "object": "list", "data": data, "model": model,
         "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
     });
-    json_answer(&body, fate, rate)
+    json_answer(&mock, &body, fate, rate)
 }
 
-async fn models(State(mock): State<Arc<Mock>>, headers: HeaderMap) -> Response {
+pub(crate) async fn models(State(mock): State<Arc<Mock>>, headers: HeaderMap) -> Response {
     if key_of(&mock, &headers).is_none() {
         return unauthorized(&mock);
     }

@@ -242,3 +242,204 @@ async fn a_json_answer_cut_midway_fails_to_read() {
     assert!(r.text().await.is_err());
     assert_eq!(stats(&mock).await.faults["close"], 1);
 }
+
+async fn azure_post(mock: &MockUpstream, path: &str, key: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("http://{}{path}", mock.addr()))
+        .header("api-key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+const DEPLOYMENT_CHAT: &str =
+    "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21";
+
+#[tokio::test]
+async fn an_azure_mock_takes_api_key_on_deployment_paths_with_an_api_version() {
+    let mock = start(MockConfig::new("az-key").azure()).await;
+    // Its key in `api-key`; as a bearer token it is refused, Azure's way.
+    let bearer = reqwest::Client::new()
+        .post(format!("http://{}{DEPLOYMENT_CHAT}", mock.addr()))
+        .bearer_auth("az-key")
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), 401);
+    let body: Value = bearer.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "401");
+
+    let missing_version = azure_post(
+        &mock,
+        "/openai/deployments/gpt-4o-mini/chat/completions",
+        "az-key",
+        &chat(false),
+    )
+    .await;
+    assert_eq!(missing_version.status(), 404);
+    let unknown = azure_post(
+        &mock,
+        "/openai/deployments/nope/chat/completions?api-version=2024-10-21",
+        "az-key",
+        &chat(false),
+    )
+    .await;
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "DeploymentNotFound");
+
+    let r = azure_post(&mock, DEPLOYMENT_CHAT, "az-key", &chat(false)).await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["model"], "gpt-4o-mini");
+    // The v1 surface: no api-version, the deployment as the model.
+    let v1 = azure_post(&mock, "/openai/v1/chat/completions", "az-key", &chat(false)).await;
+    assert_eq!(v1.status(), 200);
+    let s = stats(&mock).await;
+    assert_eq!((s.unauthorized, s.served), (1, 2));
+}
+
+#[tokio::test]
+async fn an_azure_mock_counts_over_ten_seconds_charges_max_tokens_at_arrival_and_sends_only_remaining()
+ {
+    // rpm 600 is 100 requests per 10 s; tpm 6000 is 1000 tokens per 10 s.
+    let mock = start(
+        MockConfig::new("az-key")
+            .azure()
+            .quota(Some(600), Some(6000)),
+    )
+    .await;
+    let mut asking = chat(false);
+    asking["max_tokens"] = json!(300);
+    // Each takes 9 prompt + 300 asked: three fit in 1000, the fourth not.
+    for remaining in ["691", "382", "73"] {
+        let r = azure_post(&mock, DEPLOYMENT_CHAT, "az-key", &asking).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), remaining);
+        assert!(r.headers().get("x-ratelimit-limit-tokens").is_none());
+        assert!(r.headers().get("x-ratelimit-reset-tokens").is_none());
+    }
+    let r = azure_post(&mock, DEPLOYMENT_CHAT, "az-key", &asking).await;
+    assert_eq!(r.status(), 429);
+    let wait_ms: u64 = header(&r, "retry-after-ms").parse().unwrap();
+    assert!(
+        (9_000..=10_000).contains(&wait_ms),
+        "retry-after-ms {wait_ms}"
+    );
+    assert!(r.headers().get("retry-after").is_some());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "429");
+    let s = stats(&mock).await;
+    // Charged 309 each; used 9 + 16 words each.
+    assert_eq!(
+        s.peak_span,
+        Some((
+            10_000,
+            mock_upstreams::Peak {
+                requests: 3,
+                tokens: 927
+            }
+        ))
+    );
+    assert_eq!((s.prompt_tokens, s.completion_tokens), (27, 48));
+}
+
+#[tokio::test]
+async fn an_openai_bucket_mock_holds_one_seconds_worth() {
+    // rpm 600 refills 10 a second and holds 10.
+    let mock = start(
+        MockConfig::new("sk-a")
+            .quota(Some(600), None)
+            .bucket_burst(Duration::from_secs(1)),
+    )
+    .await;
+    for _ in 0..10 {
+        assert_eq!(post(&mock, "sk-a", &chat(false)).await.status(), 200);
+    }
+    let r = post(&mock, "sk-a", &chat(false)).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "600");
+    let wait_ms: u64 = header(&r, "retry-after-ms").parse().unwrap();
+    assert!(wait_ms <= 100, "retry-after-ms {wait_ms}");
+}
+
+fn responses_request(stream: bool) -> Value {
+    json!({
+        "model": "gpt-4o-mini", "stream": stream, "instructions": "Be brief.",
+        "input": [{"role": "user", "content": "Hello there"}],
+    })
+}
+
+#[tokio::test]
+async fn responses_answer_with_input_and_output_tokens() {
+    let mock = start(MockConfig::new("sk-a").completion_words(5)).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/responses", mock.base_url()))
+        .bearer_auth("sk-a")
+        .json(&responses_request(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["object"], "response");
+    assert_eq!(
+        body["output"][0]["content"][0]["text"],
+        "The quick brown fox jumps"
+    );
+    // "Be brief." 3 + (3 + "user" 1 + "Hello there" 2) = 9 with o200k_base.
+    assert_eq!(body["usage"]["input_tokens"], 9);
+    assert_eq!(body["usage"]["output_tokens"], 5);
+    assert_eq!(body["usage"]["total_tokens"], 14);
+}
+
+#[tokio::test]
+async fn a_responses_stream_names_its_events_and_ends_with_the_usage() {
+    let mock = start(MockConfig::new("sk-a").completion_words(3)).await;
+    let text = reqwest::Client::new()
+        .post(format!("{}/responses", mock.base_url()))
+        .bearer_auth("sk-a")
+        .json(&responses_request(true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<(&str, Value)> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (name, data) = e.split_once('\n').unwrap();
+            let data: Value = serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+            (name.strip_prefix("event: ").unwrap(), data)
+        })
+        .collect();
+    let names: Vec<&str> = events.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+    );
+    for (i, (name, data)) in events.iter().enumerate() {
+        assert_eq!(data["type"], *name);
+        assert_eq!(data["sequence_number"], i);
+    }
+    let last = &events.last().unwrap().1;
+    assert_eq!(last["response"]["usage"]["input_tokens"], 9);
+    assert_eq!(last["response"]["usage"]["output_tokens"], 3);
+    assert_eq!(stats(&mock).await.streams_completed, 1);
+}

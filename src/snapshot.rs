@@ -261,6 +261,9 @@ pub fn prepare(
         entry.limiter.set_window(node.window);
         entry
             .limiter
+            .set_charged_at_arrival(matches!(node.api, NodeApi::Azure { .. }));
+        entry
+            .limiter
             .set_default_completion(node.default_completion_tokens);
         entry.health.set_key(node.key.clone());
         nodes.push(Node {

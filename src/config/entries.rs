@@ -352,8 +352,10 @@ fn read_node_key(
 
 #[cfg(test)]
 mod tests {
-    use super::super::from_toml_str;
+    use std::time::Duration;
+
     use super::super::testing::{NODE, env, problems};
+    use super::super::{NodeApi, from_toml_str};
     use crate::keys::hash_key;
 
     #[test]
@@ -457,5 +459,66 @@ mod tests {
         );
         assert!(client.enabled);
         assert!(!config.render().contains("app-secret"));
+    }
+
+    const AZURE: &str = "[[nodes]]\nname = \"az\"\nurl = \"https://res.openai.azure.com\"\napi_key = \"k\"\napi = \"azure\"\n";
+
+    #[test]
+    fn an_azure_node_reads_its_deployments_version_and_ten_second_window() {
+        let toml = format!(
+            "{AZURE}api_version = \"2024-10-21\"\ndeployments = {{ \"gpt-4o-mini\" = \"mini-east\" }}\n"
+        );
+        let (config, _) = from_toml_str(&toml, &env).map_err(|e| e.problems).unwrap();
+        let node = &config.nodes[0];
+        assert_eq!(
+            node.api,
+            NodeApi::Azure {
+                api_version: Some("2024-10-21".to_owned())
+            }
+        );
+        assert_eq!(node.models, Some(vec!["gpt-4o-mini".to_owned()]));
+        assert_eq!(node.upstream_names["gpt-4o-mini"], "mini-east");
+        assert_eq!(node.window, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_azure_settings_are_refused_naming_the_field() {
+        let cases = [
+            (format!("{AZURE}"), "nodes[0].deployments"),
+            (
+                format!("{AZURE}deployments = {{ \"gpt-4o\" = \"a/b\" }}\n"),
+                "nodes[0].deployments.\"gpt-4o\"",
+            ),
+            (
+                format!("{AZURE}deployments = {{ \"gpt-4o\" = \"d\" }}\nwindow = \"0s\"\n"),
+                "nodes[0].window",
+            ),
+            (
+                format!("{AZURE}deployments = {{ \"gpt-4o\" = \"d\" }}\nwindow = \"61s\"\n"),
+                "nodes[0].window",
+            ),
+            (
+                "[[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key = \"k\"\napi_version = \"1\"\n"
+                    .to_owned(),
+                "nodes[0].api_version",
+            ),
+        ];
+        for (toml, field) in cases {
+            let problems = problems(&toml);
+            assert!(
+                problems.iter().any(|p| p.starts_with(field)),
+                "{toml}: {problems:?}"
+            );
+        }
+        // An unknown dialect is a parse error naming the field.
+        let unknown = problems(
+            "[[nodes]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key = \"k\"\napi = \"bedrock\"\n",
+        );
+        assert!(
+            unknown
+                .iter()
+                .any(|p| p.contains("api") && p.contains("bedrock")),
+            "{unknown:?}"
+        );
     }
 }

@@ -62,6 +62,10 @@ struct LimiterState {
     /// The completion an open-ended request reserves here
     /// (`nodes[].default_completion_tokens`), when the node has its own.
     default_completion: Option<u64>,
+    /// The upstream charges a request's reservation at arrival and gives
+    /// nothing back (Azure: prompt + `max_tokens`): a settlement never
+    /// lowers the tokens counted.
+    charged_at_arrival: bool,
     /// The upstream's reported (rpm, tpm) limits, when below the quota.
     upstream_limits: (Option<NonZeroU64>, Option<NonZeroU64>),
     window: Window,
@@ -99,6 +103,7 @@ impl Limiter {
                 effective: quota,
                 short: None,
                 default_completion: None,
+                charged_at_arrival: false,
                 upstream_limits: (None, None),
                 window: Window::new(Instant::now(), SLOTS, SLOT),
                 latest: Instant::now(),
@@ -132,12 +137,6 @@ impl Limiter {
         state.advance(now);
         let demand = demand.on(state.default_completion);
         (state.outlook(demand, now) == Outlook::Now).then(|| state.load())
-    }
-
-    /// What `demand` takes here: an open-ended request reserves this
-    /// node's own default completion, where it has one.
-    pub fn demand_here(&self, demand: Demand) -> Demand {
-        demand.on(self.state.lock().default_completion)
     }
 
     /// Records `demand` and one request in flight if it fits now.
@@ -246,10 +245,21 @@ impl Limiter {
         self.signal.freed();
     }
 
-    /// The rolling span the quota is also held over (the minute when the
-    /// node has no shorter one).
-    pub fn window(&self) -> Duration {
-        self.state.lock().short.as_ref().map_or(WINDOW, |s| s.span)
+    /// The terms `demand` is admitted on here, for the limits shared
+    /// through Redis: one lock for all of them.
+    pub fn terms(&self, demand: Demand) -> Terms {
+        let state = self.state.lock();
+        Terms {
+            quota: state.effective,
+            tokens: demand.on(state.default_completion).tokens,
+            window: state.short.as_ref().map_or(WINDOW, |s| s.span),
+            charged_at_arrival: state.charged_at_arrival,
+        }
+    }
+
+    /// Whether the upstream charges a reservation in full at arrival.
+    pub fn set_charged_at_arrival(&self, charged: bool) {
+        self.state.lock().charged_at_arrival = charged;
     }
 
     /// Sets the completion an open-ended request reserves on this node.
@@ -469,6 +479,18 @@ impl LimiterState {
     }
 }
 
+/// What a request is admitted on at one node: the quota in force, the
+/// tokens it reserves there, the span the quota is also held over (the
+/// minute when the node has no shorter one), and whether the upstream
+/// charges the reservation at arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    pub quota: Quota,
+    pub tokens: u64,
+    pub window: Duration,
+    pub charged_at_arrival: bool,
+}
+
 /// What `/status` shows of a node's usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimiterSnapshot {
@@ -561,11 +583,17 @@ impl Reservation {
         lowered
     }
 
-    /// Ends the request having used `tokens` in all (prompt + completion).
+    /// Ends the request having used `tokens` in all (prompt + completion);
+    /// on an upstream that charges at arrival, at least what was reserved.
     pub fn settle(mut self, tokens: u64) {
         let reserved = self.demand.tokens;
         let mut state = self.usage.state.lock();
         state.advance(Instant::now());
+        let tokens = if state.charged_at_arrival {
+            tokens.max(reserved)
+        } else {
+            tokens
+        };
         if tokens < reserved {
             let unused = Amounts {
                 tokens: reserved - tokens,
@@ -982,5 +1010,21 @@ mod tests {
         }
         // 20 s allow 2,000; the guard band costs at most 2%.
         assert!(admitted.len() >= 1960, "only {} admitted", admitted.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_that_charges_at_arrival_keeps_the_reservation_counted() {
+        let n = node(quota(None, Some(1000), None, None));
+        n.set_charged_at_arrival(true);
+        let asking = Demand {
+            tokens: 300,
+            bytes: 0,
+            open_ended: None,
+        };
+        n.try_reserve(asking, Instant::now()).unwrap().settle(25);
+        assert_eq!(n.snapshot(Instant::now()).tokens, 300);
+        // Above the reservation, the use counts.
+        n.try_reserve(asking, Instant::now()).unwrap().settle(400);
+        assert_eq!(n.snapshot(Instant::now()).tokens, 700);
     }
 }

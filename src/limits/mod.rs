@@ -49,7 +49,7 @@ mod reported;
 mod window;
 
 pub use bucket::{BucketLimit, ClientLimits, TokenBucket};
-pub use limiter::{Limiter, LimiterSnapshot, Reservation, ShortUse};
+pub use limiter::{Limiter, LimiterSnapshot, Reservation, ShortUse, Terms};
 pub use reported::{Counted, Marks, RateLimitReport, Remaining, Reported};
 
 /// The span every per-minute limit covers.

@@ -565,3 +565,41 @@ async fn local_and_shared_hold_a_short_window_and_a_nodes_own_default_completion
     assert_eq!(status["nodes"][0]["short_window"]["rpm"]["limit"], 10);
     assert_eq!(status["nodes"][0]["short_window"]["rpm"]["used"], 10);
 }
+
+/// An Azure deployment's charge at arrival holds across replicas: a
+/// settlement through Redis never gives back what it reserved.
+#[tokio::test]
+async fn a_charge_at_arrival_holds_across_replicas() {
+    use crate::azure::{VERSION, azure_mock, azure_node};
+    let redis = RedisServer::start();
+    let upstream = azure_mock("mini-east", None, Some(6000)).await;
+    let toml = format!(
+        "[queue]\nmax_wait = \"500ms\"\n[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n{}",
+        redis.url(),
+        azure_node(
+            "az",
+            &upstream,
+            &format!("api_version = \"{VERSION}\"\ntpm = 6000")
+        ),
+    );
+    let replicas = [Gateway::start(&toml).await, Gateway::start(&toml).await];
+    replicas[0].until(|s| s["cluster"]["redis"] == "up").await;
+    // Three asking 300 (308 each with the prompt) through one replica...
+    for _ in 0..3 {
+        let (status, _, _) = ask_as(&replicas[0], "", "gpt-4o-mini", 300).await;
+        assert_eq!(status, 200);
+    }
+    released(&redis, "az").await;
+    // ...leave 76 tokens of the span for the other: five asking 5.
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for _ in 0..7 {
+        let (status, _, _) = ask_as(&replicas[1], "", "gpt-4o-mini", 5).await;
+        *statuses.entry(status).or_default() += 1;
+    }
+    assert_eq!(
+        (statuses.get(&200), statuses.get(&429)),
+        (Some(&5), Some(&2)),
+        "{statuses:?}"
+    );
+    assert_eq!(upstream.stats().report().rate_limited, 0);
+}

@@ -9,6 +9,7 @@
 )]
 
 mod admin;
+mod azure;
 mod cli;
 mod clients;
 mod cluster;

@@ -26,12 +26,24 @@ pub(crate) struct Part {
     pub(super) id: String,
     pub(super) slot: i64,
     pub(super) tokens: u64,
+    /// The node charges its reservation at arrival (Azure): settled, it
+    /// counts at least what it reserved.
+    pub(super) charged_at_arrival: bool,
 }
 
 impl Part {
     /// Key, reservation id, slot and tokens, as the release script takes them.
     fn fields(&self) -> (&str, &str, i64, u64) {
         (&self.key, &self.id, self.slot, self.tokens)
+    }
+
+    /// What a settlement at `used` tokens counts here.
+    fn settled(&self, used: u64) -> u64 {
+        if self.charged_at_arrival {
+            used.max(self.tokens)
+        } else {
+            used
+        }
     }
 }
 
@@ -129,7 +141,8 @@ impl Lease {
                 .arg(node_key)
                 .arg(client_id)
                 .arg(client_slot)
-                .arg(client_tokens);
+                .arg(client_tokens)
+                .arg(self.node.as_ref().map_or(used, |p| p.settled(used)));
             if let Err(err) = limits.call::<i64>(&invocation).await {
                 // The lease expires by itself; the window entry stays as
                 // reserved (the safe side).

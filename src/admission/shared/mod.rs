@@ -54,7 +54,7 @@ use lease::{Part, Unanswered};
 pub(super) use place::{NotPlaced, place};
 
 use crate::config::{ClusterSettings, OnRedisError};
-use crate::limits::{Demand, Limit, Quota};
+use crate::limits::{Demand, Limit, Terms};
 use crate::tasks::Tasks;
 
 /// A lease outlives the request by this much, so that a slow release never
@@ -102,11 +102,7 @@ impl std::fmt::Debug for SharedLimits {
 #[derive(Debug, Clone)]
 pub(crate) struct Candidate<'a> {
     pub name: &'a str,
-    pub quota: Quota,
-    /// The tokens the request reserves on this node.
-    pub tokens: u64,
-    /// The rolling span the quota is also held over, pro rata.
-    pub window: Duration,
+    pub terms: Terms,
 }
 
 /// A client's limits, as the script sees them.
@@ -270,19 +266,22 @@ impl SharedLimits {
                     .into_iter()
                     .nth(index)
                     .unwrap_or_default();
-                let part = |key: String, tokens: u64| Part {
+                let part = |key: String, tokens: u64, charged_at_arrival: bool| Part {
                     key,
                     id: id.clone(),
                     slot,
                     tokens,
+                    charged_at_arrival,
                 };
-                let tokens = candidates.get(index).map_or(demand.tokens, |c| c.tokens);
+                let placed = candidates.get(index);
+                let tokens = placed.map_or(demand.tokens, |c| c.terms.tokens);
+                let charged = placed.is_some_and(|c| c.terms.charged_at_arrival);
                 ScriptAnswer::Placed {
                     index,
                     lease: Lease {
                         limits: Arc::clone(self),
-                        node: Some(part(node, tokens)),
-                        client: client_key.map(|key| part(key, demand.tokens)),
+                        node: Some(part(node, tokens, charged)),
+                        client: client_key.map(|key| part(key, demand.tokens, false)),
                         demand,
                     },
                 }
@@ -503,13 +502,18 @@ fn push_limits(
         .arg(c.rate_per_second);
     let n = |v: Option<std::num::NonZeroU64>| v.map_or(0, u64::from);
     for candidate in candidates {
-        let q = candidate.quota;
+        let Terms {
+            quota: q,
+            tokens,
+            window,
+            ..
+        } = candidate.terms;
         invocation
             .arg(n(q.rpm))
             .arg(n(q.tpm))
             .arg(n(q.bpm))
             .arg(n(q.max_concurrency))
-            .arg(candidate.tokens)
-            .arg(candidate.window.as_millis() as u64);
+            .arg(tokens)
+            .arg(window.as_millis() as u64);
     }
 }

@@ -56,14 +56,9 @@ pub(in crate::admission) async fn place(
     }
     let candidates: Vec<Candidate<'_>> = in_rotation
         .iter()
-        .map(|&id| {
-            let limiter = &live.node(id).limiter;
-            Candidate {
-                name: &live.node(id).name,
-                quota: limiter.quota_in_force(),
-                tokens: limiter.demand_here(ask.demand).tokens,
-                window: limiter.window(),
-            }
+        .map(|&id| Candidate {
+            name: &live.node(id).name,
+            terms: live.node(id).limiter.terms(ask.demand),
         })
         .collect();
     let client = client.map(client_view);

@@ -484,7 +484,7 @@ mod tests {
     #[test]
     fn bad_azure_settings_are_refused_naming_the_field() {
         let cases = [
-            (format!("{AZURE}"), "nodes[0].deployments"),
+            (AZURE.to_owned(), "nodes[0].deployments"),
             (
                 format!("{AZURE}deployments = {{ \"gpt-4o\" = \"a/b\" }}\n"),
                 "nodes[0].deployments.\"gpt-4o\"",

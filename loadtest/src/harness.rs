@@ -28,6 +28,9 @@ pub(crate) struct Mocks {
     /// `http://127.0.0.1:<port>/v1`, one per mock.
     pub urls: Vec<String>,
     pub keys: Vec<String>,
+    /// They play Azure OpenAI (`--upstream azure`): nodes point at their
+    /// endpoint as Azure deployments.
+    pub azure: bool,
 }
 
 impl Mocks {
@@ -53,7 +56,15 @@ impl Mocks {
         let keys = (0..nodes)
             .map(|i| mock_upstreams::cli::key(MOCK_KEY_PREFIX, i))
             .collect();
-        Ok(Self { child, urls, keys })
+        let azure = options
+            .windows(2)
+            .any(|pair| pair[0] == "--upstream" && pair[1] == "azure");
+        Ok(Self {
+            child,
+            urls,
+            keys,
+            azure,
+        })
     }
 
     /// `http://127.0.0.1:<port>` of mock `i`.
@@ -190,8 +201,17 @@ fn gateway_toml(
         if !nodes.contains(&i) {
             continue;
         }
+        // An Azure mock's deployment is named for the model it serves.
+        let (url, dialect) = if mocks.azure {
+            (
+                mocks.origin(i),
+                "api = \"azure\"\napi_version = \"2024-10-21\"\ndeployments = { \"gpt-4o-mini\" = \"gpt-4o-mini\" }\n",
+            )
+        } else {
+            (url.as_str(), "")
+        };
         toml.push_str(&format!(
-            "[[nodes]]\nname = \"{}\"\nurl = \"{url}\"\napi_key_env = \"{}\"\n{}\n\n",
+            "[[nodes]]\nname = \"{}\"\nurl = \"{url}\"\napi_key_env = \"{}\"\n{dialect}{}\n\n",
             node_name(i),
             node_key_env(i),
             quota(i)

@@ -349,9 +349,13 @@ pub struct StatsReport {
     pub keys: BTreeMap<String, KeyUsage>,
     /// The busiest rolling 60 s (tokens as charged).
     pub peak_60s: Peak,
-    /// With [`Enforcement::Window`]: the busiest rolling span of it, and
-    /// the span in milliseconds.
+    /// With a span below the minute (a window, or a bucket holding less
+    /// than a minute's worth): the busiest rolling span of it, and the span
+    /// in milliseconds.
     pub peak_span: Option<(u64, Peak)>,
+    /// When the first and the last served request arrived, in milliseconds
+    /// since the mock started: the run's span as the upstream saw it.
+    pub served_between_ms: Option<(u64, u64)>,
     pub limits: Limits,
     pub enforcement: Enforcement,
 }
@@ -404,7 +408,7 @@ impl Ledger {
             minute: PeakWindow::new(MINUTE),
             span: match enforcement {
                 Enforcement::Window { span } => Some(PeakWindow::new(span)),
-                Enforcement::Bucket { .. } => None,
+                Enforcement::Bucket { burst } => (burst < MINUTE).then(|| PeakWindow::new(burst)),
             },
             report,
         }
@@ -473,6 +477,8 @@ impl Ledger {
             span.record(ms, tokens);
         }
         self.report.served += 1;
+        let first = self.report.served_between_ms.map_or(ms, |(first, _)| first);
+        self.report.served_between_ms = Some((first, ms));
         self.report.prompt_tokens += charge.prompt;
         self.report.completion_tokens += charge.completion;
         let usage = self.report.keys.entry(key_label(key)).or_default();

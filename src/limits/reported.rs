@@ -15,7 +15,9 @@
 //! Requests the gateway reserved after the answered one may already be in
 //! that count or not; to stay on the safe side they are all subtracted from
 //! what the answer says remains (`Marks` tells which came later). The newest
-//! answer's word replaces older ones.
+//! answer's word replaces older ones, but never brings the time the count
+//! is full again forward: an answer overtaken by later ones describes a
+//! fuller bucket than the upstream has by the time it arrives.
 
 use std::time::Duration;
 
@@ -110,10 +112,12 @@ pub struct Reported {
     pub tokens: Option<Remaining>,
 }
 
-/// What a node's remaining counts are out of when its answers do not say
-/// (no `x-ratelimit-limit-*` or `-reset-*`, as Azure's): the quota in force
-/// pro rata over the span the node counts over (`nodes[].window`), and
-/// that span. For an OpenAI-style node: the per-minute quota, a minute.
+/// What a node's remaining counts are out of: the span the node counts
+/// over (`nodes[].window`), and when its answers give no
+/// `x-ratelimit-limit-*` (Azure's), the quota in force pro rata over that
+/// span. A reported (per-minute) limit is taken pro rata too, and a span
+/// is the reset when none is given. For an OpenAI-style node: the
+/// per-minute quota, a minute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counted {
     pub rpm: Option<u64>,
@@ -151,13 +155,28 @@ impl Reported {
                 taken: 0,
             }
         };
+        // Full again no sooner than the standing word said.
+        let after = |word: Remaining, standing: Option<Remaining>| Remaining {
+            full_at: standing.map_or(word.full_at, |s| s.full_at.max(word.full_at)),
+            ..word
+        };
+        // A reported limit is per minute; a remaining count over a shorter
+        // span (a bucket holding a second's worth) refills to its share.
+        let share = |limit: u64| {
+            let scaled = u128::from(limit) * counted.over.as_millis() / super::WINDOW.as_millis();
+            u64::try_from(scaled)
+                .unwrap_or(limit)
+                .clamp(1, limit.max(1))
+        };
         if let Some(left) = report.remaining_requests {
-            let limit = report.limit_requests.or(counted.rpm);
-            self.requests = Some(word(left, limit, report.reset_requests, since.requests));
+            let limit = report.limit_requests.map(share).or(counted.rpm);
+            let word = word(left, limit, report.reset_requests, since.requests);
+            self.requests = Some(after(word, self.requests));
         }
         if let Some(left) = report.remaining_tokens {
-            let limit = report.limit_tokens.or(counted.tpm);
-            self.tokens = Some(word(left, limit, report.reset_tokens, since.tokens));
+            let limit = report.limit_tokens.map(share).or(counted.tpm);
+            let word = word(left, limit, report.reset_tokens, since.tokens);
+            self.tokens = Some(after(word, self.tokens));
         }
     }
 
@@ -329,5 +348,45 @@ mod tests {
             now,
         );
         assert_eq!(reported.requests.map(|r| r.left), Some(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overtaken_answer_never_brings_the_refill_forward() {
+        let now = Instant::now();
+        let mut reported = Reported::default();
+        let limited = |left, reset_ms| RateLimitReport {
+            limit_requests: Some(600),
+            remaining_requests: Some(left),
+            reset_requests: Some(Duration::from_millis(reset_ms)),
+            ..RateLimitReport::default()
+        };
+        let second = Counted {
+            over: Duration::from_secs(1),
+            ..NONE
+        };
+        // The tenth request's answer: the bucket of 10 is empty, full in 1 s.
+        let tenth = Marks {
+            requests: 10,
+            tokens: 0,
+        };
+        reported.observe(&limited(0, 1000), tenth, tenth, second, now);
+        // Then the first request's answer, overtaken: 9 left, full in 100 ms.
+        let first = Marks {
+            requests: 1,
+            tokens: 0,
+        };
+        reported.observe(&limited(9, 100), first, tenth, second, now);
+        let words = reported.requests.unwrap();
+        assert_eq!((words.left, words.limit), (0, 10));
+        assert_eq!(words.full_at, now + Duration::from_secs(1));
+        assert_eq!(
+            reported.blocked_until(0, now + Duration::from_millis(500)),
+            None
+        );
+        assert_eq!(
+            words.available(now + Duration::from_millis(500)),
+            5,
+            "refills 10 a second"
+        );
     }
 }

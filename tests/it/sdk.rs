@@ -2,8 +2,11 @@
 //! package (tests/sdk/python) and the npm `openai` package (tests/sdk/node)
 //! each run their own test suite against a gateway in front of
 //! mock-upstreams: chat, streaming with and without usage, embeddings, the
-//! models list, and each SDK's own error class for our 401, 404, 400 and
-//! 429 bodies, with the 429's `Retry-After` honoured.
+//! models list, the Responses API (plain and streamed, the node's tokens in
+//! `/status` checked after each), and each SDK's own error class for our
+//! 401, 404, 400 and 429 bodies, with the 429's `Retry-After` honoured.
+//! The Python SDK's `AzureOpenAI` client runs its own suite against an
+//! Azure deployment and an OpenAI-style node.
 //!
 //! Needs `pip install -r tests/sdk/python/requirements.txt` and
 //! `npm ci --prefix tests/sdk/node` (CI does both).
@@ -46,6 +49,16 @@ async fn gateway(upstream: &MockUpstream) -> Gateway {
 
 /// Runs an SDK's suite against `gw`; fails with its output unless it passes.
 async fn run_suite(gw: &Gateway, dir: &Path, program: &str, args: &[&str]) {
+    run_suite_with(gw, dir, program, args, &[]).await;
+}
+
+async fn run_suite_with(
+    gw: &Gateway,
+    dir: &Path,
+    program: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+) {
     let embedding: Vec<f64> = mock_upstreams::EMBEDDING
         .iter()
         .map(|f| f64::from(*f))
@@ -65,6 +78,10 @@ async fn run_suite(gw: &Gateway, dir: &Path, program: &str, args: &[&str]) {
         .env("NO_PROXY", "127.0.0.1")
         .env_remove("OPENAI_API_KEY")
         .env_remove("OPENAI_BASE_URL")
+        .env_remove("AZURE_OPENAI_API_KEY")
+        .env_remove("AZURE_OPENAI_ENDPOINT")
+        .env_remove("OPENAI_API_VERSION")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(120), command.output())
         .await
@@ -109,9 +126,8 @@ async fn mock() -> MockUpstream {
         .unwrap()
 }
 
-#[tokio::test]
-async fn the_official_python_sdk_works_against_the_gateway() {
-    let dir = sdk_dir("python");
+/// The Python that has the `openai` package.
+fn python() -> String {
     let python = std::env::var("BALANCER_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let check = std::process::Command::new(&python)
         .args(["-c", "import openai"])
@@ -120,6 +136,13 @@ async fn the_official_python_sdk_works_against_the_gateway() {
         check.is_ok_and(|o| o.status.success()),
         "{python} cannot import openai: pip install -r tests/sdk/python/requirements.txt"
     );
+    python
+}
+
+#[tokio::test]
+async fn the_official_python_sdk_works_against_the_gateway() {
+    let dir = sdk_dir("python");
+    let python = python();
     let upstream = mock().await;
     let gw = gateway(&upstream).await;
     run_suite(&gw, &dir, &python, &["test_openai_sdk.py"]).await;
@@ -139,4 +162,61 @@ async fn the_official_node_sdk_works_against_the_gateway() {
     run_suite(&gw, &dir, "node", &["--test", "--test-concurrency=1"]).await;
     tokens_match(&gw, &upstream).await;
     upstream.stop().await;
+}
+
+/// An app written for Azure OpenAI (`AzureOpenAI(azure_endpoint=...)`)
+/// points at the gateway unchanged, whether an Azure deployment or an
+/// OpenAI-style node serves it.
+#[tokio::test]
+async fn the_python_azure_client_works_against_azure_and_openai_nodes() {
+    let python = python();
+    let azure = MockUpstream::start(
+        "127.0.0.1:0".parse().unwrap(),
+        MockConfig::new("az-key")
+            .azure()
+            .models(&["chat-east", "embed-east"]),
+    )
+    .await
+    .unwrap();
+    let openai = mock().await;
+    let nodes = [
+        node(
+            "az",
+            &format!("http://{}", azure.addr()),
+            "az-key",
+            "api = \"azure\"\napi_version = \"2024-10-21\"\ntpm = 1000000\n\
+             deployments = { \"gpt-4o-mini\" = \"chat-east\", \"text-embedding-3-small\" = \"embed-east\" }",
+        ),
+        node(
+            "oa",
+            &openai.base_url(),
+            "sk-mock",
+            "models = [\"gpt-4o-mini\", \"text-embedding-3-small\"]\ntpm = 1000000",
+        ),
+    ];
+    let embedding: Vec<f64> = mock_upstreams::EMBEDDING
+        .iter()
+        .map(|f| f64::from(*f))
+        .collect();
+    for (node, upstream) in nodes.iter().zip([&azure, &openai]) {
+        let toml = format!("[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n{node}");
+        let gw = Gateway::start_file_text(&toml, &[("TEST_CLIENT_KEY", CLIENT_KEY)]).await;
+        let env = [
+            ("BALANCER_ENDPOINT", gw.url("")),
+            (
+                "BALANCER_EMBEDDING",
+                serde_json::to_string(&embedding).unwrap(),
+            ),
+        ];
+        run_suite_with(
+            &gw,
+            &sdk_dir("python"),
+            &python,
+            &["test_azure_sdk.py"],
+            &env,
+        )
+        .await;
+        let stats = upstream.stats().report();
+        assert_eq!((stats.served, stats.unauthorized), (3, 0));
+    }
 }

@@ -152,6 +152,56 @@ async fn a_json_answer_is_settled_at_its_usage() {
     assert_eq!(node["reserved_tokens"], 0);
 }
 
+/// A Responses stream whose final event reports 40 input and 300 output
+/// tokens (reasoning the text does not show) is settled at 340, split
+/// 40 / 300 in the metrics.
+#[tokio::test]
+async fn a_responses_stream_is_settled_at_the_usage_of_its_final_event() {
+    let events = [
+        r#"{"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","usage":null}}"#,
+        r#"{"type":"response.output_text.delta","sequence_number":1,"item_id":"m","output_index":0,"content_index":0,"delta":"Hello"}"#,
+        r#"{"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","usage":{"input_tokens":40,"input_tokens_details":{"cached_tokens":0},"output_tokens":300,"output_tokens_details":{"reasoning_tokens":299},"total_tokens":340}}}"#,
+    ];
+    let body: String = events
+        .iter()
+        .map(|e| {
+            let kind = serde_json::from_str::<serde_json::Value>(e).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            format!("event: {kind}\ndata: {e}\n\n")
+        })
+        .collect();
+    let server = crate::support::answering(
+        ResponseTemplate::new(200).set_body_raw(body, "text/event-stream"),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "{FAST}{}",
+        node("w", &crate::support::v1(&server), "k", "tpm = 100000")
+    ))
+    .await;
+    let response = post(
+        &client(),
+        &gw,
+        "/v1/responses",
+        serde_json::json!({"model": "o4-mini", "input": "hi", "stream": true}).to_string(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    let status = gw.settled_status().await;
+    assert_eq!(node_status(&status, "w")["limits"]["tpm"]["used"], 340);
+    let m = crate::metrics::Metrics::scrape(&gw).await;
+    let tokens = |kind| {
+        m.value(
+            "balancer_tokens_total",
+            &[("node", "w"), ("model", "other"), ("kind", kind)],
+        )
+    };
+    assert_eq!((tokens("prompt"), tokens("completion")), (40.0, 300.0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_abort_mid_stream_leave_nothing_in_flight() {
     let upstream = mock(Duration::from_millis(100), 200).await;

@@ -90,6 +90,48 @@ describe("completions", { concurrency: false }, () => {
   });
 });
 
+const STATUS_URL = BASE_URL.replace(/\/v1$/, "") + "/status";
+
+/** The node's tokens in its window once nothing is reserved. */
+async function nodeTokens() {
+  for (let i = 0; i < 200; i++) {
+    const node = (await (await fetch(STATUS_URL)).json()).nodes[0];
+    if (node.reserved_tokens === 0 && node.in_flight === 0) return node.limits.tpm.used;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  assert.fail("the gateway never settled");
+}
+
+describe("responses", { concurrency: false }, () => {
+  test("a response", async () => {
+    const before = await nodeTokens();
+    const reply = await client().responses.create({
+      model: CHAT_MODEL, instructions: "Be brief.", input: "Say hello.", max_output_tokens: 20,
+    });
+    assert.equal(reply.object, "response");
+    assert.ok(reply.output_text.length > 0);
+    assert.ok(reply.usage.input_tokens > 0);
+    assert.ok(reply.usage.output_tokens > 0);
+    assert.equal((await nodeTokens()) - before, reply.usage.total_tokens);
+  });
+
+  test("a streamed response", async () => {
+    const before = await nodeTokens();
+    const stream = await client().responses.create({
+      model: CHAT_MODEL, input: [{ role: "user", content: "Say hello." }], max_output_tokens: 20, stream: true,
+    });
+    const events = [];
+    for await (const event of stream) events.push(event);
+    const deltas = events.filter((e) => e.type === "response.output_text.delta").map((e) => e.delta);
+    assert.ok(deltas.length > 1);
+    const done = events.at(-1);
+    assert.equal(done.type, "response.completed");
+    const usage = done.response.usage;
+    assert.ok(usage.output_tokens > 0);
+    assert.equal((await nodeTokens()) - before, usage.input_tokens + usage.output_tokens);
+  });
+});
+
 describe("errors", { concurrency: false }, () => {
   test("a wrong key raises AuthenticationError", async () => {
     await assert.rejects(

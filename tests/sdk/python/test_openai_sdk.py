@@ -16,6 +16,7 @@ import json
 import os
 import time
 import unittest
+import urllib.request
 
 import openai
 
@@ -30,6 +31,21 @@ MESSAGES = [{"role": "user", "content": "Say hello to the SDK test."}]
 
 def client(key=KEY, max_retries=0):
     return openai.OpenAI(base_url=BASE_URL, api_key=key, max_retries=max_retries, timeout=30)
+
+
+STATUS_URL = BASE_URL.removesuffix("/v1") + "/status"
+
+
+def node_tokens():
+    """The node's tokens in its window once nothing is reserved (the
+    gateway settles a request just after its last byte)."""
+    for _ in range(200):
+        with urllib.request.urlopen(STATUS_URL) as answer:
+            node = json.load(answer)["nodes"][0]
+        if node["reserved_tokens"] == 0 and node["in_flight"] == 0:
+            return node["limits"]["tpm"]["used"]
+        time.sleep(0.05)
+    raise AssertionError("the gateway never settled")
 
 
 def drain(key):
@@ -81,6 +97,34 @@ class Completions(unittest.TestCase):
         self.assertIn(CHAT_MODEL, ids)
         self.assertIn(EMBEDDING_MODEL, ids)
         self.assertEqual(client().models.retrieve(CHAT_MODEL).id, CHAT_MODEL)
+
+
+class Responses(unittest.TestCase):
+    """The Responses API, settled at the usage its answer reports."""
+
+    def test_a_response(self):
+        before = node_tokens()
+        reply = client().responses.create(
+            model=CHAT_MODEL, instructions="Be brief.", input="Say hello.", max_output_tokens=20)
+        self.assertEqual(reply.object, "response")
+        self.assertTrue(reply.output_text)
+        self.assertGreater(reply.usage.input_tokens, 0)
+        self.assertGreater(reply.usage.output_tokens, 0)
+        self.assertEqual(node_tokens() - before, reply.usage.total_tokens)
+
+    def test_a_streamed_response(self):
+        before = node_tokens()
+        events = list(client().responses.create(
+            model=CHAT_MODEL, input=[{"role": "user", "content": "Say hello."}],
+            max_output_tokens=20, stream=True))
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        self.assertGreater(len(deltas), 1)
+        done = events[-1]
+        self.assertEqual(done.type, "response.completed")
+        self.assertEqual(done.response.output_text, "".join(deltas).strip())
+        usage = done.response.usage
+        self.assertGreater(usage.output_tokens, 0)
+        self.assertEqual(node_tokens() - before, usage.input_tokens + usage.output_tokens)
 
 
 class Errors(unittest.TestCase):

@@ -199,11 +199,11 @@ fn render_node(out: &mut Toml, node: &NodeConfig) {
             for (model, deployment) in &node.upstream_names {
                 let url = match api_version {
                     Some(v) => format!(
-                        "{}/openai/deployments/{deployment}/chat/completions?api-version={v}",
+                        "{}/openai/deployments/{deployment}/{{operation}}?api-version={v}",
                         node.url
                     ),
                     None => format!(
-                        "{}/openai/v1/chat/completions (model \"{deployment}\")",
+                        "{}/openai/v1/{{operation}} (model \"{deployment}\")",
                         node.url
                     ),
                 };

@@ -395,3 +395,28 @@ async fn healthcheck_exits_0_while_the_gateway_answers_and_1_when_it_does_not() 
     assert_eq!(code, 1);
     assert!(err.starts_with("balancer healthcheck: http://"), "{err}");
 }
+
+#[tokio::test]
+async fn check_prints_each_azure_deployments_url_and_never_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("Balancer.toml");
+    std::fs::write(
+        &config,
+        "[[nodes]]\nname = \"east\"\napi = \"azure\"\nurl = \"https://contoso-east.openai.azure.com\"\n\
+         api_version = \"2024-10-21\"\napi_key = \"az-secret-check-key\"\n\
+         deployments = { \"gpt-4o-mini\" = \"mini-east\" }\n\
+         [[nodes]]\nname = \"west\"\napi = \"azure\"\nurl = \"https://contoso-west.openai.azure.com\"\n\
+         api_key = \"az-secret-check-key\"\ndeployments = { \"gpt-4o-mini\" = \"mini-west\" }\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(&config, "check").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(
+        "# gpt-4o-mini -> https://contoso-east.openai.azure.com/openai/deployments/mini-east/{operation}?api-version=2024-10-21"
+    ), "{out}");
+    assert!(out.contains(
+        "# gpt-4o-mini -> https://contoso-west.openai.azure.com/openai/v1/{operation} (model \"mini-west\")"
+    ), "{out}");
+    assert!(out.contains("window = \"10s\""), "{out}");
+    assert!(!out.contains("az-secret-check-key") && !err.contains("az-secret-check-key"));
+}

@@ -554,4 +554,163 @@ mod tests {
             }
         );
     }
+
+    /// The prompt tokens `extra` (fields spliced into a one-message chat
+    /// for `model`) adds.
+    fn added_by(model: &str, extra: &str) -> u64 {
+        let chat = |extra: &str| {
+            format!(
+                r#"{{"model":"{model}","max_tokens":1,{extra}"messages":[{{"role":"user","content":"hi"}}]}}"#
+            )
+        };
+        let with = inspect_json("/chat/completions", &chat(extra)).unwrap();
+        let without = inspect_json("/chat/completions", &chat("")).unwrap();
+        with.prompt_tokens - without.prompt_tokens
+    }
+
+    #[test]
+    fn tool_and_function_definitions_count_as_their_json_text() {
+        let tools = r#"[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}]"#;
+        let o200k = Encoding::O200kBase;
+        assert_eq!(
+            added_by("gpt-4o", &format!(r#""tools":{tools},"#)),
+            o200k.count(tools)
+        );
+        let functions = r#"[{"name":"f","parameters":{}}]"#;
+        assert_eq!(
+            added_by("gpt-4o", &format!(r#""functions":{functions},"#)),
+            o200k.count(functions)
+        );
+    }
+
+    #[test]
+    fn a_response_format_schema_counts_as_its_json_text() {
+        let format = r#"{"type":"json_schema","json_schema":{"name":"answer","schema":{"type":"object","properties":{"n":{"type":"integer"}}}}}"#;
+        assert_eq!(
+            added_by("gpt-4o", &format!(r#""response_format":{format},"#)),
+            Encoding::O200kBase.count(format)
+        );
+    }
+
+    /// A one-message chat whose content is a text part and `part`.
+    fn with_part(model: &str, part: &str) -> String {
+        format!(
+            r#"{{"model":"{model}","max_tokens":1,"messages":[{{"role":"user","content":[{{"type":"text","text":"hi"}},{part}]}}]}}"#
+        )
+    }
+
+    #[test]
+    fn an_image_part_counts_the_tile_estimate_or_the_low_detail_constant() {
+        let text_only = inspect_json(
+            "/chat/completions",
+            &with_part("gpt-4o", r#"{"type":"text","text":""}"#),
+        )
+        .unwrap()
+        .prompt_tokens;
+        let image = |model: &str, detail: &str| {
+            let part = format!(
+                r#"{{"type":"image_url","image_url":{{"url":"data:image/png;base64,AAAA","detail":"{detail}"}}}}"#
+            );
+            inspect_json("/chat/completions", &with_part(model, &part))
+                .unwrap()
+                .prompt_tokens
+                - text_only
+        };
+        // 85 + 8 tiles of 170 for the largest image; 85 at low detail.
+        assert_eq!(image("gpt-4o", "high"), 85 + 8 * 170);
+        assert_eq!(image("gpt-4o", "auto"), 85 + 8 * 170);
+        assert_eq!(image("gpt-4o", "low"), 85);
+        // gpt-4o-mini's rates are about 33 times those.
+        assert_eq!(image("gpt-4o-mini", "high"), 2_833 + 8 * 5_667);
+        assert_eq!(image("gpt-4o-mini", "low"), 2_833);
+        // A Responses input image, no detail given: automatic.
+        let responses = r#"{"model":"gpt-4o","input":[{"role":"user","content":[{"type":"input_image","image_url":"data:image/png;base64,AAAA"}]}]}"#;
+        let plain = r#"{"model":"gpt-4o","input":[{"role":"user","content":[]}]}"#;
+        assert_eq!(
+            inspect_json("/responses", responses).unwrap().prompt_tokens
+                - inspect_json("/responses", plain).unwrap().prompt_tokens,
+            85 + 8 * 170
+        );
+    }
+
+    #[test]
+    fn an_audio_part_counts_a_token_per_2000_base64_characters() {
+        let text_only = inspect_json(
+            "/chat/completions",
+            &with_part("gpt-4o-audio-preview", r#"{"type":"text","text":""}"#),
+        )
+        .unwrap()
+        .prompt_tokens;
+        let data = "A".repeat(64_000);
+        let part =
+            format!(r#"{{"type":"input_audio","input_audio":{{"data":"{data}","format":"wav"}}}}"#);
+        let info = inspect_json(
+            "/chat/completions",
+            &with_part("gpt-4o-audio-preview", &part),
+        )
+        .unwrap();
+        assert_eq!(info.prompt_tokens - text_only, 32);
+    }
+
+    #[test]
+    fn n_and_best_of_multiply_the_completion_reserved() {
+        let demand = |extra: &str| {
+            let body = format!(r#"{{"model":"gpt-4","max_tokens":50,{extra}"messages":[]}}"#);
+            inspect_json("/chat/completions", &body)
+                .unwrap()
+                .demand
+                .tokens
+        };
+        assert_eq!(demand(""), 3 + 50);
+        assert_eq!(demand(r#""n":3,"#), 3 + 150);
+        assert_eq!(demand(r#""n":2,"best_of":4,"#), 3 + 200);
+        // Without max_tokens the default is multiplied too.
+        let open = inspect_json(
+            "/chat/completions",
+            r#"{"model":"gpt-4","n":2,"messages":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(open.demand.tokens, 3 + 200);
+        assert_eq!(open.demand.open_ended, Some((3, 2)));
+    }
+
+    #[test]
+    fn a_model_may_have_its_own_default_completion() {
+        let defaults = CompletionDefaults {
+            tokens: 100,
+            by_model: [("o3".to_owned(), 8_192)].into(),
+        };
+        let demand = |model: &str| {
+            let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
+            inspect_operation("/chat/completions", None, body.as_bytes(), true, &defaults)
+                .unwrap()
+                .demand
+                .tokens
+        };
+        assert_eq!(demand("o3"), 3 + 8_192);
+        assert_eq!(demand("gpt-4"), 3 + 100);
+    }
+
+    #[test]
+    fn a_responses_request_counts_instructions_input_and_tools() {
+        let o200k = Encoding::O200kBase;
+        let tools = r#"[{"type":"function","name":"f","parameters":{}}]"#;
+        let body = format!(
+            r#"{{"model":"gpt-4o","instructions":"Be brief.","input":"Say hello.","tools":{tools},"max_output_tokens":30}}"#
+        );
+        let info = inspect_json("/responses", &body).unwrap();
+        assert_eq!(
+            info.prompt_tokens,
+            o200k.count("Be brief.") + o200k.count("Say hello.") + o200k.count(tools)
+        );
+        assert_eq!(info.demand.tokens, info.prompt_tokens + 30);
+        // Items other than messages: a function call's arguments and its output.
+        let items = r#"{"model":"gpt-4o","input":[{"type":"function_call","call_id":"c","name":"f","arguments":"{\"city\":\"Paris\"}"},{"type":"function_call_output","call_id":"c","output":"sunny"}]}"#;
+        let info = inspect_json("/responses", items).unwrap();
+        assert!(
+            info.prompt_tokens >= o200k.count(r#"{"city":"Paris"}"#) + o200k.count("sunny"),
+            "{}",
+            info.prompt_tokens
+        );
+    }
 }

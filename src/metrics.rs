@@ -270,6 +270,21 @@ impl NodeMetrics {
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
     }
+
+    /// (prompt, completion) tokens its answers settled at since start, over
+    /// every model.
+    pub fn tokens(&self) -> (u64, u64) {
+        self.routes
+            .by_model
+            .load()
+            .values()
+            .fold((0, 0), |(prompt, completion), route| {
+                (
+                    prompt + route.prompt_tokens.load(Ordering::Relaxed),
+                    completion + route.completion_tokens.load(Ordering::Relaxed),
+                )
+            })
+    }
 }
 
 /// The gateway's own counters: requests it answered itself, and the queue.

@@ -647,4 +647,37 @@ mod tests {
             Err(Refusal::TooLarge { .. })
         ));
     }
+
+    #[test]
+    fn a_bucket_holding_a_seconds_worth_admits_that_then_refills_at_the_rate() {
+        let now = Instant::now();
+        let mut l = Ledger::new(
+            Limits {
+                rpm: Some(600),
+                tpm: None,
+            },
+            Enforcement::Bucket {
+                burst: Duration::from_secs(1),
+            },
+            &[KEY.to_owned()],
+            now,
+        );
+        for _ in 0..10 {
+            assert!(l.admit(KEY, used(1, 1), now).0.is_ok());
+        }
+        assert!(l.admit(KEY, used(1, 1), now).0.is_err());
+        // 600 rpm is one every 100 ms.
+        assert!(
+            l.admit(KEY, used(1, 1), now + Duration::from_millis(99))
+                .0
+                .is_err()
+        );
+        assert!(
+            l.admit(KEY, used(1, 1), now + Duration::from_millis(101))
+                .0
+                .is_ok()
+        );
+        let (_, headers) = l.admit(KEY, used(1, 1), now + Duration::from_millis(101));
+        assert_eq!(headers.requests.unwrap().limit, 600);
+    }
 }

@@ -237,7 +237,7 @@ impl Limiter {
     /// what the minute holds of it, so a reload never forgets use.
     pub fn set_window(&self, span: Duration) {
         let mut state = self.state.lock();
-        if state.short.as_ref().map(|s| s.span) == Some(span) {
+        if state.short.as_ref().map_or(WINDOW, |s| s.span) == span.min(WINDOW) {
             return;
         }
         state.short = (span < WINDOW).then(|| Short::new(span, &state.window));

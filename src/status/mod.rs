@@ -82,6 +82,7 @@ pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
 pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
     let u = node.limiter.snapshot(now);
     let h = node.health.snapshot(now);
+    let settled = node.metrics.tokens();
     let limit = |quota: Option<std::num::NonZeroU64>, used: u64| json!({"limit": quota.map(u64::from), "used": used});
     let lowered =
         |quota: Option<std::num::NonZeroU64>, upstream: Option<std::num::NonZeroU64>, used: u64| {
@@ -115,6 +116,7 @@ pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
         "reserved_tokens": u.pending_tokens,
         "upstream_errors": node.metrics.errors().collect::<std::collections::BTreeMap<_, _>>(),
         "retries": node.metrics.retries(),
+        "tokens_settled": {"prompt": settled.0, "completion": settled.1},
         "cooldown_remaining_ms": u.cooldown.map(|(d, _)| ms(d)),
         "cooldown_reason": u.cooldown.map(|(_, reason)| reason.as_str()),
         "upstream_reported": {

@@ -191,7 +191,12 @@ async fn a_responses_stream_is_settled_at_the_usage_of_its_final_event() {
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap();
     let status = gw.settled_status().await;
-    assert_eq!(node_status(&status, "w")["limits"]["tpm"]["used"], 340);
+    let w = node_status(&status, "w");
+    assert_eq!(w["limits"]["tpm"]["used"], 340);
+    assert_eq!(
+        w["tokens_settled"],
+        serde_json::json!({"prompt": 40, "completion": 300})
+    );
     let m = crate::metrics::Metrics::scrape(&gw).await;
     let tokens = |kind| {
         m.value(

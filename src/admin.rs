@@ -54,6 +54,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
         .route("/admin/clients/{id}/rotate", post(rotate_key))
         .route("/admin/clients/{id}/usage", get(client_usage))
+        .route("/admin/clients/{id}/objects", get(client_objects))
         .route("/admin/nodes", get(nodes))
         .fallback(unknown_url)
         .method_not_allowed_fallback(method_not_allowed)
@@ -319,6 +320,36 @@ async fn client_usage(
     }))
     .into_response())
 }
+
+/// The stored objects a client created through the gateway (its records:
+/// kind, node, times), newest first. `shared` lists the shared group's.
+async fn client_objects(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Answer {
+    let owner = if id == SHARED_GROUP {
+        ""
+    } else {
+        if declared(&state, &id).is_none() {
+            find_stored(&state, &id).await?;
+        }
+        id.as_str()
+    };
+    let records = state.objects.of_client(owner).await.map_err(unavailable)?;
+    let data: Vec<Value> = records
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.id,
+                "object": r.kind,
+                "node": r.node,
+                "created_at": r.created_at,
+                "expires_at": r.expires_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "client_id": id, "data": data})).into_response())
+}
+
+/// The path name of the group of callers without their own client key.
+const SHARED_GROUP: &str = "shared";
 
 async fn nodes(State(state): State<Arc<AppState>>) -> Answer {
     let live = state.live();

@@ -120,6 +120,39 @@ pub enum GatewayError {
     ClientNameTaken(String),
     #[error("The client '{0}' is declared in the config file ([[clients]]); change it there.")]
     ClientDeclaredInConfig(String),
+    #[error("The request names an object id that is not usable: {0}.")]
+    InvalidObjectId(String),
+    #[error("No {kind} with id '{id}' found.")]
+    ObjectNotFound { kind: &'static str, id: String },
+    #[error(
+        "The {kind} '{id}' is held by node '{node}', which is {why}; retry when it is back (see /status)."
+    )]
+    ObjectUnavailable {
+        kind: &'static str,
+        id: String,
+        node: String,
+        why: &'static str,
+    },
+    #[error(
+        "The request names objects held by different upstream keys ('{first}' on node '{first_node}', '{second}' on node '{second_node}'); one request can only use objects of one key."
+    )]
+    ObjectsOnDifferentNodes {
+        first: String,
+        first_node: String,
+        second: String,
+        second_node: String,
+    },
+    #[error(
+        "The model '{model}' is not served by node '{node}', which holds the {kind} '{id}' this request names."
+    )]
+    ModelNotOnObjectNode {
+        model: String,
+        node: String,
+        kind: &'static str,
+        id: String,
+    },
+    #[error("The multipart body could not be read: {0}.")]
+    InvalidMultipart(String),
 }
 
 impl GatewayError {
@@ -262,6 +295,36 @@ impl GatewayError {
                 StatusCode::CONFLICT,
                 "invalid_request_error",
                 "client_declared_in_config",
+            ),
+            E::InvalidObjectId(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_object_id",
+            ),
+            E::ObjectNotFound { .. } => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "object_not_found",
+            ),
+            E::ObjectUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "object_unavailable",
+            ),
+            E::ObjectsOnDifferentNodes { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "objects_on_different_nodes",
+            ),
+            E::ModelNotOnObjectNode { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "model_not_on_object_node",
+            ),
+            E::InvalidMultipart(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_multipart",
             ),
         }
     }

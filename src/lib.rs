@@ -76,6 +76,7 @@ pub mod ledger;
 pub mod limits;
 pub(crate) mod meter;
 pub mod metrics;
+pub mod objects;
 pub(crate) mod probes;
 pub(crate) mod proxy;
 pub(crate) mod relay;

@@ -75,6 +75,19 @@ impl Meter {
         }
     }
 
+    /// The id of the object a stream creates, the first time it is seen
+    /// (then `None` again).
+    pub(crate) fn take_created(&mut self) -> Option<String> {
+        match self {
+            Meter::Sse(sse) if !sse.created_taken => {
+                let id = sse.created.clone()?;
+                sse.created_taken = true;
+                Some(id)
+            }
+            _ => None,
+        }
+    }
+
     /// Total tokens (prompt + completion) the request used, if known.
     #[cfg(test)]
     pub(crate) fn tokens(
@@ -123,9 +136,23 @@ pub(crate) struct SseMeter {
     text: String,
     /// Streamed text bytes past [`MAX_STREAMED_TEXT`].
     text_overflow: u64,
+    /// The id of the object the stream creates, once seen: a Responses
+    /// stream's `response.created`, a chat stream's first chunk.
+    created: Option<String>,
+    created_taken: bool,
+    /// Whether to look for that id at all.
+    watches_created: bool,
 }
 
 impl SseMeter {
+    /// A meter that also notes the id of the object the stream creates.
+    pub(crate) fn watching_created() -> Self {
+        Self {
+            watches_created: true,
+            ..Self::default()
+        }
+    }
+
     fn observe(&mut self, chunk: &[u8]) {
         let mut rest = chunk;
         while let Some(end) = rest.iter().position(|b| *b == b'\n') {
@@ -179,6 +206,13 @@ impl SseMeter {
         let Ok(event) = serde_json::from_slice::<StreamEvent<'_>>(data) else {
             return;
         };
+        if self.watches_created && self.created.is_none() {
+            self.created = match (event.kind.as_deref(), event.object.as_deref()) {
+                (Some("response.created"), _) => event.response.as_ref().and_then(|r| r.id.clone()),
+                (_, Some("chat.completion.chunk")) => event.id.as_deref().map(str::to_owned),
+                _ => None,
+            };
+        }
         if let Some(usage) = event.usage.or_else(|| event.response.and_then(|r| r.usage)) {
             self.usage = Some(usage);
         }
@@ -253,6 +287,7 @@ impl Usage {
 #[derive(Deserialize)]
 struct WithUsage {
     usage: Option<Usage>,
+    id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -269,6 +304,11 @@ struct StreamEvent<'a> {
     delta: Option<&'a serde_json::value::RawValue>,
     /// The response a Responses lifecycle event carries.
     response: Option<WithUsage>,
+    /// A chat chunk's completion id, and what it is.
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    object: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]

@@ -30,8 +30,10 @@ use crate::clients::ClientCounters;
 use crate::ledger::{Entry, Ledger};
 use crate::meter::{Meter, SseMeter, TokenUsage};
 use crate::metrics::{self, OTHER_MODEL, Route};
+use crate::objects::{Kind, Objects, answer};
 use crate::request::RequestInfo;
 use crate::snapshot::Node;
+use crate::tasks::Tasks;
 use crate::tokens::Encoding;
 use crate::upstream;
 
@@ -50,6 +52,23 @@ pub(crate) struct UsageTicket {
     pub entry: Entry,
 }
 
+/// An object a streamed answer creates: its id is recorded for `owner`
+/// on the answering node the moment the stream shows it.
+pub(crate) struct StreamedObject {
+    pub objects: Arc<Objects>,
+    pub tasks: Tasks,
+    pub kind: Kind,
+    pub owner: Arc<str>,
+}
+
+impl std::fmt::Debug for StreamedObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamedObject")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What a request holds while its answer is relayed, settled when the
 /// relay ends.
 #[derive(Debug)]
@@ -60,6 +79,8 @@ pub(crate) struct Held {
     pub(crate) client: ClientHold,
     /// The client's ledger entry, if it has its own key.
     pub(crate) usage: Option<UsageTicket>,
+    /// The object a streamed answer creates, to record.
+    pub(crate) creates: Option<StreamedObject>,
 }
 
 /// When a request arrived and what it went through before its answer, for
@@ -111,8 +132,12 @@ pub(crate) fn relay(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let meter = if content_type.starts_with("text/event-stream") {
-        Meter::Sse(SseMeter::default())
-    } else if content_type.contains("json") && info.demand.tokens > 0 {
+        Meter::Sse(if held.creates.is_some() {
+            SseMeter::watching_created()
+        } else {
+            SseMeter::default()
+        })
+    } else if content_type.contains("json") && (info.demand.tokens > 0 || info.model.is_some()) {
         Meter::Json(Vec::new())
     } else {
         Meter::Opaque
@@ -122,6 +147,7 @@ pub(crate) fn relay(
         .routes
         .route(trace.model_label(info.model.as_deref()));
     let settlement = Settlement {
+        creates: held.creates,
         holds: Some((held.booking, held.client)),
         usage: held.usage,
         meter,
@@ -221,6 +247,8 @@ impl End {
 /// Settles the reservation, counts the request and logs its line when
 /// dropped: on every way a relay can end.
 struct Settlement {
+    /// The object the stream creates, until its id is recorded.
+    creates: Option<StreamedObject>,
     /// The node's booking and the client's hold, settled together.
     holds: Option<(Booking, ClientHold)>,
     usage: Option<UsageTicket>,
@@ -258,6 +286,20 @@ impl Settlement {
             ticket.entry.totals.response_bytes += chunk.len() as u64;
         }
         self.meter.observe(chunk);
+        if self.creates.is_some()
+            && let Some(id) = self.meter.take_created()
+            && let Some(created) = self.creates.take()
+        {
+            let seen = answer::Sighting {
+                id,
+                kind: created.kind,
+                created_at: None,
+                expires_at: None,
+                completed_at: None,
+            };
+            let record = created.objects.record_of(&seen, &self.node, &created.owner);
+            created.objects.keep_soon(&created.tasks, seen.id, record);
+        }
     }
 }
 

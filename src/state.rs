@@ -22,6 +22,7 @@ use crate::clients::Registry;
 use crate::config::Config;
 use crate::limits::HeadroomSignal;
 use crate::metrics::GatewayMetrics;
+use crate::objects::Objects;
 use crate::snapshot::{self, Kept, Live, Retired};
 use crate::tasks::Tasks;
 
@@ -44,6 +45,8 @@ pub struct AppState {
     pub admission: Admission,
     /// Clients' keys, limits and usage; outlives snapshots.
     pub clients: Registry,
+    /// Where each stored object lives and whose it is.
+    pub objects: Arc<Objects>,
     /// What the gateway answered itself, and queue waits.
     pub metrics: GatewayMetrics,
     /// What outlives snapshots, by node name.
@@ -61,7 +64,12 @@ pub struct AppState {
 impl AppState {
     /// Builds the state from `config`: its first snapshot, admission (and
     /// the shared limits, with `[cluster]`). Starts nothing.
-    pub fn new(config: Config, clients: Registry, tasks: Tasks) -> Result<Arc<Self>, String> {
+    pub fn new(
+        config: Config,
+        clients: Registry,
+        objects: Objects,
+        tasks: Tasks,
+    ) -> Result<Arc<Self>, String> {
         let signal = Arc::new(HeadroomSignal::default());
         let kept = Kept::new(Arc::clone(&signal));
         let live = Arc::new(ArcSwap::from_pointee(snapshot::prepare(
@@ -76,6 +84,7 @@ impl AppState {
             live,
             admission: Admission { queue, shared },
             clients,
+            objects: Arc::new(objects),
             metrics: GatewayMetrics::default(),
             kept,
             generation: AtomicU64::new(1),

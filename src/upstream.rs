@@ -134,9 +134,21 @@ pub(crate) async fn read_error(
     response: reqwest::Response,
     timeout: Duration,
 ) -> Result<(reqwest::Response, Bytes), Failure> {
+    read_whole(response, MAX_ERROR_BODY, timeout).await
+}
+
+/// Reads an answer whole (at most `max` bytes, within `timeout`) and gives
+/// back an equivalent response to relay, with its body. One that declares
+/// more than `max` is given back unread (and the bytes empty); one that
+/// sends more than it declared is broken.
+pub(crate) async fn read_whole(
+    response: reqwest::Response,
+    max: usize,
+    timeout: Duration,
+) -> Result<(reqwest::Response, Bytes), Failure> {
     if response
         .content_length()
-        .is_some_and(|len| len > MAX_ERROR_BODY as u64)
+        .is_some_and(|len| len > max as u64)
     {
         return Ok((response, Bytes::new()));
     }
@@ -149,7 +161,7 @@ pub(crate) async fn read_error(
         use futures_util::StreamExt;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|_| Failure::Broken)?;
-            if body.len() + chunk.len() > MAX_ERROR_BODY {
+            if body.len() + chunk.len() > max {
                 return Err(Failure::Broken);
             }
             body.extend_from_slice(&chunk);
@@ -166,6 +178,25 @@ pub(crate) async fn read_error(
     *rebuilt.version_mut() = version;
     *rebuilt.headers_mut() = headers;
     Ok((reqwest::Response::from(rebuilt), body))
+}
+
+/// An answer's body, if it is at most `max` bytes and arrives within
+/// `timeout`.
+pub(crate) async fn read_bounded(
+    response: reqwest::Response,
+    max: usize,
+    timeout: Duration,
+) -> Option<Bytes> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > max as u64)
+    {
+        return None;
+    }
+    read_whole(response, max, timeout)
+        .await
+        .ok()
+        .map(|(_, body)| body)
 }
 
 /// Whether an error body says the key's quota is spent (OpenAI's

@@ -38,6 +38,7 @@
 mod azure;
 pub mod cli;
 pub mod ledger;
+mod objects;
 mod openai;
 mod responses;
 
@@ -239,6 +240,17 @@ struct Mock {
     counter: AtomicU64,
     /// Fires when the mock stops, ending hanging requests.
     stopping: CancellationToken,
+    /// Files, batches and stored responses, per key.
+    objects: Mutex<objects::Store>,
+    /// The port it listens on: part of every id it hands out, so no two
+    /// mocks hand out the same.
+    port: u16,
+}
+
+impl Mock {
+    fn port(&self) -> u16 {
+        self.port
+    }
 }
 
 /// The fractional part of `n × α` for an irrational `α`: a sequence that
@@ -332,6 +344,8 @@ impl MockUpstream {
             stats: Arc::clone(&stats),
             counter: AtomicU64::new(0),
             stopping: stopping.clone(),
+            objects: Mutex::default(),
+            port: addr.port(),
         }));
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
@@ -407,6 +421,8 @@ mod tests {
             config,
             counter: AtomicU64::new(0),
             stopping: CancellationToken::new(),
+            objects: Mutex::default(),
+            port: 0,
         }
     }
 

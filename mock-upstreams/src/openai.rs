@@ -29,7 +29,8 @@ pub(crate) fn router(mock: Arc<Mock>) -> Router {
             .route("/v1/completions", post(completions))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/responses", post(crate::responses::create))
-            .route("/v1/models", get(models)),
+            .route("/v1/models", get(models))
+            .merge(crate::objects::routes()),
         Dialect::Azure => crate::azure::routes(),
     };
     routes.route("/_stats", get(stats)).with_state(mock)
@@ -42,7 +43,7 @@ pub(crate) fn error(status: StatusCode, message: &str, kind: &str, code: &str) -
 
 /// The accepted key the request presents, if any: `Authorization: Bearer`
 /// to an OpenAI mock, `api-key` to an Azure one.
-fn key_of<'m>(mock: &'m Mock, headers: &HeaderMap) -> Option<&'m str> {
+pub(crate) fn key_of<'m>(mock: &'m Mock, headers: &HeaderMap) -> Option<&'m str> {
     match mock.config.dialect {
         Dialect::OpenAi => {
             let presented = headers.get(header::AUTHORIZATION)?.as_bytes();

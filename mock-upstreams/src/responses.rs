@@ -3,6 +3,10 @@
 //! names them (`event: response.output_text.delta`), each with its `type`
 //! and `sequence_number`, ending with `response.completed` whose
 //! `response.usage` holds `input_tokens` and `output_tokens`.
+//!
+//! A response is stored for the key that made it unless `store` is
+//! `false`; `previous_response_id` must name one of that key's, or the
+//! answer is 404 `previous_response_not_found`, as the service answers.
 #![expect(
     clippy::result_large_err,
     reason = "an `Err` here is the response to send, built only when refusing"
@@ -16,11 +20,13 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use crate::Mock;
+use axum::http::StatusCode;
+
 use crate::openai::{
-    Priced, asked, completion_words, created, gate, json_answer, messages_tokens, model_of, parse,
-    rate_headers, stream_events, tokenizer,
+    Priced, asked, completion_words, created, error, gate, json_answer, key_of, messages_tokens,
+    model_of, parse, rate_headers, stream_events, tokenizer,
 };
+use crate::{Mock, objects};
 
 pub(crate) async fn create(
     State(mock): State<Arc<Mock>>,
@@ -53,7 +59,23 @@ pub(crate) async fn create_for(
         Ok(admitted) => admitted,
         Err(response) => return response,
     };
+    let key = key_of(&mock, &headers).unwrap_or_default().to_owned();
+    let previous = request["previous_response_id"].as_str();
+    if let Some(previous) = previous
+        && !objects::has_response(&mock, &key, previous)
+    {
+        let mut refused = error(
+            StatusCode::NOT_FOUND,
+            &format!("Previous response with id '{previous}' not found."),
+            "invalid_request_error",
+            "previous_response_not_found",
+        );
+        rate_headers(&mut refused, rate, mock.config.dialect);
+        return refused;
+    }
     let answer = Answer {
+        id: objects::response_id(&mock),
+        previous_response_id: request["previous_response_id"].clone(),
         created_at: created(&mock),
         model,
         instructions: request["instructions"].clone(),
@@ -61,6 +83,9 @@ pub(crate) async fn create_for(
         prompt,
         words,
     };
+    if request["store"].as_bool() != Some(false) {
+        objects::keep_response(&mock, &key, &answer.response("completed", true));
+    }
     if request["stream"].as_bool() == Some(true) {
         let mut response = stream_events(&mock, answer.events(), fate);
         rate_headers(&mut response, rate, mock.config.dialect);
@@ -90,11 +115,12 @@ fn input_tokens(model: &str, request: &Value) -> u64 {
     tokens
 }
 
-const RESPONSE_ID: &str = "resp_mock";
 const MESSAGE_ID: &str = "msg_mock";
 
 /// One answer, as a whole or as its events.
 struct Answer {
+    id: String,
+    previous_response_id: Value,
     created_at: u64,
     model: String,
     instructions: Value,
@@ -137,11 +163,11 @@ impl Answer {
             (json!([]), Value::Null)
         };
         json!({
-            "id": RESPONSE_ID, "object": "response", "created_at": self.created_at,
+            "id": self.id, "object": "response", "created_at": self.created_at,
             "status": status, "error": null, "incomplete_details": null,
             "instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
             "model": self.model, "output": output, "parallel_tool_calls": true,
-            "previous_response_id": null, "reasoning": {"effort": null, "summary": null},
+            "previous_response_id": self.previous_response_id, "reasoning": {"effort": null, "summary": null},
             "store": true, "temperature": 1.0, "text": {"format": {"type": "text"}},
             "tool_choice": "auto", "tools": [], "top_p": 1.0, "truncation": "disabled",
             "usage": usage, "user": null, "metadata": {},

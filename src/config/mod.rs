@@ -157,6 +157,9 @@ pub struct StoreSettings {
     pub url: SecretString,
     pub cache_ttl: Duration,
     pub usage_flush_interval: Duration,
+    /// How long an object record lasts when its object gives no expiry of
+    /// its own (a vector store, an assistant, a thread...).
+    pub object_ttl: Duration,
 }
 
 /// `[admin]`: the admin API's listener and bearer token.

@@ -60,6 +60,8 @@ pub(super) const DEFAULT_STORE_URL: &str = "sqlite://balancer.db";
 pub(super) const DEFAULT_CLIENT_CACHE_TTL: Duration = Duration::from_secs(5);
 /// Usage is written in one batch this often, off the request path.
 pub(super) const DEFAULT_USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// A record of an object with no expiry of its own lasts 30 days.
+pub(super) const DEFAULT_OBJECT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How long one call to Redis may take before it counts as unreachable: a
 /// healthy Redis on the same network answers in about a millisecond.
 pub(super) const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
@@ -202,6 +204,9 @@ pub(super) struct RawStore {
     #[serde(with = "humantime_serde")]
     #[default(DEFAULT_USAGE_FLUSH_INTERVAL)]
     pub(super) usage_flush_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_OBJECT_TTL)]
+    pub(super) object_ttl: Duration,
 }
 
 /// `[admin]`

@@ -138,6 +138,7 @@ impl Config {
         out.text("url", redacted_url(self.store.url.expose_secret()));
         out.duration("cache_ttl", self.store.cache_ttl);
         out.duration("usage_flush_interval", self.store.usage_flush_interval);
+        out.duration("object_ttl", self.store.object_ttl);
         out.table("[admin]");
         out.text("listen", self.admin.listen);
         match self.admin.token {

@@ -305,6 +305,7 @@ fn validate_store(raw: RawStore, problems: &mut Vec<String>) -> StoreSettings {
         url: SecretString::from(url.to_owned()),
         cache_ttl: raw.cache_ttl,
         usage_flush_interval: raw.usage_flush_interval,
+        object_ttl: raw.object_ttl,
     }
 }
 

@@ -30,6 +30,7 @@ use crate::error::GatewayError;
 use crate::limits::Demand;
 use crate::tokens::Encoding;
 
+pub mod multipart;
 mod walk;
 
 use walk::BodySeed;
@@ -58,6 +59,11 @@ pub const MAX_MODEL_LEN: usize = 256;
 pub struct RequestInfo {
     pub model: Option<Box<str>>,
     pub stream: bool,
+    /// `store`, where the body says (a response is stored unless `false`;
+    /// a chat completion only if `true`).
+    pub store: Option<bool>,
+    /// `background: true`: the upstream works on it later (a response).
+    pub background: bool,
     pub encoding: Encoding,
     pub prompt_tokens: u64,
     pub demand: Demand,
@@ -133,6 +139,8 @@ pub fn inspect_operation(
         return Ok(RequestInfo {
             model: path_model.map(Box::from),
             stream: false,
+            store: None,
+            background: false,
             encoding: Encoding::Cl100kBase,
             prompt_tokens: 0,
             demand: Demand {
@@ -174,8 +182,13 @@ pub fn inspect_operation(
         .count(encoding)
         .saturating_add(parsed.texts.media.tokens(model.as_deref().unwrap_or("")));
     let choices = parsed.choices.unwrap_or(1).clamp(1, 128);
+    // Background work is done later, outside the per-minute limits: it
+    // counts as a request, and no tokens (see the README).
+    let background = parsed.background && path == "/responses";
+    let prompt_tokens = if background { 0 } else { prompt_tokens };
     let (completion_tokens, open_ended) = match (&model, parsed.max_tokens) {
         (None, _) => (0, None),
+        _ if background => (0, None),
         _ if path == "/embeddings" => (0, None),
         (Some(_), Some(max)) => (max.saturating_mul(choices), None),
         (Some(model), None) => (
@@ -185,6 +198,8 @@ pub fn inspect_operation(
     };
     Ok(RequestInfo {
         stream: parsed.stream,
+        store: parsed.store,
+        background,
         encoding,
         prompt_tokens,
         demand: Demand {
@@ -250,6 +265,8 @@ struct Parsed<'a> {
     max_tokens_rank: u8,
     /// `n` or `best_of`, the larger: completions the request asks for.
     choices: Option<u64>,
+    store: Option<bool>,
+    background: bool,
     texts: Texts<'a>,
 }
 
@@ -263,6 +280,8 @@ impl Default for Parsed<'_> {
             max_tokens: None,
             max_tokens_rank: 0,
             choices: None,
+            store: None,
+            background: false,
             texts: Texts::default(),
         }
     }

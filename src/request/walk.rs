@@ -63,6 +63,14 @@ impl<'de> Visitor<'de> for BodySeed<'_, 'de> {
                     parsed.stream = map.next_value::<Loose<bool>>()?.0 == Some(true);
                     continue;
                 }
+                "store" => {
+                    parsed.store = map.next_value::<Loose<bool>>()?.0;
+                    continue;
+                }
+                "background" => {
+                    parsed.background = map.next_value::<Loose<bool>>()?.0 == Some(true);
+                    continue;
+                }
                 "max_completion_tokens" | "max_tokens" | "max_output_tokens" => {
                     let rank = match &*key {
                         "max_completion_tokens" => 1,

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clients::Registry;
 use crate::config::{self, Config, ConfigError};
 use crate::control::{ControlError, PidFile};
+use crate::objects::Objects;
 use crate::reload::{self, ConfigSource};
 use crate::state::AppState;
 use crate::store::{Store, StoreError};
@@ -53,10 +54,16 @@ pub enum StartError {
 pub async fn start(config: Config, base_dir: &Path) -> Result<Arc<AppState>, StartError> {
     let store = Store::open(&config.store.url, base_dir).await?;
     let (ledger, writer) = ledger::channel();
+    let objects = Objects::new(
+        store.clone(),
+        config.store.cache_ttl,
+        config.store.object_ttl,
+    );
     let registry = Registry::new(store, config.store.cache_ttl, ledger).await?;
     let settings = config.store.clone();
     let tasks = Tasks::new();
-    let state = AppState::new(config, registry, tasks.clone()).map_err(StartError::Prepare)?;
+    let state =
+        AppState::new(config, registry, objects, tasks.clone()).map_err(StartError::Prepare)?;
     if let Some(shared) = &state.admission.shared {
         let shared = Arc::clone(shared);
         tasks.spawn(|cancel| shared.run(cancel));
@@ -69,6 +76,8 @@ pub async fn start(config: Config, base_dir: &Path) -> Result<Arc<AppState>, Sta
     tasks.spawn(|cancel| writer.run(store, settings.usage_flush_interval, cancel));
     let weak = Arc::downgrade(&state);
     tasks.spawn(|cancel| refresh_clients(weak, settings.cache_ttl, cancel));
+    let objects = Arc::clone(&state.objects);
+    tasks.spawn(|cancel| purge_objects(objects, cancel));
     if let Some(shared) = &state.admission.shared
         && !shared.connected(CLUSTER_CONNECT_WAIT).await
     {
@@ -93,6 +102,26 @@ async fn refresh_clients(state: Weak<AppState>, every: Duration, cancel: Cancell
         let Some(state) = state.upgrade() else { return };
         if let Err(err) = state.clients.refresh().await {
             tracing::warn!(error = %err, "cannot count the stored clients");
+        }
+    }
+}
+
+/// How often expired object records are deleted.
+const OBJECT_PURGE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes expired object records now and every hour.
+async fn purge_objects(objects: Arc<Objects>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(OBJECT_PURGE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        match objects.purge().await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "expired object records deleted"),
+            Err(err) => tracing::warn!(error = %err, "cannot delete expired object records"),
         }
     }
 }

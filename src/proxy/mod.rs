@@ -47,6 +47,11 @@ use crate::state::AppState;
 use crate::store::UsageTotals;
 use crate::upstream::{self, Failure};
 
+mod objects;
+
+use crate::objects::named::{self as object_names, PathUse};
+use crate::objects::route::Routing;
+
 /// The handler for every `/v1/*` path the gateway does not answer itself.
 pub(crate) async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let received = Instant::now();
@@ -137,10 +142,21 @@ async fn forward(
     if let Some(client) = &client {
         state.admission.precheck(client)?;
     }
+    let path_use = object_names::path_use(parts.method.as_str(), operation.path)?;
+    if let PathUse::Lists(kind) = path_use {
+        let answer =
+            objects::list_answer(state, &live, kind, parts.uri.query(), client.as_deref()).await?;
+        answered_itself(state, parts.uri.path(), None, received);
+        return Ok(answer);
+    }
     let limit = live.config.server.max_body_bytes.get();
     let body = read_body(body, &parts.headers, limit).await?;
     let info = inspect(&operation, &parts, &body, &live.completion_defaults).await?;
-    let request = Inbound {
+    let refused = |error| Refused {
+        error,
+        model: info.model.clone(),
+    };
+    let mut request = Inbound {
         parts: &parts,
         operation: &operation,
         body,
@@ -148,13 +164,12 @@ async fn forward(
         client: client.as_deref(),
         received,
         deadline: received + live.config.server.request_timeout,
+        routing: Routing::default(),
     };
-    dispatch(state, live, request)
+    request.routing = objects::routing(state, &live, parts.method.as_str(), &path_use, &request)
         .await
-        .map_err(|error| Refused {
-            error,
-            model: info.model.clone(),
-        })
+        .map_err(refused)?;
+    dispatch(state, live, request).await.map_err(refused)
 }
 
 /// A request that has been read and inspected.
@@ -169,6 +184,8 @@ struct Inbound<'a> {
     /// `received` + `server.request_timeout`: bounds waiting, every
     /// attempt, and the relay.
     deadline: Instant,
+    /// Where the objects it names pin it, and what its answer records.
+    routing: Routing,
 }
 
 impl Inbound<'_> {
@@ -220,7 +237,7 @@ async fn dispatch(
 ) -> Result<Response, GatewayError> {
     let model = request.info.model.as_deref();
     let mut target = Target {
-        candidates: live.candidates(model)?,
+        candidates: candidates(&live, model, &request.routing)?,
         live,
     };
     let mut trace = Trace {
@@ -241,9 +258,21 @@ async fn dispatch(
     state.metrics.queue_wait.observe(trace.queue_wait);
     let mut admitted = admitted?;
     if let Some(newer) = admitted.placement.rebased.take() {
-        // It waited through a reload: go on in the new snapshot.
+        // It waited through a reload: go on in the new snapshot, on the
+        // same node if its objects pin it.
+        let pinned = request
+            .routing
+            .node
+            .map(|id| Arc::clone(&target.live.node(id).name));
+        let candidates = match pinned {
+            Some(name) => newer
+                .node_ids()
+                .filter(|id| newer.node(*id).name == name)
+                .collect(),
+            None => newer.candidates(model)?,
+        };
         target = Target {
-            candidates: newer.candidates(model)?,
+            candidates,
             live: newer,
         };
     }
@@ -256,6 +285,19 @@ async fn dispatch(
         trace,
     )
     .await
+}
+
+/// The nodes a request may go to: the one that holds the objects it names,
+/// else those that serve its model.
+fn candidates(
+    live: &Live,
+    model: Option<&str>,
+    routing: &Routing,
+) -> Result<Arc<[NodeId]>, GatewayError> {
+    match routing.node {
+        Some(node) => Ok(Arc::from([node])),
+        None => live.candidates(model),
+    }
 }
 
 /// Step 6: the first placement, then retries on other nodes with headroom
@@ -295,7 +337,9 @@ async fn attempt_all(
         trace.sent = Instant::now();
         let outcome = try_node(live, placement, request).await;
         if !outcome.retryable() {
-            return outcome.finish(live, request, client, usage, trace);
+            return outcome
+                .finish(state, live, request, client, usage, trace)
+                .await;
         }
         tried.push(node);
         if let Some(previous) = last.replace(outcome) {
@@ -303,7 +347,11 @@ async fn attempt_all(
         }
     }
     match last {
-        Some(outcome) => outcome.finish(live, request, client, usage, trace),
+        Some(outcome) => {
+            outcome
+                .finish(state, live, request, client, usage, trace)
+                .await
+        }
         None => Err(GatewayError::UpstreamUnavailable {
             node: "none".to_owned(),
         }),
@@ -354,10 +402,12 @@ impl Attempt {
         }
     }
 
-    /// The client's answer: the node's, relayed; or, when no node
-    /// answered, the gateway's own error.
-    fn finish(
+    /// The client's answer: the node's, relayed (once the objects it makes
+    /// known are recorded); or, when no node answered, the gateway's own
+    /// error.
+    async fn finish(
         self,
+        state: &AppState,
         live: &Live,
         request: &Inbound<'_>,
         client: ClientHold,
@@ -373,6 +423,13 @@ impl Attempt {
                 booking,
                 ..
             } => {
+                let response = if request.routing.watches_answer() {
+                    let wait = request.deadline.saturating_duration_since(Instant::now());
+                    objects::record_answer(state, live.node(node), &request.routing, response, wait)
+                        .await?
+                } else {
+                    response
+                };
                 // A client that stops reading is cut at the deadline.
                 if let Some(write) = request.parts.extensions.get::<WriteDeadline>() {
                     write.until(request.deadline);
@@ -384,6 +441,7 @@ impl Attempt {
                         booking,
                         client,
                         usage,
+                        creates: streamed_object(state, request),
                     },
                     request.info,
                     request.deadline,
@@ -401,6 +459,17 @@ impl Attempt {
             }
         }
     }
+}
+
+/// The object a streamed answer to `request` creates, if it does.
+fn streamed_object(state: &AppState, request: &Inbound<'_>) -> Option<relay::StreamedObject> {
+    let kind = request.routing.creates.filter(|_| request.info.stream)?;
+    Some(relay::StreamedObject {
+        objects: Arc::clone(&state.objects),
+        tasks: state.tasks.clone(),
+        kind,
+        owner: Arc::clone(&request.routing.owner),
+    })
 }
 
 async fn try_node(live: &Live, placement: Placement, request: &Inbound<'_>) -> Attempt {
@@ -527,8 +596,16 @@ async fn inspect(
     body: &Bytes,
     defaults: &CompletionDefaults,
 ) -> Result<RequestInfo, GatewayError> {
-    let json = is_json(&parts.headers, body);
     let (path, model) = (operation.path, operation.model);
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if request::multipart::is_multipart(content_type) {
+        return request::multipart::inspect(path, model, content_type, body).await;
+    }
+    let json = is_json(&parts.headers, body);
     if body.len() <= INSPECT_INLINE_BYTES {
         return request::inspect_operation(path, model, body, json, defaults);
     }
@@ -542,8 +619,8 @@ async fn inspect(
 }
 
 /// Whether to read the body as JSON: a JSON content type, none at all, or
-/// the form type curl sends by default with `-d`. Uploads (multipart) and
-/// binary bodies are passed through unread.
+/// the form type curl sends by default with `-d`. Binary bodies are passed
+/// through unread (multipart forms are read by their own parser).
 fn is_json(headers: &HeaderMap, body: &[u8]) -> bool {
     match headers.get(header::CONTENT_TYPE) {
         Some(value) => value.to_str().is_ok_and(|v| {

@@ -1,4 +1,5 @@
-//! The client store: clients and their usage, in embedded SQLite (the
+//! The store: clients, their usage and the records of their stored
+//! objects ([`objects`]), in embedded SQLite (the
 //! default, `sqlite://balancer.db`) or in PostgreSQL (`postgres://...`, for
 //! several replicas sharing one set of clients).
 //!
@@ -27,6 +28,10 @@ use sqlx::{AnyPool, Row};
 
 use crate::keys::redacted_url;
 use crate::limits::{BucketLimit, ClientLimits};
+
+mod objects;
+
+pub use objects::{Order, StoredObject};
 
 /// Which database a store URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

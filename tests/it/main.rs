@@ -19,6 +19,7 @@ mod health;
 mod hostile;
 mod limits;
 mod metrics;
+mod objects;
 mod pg;
 mod proxy;
 mod queue;

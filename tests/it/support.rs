@@ -117,6 +117,12 @@ impl Gateway {
         }
     }
 
+    /// The config file a gateway started with [`start_file_text`](Self::start_file_text)
+    /// runs (and reloads) from.
+    pub(crate) fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("Balancer.toml")
+    }
+
     /// A URL on the admin API.
     pub(crate) fn admin_url(&self, path: &str) -> String {
         let addr = self.admin_addr.expect("the config sets admin.token_env");

@@ -1,0 +1,507 @@
+//! Stored objects behind a pool of keys: files, batches and stored
+//! responses go to the node that holds them, only for the client that made
+//! them; lists are the caller's, across nodes; multipart forms are routed
+//! by their model. The mocks keep objects per key, so a request that
+//! reached the wrong node would get the mock's 404.
+
+use mock_upstreams::{MockConfig, MockUpstream};
+use serde_json::{Value, json};
+
+use crate::support::{CLIENT_KEY, Gateway, client, node};
+
+const OTHER_KEY: &str = "sk-objects-other-client";
+
+/// Three mocks (node `a` alone serves `whisper-1`), behind a gateway
+/// where `CLIENT_KEY` and a client `other` hold keys.
+struct Pool {
+    mocks: Vec<MockUpstream>,
+    gw: Gateway,
+    toml: String,
+}
+
+fn pool_toml(mocks: &[MockUpstream], only: &[usize]) -> String {
+    let mut toml = "[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n[[clients]]\nname = \"other\"\nkey_env = \"OTHER\"\n".to_owned();
+    for (i, mock) in mocks.iter().enumerate().filter(|(i, _)| only.contains(i)) {
+        let name = ["a", "b", "c"][i];
+        let models = if i == 0 {
+            "models = [\"gpt-4o-mini\", \"whisper-1\"]"
+        } else {
+            "models = [\"gpt-4o-mini\"]"
+        };
+        toml.push_str(&node(
+            name,
+            &mock.base_url(),
+            &format!("sk-mock-{name}"),
+            models,
+        ));
+    }
+    toml
+}
+
+impl Pool {
+    async fn start() -> Self {
+        let mut mocks = Vec::new();
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            let models: &[&str] = if i == 0 {
+                &["gpt-4o-mini", "whisper-1"]
+            } else {
+                &["gpt-4o-mini"]
+            };
+            let config = MockConfig::new(format!("sk-mock-{name}")).models(models);
+            mocks.push(
+                MockUpstream::start("127.0.0.1:0".parse().unwrap(), config)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let toml = pool_toml(&mocks, &[0, 1, 2]);
+        let gw = Gateway::start_file_text(&toml, &[("OTHER", OTHER_KEY)]).await;
+        Self { mocks, gw, toml }
+    }
+
+    /// Requests every mock has seen.
+    fn upstream_requests(&self) -> u64 {
+        self.mocks.iter().map(|m| m.stats().report().requests).sum()
+    }
+
+    async fn send(
+        &self,
+        key: &str,
+        method: &str,
+        path: &str,
+        body: Option<(String, Vec<u8>)>,
+    ) -> (u16, String, Value) {
+        let mut request = client()
+            .request(method.parse().unwrap(), self.gw.url(path))
+            .header("authorization", format!("Bearer {key}"));
+        if let Some((content_type, body)) = body {
+            request = request.header("content-type", content_type).body(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let node = response
+            .headers()
+            .get("x-balancer-node")
+            .map_or_else(String::new, |v| v.to_str().unwrap().to_owned());
+        let bytes = response.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, node, body)
+    }
+
+    async fn post_json(&self, key: &str, path: &str, body: Value) -> (u16, String, Value) {
+        self.send(
+            key,
+            "POST",
+            path,
+            Some(("application/json".to_owned(), body.to_string().into_bytes())),
+        )
+        .await
+    }
+
+    /// Uploads a file; its id and the node that holds it.
+    async fn upload(&self, key: &str, name: &str, content: &str) -> (String, String) {
+        let body = form(&[
+            ("purpose", None, b"batch"),
+            ("file", Some(name), content.as_bytes()),
+        ]);
+        let (status, node, file) = self.send(key, "POST", "/v1/files", Some(body)).await;
+        assert_eq!(status, 200, "{file}");
+        (file["id"].as_str().unwrap().to_owned(), node)
+    }
+}
+
+/// A multipart form: (name, filename, value) per field.
+fn form(fields: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let mut body = Vec::new();
+    for (name, filename, value) in fields {
+        body.extend_from_slice(b"--bOuNdArY\r\n");
+        let disposition = match filename {
+            Some(file) => format!(
+                "Content-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            ),
+            None => format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n"),
+        };
+        body.extend_from_slice(disposition.as_bytes());
+        body.extend_from_slice(value);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--bOuNdArY--\r\n");
+    ("multipart/form-data; boundary=bOuNdArY".to_owned(), body)
+}
+
+const BATCH_INPUT: &str = "{\"custom_id\":\"r1\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}}\n";
+
+#[tokio::test]
+async fn a_file_and_its_batch_stay_on_the_node_that_holds_them() {
+    let pool = Pool::start().await;
+    let (file, holder) = pool.upload(CLIENT_KEY, "in.jsonl", BATCH_INPUT).await;
+    let (status, node, batch) = pool
+        .post_json(
+            CLIENT_KEY,
+            "/v1/batches",
+            json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        )
+        .await;
+    assert_eq!((status, node.as_str()), (200, holder.as_str()), "{batch}");
+    let batch_id = batch["id"].as_str().unwrap();
+    let (status, node, polled) = pool
+        .send(CLIENT_KEY, "GET", &format!("/v1/batches/{batch_id}"), None)
+        .await;
+    assert_eq!((status, node.as_str()), (200, holder.as_str()));
+    assert_eq!(polled["status"], "completed");
+    // The output file the batch made is the caller's too.
+    let output = polled["output_file_id"].as_str().unwrap();
+    let (status, _, content) = pool
+        .send(
+            CLIENT_KEY,
+            "GET",
+            &format!("/v1/files/{output}/content"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(content.to_string().contains("r1"), "{content}");
+    // Deleted, it is gone: the gateway answers, nothing goes upstream.
+    let (status, _, _) = pool
+        .send(CLIENT_KEY, "DELETE", &format!("/v1/files/{file}"), None)
+        .await;
+    assert_eq!(status, 200);
+    let before = pool.upstream_requests();
+    let (status, node, gone) = pool
+        .send(CLIENT_KEY, "GET", &format!("/v1/files/{file}"), None)
+        .await;
+    assert_eq!((status, node.as_str()), (404, ""));
+    assert_eq!(gone["error"]["code"], "object_not_found");
+    assert_eq!(pool.upstream_requests(), before);
+}
+
+#[tokio::test]
+async fn a_stored_response_is_continued_on_its_node_every_time() {
+    let pool = Pool::start().await;
+    let (status, first_node, mut previous) = pool
+        .post_json(
+            CLIENT_KEY,
+            "/v1/responses",
+            json!({"model": "gpt-4o-mini", "input": "hi"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    for turn in 0..20 {
+        let (status, node, next) = pool
+            .post_json(
+                CLIENT_KEY,
+                "/v1/responses",
+                json!({"model": "gpt-4o-mini", "input": "and then?", "previous_response_id": previous["id"]}),
+            )
+            .await;
+        assert_eq!(
+            (status, node.as_str()),
+            (200, first_node.as_str()),
+            "turn {turn}: {next}"
+        );
+        previous = next;
+    }
+    // Not stored: not recorded, so it cannot be continued.
+    let (_, _, unstored) = pool
+        .post_json(
+            CLIENT_KEY,
+            "/v1/responses",
+            json!({"model": "gpt-4o-mini", "input": "hi", "store": false}),
+        )
+        .await;
+    let (status, _, refused) = pool
+        .post_json(
+            CLIENT_KEY,
+            "/v1/responses",
+            json!({"model": "gpt-4o-mini", "input": "x", "previous_response_id": unstored["id"]}),
+        )
+        .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (404, Some("object_not_found"))
+    );
+}
+
+#[tokio::test]
+async fn a_streamed_response_is_recorded_as_it_starts() {
+    let pool = Pool::start().await;
+    let response = client()
+        .post(pool.gw.url("/v1/responses"))
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .header("content-type", "application/json")
+        .body(json!({"model": "gpt-4o-mini", "input": "hi", "stream": true}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let holder = response.headers()["x-balancer-node"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let text = response.text().await.unwrap();
+    let created = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .unwrap();
+    let id = created["response"]["id"].as_str().unwrap().to_owned();
+    // Recorded in the store just after the event: retried until it is.
+    let found = crate::support::eventually(std::time::Duration::from_secs(5), async || {
+        let (status, node, _) = pool
+            .send(CLIENT_KEY, "GET", &format!("/v1/responses/{id}"), None)
+            .await;
+        (status == 200).then_some(node)
+    })
+    .await;
+    assert_eq!(found.as_deref(), Some(holder.as_str()));
+    // Once recorded, every request for it goes there.
+    for _ in 0..6 {
+        let (status, node, _) = pool
+            .send(CLIENT_KEY, "GET", &format!("/v1/responses/{id}"), None)
+            .await;
+        assert_eq!((status, node.as_str()), (200, holder.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn another_client_never_sees_an_object_and_nothing_is_sent_upstream() {
+    let pool = Pool::start().await;
+    let (file, _) = pool.upload(CLIENT_KEY, "in.jsonl", BATCH_INPUT).await;
+    let (_, _, batch) = pool
+        .post_json(
+            CLIENT_KEY,
+            "/v1/batches",
+            json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        )
+        .await;
+    let before = pool.upstream_requests();
+    for path in [
+        format!("/v1/files/{file}"),
+        format!("/v1/files/{file}/content"),
+        format!("/v1/batches/{}", batch["id"].as_str().unwrap()),
+    ] {
+        let (status, node, body) = pool.send(OTHER_KEY, "GET", &path, None).await;
+        assert_eq!((status, node.as_str()), (404, ""), "{path}");
+        assert_eq!(body["error"]["code"], "object_not_found");
+    }
+    // Naming it in a body is no way around it.
+    let (status, _, body) = pool
+        .post_json(
+            OTHER_KEY,
+            "/v1/batches",
+            json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("object_not_found"))
+    );
+    assert_eq!(pool.upstream_requests(), before);
+    // The other client's list is empty; the owner's holds both files.
+    let (_, _, theirs) = pool.send(OTHER_KEY, "GET", "/v1/files", None).await;
+    assert_eq!(theirs["data"], json!([]));
+    let (_, _, ours) = pool.send(CLIENT_KEY, "GET", "/v1/files", None).await;
+    assert_eq!(ours["data"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn lists_page_through_the_callers_objects_across_nodes() {
+    let pool = Pool::start().await;
+    let mut ids = Vec::new();
+    let mut nodes = std::collections::BTreeSet::new();
+    for i in 0..7 {
+        let (id, node) = pool
+            .upload(CLIENT_KEY, &format!("f{i}.jsonl"), BATCH_INPUT)
+            .await;
+        ids.push(id);
+        nodes.insert(node);
+    }
+    assert!(nodes.len() > 1, "spread over {nodes:?}");
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let query = after
+            .as_ref()
+            .map_or_else(String::new, |a| format!("&after={a}"));
+        let (status, _, page) = pool
+            .send(
+                CLIENT_KEY,
+                "GET",
+                &format!("/v1/files?limit=3{query}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let data = page["data"].as_array().unwrap();
+        assert!(data.len() <= 3);
+        seen.extend(data.iter().map(|f| f["id"].as_str().unwrap().to_owned()));
+        assert_eq!(
+            page["last_id"],
+            data.last().map_or(Value::Null, |f| f["id"].clone())
+        );
+        if page["has_more"] != true {
+            break;
+        }
+        after = page["last_id"].as_str().map(str::to_owned);
+    }
+    let mut expected = ids.clone();
+    expected.sort();
+    let mut got = seen.clone();
+    got.sort();
+    assert_eq!(got, expected, "every file once, no more");
+    // Newest first: the page order follows the records' creation times.
+    let (_, _, asc) = pool
+        .send(CLIENT_KEY, "GET", "/v1/files?order=asc&limit=100", None)
+        .await;
+    let ascending: Vec<&str> = asc["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    let descending: Vec<&str> = seen.iter().map(String::as_str).rev().collect();
+    assert_eq!(ascending, descending);
+}
+
+#[tokio::test]
+async fn a_transcription_goes_to_the_node_that_serves_its_model() {
+    let pool = Pool::start().await;
+    for _ in 0..3 {
+        let body = form(&[
+            ("file", Some("a.wav"), &[1u8; 9_000]),
+            ("model", None, b"whisper-1"),
+        ]);
+        let (status, node, answer) = pool
+            .send(CLIENT_KEY, "POST", "/v1/audio/transcriptions", Some(body))
+            .await;
+        assert_eq!((status, node.as_str()), (200, "a"), "{answer}");
+    }
+    // Its usage is settled on the node: 9,000 bytes are 4 tokens, plus 4.
+    let status = pool.gw.settled_status().await;
+    assert_eq!(
+        crate::support::node_status(&status, "a")["tokens_settled"],
+        json!({"prompt": 12, "completion": 12})
+    );
+    let no_model = form(&[("file", Some("a.wav"), b"RIFF")]);
+    let (status, _, body) = pool
+        .send(
+            CLIENT_KEY,
+            "POST",
+            "/v1/audio/transcriptions",
+            Some(no_model),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("missing_model"))
+    );
+    let broken = (
+        "multipart/form-data; boundary=bOuNdArY".to_owned(),
+        b"--bOuNdArY\r\nno".to_vec(),
+    );
+    let (status, _, body) = pool
+        .send(CLIENT_KEY, "POST", "/v1/audio/transcriptions", Some(broken))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_multipart"))
+    );
+}
+
+#[tokio::test]
+async fn bad_ids_and_ids_on_two_nodes_are_refused_before_anything_is_sent() {
+    let pool = Pool::start().await;
+    // Two files, on two different nodes.
+    let mut by_node = std::collections::BTreeMap::new();
+    while by_node.len() < 2 {
+        let (id, node) = pool.upload(CLIENT_KEY, "x.jsonl", BATCH_INPUT).await;
+        by_node.insert(node, id);
+    }
+    let ids: Vec<&String> = by_node.values().collect();
+    let before = pool.upstream_requests();
+    let (status, _, body) = pool
+        .post_json(
+            CLIENT_KEY,
+            "/v1/vector_stores",
+            json!({"file_ids": [ids[0], ids[1]]}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("objects_on_different_nodes")),
+        "{body}"
+    );
+    for path in ["/v1/files/a.b", "/v1/batches//cancel"] {
+        let (status, _, body) = pool.send(CLIENT_KEY, "GET", path, None).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_object_id")),
+            "{path}"
+        );
+    }
+    let (status, _, body) = pool
+        .post_json(
+            CLIENT_KEY,
+            "/v1/batches",
+            json!({"input_file_id": "file id with spaces"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_object_id"))
+    );
+    assert_eq!(pool.upstream_requests(), before);
+}
+
+#[tokio::test]
+async fn an_object_on_a_node_gone_from_the_config_is_unavailable_and_the_rest_works() {
+    let pool = Pool::start().await;
+    let mut by_node = std::collections::BTreeMap::new();
+    while by_node.len() < 3 {
+        let (id, node) = pool.upload(CLIENT_KEY, "x.jsonl", BATCH_INPUT).await;
+        by_node.insert(node, id);
+    }
+    // Node `c` leaves the config.
+    let path = pool.gw.config_path();
+    std::fs::write(&path, pool_toml(&pool.mocks, &[0, 1])).unwrap();
+    pool.gw.reloaded(1).await;
+    let (status, _, body) = pool
+        .send(
+            CLIENT_KEY,
+            "GET",
+            &format!("/v1/files/{}", by_node["c"]),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("object_unavailable"))
+    );
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("'c'"),
+        "{body}"
+    );
+    for node in ["a", "b"] {
+        let (status, served_by, _) = pool
+            .send(
+                CLIENT_KEY,
+                "GET",
+                &format!("/v1/files/{}", by_node[node]),
+                None,
+            )
+            .await;
+        assert_eq!((status, served_by.as_str()), (200, node));
+    }
+    // Back in the config, its objects are back.
+    std::fs::write(&path, &pool.toml).unwrap();
+    pool.gw.reloaded(2).await;
+    let (status, _, _) = pool
+        .send(
+            CLIENT_KEY,
+            "GET",
+            &format!("/v1/files/{}", by_node["c"]),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+}

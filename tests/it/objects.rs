@@ -64,6 +64,16 @@ impl Pool {
         self.mocks.iter().map(|m| m.stats().report().requests).sum()
     }
 
+    /// Requests through this pool's gateway.
+    fn at(&self) -> At<'_> {
+        At(&self.gw)
+    }
+}
+
+/// Requests through one gateway.
+struct At<'g>(&'g Gateway);
+
+impl At<'_> {
     async fn send(
         &self,
         key: &str,
@@ -72,7 +82,7 @@ impl Pool {
         body: Option<(String, Vec<u8>)>,
     ) -> (u16, String, Value) {
         let mut request = client()
-            .request(method.parse().unwrap(), self.gw.url(path))
+            .request(method.parse().unwrap(), self.0.url(path))
             .header("authorization", format!("Bearer {key}"));
         if let Some((content_type, body)) = body {
             request = request.header("content-type", content_type).body(body);
@@ -135,8 +145,8 @@ const BATCH_INPUT: &str = "{\"custom_id\":\"r1\",\"method\":\"POST\",\"url\":\"/
 #[tokio::test]
 async fn a_file_and_its_batch_stay_on_the_node_that_holds_them() {
     let pool = Pool::start().await;
-    let (file, holder) = pool.upload(CLIENT_KEY, "in.jsonl", BATCH_INPUT).await;
-    let (status, node, batch) = pool
+    let (file, holder) = pool.at().upload(CLIENT_KEY, "in.jsonl", BATCH_INPUT).await;
+    let (status, node, batch) = pool.at()
         .post_json(
             CLIENT_KEY,
             "/v1/batches",
@@ -146,6 +156,7 @@ async fn a_file_and_its_batch_stay_on_the_node_that_holds_them() {
     assert_eq!((status, node.as_str()), (200, holder.as_str()), "{batch}");
     let batch_id = batch["id"].as_str().unwrap();
     let (status, node, polled) = pool
+        .at()
         .send(CLIENT_KEY, "GET", &format!("/v1/batches/{batch_id}"), None)
         .await;
     assert_eq!((status, node.as_str()), (200, holder.as_str()));
@@ -153,6 +164,7 @@ async fn a_file_and_its_batch_stay_on_the_node_that_holds_them() {
     // The output file the batch made is the caller's too.
     let output = polled["output_file_id"].as_str().unwrap();
     let (status, _, content) = pool
+        .at()
         .send(
             CLIENT_KEY,
             "GET",
@@ -164,11 +176,13 @@ async fn a_file_and_its_batch_stay_on_the_node_that_holds_them() {
     assert!(content.to_string().contains("r1"), "{content}");
     // Deleted, it is gone: the gateway answers, nothing goes upstream.
     let (status, _, _) = pool
+        .at()
         .send(CLIENT_KEY, "DELETE", &format!("/v1/files/{file}"), None)
         .await;
     assert_eq!(status, 200);
     let before = pool.upstream_requests();
     let (status, node, gone) = pool
+        .at()
         .send(CLIENT_KEY, "GET", &format!("/v1/files/{file}"), None)
         .await;
     assert_eq!((status, node.as_str()), (404, ""));
@@ -180,6 +194,7 @@ async fn a_file_and_its_batch_stay_on_the_node_that_holds_them() {
 async fn a_stored_response_is_continued_on_its_node_every_time() {
     let pool = Pool::start().await;
     let (status, first_node, mut previous) = pool
+        .at()
         .post_json(
             CLIENT_KEY,
             "/v1/responses",
@@ -188,7 +203,7 @@ async fn a_stored_response_is_continued_on_its_node_every_time() {
         .await;
     assert_eq!(status, 200);
     for turn in 0..20 {
-        let (status, node, next) = pool
+        let (status, node, next) = pool.at()
             .post_json(
                 CLIENT_KEY,
                 "/v1/responses",
@@ -204,6 +219,7 @@ async fn a_stored_response_is_continued_on_its_node_every_time() {
     }
     // Not stored: not recorded, so it cannot be continued.
     let (_, _, unstored) = pool
+        .at()
         .post_json(
             CLIENT_KEY,
             "/v1/responses",
@@ -211,6 +227,7 @@ async fn a_stored_response_is_continued_on_its_node_every_time() {
         )
         .await;
     let (status, _, refused) = pool
+        .at()
         .post_json(
             CLIENT_KEY,
             "/v1/responses",
@@ -248,6 +265,7 @@ async fn a_streamed_response_is_recorded_as_it_starts() {
     // Recorded in the store just after the event: retried until it is.
     let found = crate::support::eventually(std::time::Duration::from_secs(5), async || {
         let (status, node, _) = pool
+            .at()
             .send(CLIENT_KEY, "GET", &format!("/v1/responses/{id}"), None)
             .await;
         (status == 200).then_some(node)
@@ -257,6 +275,7 @@ async fn a_streamed_response_is_recorded_as_it_starts() {
     // Once recorded, every request for it goes there.
     for _ in 0..6 {
         let (status, node, _) = pool
+            .at()
             .send(CLIENT_KEY, "GET", &format!("/v1/responses/{id}"), None)
             .await;
         assert_eq!((status, node.as_str()), (200, holder.as_str()));
@@ -266,8 +285,8 @@ async fn a_streamed_response_is_recorded_as_it_starts() {
 #[tokio::test]
 async fn another_client_never_sees_an_object_and_nothing_is_sent_upstream() {
     let pool = Pool::start().await;
-    let (file, _) = pool.upload(CLIENT_KEY, "in.jsonl", BATCH_INPUT).await;
-    let (_, _, batch) = pool
+    let (file, _) = pool.at().upload(CLIENT_KEY, "in.jsonl", BATCH_INPUT).await;
+    let (_, _, batch) = pool.at()
         .post_json(
             CLIENT_KEY,
             "/v1/batches",
@@ -280,12 +299,12 @@ async fn another_client_never_sees_an_object_and_nothing_is_sent_upstream() {
         format!("/v1/files/{file}/content"),
         format!("/v1/batches/{}", batch["id"].as_str().unwrap()),
     ] {
-        let (status, node, body) = pool.send(OTHER_KEY, "GET", &path, None).await;
+        let (status, node, body) = pool.at().send(OTHER_KEY, "GET", &path, None).await;
         assert_eq!((status, node.as_str()), (404, ""), "{path}");
         assert_eq!(body["error"]["code"], "object_not_found");
     }
     // Naming it in a body is no way around it.
-    let (status, _, body) = pool
+    let (status, _, body) = pool.at()
         .post_json(
             OTHER_KEY,
             "/v1/batches",
@@ -298,9 +317,9 @@ async fn another_client_never_sees_an_object_and_nothing_is_sent_upstream() {
     );
     assert_eq!(pool.upstream_requests(), before);
     // The other client's list is empty; the owner's holds both files.
-    let (_, _, theirs) = pool.send(OTHER_KEY, "GET", "/v1/files", None).await;
+    let (_, _, theirs) = pool.at().send(OTHER_KEY, "GET", "/v1/files", None).await;
     assert_eq!(theirs["data"], json!([]));
-    let (_, _, ours) = pool.send(CLIENT_KEY, "GET", "/v1/files", None).await;
+    let (_, _, ours) = pool.at().send(CLIENT_KEY, "GET", "/v1/files", None).await;
     assert_eq!(ours["data"].as_array().unwrap().len(), 2);
 }
 
@@ -311,6 +330,7 @@ async fn lists_page_through_the_callers_objects_across_nodes() {
     let mut nodes = std::collections::BTreeSet::new();
     for i in 0..7 {
         let (id, node) = pool
+            .at()
             .upload(CLIENT_KEY, &format!("f{i}.jsonl"), BATCH_INPUT)
             .await;
         ids.push(id);
@@ -324,6 +344,7 @@ async fn lists_page_through_the_callers_objects_across_nodes() {
             .as_ref()
             .map_or_else(String::new, |a| format!("&after={a}"));
         let (status, _, page) = pool
+            .at()
             .send(
                 CLIENT_KEY,
                 "GET",
@@ -351,6 +372,7 @@ async fn lists_page_through_the_callers_objects_across_nodes() {
     assert_eq!(got, expected, "every file once, no more");
     // Newest first: the page order follows the records' creation times.
     let (_, _, asc) = pool
+        .at()
         .send(CLIENT_KEY, "GET", "/v1/files?order=asc&limit=100", None)
         .await;
     let ascending: Vec<&str> = asc["data"]
@@ -372,6 +394,7 @@ async fn a_transcription_goes_to_the_node_that_serves_its_model() {
             ("model", None, b"whisper-1"),
         ]);
         let (status, node, answer) = pool
+            .at()
             .send(CLIENT_KEY, "POST", "/v1/audio/transcriptions", Some(body))
             .await;
         assert_eq!((status, node.as_str()), (200, "a"), "{answer}");
@@ -384,6 +407,7 @@ async fn a_transcription_goes_to_the_node_that_serves_its_model() {
     );
     let no_model = form(&[("file", Some("a.wav"), b"RIFF")]);
     let (status, _, body) = pool
+        .at()
         .send(
             CLIENT_KEY,
             "POST",
@@ -400,6 +424,7 @@ async fn a_transcription_goes_to_the_node_that_serves_its_model() {
         b"--bOuNdArY\r\nno".to_vec(),
     );
     let (status, _, body) = pool
+        .at()
         .send(CLIENT_KEY, "POST", "/v1/audio/transcriptions", Some(broken))
         .await;
     assert_eq!(
@@ -414,12 +439,13 @@ async fn bad_ids_and_ids_on_two_nodes_are_refused_before_anything_is_sent() {
     // Two files, on two different nodes.
     let mut by_node = std::collections::BTreeMap::new();
     while by_node.len() < 2 {
-        let (id, node) = pool.upload(CLIENT_KEY, "x.jsonl", BATCH_INPUT).await;
+        let (id, node) = pool.at().upload(CLIENT_KEY, "x.jsonl", BATCH_INPUT).await;
         by_node.insert(node, id);
     }
     let ids: Vec<&String> = by_node.values().collect();
     let before = pool.upstream_requests();
     let (status, _, body) = pool
+        .at()
         .post_json(
             CLIENT_KEY,
             "/v1/vector_stores",
@@ -432,7 +458,7 @@ async fn bad_ids_and_ids_on_two_nodes_are_refused_before_anything_is_sent() {
         "{body}"
     );
     for path in ["/v1/files/a.b", "/v1/batches//cancel"] {
-        let (status, _, body) = pool.send(CLIENT_KEY, "GET", path, None).await;
+        let (status, _, body) = pool.at().send(CLIENT_KEY, "GET", path, None).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
             (400, Some("invalid_object_id")),
@@ -440,6 +466,7 @@ async fn bad_ids_and_ids_on_two_nodes_are_refused_before_anything_is_sent() {
         );
     }
     let (status, _, body) = pool
+        .at()
         .post_json(
             CLIENT_KEY,
             "/v1/batches",
@@ -458,7 +485,7 @@ async fn an_object_on_a_node_gone_from_the_config_is_unavailable_and_the_rest_wo
     let pool = Pool::start().await;
     let mut by_node = std::collections::BTreeMap::new();
     while by_node.len() < 3 {
-        let (id, node) = pool.upload(CLIENT_KEY, "x.jsonl", BATCH_INPUT).await;
+        let (id, node) = pool.at().upload(CLIENT_KEY, "x.jsonl", BATCH_INPUT).await;
         by_node.insert(node, id);
     }
     // Node `c` leaves the config.
@@ -466,6 +493,7 @@ async fn an_object_on_a_node_gone_from_the_config_is_unavailable_and_the_rest_wo
     std::fs::write(&path, pool_toml(&pool.mocks, &[0, 1])).unwrap();
     pool.gw.reloaded(1).await;
     let (status, _, body) = pool
+        .at()
         .send(
             CLIENT_KEY,
             "GET",
@@ -483,6 +511,7 @@ async fn an_object_on_a_node_gone_from_the_config_is_unavailable_and_the_rest_wo
     );
     for node in ["a", "b"] {
         let (status, served_by, _) = pool
+            .at()
             .send(
                 CLIENT_KEY,
                 "GET",
@@ -496,6 +525,7 @@ async fn an_object_on_a_node_gone_from_the_config_is_unavailable_and_the_rest_wo
     std::fs::write(&path, &pool.toml).unwrap();
     pool.gw.reloaded(2).await;
     let (status, _, _) = pool
+        .at()
         .send(
             CLIENT_KEY,
             "GET",
@@ -504,4 +534,70 @@ async fn an_object_on_a_node_gone_from_the_config_is_unavailable_and_the_rest_wo
         )
         .await;
     assert_eq!(status, 200);
+}
+
+/// Two replicas sharing a PostgreSQL store route each other's objects: an
+/// object made through one is found, pinned and private through the other
+/// at once.
+#[tokio::test]
+async fn two_replicas_sharing_postgresql_route_each_others_objects() {
+    let pool = Pool::start().await;
+    let url = crate::pg::fresh_database().await;
+    let toml = format!("[store]\nurl = \"{url}\"\n{}", pool.toml);
+    let env = [("OTHER", OTHER_KEY)];
+    let first = Gateway::start_file_text(&toml, &env).await;
+    let second = Gateway::start_file_text(&toml, &env).await;
+    let (a, b) = (At(&first), At(&second));
+    let (file, holder) = a.upload(CLIENT_KEY, "in.jsonl", BATCH_INPUT).await;
+    let (status, node, batch) = b
+        .post_json(
+            CLIENT_KEY,
+            "/v1/batches",
+            json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        )
+        .await;
+    assert_eq!((status, node.as_str()), (200, holder.as_str()), "{batch}");
+    let (status, node, _) = a
+        .send(
+            CLIENT_KEY,
+            "GET",
+            &format!("/v1/batches/{}", batch["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!((status, node.as_str()), (200, holder.as_str()));
+    let (_, started_on, mut previous) = a
+        .post_json(
+            CLIENT_KEY,
+            "/v1/responses",
+            json!({"model": "gpt-4o-mini", "input": "hi"}),
+        )
+        .await;
+    for gw in [&b, &a, &b] {
+        let (status, node, next) = gw
+            .post_json(
+                CLIENT_KEY,
+                "/v1/responses",
+                json!({"model": "gpt-4o-mini", "input": "more", "previous_response_id": previous["id"]}),
+            )
+            .await;
+        assert_eq!(
+            (status, node.as_str()),
+            (200, started_on.as_str()),
+            "{next}"
+        );
+        previous = next;
+    }
+    let (status, _, _) = b
+        .send(OTHER_KEY, "GET", &format!("/v1/files/{file}"), None)
+        .await;
+    assert_eq!(status, 404);
+    let (_, _, listed) = b.send(CLIENT_KEY, "GET", "/v1/files", None).await;
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&file.as_str()), "{listed}");
 }

@@ -25,7 +25,9 @@ pub enum PathUse<'a> {
     Creates(Kind),
     /// Lists the caller's objects of this kind (answered by the gateway).
     Lists(Kind),
-    /// Reads, changes or works under the object `id`.
+    /// Reads the object `id` itself (`GET /v1/files/{id}`).
+    Shows(Kind, &'a str),
+    /// Changes or works under the object `id`.
     Uses(Kind, &'a str),
     /// Deletes the object `id` itself.
     Deletes(Kind, &'a str),
@@ -88,10 +90,10 @@ pub fn path_use<'a>(method: &str, path: &'a str) -> Result<PathUse<'a>, GatewayE
         });
     }
     let id = checked(id)?;
-    Ok(if method == "DELETE" && below.is_empty() {
-        PathUse::Deletes(kind, id)
-    } else {
-        PathUse::Uses(kind, id)
+    Ok(match (method, below.is_empty()) {
+        ("DELETE", true) => PathUse::Deletes(kind, id),
+        ("GET", true) => PathUse::Shows(kind, id),
+        _ => PathUse::Uses(kind, id),
     })
 }
 
@@ -323,8 +325,9 @@ mod tests {
             (
                 "GET",
                 "/chat/completions/chatcmpl-1",
-                U::Uses(Kind::ChatCompletion, "chatcmpl-1"),
+                U::Shows(Kind::ChatCompletion, "chatcmpl-1"),
             ),
+            ("GET", "/batches/batch_1", U::Shows(Kind::Batch, "batch_1")),
             ("POST", "/embeddings", U::None),
             ("GET", "/models", U::None),
             // Not the files collection, though it starts with its name.

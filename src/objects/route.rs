@@ -20,6 +20,9 @@ pub struct Routing {
     pub creates: Option<Kind>,
     /// The object a successful answer deletes.
     pub deletes: Option<String>,
+    /// The object the path reads: forgotten if its node answers 404 (it
+    /// was deleted through another replica, or expired upstream).
+    pub under: Option<String>,
     /// Whether a JSON answer is read for the objects it makes known (held
     /// until they are recorded).
     pub reads_answer: bool,
@@ -28,7 +31,7 @@ pub struct Routing {
 impl Routing {
     /// Whether the request's answer matters to the records.
     pub fn watches_answer(&self) -> bool {
-        self.reads_answer || self.deletes.is_some()
+        self.reads_answer || self.deletes.is_some() || self.under.is_some()
     }
 }
 
@@ -61,7 +64,9 @@ pub async fn resolve(
         info,
     } = asked;
     let from_path = match path_use {
-        PathUse::Uses(kind, id) | PathUse::Deletes(kind, id) => Some((*kind, *id)),
+        PathUse::Shows(kind, id) | PathUse::Uses(kind, id) | PathUse::Deletes(kind, id) => {
+            Some((*kind, *id))
+        }
         _ => None,
     };
     let mut held: Option<(String, Record)> = None;
@@ -112,7 +117,12 @@ pub async fn resolve(
             PathUse::Deletes(_, id) => Some((*id).to_owned()),
             _ => None,
         },
-        reads_answer: creates.is_some() || matches!(path_use, PathUse::Uses(..)),
+        under: match path_use {
+            PathUse::Shows(_, id) => Some((*id).to_owned()),
+            _ => None,
+        },
+        reads_answer: creates.is_some()
+            || matches!(path_use, PathUse::Shows(..) | PathUse::Uses(..)),
     })
 }
 

@@ -85,6 +85,15 @@ pub(super) async fn record_answer(
     response: reqwest::Response,
     timeout: std::time::Duration,
 ) -> Result<reqwest::Response, GatewayError> {
+    if response.status() == StatusCode::NOT_FOUND
+        && let Some(id) = routing.under.as_ref().or(routing.deletes.as_ref())
+    {
+        // The node no longer has it: neither will the records.
+        if let Err(err) = state.objects.forget(id).await {
+            tracing::warn!(error = %err, "cannot forget a deleted object");
+        }
+        return Ok(response);
+    }
     if !response.status().is_success() {
         return Ok(response);
     }

@@ -220,3 +220,101 @@ async fn the_python_azure_client_works_against_azure_and_openai_nodes() {
         assert_eq!((stats.served, stats.unauthorized), (3, 0));
     }
 }
+
+/// Stored objects with the Python SDK over three nodes and two replicas
+/// sharing PostgreSQL (tests/sdk/python/test_objects_sdk.py).
+#[tokio::test]
+async fn the_python_sdk_keeps_stored_objects_on_their_nodes() {
+    let python = python();
+    let mut mocks = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let models: &[&str] = if i == 0 {
+            &["gpt-4o-mini", "whisper-1"]
+        } else {
+            &["gpt-4o-mini"]
+        };
+        let config = MockConfig::new(format!("sk-mock-{name}")).models(models);
+        mocks.push(
+            MockUpstream::start("127.0.0.1:0".parse().unwrap(), config)
+                .await
+                .unwrap(),
+        );
+    }
+    let nodes: String = mocks
+        .iter()
+        .zip(["a", "b", "c"])
+        .map(|(mock, name)| {
+            let models = if name == "a" {
+                "models = [\"gpt-4o-mini\", \"whisper-1\"]"
+            } else {
+                "models = [\"gpt-4o-mini\"]"
+            };
+            node(name, &mock.base_url(), &format!("sk-mock-{name}"), models)
+        })
+        .collect();
+    let other_key = "sk-objects-sdk-other";
+    let toml = format!(
+        "[store]\nurl = \"{}\"\n[health]\ninterval = \"200ms\"\nunhealthy_after = 1\n\
+         [auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n\
+         [[clients]]\nname = \"other\"\nkey_env = \"OTHER\"\n{nodes}",
+        crate::pg::fresh_database().await
+    );
+    let env = [("TEST_CLIENT_KEY", CLIENT_KEY), ("OTHER", other_key)];
+    let first = Gateway::start_file_text(&toml, &env).await;
+    let second = Gateway::start_file_text(&toml, &env).await;
+    // A file stored on node `c`, which then goes out of rotation.
+    let on_c = crate::support::eventually(Duration::from_secs(10), async || {
+        let (content_type, body) = upload_form();
+        let response = crate::support::client()
+            .post(first.url("/v1/files"))
+            .header("authorization", format!("Bearer {CLIENT_KEY}"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let node = response.headers()["x-balancer-node"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let file: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        (node == "c").then(|| file["id"].as_str().unwrap().to_owned())
+    })
+    .await
+    .expect("a file on node c");
+    mocks.pop().unwrap().stop().await;
+    for gw in [&first, &second] {
+        gw.until(|s| crate::support::node_status(s, "c")["healthy"] == false)
+            .await;
+    }
+    let env = [
+        ("BALANCER_REPLICA_URL", second.url("/v1")),
+        ("BALANCER_OTHER_KEY", other_key.to_owned()),
+        ("BALANCER_UNAVAILABLE_FILE", on_c),
+    ];
+    run_suite_with(
+        &first,
+        &sdk_dir("python"),
+        &python,
+        &["test_objects_sdk.py"],
+        &env,
+    )
+    .await;
+    let served: Vec<u64> = mocks.iter().map(|m| m.stats().report().served).collect();
+    assert!(
+        served.iter().all(|n| *n > 0),
+        "both remaining nodes served: {served:?}"
+    );
+}
+
+/// A one-file multipart upload body.
+fn upload_form() -> (String, Vec<u8>) {
+    let body = "--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+        --XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"c.jsonl\"\r\n\
+        Content-Type: application/octet-stream\r\n\r\n{}\r\n--XyZ--\r\n";
+    (
+        "multipart/form-data; boundary=XyZ".to_owned(),
+        body.as_bytes().to_vec(),
+    )
+}

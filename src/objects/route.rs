@@ -14,8 +14,10 @@ use crate::snapshot::{Live, NodeId};
 pub struct Routing {
     /// The node that holds every object it names: the only one it may go to.
     pub node: Option<NodeId>,
-    /// The caller's group: the owner of what its answer makes known.
-    pub owner: Arc<str>,
+    /// The caller's group, once resolved: the owner of what its answer
+    /// makes known (`None` on the fast path of a request that names no
+    /// object and creates none).
+    pub owner: Option<Arc<str>>,
     /// The kind of object its answer creates.
     pub creates: Option<Kind>,
     /// The object a successful answer deletes.
@@ -30,6 +32,11 @@ pub struct Routing {
 
 impl Routing {
     /// Whether the request's answer matters to the records.
+    /// The owner of what the answer makes known.
+    pub fn owner(&self) -> Arc<str> {
+        self.owner.clone().unwrap_or_else(|| Arc::from(""))
+    }
+
     pub fn watches_answer(&self) -> bool {
         self.reads_answer || self.deletes.is_some() || self.under.is_some()
     }
@@ -111,7 +118,7 @@ pub async fn resolve(
     };
     Ok(Routing {
         node,
-        owner,
+        owner: Some(owner),
         creates,
         deletes: match path_use {
             PathUse::Deletes(_, id) => Some((*id).to_owned()),

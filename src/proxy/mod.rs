@@ -468,7 +468,7 @@ fn streamed_object(state: &AppState, request: &Inbound<'_>) -> Option<relay::Str
         objects: Arc::clone(&state.objects),
         tasks: state.tasks.clone(),
         kind,
-        owner: Arc::clone(&request.routing.owner),
+        owner: request.routing.owner(),
     })
 }
 

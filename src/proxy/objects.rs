@@ -125,7 +125,7 @@ pub(super) async fn record_answer(
             }
         })?;
     for seen in answer::sightings(&body, routing.creates) {
-        let record = state.objects.record_of(&seen, &node.name, &routing.owner);
+        let record = state.objects.record_of(&seen, &node.name, &routing.owner());
         if let Err(err) = state.objects.keep(&seen.id, record).await {
             tracing::warn!(error = %err, kind = seen.kind.as_str(), "cannot record a stored object");
         }

@@ -732,4 +732,28 @@ mod tests {
             info.prompt_tokens
         );
     }
+
+    #[test]
+    fn a_background_response_reserves_no_tokens_and_store_is_read() {
+        let body = r#"{"model":"gpt-4o","input":"A long essay, please.","background":true,"store":true,"max_output_tokens":5000}"#;
+        let info = inspect_json("/responses", body).unwrap();
+        assert!(info.background);
+        assert_eq!(info.store, Some(true));
+        assert_eq!((info.prompt_tokens, info.demand.tokens), (0, 0));
+        // Not in the background, the same request reserves its prompt and
+        // completion.
+        let now = body.replace(r#""background":true,"#, "");
+        let info = inspect_json("/responses", &now).unwrap();
+        assert!(!info.background);
+        assert!(info.demand.tokens > 5000);
+        // A chat completion says nothing of background work.
+        let chat = r#"{"model":"gpt-4","background":true,"max_tokens":10,"messages":[]}"#;
+        assert_eq!(
+            inspect_json("/chat/completions", chat)
+                .unwrap()
+                .demand
+                .tokens,
+            3 + 10
+        );
+    }
 }

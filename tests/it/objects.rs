@@ -601,3 +601,35 @@ async fn two_replicas_sharing_postgresql_route_each_others_objects() {
         .collect();
     assert!(ids.contains(&file.as_str()), "{listed}");
 }
+
+#[tokio::test]
+async fn an_operator_lists_a_clients_objects_through_the_admin_api() {
+    let pool = Pool::start().await;
+    let toml = format!("[admin]\ntoken_env = \"TEST_ADMIN_TOKEN\"\n{}", pool.toml);
+    let gw = Gateway::start_file_text(&toml, &[("OTHER", OTHER_KEY)]).await;
+    let (theirs, node) = At(&gw).upload(OTHER_KEY, "t.jsonl", BATCH_INPUT).await;
+    let (ours, _) = At(&gw).upload(CLIENT_KEY, "o.jsonl", BATCH_INPUT).await;
+    let objects = |who: &'static str| {
+        let url = gw.admin_url(&format!("/admin/clients/{who}/objects"));
+        async move {
+            let response = client()
+                .get(url)
+                .header(
+                    "authorization",
+                    format!("Bearer {}", crate::support::ADMIN_TOKEN),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            serde_json::from_slice::<Value>(&response.bytes().await.unwrap()).unwrap()
+        }
+    };
+    let listed = objects("cfg_other").await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["data"][0]["id"], theirs.as_str());
+    assert_eq!(listed["data"][0]["object"], "file");
+    assert_eq!(listed["data"][0]["node"], node.as_str());
+    let shared = objects("shared").await;
+    assert_eq!(shared["data"][0]["id"], ours.as_str());
+}

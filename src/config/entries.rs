@@ -103,16 +103,7 @@ pub(super) fn validate_node(
 
     let key = read_node_key(i, &raw, env, problems, warnings);
     let (api, upstream_names, models) = node_api(i, &raw, problems);
-    let window = raw.window.unwrap_or(match api {
-        NodeApi::OpenAi => OPENAI_WINDOW,
-        NodeApi::Azure { .. } => AZURE_WINDOW,
-    });
-    if window < MIN_WINDOW || window > OPENAI_WINDOW {
-        problems.push(format!(
-            "{}: must be from 1s to 60s (the per-minute limits hold pro rata within every span this long)",
-            at("window")
-        ));
-    }
+    let window = window_of(i, &raw, &api, problems);
 
     if let Some(models) = &raw.models {
         if models.is_empty() {
@@ -168,6 +159,20 @@ pub(super) fn validate_node(
         window,
         default_completion_tokens: raw.default_completion_tokens,
     })
+}
+
+/// The node's enforcement window: as set, else its dialect's default.
+fn window_of(i: usize, raw: &RawNode, api: &NodeApi, problems: &mut Vec<String>) -> Duration {
+    let window = raw.window.unwrap_or(match api {
+        NodeApi::OpenAi => OPENAI_WINDOW,
+        NodeApi::Azure { .. } => AZURE_WINDOW,
+    });
+    if window < MIN_WINDOW || window > OPENAI_WINDOW {
+        problems.push(format!(
+            "nodes[{i}].window: must be from 1s to 60s (the per-minute limits hold pro rata within every span this long)"
+        ));
+    }
+    window
 }
 
 /// The span over which an OpenAI-style node's limits hold: the minute

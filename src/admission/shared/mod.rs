@@ -266,24 +266,16 @@ impl SharedLimits {
                     .into_iter()
                     .nth(index)
                     .unwrap_or_default();
-                let part = |key: String, tokens: u64, charged_at_arrival: bool| Part {
-                    key,
-                    id: id.clone(),
+                let placed = Placed {
+                    node,
+                    client: client_key,
+                    id,
                     slot,
-                    tokens,
-                    charged_at_arrival,
+                    terms: candidates.get(index).map(|c| c.terms),
                 };
-                let placed = candidates.get(index);
-                let tokens = placed.map_or(demand.tokens, |c| c.terms.tokens);
-                let charged = placed.is_some_and(|c| c.terms.charged_at_arrival);
                 ScriptAnswer::Placed {
                     index,
-                    lease: Lease {
-                        limits: Arc::clone(self),
-                        node: Some(part(node, tokens, charged)),
-                        client: client_key.map(|key| part(key, demand.tokens, false)),
-                        demand,
-                    },
+                    lease: placed.lease(self, demand),
                 }
             }
             1 => ScriptAnswer::Wait {
@@ -483,6 +475,38 @@ fn is_unreachable(err: &redis::RedisError) -> bool {
 /// The admission script's limit arguments: the client's rpm, tpm, bucket
 /// burst and rate, then each candidate's rpm, tpm, bpm and concurrency
 /// (0 = none).
+/// What an admission that placed a request leased: the node's key, the
+/// client's, under one reservation id and window slot.
+struct Placed {
+    node: String,
+    client: Option<String>,
+    id: String,
+    slot: i64,
+    /// The placed candidate's terms (its tokens, whether it charges at
+    /// arrival).
+    terms: Option<Terms>,
+}
+
+impl Placed {
+    fn lease(self, limits: &Arc<SharedLimits>, demand: Demand) -> Lease {
+        let part = |key: String, tokens: u64, charged_at_arrival: bool| Part {
+            key,
+            id: self.id.clone(),
+            slot: self.slot,
+            tokens,
+            charged_at_arrival,
+        };
+        let tokens = self.terms.map_or(demand.tokens, |t| t.tokens);
+        let charged = self.terms.is_some_and(|t| t.charged_at_arrival);
+        Lease {
+            limits: Arc::clone(limits),
+            node: Some(part(self.node, tokens, charged)),
+            client: self.client.map(|key| part(key, demand.tokens, false)),
+            demand,
+        }
+    }
+}
+
 fn push_limits(
     invocation: &mut redis::ScriptInvocation<'_>,
     client: Option<ClientLimitsView<'_>>,

@@ -65,6 +65,46 @@ pub fn rate_limit_headers(pairs: &[(&str, &[u8])]) {
     let _ = reported.blocked_until(u64::MAX, now + std::time::Duration::from_secs(1));
 }
 
+/// The stored-object readers on a method and path, a body, and a multipart
+/// body of the same bytes: what paths and bodies name, what answers make
+/// known, list queries.
+pub fn objects(method: &str, path: &str, body: &[u8]) {
+    use crate::objects::{answer, list, named};
+    if let Ok(crate::objects::named::PathUse::Uses(_, id) | named::PathUse::Shows(_, id)) =
+        named::path_use(method, path)
+    {
+        assert!(named::is_plausible_id(id));
+    }
+    if let Ok(ids) = named::body_ids(body) {
+        assert!(ids.iter().all(|b| named::is_plausible_id(&b.id)));
+    }
+    for created in [None, Some(crate::objects::Kind::File)] {
+        assert!(
+            answer::sightings(body, created)
+                .iter()
+                .all(|s| named::is_plausible_id(&s.id))
+        );
+    }
+    let _ = list::ListQuery::parse(std::str::from_utf8(body).ok());
+    let body = bytes::Bytes::copy_from_slice(body);
+    let content_type = "multipart/form-data; boundary=XyZ";
+    let read = crate::request::multipart::inspect(path, None, content_type, &body);
+    if let Ok(info) = ready(read) {
+        assert_eq!(info.demand.bytes, body.len() as u64);
+    }
+}
+
+/// Runs a future that never waits (its input is all in memory).
+fn ready<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+    }
+}
+
 /// The config loader on a TOML text (no variables set).
 pub fn config(text: &str) {
     if let Ok((config, _)) = crate::config::from_toml_str(text, &|_| None) {
@@ -115,6 +155,15 @@ mod tests {
                 .map(|(n, v)| (n.trim(), v.trim().as_bytes()))
                 .collect();
             super::rate_limit_headers(&pairs);
+        }
+        for (_, data) in seeds("objects") {
+            let (head, body) = match data.iter().position(|b| *b == b'\n') {
+                Some(at) => (&data[..at], &data[at + 1..]),
+                None => (&b"GET /files"[..], &data[..]),
+            };
+            let head = String::from_utf8_lossy(head);
+            let (method, path) = head.split_once(' ').unwrap_or(("GET", &head));
+            super::objects(method, path, body);
         }
         for (path, data) in seeds("config") {
             let text = String::from_utf8(data).unwrap_or_else(|_| panic!("{}", path.display()));

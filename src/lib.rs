@@ -11,7 +11,10 @@
 //!    [`clients::Registry`]'s cache).
 //! 3. [`request::inspect`] reads model, stream flag and prompt tokens
 //!    (with [`tokens`]' real tokenizers) into a [`limits::Demand`].
-//! 4. [`snapshot::Live::candidates`] lists the nodes that serve the model.
+//! 4. [`snapshot::Live::candidates`] lists the nodes that serve the model,
+//!    unless the request names stored objects ([`objects`]): then it goes
+//!    to the node that holds them, for their owner only; lists of them are
+//!    the gateway's own answer ([`objects::list`]).
 //! 5. [`admission::Admission::admit`], the one door, applies the client's
 //!    own limits and reserves on the least-loaded node in rotation
 //!    ([`health::NodeHealth::in_rotation`]) with headroom
@@ -42,6 +45,8 @@
 //! - [`reload`] swaps in a changed config ([`state::AppState::swap`],
 //!   [`snapshot::prepare`]) on a file change or SIGHUP; [`control`] is the
 //!   `reload` and `stop` commands' side, through the pid file.
+//! - [`objects::Objects`] keeps which node holds each stored object and
+//!   whose it is, in the store.
 //! - [`admin::router`] is the admin API (clients, usage, nodes) on its own
 //!   listener; [`store::Store`] keeps clients and usage in SQLite or
 //!   PostgreSQL; [`ledger::LedgerWriter`] writes usage in batches.
@@ -53,7 +58,7 @@
 //! # Module dependencies
 //! Leaves first: [`keys`], [`limits`], [`tokens`], [`metrics`], [`tasks`];
 //! then [`config`], [`error`], [`store`], [`ledger`], [`health`],
-//! [`clients`]; [`snapshot`] builds on those, [`admission`] on the
+//! [`clients`]; [`snapshot`] builds on those, [`objects`] on the snapshot, [`admission`] on the
 //! snapshot, [`state`] holds both; the HTTP-facing modules ([`proxy`],
 //! [`relay`], [`status`], [`admin`], [`reload`], [`probes`], [`server`])
 //! sit on top. No two top-level modules import each other.

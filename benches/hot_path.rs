@@ -95,6 +95,7 @@ const DEMAND: Demand = Demand {
     tokens: 300,
     bytes: 2000,
     open_ended: None,
+    usable: balancer::limits::share::WHOLE,
 };
 
 fn limited_quota() -> Quota {
@@ -245,6 +246,7 @@ fn client_lookup(c: &mut Criterion) {
                 key_hash: hash,
                 key_prefix: key_prefix(key),
                 limits: ClientLimits::default(),
+                share: balancer::limits::Share::default(),
                 models: None,
                 enabled: true,
                 created_at: 0,

@@ -39,7 +39,7 @@ use crate::config::{ClientConfig, models_problem};
 use crate::error::GatewayError;
 use crate::keys::{self, CONFIG_ID_PREFIX};
 use crate::ledger::utc_day;
-use crate::limits::ClientLimits;
+use crate::limits::{ClientLimits, LimitFields, Share};
 use crate::state::AppState;
 use crate::status;
 use crate::store::{StoreError, StoredClient, UsageTotals};
@@ -98,6 +98,9 @@ struct NewClient {
     tpm: Option<u64>,
     burst: Option<u64>,
     rate_per_second: Option<f64>,
+    max_concurrency: Option<u64>,
+    priority: Option<String>,
+    weight: Option<f64>,
     models: Option<Vec<String>>,
     #[serde(default = "enabled_by_default")]
     enabled: bool,
@@ -122,6 +125,10 @@ struct ClientChanges {
     #[serde(default, deserialize_with = "present")]
     rate_per_second: Option<Option<f64>>,
     #[serde(default, deserialize_with = "present")]
+    max_concurrency: Option<Option<u64>>,
+    priority: Option<String>,
+    weight: Option<f64>,
+    #[serde(default, deserialize_with = "present")]
     models: Option<Option<Vec<String>>>,
     enabled: Option<bool>,
 }
@@ -138,7 +145,14 @@ where
 async fn create_client(State(state): State<Arc<AppState>>, body: Bytes) -> Answer {
     let new: NewClient = parse(&body)?;
     let name = valid_name(&new.name)?;
-    let limits = valid_limits(new.rpm, new.tpm, new.burst, new.rate_per_second)?;
+    let limits = valid_limits(LimitFields {
+        rpm: new.rpm,
+        tpm: new.tpm,
+        burst: new.burst,
+        rate_per_second: new.rate_per_second,
+        max_concurrency: new.max_concurrency,
+    })?;
+    let share = valid_share(new.priority.as_deref(), new.weight)?;
     let models = valid_models(new.models)?;
     ensure_name_free(&state, &name, "").await?;
     let key = keys::new_key();
@@ -148,6 +162,7 @@ async fn create_client(State(state): State<Arc<AppState>>, body: Bytes) -> Answe
         key_hash: keys::hash_key(key.expose_secret().as_bytes()),
         key_prefix: keys::key_prefix(key.expose_secret()),
         limits,
+        share,
         models,
         enabled: new.enabled,
         created_at: unix_now(),
@@ -194,11 +209,23 @@ async fn change_client(
     let now = client.limits;
     let burst_now = now.bucket.map(|b| b.burst.get());
     let rate_now = now.bucket.map(|b| b.rate_per_second);
-    client.limits = valid_limits(
-        changes.rpm.unwrap_or(now.rpm.map(u64::from)),
-        changes.tpm.unwrap_or(now.tpm.map(u64::from)),
-        changes.burst.unwrap_or(burst_now),
-        changes.rate_per_second.unwrap_or(rate_now),
+    client.limits = valid_limits(LimitFields {
+        rpm: changes.rpm.unwrap_or(now.rpm.map(u64::from)),
+        tpm: changes.tpm.unwrap_or(now.tpm.map(u64::from)),
+        burst: changes.burst.unwrap_or(burst_now),
+        rate_per_second: changes.rate_per_second.unwrap_or(rate_now),
+        max_concurrency: changes
+            .max_concurrency
+            .unwrap_or(now.max_concurrency.map(u64::from)),
+    })?;
+    client.share = valid_share(
+        Some(
+            changes
+                .priority
+                .as_deref()
+                .unwrap_or(client.share.priority.as_str()),
+        ),
+        Some(changes.weight.unwrap_or(client.share.weight)),
     )?;
     if let Some(models) = changes.models {
         client.models = valid_models(models)?;
@@ -402,20 +429,21 @@ fn valid_name(name: &str) -> Result<String, GatewayError> {
     }
 }
 
-fn valid_limits(
-    rpm: Option<u64>,
-    tpm: Option<u64>,
-    burst: Option<u64>,
-    rate_per_second: Option<f64>,
-) -> Result<ClientLimits, GatewayError> {
-    ClientLimits::from_parts(rpm, tpm, burst, rate_per_second).map_err(|problems| {
-        // Each problem names its field; the first is reported with it.
-        let (field, message) = problems
-            .first()
-            .copied()
-            .unwrap_or(("body", "invalid limits"));
-        invalid(field, message)
-    })
+fn valid_limits(fields: LimitFields) -> Result<ClientLimits, GatewayError> {
+    ClientLimits::from_parts(fields).map_err(first_problem)
+}
+
+fn valid_share(priority: Option<&str>, weight: Option<f64>) -> Result<Share, GatewayError> {
+    Share::from_parts(priority, weight).map_err(first_problem)
+}
+
+/// Each problem names its field; the first is reported with it.
+fn first_problem(problems: Vec<(&'static str, &'static str)>) -> GatewayError {
+    let (field, message) = problems
+        .first()
+        .copied()
+        .unwrap_or(("body", "invalid settings"));
+    invalid(field, message)
 }
 
 fn valid_models(models: Option<Vec<String>>) -> Result<Option<Vec<String>>, GatewayError> {
@@ -521,12 +549,15 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-fn limits_json(limits: &ClientLimits) -> Value {
+fn limits_json(limits: &ClientLimits, share: &Share) -> Value {
     json!({
         "rpm": limits.rpm.map(u64::from),
         "tpm": limits.tpm.map(u64::from),
         "burst": limits.bucket.map(|b| b.burst.get()),
         "rate_per_second": limits.bucket.map(|b| b.rate_per_second),
+        "max_concurrency": limits.max_concurrency.map(u64::from),
+        "priority": share.priority.as_str(),
+        "weight": share.weight,
     })
 }
 
@@ -541,7 +572,7 @@ fn stored_json(client: &StoredClient, key: Option<&SecretString>) -> Value {
         "source": "api",
         "created_at": humantime::format_rfc3339_seconds(created).to_string(),
     });
-    merge(&mut out, limits_json(&client.limits));
+    merge(&mut out, limits_json(&client.limits, &client.share));
     if let Some(key) = key {
         // The one place a key leaves the gateway: the answer that made it.
         out["key"] = json!(key.expose_secret());
@@ -559,7 +590,7 @@ fn declared_json(client: &ClientConfig) -> Value {
         "source": "config",
         "created_at": null,
     });
-    merge(&mut out, limits_json(&client.limits));
+    merge(&mut out, limits_json(&client.limits, &client.share));
     out
 }
 

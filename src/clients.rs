@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use crate::config::ClientConfig;
 use crate::keys::CONFIG_ID_PREFIX;
 use crate::ledger::Ledger;
-use crate::limits::{ClientLimits, HeadroomSignal, Limiter, Quota, TokenBucket};
+use crate::limits::{ClientLimits, HeadroomSignal, Limiter, Quota, Share, TokenBucket};
 use crate::store::{Store, StoreError, StoredClient};
 
 /// A client as the request path uses it.
@@ -41,6 +41,8 @@ pub struct Client {
     pub name: Arc<str>,
     pub models: Option<Vec<String>>,
     pub enabled: bool,
+    /// Its class and weight when the pool is saturated.
+    pub share: Share,
     pub limiter: Arc<ClientLimiter>,
     pub counters: Arc<ClientCounters>,
 }
@@ -157,6 +159,7 @@ fn quota_of(limits: &ClientLimits) -> Quota {
     Quota {
         rpm: limits.rpm,
         tpm: limits.tpm,
+        max_concurrency: limits.max_concurrency,
         ..Quota::default()
     }
 }
@@ -190,6 +193,7 @@ impl Directory {
                 name: Arc::clone(&config.name),
                 models: config.models.clone(),
                 enabled: config.enabled,
+                share: config.share,
             };
             by_hash.insert(config.key.hash(), Arc::new(client));
         }
@@ -387,6 +391,7 @@ impl Registry {
             name,
             models: stored.models.clone(),
             enabled: stored.enabled,
+            share: stored.share,
         })
     }
 }

@@ -34,6 +34,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 mod client;
+pub(crate) mod fair;
 pub(crate) mod queue;
 pub(crate) mod refusal;
 pub(crate) mod shared;
@@ -78,6 +79,14 @@ pub struct Placement {
     /// The snapshot `node` belongs to, when it is not the one the request
     /// began with (it waited through a reload).
     pub rebased: Option<Arc<Live>>,
+}
+
+/// Who a request waits for: its client (or the shared group).
+fn who(client: Option<&Client>) -> fair::Who {
+    client.map_or_else(fair::Who::default, |c| fair::Who {
+        owner: Arc::clone(&c.id),
+        share: c.share,
+    })
 }
 
 /// A first attempt admitted: its placement and the client's hold.
@@ -138,6 +147,7 @@ impl Admission {
                 ask.model,
                 ask.candidates,
                 ask.demand,
+                &who(ask.client),
                 ask.deadline,
             )
             .await;

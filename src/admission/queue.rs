@@ -4,15 +4,18 @@
 //!
 //! Fast path: while nobody waits, a request is placed directly
 //! ([`Queue::place`]): no queue lock is taken. Once anyone waits, new requests join
-//! the queue behind them, so requests competing for the same nodes are
-//! served first come, first served.
+//! the queue, and requests competing for the same nodes are served in the
+//! fair order ([`fair`](super::fair)): a higher priority class first, then
+//! clients in proportion to their weights in tokens, each client's own
+//! requests first come, first served. One client may have at most
+//! `queue.max_depth_per_client` requests waiting.
 //!
 //! One dispatcher task serves the queue. It runs a pass whenever capacity may
 //! have been freed (a reservation released, a quota changed, a waiter
 //! arrived) and when the earliest window slide it computed is due. A pass
-//! walks the waiters in arrival order; a waiter that cannot be placed blocks
-//! its candidate nodes for the rest of the pass, so a later waiter never
-//! overtakes it on those nodes, while a later waiter that another node can
+//! walks the waiters in the fair order; a waiter that cannot be placed
+//! blocks its candidate nodes for the rest of the pass, so a waiter after
+//! it never overtakes it on those nodes, while one that another node can
 //! serve is placed at once.
 //!
 //! Invariants: a waiter leaves the queue when placed, when its deadline
@@ -36,6 +39,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::fair::{Fairness, Turn, Who};
 use super::refusal::{self, Headroom, Refusal};
 use super::{Booking, Placement};
 use crate::limits::{Demand, HeadroomSignal, Limit, Outlook};
@@ -52,12 +56,22 @@ struct Waiter {
     candidates: Arc<[NodeId]>,
     excluded: Vec<NodeId>,
     demand: Demand,
+    /// Its client, and its place in the fair order.
+    who: Who,
+    turn: Turn,
     reply: Option<oneshot::Sender<Result<Placement, Refusal>>>,
+}
+
+/// The waiters in arrival order, and the fair order's bookkeeping.
+#[derive(Default)]
+struct Waiting {
+    list: VecDeque<Waiter>,
+    fair: Fairness,
 }
 
 /// The waiting requests and the counter that rotates among equal nodes.
 pub struct Queue {
-    waiters: Mutex<VecDeque<Waiter>>,
+    waiters: Mutex<Waiting>,
     /// The gateway's current snapshot, to move waiters to after a reload.
     latest: Arc<ArcSwap<Live>>,
     signal: Arc<HeadroomSignal>,
@@ -95,7 +109,7 @@ impl std::fmt::Debug for Queue {
 impl Queue {
     pub fn new(signal: Arc<HeadroomSignal>, latest: Arc<ArcSwap<Live>>) -> Self {
         Self {
-            waiters: Mutex::new(VecDeque::new()),
+            waiters: Mutex::new(Waiting::default()),
             latest,
             signal,
             next_id: AtomicU64::new(0),
@@ -145,14 +159,15 @@ impl Queue {
         self.refused_total.load(Ordering::Relaxed)
     }
 
-    /// Places the request for `model` now, waits for headroom, or says
-    /// why not.
+    /// Places the request of `who` for `model` now, waits for headroom,
+    /// or says why not.
     pub(crate) async fn admit(
         &self,
         live: &Arc<Live>,
         model: Option<&str>,
         candidates: &Arc<[NodeId]>,
         demand: Demand,
+        who: &Who,
         deadline: Instant,
     ) -> Result<Placement, Refusal> {
         let excluded: &[NodeId] = &[];
@@ -172,13 +187,16 @@ impl Queue {
             Ok(at) => Headroom::at(at, now),
         };
         let (guard, placed) = {
-            let mut waiters = self.waiters.lock();
-            if waiters.len() >= live.config.queue.max_depth {
+            let mut waiting = self.waiters.lock();
+            if waiting.list.len() >= live.config.queue.max_depth
+                || waiting.fair.waiting(&who.owner) >= live.config.queue.max_depth_per_client
+            {
                 return Err(Refusal::Saturated(headroom));
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let turn = waiting.fair.arrive(who, demand, id);
             let (reply, placed) = oneshot::channel();
-            waiters.push_back(Waiter {
+            waiting.list.push_back(Waiter {
                 id,
                 live: Arc::clone(live),
                 first_generation: live.generation,
@@ -186,9 +204,11 @@ impl Queue {
                 candidates: Arc::clone(candidates),
                 excluded: excluded.to_vec(),
                 demand,
+                who: who.clone(),
+                turn,
                 reply: Some(reply),
             });
-            self.signal.set_waiting(waiters.len());
+            self.signal.set_waiting(waiting.list.len());
             self.queued_total.fetch_add(1, Ordering::Relaxed);
             (WaiterGuard { queue: self, id }, placed)
         };
@@ -233,64 +253,108 @@ impl Queue {
             }
         }
         // Waiters learn of the shutdown when their reply sender drops.
-        self.waiters.lock().clear();
+        *self.waiters.lock() = Waiting::default();
         self.signal.set_waiting(0);
     }
 
-    /// One pass over the waiters; returns when a window slide may next help.
+    /// One pass over the waiters, in the fair order; returns when a window
+    /// slide may next help.
     fn pass(&self, now: Instant) -> Option<Instant> {
         let latest = self.latest.load();
-        let mut waiters = self.waiters.lock();
+        let mut waiting = self.waiters.lock();
+        let Waiting { list, fair } = &mut *waiting;
+        let mut order: Vec<usize> = (0..list.len()).collect();
+        order.sort_by(|a, b| list[*a].turn.before(&list[*b].turn));
         let mut blocked: Vec<u64> = Vec::new();
         let mut next_slide: Option<Instant> = None;
-        waiters.retain_mut(|waiter| {
-            let Some(reply) = waiter.reply.take_if(|r| !r.is_closed()) else {
-                return false;
-            };
-            if waiter.live.generation != latest.generation {
-                match latest.candidates(waiter.model.as_deref()) {
-                    Ok(candidates) => {
-                        waiter.live = Arc::clone(&latest);
-                        waiter.candidates = candidates;
-                        // Only a first attempt queues: nothing was tried yet.
-                        waiter.excluded.clear();
+        let mut gone = vec![false; list.len()];
+        for at in order {
+            let waiter = &mut list[at];
+            match self.try_waiter(waiter, &latest, &blocked, now) {
+                Tried::Gone => gone[at] = true,
+                Tried::Placed => {
+                    fair.dispatched(&waiter.turn);
+                    gone[at] = true;
+                }
+                Tried::Waits => {
+                    for &id in waiter.candidates.iter() {
+                        let limiter = &waiter.live.node(id).limiter;
+                        blocked.push(limiter.id());
+                        if let Outlook::At(at) = limiter.outlook(waiter.demand, now) {
+                            next_slide = Some(next_slide.map_or(at, |t| t.min(at)));
+                        }
                     }
-                    Err(_) => {
-                        // The reload took its model away.
-                        let model = waiter.model.as_deref().unwrap_or_default().to_owned();
-                        let _ = reply.send(Err(Refusal::ModelGone(model)));
-                        return false;
-                    }
                 }
             }
-            let live = &waiter.live;
-            let is_open = |id: &NodeId| {
-                !waiter.excluded.contains(id) && !blocked.contains(&live.node(*id).limiter.id())
-            };
-            let open: Vec<NodeId> = waiter.candidates.iter().copied().filter(is_open).collect();
-            if !open.is_empty()
-                && let Some(mut placement) = self.place(live, &open, &[], waiter.demand, now)
-            {
-                if live.generation != waiter.first_generation {
-                    placement.rebased = Some(Arc::clone(live));
-                }
-                // A refused send means the client left; the reservation drops.
-                let _ = reply.send(Ok(placement));
-                return false;
+        }
+        let mut index = 0;
+        list.retain(|waiter| {
+            let keep = !gone[index];
+            index += 1;
+            if !keep {
+                fair.left(&waiter.who.owner);
             }
-            for &id in waiter.candidates.iter() {
-                let limiter = &live.node(id).limiter;
-                blocked.push(limiter.id());
-                if let Outlook::At(at) = limiter.outlook(waiter.demand, now) {
-                    next_slide = Some(next_slide.map_or(at, |t| t.min(at)));
-                }
-            }
-            waiter.reply = Some(reply);
-            true
+            keep
         });
-        self.signal.set_waiting(waiters.len());
+        fair.prune();
+        self.signal.set_waiting(list.len());
         next_slide
     }
+
+    /// Tries to place one waiter on its candidates not `blocked`.
+    fn try_waiter(
+        &self,
+        waiter: &mut Waiter,
+        latest: &Arc<Live>,
+        blocked: &[u64],
+        now: Instant,
+    ) -> Tried {
+        let Some(reply) = waiter.reply.take_if(|r| !r.is_closed()) else {
+            return Tried::Gone;
+        };
+        if waiter.live.generation != latest.generation {
+            match latest.candidates(waiter.model.as_deref()) {
+                Ok(candidates) => {
+                    waiter.live = Arc::clone(latest);
+                    waiter.candidates = candidates;
+                    // Only a first attempt queues: nothing was tried yet.
+                    waiter.excluded.clear();
+                }
+                Err(_) => {
+                    // The reload took its model away.
+                    let model = waiter.model.as_deref().unwrap_or_default().to_owned();
+                    let _ = reply.send(Err(Refusal::ModelGone(model)));
+                    return Tried::Gone;
+                }
+            }
+        }
+        let live = &waiter.live;
+        let is_open = |id: &NodeId| {
+            !waiter.excluded.contains(id) && !blocked.contains(&live.node(*id).limiter.id())
+        };
+        let open: Vec<NodeId> = waiter.candidates.iter().copied().filter(is_open).collect();
+        if !open.is_empty()
+            && let Some(mut placement) = self.place(live, &open, &[], waiter.demand, now)
+        {
+            if live.generation != waiter.first_generation {
+                placement.rebased = Some(Arc::clone(live));
+            }
+            // A refused send means the client left; the reservation drops.
+            let _ = reply.send(Ok(placement));
+            return Tried::Placed;
+        }
+        waiter.reply = Some(reply);
+        Tried::Waits
+    }
+}
+
+/// What one waiter's turn in a pass came to.
+enum Tried {
+    /// Its client left (or its model did): it leaves the queue.
+    Gone,
+    Placed,
+    /// It waits on; its candidates are blocked for the rest of the pass.
+    Waits,
 }
 
 /// Removes its waiter from the queue when the request stops waiting for any
@@ -302,11 +366,14 @@ struct WaiterGuard<'q> {
 
 impl Drop for WaiterGuard<'_> {
     fn drop(&mut self) {
-        let mut waiters = self.queue.waiters.lock();
-        if let Some(at) = waiters.iter().position(|w| w.id == self.id) {
-            waiters.remove(at);
+        let mut waiting = self.queue.waiters.lock();
+        let Waiting { list, fair } = &mut *waiting;
+        if let Some(at) = list.iter().position(|w| w.id == self.id)
+            && let Some(waiter) = list.remove(at)
+        {
+            fair.left(&waiter.who.owner);
         }
-        self.queue.signal.set_waiting(waiters.len());
+        self.queue.signal.set_waiting(list.len());
     }
 }
 

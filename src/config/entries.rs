@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::raw::{RawClient, RawNode};
 use super::{Api, ClientConfig, NodeApi, NodeConfig, Warnings, models_problem};
 use crate::keys::{ClientKey, NodeKey};
-use crate::limits::{ClientLimits, Quota};
+use crate::limits::{ClientLimits, LimitFields, Quota, Share};
 
 pub(super) fn validate_clients(
     raw: Vec<RawClient>,
@@ -54,25 +54,35 @@ pub(super) fn validate_clients(
             }
             hashes.push(hash);
         }
-        let limits =
-            ClientLimits::from_parts(client.rpm, client.tpm, client.burst, client.rate_per_second)
-                .map_err(|found| {
-                    for (field, message) in found {
-                        problems.push(format!("{}: {message}", at(field)));
-                    }
-                })
-                .ok();
+        let mut named = |found: Vec<(&str, &str)>| {
+            for (field, message) in found {
+                problems.push(format!("{}: {message}", at(field)));
+            }
+        };
+        let limits = ClientLimits::from_parts(LimitFields {
+            rpm: client.rpm,
+            tpm: client.tpm,
+            burst: client.burst,
+            rate_per_second: client.rate_per_second,
+            max_concurrency: client.max_concurrency,
+        })
+        .map_err(&mut named)
+        .ok();
+        let share = Share::from_parts(client.priority.as_deref(), client.weight)
+            .map_err(&mut named)
+            .ok();
         if let Some(message) = client.models.as_deref().and_then(models_problem) {
             problems.push(format!("{}: {message}", at("models")));
         }
         if problems.len() > before {
             continue;
         }
-        if let (Some(key), Some(limits)) = (key, limits) {
+        if let (Some(key), Some(limits), Some(share)) = (key, limits, share) {
             clients.push(ClientConfig {
                 name: Arc::from(name),
                 key,
                 limits,
+                share,
                 models: client.models,
                 enabled: client.enabled,
             });

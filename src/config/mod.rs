@@ -30,7 +30,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::keys::{ClientKey, NodeKey};
-use crate::limits::{ClientLimits, Quota};
+use crate::limits::{ClientLimits, Quota, Reserves, Share};
 
 mod entries;
 mod raw;
@@ -115,6 +115,10 @@ pub struct QueueSettings {
     pub max_wait: Duration,
     /// 0 refuses every request that would have to wait.
     pub max_depth: usize,
+    /// Requests of one client (or of the shared group) waiting at once.
+    pub max_depth_per_client: usize,
+    /// What each class keeps of every node's quota from the classes below.
+    pub reserves: Reserves,
 }
 
 /// `[retry]`
@@ -288,6 +292,8 @@ pub struct ClientConfig {
     pub name: Arc<str>,
     pub key: ClientKey,
     pub limits: ClientLimits,
+    /// Its class and weight when the pool is saturated.
+    pub share: Share,
     /// `None` may use every model; never an empty list.
     pub models: Option<Vec<String>>,
     pub enabled: bool,

@@ -35,6 +35,8 @@ pub(super) const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(super) const DEFAULT_COMPLETION_TOKENS: u64 = 1024;
 pub(super) const DEFAULT_QUEUE_MAX_WAIT: Duration = Duration::from_secs(5);
 pub(super) const DEFAULT_QUEUE_MAX_DEPTH: usize = 1024;
+/// One client may fill a quarter of the default queue.
+pub(super) const DEFAULT_QUEUE_MAX_DEPTH_PER_CLIENT: usize = 256;
 pub(super) const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
 /// Often enough to take a dead node out within seconds, rare enough to be
 /// noise to the upstream (one `GET /models` per node).
@@ -142,6 +144,19 @@ pub(super) struct RawQueue {
     pub(super) max_wait: Duration,
     #[default(DEFAULT_QUEUE_MAX_DEPTH)]
     pub(super) max_depth: usize,
+    #[default(DEFAULT_QUEUE_MAX_DEPTH_PER_CLIENT)]
+    pub(super) max_depth_per_client: usize,
+    pub(super) reserve: RawReserve,
+}
+
+/// `[queue.reserve]`: the share of each node's quota a class keeps from
+/// the classes below it.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawReserve {
+    pub(super) high: f64,
+    pub(super) normal: f64,
+    pub(super) low: f64,
 }
 
 /// `[retry]`
@@ -256,6 +271,9 @@ pub(super) struct RawClient {
     pub(super) tpm: Option<u64>,
     pub(super) burst: Option<u64>,
     pub(super) rate_per_second: Option<f64>,
+    pub(super) max_concurrency: Option<u64>,
+    pub(super) priority: Option<String>,
+    pub(super) weight: Option<f64>,
     pub(super) models: Option<Vec<String>>,
     #[serde(default = "enabled_by_default")]
     pub(super) enabled: bool,

@@ -114,6 +114,14 @@ impl Config {
         out.table("[queue]");
         out.duration("max_wait", self.queue.max_wait);
         out.bare("max_depth", self.queue.max_depth);
+        out.bare("max_depth_per_client", self.queue.max_depth_per_client);
+        let r = self.queue.reserves;
+        if r != crate::limits::Reserves::default() {
+            out.table("[queue.reserve]");
+            out.bare("high", r.high);
+            out.bare("normal", r.normal);
+            out.bare("low", r.low);
+        }
         out.table("[retry]");
         out.bare("attempts", self.retry.attempts);
         let h = &self.health;
@@ -170,6 +178,9 @@ fn render_client(out: &mut Toml, client: &ClientConfig) {
         out.bare("burst", b.burst);
         out.bare("rate_per_second", b.rate_per_second);
     }
+    out.limits(&[("max_concurrency", l.max_concurrency)]);
+    out.text("priority", client.share.priority.as_str());
+    out.bare("weight", client.share.weight);
     if let Some(models) = &client.models {
         out.list("models", models);
     }

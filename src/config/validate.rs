@@ -20,6 +20,7 @@ use super::{
     UpstreamSettings, Warnings,
 };
 use crate::keys::ClientKey;
+use crate::limits::Reserves;
 
 /// Extracts the raw form from `figment` and validates it.
 pub(super) fn from_figment(
@@ -110,6 +111,19 @@ fn validate(
     let store = validate_store(raw.store, &mut problems);
     let admin = validate_admin(raw.admin, server.listen, env, &mut problems);
     let cluster = raw.cluster.and_then(|c| validate_cluster(c, &mut problems));
+    let r = &raw.queue.reserve;
+    let reserves = Reserves {
+        high: r.high,
+        normal: r.normal,
+        low: r.low,
+    }
+    .checked()
+    .unwrap_or_else(|found| {
+        for (field, message) in found {
+            problems.push(format!("queue.reserve.{field}: {message}"));
+        }
+        Reserves::default()
+    });
 
     if raw.nodes.is_empty() {
         problems.push("nodes: at least one [[nodes]] entry is required".to_owned());
@@ -143,6 +157,8 @@ fn validate(
             queue: QueueSettings {
                 max_wait: raw.queue.max_wait,
                 max_depth: raw.queue.max_depth,
+                max_depth_per_client: raw.queue.max_depth_per_client,
+                reserves,
             },
             retry: RetrySettings {
                 attempts: raw.retry.attempts,

@@ -18,6 +18,18 @@ pub struct ClientLimits {
     pub tpm: Option<NonZeroU64>,
     /// A token bucket of `burst` requests refilled at `rate_per_second`.
     pub bucket: Option<BucketLimit>,
+    /// Its requests in flight at once, over every node.
+    pub max_concurrency: Option<NonZeroU64>,
+}
+
+/// A client's limits as the config and the admin API give them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LimitFields {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub burst: Option<u64>,
+    pub rate_per_second: Option<f64>,
+    pub max_concurrency: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,12 +48,14 @@ impl ClientLimits {
     /// Validates a client's limits as written (config or admin API): zero is
     /// refused (leave a limit out for none), and a bucket needs both its
     /// size and its rate. Errors name the field.
-    pub fn from_parts(
-        rpm: Option<u64>,
-        tpm: Option<u64>,
-        burst: Option<u64>,
-        rate_per_second: Option<f64>,
-    ) -> Result<Self, Vec<(&'static str, &'static str)>> {
+    pub fn from_parts(fields: LimitFields) -> Result<Self, Vec<(&'static str, &'static str)>> {
+        let LimitFields {
+            rpm,
+            tpm,
+            burst,
+            rate_per_second,
+            max_concurrency,
+        } = fields;
         let mut problems = Vec::new();
         let mut limit = |field: &'static str, value: Option<u64>| match value {
             Some(0) => {
@@ -53,6 +67,7 @@ impl ClientLimits {
         let rpm = limit("rpm", rpm);
         let tpm = limit("tpm", tpm);
         let burst_limit = limit("burst", burst);
+        let max_concurrency = limit("max_concurrency", max_concurrency);
         let rate_valid = rate_per_second.map(|r| (MIN_RATE..=MAX_RATE).contains(&r));
         if rate_valid == Some(false) {
             problems.push(("rate_per_second", "must be a number from 0.001 to 1000000"));
@@ -76,7 +91,12 @@ impl ClientLimits {
             _ => None,
         };
         if problems.is_empty() {
-            Ok(Self { rpm, tpm, bucket })
+            Ok(Self {
+                rpm,
+                tpm,
+                bucket,
+                max_concurrency,
+            })
         } else {
             Err(problems)
         }

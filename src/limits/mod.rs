@@ -46,11 +46,13 @@ use tokio::time::Instant;
 mod bucket;
 mod limiter;
 mod reported;
+pub mod share;
 mod window;
 
-pub use bucket::{BucketLimit, ClientLimits, TokenBucket};
+pub use bucket::{BucketLimit, ClientLimits, LimitFields, TokenBucket};
 pub use limiter::{Limiter, LimiterSnapshot, Reservation, ShortUse, Terms};
 pub use reported::{Counted, Marks, RateLimitReport, Remaining, Reported};
+pub use share::{Priority, Reserves, Share};
 
 /// The span every per-minute limit covers.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -69,7 +71,7 @@ pub(super) const SLOTS: u64 =
 pub const MAX_DEMAND_TOKENS: u64 = 1_000_000_000_000;
 
 /// What one request asks of a node.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Demand {
     /// Prompt tokens plus the completion tokens reserved; at most
     /// [`MAX_DEMAND_TOKENS`].
@@ -80,6 +82,20 @@ pub struct Demand {
     /// choices it asks for, so a node with its own default completion
     /// reserves by that ([`on`](Self::on)).
     pub open_ended: Option<(u64, u64)>,
+    /// What it may use of each node's quota, per million: all of it, less
+    /// what the classes above its client's keep ([`Reserves`]).
+    pub usable: u32,
+}
+
+impl Default for Demand {
+    fn default() -> Self {
+        Demand {
+            tokens: 0,
+            bytes: 0,
+            open_ended: None,
+            usable: share::WHOLE,
+        }
+    }
 }
 
 impl Demand {

@@ -217,11 +217,17 @@ struct Target {
 
 impl Target {
     fn ask<'a>(&'a self, request: &'a Inbound<'_>, deadline: Instant) -> Ask<'a> {
+        // What its client's class may use of each node's quota.
+        let priority = request.client.map(|c| c.share.priority).unwrap_or_default();
+        let usable = self.live.config.queue.reserves.usable(priority);
         Ask {
             live: &self.live,
             model: request.info.model.as_deref(),
             candidates: &self.candidates,
-            demand: request.info.demand,
+            demand: crate::limits::Demand {
+                usable,
+                ..request.info.demand
+            },
             client: request.client,
             deadline,
         }

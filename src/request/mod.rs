@@ -185,6 +185,7 @@ pub fn inspect_operation(
                 .min(MAX_DEMAND_TOKENS),
             bytes,
             open_ended,
+            usable: crate::limits::share::WHOLE,
         },
         model_in_body: parsed.model_in_body,
         model: model.map(|m| m.into_owned().into_boxed_str()),
@@ -219,6 +220,7 @@ impl RequestInfo {
                 tokens: 0,
                 bytes,
                 open_ended: None,
+                usable: crate::limits::share::WHOLE,
             },
             model_in_body: if json {
                 ModelInBody::Absent

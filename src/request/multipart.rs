@@ -76,6 +76,7 @@ pub async fn inspect(
             tokens: 0,
             bytes: body.len() as u64,
             open_ended: None,
+            usable: crate::limits::share::WHOLE,
         },
         model_in_body: ModelInBody::NotJson,
     })

@@ -197,6 +197,7 @@ fn a_request_without_a_model_counts_one_request_and_its_bytes() {
             tokens: 0,
             bytes: 12,
             open_ended: None,
+            usable: crate::limits::share::WHOLE,
         }
     );
 }

@@ -27,7 +27,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use crate::keys::redacted_url;
-use crate::limits::{BucketLimit, ClientLimits};
+use crate::limits::{BucketLimit, ClientLimits, Priority, Share};
 
 mod objects;
 
@@ -48,6 +48,8 @@ pub struct StoredClient {
     pub key_hash: [u8; 32],
     pub key_prefix: String,
     pub limits: ClientLimits,
+    /// Its class and weight when the pool is saturated.
+    pub share: Share,
     /// `None` may use every model.
     pub models: Option<Vec<String>>,
     pub enabled: bool,
@@ -125,8 +127,8 @@ pub struct Store {
     backend: Backend,
 }
 
-const CLIENT_COLUMNS: &str =
-    "id, name, key_hash, key_prefix, rpm, tpm, burst, rate_per_second, models, enabled, created_at";
+const CLIENT_COLUMNS: &str = "id, name, key_hash, key_prefix, rpm, tpm, burst, rate_per_second, models, enabled, \
+     max_concurrency, priority, weight, created_at";
 
 /// A lookup on the request path gives up after this: a client then gets a
 /// 503 rather than a hung request.
@@ -190,8 +192,9 @@ impl Store {
 
     pub async fn insert_client(&self, client: &StoredClient) -> Result<(), StoreError> {
         let insert = sqlx::query(
-            "INSERT INTO clients (id, name, key_hash, key_prefix, rpm, tpm, burst, rate_per_second, models, enabled, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)",
+            "INSERT INTO clients (id, name, key_hash, key_prefix, rpm, tpm, burst, rate_per_second, models, enabled, \
+             max_concurrency, priority, weight, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
         )
         .bind(&client.id)
         .bind(&client.name)
@@ -252,7 +255,8 @@ impl Store {
     pub async fn update_client(&self, client: &StoredClient, now: i64) -> Result<bool, StoreError> {
         let update = sqlx::query(
             "UPDATE clients SET name = $2, rpm = $3, tpm = $4, burst = $5, rate_per_second = $6, \
-             models = $7, enabled = $8, updated_at = $9 WHERE id = $1",
+             models = $7, enabled = $8, max_concurrency = $9, priority = $10, weight = $11, \
+             updated_at = $12 WHERE id = $1",
         )
         .bind(&client.id)
         .bind(&client.name);
@@ -442,6 +446,11 @@ fn client_from_row(row: &AnyRow) -> Result<StoredClient, StoreError> {
             rpm: positive("rpm")?,
             tpm: positive("tpm")?,
             bucket,
+            max_concurrency: positive("max_concurrency")?,
+        },
+        share: Share {
+            priority: Priority::parse(&row.try_get::<String, _>("priority")?).unwrap_or_default(),
+            weight: row.try_get("weight")?,
         },
         models,
         enabled: row.try_get::<i64, _>("enabled")? != 0,
@@ -454,7 +463,7 @@ type LimitColumns = (Option<i64>, Option<i64>, Option<i64>, Option<f64>);
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
 /// Binds a client's settings, in their column order: rpm, tpm, burst,
-/// rate_per_second, models, enabled.
+/// rate_per_second, models, enabled, max_concurrency, priority, weight.
 fn bind_settings<'q>(query: AnyQuery<'q>, client: &'q StoredClient) -> AnyQuery<'q> {
     let (rpm, tpm, burst, rate) = limit_columns(&client.limits);
     query
@@ -464,6 +473,9 @@ fn bind_settings<'q>(query: AnyQuery<'q>, client: &'q StoredClient) -> AnyQuery<
         .bind(rate)
         .bind(models_column(client.models.as_deref()))
         .bind(i64::from(client.enabled))
+        .bind(client.limits.max_concurrency.map(|v| column(v.get())))
+        .bind(client.share.priority.as_str())
+        .bind(client.share.weight)
 }
 
 fn limit_columns(limits: &ClientLimits) -> LimitColumns {

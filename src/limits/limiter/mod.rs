@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::window::{Amounts, Window};
 use super::{
     CooldownReason, Counted, Demand, HeadroomSignal, Limit, Load, Marks, Outlook, Quota,
-    RateLimitReport, Reported, SLOT, SLOTS, WINDOW,
+    RateLimitReport, Reported, SLOT, SLOTS, WINDOW, share,
 };
 
 /// Slots in a short window's span: its slots are a hundredth of the span
@@ -249,8 +249,18 @@ impl Limiter {
     /// through Redis: one lock for all of them.
     pub fn terms(&self, demand: Demand) -> Terms {
         let state = self.state.lock();
+        let part = |q: Option<NonZeroU64>| {
+            q.and_then(|q| NonZeroU64::new(share::part_of(q.get(), demand.usable)))
+        };
+        let q = state.effective;
         Terms {
-            quota: state.effective,
+            // What the request's class may use of each limit.
+            quota: Quota {
+                rpm: part(q.rpm),
+                tpm: part(q.tpm),
+                bpm: part(q.bpm),
+                max_concurrency: part(q.max_concurrency),
+            },
             tokens: demand.on(state.default_completion).tokens,
             window: state.short.as_ref().map_or(WINDOW, |s| s.span),
             charged_at_arrival: state.charged_at_arrival,
@@ -405,6 +415,9 @@ impl LimiterState {
             if wanted > quota {
                 return Outlook::Never(limit);
             }
+            // What the request's class may use: the quota less what the
+            // classes above it keep.
+            let quota = share::part_of(quota, demand.usable);
             let used = self.window.total.of(limit);
             let after = used.saturating_add(wanted);
             if after > quota {
@@ -423,7 +436,7 @@ impl LimiterState {
         let concurrency_full = self
             .effective
             .max_concurrency
-            .is_some_and(|max| self.in_flight >= u64::from(max));
+            .is_some_and(|max| self.in_flight >= share::part_of(u64::from(max), demand.usable));
         match (wait_until, concurrency_full) {
             (Some(at), _) => Outlook::At(at),
             (None, true) => Outlook::OnRelease,

@@ -22,6 +22,7 @@ const SMALL: Demand = Demand {
     tokens: 10,
     bytes: 100,
     open_ended: None,
+    usable: crate::limits::share::WHOLE,
 };
 
 #[tokio::test(start_paused = true)]
@@ -78,6 +79,7 @@ async fn tokens_are_reserved_then_corrected_to_actual_use() {
         tokens: 600,
         bytes: 0,
         open_ended: None,
+        usable: crate::limits::share::WHOLE,
     };
     let r = n.try_reserve(demand, Instant::now()).unwrap();
     assert_eq!(n.snapshot(Instant::now()).pending_tokens, 600);
@@ -98,6 +100,7 @@ async fn a_demand_larger_than_the_quota_never_fits() {
         tokens: 101,
         bytes: 10,
         open_ended: None,
+        usable: crate::limits::share::WHOLE,
     };
     assert_eq!(n.outlook(big, Instant::now()), Outlook::Never(Limit::Tpm));
 }
@@ -228,6 +231,7 @@ async fn load_is_the_highest_utilisation_over_limited_dimensions() {
                 tokens: 500,
                 bytes: 0,
                 open_ended: None,
+                usable: crate::limits::share::WHOLE,
             },
             Instant::now(),
         )
@@ -277,6 +281,7 @@ async fn a_demand_above_the_short_allotment_fits_an_empty_short_window() {
         tokens: 250,
         bytes: 0,
         open_ended: None,
+        usable: crate::limits::share::WHOLE,
     };
     let r = n
         .try_reserve(big, Instant::now())
@@ -373,6 +378,7 @@ async fn an_upstream_that_charges_at_arrival_keeps_the_reservation_counted() {
         tokens: 300,
         bytes: 0,
         open_ended: None,
+        usable: crate::limits::share::WHOLE,
     };
     n.try_reserve(asking, Instant::now()).unwrap().settle(25);
     assert_eq!(n.snapshot(Instant::now()).tokens, 300);

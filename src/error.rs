@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -383,6 +383,11 @@ impl IntoResponse for GatewayError {
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after.seconds()),
             );
+            // The same wait, as Azure's clients and the OpenAI SDKs read it.
+            headers.insert(
+                HeaderName::from_static("retry-after-ms"),
+                HeaderValue::from(retry_after.millis()),
+            );
         }
         response
     }
@@ -417,6 +422,11 @@ mod tests {
         assert!(message.ends_with("Retry after 3 s."), "{message}");
         assert_eq!(body["error"]["code"], "rate_limit_exceeded");
         assert_eq!(body["error"]["type"], "rate_limit_error");
+        let response = GatewayError::Saturated {
+            retry_after: RetryAfter::after(Duration::from_millis(2100)),
+        }
+        .into_response();
+        assert_eq!(response.headers()["retry-after-ms"], "3000");
     }
 
     #[test]

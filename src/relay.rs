@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderName, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::Stream;
@@ -123,10 +123,12 @@ pub(crate) fn relay(
     info: &RequestInfo,
     deadline: Instant,
     trace: Trace,
+    rate_limits: HeaderMap,
 ) -> Response {
     let status = response.status();
     let mut headers = upstream::relayed_headers(response.headers());
     headers.insert(NODE_HEADER, node.name_header.clone());
+    headers.extend(rate_limits);
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

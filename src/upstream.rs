@@ -75,15 +75,34 @@ fn outgoing_headers(client: &HeaderMap, node: &Node) -> HeaderMap {
     out
 }
 
-/// The upstream's headers to relay to the client.
+/// The upstream's headers to relay to the client: not the hop-by-hop ones,
+/// nor the node's own `x-ratelimit-*` (the client gets its own, or the
+/// pool's).
 pub(crate) fn relayed_headers(upstream: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(upstream.len() + 1);
     for (name, value) in upstream {
-        if !is_hop_by_hop(name, upstream) {
+        if !is_hop_by_hop(name, upstream) && !name.as_str().starts_with("x-ratelimit-") {
             out.append(name.clone(), value.clone());
         }
     }
     out
+}
+
+/// A wait as OpenAI writes a reset: `20ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`.
+pub(crate) fn reset_text(wait: Duration) -> String {
+    let ms = wait.as_millis() as u64;
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (hours, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (minutes, rest) = (rest / 60_000, rest % 60_000);
+    let seconds = format!("{:.3}", rest as f64 / 1000.0);
+    let seconds = seconds.trim_end_matches('0').trim_end_matches('.');
+    match (hours, minutes) {
+        (0, 0) => format!("{seconds}s"),
+        (0, m) => format!("{m}m{seconds}s"),
+        (h, m) => format!("{h}h{m}m{seconds}s"),
+    }
 }
 
 /// Sends one attempt to `url` (see [`crate::api::url`]) and waits for the
@@ -311,6 +330,21 @@ mod tests {
     use axum::http::HeaderValue;
 
     use super::*;
+
+    #[test]
+    fn a_reset_is_written_as_openai_writes_it_and_read_back() {
+        for (ms, text) in [
+            (20, "20ms"),
+            (1_000, "1s"),
+            (1_500, "1.5s"),
+            (360_000, "6m0s"),
+            (3_723_500, "1h2m3.5s"),
+        ] {
+            let wait = Duration::from_millis(ms);
+            assert_eq!(reset_text(wait), text);
+            assert_eq!(parse_reset(text), Some(wait));
+        }
+    }
 
     #[test]
     fn reset_durations_parse_like_openai_writes_them() {

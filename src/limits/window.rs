@@ -183,6 +183,20 @@ impl Window {
         }
     }
 
+    /// When everything counted of `limit` has expired: the expiry of the
+    /// newest slot holding some (found from the head back, so under load at
+    /// once); `None` when nothing is counted.
+    pub(super) fn empty_at(&self, limit: Limit) -> Option<Instant> {
+        if self.total.of(limit) == 0 {
+            return None;
+        }
+        let oldest = self.head.saturating_sub(self.len() - 1);
+        (oldest..=self.head).rev().find_map(|index| {
+            let slot = &self.slots[(index % self.len()) as usize];
+            (slot.index == index && slot.amounts.of(limit) > 0).then(|| self.expiry_of(index))
+        })
+    }
+
     /// The first instant at which at least `need` of one amount has expired.
     pub(super) fn freed_at(&self, need: u64, limit: Limit) -> Option<Instant> {
         let oldest = self.head.saturating_sub(self.len() - 1);

@@ -47,6 +47,7 @@ use crate::state::AppState;
 use crate::store::UsageTotals;
 use crate::upstream::{self, Failure};
 
+mod headers;
 mod objects;
 
 use crate::objects::named::{self as object_names, PathUse};
@@ -452,6 +453,12 @@ impl Attempt {
                     request.info,
                     request.deadline,
                     trace,
+                    headers::rate_limit_headers(
+                        live,
+                        &candidates(live, request.info.model.as_deref(), &request.routing)
+                            .unwrap_or_else(|_| Arc::from([node])),
+                        request.client,
+                    ),
                 ))
             }
             Attempt::Failed { node, failure } => {

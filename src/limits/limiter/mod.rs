@@ -221,6 +221,22 @@ impl Limiter {
         state.in_flight == 0 && state.window.total == Amounts::default()
     }
 
+    /// Requests and tokens: (limit in force, used in the window, when all
+    /// of that use has expired); `None` for a dimension without a limit.
+    /// For the `x-ratelimit-*` headers a client gets.
+    pub fn headroom(&self, now: Instant) -> [Option<(u64, u64, Option<Instant>)>; 2] {
+        let mut state = self.state.lock();
+        state.advance(now);
+        [Limit::Rpm, Limit::Tpm].map(|limit| {
+            let quota = state.effective.of(limit)?;
+            Some((
+                quota,
+                state.window.total.of(limit),
+                state.window.empty_at(limit),
+            ))
+        })
+    }
+
     /// The quota in force: the configured one, lowered to what the
     /// upstream reports where that is lower.
     pub fn quota_in_force(&self) -> Quota {

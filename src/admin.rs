@@ -243,6 +243,7 @@ async fn change_client(
         return Err(GatewayError::ClientNotFound(id));
     }
     state.clients.changed(Some(&client), None);
+    state.kept.signal.freed();
     tracing::info!(client = %client.id, "client changed");
     Ok(Json(stored_json(&client, None)).into_response())
 }
@@ -259,6 +260,8 @@ async fn delete_client(State(state): State<Arc<AppState>>, Path(id): Path<String
         return Err(GatewayError::ClientNotFound(id));
     }
     state.clients.changed(None, Some(&id));
+    // Its requests still waiting are refused at the next pass: now.
+    state.kept.signal.freed();
     tracing::info!(client = %id, "client deleted");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

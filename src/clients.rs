@@ -53,6 +53,10 @@ pub struct Client {
 pub struct ClientLimiter {
     pub window: Arc<Limiter>,
     pub bucket: Option<Mutex<TokenBucket>>,
+    /// The client was deleted, disabled or taken out of the config: its
+    /// requests still waiting are refused. Shared by every version of its
+    /// limiter (a change of limits makes a new one).
+    revoked: Arc<AtomicBool>,
 }
 
 /// A client's requests and tokens since start: atomics, counted when an
@@ -131,7 +135,17 @@ impl ClientLimiter {
             bucket: limits
                 .bucket
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
+            revoked: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Whether the client was deleted, disabled or taken out of the config.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    fn revoke(&self, revoked: bool) {
+        self.revoked.store(revoked, Ordering::Release);
     }
 
     /// Applies changed limits (a reload, an admin change) without resetting
@@ -151,6 +165,7 @@ impl ClientLimiter {
             bucket: limits
                 .bucket
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
+            revoked: Arc::clone(&self.revoked),
         })
     }
 }
@@ -186,6 +201,7 @@ impl Directory {
         let mut by_hash = HashMap::with_capacity(configs.len());
         for (config, id) in configs.iter().zip(ids) {
             let kept = registry.keep(&id, &config.name, &config.limits);
+            kept.limiter.revoke(!config.enabled);
             let client = Client {
                 limiter: kept.limiter,
                 counters: kept.counters,
@@ -321,14 +337,17 @@ impl Registry {
         self.cache.invalidate_all();
         if let Some(client) = client {
             self.any_stored.store(true, Ordering::Release);
-            self.keep(
+            let kept = self.keep(
                 &Arc::from(client.id.as_str()),
                 &Arc::from(client.name.as_str()),
                 &client.limits,
             );
+            kept.limiter.revoke(!client.enabled);
         }
-        if let Some(id) = deleted {
-            self.kept.lock().remove(id);
+        if let Some(id) = deleted
+            && let Some(gone) = self.kept.lock().remove(id)
+        {
+            gone.limiter.revoke(true);
         }
     }
 
@@ -363,9 +382,13 @@ impl Registry {
 
     /// Forgets what was kept of declared clients no longer in the config.
     fn keep_declared(&self, ids: &[Arc<str>]) {
-        self.kept
-            .lock()
-            .retain(|id, _| !id.starts_with(CONFIG_ID_PREFIX) || ids.contains(id));
+        self.kept.lock().retain(|id, kept| {
+            let stays = !id.starts_with(CONFIG_ID_PREFIX) || ids.contains(id);
+            if !stays {
+                kept.limiter.revoke(true);
+            }
+            stays
+        });
     }
 
     /// Every client's counters by id, sorted, for the `/metrics` scrape.

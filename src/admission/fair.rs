@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::clients::ClientLimiter;
 #[cfg(test)]
 use crate::limits::Priority;
 use crate::limits::{Demand, Share};
@@ -29,6 +30,8 @@ use crate::limits::{Demand, Share};
 pub(crate) struct Who {
     pub(crate) owner: Arc<str>,
     pub(crate) share: Share,
+    /// Its client's limiter, which says when the client is revoked.
+    pub(crate) limiter: Option<Arc<ClientLimiter>>,
 }
 
 impl Default for Who {
@@ -36,7 +39,15 @@ impl Default for Who {
         Who {
             owner: Arc::from(""),
             share: Share::default(),
+            limiter: None,
         }
+    }
+}
+
+impl Who {
+    /// Whether its client was deleted, disabled or taken out of the config.
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.limiter.as_ref().is_some_and(|l| l.is_revoked())
     }
 }
 
@@ -137,6 +148,7 @@ mod tests {
         Who {
             owner: Arc::from(owner),
             share: Share { priority, weight },
+            limiter: None,
         }
     }
 

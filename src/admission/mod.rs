@@ -86,6 +86,7 @@ fn who(client: Option<&Client>) -> fair::Who {
     client.map_or_else(fair::Who::default, |c| fair::Who {
         owner: Arc::clone(&c.id),
         share: c.share,
+        limiter: Some(Arc::clone(&c.limiter)),
     })
 }
 

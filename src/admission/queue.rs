@@ -312,6 +312,10 @@ impl Queue {
         let Some(reply) = waiter.reply.take_if(|r| !r.is_closed()) else {
             return Tried::Gone;
         };
+        if waiter.who.is_revoked() {
+            let _ = reply.send(Err(Refusal::ClientGone));
+            return Tried::Gone;
+        }
         if waiter.live.generation != latest.generation {
             match latest.candidates(waiter.model.as_deref()) {
                 Ok(candidates) => {

@@ -86,6 +86,9 @@ pub(crate) enum Refusal {
     ModelNotAllowed(String),
     /// A reload took the model away while the request waited.
     ModelGone(String),
+    /// The client was deleted, disabled or taken out of the config while
+    /// its request waited.
+    ClientGone,
     /// Redis cannot be reached and `on_redis_error = "reject"`.
     SharedUnavailable,
     /// The gateway is stopping.
@@ -118,6 +121,7 @@ pub(crate) fn refuse(refusal: Refusal) -> GatewayError {
         },
         Refusal::ModelNotAllowed(model) => GatewayError::ModelNotAllowed(model),
         Refusal::ModelGone(model) => GatewayError::ModelNotFound(model),
+        Refusal::ClientGone => GatewayError::InvalidApiKey,
         Refusal::SharedUnavailable => GatewayError::ClusterUnavailable {
             retry_after: RetryAfter::after(SHARED_UNAVAILABLE),
         },

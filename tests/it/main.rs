@@ -15,6 +15,7 @@ mod clients;
 mod cluster;
 mod dashboard;
 mod errors;
+mod fairness;
 mod health;
 mod hostile;
 mod limits;

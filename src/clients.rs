@@ -114,17 +114,34 @@ impl ClientCounters {
     }
 }
 
+/// A client's limits as the shared windows take them (0 = none).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SharedClientLimits {
+    pub rpm: u64,
+    pub tpm: u64,
+    /// The token bucket's size and refill rate.
+    pub burst: u64,
+    pub rate_per_second: f64,
+    /// Requests in flight at once, across every replica.
+    pub max_concurrency: u64,
+}
+
 impl ClientLimiter {
-    /// The limits, as the shared windows take them: rpm, tpm, bucket burst
-    /// and rate (0 = none).
-    pub fn shared_limits(&self) -> (u64, u64, u64, f64) {
+    /// The limits, as the shared windows take them.
+    pub fn shared_limits(&self) -> SharedClientLimits {
         let quota = self.window.quota_in_force();
         let n = |v: Option<std::num::NonZeroU64>| v.map_or(0, u64::from);
-        let (burst, rate) = self.bucket.as_ref().map_or((0, 0.0), |b| {
+        let (burst, rate_per_second) = self.bucket.as_ref().map_or((0, 0.0), |b| {
             let limit = b.lock().limit();
             (u64::from(limit.burst), limit.rate_per_second)
         });
-        (n(quota.rpm), n(quota.tpm), burst, rate)
+        SharedClientLimits {
+            rpm: n(quota.rpm),
+            tpm: n(quota.tpm),
+            burst,
+            rate_per_second,
+            max_concurrency: n(quota.max_concurrency),
+        }
     }
 
     fn new(limits: &ClientLimits) -> Arc<Self> {

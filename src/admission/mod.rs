@@ -82,7 +82,7 @@ pub struct Placement {
 }
 
 /// Who a request waits for: its client (or the shared group).
-fn who(client: Option<&Client>) -> fair::Who {
+pub(in crate::admission) fn who(client: Option<&Client>) -> fair::Who {
     client.map_or_else(fair::Who::default, |c| fair::Who {
         owner: Arc::clone(&c.id),
         share: c.share,

@@ -62,11 +62,22 @@ struct Waiter {
     reply: Option<oneshot::Sender<Result<Placement, Refusal>>>,
 }
 
-/// The waiters in arrival order, and the fair order's bookkeeping.
+/// The waiters in arrival order, the requests waiting for shared
+/// headroom (with `[cluster]`), and the fair order's bookkeeping.
 #[derive(Default)]
 struct Waiting {
     list: VecDeque<Waiter>,
+    line: Vec<InLine>,
     fair: Fairness,
+}
+
+/// A request waiting for headroom in the shared windows: its place in the
+/// fair order and the nodes it waits for.
+struct InLine {
+    id: u64,
+    owner: Arc<str>,
+    turn: Turn,
+    candidates: Arc<[NodeId]>,
 }
 
 /// The waiting requests and the counter that rotates among equal nodes.
@@ -83,18 +94,42 @@ pub struct Queue {
     refused_total: AtomicU64,
     /// Requests waiting for headroom in the shared windows.
     shared_waiting: AtomicUsize,
+    /// Rings when a request leaves the shared line: the next may try.
+    line_moved: tokio::sync::Notify,
 }
 
-/// A request waiting for shared headroom: counted in the queue's depth
-/// until dropped.
+/// A request's place in the line for shared headroom; it leaves the line
+/// when dropped.
 #[derive(Debug)]
-pub struct SharedWaiter<'a> {
-    count: &'a AtomicUsize,
+pub(crate) struct LinePlace<'q> {
+    queue: &'q Queue,
+    id: u64,
 }
 
-impl Drop for SharedWaiter<'_> {
+impl LinePlace<'_> {
+    /// The request was placed: its class's virtual time moves on.
+    pub(crate) fn placed(self) {
+        let mut waiting = self.queue.waiters.lock();
+        if let Some(entry) = waiting.line.iter().find(|e| e.id == self.id) {
+            let turn = entry.turn;
+            waiting.fair.dispatched(&turn);
+        }
+    }
+}
+
+impl Drop for LinePlace<'_> {
     fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
+        let mut waiting = self.queue.waiters.lock();
+        let Waiting { line, fair, .. } = &mut *waiting;
+        if let Some(at) = line.iter().position(|e| e.id == self.id) {
+            let entry = line.swap_remove(at);
+            fair.left(&entry.owner);
+        }
+        self.queue
+            .shared_waiting
+            .store(line.len(), Ordering::Release);
+        drop(waiting);
+        self.queue.line_moved.notify_waiters();
     }
 }
 
@@ -117,6 +152,7 @@ impl Queue {
             queued_total: AtomicU64::new(0),
             refused_total: AtomicU64::new(0),
             shared_waiting: AtomicUsize::new(0),
+            line_moved: tokio::sync::Notify::new(),
         }
     }
 
@@ -130,18 +166,64 @@ impl Queue {
         self.signal.waiting() + self.shared_waiting.load(Ordering::Acquire)
     }
 
-    /// Joins the requests waiting for shared headroom, unless `max_depth`
-    /// already wait.
-    pub fn wait_shared(&self, max_depth: usize) -> Option<SharedWaiter<'_>> {
-        let shared = self.shared_waiting.fetch_add(1, Ordering::AcqRel);
-        let waiter = SharedWaiter {
-            count: &self.shared_waiting,
-        };
-        if shared + self.signal.waiting() >= max_depth {
+    /// Joins the line of requests waiting for shared headroom (for
+    /// `candidates`), in the fair order; unless `queue.max_depth` requests
+    /// wait, or `queue.max_depth_per_client` of this client's.
+    pub(crate) fn join_line(
+        &self,
+        live: &Live,
+        candidates: &Arc<[NodeId]>,
+        demand: Demand,
+        who: &Who,
+    ) -> Option<LinePlace<'_>> {
+        let mut waiting = self.waiters.lock();
+        let full = waiting.list.len() + waiting.line.len() >= live.config.queue.max_depth
+            || waiting.fair.waiting(&who.owner) >= live.config.queue.max_depth_per_client;
+        if full {
             return None;
         }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let turn = waiting.fair.arrive(who, demand, id);
+        waiting.line.push(InLine {
+            id,
+            owner: Arc::clone(&who.owner),
+            turn,
+            candidates: Arc::clone(candidates),
+        });
+        self.shared_waiting
+            .store(waiting.line.len(), Ordering::Release);
         self.queued_total.fetch_add(1, Ordering::Relaxed);
-        Some(waiter)
+        Some(LinePlace { queue: self, id })
+    }
+
+    /// Which of `candidates` a request may ask the shared windows for now:
+    /// those no request waiting in the line ahead of it (`me`: its place,
+    /// if it has one) waits for. A node nobody ahead can use is never
+    /// held back.
+    pub(crate) fn free_of_line(
+        &self,
+        me: Option<&LinePlace<'_>>,
+        candidates: &[NodeId],
+    ) -> Vec<usize> {
+        let waiting = self.waiters.lock();
+        let mine = me.and_then(|me| waiting.line.iter().find(|e| e.id == me.id));
+        let ahead = |other: &InLine| match mine {
+            Some(mine) => other.id != mine.id && other.turn.before(&mine.turn).is_lt(),
+            None => true,
+        };
+        (0..candidates.len())
+            .filter(|&at| {
+                !waiting
+                    .line
+                    .iter()
+                    .any(|other| ahead(other) && other.candidates.contains(&candidates[at]))
+            })
+            .collect()
+    }
+
+    /// Resolves when a request leaves the shared line.
+    pub fn line_moved(&self) -> tokio::sync::futures::Notified<'_> {
+        self.line_moved.notified()
     }
 
     /// Counts a request refused as saturated.
@@ -262,7 +344,7 @@ impl Queue {
     fn pass(&self, now: Instant) -> Option<Instant> {
         let latest = self.latest.load();
         let mut waiting = self.waiters.lock();
-        let Waiting { list, fair } = &mut *waiting;
+        let Waiting { list, fair, .. } = &mut *waiting;
         let mut order: Vec<usize> = (0..list.len()).collect();
         order.sort_by(|a, b| list[*a].turn.before(&list[*b].turn));
         let mut blocked: Vec<u64> = Vec::new();
@@ -371,7 +453,7 @@ struct WaiterGuard<'q> {
 impl Drop for WaiterGuard<'_> {
     fn drop(&mut self) {
         let mut waiting = self.queue.waiters.lock();
-        let Waiting { list, fair } = &mut *waiting;
+        let Waiting { list, fair, .. } = &mut *waiting;
         if let Some(at) = list.iter().position(|w| w.id == self.id)
             && let Some(waiter) = list.remove(at)
         {

@@ -441,6 +441,38 @@ mod tests {
     }
 
     #[test]
+    fn sharing_settings_are_checked_naming_the_field() {
+        let toml = format!(
+            "[queue.reserve]\nhigh = 0.6\nnormal = 0.5\n{NODE}[[clients]]\nname = \"a\"\n\
+             key_env = \"APP_KEY\"\npriority = \"urgent\"\nweight = 0\n"
+        );
+        assert_eq!(
+            problems(&toml),
+            [
+                "clients[0].priority: must be \"high\", \"normal\" or \"low\"",
+                "clients[0].weight: must be a number above 0 and at most 1000000",
+                "queue.reserve.high: the reserves must sum to less than 1",
+            ]
+        );
+        let toml = format!("[queue.reserve]\nhigh = 1.0\nlow = -0.1\n{NODE}");
+        assert_eq!(
+            problems(&toml),
+            [
+                "queue.reserve.high: must be from 0 up to, not including, 1",
+                "queue.reserve.low: must be from 0 up to, not including, 1",
+            ]
+        );
+        let toml = format!(
+            "[queue]\nmax_depth_per_client = 4\n[queue.reserve]\nhigh = 0.25\n{NODE}\
+             [[clients]]\nname = \"a\"\nkey_env = \"APP_KEY\"\npriority = \"high\"\nweight = 2.5\n"
+        );
+        let (config, _) = from_toml_str(&toml, &env).unwrap();
+        assert_eq!(config.queue.max_depth_per_client, 4);
+        assert_eq!(config.queue.reserves.high, 0.25);
+        assert_eq!(config.clients[0].share.weight, 2.5);
+    }
+
+    #[test]
     fn client_keys_must_be_set() {
         let toml = format!("[auth]\nclient_keys_env = [\"APP_KEY\", \"MISSING\"]\n{NODE}");
         assert_eq!(

@@ -246,6 +246,13 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
         (json!({"name": "  "}), "name"),
         (json!({"rpm": 5}), "body"),
         (json!({"name": "a", "colour": "red"}), "colour"),
+        (json!({"name": "a", "priority": "urgent"}), "priority"),
+        (json!({"name": "a", "weight": 0}), "weight"),
+        (json!({"name": "a", "weight": -2.5}), "weight"),
+        (
+            json!({"name": "a", "max_concurrency": 0}),
+            "max_concurrency",
+        ),
     ] {
         let answer = post(body.clone()).await;
         assert_eq!(
@@ -279,11 +286,17 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
         (code(&answer), &answer.1["error"]["param"]),
         ((400, "invalid_value"), &json!("rpm"))
     );
-    let answer = admin(&gw, Method::PATCH, &path, Some(json!({"enabled": "yes"}))).await;
-    assert_eq!(
-        (code(&answer), &answer.1["error"]["param"]),
-        ((400, "invalid_value"), &json!("enabled"))
-    );
+    for (change, field) in [
+        (json!({"enabled": "yes"}), "enabled"),
+        (json!({"priority": "top"}), "priority"),
+        (json!({"weight": 0.0}), "weight"),
+    ] {
+        let answer = admin(&gw, Method::PATCH, &path, Some(change)).await;
+        assert_eq!(
+            (code(&answer), &answer.1["error"]["param"]),
+            ((400, "invalid_value"), &json!(field))
+        );
+    }
     for (method, path) in [
         (Method::GET, "/admin/clients/cl_nobody"),
         (Method::PATCH, "/admin/clients/cl_nobody"),

@@ -286,3 +286,98 @@ async fn a_client_taken_out_of_the_config_while_its_request_waits_is_refused() {
     assert_eq!(busy.await.unwrap(), 200);
     assert_eq!(arrivals(&upstream).await, ["busy"]);
 }
+
+/// The clients and `node` behind replicas that share their windows
+/// through `redis`.
+fn shared_toml(redis: &crate::redis::RedisServer, queue: &str, node: &str) -> String {
+    format!(
+        "[queue]\n{queue}\n[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n{CLIENTS}{node}",
+        redis.url()
+    )
+}
+
+#[tokio::test]
+async fn with_shared_windows_a_replicas_line_keeps_the_class_order() {
+    let redis = crate::redis::RedisServer::start();
+    let upstream = holding(Duration::from_secs(2), Duration::from_millis(20)).await;
+    let one = node(
+        "one",
+        &crate::support::v1(&upstream),
+        "k",
+        "max_concurrency = 1",
+    );
+    let toml = shared_toml(&redis, "max_wait = \"20s\"", &one);
+    let holder = Gateway::start_file_text(&toml, &ENV).await;
+    let waiter = Gateway::start_file_text(&toml, &ENV).await;
+    let mut sent = vec![send(&holder, LOW, "busy")];
+    holder.until(|s| s["nodes"][0]["in_flight"] == 1).await;
+    // They wait on the other replica, for a release published through Redis.
+    for (i, mark) in ["low-1", "low-2", "low-3"].iter().enumerate() {
+        sent.push(send(&waiter, LOW, mark));
+        queued(&waiter, i as u64 + 1).await;
+    }
+    sent.push(send(&waiter, HIGH, "high"));
+    queued(&waiter, 4).await;
+    for task in sent {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    assert_eq!(
+        arrivals(&upstream).await,
+        ["busy", "high", "low-1", "low-2", "low-3"]
+    );
+}
+
+#[tokio::test]
+async fn a_class_reserve_holds_across_replicas() {
+    let redis = crate::redis::RedisServer::start();
+    let upstream = holding(Duration::ZERO, Duration::ZERO).await;
+    let ten = node("ten", &crate::support::v1(&upstream), "k", "rpm = 10");
+    // High keeps 30% of every quota: low may use 7 of the 10 requests.
+    let toml = shared_toml(
+        &redis,
+        "max_wait = \"1s\"\n[queue.reserve]\nhigh = 0.3",
+        &ten,
+    );
+    let replicas = [
+        Gateway::start_file_text(&toml, &ENV).await,
+        Gateway::start_file_text(&toml, &ENV).await,
+    ];
+    let mut low = std::collections::BTreeMap::<u16, usize>::new();
+    for i in 0..10 {
+        let status = send(&replicas[i % 2], LOW, "low").await.unwrap();
+        *low.entry(status).or_default() += 1;
+    }
+    assert_eq!(low, [(200, 7), (429, 3)].into(), "the low client's answers");
+    // What high kept is there for it, on either replica.
+    for i in 0..3 {
+        assert_eq!(send(&replicas[i % 2], HIGH, "high").await.unwrap(), 200);
+    }
+    assert_eq!(send(&replicas[0], HIGH, "high").await.unwrap(), 429);
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 10);
+}
+
+#[tokio::test]
+async fn a_clients_concurrency_cap_holds_across_replicas() {
+    let redis = crate::redis::RedisServer::start();
+    let upstream = holding(Duration::from_secs(3), Duration::from_millis(20)).await;
+    let capped = format!(
+        "[[clients]]\nname = \"capped\"\nkey_env = \"CAPPED\"\nmax_concurrency = 1\n{}",
+        node("n", &crate::support::v1(&upstream), "k", "")
+    );
+    let toml = shared_toml(&redis, "max_wait = \"20s\"", &capped);
+    let env = [ENV.as_slice(), &[("CAPPED", "sk-capped-client")]].concat();
+    let first = Gateway::start_file_text(&toml, &env).await;
+    let second = Gateway::start_file_text(&toml, &env).await;
+    let held = send(&first, "sk-capped-client", "busy");
+    first.until(|s| s["nodes"][0]["in_flight"] == 1).await;
+    let (status, retry, body) =
+        crate::support::ask_as(&second, "sk-capped-client", "gpt-4o-mini", 5).await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["code"], "client_rate_limit_exceeded");
+    assert!(retry.is_some());
+    assert_eq!(held.await.unwrap(), 200);
+    let (status, _, _) =
+        crate::support::ask_as(&second, "sk-capped-client", "gpt-4o-mini", 5).await;
+    assert_eq!(status, 200);
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 2);
+}

@@ -4,7 +4,8 @@
 --          limits); KEYS[2..]: each candidate node's key prefix.
 -- ARGV: demand tokens (the client's), demand bytes, reservation id,
 --       lease ms, rotation, client rpm, client tpm, client burst, client
---       rate per second, then per candidate: rpm, tpm, bpm, max
+--       rate per second, client max concurrency (0 = none; its requests
+--       in flight are <client>:fly), then per candidate: rpm, tpm, bpm, max
 --       concurrency (0 = none), the tokens the request reserves there (a
 --       node's own default completion), its window in ms (60000: the
 --       minute alone).
@@ -18,7 +19,8 @@
 --      Redis time), 0 when only a release can help
 --   2: never: the request alone exceeds a limit of every candidate; a = 1
 --      rpm, 2 tpm, 3 bpm
---   3: the client is over its limit; a = retry after (ms)
+--   3: the client is over its limit; a = retry after (ms), 0 when one of
+--      its requests in flight must end first
 --   4: the request alone exceeds the client's limit; a = 1 rpm, 2 tpm
 
 local tokens = tonumber(ARGV[1])
@@ -74,10 +76,11 @@ local client = KEYS[1]
 local bucket_tokens = nil
 if client ~= '' then
   advance(client)
-  local c_limits = {tonumber(ARGV[6]), tonumber(ARGV[7]), 0, 0}
+  local c_limits = {tonumber(ARGV[6]), tonumber(ARGV[7]), 0, tonumber(ARGV[10])}
   local kind, a = outlook(client, c_limits, {1, tokens, 0}, 0)
   if kind == 'never' then return {4, a, now, slot} end
-  if kind == 'at' then return {3, a - now, now, slot} end
+  if kind == 'at' then return {3, math.max(1, a - now), now, slot} end
+  if kind == 'release' then return {3, 0, now, slot} end
   local burst = tonumber(ARGV[8])
   if burst > 0 then
     local rate = tonumber(ARGV[9])
@@ -96,7 +99,7 @@ local n = #KEYS - 1
 for i = 1, n do
   local p = KEYS[i + 1]
   advance(p)
-  local base = 9 + (i - 1) * 6
+  local base = 10 + (i - 1) * 6
   local limits = {tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]),
                   tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])}
   local here = tonumber(ARGV[base + 5])

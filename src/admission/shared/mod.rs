@@ -53,6 +53,7 @@ pub(crate) use lease::{Ending, Lease};
 use lease::{Part, Unanswered};
 pub(super) use place::{NotPlaced, place};
 
+use crate::clients::SharedClientLimits;
 use crate::config::{ClusterSettings, OnRedisError};
 use crate::limits::{Demand, Limit, Terms};
 use crate::tasks::Tasks;
@@ -109,10 +110,7 @@ pub(crate) struct Candidate<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientLimitsView<'a> {
     pub id: &'a str,
-    pub rpm: u64,
-    pub tpm: u64,
-    pub burst: u64,
-    pub rate_per_second: f64,
+    pub limits: SharedClientLimits,
 }
 
 /// A node's use of the shared windows, summed over every replica.
@@ -134,7 +132,7 @@ pub(crate) enum ScriptAnswer {
     /// The request alone exceeds this limit on every candidate.
     Never(Limit),
     /// The client is over its own limit.
-    ClientLimited { retry_after: Duration },
+    ClientLimited { retry_after: Option<Duration> },
     /// The request alone exceeds this limit of the client's.
     ClientTooSmall(Limit),
 }
@@ -283,7 +281,7 @@ impl SharedLimits {
             },
             2 => ScriptAnswer::Never(limit(a)),
             3 => ScriptAnswer::ClientLimited {
-                retry_after: Duration::from_millis(a.max(0) as u64),
+                retry_after: (a > 0).then(|| Duration::from_millis(a as u64)),
             },
             _ => ScriptAnswer::ClientTooSmall(limit(a)),
         })
@@ -512,18 +510,13 @@ fn push_limits(
     client: Option<ClientLimitsView<'_>>,
     candidates: &[Candidate<'_>],
 ) {
-    let c = client.unwrap_or(ClientLimitsView {
-        id: "",
-        rpm: 0,
-        tpm: 0,
-        burst: 0,
-        rate_per_second: 0.0,
-    });
+    let c = client.map(|c| c.limits).unwrap_or_default();
     invocation
         .arg(c.rpm)
         .arg(c.tpm)
         .arg(c.burst)
-        .arg(c.rate_per_second);
+        .arg(c.rate_per_second)
+        .arg(c.max_concurrency);
     let n = |v: Option<std::num::NonZeroU64>| v.map_or(0, u64::from);
     for candidate in candidates {
         let Terms {

@@ -66,54 +66,79 @@ pub(in crate::admission) async fn place(
         .deadline
         .min(Instant::now() + live.config.queue.max_wait);
     let lease_for = live.config.server.request_timeout;
-    // Counted in the queue's depth while it waits.
-    let mut waiting = None;
+    let who = crate::admission::who(ask.client);
+    let waits_for: Arc<[NodeId]> = Arc::from(in_rotation.as_slice());
+    // Its place in this replica's line, once it waits (counted in the
+    // queue's depth); it asks the script only in its turn.
+    let mut place = None;
     loop {
         // Listen before asking, so a release between the answer and the
         // wait is not missed.
         let freed = shared.freed();
         tokio::pin!(freed);
         freed.as_mut().enable();
-        let answer = shared
-            .admit(&candidates, ask.demand, client, rotation, lease_for)
-            .await
-            .map_err(|_| NotPlaced::Unavailable)?;
-        let until = match answer {
-            ScriptAnswer::Placed { index, lease } => return Ok((in_rotation[index], lease)),
-            ScriptAnswer::Wait { until } => until,
-            refused => return Err(NotPlaced::Refused(refusal_of(refused, ask, &in_rotation))),
+        let moved = queue.line_moved();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        if place.is_some() && who.is_revoked() {
+            return Err(NotPlaced::Refused(Refusal::ClientGone));
+        }
+        // A retry takes what is free now, in or out of turn; a first
+        // attempt asks for the nodes no request ahead of it waits for.
+        let usable: Vec<usize> = if wait {
+            queue.free_of_line(place.as_ref(), &in_rotation)
+        } else {
+            (0..in_rotation.len()).collect()
         };
-        if !wait {
-            return Err(NotPlaced::NoHeadroom);
+        let mut wake = None;
+        if !usable.is_empty() {
+            let asked: Vec<Candidate<'_>> =
+                usable.iter().map(|&at| candidates[at].clone()).collect();
+            let answer = shared
+                .admit(&asked, ask.demand, client, rotation, lease_for)
+                .await
+                .map_err(|_| NotPlaced::Unavailable)?;
+            wake = match answer {
+                ScriptAnswer::Placed { index, lease } => {
+                    if let Some(place) = place {
+                        place.placed();
+                    }
+                    return Ok((in_rotation[usable[index]], lease));
+                }
+                ScriptAnswer::Wait { until } => until,
+                // Too large for the nodes asked; the others may take it.
+                ScriptAnswer::Never(_) if usable.len() < in_rotation.len() => None,
+                refused => return Err(NotPlaced::Refused(refusal_of(refused, ask, &in_rotation))),
+            };
+            if !wait {
+                return Err(NotPlaced::NoHeadroom);
+            }
         }
         let now = Instant::now();
-        let saturated = || NotPlaced::Refused(Refusal::Saturated(Headroom::at(until, now)));
-        if now >= give_up || until.is_some_and(|at| at > give_up) {
+        let saturated = || NotPlaced::Refused(Refusal::Saturated(Headroom::at(wake, now)));
+        if now >= give_up || wake.is_some_and(|at| at > give_up) {
             return Err(saturated());
         }
-        if waiting.is_none() {
-            waiting = Some(
+        if place.is_none() {
+            place = Some(
                 queue
-                    .wait_shared(live.config.queue.max_depth)
+                    .join_line(live, &waits_for, ask.demand, &who)
                     .ok_or_else(saturated)?,
             );
         }
         tokio::select! {
             () = &mut freed => {}
-            () = tokio::time::sleep_until(until.unwrap_or(give_up).min(give_up)) => {}
+            () = &mut moved => {}
+            () = tokio::time::sleep_until(wake.unwrap_or(give_up).min(give_up)) => {}
         }
     }
 }
 
 /// A client's limits, as the script takes them.
 fn client_view(client: &Client) -> ClientLimitsView<'_> {
-    let (rpm, tpm, burst, rate_per_second) = client.limiter.shared_limits();
     ClientLimitsView {
         id: &client.id,
-        rpm,
-        tpm,
-        burst,
-        rate_per_second,
+        limits: client.limiter.shared_limits(),
     }
 }
 
@@ -122,7 +147,7 @@ fn refusal_of(answer: ScriptAnswer, ask: &Ask<'_>, in_rotation: &[NodeId]) -> Re
     match answer {
         ScriptAnswer::Never(limit) => refusal::too_large(ask.live, in_rotation, limit, ask.demand),
         ScriptAnswer::ClientLimited { retry_after } => {
-            Refusal::ClientLimited(Headroom::In(retry_after))
+            Refusal::ClientLimited(retry_after.map_or(Headroom::OnRelease, Headroom::In))
         }
         ScriptAnswer::ClientTooSmall(limit) => Refusal::ClientTooSmall(limit),
         // Not refusals: the caller took these.

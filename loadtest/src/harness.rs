@@ -106,6 +106,19 @@ impl Gateway {
         extra: &str,
         quota: NodeQuota<'_>,
     ) -> anyhow::Result<Self> {
+        Self::start_with_env(mocks, dir, scenario, extra, quota, &[]).await
+    }
+
+    /// As [`Gateway::start`], with `env` set for the gateway as well (the
+    /// keys of clients that `extra` declares).
+    pub(crate) async fn start_with_env(
+        mocks: &Mocks,
+        dir: &Path,
+        scenario: &str,
+        extra: &str,
+        quota: NodeQuota<'_>,
+        extra_env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join(format!("{scenario}-gateway.toml"));
         let all: Vec<usize> = (0..mocks.urls.len()).collect();
@@ -116,6 +129,7 @@ impl Gateway {
         for (i, key) in mocks.keys.iter().enumerate() {
             env.push((node_key_env(i), key.clone()));
         }
+        env.extend_from_slice(extra_env);
         // Quiet by default; LOADTEST_GATEWAY_LOG=info measures the gateway
         // with its per-request access log on (written to stderr).
         let log = std::env::var("LOADTEST_GATEWAY_LOG").unwrap_or_else(|_| "warn".to_owned());
@@ -163,6 +177,32 @@ impl Gateway {
             .await?
             .json()
             .await?)
+    }
+
+    /// Waits up to `wait` for every node's requests in flight, reserved
+    /// tokens and the queue to reach 0; returns what did not.
+    pub(crate) async fn settle(&self, wait: Duration) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let status = self.status().await?;
+            let mut left = Vec::new();
+            for node in status["nodes"].as_array().into_iter().flatten() {
+                for field in ["in_flight", "reserved_tokens"] {
+                    let n = node[field].as_u64().unwrap_or(0);
+                    if n > 0 {
+                        left.push(format!("node {} {field} {n}", node["name"]));
+                    }
+                }
+            }
+            let depth = status["queue"]["depth"].as_u64().unwrap_or(0);
+            if depth > 0 {
+                left.push(format!("queue depth {depth}"));
+            }
+            if left.is_empty() || Instant::now() > deadline {
+                return Ok(left);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub(crate) fn cpu_time(&self) -> Duration {

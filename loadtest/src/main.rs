@@ -10,9 +10,11 @@
 //! every stream complete and byte-identical…). `--smoke` shrinks a scenario
 //! to seconds for CI.
 //!
-//! Scenarios: `throughput`, `reload`, `saturation`, `streaming`, `soak`.
+//! Scenarios: `throughput`, `reload`, `saturation`, `streaming`, `soak`,
+//! `fairness`.
 
 mod drive;
+mod fairness;
 mod harness;
 mod procs;
 mod reload;
@@ -56,6 +58,10 @@ enum Command {
     /// Ten minutes of mixed traffic with upstream faults, client aborts and
     /// a reload every minute: nothing lost, nothing left reserved.
     Soak(soak::SoakArgs),
+    /// Clients sharing a saturated pool: one floods, one keeps a steady
+    /// stream (weights 1:1, then 3:1), then a high client among low ones:
+    /// shares of served tokens and queue waits.
+    Fairness(fairness::FairnessArgs),
     /// (internal) the gateway child process.
     #[command(hide = true)]
     Gateway {
@@ -120,6 +126,13 @@ fn main() -> ExitCode {
                     args.smoke();
                 }
                 soak::run(&args, &cli.report_dir).await
+            }
+            Command::Fairness(mut args) => {
+                prepare();
+                if cli.smoke {
+                    args.smoke();
+                }
+                fairness::run(&args, &cli.report_dir).await
             }
             Command::Reload(mut args) => {
                 prepare();

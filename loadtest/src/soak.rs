@@ -134,7 +134,7 @@ pub(crate) async fn run(args: &SoakArgs, report_dir: &Path) -> anyhow::Result<bo
     for worker in workers {
         worker.await?;
     }
-    let left = settle(&gateway).await?;
+    let left = gateway.settle(SETTLE_WAIT).await?;
     let (rss_peak, rss_end) = gateway.memory();
     let reloads = reloads?;
     report(&tally, rss_start, rss_end, rss_peak, reloads, &left);
@@ -259,32 +259,6 @@ async fn reload_regularly(
     }
     tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
     Ok(generation - 1)
-}
-
-/// Waits for every node's requests in flight, reserved tokens and the
-/// queue to reach 0; returns what did not.
-async fn settle(gateway: &Gateway) -> anyhow::Result<Vec<String>> {
-    let deadline = Instant::now() + SETTLE_WAIT;
-    loop {
-        let status = gateway.status().await?;
-        let mut left = Vec::new();
-        for node in status["nodes"].as_array().into_iter().flatten() {
-            for field in ["in_flight", "reserved_tokens"] {
-                let n = node[field].as_u64().unwrap_or(0);
-                if n > 0 {
-                    left.push(format!("node {} {field} {n}", node["name"]));
-                }
-            }
-        }
-        let depth = status["queue"]["depth"].as_u64().unwrap_or(0);
-        if depth > 0 {
-            left.push(format!("queue depth {depth}"));
-        }
-        if left.is_empty() || Instant::now() > deadline {
-            return Ok(left);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn report(tally: &Tally, start: u64, end: u64, peak: u64, reloads: u64, left: &[String]) {

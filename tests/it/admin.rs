@@ -178,7 +178,8 @@ async fn a_client_gets_its_key_once_and_is_listed_without_it(backend: Backend) {
     let gw = gateway(&store, &upstream, "").await;
     let made = create(
         &gw,
-        json!({"name": "team-a", "rpm": 100, "burst": 10, "rate_per_second": 2.5, "models": ["gpt-4o-mini"]}),
+        json!({"name": "team-a", "rpm": 100, "burst": 10, "rate_per_second": 2.5,
+               "models": ["gpt-4o-mini"], "priority": "high", "weight": 2.5, "max_concurrency": 4}),
     )
     .await;
     let key = key(&made).to_owned();
@@ -196,6 +197,10 @@ async fn a_client_gets_its_key_once_and_is_listed_without_it(backend: Backend) {
         (&json!(100), &Value::Null, &json!(10), &json!(2.5))
     );
     assert_eq!(made["models"], json!(["gpt-4o-mini"]));
+    assert_eq!(
+        (&made["priority"], &made["weight"], &made["max_concurrency"]),
+        (&json!("high"), &json!(2.5), &json!(4))
+    );
     assert_eq!(made["enabled"], true);
     assert!(made["created_at"].as_str().unwrap().ends_with('Z'));
 

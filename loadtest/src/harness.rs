@@ -11,6 +11,7 @@ use goose::prelude::*;
 use mock_upstreams::StatsReport;
 use serde_json::{Value, json};
 
+use crate::bodies::{Bodies, Workload};
 use crate::drive::{self, Clock};
 use crate::procs::Child;
 
@@ -277,17 +278,54 @@ pub(crate) fn chat_body(stream: bool) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// What a transaction sends: one body every time, or a body made fresh
+/// for each request.
+#[derive(Clone)]
+pub(crate) enum Body {
+    Fixed(Bytes),
+    Varied(Workload),
+}
+
+impl From<Bytes> for Body {
+    fn from(body: Bytes) -> Self {
+        Body::Fixed(body)
+    }
+}
+
+/// Each goose user's generator, by user index.
+type Generators = Arc<Vec<std::sync::Mutex<Option<Bodies>>>>;
+
+/// Users of one run that get their own generator; more share by index.
+const GENERATORS: usize = 4096;
+
 /// Sends one chat request and reads the answer to its end. With
 /// `accept_429`, a 429 counts as an answered request (the saturation
 /// scenario expects them); any other non-2xx is a failure.
 pub(crate) fn chat_transaction(
     key: Arc<str>,
-    body: Bytes,
+    body: impl Into<Body>,
     clock: Arc<Clock>,
     accept_429: bool,
 ) -> TransactionFunction {
+    let body = body.into();
+    let generators: Generators = Arc::new(
+        (0..GENERATORS)
+            .map(|_| std::sync::Mutex::new(None))
+            .collect(),
+    );
     Arc::new(move |user| {
-        let (key, body, clock) = (Arc::clone(&key), body.clone(), Arc::clone(&clock));
+        let (key, clock) = (Arc::clone(&key), Arc::clone(&clock));
+        let body = match &body {
+            Body::Fixed(bytes) => bytes.clone(),
+            Body::Varied(workload) => {
+                let index = user.weighted_users_index % GENERATORS;
+                let mut slot = generators[index]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                slot.get_or_insert_with(|| Bodies::new(*workload, index as u64))
+                    .next(false)
+            }
+        };
         Box::pin(async move {
             clock.started(Instant::now());
             let mut goose = drive::post(user, CHAT_PATH, &key, &body).await?;

@@ -13,9 +13,11 @@
 //! Scenarios: `throughput`, `reload`, `saturation`, `streaming`, `soak`,
 //! `fairness`.
 
+mod bodies;
 mod drive;
 mod fairness;
 mod harness;
+mod nginx;
 mod procs;
 mod reload;
 mod saturation;

@@ -92,32 +92,14 @@ impl Child {
         ))
     }
 
-    /// CPU time used by all of the child's threads so far (from
-    /// `/proc/<pid>/task/*/schedstat`, nanosecond resolution).
+    /// CPU time used by all of the child's threads so far.
     pub(crate) fn cpu_time(&self) -> Duration {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
-            return Duration::ZERO;
-        };
-        let ns: u64 = tasks
-            .flatten()
-            .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
-            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .sum();
-        Duration::from_nanos(ns)
+        cpu_time_of(self.pid)
     }
 
     /// Peak resident memory (`VmHWM`) and current (`VmRSS`), in bytes.
     pub(crate) fn memory(&self) -> (u64, u64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .map_or(0, |kb| kb * 1024)
-        };
-        (field("VmHWM:"), field("VmRSS:"))
+        memory_of(self.pid)
     }
 
     /// Closes the child's stdin (its stop signal) and waits for it to exit.
@@ -137,6 +119,34 @@ impl Child {
             }
         }
     }
+}
+
+/// CPU time used by all of process `pid`'s threads so far (from
+/// `/proc/<pid>/task/*/schedstat`, nanosecond resolution).
+pub(crate) fn cpu_time_of(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// Process `pid`'s peak resident memory (`VmHWM`) and current (`VmRSS`),
+/// in bytes.
+pub(crate) fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
 }
 
 /// Resolves when this process's stdin closes: a child's stop signal.

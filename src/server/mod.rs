@@ -52,6 +52,16 @@ pub enum StartError {
 /// connection, the queue's dispatcher, the health probes, the ledger
 /// writer and the stored-clients refresh.
 pub async fn start(config: Config, base_dir: &Path) -> Result<Arc<AppState>, StartError> {
+    // The tokenizer tables the nodes' models need, built before the first
+    // request (a node that serves any model names none: those load on use).
+    crate::tokens::Encoding::load_for(
+        config
+            .nodes
+            .iter()
+            .filter_map(|node| node.models.as_deref())
+            .flatten()
+            .map(String::as_str),
+    );
     let store = Store::open(&config.store.url, base_dir).await?;
     let (ledger, writer) = ledger::channel();
     let objects = Objects::new(

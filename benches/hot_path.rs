@@ -60,6 +60,58 @@ fn tokens(c: &mut Criterion) {
     group.finish();
 }
 
+/// A chat of `turns` turns (a system prompt, then a question and an answer
+/// per turn, the last one a question), each message about 150 bytes of
+/// prose that differs from the others.
+fn conversation(turns: usize) -> Vec<u8> {
+    let mut messages = vec![serde_json::json!({"role": "system", "content":
+        "You are a careful assistant for an operations team. Answer in plain English and cite the runbook."})];
+    for turn in 0..turns {
+        messages.push(serde_json::json!({"role": "user", "content": format!(
+            "Turn {turn}: our gateway in region {} sees p99 latency of {} ms on the interactive service while the nightly batch runs. Why?",
+            turn * 7 % 13, 100 + turn * 37)}));
+        if turn + 1 < turns {
+            messages.push(serde_json::json!({"role": "assistant", "content": format!(
+                "Answer {turn}: look at the queue first; request {} waited {} ms for headroom, so the batch client takes the quota the service needs.",
+                turn * 1009, turn * 3 + 11)}));
+        }
+    }
+    serde_json::to_vec(
+        &serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 64, "messages": messages}),
+    )
+    .unwrap()
+}
+
+/// Reading a request whole (JSON, model, tokens counted) against parsing
+/// its JSON alone: what counting adds, and so the most a cache of counted
+/// messages could save.
+fn inspect(c: &mut Criterion) {
+    let mut group = c.benchmark_group("inspect");
+    for turns in [1usize, 12] {
+        let body = conversation(turns);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        let name = format!("{turns}_turns_{}_bytes", body.len());
+        group.bench_with_input(
+            BenchmarkId::new("read_and_count", &name),
+            &body,
+            |b, body| {
+                b.iter(|| {
+                    balancer::request::inspect("/chat/completions", black_box(body), true, 1024)
+                        .unwrap()
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("json_parse_only", &name),
+            &body,
+            |b, body| {
+                b.iter(|| serde_json::from_slice::<serde_json::Value>(black_box(body)).unwrap())
+            },
+        );
+    }
+    group.finish();
+}
+
 fn selection(c: &mut Criterion) {
     let mut group = c.benchmark_group("selection");
     for n in [3usize, 30, 300] {
@@ -348,6 +400,7 @@ fn metrics(c: &mut Criterion) {
 criterion_group!(
     benches,
     tokens,
+    inspect,
     selection,
     limiter,
     whole_request,

@@ -117,7 +117,7 @@ impl Trace {
 
 /// Turns the upstream's answer into the client's response.
 pub(crate) fn relay(
-    response: reqwest::Response,
+    mut response: reqwest::Response,
     node: &Node,
     held: Held,
     info: &RequestInfo,
@@ -126,7 +126,8 @@ pub(crate) fn relay(
     rate_limits: HeaderMap,
 ) -> Response {
     let status = response.status();
-    let mut headers = upstream::relayed_headers(response.headers());
+    let mut headers = std::mem::take(response.headers_mut());
+    upstream::strip_for_relay(&mut headers);
     headers.insert(NODE_HEADER, node.name_header.clone());
     headers.extend(rate_limits);
     let content_type = headers

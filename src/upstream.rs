@@ -75,18 +75,38 @@ fn outgoing_headers(client: &HeaderMap, node: &Node) -> HeaderMap {
     out
 }
 
-/// The upstream's headers to relay to the client: not the hop-by-hop ones,
-/// nor the node's own `x-ratelimit-*` (the client gets its own, or the
-/// pool's).
-pub(crate) fn relayed_headers(upstream: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(upstream.len() + 1);
-    for (name, value) in upstream {
-        if !is_hop_by_hop(name, upstream) && !name.as_str().starts_with("x-ratelimit-") {
-            out.append(name.clone(), value.clone());
+/// Makes the upstream's headers the ones to relay to the client, in place
+/// (the map is not rebuilt): without the hop-by-hop ones, nor the node's
+/// own `x-ratelimit-*` (the client gets its own, or the pool's).
+pub(crate) fn strip_for_relay(headers: &mut HeaderMap) {
+    // Names the `connection` header lists are hop-by-hop too (rare).
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&listed) {
+        headers.remove(name);
+    }
+    if headers
+        .keys()
+        .any(|name| name.as_str().starts_with(RATE_LIMIT_PREFIX))
+    {
+        let theirs: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with(RATE_LIMIT_PREFIX))
+            .cloned()
+            .collect();
+        for name in &theirs {
+            headers.remove(name);
         }
     }
-    out
 }
+
+/// The node's own rate-limit headers, which are never relayed.
+const RATE_LIMIT_PREFIX: &str = "x-ratelimit-";
 
 /// A wait as OpenAI writes a reset: `20ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`.
 pub(crate) fn reset_text(wait: Duration) -> String {
@@ -466,8 +486,13 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         headers.insert("x-request-id", HeaderValue::from_static("abc"));
-        let out = relayed_headers(&headers);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out["x-request-id"], "abc");
+        headers.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("9"),
+        );
+        headers.insert("x-ratelimit-made-up", HeaderValue::from_static("1"));
+        strip_for_relay(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers["x-request-id"], "abc");
     }
 }

@@ -237,19 +237,30 @@ impl RequestInfo {
 /// `/v1` (a URL parser resolves dot segments) and reach another of its
 /// routes with the node's key.
 pub fn check_path(path: &str) -> Result<(), GatewayError> {
-    for segment in path.split('/') {
-        let lower = segment.to_ascii_lowercase();
-        let dots = lower.replace("%2e", ".");
-        if dots == "."
-            || dots == ".."
-            || lower.contains("%2f")
-            || lower.contains("%5c")
-            || lower.contains('\\')
-        {
-            return Err(GatewayError::InvalidPath);
-        }
+    let bytes = path.as_bytes();
+    // `%2f` / `%5c` in any case: an encoded `/` or `\`.
+    let encoded_slash = bytes
+        .windows(3)
+        .any(|w| w[0] == b'%' && matches!((w[1], w[2] | 0x20), (b'2', b'f') | (b'5', b'c')));
+    if encoded_slash || bytes.contains(&b'\\') || path.split('/').any(is_dot_segment) {
+        return Err(GatewayError::InvalidPath);
     }
     Ok(())
+}
+
+/// Whether `segment` is `.` or `..`, each dot literal or `%2e` in any case.
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', e, tail @ ..] if *e | 0x20 == b'e' => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 /// Whether `model` may be used as a label, a log field, a store column and

@@ -89,6 +89,9 @@ fn dot_segments_and_encoded_separators_are_refused_in_any_spelling() {
         "/v1/.%2e/x",
         "/v1/files%2f..%2fx",
         "/v1/files%5cx",
+        "/v1/files%2Fx",
+        "/v1/files%5Cx",
+        "/v1/%2E%2E",
         "/v1/a\\b",
     ] {
         assert!(
@@ -101,6 +104,10 @@ fn dot_segments_and_encoded_separators_are_refused_in_any_spelling() {
         "/v1/files/file-abc.jsonl",
         "/v1/a..b",
         "/v1/models/gpt-4.1",
+        "/v1/.../x",
+        "/v1/%2e%2e%2e/x",
+        "/v1/%%2e2e/x",
+        "/v1/100%25",
     ] {
         assert!(check_path(path).is_ok(), "{path}");
     }

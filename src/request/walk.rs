@@ -33,7 +33,7 @@ impl<'de> Visitor<'de> for BodySeed<'_, 'de> {
 
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
         let parsed = self.0;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(key) = map.next_key::<Key<'de>>()? {
             let shape = match &*key {
                 "model" => {
                     let model = map.next_value::<Loose<Cow<'de, str>>>()?.0;
@@ -232,7 +232,7 @@ impl<'de> Visitor<'de> for Walk<'_, 'de> {
         }
         let texts = self.texts;
         let mut item = Item::default();
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(key) = map.next_key::<Key<'de>>()? {
             match &*key {
                 "role" => item.role = map.next_value::<Loose<Cow<'de, str>>>()?.0,
                 "name" => item.name = map.next_value::<Loose<Cow<'de, str>>>()?.0,
@@ -322,8 +322,8 @@ impl<'de> serde::Deserialize<'de> for ImageUrl<'de> {
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut detail = None;
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    if key == "detail" {
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    if &*key == "detail" {
                         detail = map.next_value::<Loose<Cow<'de, str>>>()?.0;
                     } else {
                         map.next_value::<IgnoredAny>()?;
@@ -371,8 +371,8 @@ impl<'de> serde::Deserialize<'de> for AudioData {
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<AudioData, M::Error> {
                 let mut length = 0;
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    if key == "data" {
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    if &*key == "data" {
                         length = map
                             .next_value::<Loose<Cow<'de, str>>>()?
                             .0
@@ -417,6 +417,41 @@ enum Scalar<'a> {
     Bool(bool),
     U64(u64),
     Other,
+}
+
+/// An object's key, borrowed from the body unless it has escapes (serde's
+/// own `Cow<str>` always copies).
+struct Key<'de>(Cow<'de, str>);
+
+impl std::ops::Deref for Key<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
 }
 
 /// A field used when it has the expected type, skipped otherwise.

@@ -109,6 +109,25 @@ fn inspect(c: &mut Criterion) {
             },
         );
     }
+    // The path check every request makes, against the copying version it
+    // replaced (a lowercased copy and a replaced copy of every segment).
+    let path = "/v1/chat/completions";
+    group.bench_function("check_path", |b| {
+        b.iter(|| balancer::request::check_path(black_box(path)).is_ok())
+    });
+    group.bench_function("check_path_copying_baseline", |b| {
+        b.iter(|| {
+            black_box(path).split('/').all(|segment| {
+                let lower = segment.to_ascii_lowercase();
+                let dots = lower.replace("%2e", ".");
+                !(dots == "."
+                    || dots == ".."
+                    || lower.contains("%2f")
+                    || lower.contains("%5c")
+                    || lower.contains('\\'))
+            })
+        })
+    });
     group.finish();
 }
 

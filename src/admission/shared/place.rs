@@ -38,36 +38,18 @@ pub(in crate::admission) async fn place(
     wait: bool,
 ) -> Result<(NodeId, Lease), NotPlaced> {
     let live = ask.live;
-    let rotation = queue.next_rotation();
-    let in_rotation: Vec<NodeId> = ask
-        .candidates
-        .iter()
-        .copied()
-        .filter(|id| !excluded.contains(id) && live.node(*id).health.in_rotation())
-        .collect();
-    if in_rotation.is_empty() {
-        if !wait {
-            return Err(NotPlaced::NoHeadroom);
-        }
-        let out = refusal::out_of_rotation(live, ask.candidates, excluded, Instant::now());
-        return Err(NotPlaced::Refused(
-            out.unwrap_or(Refusal::Saturated(Headroom::OnRelease)),
-        ));
-    }
-    let candidates: Vec<Candidate<'_>> = in_rotation
-        .iter()
-        .map(|&id| Candidate {
-            name: &live.node(id).name,
-            terms: live.node(id).limiter.terms(ask.demand),
-        })
-        .collect();
-    let client = client.map(client_view);
+    let script = Script::new(
+        shared,
+        queue,
+        ask,
+        in_rotation(ask, excluded, wait)?,
+        client,
+    );
     let give_up = ask
         .deadline
         .min(Instant::now() + live.config.queue.max_wait);
-    let lease_for = live.config.server.request_timeout;
     let who = crate::admission::who(ask.client);
-    let waits_for: Arc<[NodeId]> = Arc::from(in_rotation.as_slice());
+    let waits_for: Arc<[NodeId]> = Arc::from(script.in_rotation.as_slice());
     // Its place in this replica's line, once it waits (counted in the
     // queue's depth); it asks the script only in its turn.
     let mut place = None;
@@ -86,32 +68,21 @@ pub(in crate::admission) async fn place(
         // A retry takes what is free now, in or out of turn; a first
         // attempt asks for the nodes no request ahead of it waits for.
         let usable: Vec<usize> = if wait {
-            queue.free_of_line(place.as_ref(), &in_rotation)
+            queue.free_of_line(place.as_ref(), &script.in_rotation)
         } else {
-            (0..in_rotation.len()).collect()
+            (0..script.in_rotation.len()).collect()
         };
         let mut wake = None;
         if !usable.is_empty() {
-            let asked: Vec<Candidate<'_>> =
-                usable.iter().map(|&at| candidates[at].clone()).collect();
-            let answer = shared
-                .admit(&asked, ask.demand, client, rotation, lease_for)
-                .await
-                .map_err(|_| NotPlaced::Unavailable)?;
-            wake = match answer {
-                ScriptAnswer::Placed { index, lease } => {
+            match script.ask_for(&usable).await? {
+                Asked::Placed(node, lease) => {
                     if let Some(place) = place {
                         place.placed();
                     }
-                    return Ok((in_rotation[usable[index]], lease));
+                    return Ok((node, lease));
                 }
-                ScriptAnswer::Wait { until } => until,
-                // Too large for the nodes asked; the others may take it.
-                ScriptAnswer::Never(_) if usable.len() < in_rotation.len() => None,
-                refused => return Err(NotPlaced::Refused(refusal_of(refused, ask, &in_rotation))),
-            };
-            if !wait {
-                return Err(NotPlaced::NoHeadroom);
+                Asked::Wait(_) if !wait => return Err(NotPlaced::NoHeadroom),
+                Asked::Wait(until) => wake = until,
             }
         }
         let now = Instant::now();
@@ -130,6 +101,108 @@ pub(in crate::admission) async fn place(
             () = &mut freed => {}
             () = &mut moved => {}
             () = tokio::time::sleep_until(wake.unwrap_or(give_up).min(give_up)) => {}
+        }
+    }
+}
+
+/// The candidates not `excluded` and in rotation; none is a refusal (or,
+/// for a retry, nothing free).
+fn in_rotation(ask: &Ask<'_>, excluded: &[NodeId], wait: bool) -> Result<Vec<NodeId>, NotPlaced> {
+    let live = ask.live;
+    let in_rotation: Vec<NodeId> = ask
+        .candidates
+        .iter()
+        .copied()
+        .filter(|id| !excluded.contains(id) && live.node(*id).health.in_rotation())
+        .collect();
+    if !in_rotation.is_empty() {
+        return Ok(in_rotation);
+    }
+    if !wait {
+        return Err(NotPlaced::NoHeadroom);
+    }
+    let out = refusal::out_of_rotation(live, ask.candidates, excluded, Instant::now());
+    Err(NotPlaced::Refused(
+        out.unwrap_or(Refusal::Saturated(Headroom::OnRelease)),
+    ))
+}
+
+/// What one request asks the admission script, attempt after attempt.
+struct Script<'a> {
+    shared: &'a Arc<SharedLimits>,
+    ask: &'a Ask<'a>,
+    in_rotation: Vec<NodeId>,
+    candidates: Vec<Candidate<'a>>,
+    client: Option<ClientLimitsView<'a>>,
+    rotation: usize,
+    lease_for: std::time::Duration,
+}
+
+/// The script's answer for the nodes asked: placed, or when to look again
+/// (`None`: when something is released).
+enum Asked {
+    Placed(NodeId, Lease),
+    Wait(Option<Instant>),
+}
+
+impl<'a> Script<'a> {
+    fn new(
+        shared: &'a Arc<SharedLimits>,
+        queue: &Queue,
+        ask: &'a Ask<'a>,
+        in_rotation: Vec<NodeId>,
+        client: Option<&'a Client>,
+    ) -> Self {
+        let live = ask.live;
+        let candidates = in_rotation
+            .iter()
+            .map(|&id| Candidate {
+                name: &live.node(id).name,
+                terms: live.node(id).limiter.terms(ask.demand),
+            })
+            .collect();
+        Script {
+            shared,
+            ask,
+            in_rotation,
+            candidates,
+            client: client.map(client_view),
+            rotation: queue.next_rotation(),
+            lease_for: live.config.server.request_timeout,
+        }
+    }
+
+    /// Asks for the candidates at `usable` (indices into `in_rotation`).
+    async fn ask_for(&self, usable: &[usize]) -> Result<Asked, NotPlaced> {
+        let asked: Vec<Candidate<'_>> = usable
+            .iter()
+            .map(|&at| self.candidates[at].clone())
+            .collect();
+        let answer = self
+            .shared
+            .admit(
+                &asked,
+                self.ask.demand,
+                self.client,
+                self.rotation,
+                self.lease_for,
+            )
+            .await
+            .map_err(|_| NotPlaced::Unavailable)?;
+        match answer {
+            ScriptAnswer::Placed { index, lease } => {
+                Ok(Asked::Placed(self.in_rotation[usable[index]], lease))
+            }
+            ScriptAnswer::Wait { until } => Ok(Asked::Wait(until)),
+            // Too large for the nodes asked; the others may take it.
+            ScriptAnswer::Never(_) if usable.len() < self.in_rotation.len() => {
+                Ok(Asked::Wait(None))
+            }
+            refused => Err(NotPlaced::Refused(refusal_of(
+                refused,
+                self.ask,
+                &self.in_rotation,
+            ))),
         }
     }
 }

@@ -113,6 +113,14 @@ struct Load {
     at_once: usize,
 }
 
+/// The loads of a phase: each client and how many requests it keeps going.
+fn loads(clients: &[(&'static str, usize)]) -> Vec<Load> {
+    clients
+        .iter()
+        .map(|&(client, at_once)| Load { client, at_once })
+        .collect()
+}
+
 /// What one answered request came to.
 struct Answered {
     ended: Instant,
@@ -149,16 +157,7 @@ pub(crate) async fn run(args: &FairnessArgs, report_dir: &Path) -> anyhow::Resul
     );
     let mut held = true;
 
-    let equal = [
-        Load {
-            client: "flood",
-            at_once: args.flood,
-        },
-        Load {
-            client: "steady",
-            at_once: args.steady,
-        },
-    ];
+    let equal = loads(&[("flood", args.flood), ("steady", args.steady)]);
     println!(
         "equal weights: A floods with {}, B keeps {} going",
         args.flood, args.steady
@@ -167,16 +166,7 @@ pub(crate) async fn run(args: &FairnessArgs, report_dir: &Path) -> anyhow::Resul
     held &= judge_share(&m, 1, 0.45..=0.55);
     held &= judge_wait(&m[1], Duration::from_secs(1) * args.slack);
 
-    let weighted = [
-        Load {
-            client: "heavy",
-            at_once: args.flood,
-        },
-        Load {
-            client: "light",
-            at_once: args.steady,
-        },
-    ];
+    let weighted = loads(&[("heavy", args.flood), ("light", args.steady)]);
     println!(
         "weights 3:1: A (weight 3) floods with {}, B (weight 1) keeps {} going",
         args.flood, args.steady
@@ -185,20 +175,11 @@ pub(crate) async fn run(args: &FairnessArgs, report_dir: &Path) -> anyhow::Resul
     held &= judge_share(&m, 0, 0.70..=0.80);
     held &= judge_share(&m, 1, 0.20..=0.30);
 
-    let classes = [
-        Load {
-            client: "high",
-            at_once: args.high,
-        },
-        Load {
-            client: "low-1",
-            at_once: args.flood / 2,
-        },
-        Load {
-            client: "low-2",
-            at_once: args.flood / 2,
-        },
-    ];
+    let classes = loads(&[
+        ("high", args.high),
+        ("low-1", args.flood / 2),
+        ("low-2", args.flood / 2),
+    ]);
     println!(
         "priority: two low clients flood with {} each, a high client keeps {} going",
         args.flood / 2,

@@ -225,41 +225,15 @@ pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow:
         );
     }
 
-    let ratio = through.rps() / direct.rps().max(1e-9);
-    println!("  gateway / direct:");
-    println!("    requests/s {ratio:.2}×");
-    println!(
-        "    p50 {:.2}×, p99 {:.2}×",
-        through.measured.p50_us as f64 / direct.measured.p50_us.max(1) as f64,
-        through.measured.p99_us as f64 / direct.measured.p99_us.max(1) as f64
-    );
-    let to_nginx = proxied
-        .as_ref()
-        .map(|(run, _)| through.rps() / run.rps().max(1e-9));
-    if let Some(to_nginx) = to_nginx {
-        println!("  gateway / nginx: requests/s {to_nginx:.2}×");
-    }
-    println!("  targets:");
-    if let Some(to_nginx) = to_nginx {
-        println!(
-            "    requests/s ≥ 0.6× nginx: {to_nginx:.2}× {}",
-            verdict(to_nginx >= 0.6)
-        );
-    }
-    println!(
-        "    CPU ≤ 45 µs per request: {cpu_us:.1} µs {}",
-        verdict(cpu_us <= 45.0)
-    );
-    println!(
-        "    added p50 ≤ 0.15 ms at {} requests/s: {added_p50:.3} ms {}",
-        args.rate,
-        verdict(added_p50 <= 0.15)
-    );
-    println!(
-        "    RSS ≤ 60 MB at the end: {} {}",
-        mb(end_rss),
-        verdict(end_rss <= 60_000_000)
-    );
+    print_targets(&Summary {
+        direct: &direct,
+        through: &through,
+        nginx: proxied.as_ref().map(|(run, _)| run),
+        cpu_us,
+        added_p50,
+        rate: args.rate,
+        end_rss,
+    });
     println!(
         "  HTML reports: {}",
         dir.join("throughput-*.html").display()
@@ -291,6 +265,62 @@ pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow:
         println!("FAILED: some requests failed or were not answered 200");
     }
     Ok(ok)
+}
+
+/// What part 1 and part 2 measured, for the ratios and targets.
+struct Summary<'a> {
+    direct: &'a Run,
+    through: &'a Run,
+    nginx: Option<&'a Run>,
+    cpu_us: f64,
+    added_p50: f64,
+    rate: usize,
+    end_rss: u64,
+}
+
+/// The gateway's ratios to direct and to nginx, and the targets.
+fn print_targets(s: &Summary<'_>) {
+    let Summary {
+        direct,
+        through,
+        cpu_us,
+        added_p50,
+        end_rss,
+        ..
+    } = *s;
+    let ratio = through.rps() / direct.rps().max(1e-9);
+    println!("  gateway / direct:");
+    println!("    requests/s {ratio:.2}×");
+    println!(
+        "    p50 {:.2}×, p99 {:.2}×",
+        through.measured.p50_us as f64 / direct.measured.p50_us.max(1) as f64,
+        through.measured.p99_us as f64 / direct.measured.p99_us.max(1) as f64
+    );
+    let to_nginx = s.nginx.map(|run| through.rps() / run.rps().max(1e-9));
+    if let Some(to_nginx) = to_nginx {
+        println!("  gateway / nginx: requests/s {to_nginx:.2}×");
+    }
+    println!("  targets:");
+    if let Some(to_nginx) = to_nginx {
+        println!(
+            "    requests/s ≥ 0.6× nginx: {to_nginx:.2}× {}",
+            verdict(to_nginx >= 0.6)
+        );
+    }
+    println!(
+        "    CPU ≤ 45 µs per request: {cpu_us:.1} µs {}",
+        verdict(cpu_us <= 45.0)
+    );
+    println!(
+        "    added p50 ≤ 0.15 ms at {} requests/s: {added_p50:.3} ms {}",
+        s.rate,
+        verdict(added_p50 <= 0.15)
+    );
+    println!(
+        "    RSS ≤ 60 MB at the end: {} {}",
+        mb(end_rss),
+        verdict(end_rss <= 60_000_000)
+    );
 }
 
 /// CPU time per request, in microseconds.

@@ -11,9 +11,10 @@
 //! to seconds for CI.
 //!
 //! Scenarios: `throughput`, `reload`, `saturation`, `streaming`, `soak`,
-//! `fairness`.
+//! `fairness`, `client-latency`.
 
 mod bodies;
+mod client_latency;
 mod drive;
 mod fairness;
 mod harness;
@@ -64,6 +65,9 @@ enum Command {
     /// stream (weights 1:1, then 3:1), then a high client among low ones:
     /// shares of served tokens and queue waits.
     Fairness(fairness::FairnessArgs),
+    /// One upstream round trip at a low rate through reqwest, hyper-util's
+    /// pooled client and a hyper connection in the requesting task.
+    ClientLatency(client_latency::ClientLatencyArgs),
     /// (internal) the gateway child process.
     #[command(hide = true)]
     Gateway {
@@ -128,6 +132,12 @@ fn main() -> ExitCode {
                     args.smoke();
                 }
                 soak::run(&args, &cli.report_dir).await
+            }
+            Command::ClientLatency(mut args) => {
+                if cli.smoke {
+                    args.smoke();
+                }
+                client_latency::run(&args).await
             }
             Command::Fairness(mut args) => {
                 prepare();

@@ -197,6 +197,8 @@ async fn a_clients_own_concurrency_cap_holds() {
     assert_eq!(status, 429);
     assert_eq!(body["error"]["code"], "client_rate_limit_exceeded");
     assert_eq!(first.await.unwrap(), 200);
+    // Released when the answer's relay ends, just after its last byte.
+    gw.until(|s| s["nodes"][0]["in_flight"] == 0).await;
     let (status, _, _) = crate::support::ask_as(&gw, "sk-capped-client", "gpt-4o-mini", 5).await;
     assert_eq!(status, 200);
 }
@@ -376,6 +378,11 @@ async fn a_clients_concurrency_cap_holds_across_replicas() {
     assert_eq!(body["error"]["code"], "client_rate_limit_exceeded");
     assert!(retry.is_some());
     assert_eq!(held.await.unwrap(), 200);
+    // The release reaches Redis after the answer (one script for the node
+    // and the client together): wait for it, as seen by the other replica.
+    second
+        .until(|s| s["nodes"][0]["shared"]["in_flight"] == 0)
+        .await;
     let (status, _, _) =
         crate::support::ask_as(&second, "sk-capped-client", "gpt-4o-mini", 5).await;
     assert_eq!(status, 200);

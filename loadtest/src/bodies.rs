@@ -180,6 +180,37 @@ impl Bodies {
     }
 }
 
+/// Users of one run that get their own generator; more share by index
+/// (the bodies a run sends are then the same set, in another order).
+const GENERATORS: usize = 4096;
+
+/// A generator for each goose user of a run, by user index.
+pub(crate) struct PerUser {
+    workload: Workload,
+    slots: Vec<std::sync::Mutex<Option<Bodies>>>,
+}
+
+impl PerUser {
+    pub(crate) fn new(workload: Workload) -> Self {
+        Self {
+            workload,
+            slots: (0..GENERATORS)
+                .map(|_| std::sync::Mutex::new(None))
+                .collect(),
+        }
+    }
+
+    /// User `user`'s next body.
+    pub(crate) fn next(&self, user: usize, stream: bool) -> Bytes {
+        let index = user % GENERATORS;
+        let mut slot = self.slots[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.get_or_insert_with(|| Bodies::new(self.workload, index as u64))
+            .next(stream)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use goose::prelude::*;
 use mock_upstreams::StatsReport;
 use serde_json::{Value, json};
 
-use crate::bodies::{Bodies, Workload};
+use crate::bodies::{PerUser, Workload};
 use crate::drive::{self, Clock};
 use crate::procs::Child;
 
@@ -286,17 +286,17 @@ pub(crate) enum Body {
     Varied(Workload),
 }
 
+/// Where a transaction's bodies come from.
+enum Source {
+    Fixed(Bytes),
+    Varied(Arc<PerUser>),
+}
+
 impl From<Bytes> for Body {
     fn from(body: Bytes) -> Self {
         Body::Fixed(body)
     }
 }
-
-/// Each goose user's generator, by user index.
-type Generators = Arc<Vec<std::sync::Mutex<Option<Bodies>>>>;
-
-/// Users of one run that get their own generator; more share by index.
-const GENERATORS: usize = 4096;
 
 /// Sends one chat request and reads the answer to its end. With
 /// `accept_429`, a 429 counts as an answered request (the saturation
@@ -307,24 +307,15 @@ pub(crate) fn chat_transaction(
     clock: Arc<Clock>,
     accept_429: bool,
 ) -> TransactionFunction {
-    let body = body.into();
-    let generators: Generators = Arc::new(
-        (0..GENERATORS)
-            .map(|_| std::sync::Mutex::new(None))
-            .collect(),
-    );
+    let source = match body.into() {
+        Body::Fixed(bytes) => Source::Fixed(bytes),
+        Body::Varied(workload) => Source::Varied(Arc::new(PerUser::new(workload))),
+    };
     Arc::new(move |user| {
         let (key, clock) = (Arc::clone(&key), Arc::clone(&clock));
-        let body = match &body {
-            Body::Fixed(bytes) => bytes.clone(),
-            Body::Varied(workload) => {
-                let index = user.weighted_users_index % GENERATORS;
-                let mut slot = generators[index]
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                slot.get_or_insert_with(|| Bodies::new(*workload, index as u64))
-                    .next(false)
-            }
+        let body = match &source {
+            Source::Fixed(bytes) => bytes.clone(),
+            Source::Varied(generators) => generators.next(user.weighted_users_index, false),
         };
         Box::pin(async move {
             clock.started(Instant::now());

@@ -2,11 +2,16 @@
 //! content events `--interval` apart, first straight at one mock, then
 //! through the gateway over three mocks.
 //!
-//! Every stream is read to its end and compared byte for byte with a
-//! reference stream fetched directly first (the mocks answer with a fixed
-//! `created`, so equal requests get equal bytes): a stream counts as
-//! complete only if it is identical, final `data: [DONE]` included. Time to
-//! first event is measured from sending to the first body bytes.
+//! Every request's body differs (a fresh last message from a seeded
+//! generator, as `throughput --workload unique` sends), and each run sends
+//! the same bodies. Every stream is read to its end; the direct run records
+//! what each body got, and every later stream is compared byte for byte
+//! with that (the mocks answer with a fixed `created`, so equal requests
+//! get equal bytes): a stream counts as complete only if it is identical,
+//! final `data: [DONE]` included. With `--gateway-only` there is no direct
+//! run to compare with beyond the warm-up's, so a stream with no reference
+//! counts when it ends with `data: [DONE]`. Time to first event is
+//! measured from sending to the first body bytes.
 //!
 //! With nginx installed, the same streams also go through nginx in front of
 //! the direct mock, in the same run. Time to first event is reported for
@@ -18,6 +23,7 @@
 //! time-to-first-event overhead < 1 ms at p50, gateway memory at the end
 //! ≤ 60 MB (≤ 250 MB for 10,000 slow streams).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -28,6 +34,7 @@ use futures_util::StreamExt;
 use goose::prelude::*;
 use samples::Samples;
 
+use crate::bodies::{PerUser, Workload};
 use crate::drive::{self, Clock, Measured, Plan};
 use crate::harness::{self, CHAT_PATH, CLIENT_KEY, Gateway, Mocks, mb, ms, verdict};
 use crate::nginx::Nginx;
@@ -163,18 +170,52 @@ impl Run {
     }
 }
 
+/// The answer each body got straight from the mock (the direct run
+/// records them); every later run must match them byte for byte.
+#[derive(Default)]
+struct References(std::sync::Mutex<HashMap<Bytes, Bytes>>);
+
+impl References {
+    fn record(&self, body: Bytes, answer: Bytes) {
+        if let Ok(mut all) = self.0.lock() {
+            all.insert(body, answer);
+        }
+    }
+
+    /// Whether `received` is what `body` got directly; with no reference
+    /// (no direct run), whether it is complete.
+    fn matches(&self, body: &Bytes, received: &[u8]) -> bool {
+        let reference = self.0.lock().ok().and_then(|all| all.get(body).cloned());
+        match reference {
+            Some(reference) => received == reference,
+            None => received.ends_with(DONE),
+        }
+    }
+}
+
+/// How a stream ends, `[DONE]` included.
+const DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// Whether a run records the references or checks against them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Record,
+    Compare,
+}
+
 fn stream_transaction(
     key: Arc<str>,
-    body: Bytes,
-    reference: Bytes,
+    references: Arc<References>,
+    check: Check,
     clock: Arc<Clock>,
     tally: Arc<Tally>,
 ) -> TransactionFunction {
+    let generators = Arc::new(PerUser::new(Workload::Unique));
     Arc::new(move |user| {
-        let (key, body, reference, clock, tally) = (
+        let body = generators.next(user.weighted_users_index, true);
+        let (key, references, clock, tally) = (
             Arc::clone(&key),
-            body.clone(),
-            reference.clone(),
+            Arc::clone(&references),
             Arc::clone(&clock),
             Arc::clone(&tally),
         );
@@ -184,7 +225,7 @@ fn stream_transaction(
             let open = tally.open.fetch_add(1, Ordering::Relaxed) + 1;
             tally.peak_open.fetch_max(open, Ordering::Relaxed);
             let mut goose = drive::post(user, CHAT_PATH, &key, &body).await?;
-            let mut received = Vec::with_capacity(reference.len());
+            let mut received = Vec::with_capacity(4096);
             let mut failure = None;
             match goose.response {
                 Ok(response) if response.status().is_success() => {
@@ -220,9 +261,17 @@ fn stream_transaction(
             }
             tally.open.fetch_sub(1, Ordering::Relaxed);
             clock.ended(Instant::now());
-            if failure.is_none() && received != reference {
-                tally.different.fetch_add(1, Ordering::Relaxed);
-                failure = Some("stream differs from the direct reference".to_owned());
+            if failure.is_none() {
+                let same = match check {
+                    Check::Record => received.ends_with(DONE),
+                    Check::Compare => references.matches(&body, &received),
+                };
+                if !same {
+                    tally.different.fetch_add(1, Ordering::Relaxed);
+                    failure = Some("stream differs from the direct reference".to_owned());
+                } else if check == Check::Record {
+                    references.record(body, Bytes::from(received));
+                }
             }
             match failure {
                 None => {
@@ -240,13 +289,19 @@ fn stream_transaction(
     })
 }
 
-async fn load(host: &str, key: &str, reference: &Bytes, plan: &Plan) -> anyhow::Result<Run> {
+async fn load(
+    host: &str,
+    key: &str,
+    references: &Arc<References>,
+    check: Check,
+    plan: &Plan,
+) -> anyhow::Result<Run> {
     let clock = Clock::new();
     let tally = Arc::new(Tally::default());
     let tx = stream_transaction(
         Arc::from(key),
-        harness::chat_body(true),
-        reference.clone(),
+        Arc::clone(references),
+        check,
         Arc::clone(&clock),
         Arc::clone(&tally),
     );
@@ -284,19 +339,7 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
         args.streams, args.per_client, args.events
     );
 
-    let reference = reqwest::Client::new()
-        .post(format!("{}{CHAT_PATH}", mocks.origin(0)))
-        .bearer_auth(&mocks.keys[0])
-        .header("content-type", "application/json")
-        .body(harness::chat_body(true))
-        .send()
-        .await?
-        .bytes()
-        .await?;
-    anyhow::ensure!(
-        reference.ends_with(b"data: [DONE]\n\n"),
-        "the reference stream does not end with data: [DONE]"
-    );
+    let references = Arc::new(References::default());
     let plan = |name: &str| Plan {
         per_user: Some(args.per_client),
         ..Plan::requests(
@@ -309,23 +352,69 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
     // Warm both paths (connections, tokenizer tables) before measuring.
     let warm = args.streams.min(50);
     let warm_plan = Plan::requests(warm, warm, drive::report_path(dir, "streaming", "warmup"));
-    load(mocks.origin(0), &mocks.keys[0], &reference, &warm_plan).await?;
-    load(&gateway.origin, CLIENT_KEY, &reference, &warm_plan).await?;
+    load(
+        mocks.origin(0),
+        &mocks.keys[0],
+        &references,
+        Check::Record,
+        &warm_plan,
+    )
+    .await?;
+    load(
+        &gateway.origin,
+        CLIENT_KEY,
+        &references,
+        Check::Compare,
+        &warm_plan,
+    )
+    .await?;
     let before = mocks.stats().await?;
 
     let direct = if args.gateway_only {
         None
     } else {
-        Some(load(mocks.origin(0), &mocks.keys[0], &reference, &plan("direct")).await?)
+        Some(
+            load(
+                mocks.origin(0),
+                &mocks.keys[0],
+                &references,
+                Check::Record,
+                &plan("direct"),
+            )
+            .await?,
+        )
     };
     let (_, rss_before) = gateway.memory();
-    let through = load(&gateway.origin, CLIENT_KEY, &reference, &plan("gateway")).await?;
+    let through = load(
+        &gateway.origin,
+        CLIENT_KEY,
+        &references,
+        Check::Compare,
+        &plan("gateway"),
+    )
+    .await?;
     let (peak, end_rss) = gateway.memory();
     let stats = mocks.stats().await?;
     let proxied = match &nginx {
         Some(nginx) => {
-            load(&nginx.origin, &mocks.keys[0], &reference, &warm_plan).await?;
-            Some(load(&nginx.origin, &mocks.keys[0], &reference, &plan("nginx")).await?)
+            load(
+                &nginx.origin,
+                &mocks.keys[0],
+                &references,
+                Check::Compare,
+                &warm_plan,
+            )
+            .await?;
+            Some(
+                load(
+                    &nginx.origin,
+                    &mocks.keys[0],
+                    &references,
+                    Check::Compare,
+                    &plan("nginx"),
+                )
+                .await?,
+            )
         }
         None => None,
     };

@@ -235,7 +235,7 @@ impl<'de, 'f> Visitor<'de> for Walk<'f, 'de> {
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
         // `"conversation": {"id": "conv_…"}` names it by its `id`.
         let parent = self.key;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(key) = map.next_key::<crate::request::JsonKey<'de>>()? {
             if OPAQUE_KEYS.contains(&&*key) {
                 map.next_value::<IgnoredAny>()?;
                 continue;
@@ -244,7 +244,7 @@ impl<'de, 'f> Visitor<'de> for Walk<'f, 'de> {
                 (Some(Kind::Conversation), "id") => Some(Kind::Conversation),
                 _ => ID_KEYS
                     .iter()
-                    .find(|(k, _)| *k == key)
+                    .find(|(k, _)| *k == &*key)
                     .map(|(_, kind)| *kind),
             };
             map.next_value_seed(Walk {

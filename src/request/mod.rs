@@ -34,6 +34,7 @@ pub mod multipart;
 mod walk;
 
 use walk::BodySeed;
+pub(crate) use walk::Key as JsonKey;
 
 /// Endpoints (below `/v1`) whose requests must name a model.
 const MODEL_REQUIRED: &[&str] = &[

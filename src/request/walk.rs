@@ -421,7 +421,7 @@ enum Scalar<'a> {
 
 /// An object's key, borrowed from the body unless it has escapes (serde's
 /// own `Cow<str>` always copies).
-struct Key<'de>(Cow<'de, str>);
+pub(crate) struct Key<'de>(Cow<'de, str>);
 
 impl std::ops::Deref for Key<'_> {
     type Target = str;

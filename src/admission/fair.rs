@@ -34,10 +34,14 @@ pub(crate) struct Who {
     pub(crate) limiter: Option<Arc<ClientLimiter>>,
 }
 
+/// The owner of requests without a client of their own, made once (a
+/// `Who` is built for every admission).
+static SHARED_GROUP: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
 impl Default for Who {
     fn default() -> Self {
         Who {
-            owner: Arc::from(""),
+            owner: Arc::clone(&SHARED_GROUP),
             share: Share::default(),
             limiter: None,
         }

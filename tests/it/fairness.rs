@@ -111,19 +111,25 @@ async fn arrivals(upstream: &MockServer) -> Vec<String> {
 async fn a_waiting_request_of_a_higher_class_goes_before_the_lower_ones() {
     let upstream = holding(Duration::from_secs(2), Duration::from_millis(20)).await;
     let gw = one_at_a_time(&upstream, "").await;
-    let mut sent = vec![send(&gw, LOW, "busy")];
-    gw.until(|s| s["nodes"][0]["in_flight"] == 1).await;
+    high_goes_first(&gw, &gw, &upstream).await;
+}
+
+/// `holder` holds the only slot while three low requests and then a high
+/// one wait on `waiter`: when the slot frees, the high one goes first.
+async fn high_goes_first(holder: &Gateway, waiter: &Gateway, upstream: &MockServer) {
+    let mut sent = vec![send(holder, LOW, "busy")];
+    holder.until(|s| s["nodes"][0]["in_flight"] == 1).await;
     for (i, mark) in ["low-1", "low-2", "low-3"].iter().enumerate() {
-        sent.push(send(&gw, LOW, mark));
-        queued(&gw, i as u64 + 1).await;
+        sent.push(send(waiter, LOW, mark));
+        queued(waiter, i as u64 + 1).await;
     }
-    sent.push(send(&gw, HIGH, "high"));
-    queued(&gw, 4).await;
+    sent.push(send(waiter, HIGH, "high"));
+    queued(waiter, 4).await;
     for task in sent {
         assert_eq!(task.await.unwrap(), 200);
     }
     assert_eq!(
-        arrivals(&upstream).await,
+        arrivals(upstream).await,
         ["busy", "high", "low-1", "low-2", "low-3"]
     );
 }
@@ -311,22 +317,8 @@ async fn with_shared_windows_a_replicas_line_keeps_the_class_order() {
     let toml = shared_toml(&redis, "max_wait = \"20s\"", &one);
     let holder = Gateway::start_file_text(&toml, &ENV).await;
     let waiter = Gateway::start_file_text(&toml, &ENV).await;
-    let mut sent = vec![send(&holder, LOW, "busy")];
-    holder.until(|s| s["nodes"][0]["in_flight"] == 1).await;
     // They wait on the other replica, for a release published through Redis.
-    for (i, mark) in ["low-1", "low-2", "low-3"].iter().enumerate() {
-        sent.push(send(&waiter, LOW, mark));
-        queued(&waiter, i as u64 + 1).await;
-    }
-    sent.push(send(&waiter, HIGH, "high"));
-    queued(&waiter, 4).await;
-    for task in sent {
-        assert_eq!(task.await.unwrap(), 200);
-    }
-    assert_eq!(
-        arrivals(&upstream).await,
-        ["busy", "high", "low-1", "low-2", "low-3"]
-    );
+    high_goes_first(&holder, &waiter, &upstream).await;
 }
 
 #[tokio::test]

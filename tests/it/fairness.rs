@@ -380,3 +380,29 @@ async fn a_clients_concurrency_cap_holds_across_replicas() {
     assert_eq!(status, 200);
     assert_eq!(upstream.received_requests().await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_client_that_hangs_up_gives_back_its_concurrency_on_every_replica() {
+    let redis = crate::redis::RedisServer::start();
+    let upstream = holding(Duration::from_secs(30), Duration::from_millis(20)).await;
+    let capped = format!(
+        "[[clients]]\nname = \"capped\"\nkey_env = \"CAPPED\"\nmax_concurrency = 1\n{}",
+        node("n", &crate::support::v1(&upstream), "k", "")
+    );
+    let toml = shared_toml(&redis, "max_wait = \"20s\"", &capped);
+    let env = [ENV.as_slice(), &[("CAPPED", "sk-capped-client")]].concat();
+    let first = Gateway::start_file_text(&toml, &env).await;
+    let second = Gateway::start_file_text(&toml, &env).await;
+    let held = send(&first, "sk-capped-client", "busy");
+    second
+        .until(|s| s["nodes"][0]["shared"]["in_flight"] == 1)
+        .await;
+    // The client gives up long before the upstream's 30 s answer.
+    held.abort();
+    second
+        .until(|s| s["nodes"][0]["shared"]["in_flight"] == 0)
+        .await;
+    let (status, _, _) =
+        crate::support::ask_as(&second, "sk-capped-client", "gpt-4o-mini", 5).await;
+    assert_eq!(status, 200);
+}

@@ -279,17 +279,17 @@ pub(crate) fn chat_body(stream: bool) -> Bytes {
 }
 
 /// What a transaction sends: one body every time, or a body made fresh
-/// for each request.
-#[derive(Clone)]
+/// for each request by each user's own generator.
 pub(crate) enum Body {
     Fixed(Bytes),
-    Varied(Workload),
+    Varied(PerUser),
 }
 
-/// Where a transaction's bodies come from.
-enum Source {
-    Fixed(Bytes),
-    Varied(Arc<PerUser>),
+impl Body {
+    /// Fresh bodies of `workload`.
+    pub(crate) fn varied(workload: Workload) -> Self {
+        Body::Varied(PerUser::new(workload))
+    }
 }
 
 impl From<Bytes> for Body {
@@ -307,15 +307,12 @@ pub(crate) fn chat_transaction(
     clock: Arc<Clock>,
     accept_429: bool,
 ) -> TransactionFunction {
-    let source = match body.into() {
-        Body::Fixed(bytes) => Source::Fixed(bytes),
-        Body::Varied(workload) => Source::Varied(Arc::new(PerUser::new(workload))),
-    };
+    let source = Arc::new(body.into());
     Arc::new(move |user| {
         let (key, clock) = (Arc::clone(&key), Arc::clone(&clock));
-        let body = match &source {
-            Source::Fixed(bytes) => bytes.clone(),
-            Source::Varied(generators) => generators.next(user.weighted_users_index, false),
+        let body = match &*source {
+            Body::Fixed(bytes) => bytes.clone(),
+            Body::Varied(generators) => generators.next(user.weighted_users_index, false),
         };
         Box::pin(async move {
             clock.started(Instant::now());

@@ -87,7 +87,7 @@ async fn load(host: &str, key: &str, workload: Workload, plan: &Plan) -> anyhow:
     let clock = Clock::new();
     let tx = harness::chat_transaction(
         Arc::from(key),
-        Body::Varied(workload),
+        Body::varied(workload),
         Arc::clone(&clock),
         false,
     );

@@ -335,6 +335,7 @@ fn client_lookup(c: &mut Criterion) {
                 share: balancer::limits::Share::default(),
                 models: None,
                 enabled: true,
+                budget: None,
                 created_at: 0,
             })
             .await

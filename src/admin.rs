@@ -40,6 +40,7 @@ use crate::error::GatewayError;
 use crate::keys::{self, CONFIG_ID_PREFIX};
 use crate::ledger::utc_day;
 use crate::limits::{ClientLimits, LimitFields, Share};
+use crate::money::{self, Budget, Cost, Period};
 use crate::state::AppState;
 use crate::status;
 use crate::store::{StoreError, StoredClient, UsageTotals};
@@ -54,6 +55,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
         .route("/admin/clients/{id}/rotate", post(rotate_key))
         .route("/admin/clients/{id}/usage", get(client_usage))
+        .route("/admin/clients/{id}/budget", get(client_budget))
         .route("/admin/clients/{id}/objects", get(client_objects))
         .route("/admin/nodes", get(nodes))
         .fallback(unknown_url)
@@ -104,6 +106,8 @@ struct NewClient {
     models: Option<Vec<String>>,
     #[serde(default = "enabled_by_default")]
     enabled: bool,
+    budget_usd: Option<f64>,
+    budget_period: Option<String>,
 }
 
 fn enabled_by_default() -> bool {
@@ -131,6 +135,10 @@ struct ClientChanges {
     #[serde(default, deserialize_with = "present")]
     models: Option<Option<Vec<String>>>,
     enabled: Option<bool>,
+    /// `null` removes the budget.
+    #[serde(default, deserialize_with = "present")]
+    budget_usd: Option<Option<f64>>,
+    budget_period: Option<String>,
 }
 
 /// A field that is there, `null` or not: `Some(None)` for `null`.
@@ -154,6 +162,7 @@ async fn create_client(State(state): State<Arc<AppState>>, body: Bytes) -> Answe
     })?;
     let share = valid_share(new.priority.as_deref(), new.weight)?;
     let models = valid_models(new.models)?;
+    let budget = valid_budget(new.budget_usd, new.budget_period.as_deref())?;
     ensure_name_free(&state, &name, "").await?;
     let key = keys::new_key();
     let client = StoredClient {
@@ -165,6 +174,7 @@ async fn create_client(State(state): State<Arc<AppState>>, body: Bytes) -> Answe
         share,
         models,
         enabled: new.enabled,
+        budget,
         created_at: unix_now(),
     };
     state
@@ -232,6 +242,18 @@ async fn change_client(
     }
     if let Some(enabled) = changes.enabled {
         client.enabled = enabled;
+    }
+    if changes.budget_usd.is_some() || changes.budget_period.is_some() {
+        let usd = changes
+            .budget_usd
+            .unwrap_or(client.budget.map(|b| b.limit.usd()));
+        let period = changes
+            .budget_period
+            .as_deref()
+            .or(client.budget.map(|b| b.period.as_str()));
+        // Removing the amount removes the budget, whatever its period was.
+        let period = period.filter(|_| usd.is_some());
+        client.budget = valid_budget(usd, period)?;
     }
     let found = state
         .clients
@@ -351,6 +373,57 @@ async fn client_usage(
     .into_response())
 }
 
+/// A client's budget and its spend in the current period: settled, held by
+/// requests in flight, and what is left. With `[cluster]` and Redis
+/// answering, the cluster's figures; else this replica's.
+async fn client_budget(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Answer {
+    let budget = match declared(&state, &id) {
+        Some(declared) => declared.budget,
+        None => find_stored(&state, &id).await?.budget,
+    };
+    let period = budget.map_or(Period::Month, |b| b.period);
+    let now = money::budget::unix_now();
+    let start = period.start(now);
+    let shared = match (&state.admission.shared, budget) {
+        (Some(shared), Some(_)) => shared.budget_peek(&id, start).await,
+        _ => None,
+    };
+    let (spent, held) = match (shared, state.clients.account(&id)) {
+        (Some((spent, held)), _) => (Cost(spent), Cost(held)),
+        (None, Some(account)) => {
+            account
+                .ready(period, now, |from| state.clients.stored_spend(&id, from))
+                .await
+                .map_err(unavailable)?;
+            let spend = account.spend(period, now);
+            (spend.spent, spend.held)
+        }
+        (None, None) => {
+            let from = (period != Period::Total).then(|| money::budget::day_of(start));
+            let spent = state
+                .clients
+                .stored_spend(&id, from)
+                .await
+                .map_err(unavailable)?;
+            (Cost(spent), Cost::ZERO)
+        }
+    };
+    let remaining =
+        budget.map(|b| Cost(b.limit.nanos().saturating_sub(spent.nanos() + held.nanos())));
+    Ok(Json(json!({
+        "object": "client.budget",
+        "client_id": id,
+        "budget_usd": budget.map(|b| b.limit.usd()),
+        "budget_period": period.as_str(),
+        "period_start": (period != Period::Total).then(|| money::budget::rfc3339(start)),
+        "period_end": period.end(start).map(money::budget::rfc3339),
+        "spent_usd": spent.usd(),
+        "in_flight_usd": held.usd(),
+        "remaining_usd": remaining.map(Cost::usd),
+    }))
+    .into_response())
+}
+
 /// The stored objects a client created through the gateway (its records:
 /// kind, node, times), newest first. `shared` lists the shared group's.
 async fn client_objects(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Answer {
@@ -441,6 +514,10 @@ fn valid_share(priority: Option<&str>, weight: Option<f64>) -> Result<Share, Gat
 }
 
 /// Each problem names its field; the first is reported with it.
+fn valid_budget(usd: Option<f64>, period: Option<&str>) -> Result<Option<Budget>, GatewayError> {
+    crate::money::budget_of(usd, period).map_err(|(field, message)| invalid(field, message))
+}
+
 fn first_problem(problems: Vec<(&'static str, &'static str)>) -> GatewayError {
     let (field, message) = problems
         .first()
@@ -576,6 +653,7 @@ fn stored_json(client: &StoredClient, key: Option<&SecretString>) -> Value {
         "created_at": humantime::format_rfc3339_seconds(created).to_string(),
     });
     merge(&mut out, limits_json(&client.limits, &client.share));
+    merge(&mut out, budget_json(client.budget));
     if let Some(key) = key {
         // The one place a key leaves the gateway: the answer that made it.
         out["key"] = json!(key.expose_secret());
@@ -594,7 +672,15 @@ fn declared_json(client: &ClientConfig) -> Value {
         "created_at": null,
     });
     merge(&mut out, limits_json(&client.limits, &client.share));
+    merge(&mut out, budget_json(client.budget));
     out
+}
+
+fn budget_json(budget: Option<Budget>) -> Value {
+    json!({
+        "budget_usd": budget.map(|b| b.limit.usd()),
+        "budget_period": budget.map(|b| b.period.as_str()),
+    })
 }
 
 fn merge(into: &mut Value, from: Value) {

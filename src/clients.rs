@@ -31,6 +31,8 @@ use crate::config::ClientConfig;
 use crate::keys::CONFIG_ID_PREFIX;
 use crate::ledger::Ledger;
 use crate::limits::{ClientLimits, HeadroomSignal, Limiter, Quota, Share, TokenBucket};
+use crate::metrics::Costs;
+use crate::money::{Account, Budget};
 use crate::store::{Store, StoreError, StoredClient};
 
 /// A client as the request path uses it.
@@ -45,6 +47,9 @@ pub struct Client {
     pub share: Share,
     pub limiter: Arc<ClientLimiter>,
     pub counters: Arc<ClientCounters>,
+    /// What it may spend per period, and what it spent.
+    pub budget: Option<Budget>,
+    pub account: Arc<Account>,
 }
 
 /// A client's own limits in force: its rolling rpm/tpm window and its
@@ -68,6 +73,8 @@ pub struct ClientCounters {
     requests: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
+    /// What its requests cost, by node and model.
+    pub costs: Costs,
 }
 
 impl ClientCounters {
@@ -77,6 +84,7 @@ impl ClientCounters {
             requests: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
+            costs: Costs::default(),
         })
     }
 
@@ -196,11 +204,23 @@ fn quota_of(limits: &ClientLimits) -> Quota {
     }
 }
 
+/// A client with a budget, and its account.
+#[derive(Debug)]
+pub struct BudgetView {
+    pub id: Arc<str>,
+    pub name: Arc<str>,
+    pub budget: Budget,
+    pub account: Arc<Account>,
+}
+
 /// What the registry keeps of a client by id.
 #[derive(Debug, Clone)]
 struct Kept {
     limiter: Arc<ClientLimiter>,
     counters: Arc<ClientCounters>,
+    account: Arc<Account>,
+    /// Its budget as last seen.
+    budget: Option<Budget>,
 }
 
 /// The clients declared in one snapshot's config, by key hash.
@@ -217,11 +237,13 @@ impl Directory {
         registry.keep_declared(&ids);
         let mut by_hash = HashMap::with_capacity(configs.len());
         for (config, id) in configs.iter().zip(ids) {
-            let kept = registry.keep(&id, &config.name, &config.limits);
+            let kept = registry.keep(&id, &config.name, &config.limits, config.budget);
             kept.limiter.revoke(!config.enabled);
             let client = Client {
                 limiter: kept.limiter,
                 counters: kept.counters,
+                account: kept.account,
+                budget: config.budget,
                 id,
                 name: Arc::clone(&config.name),
                 models: config.models.clone(),
@@ -358,6 +380,7 @@ impl Registry {
                 &Arc::from(client.id.as_str()),
                 &Arc::from(client.name.as_str()),
                 &client.limits,
+                client.budget,
             );
             kept.limiter.revoke(!client.enabled);
         }
@@ -378,7 +401,13 @@ impl Registry {
 
     /// A client's limiter and counters, made on first sight and kept by
     /// id; its limits updated when they changed, its name renamed.
-    fn keep(&self, id: &Arc<str>, name: &Arc<str>, limits: &ClientLimits) -> Kept {
+    fn keep(
+        &self,
+        id: &Arc<str>,
+        name: &Arc<str>,
+        limits: &ClientLimits,
+        budget: Option<Budget>,
+    ) -> Kept {
         let mut kept = self.kept.lock();
         let entry = match kept.get(id) {
             Some(existing) => {
@@ -386,11 +415,15 @@ impl Registry {
                 Kept {
                     limiter: existing.limiter.update(limits),
                     counters: Arc::clone(&existing.counters),
+                    account: Arc::clone(&existing.account),
+                    budget,
                 }
             }
             None => Kept {
                 limiter: ClientLimiter::new(limits),
                 counters: ClientCounters::new(name),
+                account: Arc::default(),
+                budget,
             },
         };
         kept.insert(Arc::clone(id), entry.clone());
@@ -408,6 +441,42 @@ impl Registry {
         });
     }
 
+    /// What a client's requests cost from day `from` on (all days for
+    /// `None`), nano-dollars, counting every request that has ended here:
+    /// the ledger writes what it holds first.
+    pub async fn stored_spend(
+        &self,
+        client_id: &str,
+        from: Option<String>,
+    ) -> Result<u64, StoreError> {
+        self.ledger.flush().await?;
+        self.store.spend(client_id, from.as_deref()).await
+    }
+
+    /// A client's account, if this gateway has seen the client.
+    pub fn account(&self, id: &str) -> Option<Arc<Account>> {
+        self.kept.lock().get(id).map(|k| Arc::clone(&k.account))
+    }
+
+    /// Every client seen with a budget, by id, for `/status`.
+    pub fn budgets(&self) -> Vec<BudgetView> {
+        let mut all: Vec<_> = self
+            .kept
+            .lock()
+            .iter()
+            .filter_map(|(id, kept)| {
+                Some(BudgetView {
+                    id: Arc::clone(id),
+                    name: kept.counters.name(),
+                    budget: kept.budget?,
+                    account: Arc::clone(&kept.account),
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
     /// Every client's counters by id, sorted, for the `/metrics` scrape.
     pub fn counters(&self) -> Vec<(Arc<str>, Arc<ClientCounters>)> {
         let mut all: Vec<_> = self
@@ -423,10 +492,12 @@ impl Registry {
     fn client(&self, stored: &StoredClient) -> Arc<Client> {
         let id: Arc<str> = Arc::from(stored.id.as_str());
         let name: Arc<str> = Arc::from(stored.name.as_str());
-        let kept = self.keep(&id, &name, &stored.limits);
+        let kept = self.keep(&id, &name, &stored.limits, stored.budget);
         Arc::new(Client {
             limiter: kept.limiter,
             counters: kept.counters,
+            account: kept.account,
+            budget: stored.budget,
             id,
             name,
             models: stored.models.clone(),

@@ -153,6 +153,33 @@ pub enum GatewayError {
     },
     #[error("The multipart body could not be read: {0}.")]
     InvalidMultipart(String),
+    #[error(
+        "This request could cost up to ${worst_usd:.6} and your {period} budget has ${remaining_usd:.6} left; it renews at {renews}. Retry after {retry_after}."
+    )]
+    BudgetExceeded {
+        period: &'static str,
+        worst_usd: f64,
+        remaining_usd: f64,
+        /// RFC 3339, UTC: the end of the budget's period.
+        renews: String,
+        retry_after: RetryAfter,
+    },
+    #[error(
+        "Requests of yours in flight hold the rest of your {period} budget until they end (this one could cost up to ${worst_usd:.6}). Retry after {retry_after}."
+    )]
+    BudgetHeld {
+        period: &'static str,
+        worst_usd: f64,
+        retry_after: RetryAfter,
+    },
+    #[error(
+        "Your total budget is spent: this request could cost up to ${worst_usd:.6} and ${remaining_usd:.6} is left. Ask the gateway's operator to raise it."
+    )]
+    BudgetExhausted { worst_usd: f64, remaining_usd: f64 },
+    #[error(
+        "The model '{0}' has no price on the node(s) that serve it, and your key has a budget: a request that cannot be priced is refused rather than let through uncounted. Ask the gateway's operator to add [prices.\"{0}\"]."
+    )]
+    ModelNotPriced(String),
 }
 
 impl GatewayError {
@@ -326,6 +353,21 @@ impl GatewayError {
                 "invalid_request_error",
                 "invalid_multipart",
             ),
+            E::BudgetExceeded { .. } | E::BudgetHeld { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "budget_exceeded",
+            ),
+            E::BudgetExhausted { .. } => (
+                StatusCode::FORBIDDEN,
+                "insufficient_quota",
+                "budget_exhausted",
+            ),
+            E::ModelNotPriced(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "model_not_priced",
+            ),
         }
     }
 
@@ -344,7 +386,9 @@ impl GatewayError {
             GatewayError::Saturated { retry_after }
             | GatewayError::NoHealthyNode { retry_after }
             | GatewayError::ClientRateLimited { retry_after }
-            | GatewayError::ClusterUnavailable { retry_after } => Some(*retry_after),
+            | GatewayError::ClusterUnavailable { retry_after }
+            | GatewayError::BudgetExceeded { retry_after, .. }
+            | GatewayError::BudgetHeld { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -356,7 +400,8 @@ impl GatewayError {
             GatewayError::ClientNameTaken(_) => Some("name"),
             GatewayError::MissingModel
             | GatewayError::InvalidModel(_)
-            | GatewayError::ModelNotAllowed(_) => Some("model"),
+            | GatewayError::ModelNotAllowed(_)
+            | GatewayError::ModelNotPriced(_) => Some("model"),
             _ => None,
         }
     }

@@ -81,6 +81,7 @@ pub mod ledger;
 pub mod limits;
 pub(crate) mod meter;
 pub mod metrics;
+pub mod money;
 pub mod objects;
 pub(crate) mod probes;
 pub(crate) mod proxy;

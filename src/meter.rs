@@ -54,20 +54,30 @@ impl Meter {
         encoding: Encoding,
         success: bool,
     ) -> Option<TokenUsage> {
-        let prompt_only = TokenUsage {
-            prompt: prompt_tokens,
-            completion: 0,
-        };
+        let prompt_only = TokenUsage::prompt_only(prompt_tokens);
         match self {
             Meter::Json(body) => serde_json::from_slice::<WithUsage>(body)
                 .ok()
-                .and_then(|w| w.usage)
-                .map(|u| u.split(prompt_tokens))
+                .and_then(|w| {
+                    let images = w.data.map_or(0, |d| d.len() as u64);
+                    match w.usage {
+                        Some(u) => Some(TokenUsage {
+                            images,
+                            ..u.split(prompt_tokens)
+                        }),
+                        // An images answer without usage: its images.
+                        None if images > 0 && success => Some(TokenUsage {
+                            images,
+                            ..TokenUsage::prompt_only(0)
+                        }),
+                        None => None,
+                    }
+                })
                 .or((!success).then_some(prompt_only)),
             Meter::Sse(sse) => Some(sse.usage.map_or_else(
                 || TokenUsage {
-                    prompt: prompt_tokens,
                     completion: sse.streamed_tokens(encoding),
+                    ..prompt_only
                 },
                 |u| u.split(prompt_tokens),
             )),
@@ -101,14 +111,40 @@ impl Meter {
     }
 }
 
-/// Prompt and completion tokens of one request.
+/// Prompt and completion tokens of one request, and what else is priced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TokenUsage {
     pub prompt: u64,
+    /// Completion tokens, reasoning tokens included (as every dialect
+    /// reports them).
     pub completion: u64,
+    /// Prompt tokens the provider served from its cache (part of `prompt`).
+    pub cached_prompt: u64,
+    /// Images an images answer returned.
+    pub images: u64,
 }
 
 impl TokenUsage {
+    /// `prompt` tokens and nothing else.
+    pub(crate) fn prompt_only(prompt: u64) -> Self {
+        Self {
+            prompt,
+            completion: 0,
+            cached_prompt: 0,
+            images: 0,
+        }
+    }
+
+    /// What is priced of it.
+    pub(crate) fn priced(self) -> crate::money::Usage {
+        crate::money::Usage {
+            prompt: self.prompt,
+            cached_prompt: self.cached_prompt,
+            completion: self.completion,
+            images: self.images,
+        }
+    }
+
     pub(crate) fn total(self) -> u64 {
         self.prompt.saturating_add(self.completion)
     }
@@ -262,6 +298,14 @@ struct Usage {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     total_tokens: Option<u64>,
+    prompt_tokens_details: Option<PromptDetails>,
+    input_tokens_details: Option<PromptDetails>,
+}
+
+/// `prompt_tokens_details` (Chat) or `input_tokens_details` (Responses).
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct PromptDetails {
+    cached_tokens: Option<u64>,
 }
 
 impl Usage {
@@ -280,7 +324,18 @@ impl Usage {
             self.total_tokens
                 .map_or(0, |total| total.saturating_sub(prompt))
         });
-        TokenUsage { prompt, completion }
+        let cached_prompt = self
+            .prompt_tokens_details
+            .or(self.input_tokens_details)
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0)
+            .min(prompt);
+        TokenUsage {
+            prompt,
+            completion,
+            cached_prompt,
+            images: 0,
+        }
     }
 }
 
@@ -288,6 +343,70 @@ impl Usage {
 struct WithUsage {
     usage: Option<Usage>,
     id: Option<String>,
+    /// An images (or embeddings, or list) answer's items: counted, not kept.
+    #[serde(default, deserialize_with = "count_items")]
+    data: Option<Count>,
+}
+
+/// How many items a JSON array holds (anything else: `None`).
+#[derive(Debug, Clone, Copy)]
+struct Count(usize);
+
+impl Count {
+    fn len(self) -> usize {
+        self.0
+    }
+}
+
+fn count_items<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Count>, D::Error> {
+    struct Items;
+    impl<'de> serde::de::Visitor<'de> for Items {
+        type Value = Option<Count>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("anything")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut n = 0;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(Some(Count(n)))
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            while map
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    deserializer.deserialize_any(Items)
 }
 
 #[derive(Deserialize)]

@@ -109,6 +109,8 @@ pub struct Route {
     pub completion_tokens: AtomicU64,
     pub request_bytes: AtomicU64,
     pub response_bytes: AtomicU64,
+    /// What requests without a client of their own cost, nano-dollars.
+    pub cost_nanos: AtomicU64,
 }
 
 impl Route {
@@ -122,6 +124,7 @@ impl Route {
             completion_tokens: AtomicU64::new(0),
             request_bytes: AtomicU64::new(0),
             response_bytes: AtomicU64::new(0),
+            cost_nanos: AtomicU64::new(0),
         }
     }
 
@@ -294,6 +297,59 @@ pub struct GatewayMetrics {
     pub answered: Routes,
     /// How long each admitted or refused request waited for a node.
     pub queue_wait: Histogram,
+}
+
+/// What requests cost, in nano-dollars, by node and model label: a counter
+/// made on first sight (copy-on-write, once per node and model), then an
+/// atomic add.
+#[derive(Debug, Default)]
+pub struct Costs {
+    by_node: ArcSwap<HashMap<Arc<str>, CostsOfNode>>,
+}
+
+/// One node's cost counters, by model label.
+type CostsOfNode = HashMap<Box<str>, Arc<AtomicU64>>;
+
+impl Costs {
+    pub fn add(&self, node: &Arc<str>, model: &str, nanos: u64) {
+        if let Some(counter) = self.by_node.load().get(node).and_then(|m| m.get(model)) {
+            counter.fetch_add(nanos, Ordering::Relaxed);
+            return;
+        }
+        let mut counter = None;
+        self.by_node.rcu(|current| {
+            if let Some(found) = current.get(node).and_then(|m| m.get(model)) {
+                counter = Some(Arc::clone(found));
+                return Arc::clone(current);
+            }
+            let made = Arc::new(AtomicU64::new(0));
+            counter = Some(Arc::clone(&made));
+            let mut next = HashMap::clone(current);
+            next.entry(Arc::clone(node))
+                .or_default()
+                .insert(model.into(), made);
+            Arc::new(next)
+        });
+        if let Some(counter) = counter {
+            counter.fetch_add(nanos, Ordering::Relaxed);
+        }
+    }
+
+    /// Every (node, model, nano-dollars), sorted.
+    pub fn sorted(&self) -> Vec<(Arc<str>, Box<str>, u64)> {
+        let mut all: Vec<_> = self
+            .by_node
+            .load()
+            .iter()
+            .flat_map(|(node, models)| {
+                models
+                    .iter()
+                    .map(|(model, n)| (Arc::clone(node), model.clone(), n.load(Ordering::Relaxed)))
+            })
+            .collect();
+        all.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        all
+    }
 }
 
 /// Time since `since`, by the clock the request path uses.

@@ -30,6 +30,7 @@ use crate::clients::ClientCounters;
 use crate::ledger::{Entry, Ledger};
 use crate::meter::{Meter, SseMeter, TokenUsage};
 use crate::metrics::{self, OTHER_MODEL, Route};
+use crate::money::{Cost, Price};
 use crate::objects::{Kind, Objects, answer};
 use crate::request::RequestInfo;
 use crate::snapshot::Node;
@@ -81,6 +82,8 @@ pub(crate) struct Held {
     pub(crate) usage: Option<UsageTicket>,
     /// The object a streamed answer creates, to record.
     pub(crate) creates: Option<StreamedObject>,
+    /// The model's price on the answering node, and its multiplier.
+    pub(crate) price: Option<(Price, f64)>,
 }
 
 /// When a request arrived and what it went through before its answer, for
@@ -150,6 +153,7 @@ pub(crate) fn relay(
         .routes
         .route(trace.model_label(info.model.as_deref()));
     let settlement = Settlement {
+        price: held.price,
         creates: held.creates,
         holds: Some((held.booking, held.client)),
         usage: held.usage,
@@ -250,6 +254,8 @@ impl End {
 /// Settles the reservation, counts the request and logs its line when
 /// dropped: on every way a relay can end.
 struct Settlement {
+    /// The model's price on this node, and its multiplier.
+    price: Option<(Price, f64)>,
     /// The object the stream creates, until its id is recorded.
     creates: Option<StreamedObject>,
     /// The node's booking and the client's hold, settled together.
@@ -314,11 +320,21 @@ impl Drop for Settlement {
         let success = self.status.is_success();
         let used = self.meter.usage(self.prompt_tokens, self.encoding, success);
         // Unknown usage: the prompt as counted here, no completion.
-        let counted = used.unwrap_or(TokenUsage {
-            prompt: self.prompt_tokens,
-            completion: 0,
-        });
+        let counted = used.unwrap_or(TokenUsage::prompt_only(self.prompt_tokens));
         self.count(counted);
+        // An error answer costs nothing; a priced answer costs its usage.
+        let cost = self.price.map(|(price, multiplier)| {
+            if success {
+                price.cost(&counted.priced(), multiplier)
+            } else {
+                Cost::ZERO
+            }
+        });
+        // Unknown usage keeps a budget's worst case: that is what counts.
+        let charged = match (used, &self.holds) {
+            (None, Some((_, client))) => client.budget_worst().or(cost),
+            _ => cost,
+        };
         // Usage first: once the reservations are settled (what `/status`
         // shows), the record is already on its way to the writer.
         let client = self.usage.take().map(|ticket| {
@@ -328,17 +344,30 @@ impl Drop for Settlement {
                 mut entry,
             } = ticket;
             counters.record(counted.prompt, counted.completion);
+            if let Some(charged) = charged {
+                counters
+                    .costs
+                    .add(&self.node, &self.route.model, charged.nanos());
+            }
             entry.totals.prompt_tokens = counted.prompt;
             entry.totals.completion_tokens = counted.completion;
+            entry.totals.cost_nanos = charged.map_or(0, Cost::nanos);
             let id = Arc::clone(&entry.client_id);
             ledger.record(entry);
             id
         });
+        if client.is_none()
+            && let Some(charged) = charged
+        {
+            self.route
+                .cost_nanos
+                .fetch_add(charged.nanos(), Ordering::Relaxed);
+        }
         if let Some((booking, client)) = self.holds.take() {
             // Unknown usage of a successful answer: keep the full reservation.
-            admission::settle(booking, client, used.map(TokenUsage::total));
+            admission::settle(booking, client, used.map(TokenUsage::total), used.and(cost));
         }
-        self.log(counted, client.as_deref());
+        self.log(counted, charged, client.as_deref());
     }
 }
 
@@ -361,7 +390,7 @@ impl Settlement {
     }
 
     /// The request's one line.
-    fn log(&self, used: TokenUsage, client: Option<&str>) {
+    fn log(&self, used: TokenUsage, cost: Option<Cost>, client: Option<&str>) {
         let now = Instant::now();
         let ms = |d: Duration| d.as_millis() as u64;
         tracing::info!(
@@ -374,6 +403,7 @@ impl Settlement {
             client = client.unwrap_or(""),
             prompt_tokens = used.prompt,
             completion_tokens = used.completion,
+            cost_usd = cost.map(Cost::usd),
             request_bytes = self.trace.request_bytes,
             response_bytes = self.response_bytes,
             attempts = self.trace.attempts,

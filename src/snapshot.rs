@@ -36,6 +36,7 @@ use crate::health::NodeHealth;
 use crate::keys::NodeKey;
 use crate::limits::{HeadroomSignal, Limiter};
 use crate::metrics::NodeMetrics;
+use crate::money::{NodePricing, Price};
 use crate::request::CompletionDefaults;
 
 /// A node's place in one snapshot's node list. Valid for that snapshot
@@ -76,6 +77,10 @@ pub struct Node {
     pub health: Arc<NodeHealth>,
     pub metrics: Arc<NodeMetrics>,
     pub client: reqwest::Client,
+    /// Its own prices and multiplier over the config's table.
+    pub pricing: NodePricing,
+    /// `nodes[].default_completion_tokens`.
+    pub default_completion_tokens: Option<u64>,
 }
 
 /// Everything built from one config.
@@ -108,6 +113,14 @@ impl Node {
 
 impl Live {
     /// The node `id` names in this snapshot.
+    /// `model`'s price on node `id`, and the node's multiplier.
+    pub fn price_on(&self, id: NodeId, model: &str) -> Option<(Price, f64)> {
+        self.node(id)
+            .pricing
+            .price(&self.config.prices, model)
+            .map(|(price, multiplier)| (*price, multiplier))
+    }
+
     pub fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id.index()]
     }
@@ -280,6 +293,8 @@ pub fn prepare(
             health: Arc::clone(&entry.health),
             metrics: Arc::clone(&entry.metrics),
             client,
+            pricing: node.pricing.clone(),
+            default_completion_tokens: node.default_completion_tokens,
         });
     }
     tracked.retain(|name, t| {

@@ -33,17 +33,20 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+mod budget;
 mod client;
 pub(crate) mod fair;
 pub(crate) mod queue;
 pub(crate) mod refusal;
 pub(crate) mod shared;
 
-use crate::clients::Client;
+use crate::clients::{Client, Registry};
 use crate::config::OnRedisError;
 use crate::error::GatewayError;
 use crate::limits::{Demand, RateLimitReport, Reservation};
+use crate::money::Cost;
 use crate::snapshot::{Live, NodeId};
+pub(crate) use budget::BudgetHold;
 pub(crate) use queue::Queue;
 use refusal::{Headroom, Refusal, refuse};
 use shared::{Ending, Lease, NotPlaced, SharedLimits};
@@ -61,6 +64,10 @@ pub struct Ask<'a> {
     pub client: Option<&'a Client>,
     /// The request's `server.request_timeout`.
     pub deadline: Instant,
+    /// The most the request may cost, when its client has a budget.
+    pub worst_cost: Option<Cost>,
+    /// Where a client's spend is read from.
+    pub clients: &'a Registry,
 }
 
 /// The gateway's admission: the local waiting room and, with `[cluster]`,
@@ -116,11 +123,32 @@ impl Admission {
     /// The first attempt: the client's limits and model list, then a node
     /// (now, or after waiting until `queue.max_wait`), or a refusal.
     pub async fn admit(&self, ask: &Ask<'_>) -> Result<Admitted, GatewayError> {
+        let budget = match (ask.client, ask.worst_cost) {
+            (Some(client), Some(worst)) => {
+                let hold_for = ask.deadline.saturating_duration_since(Instant::now());
+                self.hold_budget(ask.clients, client, worst, hold_for)
+                    .await
+                    .map_err(refuse)?
+            }
+            _ => None,
+        };
         let admitted = self.admit_or_refuse(ask).await;
         if let Err(Refusal::Saturated(_)) = admitted {
             self.queue.refused();
         }
-        admitted.map_err(refuse)
+        match admitted {
+            Ok(mut admitted) => {
+                admitted.client.budget = budget;
+                Ok(admitted)
+            }
+            Err(refusal) => {
+                // Refused: nothing spent.
+                if let Some(budget) = budget {
+                    budget.cancel();
+                }
+                Err(refuse(refusal))
+            }
+        }
     }
 
     async fn admit_or_refuse(&self, ask: &Ask<'_>) -> Result<Admitted, Refusal> {
@@ -340,12 +368,13 @@ fn end_reservation(reservation: Reservation, ending: Ending) {
 }
 
 /// The client's hold for a whole request: its window reservation here
-/// and, in shared mode, its part of the first attempt's lease. Dropped,
-/// both stay counted in full.
+/// and, in shared mode, its part of the first attempt's lease; and its
+/// budget's hold. Dropped, all stay counted in full.
 #[derive(Debug, Default)]
 pub struct ClientHold {
     reservation: Option<Reservation>,
     shared: Option<Lease>,
+    budget: Option<BudgetHold>,
 }
 
 impl ClientHold {
@@ -353,6 +382,20 @@ impl ClientHold {
         Self {
             reservation,
             shared,
+            budget: None,
+        }
+    }
+
+    /// The worst case its budget holds, if it has one.
+    pub fn budget_worst(&self) -> Option<Cost> {
+        self.budget.as_ref().map(BudgetHold::worst)
+    }
+
+    /// The request reached no node (every attempt failed to connect): its
+    /// budget's hold is given back; its rate-limit holds stay counted.
+    pub fn nothing_spent(&mut self) {
+        if let Some(budget) = self.budget.take() {
+            budget.cancel();
         }
     }
 
@@ -373,10 +416,21 @@ impl Drop for ClientHold {
 }
 
 /// Ends a request whose answer was relayed: the last attempt's booking and
-/// the client's hold, settled to `used` tokens (prompt + completion), or
-/// kept in full when the usage is unknown. In shared mode the node's and
-/// the client's leases end in one release call.
-pub(crate) fn settle(mut booking: Booking, mut client: ClientHold, used: Option<u64>) {
+/// the client's hold, settled to `used` tokens (prompt + completion) and
+/// `cost`, or kept in full when they are unknown. In shared mode the
+/// node's and the client's leases end in one release call.
+pub(crate) fn settle(
+    mut booking: Booking,
+    mut client: ClientHold,
+    used: Option<u64>,
+    cost: Option<Cost>,
+) {
+    if let Some(budget) = client.budget.take() {
+        match cost {
+            Some(cost) => budget.settle(cost),
+            None => drop(budget),
+        }
+    }
     let ending = used.map_or(Ending::Keep, Ending::Settle);
     if let Some(reservation) = booking.reservation.take() {
         end_reservation(reservation, ending);

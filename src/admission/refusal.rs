@@ -22,6 +22,8 @@ use tokio::time::Instant;
 
 use crate::error::{GatewayError, RetryAfter};
 use crate::limits::{Demand, Limit};
+use crate::money::budget::rfc3339;
+use crate::money::{Budget, Cost, Short};
 use crate::snapshot::{Live, NodeId};
 
 /// Headroom that waits on requests in flight comes back when one of them
@@ -89,6 +91,18 @@ pub(crate) enum Refusal {
     /// The client was deleted, disabled or taken out of the config while
     /// its request waited.
     ClientGone,
+    /// The client's budget has too little left for the request's worst
+    /// case (`now`: Unix seconds).
+    OverBudget {
+        budget: Budget,
+        short: Short,
+        worst: Cost,
+        now: i64,
+    },
+    /// The request's worst case alone exceeds the client's whole budget.
+    BudgetTooSmall,
+    /// The store (a client's spend) cannot be read.
+    StoreUnavailable,
     /// Redis cannot be reached and `on_redis_error = "reject"`.
     SharedUnavailable,
     /// The gateway is stopping.
@@ -122,10 +136,52 @@ pub(crate) fn refuse(refusal: Refusal) -> GatewayError {
         Refusal::ModelNotAllowed(model) => GatewayError::ModelNotAllowed(model),
         Refusal::ModelGone(model) => GatewayError::ModelNotFound(model),
         Refusal::ClientGone => GatewayError::InvalidApiKey,
+        Refusal::OverBudget {
+            budget,
+            short,
+            worst,
+            now,
+        } => over_budget(budget, short, worst, now),
+        Refusal::BudgetTooSmall => GatewayError::ClientLimitTooSmall {
+            limit: "budget_usd",
+        },
         Refusal::SharedUnavailable => GatewayError::ClusterUnavailable {
             retry_after: RetryAfter::after(SHARED_UNAVAILABLE),
         },
+        Refusal::StoreUnavailable => GatewayError::StoreUnavailable,
         Refusal::ShuttingDown => GatewayError::ShuttingDown,
+    }
+}
+
+/// A budget's refusal: until the period renews (429), for good (a spent
+/// `total`: 403), or until requests in flight end (429, [`ON_RELEASE`]).
+fn over_budget(budget: Budget, short: Short, worst: Cost, now: i64) -> GatewayError {
+    let period = budget.period.as_str();
+    match short {
+        Short::Held => GatewayError::BudgetHeld {
+            period,
+            worst_usd: worst.usd(),
+            retry_after: RetryAfter::after(ON_RELEASE),
+        },
+        Short::Spent {
+            remaining,
+            renews: Some(renews),
+        } => GatewayError::BudgetExceeded {
+            period,
+            worst_usd: worst.usd(),
+            remaining_usd: remaining.usd(),
+            renews: rfc3339(renews),
+            retry_after: RetryAfter::after(Duration::from_secs(
+                u64::try_from(renews.saturating_sub(now)).unwrap_or(0),
+            )),
+        },
+        Short::Spent {
+            remaining,
+            renews: None,
+        } => GatewayError::BudgetExhausted {
+            worst_usd: worst.usd(),
+            remaining_usd: remaining.usd(),
+        },
     }
 }
 

@@ -11,10 +11,11 @@ use secrecy::{ExposeSecret, SecretString};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::raw::{RawClient, RawNode};
+use super::raw::{RawClient, RawNode, RawPrice};
 use super::{Api, ClientConfig, NodeApi, NodeConfig, Warnings, models_problem};
 use crate::keys::{ClientKey, NodeKey};
 use crate::limits::{ClientLimits, LimitFields, Quota, Share};
+use crate::money::{NodePricing, Price, PriceTable};
 
 pub(super) fn validate_clients(
     raw: Vec<RawClient>,
@@ -71,13 +72,16 @@ pub(super) fn validate_clients(
         let share = Share::from_parts(client.priority.as_deref(), client.weight)
             .map_err(&mut named)
             .ok();
+        let budget = crate::money::budget_of(client.budget_usd, client.budget_period.as_deref())
+            .map_err(|found| named(vec![found]))
+            .ok();
         if let Some(message) = client.models.as_deref().and_then(models_problem) {
             problems.push(format!("{}: {message}", at("models")));
         }
         if problems.len() > before {
             continue;
         }
-        if let (Some(key), Some(limits), Some(share)) = (key, limits, share) {
+        if let (Some(key), Some(limits), Some(share), Some(budget)) = (key, limits, share, budget) {
             clients.push(ClientConfig {
                 name: Arc::from(name),
                 key,
@@ -85,6 +89,7 @@ pub(super) fn validate_clients(
                 share,
                 models: client.models,
                 enabled: client.enabled,
+                budget,
             });
         }
     }
@@ -151,6 +156,8 @@ pub(super) fn validate_node(
         ));
     }
 
+    let pricing = node_pricing(i, &raw, problems);
+
     if problems.len() > before {
         return None;
     }
@@ -168,7 +175,47 @@ pub(super) fn validate_node(
         upstream_names,
         window,
         default_completion_tokens: raw.default_completion_tokens,
+        pricing,
     })
+}
+
+/// `nodes[i].price_multiplier` and `nodes[i].prices`.
+fn node_pricing(i: usize, raw: &RawNode, problems: &mut Vec<String>) -> NodePricing {
+    let multiplier = raw.price_multiplier.unwrap_or(1.0);
+    if !multiplier.is_finite() || multiplier < 0.0 {
+        problems.push(format!(
+            "nodes[{i}].price_multiplier: must be a number, 0 or more"
+        ));
+    }
+    NodePricing {
+        multiplier,
+        own: PriceTable::of(prices(&format!("nodes[{i}].prices"), &raw.prices, problems)),
+    }
+}
+
+/// Price entries, each field checked (`{at}."model".field: ...`).
+pub(super) fn prices(
+    at: &str,
+    raw: &BTreeMap<String, RawPrice>,
+    problems: &mut Vec<String>,
+) -> BTreeMap<String, Price> {
+    let mut out = BTreeMap::new();
+    for (model, entry) in raw {
+        let price = Price {
+            input: entry.input,
+            cached_input: entry.cached_input.unwrap_or(entry.input),
+            output: entry.output,
+            image: entry.image,
+        };
+        if model.trim().is_empty() {
+            problems.push(format!("{at}: a model name must not be empty"));
+        } else if let Some((field, message)) = price.problem() {
+            problems.push(format!("{at}.\"{model}\".{field}: {message}"));
+        } else {
+            out.insert(model.clone(), price);
+        }
+    }
+    out
 }
 
 /// The node's enforcement window: as set, else its dialect's default.

@@ -31,6 +31,7 @@ use serde::Deserialize;
 
 use crate::keys::{ClientKey, NodeKey};
 use crate::limits::{ClientLimits, Quota, Reserves, Share};
+use crate::money::{Budget, NodePricing, PriceTable};
 
 mod entries;
 mod raw;
@@ -71,6 +72,8 @@ pub struct Config {
     pub cluster: Option<ClusterSettings>,
     /// At least one.
     pub nodes: Vec<NodeConfig>,
+    /// The shipped list prices with `[prices]` over them.
+    pub prices: PriceTable,
 }
 
 /// `[server]`
@@ -261,6 +264,8 @@ pub struct NodeConfig {
     /// Completion tokens reserved for a request that names no
     /// `max_tokens`, over `[accounting]`'s.
     pub default_completion_tokens: Option<u64>,
+    /// Its own prices and multiplier.
+    pub pricing: NodePricing,
 }
 
 /// `nodes[].api`, as written.
@@ -297,6 +302,8 @@ pub struct ClientConfig {
     /// `None` may use every model; never an empty list.
     pub models: Option<Vec<String>>,
     pub enabled: bool,
+    /// What it may spend per period.
+    pub budget: Option<Budget>,
 }
 
 /// What is wrong with a client's `models` list, if anything.

@@ -84,6 +84,20 @@ pub(super) struct RawConfig {
     pub(super) cluster: Option<RawCluster>,
     pub(super) clients: Vec<RawClient>,
     pub(super) nodes: Vec<RawNode>,
+    /// Per model, over the shipped list prices.
+    pub(super) prices: BTreeMap<String, RawPrice>,
+}
+
+/// `[prices."model"]` (and `[nodes.prices."model"]`): US dollars per
+/// million tokens, and per image. A field left out is 0.
+#[derive(Debug, Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawPrice {
+    pub(super) input: f64,
+    /// Left out: the input price.
+    pub(super) cached_input: Option<f64>,
+    pub(super) output: f64,
+    pub(super) image: f64,
 }
 
 /// `[server]`
@@ -277,6 +291,8 @@ pub(super) struct RawClient {
     pub(super) models: Option<Vec<String>>,
     #[serde(default = "enabled_by_default")]
     pub(super) enabled: bool,
+    pub(super) budget_usd: Option<f64>,
+    pub(super) budget_period: Option<String>,
 }
 
 fn enabled_by_default() -> bool {
@@ -308,4 +324,7 @@ pub(super) struct RawNode {
     #[serde(default, with = "humantime_serde")]
     pub(super) window: Option<Duration>,
     pub(super) default_completion_tokens: Option<u64>,
+    pub(super) price_multiplier: Option<f64>,
+    #[serde(default)]
+    pub(super) prices: BTreeMap<String, RawPrice>,
 }

@@ -15,12 +15,13 @@ use secrecy::SecretString;
 use super::entries::{validate_clients, validate_node};
 use super::raw::{RawAdmin, RawCluster, RawConfig, RawHealth, RawServer, RawStore};
 use super::{
-    AccountingSettings, AdminSettings, ClusterSettings, Config, ConfigError, HealthSettings,
-    LogSettings, NodeConfig, QueueSettings, RetrySettings, ServerSettings, StoreSettings,
-    UpstreamSettings, Warnings,
+    AccountingSettings, AdminSettings, ClientConfig, ClusterSettings, Config, ConfigError,
+    HealthSettings, LogSettings, NodeConfig, QueueSettings, RetrySettings, ServerSettings,
+    StoreSettings, UpstreamSettings, Warnings,
 };
 use crate::keys::ClientKey;
 use crate::limits::Reserves;
+use crate::money::PriceTable;
 
 /// Extracts the raw form from `figment` and validates it.
 pub(super) fn from_figment(
@@ -141,6 +142,13 @@ fn validate(
         }
     }
 
+    let prices = PriceTable::defaults().overridden(super::entries::prices(
+        "prices",
+        &raw.prices,
+        &mut problems,
+    ));
+    unpriced_budgets(&clients, &nodes, &prices, &mut problems);
+
     if !problems.is_empty() {
         return Err(ConfigError { problems });
     }
@@ -173,9 +181,36 @@ fn validate(
             },
             cluster,
             nodes,
+            prices,
         },
         warnings,
     ))
+}
+
+/// A client with a budget and a list of models must be able to price
+/// each of them (on the table or on some node): its requests for an
+/// unpriced model would all be refused. (A client without a list finds
+/// out per request: 400 `model_not_priced`.)
+fn unpriced_budgets(
+    clients: &[ClientConfig],
+    nodes: &[NodeConfig],
+    prices: &PriceTable,
+    problems: &mut Vec<String>,
+) {
+    for (i, client) in clients.iter().enumerate() {
+        let (Some(_), Some(models)) = (client.budget, &client.models) else {
+            continue;
+        };
+        for model in models {
+            let priced = prices.find(model).is_some()
+                || nodes.iter().any(|n| n.pricing.own.find(model).is_some());
+            if !priced {
+                problems.push(format!(
+                    "clients[{i}].models: \"{model}\" has no price and the client has a budget; add [prices.\"{model}\"]"
+                ));
+            }
+        }
+    }
 }
 
 /// `value`, with a problem noted under `field` when it is zero.

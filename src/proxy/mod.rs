@@ -38,6 +38,7 @@ use crate::health::Verdict;
 use crate::ledger::Entry;
 use crate::limits::CooldownReason;
 use crate::metrics::{self, UpstreamError};
+use crate::money::Cost;
 use crate::probes;
 use crate::relay::{self, ACCESS_LOG, Held, Trace, UsageTicket};
 use crate::request::{self, CompletionDefaults, RequestInfo};
@@ -217,7 +218,13 @@ struct Target {
 }
 
 impl Target {
-    fn ask<'a>(&'a self, request: &'a Inbound<'_>, deadline: Instant) -> Ask<'a> {
+    fn ask<'a>(
+        &'a self,
+        state: &'a AppState,
+        request: &'a Inbound<'_>,
+        deadline: Instant,
+        worst_cost: Option<Cost>,
+    ) -> Ask<'a> {
         // What its client's class may use of each node's quota.
         let priority = request.client.map(|c| c.share.priority).unwrap_or_default();
         let usable = self.live.config.queue.reserves.usable(priority);
@@ -231,7 +238,39 @@ impl Target {
             },
             client: request.client,
             deadline,
+            worst_cost,
+            clients: &state.clients,
         }
+    }
+
+    /// The most `request` may cost on any candidate, when its client has a
+    /// budget: its prompt at the input price, every completion token it
+    /// reserves on that node at the output price, every image it asks
+    /// for. A candidate without a price for the model refuses it (400): a
+    /// budget never lets a request through uncounted.
+    fn worst_cost(&self, request: &Inbound<'_>) -> Result<Option<Cost>, GatewayError> {
+        let info = request.info;
+        let (Some(_), Some(model)) = (request.client.and_then(|c| c.budget), info.model.as_deref())
+        else {
+            return Ok(None);
+        };
+        let images = if request.operation.path.starts_with("/images/") {
+            info.choices
+        } else {
+            0
+        };
+        let mut worst = Cost::ZERO;
+        for &id in self.candidates.iter() {
+            let (price, multiplier) = self
+                .live
+                .price_on(id, model)
+                .ok_or_else(|| GatewayError::ModelNotPriced(model.to_owned()))?;
+            let node = self.live.node(id);
+            let tokens = info.demand.on(node.default_completion_tokens).tokens;
+            let completion = tokens.saturating_sub(info.prompt_tokens);
+            worst = worst.max(price.worst_case(info.prompt_tokens, completion, images, multiplier));
+        }
+        Ok(Some(worst))
     }
 }
 
@@ -256,10 +295,11 @@ async fn dispatch(
         request_bytes: request.body.len() as u64,
         model_listed: model.is_some_and(|m| target.live.lists_model(m)),
     };
+    let worst_cost = target.worst_cost(&request)?;
     let queued = Instant::now();
     let admitted = state
         .admission
-        .admit(&target.ask(&request, request.deadline))
+        .admit(&target.ask(state, &request, request.deadline, worst_cost))
         .await;
     trace.queue_wait = metrics::elapsed(queued);
     state.metrics.queue_wait.observe(trace.queue_wait);
@@ -329,7 +369,7 @@ async fn attempt_all(
             // A retry takes a node that has headroom now, or ends with the
             // last answer: it does not queue behind fresh requests.
             None => {
-                let ask = target.ask(request, request.deadline);
+                let ask = target.ask(state, request, request.deadline, None);
                 let Some(placement) = state.admission.place_retry(&ask, &tried).await else {
                     break;
                 };
@@ -417,7 +457,7 @@ impl Attempt {
         state: &AppState,
         live: &Live,
         request: &Inbound<'_>,
-        client: ClientHold,
+        mut client: ClientHold,
         usage: Option<UsageTicket>,
         trace: Trace,
     ) -> Result<Response, GatewayError> {
@@ -449,6 +489,11 @@ impl Attempt {
                         client,
                         usage,
                         creates: streamed_object(state, request),
+                        price: request
+                            .info
+                            .model
+                            .as_deref()
+                            .and_then(|model| live.price_on(node, model)),
                     },
                     request.info,
                     request.deadline,
@@ -462,6 +507,11 @@ impl Attempt {
                 ))
             }
             Attempt::Failed { node, failure } => {
+                if matches!(failure, Failure::Connect) {
+                    // The last attempt reached no node; earlier ones were
+                    // answered with errors, which cost nothing.
+                    client.nothing_spent();
+                }
                 let node = live.node(node).name.to_string();
                 Err(match failure {
                     Failure::Timeout => GatewayError::UpstreamTimeout { node },

@@ -68,6 +68,8 @@ pub struct RequestInfo {
     pub encoding: Encoding,
     pub prompt_tokens: u64,
     pub demand: Demand,
+    /// The choices (`n`) it asks for: images an images request makes.
+    pub choices: u64,
     /// Where the body names its model, for a node that calls it otherwise.
     pub model_in_body: ModelInBody,
 }
@@ -175,6 +177,7 @@ pub fn inspect_operation(
         Some(model) => completion(&parsed, prompt_tokens, defaults.for_model(model)),
     };
     Ok(RequestInfo {
+        choices: parsed.choices.unwrap_or(1).clamp(1, MAX_CHOICES),
         stream: parsed.stream,
         store: parsed.store,
         background,
@@ -193,10 +196,13 @@ pub fn inspect_operation(
     })
 }
 
+/// The most choices a request is taken to ask for.
+const MAX_CHOICES: u64 = 128;
+
 /// The completion a request reserves (its `max_tokens`, else `default`,
 /// times its choices), and for an open-ended one, its prompt and choices.
 fn completion(parsed: &Parsed<'_>, prompt_tokens: u64, default: u64) -> (u64, Option<(u64, u64)>) {
-    let choices = parsed.choices.unwrap_or(1).clamp(1, 128);
+    let choices = parsed.choices.unwrap_or(1).clamp(1, MAX_CHOICES);
     match parsed.max_tokens {
         Some(max) => (max.saturating_mul(choices), None),
         None => (
@@ -217,6 +223,7 @@ impl RequestInfo {
             background: false,
             encoding: Encoding::Cl100kBase,
             prompt_tokens: 0,
+            choices: 1,
             demand: Demand {
                 tokens: 0,
                 bytes,

@@ -46,10 +46,17 @@ pub async fn inspect(
     let mut form = multer::Multipart::new(futures_util::stream::iter(pieces), boundary);
     let mut model: Option<String> = None;
     let mut stream = false;
+    let mut choices = 1;
     while let Some(mut field) = form.next_field().await.map_err(invalid)? {
         match field.name() {
             Some("model") => model = Some(small_text(&mut field, "model").await?),
             Some("stream") => stream = small_text(&mut field, "stream").await? == "true",
+            Some("n") => {
+                let text = small_text(&mut field, "n").await?;
+                choices = text.trim().parse::<u64>().map_err(|_| {
+                    GatewayError::InvalidMultipart(format!("the field n is not a count: {text:?}"))
+                })?;
+            }
             // Anything else, a file above all, is skipped chunk by chunk.
             _ => while field.chunk().await.map_err(invalid)?.is_some() {},
         }
@@ -72,6 +79,7 @@ pub async fn inspect(
         store: None,
         background: false,
         prompt_tokens: 0,
+        choices: choices.clamp(1, 128),
         demand: Demand {
             tokens: 0,
             bytes: body.len() as u64,

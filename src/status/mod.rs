@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::limits::Remaining;
+use crate::money::budget::{rfc3339, unix_now};
 use crate::snapshot::Node;
 use crate::state::AppState;
 
@@ -76,7 +77,31 @@ pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
             "last_reload": reload,
         },
         "cluster": state.admission.shared.as_ref().map(|c| c.describe()),
+        "budgets": budgets(&state),
     }))
+}
+
+/// Each client with a budget: its spend in the current period as this
+/// replica counts it (with `[cluster]`, the cluster's as last answered).
+fn budgets(state: &AppState) -> Vec<Value> {
+    let now = unix_now();
+    state
+        .clients
+        .budgets()
+        .into_iter()
+        .map(|view| {
+            let (budget, spend) = (view.budget, view.account.spend(view.budget.period, now));
+            json!({
+                "client": &*view.id,
+                "name": &*view.name,
+                "period": budget.period.as_str(),
+                "budget_usd": budget.limit.usd(),
+                "spent_usd": spend.spent.usd(),
+                "in_flight_usd": spend.held.usd(),
+                "renews": budget.period.end(spend.period_start).map(rfc3339),
+            })
+        })
+        .collect()
 }
 
 pub(crate) fn node_status(node: &Node, now: Instant) -> Value {

@@ -66,6 +66,7 @@ impl Collector for Scrape {
             .collect();
         routed.push(("", state.metrics.answered.sorted()));
         encode_routes(&mut out, &routed)?;
+        encode_costs(&mut out, state, &routed)?;
         encode_queue(&mut out, state)?;
         encode_node_limits(&mut out, &live)?;
         encode_node_health(&mut out, &live)?;
@@ -277,6 +278,37 @@ fn encode_node_health(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
         }
     }
 
+    Ok(())
+}
+
+/// What requests cost, by node, model and client (`""`: no client key).
+fn encode_costs(
+    out: &mut DescriptorEncoder<'_>,
+    state: &AppState,
+    routed: &[(&str, Vec<Arc<Route>>)],
+) -> Fmt {
+    let mut family = out.encode_descriptor(
+        "cost_usd",
+        "What answered requests cost at the configured prices, US dollars.",
+        None,
+        MetricType::Counter,
+    )?;
+    let usd = |nanos: u64| nanos as f64 / 1e9;
+    for (node, routes) in &routed[..routed.len() - 1] {
+        for route in routes {
+            let nanos = route.cost_nanos.load(Ordering::Relaxed);
+            if nanos > 0 {
+                let labels = [("node", *node), ("model", &*route.model), ("client", "")];
+                ConstCounter::new(usd(nanos)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+    for (id, counters) in state.clients.counters() {
+        for (node, model, nanos) in counters.costs.sorted() {
+            let labels = [("node", &*node), ("model", &*model), ("client", &*id)];
+            ConstCounter::new(usd(nanos)).encode(family.encode_family(&labels)?)?;
+        }
+    }
     Ok(())
 }
 

@@ -28,6 +28,7 @@ use sqlx::{AnyPool, Row};
 
 use crate::keys::redacted_url;
 use crate::limits::{BucketLimit, ClientLimits, Priority, Share};
+use crate::money::{Budget, Cost, Period};
 
 mod objects;
 
@@ -53,6 +54,8 @@ pub struct StoredClient {
     /// `None` may use every model.
     pub models: Option<Vec<String>>,
     pub enabled: bool,
+    /// What it may spend per period; `None`: no budget.
+    pub budget: Option<Budget>,
     /// Unix seconds.
     pub created_at: i64,
 }
@@ -65,6 +68,13 @@ pub struct UsageTotals {
     pub completion_tokens: u64,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// What the requests cost, in nano-dollars; shown in dollars.
+    #[serde(rename = "cost_usd", serialize_with = "as_usd")]
+    pub cost_nanos: u64,
+}
+
+fn as_usd<S: serde::Serializer>(nanos: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(Cost(*nanos).usd())
 }
 
 impl std::ops::AddAssign for UsageTotals {
@@ -74,6 +84,7 @@ impl std::ops::AddAssign for UsageTotals {
         self.completion_tokens += other.completion_tokens;
         self.request_bytes += other.request_bytes;
         self.response_bytes += other.response_bytes;
+        self.cost_nanos += other.cost_nanos;
     }
 }
 
@@ -128,7 +139,7 @@ pub struct Store {
 }
 
 const CLIENT_COLUMNS: &str = "id, name, key_hash, key_prefix, rpm, tpm, burst, rate_per_second, models, enabled, \
-     max_concurrency, priority, weight, created_at";
+     max_concurrency, priority, weight, budget_usd, budget_period, created_at";
 
 /// A lookup on the request path gives up after this: a client then gets a
 /// 503 rather than a hung request.
@@ -193,8 +204,8 @@ impl Store {
     pub async fn insert_client(&self, client: &StoredClient) -> Result<(), StoreError> {
         let insert = sqlx::query(
             "INSERT INTO clients (id, name, key_hash, key_prefix, rpm, tpm, burst, rate_per_second, models, enabled, \
-             max_concurrency, priority, weight, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
+             max_concurrency, priority, weight, budget_usd, budget_period, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)",
         )
         .bind(&client.id)
         .bind(&client.name)
@@ -256,7 +267,7 @@ impl Store {
         let update = sqlx::query(
             "UPDATE clients SET name = $2, rpm = $3, tpm = $4, burst = $5, rate_per_second = $6, \
              models = $7, enabled = $8, max_concurrency = $9, priority = $10, weight = $11, \
-             updated_at = $12 WHERE id = $1",
+             budget_usd = $12, budget_period = $13, updated_at = $14 WHERE id = $1",
         )
         .bind(&client.id)
         .bind(&client.name);
@@ -318,14 +329,15 @@ impl Store {
         for row in rows {
             let t = &row.totals;
             sqlx::query(
-                "INSERT INTO client_usage (client_id, model, day, requests, prompt_tokens, completion_tokens, request_bytes, response_bytes) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                "INSERT INTO client_usage (client_id, model, day, requests, prompt_tokens, completion_tokens, request_bytes, response_bytes, cost_nanousd) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (client_id, model, day) DO UPDATE SET \
                  requests = client_usage.requests + excluded.requests, \
                  prompt_tokens = client_usage.prompt_tokens + excluded.prompt_tokens, \
                  completion_tokens = client_usage.completion_tokens + excluded.completion_tokens, \
                  request_bytes = client_usage.request_bytes + excluded.request_bytes, \
-                 response_bytes = client_usage.response_bytes + excluded.response_bytes",
+                 response_bytes = client_usage.response_bytes + excluded.response_bytes, \
+                 cost_nanousd = client_usage.cost_nanousd + excluded.cost_nanousd",
             )
             .bind(&row.client_id)
             .bind(&row.model)
@@ -335,6 +347,7 @@ impl Store {
             .bind(column(t.completion_tokens))
             .bind(column(t.request_bytes))
             .bind(column(t.response_bytes))
+            .bind(column(t.cost_nanos))
             .execute(&mut *tx)
             .await?;
         }
@@ -350,7 +363,7 @@ impl Store {
         to: &str,
     ) -> Result<Vec<UsageRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT model, day, requests, prompt_tokens, completion_tokens, request_bytes, response_bytes \
+            "SELECT model, day, requests, prompt_tokens, completion_tokens, request_bytes, response_bytes, cost_nanousd \
              FROM client_usage WHERE client_id = $1 AND day >= $2 AND day <= $3 ORDER BY day, model",
         )
         .bind(client_id)
@@ -374,11 +387,28 @@ impl Store {
                         completion_tokens: n("completion_tokens")?,
                         request_bytes: n("request_bytes")?,
                         response_bytes: n("response_bytes")?,
+                        cost_nanos: n("cost_nanousd")?,
                     },
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(StoreError::from)
+    }
+}
+
+impl Store {
+    /// What a client's requests cost from day `from` on (every day for
+    /// `None`), in nano-dollars.
+    pub async fn spend(&self, client_id: &str, from: Option<&str>) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(cost_nanousd), 0) AS BIGINT) FROM client_usage \
+             WHERE client_id = $1 AND day >= $2",
+        )
+        .bind(client_id)
+        .bind(from.unwrap_or(""))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(row.try_get::<i64, _>(0)?).unwrap_or(0))
     }
 }
 
@@ -454,6 +484,11 @@ fn client_from_row(row: &AnyRow) -> Result<StoredClient, StoreError> {
         },
         models,
         enabled: row.try_get::<i64, _>("enabled")? != 0,
+        budget: budget_from_columns(
+            row.try_get("budget_usd")?,
+            row.try_get::<Option<String>, _>("budget_period")?
+                .as_deref(),
+        ),
         created_at: row.try_get("created_at")?,
     })
 }
@@ -463,7 +498,8 @@ type LimitColumns = (Option<i64>, Option<i64>, Option<i64>, Option<f64>);
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
 /// Binds a client's settings, in their column order: rpm, tpm, burst,
-/// rate_per_second, models, enabled, max_concurrency, priority, weight.
+/// rate_per_second, models, enabled, max_concurrency, priority, weight,
+/// budget_usd, budget_period.
 fn bind_settings<'q>(query: AnyQuery<'q>, client: &'q StoredClient) -> AnyQuery<'q> {
     let (rpm, tpm, burst, rate) = limit_columns(&client.limits);
     query
@@ -476,6 +512,17 @@ fn bind_settings<'q>(query: AnyQuery<'q>, client: &'q StoredClient) -> AnyQuery<
         .bind(client.limits.max_concurrency.map(|v| column(v.get())))
         .bind(client.share.priority.as_str())
         .bind(client.share.weight)
+        .bind(client.budget.map(|b| b.limit.usd()))
+        .bind(client.budget.map(|b| b.period.as_str()))
+}
+
+/// A budget as its two columns hold it; an unknown period reads as the
+/// default (the columns are only written from validated budgets).
+fn budget_from_columns(usd: Option<f64>, period: Option<&str>) -> Option<Budget> {
+    usd.map(|usd| Budget {
+        limit: Cost::from_usd(usd),
+        period: period.and_then(Period::parse).unwrap_or_default(),
+    })
 }
 
 fn limit_columns(limits: &ClientLimits) -> LimitColumns {

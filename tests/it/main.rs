@@ -20,6 +20,7 @@ mod health;
 mod hostile;
 mod limits;
 mod metrics;
+mod money;
 mod objects;
 mod pg;
 mod proxy;

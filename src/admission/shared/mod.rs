@@ -46,9 +46,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod budget;
 mod lease;
 mod place;
 
+pub(crate) use budget::{BudgetVerdict, SharedBudgetHold};
 pub(crate) use lease::{Ending, Lease};
 use lease::{Part, Unanswered};
 pub(super) use place::{NotPlaced, place};
@@ -78,6 +80,7 @@ pub struct SharedLimits {
     peek: redis::Script,
     settle: redis::Script,
     cool: redis::Script,
+    budget: redis::Script,
     /// Rung when any replica releases capacity (Redis pub/sub).
     freed: Notify,
     up: AtomicBool,
@@ -164,6 +167,7 @@ impl SharedLimits {
             )),
             settle: redis::Script::new(include_str!("settle.lua")),
             cool: redis::Script::new(include_str!("cool.lua")),
+            budget: redis::Script::new(include_str!("budget.lua")),
             freed: Notify::new(),
             up: AtomicBool::new(false),
             came_up: Notify::new(),
@@ -220,11 +224,7 @@ impl SharedLimits {
         rotation: usize,
         lease_for: Duration,
     ) -> Result<ScriptAnswer, Unavailable> {
-        let id = format!(
-            "{}-{}",
-            self.replica,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = self.next_id();
         let client_key = client.map(|c| self.client_key(c.id));
         let mut unanswered = Unanswered {
             limits: Arc::clone(self),
@@ -308,6 +308,15 @@ impl SharedLimits {
                     in_flight: c[3],
                 })
                 .collect(),
+        )
+    }
+
+    /// A new reservation id, unique across replicas.
+    fn next_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.replica,
+            self.next.fetch_add(1, Ordering::Relaxed)
         )
     }
 

@@ -1,0 +1,150 @@
+//! A client's budget at admission: the request's worst-case cost is held
+//! against what the client has left before any node is chosen, and given
+//! back (less what the request cost) when it ends.
+//!
+//! Without `[cluster]` the hold is the client's [`Account`] here; with it,
+//! and Redis answering, one script call holds it across every replica
+//! (`budget.lua`), and this replica's account follows the cluster's
+//! spend. Redis away: `on_redis_error = "local"` holds on this replica's
+//! account (its view of the spend), `"reject"` refuses.
+//!
+//! A [`BudgetHold`] is a guard like the others of admission: settled with
+//! what the request cost, cancelled when nothing reached a node, and
+//! dropped otherwise, it counts its worst case in full (the safe side).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Admission;
+use super::refusal::Refusal;
+use super::shared::{BudgetVerdict, SharedBudgetHold};
+use crate::clients::{Client, Registry};
+use crate::money::budget::unix_now;
+use crate::money::{Account, Budget, Cost, Short};
+
+/// One request's hold on its client's budget.
+#[derive(Debug)]
+pub(crate) struct BudgetHold {
+    account: Arc<Account>,
+    worst: Cost,
+    period_start: i64,
+    /// The cluster's hold, with `[cluster]`.
+    shared: Option<SharedBudgetHold>,
+    ended: bool,
+}
+
+impl BudgetHold {
+    /// The request's worst case, held.
+    pub(crate) fn worst(&self) -> Cost {
+        self.worst
+    }
+
+    /// Ends the hold: the request cost `cost`.
+    pub(crate) fn settle(mut self, cost: Cost) {
+        self.end(cost);
+    }
+
+    /// Ends a hold whose request reached no node: nothing spent.
+    pub(crate) fn cancel(mut self) {
+        self.end(Cost::ZERO);
+    }
+
+    fn end(&mut self, charged: Cost) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        match self.shared.take() {
+            Some(shared) => {
+                shared.end(charged.nanos());
+                self.account.settled_shared(self.period_start, charged);
+            }
+            None => self.account.end(self.period_start, self.worst, charged),
+        }
+    }
+}
+
+impl Drop for BudgetHold {
+    fn drop(&mut self) {
+        self.end(self.worst);
+    }
+}
+
+impl Admission {
+    /// Holds `worst` of `client`'s budget, if it has one; the hold lasts
+    /// at most `hold_for` in the cluster (then counts in full).
+    pub(super) async fn hold_budget(
+        &self,
+        clients: &Registry,
+        client: &Client,
+        worst: Cost,
+        hold_for: Duration,
+    ) -> Result<Option<BudgetHold>, Refusal> {
+        let Some(budget) = client.budget else {
+            return Ok(None);
+        };
+        if worst > budget.limit {
+            return Err(Refusal::BudgetTooSmall);
+        }
+        let now = unix_now();
+        let account = &client.account;
+        account
+            .ready(budget.period, now, |from| {
+                clients.stored_spend(&client.id, from)
+            })
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, client = %client.id, "cannot read a client's spend");
+                Refusal::StoreUnavailable
+            })?;
+        let hold = |period_start, shared| BudgetHold {
+            account: Arc::clone(account),
+            worst,
+            period_start,
+            shared,
+            ended: false,
+        };
+        let over = |short| Refusal::OverBudget {
+            budget,
+            short,
+            worst,
+            now,
+        };
+        if let Some(shared) = self.shared_if_up()? {
+            let start = budget.period.start(now);
+            let seed = account.spend(budget.period, now).spent;
+            let answer = shared
+                .budget_hold(
+                    &client.id,
+                    start,
+                    budget.period.end(start),
+                    budget.limit.nanos(),
+                    worst.nanos(),
+                    seed.nanos(),
+                    hold_for,
+                )
+                .await;
+            match answer {
+                Ok((answer, held)) => {
+                    account.observed_shared(start, Cost(answer.spent));
+                    return match answer.verdict {
+                        BudgetVerdict::Held => Ok(Some(hold(start, held))),
+                        BudgetVerdict::Spent => Err(over(spent_short(budget, start, answer.spent))),
+                        BudgetVerdict::HeldByOthers => Err(over(Short::Held)),
+                    };
+                }
+                Err(_) => self.fall_back()?,
+            }
+        }
+        match account.hold(&budget, worst, now) {
+            Ok(start) => Ok(Some(hold(start, None))),
+            Err(short) => Err(over(short)),
+        }
+    }
+}
+
+fn spent_short(budget: Budget, period_start: i64, spent: u64) -> Short {
+    Short::Spent {
+        remaining: Cost(budget.limit.nanos().saturating_sub(spent)),
+        renews: budget.period.end(period_start),
+    }
+}

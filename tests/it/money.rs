@@ -1,0 +1,469 @@
+//! Money: what each request costs at the configured prices, and client
+//! budgets held before a request goes (never after).
+//!
+//! Prices here are round numbers of the tests' own (`[prices."m"]`): $1
+//! per million input tokens, $0.5 cached, $2 output; so a token of input
+//! is a micro-dollar and costs are exact.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wiremock::ResponseTemplate;
+
+use crate::metrics::Metrics;
+use crate::redis::RedisServer;
+use crate::support::{
+    ADMIN_TOKEN, Gateway, answering, chat, chat_answer, client, eventually, node, tally, v1,
+};
+
+const TEAM: &str = "sk-team-money-key";
+const PRICES: &str = "[prices.\"m\"]\ninput = 1.0\ncached_input = 0.5\noutput = 2.0\n";
+
+/// A gateway in front of `upstream` (a base URL) with one declared client
+/// `team` whose settings are `client`.
+async fn gateway(upstream: &str, client: &str, extra: &str) -> Gateway {
+    let toml = format!(
+        "[admin]\ntoken_env = \"TEST_ADMIN_TOKEN\"\n[queue]\nmax_wait = \"1s\"\n{PRICES}{extra}\n\
+         [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\n{client}\n{}",
+        node(
+            "a",
+            upstream,
+            "sk-upstream",
+            "models = [\"m\", \"unpriced-model\"]"
+        )
+    );
+    Gateway::start_file_text(&toml, &[("TEAM", TEAM)]).await
+}
+
+/// POSTs `body` to `path` as the team: status, `Retry-After`, JSON body.
+async fn send(gw: &Gateway, path: &str, body: String) -> (u16, Option<u64>, Value) {
+    let response = client()
+        .post(gw.url(path))
+        .header("content-type", "application/json")
+        .bearer_auth(TEAM)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let body = response.bytes().await.unwrap();
+    (
+        status,
+        retry,
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
+}
+
+async fn admin_get(gw: &Gateway, path: &str) -> Value {
+    let response = client()
+        .get(gw.admin_url(path))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{path}");
+    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+}
+
+/// The team's usage report total (every request that has ended).
+async fn usage_total(gw: &Gateway) -> Value {
+    admin_get(gw, "/admin/clients/cfg_team/usage").await["total"].clone()
+}
+
+/// The team's budget, once nothing of it is held in flight.
+async fn settled_budget(gw: &Gateway) -> Value {
+    let settled = eventually(Duration::from_secs(10), async || {
+        let budget = admin_get(gw, "/admin/clients/cfg_team/budget").await;
+        (budget["in_flight_usd"] == 0.0).then_some(budget)
+    })
+    .await;
+    settled.expect("the budget's holds are given back")
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-12
+}
+
+#[tokio::test]
+async fn a_json_answer_costs_its_usage_everywhere_the_cost_is_shown() {
+    let upstream =
+        answering(ResponseTemplate::new(200).set_body_json(chat_answer(1_000, 500))).await;
+    let gw = gateway(
+        &v1(&upstream),
+        "budget_usd = 1.0\nbudget_period = \"day\"",
+        "",
+    )
+    .await;
+    let (status, _, _) = send(&gw, "/v1/chat/completions", chat("m", "hi", 600)).await;
+    assert_eq!(status, 200);
+    // 1,000 x $1/M + 500 x $2/M = $0.002.
+    let total = usage_total(&gw).await;
+    assert!(close(total["cost_usd"].as_f64().unwrap(), 0.002), "{total}");
+    let budget = settled_budget(&gw).await;
+    assert!(
+        close(budget["spent_usd"].as_f64().unwrap(), 0.002),
+        "{budget}"
+    );
+    assert!(
+        close(budget["remaining_usd"].as_f64().unwrap(), 0.998),
+        "{budget}"
+    );
+    assert_eq!(budget["budget_period"], "day");
+    let m = Metrics::scrape(&gw).await;
+    let labels = [("node", "a"), ("model", "m"), ("client", "cfg_team")];
+    assert!(close(m.value("balancer_cost_usd_total", &labels), 0.002));
+}
+
+#[tokio::test]
+async fn cached_tokens_are_priced_as_cached_and_reasoning_tokens_once_as_output() {
+    // Chat: 1,000 prompt tokens of which 600 cached; 500 completion tokens
+    // of which 300 reasoning (already inside the 500).
+    let chat_usage = json!({
+        "id": "chatcmpl-1", "object": "chat.completion", "choices": [],
+        "usage": {
+            "prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500,
+            "prompt_tokens_details": {"cached_tokens": 600},
+            "completion_tokens_details": {"reasoning_tokens": 300},
+        },
+    });
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_usage)).await;
+    let gw = gateway(&v1(&upstream), "", "").await;
+    assert_eq!(
+        send(&gw, "/v1/chat/completions", chat("m", "hi", 600))
+            .await
+            .0,
+        200
+    );
+    // 400 x $1/M + 600 x $0.5/M + 500 x $2/M = $0.0017.
+    let total = usage_total(&gw).await;
+    assert!(
+        close(total["cost_usd"].as_f64().unwrap(), 0.0017),
+        "{total}"
+    );
+
+    // The Responses API says it with input_/output_tokens_details.
+    let response_usage = json!({
+        "id": "resp_1", "object": "response", "output": [],
+        "usage": {
+            "input_tokens": 1000, "output_tokens": 500, "total_tokens": 1500,
+            "input_tokens_details": {"cached_tokens": 600},
+            "output_tokens_details": {"reasoning_tokens": 300},
+        },
+    });
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(response_usage)).await;
+    let gw = gateway(&v1(&upstream), "", "").await;
+    let body = json!({"model": "m", "input": "hi", "max_output_tokens": 600, "store": false});
+    assert_eq!(send(&gw, "/v1/responses", body.to_string()).await.0, 200);
+    let total = usage_total(&gw).await;
+    assert!(
+        close(total["cost_usd"].as_f64().unwrap(), 0.0017),
+        "{total}"
+    );
+}
+
+fn sse(events: &[Value]) -> String {
+    let mut body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    body.push_str("data: [DONE]\n\n");
+    body
+}
+
+#[tokio::test]
+async fn a_stream_costs_its_final_usage_or_else_its_counted_text() {
+    let delta = |text: &str| json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}}]});
+    let with_usage = sse(&[
+        delta("hello"),
+        json!({"object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}}),
+    ]);
+    let upstream =
+        answering(ResponseTemplate::new(200).set_body_raw(with_usage, "text/event-stream")).await;
+    let gw = gateway(&v1(&upstream), "", "").await;
+    let body = json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(
+        send(&gw, "/v1/chat/completions", body.to_string()).await.0,
+        200
+    );
+    // 10 x $1/M + 20 x $2/M.
+    let total = usage_total(&gw).await;
+    assert!(
+        close(total["cost_usd"].as_f64().unwrap(), 0.00005),
+        "{total}"
+    );
+
+    // No usage: the prompt as the gateway counted it, and the streamed
+    // text counted with the model's tokenizer ("hello world": 2 tokens).
+    let without = sse(&[delta("hello"), delta(" world")]);
+    let upstream =
+        answering(ResponseTemplate::new(200).set_body_raw(without, "text/event-stream")).await;
+    let gw = gateway(&v1(&upstream), "", "").await;
+    assert_eq!(
+        send(&gw, "/v1/chat/completions", body.to_string()).await.0,
+        200
+    );
+    let total = usage_total(&gw).await;
+    assert_eq!(total["completion_tokens"], 2, "{total}");
+    let prompt = total["prompt_tokens"].as_f64().unwrap();
+    assert!(prompt > 0.0);
+    let expected = (prompt * 1.0 + 2.0 * 2.0) / 1e6;
+    assert!(
+        close(total["cost_usd"].as_f64().unwrap(), expected),
+        "{total}"
+    );
+}
+
+#[tokio::test]
+async fn fifty_requests_at_once_against_a_budget_for_ten_admit_ten_and_spend_within_it() {
+    // Each request may cost 1,000 output tokens at $2/M = $0.002 (plus its
+    // prompt); the budget holds ten such worst cases and a little more.
+    let upstream = answering(
+        ResponseTemplate::new(200)
+            .set_body_json(chat_answer(5, 2))
+            .set_delay(Duration::from_millis(800)),
+    )
+    .await;
+    let gw = gateway(
+        &v1(&upstream),
+        "budget_usd = 0.0201\nbudget_period = \"month\"",
+        "",
+    )
+    .await;
+    let sent = futures_util::future::join_all(
+        (0..50).map(|_| send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000))),
+    )
+    .await;
+    let statuses = tally(
+        &sent
+            .iter()
+            .map(|(status, retry, _)| crate::support::Outcome {
+                status: *status,
+                retry_after: *retry,
+            })
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(statuses.get(&200), Some(&10), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&40), "{statuses:?}");
+    for (status, retry, body) in &sent {
+        if *status == 429 {
+            assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
+            assert_eq!(
+                *retry,
+                Some(1),
+                "held by requests in flight: back in a second"
+            );
+        }
+    }
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 10);
+    // What they cost: 10 x (5 x $1/M + 2 x $2/M), within the budget.
+    let budget = settled_budget(&gw).await;
+    let spent = budget["spent_usd"].as_f64().unwrap();
+    assert!(close(spent, 10.0 * 9e-6), "{budget}");
+    assert!(spent <= 0.0201);
+}
+
+#[tokio::test]
+async fn a_spent_budget_refuses_until_its_period_renews_and_a_spent_total_for_good() {
+    // Every answer costs 1,000 output tokens: $0.002; a request's worst
+    // case is that and its prompt (a few tokens at $1/M).
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(0, 1_000))).await;
+    let gw = gateway(
+        &v1(&upstream),
+        "budget_usd = 0.0061\nbudget_period = \"day\"",
+        "",
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000))
+                .await
+                .0,
+            200
+        );
+        settled_budget(&gw).await;
+    }
+    let (status, retry, body) = send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000)).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let to_midnight = 86_400 - now % 86_400;
+    let retry = retry.expect("Retry-After");
+    assert!(
+        retry.abs_diff(to_midnight) <= 5,
+        "Retry-After {retry}, midnight in {to_midnight}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("T00:00:00Z"),
+        "names the period's end: {message}"
+    );
+    let budget = settled_budget(&gw).await;
+    assert!(
+        close(budget["spent_usd"].as_f64().unwrap(), 0.006),
+        "{budget}"
+    );
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 3);
+
+    let gw = gateway(
+        &v1(&upstream),
+        "budget_usd = 0.0021\nbudget_period = \"total\"",
+        "",
+    )
+    .await;
+    assert_eq!(
+        send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000))
+            .await
+            .0,
+        200
+    );
+    settled_budget(&gw).await;
+    let (status, retry, body) = send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000)).await;
+    assert_eq!((status, retry), (403, None), "{body}");
+    assert_eq!(body["error"]["code"], "budget_exhausted");
+}
+
+#[tokio::test]
+async fn a_budgeted_client_is_refused_a_model_without_a_price_and_a_request_larger_than_its_budget()
+{
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = gateway(&v1(&upstream), "budget_usd = 0.001", "").await;
+    let (status, _, body) =
+        send(&gw, "/v1/chat/completions", chat("unpriced-model", "hi", 5)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_priced");
+    assert_eq!(body["error"]["param"], "model");
+    // 1,000 output tokens may cost $0.002: more than the whole budget.
+    let (status, _, body) = send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("budget_usd")
+    );
+    assert!(upstream.received_requests().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_price_changed_by_reload_applies_to_the_next_request() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(1_000, 0))).await;
+    let gw = gateway(&v1(&upstream), "", "").await;
+    assert_eq!(
+        send(&gw, "/v1/chat/completions", chat("m", "hi", 5))
+            .await
+            .0,
+        200
+    );
+    let before = usage_total(&gw).await["cost_usd"].as_f64().unwrap();
+    assert!(close(before, 0.001));
+    let toml = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(gw.config_path(), toml.replace("input = 1.0", "input = 3.0")).unwrap();
+    gw.reloaded(1).await;
+    assert_eq!(
+        send(&gw, "/v1/chat/completions", chat("m", "hi", 5))
+            .await
+            .0,
+        200
+    );
+    let after = usage_total(&gw).await["cost_usd"].as_f64().unwrap();
+    assert!(close(after - before, 0.003), "{before} then {after}");
+}
+
+#[tokio::test]
+async fn spend_survives_a_restart() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(0, 1_000))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!(
+        "[store]\nurl = \"sqlite://{}/money.db\"\n",
+        dir.path().display()
+    );
+    let settings = "budget_usd = 0.005\nbudget_period = \"month\"";
+    let gw = gateway(&v1(&upstream), settings, &store).await;
+    for _ in 0..2 {
+        assert_eq!(
+            send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000))
+                .await
+                .0,
+            200
+        );
+    }
+    settled_budget(&gw).await;
+    gw.shutdown().await;
+
+    let gw = gateway(&v1(&upstream), settings, &store).await;
+    let budget = settled_budget(&gw).await;
+    assert!(
+        close(budget["spent_usd"].as_f64().unwrap(), 0.004),
+        "{budget}"
+    );
+    // $0.001 left: a request that may cost over $0.002 is refused.
+    let (status, _, body) = send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000)).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn two_replicas_share_one_budget() {
+    let redis = RedisServer::start();
+    let upstream = answering(
+        ResponseTemplate::new(200)
+            .set_body_json(chat_answer(0, 1_000))
+            .set_delay(Duration::from_millis(300)),
+    )
+    .await;
+    let cluster = format!(
+        "[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n",
+        redis.url()
+    );
+    let settings = "budget_usd = 0.0101\nbudget_period = \"day\"";
+    let replicas = [
+        gateway(&v1(&upstream), settings, &cluster).await,
+        gateway(&v1(&upstream), settings, &cluster).await,
+    ];
+    // Twenty requests at once, ten on each replica: five worst cases fit.
+    let sent = futures_util::future::join_all((0..20).map(|i| {
+        send(
+            &replicas[i % 2],
+            "/v1/chat/completions",
+            chat("m", "hi", 1_000),
+        )
+    }))
+    .await;
+    let admitted = sent.iter().filter(|(s, _, _)| *s == 200).count();
+    assert_eq!(
+        admitted,
+        5,
+        "{:?}",
+        sent.iter().map(|s| s.0).collect::<Vec<_>>()
+    );
+    // Then one at a time until the budget is spent: $0.010 in all.
+    let mut more = 0;
+    loop {
+        let replica = &replicas[more % 2];
+        let (status, _, body) = send(replica, "/v1/chat/completions", chat("m", "hi", 1_000)).await;
+        if status != 200 {
+            assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
+            break;
+        }
+        more += 1;
+        assert!(more <= 5, "past the budget");
+    }
+    assert_eq!(
+        admitted + more,
+        5,
+        "the five answered cost $0.002 each: $0.010"
+    );
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 5);
+    for replica in &replicas {
+        let budget = settled_budget(replica).await;
+        assert!(
+            close(budget["spent_usd"].as_f64().unwrap(), 0.010),
+            "{budget}"
+        );
+    }
+}

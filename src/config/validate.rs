@@ -476,6 +476,49 @@ mod tests {
     }
 
     #[test]
+    fn prices_and_budgets_are_checked_naming_the_field() {
+        let toml = format!(
+            "[prices.\"m\"]\ninput = -1.0\n[prices.\"n\"]\noutput = 1.0\n\
+             {NODE}price_multiplier = -2.0\n[nodes.prices.\"m\"]\nimage = -0.5\n\
+             [[clients]]\nname = \"a\"\nkey_env = \"APP_KEY\"\nbudget_usd = 5.0\nbudget_period = \"week\"\n"
+        );
+        assert_eq!(
+            problems(&toml),
+            [
+                "clients[0].budget_period: must be \"day\", \"month\" or \"total\"",
+                "nodes[0].price_multiplier: must be a number, 0 or more",
+                "nodes[0].prices.\"m\".image: must be a number of dollars, 0 or more",
+                "prices.\"m\".input: must be a number of dollars, 0 or more",
+            ]
+        );
+        // Not a number: the parser names the field.
+        let p = problems(&format!("[prices.\"m\"]\ninput = \"cheap\"\n{NODE}"));
+        assert!(p[0].starts_with("prices.m.input: invalid type"), "{p:?}");
+        // A budget that could never price a model the client may use.
+        let toml = format!(
+            "{NODE}[[clients]]\nname = \"a\"\nkey_env = \"APP_KEY\"\nbudget_usd = 5.0\n\
+             models = [\"gpt-4o-mini\", \"my-finetune\"]\n"
+        );
+        assert_eq!(
+            problems(&toml),
+            [
+                "clients[0].models: \"my-finetune\" has no price and the client has a budget; add [prices.\"my-finetune\"]"
+            ]
+        );
+        // Priced, with the table over the shipped list.
+        let toml = format!(
+            "[prices.\"my-finetune\"]\ninput = 3.0\noutput = 12.0\n{NODE}[[clients]]\nname = \"a\"\n\
+             key_env = \"APP_KEY\"\nbudget_usd = 5.0\nbudget_period = \"day\"\nmodels = [\"gpt-4o-mini\", \"my-finetune\"]\n"
+        );
+        let (config, _) = from_toml_str(&toml, &env).unwrap();
+        let own = config.prices.find("my-finetune").unwrap();
+        assert_eq!((own.input, own.cached_input, own.output), (3.0, 3.0, 12.0));
+        assert_eq!(config.prices.find("gpt-4o-mini").unwrap().output, 0.60);
+        let budget = config.clients[0].budget.unwrap();
+        assert_eq!((budget.limit.usd(), budget.period.as_str()), (5.0, "day"));
+    }
+
+    #[test]
     fn sharing_settings_are_checked_naming_the_field() {
         let toml = format!(
             "[queue.reserve]\nhigh = 0.6\nnormal = 0.5\n{NODE}[[clients]]\nname = \"a\"\n\

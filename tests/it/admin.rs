@@ -780,6 +780,6 @@ async fn every_operation_in_the_openapi_document_is_served() {
         );
         operations += 1;
     }
-    assert_eq!(operations, 9, "operations found in the document");
+    assert_eq!(operations, 10, "operations found in the document");
     upstream.stop().await;
 }

@@ -77,17 +77,31 @@ pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
             "last_reload": reload,
         },
         "cluster": state.admission.shared.as_ref().map(|c| c.describe()),
-        "budgets": budgets(&state),
+        "budgets": budgets(&state).await,
     }))
 }
 
 /// Each client with a budget: its spend in the current period as this
 /// replica counts it (with `[cluster]`, the cluster's as last answered).
-fn budgets(state: &AppState) -> Vec<Value> {
+/// An account not read yet is read from the store first (once); one that
+/// cannot be read shows what this replica counted.
+async fn budgets(state: &AppState) -> Vec<Value> {
     let now = unix_now();
-    state
-        .clients
-        .budgets()
+    let mut shown = Vec::new();
+    for view in state.clients.budgets() {
+        let period = view.budget.period;
+        let read = view
+            .account
+            .ready(period, now, |from| {
+                state.clients.stored_spend(&view.id, from)
+            })
+            .await;
+        if let Err(err) = read {
+            tracing::warn!(error = %err, client = %view.id, "cannot read a client's spend for /status");
+        }
+        shown.push(view);
+    }
+    shown
         .into_iter()
         .map(|view| {
             let (budget, spend) = (view.budget, view.account.spend(view.budget.period, now));

@@ -184,3 +184,48 @@ async fn the_dashboard_draws_each_node_with_live_bars_in_headless_chromium() {
     // The held request's client is gone: its slot is released.
     gw.until(|s| node_status(s, "slow")["in_flight"] == 0).await;
 }
+
+#[tokio::test]
+async fn the_dashboard_draws_each_client_s_spend_against_its_budget() {
+    let answer = crate::support::chat_answer(0, 1_000);
+    let upstream =
+        crate::support::answering(wiremock::ResponseTemplate::new(200).set_body_json(answer)).await;
+    // 1,000 output tokens at $2/M: $0.002 of a $0.008 budget.
+    let gw = Gateway::start_file_text(
+        &format!(
+            "[prices.\"m\"]\ninput = 0.0\noutput = 2.0\n\
+             [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\nbudget_usd = 0.008\nbudget_period = \"month\"\n{}",
+            node(
+                "a",
+                &crate::support::v1(&upstream),
+                "k",
+                "rpm = 100\ntpm = 100000\nbpm = 1000000\nmax_concurrency = 4"
+            )
+        ),
+        &[("TEAM", "sk-team-dashboard-key")],
+    )
+    .await;
+    let response = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .bearer_auth("sk-team-dashboard-key")
+        .body(chat("m", "hi", 1_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    gw.until(|s| s["budgets"][0]["spent_usd"] == 0.002 && s["budgets"][0]["in_flight_usd"] == 0.0)
+        .await;
+
+    let dom = headless(&gw.url("/dashboard"), &["--dump-dom"]).await;
+    assert!(
+        dom.contains("data-budget=\"cfg_team\""),
+        "the client's card"
+    );
+    let bar = bars(&dom)
+        .into_iter()
+        .find(|b| b.node == "cfg_team" && b.limit == "budget")
+        .expect("a budget bar for the client");
+    assert_eq!(bar.ratio, 0.25, "{bar:?}");
+}

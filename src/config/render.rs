@@ -9,6 +9,7 @@ use secrecy::ExposeSecret;
 
 use super::{ClientConfig, Config, NodeApi, NodeConfig};
 use crate::keys::redacted_url;
+use crate::money::PriceTable;
 
 /// TOML text, a table and a field at a time.
 #[derive(Default)]
@@ -73,6 +74,7 @@ impl Config {
         for node in &self.nodes {
             render_node(&mut out, node);
         }
+        render_prices(&mut out, "prices", &self.prices);
         out.0
     }
 
@@ -185,6 +187,21 @@ fn render_client(out: &mut Toml, client: &ClientConfig) {
         out.list("models", models);
     }
     out.bare("enabled", client.enabled);
+    if let Some(budget) = client.budget {
+        out.bare("budget_usd", budget.limit.usd());
+        out.text("budget_period", budget.period.as_str());
+    }
+}
+
+/// Each model's price, one table each (`[{at}."model"]`).
+fn render_prices(out: &mut Toml, at: &str, prices: &PriceTable) {
+    for (model, price) in prices.iter() {
+        out.table(&format!("[{at}.\"{model}\"]"));
+        out.bare("input", price.input);
+        out.bare("cached_input", price.cached_input);
+        out.bare("output", price.output);
+        out.bare("image", price.image);
+    }
 }
 
 fn render_node(out: &mut Toml, node: &NodeConfig) {
@@ -245,4 +262,6 @@ fn render_node(out: &mut Toml, node: &NodeConfig) {
             out.text(field, value);
         }
     }
+    out.bare("price_multiplier", node.pricing.multiplier);
+    render_prices(out, "nodes.prices", &node.pricing.own);
 }

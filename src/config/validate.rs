@@ -516,6 +516,20 @@ mod tests {
         assert_eq!(config.prices.find("gpt-4o-mini").unwrap().output, 0.60);
         let budget = config.clients[0].budget.unwrap();
         assert_eq!((budget.limit.usd(), budget.period.as_str()), (5.0, "day"));
+        // `balancer check` shows the budget and every price in force.
+        let text = config.render();
+        assert!(
+            text.contains("budget_usd = 5\nbudget_period = \"day\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("[prices.\"my-finetune\"]\ninput = 3\ncached_input = 3\noutput = 12"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[prices.\"gpt-4o-mini\"]\ninput = 0.15"),
+            "{text}"
+        );
     }
 
     #[test]

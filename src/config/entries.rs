@@ -132,19 +132,7 @@ pub(super) fn validate_node(
         }
     }
 
-    let mut limit = |field: &str, value: Option<u64>| match value {
-        Some(0) => {
-            problems.push(format!("{}: must be greater than 0", at(field)));
-            None
-        }
-        other => other.and_then(NonZeroU64::new),
-    };
-    let quota = Quota {
-        rpm: limit("rpm", raw.rpm),
-        tpm: limit("tpm", raw.tpm),
-        bpm: limit("bpm", raw.bpm),
-        max_concurrency: limit("max_concurrency", raw.max_concurrency),
-    };
+    let quota = node_quota(i, &raw, problems);
 
     if let Some(ca) = &raw.ca_file
         && !ca.is_file()
@@ -177,6 +165,23 @@ pub(super) fn validate_node(
         default_completion_tokens: raw.default_completion_tokens,
         pricing,
     })
+}
+
+/// `nodes[i]`'s limits: each, if set, above 0.
+fn node_quota(i: usize, raw: &RawNode, problems: &mut Vec<String>) -> Quota {
+    let mut limit = |field: &str, value: Option<u64>| match value {
+        Some(0) => {
+            problems.push(format!("nodes[{i}].{field}: must be greater than 0"));
+            None
+        }
+        other => other.and_then(NonZeroU64::new),
+    };
+    Quota {
+        rpm: limit("rpm", raw.rpm),
+        tpm: limit("tpm", raw.tpm),
+        bpm: limit("bpm", raw.bpm),
+        max_concurrency: limit("max_concurrency", raw.max_concurrency),
+    }
 }
 
 /// `nodes[i].price_multiplier` and `nodes[i].prices`.

@@ -112,19 +112,7 @@ fn validate(
     let store = validate_store(raw.store, &mut problems);
     let admin = validate_admin(raw.admin, server.listen, env, &mut problems);
     let cluster = raw.cluster.and_then(|c| validate_cluster(c, &mut problems));
-    let r = &raw.queue.reserve;
-    let reserves = Reserves {
-        high: r.high,
-        normal: r.normal,
-        low: r.low,
-    }
-    .checked()
-    .unwrap_or_else(|found| {
-        for (field, message) in found {
-            problems.push(format!("queue.reserve.{field}: {message}"));
-        }
-        Reserves::default()
-    });
+    let reserves = reserves(&raw.queue.reserve, &mut problems);
 
     if raw.nodes.is_empty() {
         problems.push("nodes: at least one [[nodes]] entry is required".to_owned());
@@ -185,6 +173,22 @@ fn validate(
         },
         warnings,
     ))
+}
+
+/// `[queue.reserve]`, checked.
+fn reserves(r: &super::raw::RawReserve, problems: &mut Vec<String>) -> Reserves {
+    Reserves {
+        high: r.high,
+        normal: r.normal,
+        low: r.low,
+    }
+    .checked()
+    .unwrap_or_else(|found| {
+        for (field, message) in found {
+            problems.push(format!("queue.reserve.{field}: {message}"));
+        }
+        Reserves::default()
+    })
 }
 
 /// A client with a budget and a list of models must be able to price

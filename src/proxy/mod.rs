@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::admission::{Ask, Booking, ClientHold, Placement};
+use crate::admission::{Booking, ClientHold, Placement};
 use crate::api::{self, Operation};
 use crate::auth;
 use crate::clients::Client;
@@ -38,7 +38,6 @@ use crate::health::Verdict;
 use crate::ledger::Entry;
 use crate::limits::CooldownReason;
 use crate::metrics::{self, UpstreamError};
-use crate::money::Cost;
 use crate::probes;
 use crate::relay::{self, ACCESS_LOG, Held, Trace, UsageTicket};
 use crate::request::{self, CompletionDefaults, RequestInfo};
@@ -50,6 +49,9 @@ use crate::upstream::{self, Failure};
 
 mod headers;
 mod objects;
+mod target;
+
+use target::Target;
 
 use crate::objects::named::{self as object_names, PathUse};
 use crate::objects::route::Routing;
@@ -207,70 +209,6 @@ impl Inbound<'_> {
                 },
             },
         })
-    }
-}
-
-/// Where a request may go: its snapshot and the nodes in it that serve
-/// its model.
-struct Target {
-    live: Arc<Live>,
-    candidates: Arc<[NodeId]>,
-}
-
-impl Target {
-    fn ask<'a>(
-        &'a self,
-        state: &'a AppState,
-        request: &'a Inbound<'_>,
-        deadline: Instant,
-        worst_cost: Option<Cost>,
-    ) -> Ask<'a> {
-        // What its client's class may use of each node's quota.
-        let priority = request.client.map(|c| c.share.priority).unwrap_or_default();
-        let usable = self.live.config.queue.reserves.usable(priority);
-        Ask {
-            live: &self.live,
-            model: request.info.model.as_deref(),
-            candidates: &self.candidates,
-            demand: crate::limits::Demand {
-                usable,
-                ..request.info.demand
-            },
-            client: request.client,
-            deadline,
-            worst_cost,
-            clients: &state.clients,
-        }
-    }
-
-    /// The most `request` may cost on any candidate, when its client has a
-    /// budget: its prompt at the input price, every completion token it
-    /// reserves on that node at the output price, every image it asks
-    /// for. A candidate without a price for the model refuses it (400): a
-    /// budget never lets a request through uncounted.
-    fn worst_cost(&self, request: &Inbound<'_>) -> Result<Option<Cost>, GatewayError> {
-        let info = request.info;
-        let (Some(_), Some(model)) = (request.client.and_then(|c| c.budget), info.model.as_deref())
-        else {
-            return Ok(None);
-        };
-        let images = if request.operation.path.starts_with("/images/") {
-            info.choices
-        } else {
-            0
-        };
-        let mut worst = Cost::ZERO;
-        for &id in self.candidates.iter() {
-            let (price, multiplier) = self
-                .live
-                .price_on(id, model)
-                .ok_or_else(|| GatewayError::ModelNotPriced(model.to_owned()))?;
-            let node = self.live.node(id);
-            let tokens = info.demand.on(node.default_completion_tokens).tokens;
-            let completion = tokens.saturating_sub(info.prompt_tokens);
-            worst = worst.max(price.worst_case(info.prompt_tokens, completion, images, multiplier));
-        }
-        Ok(Some(worst))
     }
 }
 

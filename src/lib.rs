@@ -15,8 +15,9 @@
 //!    unless the request names stored objects ([`objects`]): then it goes
 //!    to the node that holds them, for their owner only; lists of them are
 //!    the gateway's own answer ([`objects::list`]).
-//! 5. [`admission::Admission::admit`], the one door, applies the client's
-//!    own limits and reserves on the least-loaded node in rotation
+//! 5. [`admission::Admission::admit`], the one door, holds the request's
+//!    worst-case cost against its client's budget ([`money`]), applies the
+//!    client's own limits and reserves on the least-loaded node in rotation
 //!    ([`health::NodeHealth::in_rotation`]) with headroom
 //!    ([`selection::choose`], [`limits::Limiter::try_reserve`]), or waits
 //!    for headroom ([`admission::Queue`]), or refuses with `Retry-After`
@@ -30,8 +31,9 @@
 //!    and its status feeds passive health ([`health::NodeHealth::on_request`]).
 //! 7. [`relay::relay`] streams the answer back untouched; when it ends,
 //!    [`admission::settle`] settles the [`admission::Booking`] and the
-//!    [`admission::ClientHold`] from the usage the [`meter`] saw, the
-//!    client's usage goes to the [`ledger`], the request is counted in
+//!    [`admission::ClientHold`] from the usage the [`meter`] saw (its cost
+//!    at the node's prices, [`money::prices`]), the client's usage goes to
+//!    the [`ledger`], the request is counted in
 //!    [`metrics`] (atomics only) and logs its one access-log line.
 //!
 //! Every error the gateway produces is a [`error::GatewayError`], mapped to
@@ -56,7 +58,8 @@
 //!   secret.
 //!
 //! # Module dependencies
-//! Leaves first: [`keys`], [`limits`], [`tokens`], [`metrics`], [`tasks`];
+//! Leaves first: [`keys`], [`limits`], [`tokens`], [`metrics`], [`money`],
+//! [`tasks`];
 //! then [`config`], [`error`], [`store`], [`ledger`], [`health`],
 //! [`clients`]; [`snapshot`] builds on those, [`objects`] on the snapshot, [`admission`] on the
 //! snapshot, [`state`] holds both; the HTTP-facing modules ([`proxy`],

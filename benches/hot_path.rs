@@ -417,8 +417,156 @@ fn metrics(c: &mut Criterion) {
     group.finish();
 }
 
+/// A request's span with tracing on: made from the request's headers
+/// (with a caller's `traceparent`), given its attributes and a retry
+/// event, ended into the batch exporter's queue, and exported over
+/// OTLP/gRPC to a receiver in this process (the protocol's generated
+/// server, counting what it gets, on threads of its own). The time
+/// reported is CPU time per span of every thread but the receiver's: the
+/// request path, the exporter's thread and the gRPC client, each sample
+/// flushed to the receiver before it ends. Read from
+/// `/proc/self/task/*/stat` (10 ms ticks: samples last about a second).
+/// Baseline: tracing off, no span.
+fn traces(c: &mut Criterion) {
+    use balancer::config::TracingSettings;
+    use balancer::traces::{Answered, Tracing};
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    struct Counting(Arc<AtomicU64>);
+    #[tonic::async_trait]
+    impl TraceService for Counting {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let spans: usize = request
+                .into_inner()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0.fetch_add(spans as u64, Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    /// CPU time of every thread of this process but the receiver's.
+    fn cpu_time() -> Duration {
+        let ticks: u64 = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| {
+                let dir = task.ok()?.path();
+                let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                if comm.starts_with("otlp-receiver") {
+                    return None;
+                }
+                let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+                Some(fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?)
+            })
+            .sum();
+        Duration::from_millis(ticks * 10)
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let receiving = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("otlp-receiver")
+        .enable_all()
+        .build()
+        .unwrap();
+    let received = Arc::new(AtomicU64::new(0));
+    let listener = receiving
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    receiving.spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Counting(Arc::clone(&received))))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let settings = TracingSettings {
+        otlp_endpoint: Some(endpoint),
+        service_name: "bench".to_owned(),
+        export_interval: Duration::from_millis(50),
+    };
+    let tracing = runtime
+        .block_on(async { Tracing::start(&settings) })
+        .unwrap()
+        .unwrap();
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            .parse()
+            .unwrap(),
+    );
+    headers.insert("content-type", "application/json".parse().unwrap());
+    let method = axum::http::Method::POST;
+    let (client, a, b): (Arc<str>, Arc<str>, Arc<str>) =
+        ("cl_bench".into(), "a".into(), "b".into());
+    let one = || {
+        let mut span = tracing.begin(&method, "/v1/chat/completions", &headers);
+        span.asked("/v1/chat/completions", Some("gpt-4o-mini"), Some(&client));
+        span.admitted(0);
+        black_box(span.traceparent());
+        span.retry(&a, "server_error");
+        span.answered(Answered {
+            status: 200,
+            node: &b,
+            attempts: 2,
+            end: "complete",
+            input_tokens: 120,
+            output_tokens: 64,
+            cost_usd: Some(0.0000564),
+        });
+    };
+    let mut group = c.benchmark_group("traces");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(15));
+    group.bench_function("span_per_request_cpu_with_export", |b| {
+        b.iter_custom(|iters| {
+            let before = cpu_time();
+            let mut done = 0;
+            while done < iters {
+                // Within the exporter's queue (2,048): nothing is dropped.
+                let batch = (iters - done).min(1_000);
+                for _ in 0..batch {
+                    one();
+                }
+                tracing.flush();
+                done += batch;
+            }
+            cpu_time() - before
+        })
+    });
+    group.bench_function("no_span_baseline", |b| b.iter(|| black_box(None::<u8>)));
+    group.finish();
+    tracing.shutdown();
+    println!(
+        "spans the receiver got: {}",
+        received.load(Ordering::Relaxed)
+    );
+}
+
 criterion_group!(
     benches,
+    traces,
     tokens,
     inspect,
     selection,

@@ -99,4 +99,5 @@ pub(crate) mod status;
 pub mod store;
 pub mod tasks;
 pub mod tokens;
+pub mod traces;
 pub(crate) mod upstream;

@@ -36,6 +36,7 @@ use crate::request::RequestInfo;
 use crate::snapshot::Node;
 use crate::tasks::Tasks;
 use crate::tokens::Encoding;
+use crate::traces::{Answered, RequestSpan};
 use crate::upstream;
 
 pub(crate) const NODE_HEADER: HeaderName = HeaderName::from_static("x-balancer-node");
@@ -103,6 +104,8 @@ pub(crate) struct Trace {
     /// Whether the config lists the model asked for: only listed models
     /// are metric labels.
     pub model_listed: bool,
+    /// The request's span, when traced: ended with the relay.
+    pub span: Option<RequestSpan>,
 }
 
 impl Trace {
@@ -368,6 +371,17 @@ impl Drop for Settlement {
             admission::settle(booking, client, used.map(TokenUsage::total), used.and(cost));
         }
         self.log(counted, charged, client.as_deref());
+        if let Some(span) = self.trace.span.take() {
+            span.answered(Answered {
+                status: self.status.as_u16(),
+                node: &self.node,
+                attempts: self.trace.attempts,
+                end: self.end.as_str(),
+                input_tokens: counted.prompt,
+                output_tokens: counted.completion,
+                cost_usd: charged.map(Cost::usd),
+            });
+        }
     }
 }
 

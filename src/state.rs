@@ -25,6 +25,7 @@ use crate::metrics::GatewayMetrics;
 use crate::objects::Objects;
 use crate::snapshot::{self, Kept, Live, Retired};
 use crate::tasks::Tasks;
+use crate::traces::Tracing;
 
 /// The outcome of one reload attempt, for `/status` and `balancer reload`.
 #[derive(Debug, Clone)]
@@ -59,11 +60,14 @@ pub struct AppState {
     pub watching: AtomicBool,
     /// Every background task, cancelled together on shutdown.
     pub tasks: Tasks,
+    /// Request spans, with `[tracing] otlp_endpoint`.
+    pub tracing: Option<Tracing>,
 }
 
 impl AppState {
     /// Builds the state from `config`: its first snapshot, admission (and
-    /// the shared limits, with `[cluster]`). Starts nothing.
+    /// the shared limits, with `[cluster]`), and the trace exporter (with
+    /// `[tracing]`: it must be made inside the runtime). Starts no task.
     pub fn new(
         config: Config,
         clients: Registry,
@@ -80,6 +84,7 @@ impl AppState {
             Some(settings) => Some(SharedLimits::new(settings, tasks.clone())?),
             None => None,
         };
+        let tracing = Tracing::start(&live.load().config.tracing)?;
         Ok(Arc::new(Self {
             live,
             admission: Admission { queue, shared },
@@ -92,6 +97,7 @@ impl AppState {
             last_reload: Mutex::new(None),
             watching: AtomicBool::new(false),
             tasks,
+            tracing,
         }))
     }
 

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderName, Method, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use bytes::Bytes;
 
 use crate::limits::RateLimitReport;
@@ -53,6 +53,8 @@ fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
 /// client sets itself, and what would let a client pick which organisation
 /// or project a node's key bills; plus the node's key (in its dialect's
 /// header) and its own organisation and project.
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 fn outgoing_headers(client: &HeaderMap, node: &Node) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.len() + 1 + node.identity.len());
     for (name, value) in client {
@@ -134,12 +136,14 @@ pub(crate) async fn send(
     client_headers: &HeaderMap,
     body: Bytes,
     first_byte_timeout: Duration,
+    traceparent: Option<&HeaderValue>,
 ) -> Result<reqwest::Response, Failure> {
-    let request = node
-        .client
-        .request(method, url)
-        .headers(outgoing_headers(client_headers, node))
-        .body(body);
+    let mut headers = outgoing_headers(client_headers, node);
+    if let Some(traceparent) = traceparent {
+        // The gateway's span is the upstream's parent, not the caller's.
+        headers.insert(TRACEPARENT, traceparent.clone());
+    }
+    let request = node.client.request(method, url).headers(headers).body(body);
     match tokio::time::timeout(first_byte_timeout, request.send()).await {
         Err(_elapsed) => Err(Failure::Timeout),
         Ok(Ok(response)) => Ok(response),

@@ -19,6 +19,7 @@ mod drive;
 mod fairness;
 mod harness;
 mod nginx;
+mod otlp;
 mod procs;
 mod reload;
 mod saturation;

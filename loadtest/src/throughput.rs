@@ -51,6 +51,11 @@ pub(crate) struct ThroughputArgs {
     /// Redis (`[cluster]`; starts `redis-server` on 127.0.0.1), to compare.
     #[arg(long)]
     pub redis: bool,
+    /// Also run part 1 through a gateway with `[tracing]` on, its spans
+    /// sent over OTLP/gRPC to a receiver in this process, to show what a
+    /// span per request costs the gateway.
+    #[arg(long)]
+    pub tracing: bool,
 }
 
 struct Run {
@@ -248,6 +253,9 @@ pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow:
     if let Some(nginx) = nginx {
         nginx.stop().await?;
     }
+    if args.tracing {
+        ok &= compare_with_tracing(args, dir, &mocks, &through, cpu_us).await?;
+    }
     if args.redis {
         ok &= compare_with_redis(
             args,
@@ -331,6 +339,70 @@ fn per_request(cpu: Duration, requests: &usize) -> f64 {
 /// The p50 `run` adds over `direct`, in milliseconds.
 fn added_ms(run: &Run, direct: &Run) -> f64 {
     (run.measured.p50_us as i64 - direct.measured.p50_us as i64) as f64 / 1000.0
+}
+
+/// Part 1 through a gateway that makes a span per request and sends it
+/// over OTLP/gRPC to a receiver in this process (whose CPU is not the
+/// gateway's): the gateway's CPU per request against the run without.
+async fn compare_with_tracing(
+    args: &ThroughputArgs,
+    dir: &std::path::Path,
+    mocks: &Mocks,
+    untraced: &Run,
+    untraced_cpu_us: f64,
+) -> anyhow::Result<bool> {
+    let receiver = crate::otlp::Receiver::start().await?;
+    let extra = format!(
+        "[tracing]\notlp_endpoint = \"{}\"\nexport_interval = \"1s\"\n",
+        receiver.endpoint
+    );
+    let gateway =
+        Gateway::start(mocks, dir, "throughput-tracing", &extra, &|_| String::new()).await?;
+    let report = |name: &str| -> PathBuf { drive::report_path(dir, "throughput", name) };
+    let part1 = match args.duration {
+        Some(d) => Plan::timed(args.concurrency, d, report("tracing")),
+        None => Plan::requests(args.requests, args.concurrency, report("tracing")),
+    };
+    let warm = Plan::requests(
+        args.concurrency * 4,
+        args.concurrency,
+        report("tracing-warmup"),
+    );
+    let warmed = load(&gateway.origin, CLIENT_KEY, args.workload, &warm).await?;
+    // The warm-up's spans arrive first: they are not this run's.
+    receiver
+        .until(warmed.measured.requests as u64, Duration::from_secs(10))
+        .await;
+    let spans_before = receiver.spans();
+    let cpu_before = gateway.cpu_time();
+    let traced = load(&gateway.origin, CLIENT_KEY, args.workload, &part1).await?;
+    // The last batch leaves within the export interval: its CPU counts.
+    let sent = traced.measured.requests as u64;
+    let all_in = receiver
+        .until(spans_before + sent, Duration::from_secs(10))
+        .await;
+    let cpu = gateway.cpu_time().saturating_sub(cpu_before);
+    gateway.stop().await?;
+    let cpu_us = per_request(cpu, &traced.measured.requests);
+    traced.print("through the gateway, a span per request exported over OTLP/gRPC");
+    println!(
+        "    gateway CPU: {cpu_us:.1} µs per request, against {untraced_cpu_us:.1} µs untraced: \
+         tracing costs {:.1} µs per request (export included; the receiver's CPU is not)",
+        cpu_us - untraced_cpu_us
+    );
+    println!(
+        "    requests/s {:.0} against {:.0} untraced ({:.2}×)",
+        traced.rps(),
+        untraced.rps(),
+        traced.rps() / untraced.rps().max(1e-9)
+    );
+    println!(
+        "    spans received: {} of {} requests: {}",
+        receiver.spans() - spans_before,
+        sent,
+        verdict(all_in)
+    );
+    Ok(traced.all_ok() && all_in)
 }
 
 /// The same parts 1 and 2 through a gateway whose limits live in Redis: one

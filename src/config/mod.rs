@@ -68,6 +68,8 @@ pub struct Config {
     pub admin: AdminSettings,
     /// Read at start-up only.
     pub log: LogSettings,
+    /// OpenTelemetry traces; start-up only.
+    pub tracing: TracingSettings,
     /// Shared limits; `None` keeps them in this process. Start-up only.
     pub cluster: Option<ClusterSettings>,
     /// At least one.
@@ -110,6 +112,18 @@ pub struct AccountingSettings {
     pub default_completion_tokens: u64,
     /// Per model, over the default.
     pub default_completion_tokens_by_model: BTreeMap<String, u64>,
+}
+
+/// `[tracing]`
+#[derive(Debug, Clone)]
+pub struct TracingSettings {
+    /// The OTLP/gRPC endpoint spans go to (`http://collector:4317`);
+    /// `None`: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of every span.
+    pub service_name: String,
+    /// Finished spans are sent in one batch this often (and at shutdown).
+    pub export_interval: Duration,
 }
 
 /// `[queue]`

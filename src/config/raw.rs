@@ -81,6 +81,7 @@ pub(super) struct RawConfig {
     pub(super) store: RawStore,
     pub(super) admin: RawAdmin,
     pub(super) log: RawLog,
+    pub(super) tracing: RawTracing,
     pub(super) cluster: Option<RawCluster>,
     pub(super) clients: Vec<RawClient>,
     pub(super) nodes: Vec<RawNode>,
@@ -252,6 +253,22 @@ pub(super) struct RawAdmin {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawLog {
     pub(super) format: LogFormat,
+}
+
+/// How often finished spans are sent in one batch (OpenTelemetry's own
+/// default).
+pub(super) const DEFAULT_TRACE_EXPORT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// `[tracing]`: OpenTelemetry traces, off unless an endpoint is set.
+#[derive(Debug, Deserialize, SmartDefault)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawTracing {
+    pub(super) otlp_endpoint: Option<String>,
+    #[default("balancer".to_owned())]
+    pub(super) service_name: String,
+    #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_TRACE_EXPORT_INTERVAL)]
+    pub(super) export_interval: Duration,
 }
 
 /// `[cluster]`: limits shared with other replicas through Redis.

@@ -17,7 +17,7 @@ use super::raw::{RawAdmin, RawCluster, RawConfig, RawHealth, RawServer, RawStore
 use super::{
     AccountingSettings, AdminSettings, ClientConfig, ClusterSettings, Config, ConfigError,
     HealthSettings, LogSettings, NodeConfig, QueueSettings, RetrySettings, ServerSettings,
-    StoreSettings, UpstreamSettings, Warnings,
+    StoreSettings, TracingSettings, UpstreamSettings, Warnings,
 };
 use crate::keys::ClientKey;
 use crate::limits::Reserves;
@@ -113,6 +113,7 @@ fn validate(
     let admin = validate_admin(raw.admin, server.listen, env, &mut problems);
     let cluster = raw.cluster.and_then(|c| validate_cluster(c, &mut problems));
     let reserves = reserves(&raw.queue.reserve, &mut problems);
+    let tracing = validate_tracing(raw.tracing, &mut problems);
 
     if raw.nodes.is_empty() {
         problems.push("nodes: at least one [[nodes]] entry is required".to_owned());
@@ -167,12 +168,35 @@ fn validate(
             log: LogSettings {
                 format: raw.log.format,
             },
+            tracing,
             cluster,
             nodes,
             prices,
         },
         warnings,
     ))
+}
+
+fn validate_tracing(raw: super::raw::RawTracing, problems: &mut Vec<String>) -> TracingSettings {
+    let endpoint = raw.otlp_endpoint.map(|e| e.trim().to_owned());
+    if let Some(endpoint) = &endpoint
+        && reqwest::Url::parse(endpoint).map_or(true, |u| {
+            !matches!(u.scheme(), "http" | "https") || u.host().is_none()
+        })
+    {
+        problems.push(
+            "tracing.otlp_endpoint: must be an http:// or https:// URL, e.g. http://collector:4317"
+                .to_owned(),
+        );
+    }
+    if raw.service_name.trim().is_empty() {
+        problems.push("tracing.service_name: must not be empty".to_owned());
+    }
+    TracingSettings {
+        otlp_endpoint: endpoint,
+        service_name: raw.service_name,
+        export_interval: positive("tracing.export_interval", raw.export_interval, problems),
+    }
 }
 
 /// `[queue.reserve]`, checked.

@@ -188,6 +188,7 @@ async fn fetch(
         &HeaderMap::new(),
         Bytes::new(),
         timeout,
+        None,
     )
     .await
     .ok()?;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -45,6 +45,7 @@ use crate::server::conn::WriteDeadline;
 use crate::snapshot::{Live, Node, NodeId};
 use crate::state::AppState;
 use crate::store::UsageTotals;
+use crate::traces::RequestSpan;
 use crate::upstream::{self, Failure};
 
 mod headers;
@@ -61,10 +62,17 @@ pub(crate) async fn handle(State(state): State<Arc<AppState>>, request: Request)
     let received = Instant::now();
     // A `Uri` clone shares its bytes: no copy of the path on the hot path.
     let uri = request.uri().clone();
-    match forward(&state, request, received).await {
+    let mut span = state
+        .tracing
+        .as_ref()
+        .map(|t| t.begin(request.method(), uri.path(), request.headers()));
+    match forward(&state, request, received, &mut span).await {
         Ok(response) => response,
         Err(Refused { error, model }) => {
             refused(&state, uri.path(), &error, model.as_deref(), received);
+            if let Some(span) = span {
+                span.answered_by_gateway(error.status().as_u16(), Some(error.code()));
+            }
             error.into_response()
         }
     }
@@ -136,6 +144,7 @@ async fn forward(
     state: &AppState,
     request: Request,
     received: Instant,
+    span: &mut Option<RequestSpan>,
 ) -> Result<Response, Refused> {
     let live = state.live();
     let (parts, body) = request.into_parts();
@@ -151,11 +160,18 @@ async fn forward(
         let answer =
             objects::list_answer(state, &live, kind, parts.uri.query(), client.as_deref()).await?;
         answered_itself(state, parts.uri.path(), None, received);
+        if let Some(span) = span.take() {
+            span.answered_by_gateway(answer.status().as_u16(), None);
+        }
         return Ok(answer);
     }
     let limit = live.config.server.max_body_bytes.get();
     let body = read_body(body, &parts.headers, limit).await?;
     let info = inspect(&operation, &parts, &body, &live.completion_defaults).await?;
+    if let Some(span) = span.as_mut() {
+        let client = client.as_ref().map(|c| &c.id);
+        span.asked(operation.path, info.model.as_deref(), client);
+    }
     let refused = |error| Refused {
         error,
         model: info.model.clone(),
@@ -169,11 +185,12 @@ async fn forward(
         received,
         deadline: received + live.config.server.request_timeout,
         routing: Routing::default(),
+        traceparent: span.as_ref().and_then(RequestSpan::traceparent),
     };
     request.routing = objects::routing(state, &live, parts.method.as_str(), &path_use, &request)
         .await
         .map_err(refused)?;
-    dispatch(state, live, request).await.map_err(refused)
+    dispatch(state, live, request, span).await.map_err(refused)
 }
 
 /// A request that has been read and inspected.
@@ -190,6 +207,8 @@ struct Inbound<'a> {
     deadline: Instant,
     /// Where the objects it names pin it, and what its answer records.
     routing: Routing,
+    /// Its span as the upstream's parent, when traced.
+    traceparent: Option<HeaderValue>,
 }
 
 impl Inbound<'_> {
@@ -218,6 +237,7 @@ async fn dispatch(
     state: &AppState,
     live: Arc<Live>,
     request: Inbound<'_>,
+    span: &mut Option<RequestSpan>,
 ) -> Result<Response, GatewayError> {
     let model = request.info.model.as_deref();
     let mut target = Target {
@@ -232,6 +252,7 @@ async fn dispatch(
         attempts: 0,
         request_bytes: request.body.len() as u64,
         model_listed: model.is_some_and(|m| target.live.lists_model(m)),
+        span: None,
     };
     let worst_cost = target.worst_cost(&request)?;
     let queued = Instant::now();
@@ -241,6 +262,9 @@ async fn dispatch(
         .await;
     trace.queue_wait = metrics::elapsed(queued);
     state.metrics.queue_wait.observe(trace.queue_wait);
+    if let Some(span) = span.as_mut() {
+        span.admitted(trace.queue_wait.as_millis() as u64);
+    }
     let mut admitted = admitted?;
     if let Some(newer) = admitted.placement.rebased.take() {
         // It waited through a reload: go on in the new snapshot, on the
@@ -268,6 +292,7 @@ async fn dispatch(
         admitted.placement,
         admitted.client,
         trace,
+        span,
     )
     .await
 }
@@ -294,6 +319,7 @@ async fn attempt_all(
     first: Placement,
     client: ClientHold,
     mut trace: Trace,
+    span: &mut Option<RequestSpan>,
 ) -> Result<Response, GatewayError> {
     let live = &target.live;
     let usage = request.usage_ticket(state);
@@ -322,9 +348,13 @@ async fn attempt_all(
         trace.sent = Instant::now();
         let outcome = try_node(live, placement, request).await;
         if !outcome.retryable() {
+            trace.span = span.take();
             return outcome
                 .finish(state, live, request, client, usage, trace)
                 .await;
+        }
+        if let Some(span) = span.as_mut() {
+            span.retry(&live.node(node).name, outcome.why());
         }
         tried.push(node);
         if let Some(previous) = last.replace(outcome) {
@@ -333,6 +363,7 @@ async fn attempt_all(
     }
     match last {
         Some(outcome) => {
+            trace.span = span.take();
             outcome
                 .finish(state, live, request, client, usage, trace)
                 .await
@@ -379,6 +410,22 @@ impl Attempt {
         }
     }
 
+    /// Why another node is tried, for the request's span.
+    fn why(&self) -> &'static str {
+        match self {
+            Attempt::Answered { response, .. } => match response.status().as_u16() {
+                429 => "rate_limited",
+                401 | 403 => "key_refused",
+                _ => "server_error",
+            },
+            Attempt::Failed { failure, .. } => match failure {
+                Failure::Connect => "connect",
+                Failure::Timeout => "timeout",
+                Failure::Broken => "broken",
+            },
+        }
+    }
+
     /// Ends an attempt superseded by a later one. An error answer used no
     /// completion, so only the prompt stays counted.
     fn discard(self, prompt_tokens: u64) {
@@ -397,8 +444,15 @@ impl Attempt {
         request: &Inbound<'_>,
         mut client: ClientHold,
         usage: Option<UsageTicket>,
-        trace: Trace,
+        mut trace: Trace,
     ) -> Result<Response, GatewayError> {
+        // The span ends with the relay, or here with the gateway's error.
+        let failed = |trace: &mut Trace, error: GatewayError| {
+            if let Some(span) = trace.span.take() {
+                span.answered_by_gateway(error.status().as_u16(), Some(error.code()));
+            }
+            error
+        };
         match self {
             // Usage is recorded for answers the client got: what the
             // upstream served, whatever its status.
@@ -411,7 +465,8 @@ impl Attempt {
                 let response = if request.routing.watches_answer() {
                     let wait = request.deadline.saturating_duration_since(Instant::now());
                     objects::record_answer(state, live.node(node), &request.routing, response, wait)
-                        .await?
+                        .await
+                        .map_err(|error| failed(&mut trace, error))?
                 } else {
                     response
                 };
@@ -451,12 +506,13 @@ impl Attempt {
                     client.nothing_spent();
                 }
                 let node = live.node(node).name.to_string();
-                Err(match failure {
+                let error = match failure {
                     Failure::Timeout => GatewayError::UpstreamTimeout { node },
                     Failure::Connect | Failure::Broken => {
                         GatewayError::UpstreamUnavailable { node }
                     }
-                })
+                };
+                Err(failed(&mut trace, error))
             }
         }
     }
@@ -490,6 +546,7 @@ async fn try_node(live: &Live, placement: Placement, request: &Inbound<'_>) -> A
         &request.parts.headers,
         api::body_for(node, request.operation, request.info, &request.body),
         first_byte,
+        request.traceparent.as_ref(),
     )
     .await;
     let health = &live.config.health;

@@ -266,8 +266,21 @@ pub async fn serve_all(
     }
     state.tasks.stop().await;
     state.clients.store().close().await;
+    if state.tracing.is_some() {
+        // The last spans go out; the exporter's flush blocks its caller.
+        let state = Arc::clone(&state);
+        let flushed = tokio::task::spawn_blocking(move || {
+            if let Some(tracing) = &state.tracing {
+                tracing.shutdown();
+            }
+        });
+        let _ = tokio::time::timeout(TRACE_FLUSH_LIMIT, flushed).await;
+    }
     served
 }
+
+/// How long the last spans may take to leave at shutdown.
+const TRACE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// Room for connection bursts (a load test opens 1,000 at once); the kernel
 /// caps it at `net.core.somaxconn`.

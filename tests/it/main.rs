@@ -32,3 +32,4 @@ mod sdk;
 mod streaming;
 mod support;
 mod tls;
+mod traces;

@@ -1,0 +1,243 @@
+//! Traces: with `[tracing] otlp_endpoint`, every request is one span sent
+//! over OTLP/gRPC. The receiver here is a real OTLP trace service (the
+//! protocol's own generated server, on 127.0.0.1) that hands each span it
+//! receives to the test: the spans' parent links, attributes and events
+//! are checked as a collector would store them.
+
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use tokio::sync::mpsc;
+use wiremock::ResponseTemplate;
+
+use crate::support::{FAST, Gateway, answering, chat, chat_answer, client, node, v1};
+
+/// A span as received, with its resource's `service.name`.
+struct Received {
+    service: String,
+    span: Span,
+}
+
+struct Receiver(mpsc::UnboundedSender<Received>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        for resource in request.into_inner().resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    let _ = self.0.send(Received {
+                        service: service.clone(),
+                        span,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn text(value: &Any) -> Option<String> {
+    match value {
+        Any::StringValue(s) => Some(s.clone()),
+        Any::IntValue(n) => Some(n.to_string()),
+        Any::DoubleValue(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// An OTLP trace receiver on a free port: its endpoint, and the spans it
+/// receives. It stops when the test's runtime does.
+async fn receiver() -> (String, mpsc::UnboundedReceiver<Received>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (spans, received) = mpsc::unbounded_channel();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver(spans)))
+            .serve_with_incoming(incoming),
+    );
+    (endpoint, received)
+}
+
+/// The next span the receiver gets (the exporter sends every 100 ms).
+async fn next_span(spans: &mut mpsc::UnboundedReceiver<Received>) -> Received {
+    tokio::time::timeout(Duration::from_secs(15), spans.recv())
+        .await
+        .expect("a span within 15 s")
+        .expect("the receiver is running")
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn traced(endpoint: &str) -> String {
+    format!(
+        "{FAST}[tracing]\notlp_endpoint = \"{endpoint}\"\nservice_name = \"gateway-under-test\"\nexport_interval = \"100ms\"\n"
+    )
+}
+
+const CALLER_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const CALLER_SPAN: &str = "b7ad6b7169203331";
+
+#[tokio::test]
+async fn a_request_is_a_span_in_the_caller_s_trace_and_the_upstream_s_parent() {
+    let (endpoint, mut spans) = receiver().await;
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        traced(&endpoint),
+        node("a", &v1(&upstream), "k", "models = [\"gpt-4o-mini\"]")
+    ))
+    .await;
+    let response = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("traceparent", format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01"))
+        .body(chat("gpt-4o-mini", "hi", 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+
+    let Received { service, span } = next_span(&mut spans).await;
+    assert_eq!(service, "gateway-under-test");
+    assert_eq!(span.name, "POST /v1/chat/completions");
+    assert_eq!(span.kind, 2, "a server span");
+    assert_eq!(hex(&span.trace_id), CALLER_TRACE, "the caller's trace");
+    assert_eq!(
+        hex(&span.parent_span_id),
+        CALLER_SPAN,
+        "the caller's span is its parent"
+    );
+    for (key, value) in [
+        ("http.request.method", "POST"),
+        ("url.path", "/v1/chat/completions"),
+        ("http.response.status_code", "200"),
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.request.model", "gpt-4o-mini"),
+        ("gen_ai.usage.input_tokens", "5"),
+        ("gen_ai.usage.output_tokens", "2"),
+        ("balancer.node", "a"),
+        ("balancer.attempts", "1"),
+        ("balancer.queue_wait_ms", "0"),
+    ] {
+        assert_eq!(attribute(&span, key).as_deref(), Some(value), "{key}");
+    }
+    // The upstream got the gateway's span as its parent, in the same trace.
+    let sent = upstream.received_requests().await.unwrap();
+    let traceparent = sent[0]
+        .headers
+        .get("traceparent")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert_eq!(
+        traceparent,
+        format!("00-{CALLER_TRACE}-{}-01", hex(&span.span_id))
+    );
+}
+
+#[tokio::test]
+async fn a_retry_is_an_event_and_a_refusal_a_span_with_its_error() {
+    let (endpoint, mut spans) = receiver().await;
+    let broken = answering(ResponseTemplate::new(500).set_body_string("boom")).await;
+    let healthy = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    // A fresh gateway tries node 0 first.
+    let gw = Gateway::start(&format!(
+        "{}{}{}",
+        traced(&endpoint),
+        node("first", &v1(&broken), "k", "models = [\"gpt-4o-mini\"]"),
+        node("second", &v1(&healthy), "k", "models = [\"gpt-4o-mini\"]"),
+    ))
+    .await;
+    let response = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat("gpt-4o-mini", "hi", 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-balancer-node"], "second");
+    response.bytes().await.unwrap();
+    let span = next_span(&mut spans).await.span;
+    assert!(
+        span.parent_span_id.is_empty(),
+        "no caller trace: a root span"
+    );
+    assert_eq!(attribute(&span, "balancer.node").as_deref(), Some("second"));
+    assert_eq!(attribute(&span, "balancer.attempts").as_deref(), Some("2"));
+    let retry = span
+        .events
+        .iter()
+        .find(|e| e.name == "balancer.retry")
+        .expect("a retry event");
+    let on = |key: &str| {
+        retry
+            .attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
+    };
+    assert_eq!(on("balancer.node").as_deref(), Some("first"));
+    assert_eq!(on("balancer.reason").as_deref(), Some("server_error"));
+    // Each attempt carried the same parent: the gateway's span.
+    for server in [&broken, &healthy] {
+        let sent = server.received_requests().await.unwrap();
+        let traceparent = sent[0]
+            .headers
+            .get("traceparent")
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert!(traceparent.contains(&hex(&span.span_id)), "{traceparent}");
+    }
+
+    // A model no node serves: the gateway's own 404, a span all the same.
+    let response = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat("no-such-model", "hi", 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let span = next_span(&mut spans).await.span;
+    assert_eq!(
+        attribute(&span, "http.response.status_code").as_deref(),
+        Some("404")
+    );
+    assert_eq!(
+        attribute(&span, "error.type").as_deref(),
+        Some("model_not_found")
+    );
+}

@@ -179,6 +179,16 @@ fn encode_queue(out: &mut DescriptorEncoder<'_>, state: &AppState) -> Fmt {
         None,
         refused.metric_type(),
     )?)?;
+    // With [cluster]: whether the shared limits answer.
+    if let Some(shared) = &state.admission.shared {
+        let up = ConstGauge::new(i64::from(shared.is_up()));
+        up.encode(out.encode_descriptor(
+            "cluster_redis_up",
+            "1 while Redis (the limits shared with other replicas) answers, 0 while on_redis_error applies.",
+            None,
+            up.metric_type(),
+        )?)?;
+    }
 
     Ok(())
 }

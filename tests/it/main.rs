@@ -14,6 +14,7 @@ mod cli;
 mod clients;
 mod cluster;
 mod dashboard;
+mod deploy;
 mod errors;
 mod fairness;
 mod health;

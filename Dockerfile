@@ -14,9 +14,18 @@
 # The config is read from /etc/balancer/Balancer.toml (mount yours there);
 # keys come from the environment variables it names. Clients and usage live
 # in /var/lib/balancer (a volume) unless [store] url names PostgreSQL.
+#
+# Both base images can be replaced with build arguments (CI builds this
+# file with buildah against bases it makes from Debian's packages, see
+# deploy/image/build-and-run.sh): the builder needs a Rust 1.95 toolchain
+# and a C compiler on PATH, the runtime glibc 2.36 or newer and CA
+# certificates.
+ARG BUILDER_IMAGE=rust:1.95-slim-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 # ---- build -------------------------------------------------------------
-FROM rust:1.95-slim-bookworm AS build
+# hadolint ignore=DL3006
+FROM ${BUILDER_IMAGE} AS build
 WORKDIR /src
 # The whole workspace: the gateway depends on mock-upstreams (for `demo`),
 # and loadtest is a workspace member. .dockerignore keeps target/ out.
@@ -28,7 +37,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -d -o 65532 -g 65532 /out/data
 
 # ---- run ---------------------------------------------------------------
-FROM gcr.io/distroless/cc-debian12:nonroot
+# hadolint ignore=DL3006
+FROM ${RUNTIME_IMAGE}
 COPY --from=build /out/balancer /usr/local/bin/balancer
 COPY --from=build --chown=65532:65532 /out/data /var/lib/balancer
 COPY Balancer.toml /etc/balancer/Balancer.toml

@@ -15,7 +15,8 @@
 #     it is answered 200 by the mock, and `balancer stop` drains it.
 #
 # Needs root, buildah, mmdebstrap and a built mock-upstreams binary
-# (MOCK_UPSTREAMS, default target/debug/mock-upstreams). Everything it
+# (MOCK_UPSTREAMS, default target/debug/mock-upstreams). REUSE_IMAGE=1
+# runs an image built before instead of building again. Everything it
 # starts listens on 127.0.0.1 and is stopped by PID before it exits.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,6 +35,9 @@ cleanup() {
 trap cleanup EXIT
 
 mirror=http://deb.debian.org/debian
+if [ -n "${REUSE_IMAGE:-}" ] && "${buildah[@]}" inspect localhost/balancer:ci >/dev/null 2>&1; then
+  echo "-- REUSE_IMAGE: running the image built before"
+else
 echo "-- runtime base: Debian bookworm minbase + CA certificates (mmdebstrap)"
 mmdebstrap --quiet --mode=root --variant=minbase --include=ca-certificates \
   bookworm "$work/runtime.tar" "$mirror"
@@ -63,6 +67,7 @@ echo "-- the image, from the Dockerfile"
   --build-arg BUILDER_IMAGE=localhost/balancer-ci-builder:1.95 \
   --build-arg RUNTIME_IMAGE=localhost/balancer-ci-runtime:bookworm \
   -t localhost/balancer:ci -f Dockerfile . >/dev/null
+fi
 "${buildah[@]}" images localhost/balancer:ci
 
 ctr="$("${buildah[@]}" from localhost/balancer:ci)"; containers+=("$ctr")
@@ -98,7 +103,9 @@ rpm = 1000
 EOF
 
 echo "-- balancer serve, inside the image"
-in_image --env NODE_KEY=sk-image-ci-a -v "$work/config:/etc/balancer-ci:ro" "$ctr" -- \
+# The image's own BALANCER_SERVER__LISTEN (0.0.0.0:8080) is overridden
+# like any setting, by the environment.
+in_image --env NODE_KEY=sk-image-ci-a --env "BALANCER_SERVER__LISTEN=127.0.0.1:$gateway_port" -v "$work/config:/etc/balancer-ci:ro" "$ctr" -- \
   /usr/local/bin/balancer serve --config /etc/balancer-ci/Balancer.toml &
 serve_pid=$!
 

@@ -578,3 +578,88 @@ async fn the_admin_api_sets_changes_and_reads_a_budget() {
         "{budget}"
     );
 }
+
+#[tokio::test]
+async fn every_way_a_request_ends_gives_back_its_hold() {
+    use crate::support::closed_port;
+    let budget = "budget_usd = 1.0\nbudget_period = \"day\"";
+    // A worst case: 1,000 output tokens at $2/M and a few prompt tokens.
+    let body = || chat("m", "hi", 1_000);
+
+    // The node answers 500: relayed, nothing charged, nothing held.
+    let failing = answering(ResponseTemplate::new(500).set_body_string("boom")).await;
+    let gw = gateway(&v1(&failing), budget, "[retry]\nattempts = 0\n").await;
+    assert_eq!(send(&gw, "/v1/chat/completions", body()).await.0, 500);
+    let spend = settled_budget(&gw).await;
+    assert_eq!(spend["spent_usd"], 0.0, "{spend}");
+
+    // No node can be reached: nothing reached a node, nothing charged.
+    let unreachable = format!("http://127.0.0.1:{}/v1", closed_port());
+    let gw = gateway(&unreachable, budget, "[retry]\nattempts = 0\n").await;
+    assert_eq!(send(&gw, "/v1/chat/completions", body()).await.0, 502);
+    let spend = settled_budget(&gw).await;
+    assert_eq!(spend["spent_usd"], 0.0, "{spend}");
+
+    // No answer in time: the node may have billed it, so the worst case
+    // stays charged (the safe side), and nothing stays held.
+    let slow = answering(
+        ResponseTemplate::new(200)
+            .set_body_json(chat_answer(5, 2))
+            .set_delay(Duration::from_secs(5)),
+    )
+    .await;
+    let gw = gateway(
+        &v1(&slow),
+        budget,
+        "[retry]\nattempts = 0\n[upstream]\nfirst_byte_timeout = \"300ms\"\n",
+    )
+    .await;
+    assert_eq!(send(&gw, "/v1/chat/completions", body()).await.0, 504);
+    let spend = settled_budget(&gw).await;
+    let spent = spend["spent_usd"].as_f64().unwrap();
+    assert!(spent > 0.002 && spent < 0.00201, "the worst case: {spend}");
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_stream_pays_for_what_streamed_and_holds_nothing() {
+    use mock_upstreams::{MockConfig, MockUpstream};
+    use std::time::Duration;
+    let upstream = MockUpstream::start(
+        "127.0.0.1:0".parse().unwrap(),
+        MockConfig::new("sk-upstream")
+            .models(&["m"])
+            .completion_words(200)
+            .stream_timing(Duration::from_millis(10), Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
+    let gw = gateway(
+        &upstream.base_url(),
+        "budget_usd = 1.0\nbudget_period = \"day\"",
+        "",
+    )
+    .await;
+    let body = json!({"model": "m", "stream": true, "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
+    let mut response = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .bearer_auth(TEAM)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // A few events, then the client goes away.
+    let mut seen = 0;
+    while seen < 3 {
+        if response.chunk().await.unwrap().is_some() {
+            seen += 1;
+        }
+    }
+    drop(response);
+    let spend = settled_budget(&gw).await;
+    let spent = spend["spent_usd"].as_f64().unwrap();
+    // The prompt and a few of the 200 words: far less than the worst case.
+    assert!(spent > 0.0 && spent < 0.0005, "{spend}");
+    upstream.stop().await;
+}

@@ -37,7 +37,9 @@
 //!    [`metrics`] (atomics only) and logs its one access-log line.
 //!
 //! Every error the gateway produces is a [`error::GatewayError`], mapped to
-//! the OpenAI error shape in one place.
+//! the OpenAI error shape in one place. With `[tracing]`, the request is
+//! one OpenTelemetry span from arrival to the end of its relay
+//! ([`traces`]).
 //!
 //! # Beside the request path
 //! - [`server::start`] builds the [`state::AppState`] and starts every
@@ -59,7 +61,7 @@
 //!
 //! # Module dependencies
 //! Leaves first: [`keys`], [`limits`], [`tokens`], [`metrics`], [`money`],
-//! [`tasks`];
+//! [`tasks`]; [`traces`] on [`config`];
 //! then [`config`], [`error`], [`store`], [`ledger`], [`health`],
 //! [`clients`]; [`snapshot`] builds on those, [`objects`] on the snapshot, [`admission`] on the
 //! snapshot, [`state`] holds both; the HTTP-facing modules ([`proxy`],

@@ -94,18 +94,7 @@ fn validate(
     let mut warnings = Warnings::default();
 
     let server = server(raw.server, &mut problems);
-    let upstream = UpstreamSettings {
-        connect_timeout: positive(
-            "upstream.connect_timeout",
-            raw.upstream.connect_timeout,
-            &mut problems,
-        ),
-        first_byte_timeout: positive(
-            "upstream.first_byte_timeout",
-            raw.upstream.first_byte_timeout,
-            &mut problems,
-        ),
-    };
+    let upstream = upstream(&raw.upstream, &mut problems);
     let health = health(raw.health, &mut problems);
     let client_keys = client_keys(&raw.auth.client_keys_env, env, &mut problems);
     let clients = validate_clients(raw.clients, env, &mut problems);
@@ -175,6 +164,17 @@ fn validate(
         },
         warnings,
     ))
+}
+
+fn upstream(raw: &super::raw::RawUpstream, problems: &mut Vec<String>) -> UpstreamSettings {
+    UpstreamSettings {
+        connect_timeout: positive("upstream.connect_timeout", raw.connect_timeout, problems),
+        first_byte_timeout: positive(
+            "upstream.first_byte_timeout",
+            raw.first_byte_timeout,
+            problems,
+        ),
+    }
 }
 
 fn validate_tracing(raw: super::raw::RawTracing, problems: &mut Vec<String>) -> TracingSettings {

@@ -9,10 +9,10 @@
 //! 5. **Admit** ([`Admission::admit`](crate::admission::Admission::admit)):
 //!    the client's limits, then the least-loaded node with headroom, or a
 //!    wait, or a refusal.
-//! 6. **Forward** with the node's key ([`upstream::send`]). A failure before
+//! 6. **Forward** with the node's key ([`crate::upstream::send`]). A failure before
 //!    anything reached the client (no connection, no head in time, 5xx, 429,
 //!    401/403) is retried on another node, up to `retry.attempts` times.
-//! 7. **Relay** the answer untouched ([`relay::relay`]), settling the
+//! 7. **Relay** the answer untouched ([`crate::relay::relay`]), settling the
 //!    booking and the client's hold when it ends.
 //!
 //! Everything that happens before the response head is bounded by

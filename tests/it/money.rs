@@ -663,3 +663,62 @@ async fn a_client_that_hangs_up_mid_stream_pays_for_what_streamed_and_holds_noth
     assert!(spent > 0.0 && spent < 0.0005, "{spend}");
     upstream.stop().await;
 }
+
+#[tokio::test]
+async fn with_redis_away_a_replica_holds_by_its_own_count_and_a_fresh_redis_starts_from_it() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    // Every answer costs $0.002; the budget fits five.
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(0, 1_000))).await;
+    let cluster = format!(
+        "[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n",
+        redis.url()
+    );
+    let gw = gateway(
+        &v1(&upstream),
+        "budget_usd = 0.0101\nbudget_period = \"day\"",
+        &cluster,
+    )
+    .await;
+    gw.until(|s| s["cluster"]["redis"] == "up").await;
+    for _ in 0..2 {
+        assert_eq!(
+            send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000))
+                .await
+                .0,
+            200
+        );
+    }
+    settled_budget(&gw).await;
+
+    // Redis goes away (on_redis_error = "local"): this replica's count.
+    redis.kill();
+    assert_eq!(
+        send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000))
+            .await
+            .0,
+        200
+    );
+    gw.until(|s| s["cluster"]["redis"] == "down").await;
+    let local = settled_budget(&gw).await;
+    assert!(
+        close(local["spent_usd"].as_f64().unwrap(), 0.006),
+        "{local}"
+    );
+
+    // Back, empty: the period's key starts from what this replica counted.
+    let redis = RedisServer::start_on(port);
+    gw.until(|s| s["cluster"]["redis"] == "up").await;
+    let mut more = 0;
+    while send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000))
+        .await
+        .0
+        == 200
+    {
+        more += 1;
+        assert!(more <= 2, "past the budget");
+    }
+    assert_eq!(more, 2, "$0.006 spent before: two more fit");
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 5);
+    drop(redis);
+}

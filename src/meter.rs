@@ -60,14 +60,23 @@ impl Meter {
                 .ok()
                 .and_then(|w| {
                     let images = w.data.map_or(0, |d| d.len() as u64);
+                    // A transcription's seconds: its usage, else the
+                    // `duration` of a verbose answer.
+                    let audio_ms = w
+                        .usage
+                        .and_then(|u| u.seconds)
+                        .or(w.duration)
+                        .map_or(0, seconds_to_ms);
                     match w.usage {
                         Some(u) => Some(TokenUsage {
                             images,
+                            audio_ms,
                             ..u.split(prompt_tokens)
                         }),
-                        // An images answer without usage: its images.
-                        None if images > 0 && success => Some(TokenUsage {
+                        // An images or audio answer without usage.
+                        None if (images > 0 || audio_ms > 0) && success => Some(TokenUsage {
                             images,
+                            audio_ms,
                             ..TokenUsage::prompt_only(0)
                         }),
                         None => None,
@@ -122,6 +131,8 @@ pub(crate) struct TokenUsage {
     pub cached_prompt: u64,
     /// Images an images answer returned.
     pub images: u64,
+    /// Milliseconds of audio a transcription read.
+    pub audio_ms: u64,
 }
 
 impl TokenUsage {
@@ -132,6 +143,7 @@ impl TokenUsage {
             completion: 0,
             cached_prompt: 0,
             images: 0,
+            audio_ms: 0,
         }
     }
 
@@ -142,6 +154,7 @@ impl TokenUsage {
             cached_prompt: self.cached_prompt,
             completion: self.completion,
             images: self.images,
+            audio_ms: self.audio_ms,
         }
     }
 
@@ -300,6 +313,17 @@ struct Usage {
     total_tokens: Option<u64>,
     prompt_tokens_details: Option<PromptDetails>,
     input_tokens_details: Option<PromptDetails>,
+    /// A transcription billed by duration: `{"type":"duration","seconds":N}`.
+    seconds: Option<f64>,
+}
+
+/// Seconds (as an answer says them) to whole milliseconds; nonsense is 0.
+fn seconds_to_ms(seconds: f64) -> u64 {
+    if seconds.is_finite() && seconds > 0.0 {
+        (seconds * 1000.0).round() as u64
+    } else {
+        0
+    }
 }
 
 /// `prompt_tokens_details` (Chat) or `input_tokens_details` (Responses).
@@ -335,6 +359,7 @@ impl Usage {
             completion,
             cached_prompt,
             images: 0,
+            audio_ms: 0,
         }
     }
 }
@@ -346,6 +371,8 @@ struct WithUsage {
     /// An images (or embeddings, or list) answer's items: counted, not kept.
     #[serde(default, deserialize_with = "count_items")]
     data: Option<Count>,
+    /// A verbose transcription's length in seconds.
+    duration: Option<f64>,
 }
 
 /// How many items a JSON array holds (anything else: `None`).
@@ -558,6 +585,19 @@ mod tests {
         }
         // Cut: no response.completed. "hello world again" is three tokens.
         assert_eq!(split(&meter, 10), (10, 3));
+    }
+
+    #[test]
+    fn a_transcription_is_read_for_its_seconds() {
+        for body in [
+            &br#"{"text":"hello","usage":{"type":"duration","seconds":12.5}}"#[..],
+            br#"{"task":"transcribe","duration":12.5,"text":"hello","segments":[]}"#,
+        ] {
+            let mut meter = Meter::Json(Vec::new());
+            meter.observe(body);
+            let usage = meter.usage(0, ENC, true).expect("usage known");
+            assert_eq!(usage.audio_ms, 12_500);
+        }
     }
 
     #[test]

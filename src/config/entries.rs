@@ -211,6 +211,7 @@ pub(super) fn prices(
             cached_input: entry.cached_input.unwrap_or(entry.input),
             output: entry.output,
             image: entry.image,
+            audio_second: entry.audio_second,
         };
         if model.trim().is_empty() {
             problems.push(format!("{at}: a model name must not be empty"));

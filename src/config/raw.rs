@@ -90,7 +90,7 @@ pub(super) struct RawConfig {
 }
 
 /// `[prices."model"]` (and `[nodes.prices."model"]`): US dollars per
-/// million tokens, and per image. A field left out is 0.
+/// million tokens, per image and per second of audio. A field left out is 0.
 #[derive(Debug, Deserialize, Default, Clone, Copy)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawPrice {
@@ -99,6 +99,7 @@ pub(super) struct RawPrice {
     pub(super) cached_input: Option<f64>,
     pub(super) output: f64,
     pub(super) image: f64,
+    pub(super) audio_second: f64,
 }
 
 /// `[server]`

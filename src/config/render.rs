@@ -201,6 +201,7 @@ fn render_prices(out: &mut Toml, at: &str, prices: &PriceTable) {
         out.bare("cached_input", price.cached_input);
         out.bare("output", price.output);
         out.bare("image", price.image);
+        out.bare("audio_second", price.audio_second);
     }
 }
 

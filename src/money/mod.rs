@@ -114,6 +114,8 @@ pub struct Usage {
     pub completion: u64,
     /// Images returned (images endpoints).
     pub images: u64,
+    /// Milliseconds of audio read (transcriptions billed by duration).
+    pub audio_ms: u64,
 }
 
 #[cfg(test)]
@@ -143,8 +145,7 @@ mod tests {
         let usage = Usage {
             prompt: 1_000,
             cached_prompt: 800,
-            completion: 0,
-            images: 0,
+            ..Usage::default()
         };
         assert_eq!(mini().cost(&usage, 1.0), Cost(90_000));
         // A report of more cached tokens than prompt ones caps at the prompt.
@@ -193,6 +194,17 @@ mod tests {
             "budget_period"
         );
         assert_eq!(budget_of(None, Some("day")).unwrap_err().0, "budget_usd");
+    }
+
+    #[test]
+    fn audio_is_priced_by_the_second() {
+        let whisper = *PriceTable::defaults().find("whisper-1").expect("priced");
+        let usage = Usage {
+            audio_ms: 90_500,
+            ..Usage::default()
+        };
+        // 90.5 s at $0.006 a minute.
+        assert_eq!(whisper.cost(&usage, 1.0), Cost::from_usd(0.00905));
     }
 
     #[test]

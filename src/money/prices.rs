@@ -1,8 +1,9 @@
-//! Prices: what a model's tokens (and images) cost, per node.
+//! Prices: what a model's tokens (and images, and seconds of audio)
+//! cost, per node.
 //!
 //! A [`Price`] is written in US dollars per million tokens (`input`,
-//! `cached_input`, `output`) and per image, as the providers publish
-//! them. The [`PriceTable`] is the shipped list ([`DEFAULT_PRICES`]) with
+//! `cached_input`, `output`), per image and per second of audio, as the
+//! providers publish them. The [`PriceTable`] is the shipped list ([`DEFAULT_PRICES`]) with
 //! the config's `[prices."model"]` entries over it; a node may carry a
 //! `price_multiplier` and its own `[nodes.prices."model"]` entries, which
 //! take precedence over the table for that node.
@@ -16,7 +17,8 @@ use std::collections::BTreeMap;
 
 use super::{Cost, Usage};
 
-/// One model's prices, in US dollars: per million tokens, and per image.
+/// One model's prices, in US dollars: per million tokens, per image, per
+/// second of audio.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Price {
     pub input: f64,
@@ -26,6 +28,8 @@ pub struct Price {
     pub output: f64,
     /// Each image an images endpoint returns.
     pub image: f64,
+    /// Each second of audio a transcription or translation reads.
+    pub audio_second: f64,
 }
 
 impl Price {
@@ -38,7 +42,8 @@ impl Price {
         let nanos = per_token(self.input) * (usage.prompt - cached) as f64
             + per_token(self.cached_input) * cached as f64
             + per_token(self.output) * usage.completion as f64
-            + self.image * 1e9 * usage.images as f64;
+            + self.image * 1e9 * usage.images as f64
+            + self.audio_second * 1e6 * usage.audio_ms as f64;
         Cost::from_nanos_f64(nanos * multiplier)
     }
 
@@ -58,6 +63,7 @@ impl Price {
             ("cached_input", self.cached_input),
             ("output", self.output),
             ("image", self.image),
+            ("audio_second", self.audio_second),
         ]
         .into_iter()
         .find(|(_, v)| !v.is_finite() || *v < 0.0)
@@ -82,17 +88,20 @@ impl PriceTable {
         Self {
             by_model: DEFAULT_PRICES
                 .iter()
-                .map(|&(model, input, cached_input, output, image)| {
-                    (
-                        model.to_owned(),
-                        Price {
-                            input,
-                            cached_input,
-                            output,
-                            image,
-                        },
-                    )
-                })
+                .map(
+                    |&(model, input, cached_input, output, image, audio_second)| {
+                        (
+                            model.to_owned(),
+                            Price {
+                                input,
+                                cached_input,
+                                output,
+                                image,
+                                audio_second,
+                            },
+                        )
+                    },
+                )
                 .collect(),
         }
     }
@@ -174,32 +183,34 @@ impl NodePricing {
 /// (prices as of 2025-08; re-check them there: they change). A `0.0`
 /// cached price means the model has no cached-input discount listed and
 /// is then charged at 0 for cached tokens only if the provider reports
-/// any; images are priced per standard 1024x1024 image.
-pub const DEFAULT_PRICES: &[(&str, f64, f64, f64, f64)] = &[
-    // model, input, cached_input, output, image
-    ("gpt-5", 1.25, 0.125, 10.0, 0.0),
-    ("gpt-5-mini", 0.25, 0.025, 2.0, 0.0),
-    ("gpt-5-nano", 0.05, 0.005, 0.40, 0.0),
-    ("gpt-4.1", 2.0, 0.50, 8.0, 0.0),
-    ("gpt-4.1-mini", 0.40, 0.10, 1.60, 0.0),
-    ("gpt-4.1-nano", 0.10, 0.025, 0.40, 0.0),
-    ("gpt-4o", 2.50, 1.25, 10.0, 0.0),
-    ("gpt-4o-mini", 0.15, 0.075, 0.60, 0.0),
-    ("gpt-4-turbo", 10.0, 10.0, 30.0, 0.0),
-    ("gpt-4", 30.0, 30.0, 60.0, 0.0),
-    ("gpt-3.5-turbo", 0.50, 0.50, 1.50, 0.0),
-    ("o1", 15.0, 7.50, 60.0, 0.0),
-    ("o1-mini", 1.10, 0.55, 4.40, 0.0),
-    ("o3", 2.0, 0.50, 8.0, 0.0),
-    ("o3-mini", 1.10, 0.55, 4.40, 0.0),
-    ("o4-mini", 1.10, 0.275, 4.40, 0.0),
-    ("gpt-4o-transcribe", 2.50, 2.50, 10.0, 0.0),
-    ("gpt-4o-mini-transcribe", 1.25, 1.25, 5.0, 0.0),
-    ("text-embedding-3-small", 0.02, 0.02, 0.0, 0.0),
-    ("text-embedding-3-large", 0.13, 0.13, 0.0, 0.0),
-    ("text-embedding-ada-002", 0.10, 0.10, 0.0, 0.0),
-    ("dall-e-3", 0.0, 0.0, 0.0, 0.04),
-    ("dall-e-2", 0.0, 0.0, 0.0, 0.02),
+/// any; images are priced per standard 1024x1024 image; whisper-1 at
+/// $0.006 a minute of audio.
+pub const DEFAULT_PRICES: &[(&str, f64, f64, f64, f64, f64)] = &[
+    // model, input, cached_input, output, image, audio_second
+    ("gpt-5", 1.25, 0.125, 10.0, 0.0, 0.0),
+    ("gpt-5-mini", 0.25, 0.025, 2.0, 0.0, 0.0),
+    ("gpt-5-nano", 0.05, 0.005, 0.40, 0.0, 0.0),
+    ("gpt-4.1", 2.0, 0.50, 8.0, 0.0, 0.0),
+    ("gpt-4.1-mini", 0.40, 0.10, 1.60, 0.0, 0.0),
+    ("gpt-4.1-nano", 0.10, 0.025, 0.40, 0.0, 0.0),
+    ("gpt-4o", 2.50, 1.25, 10.0, 0.0, 0.0),
+    ("gpt-4o-mini", 0.15, 0.075, 0.60, 0.0, 0.0),
+    ("gpt-4-turbo", 10.0, 10.0, 30.0, 0.0, 0.0),
+    ("gpt-4", 30.0, 30.0, 60.0, 0.0, 0.0),
+    ("gpt-3.5-turbo", 0.50, 0.50, 1.50, 0.0, 0.0),
+    ("o1", 15.0, 7.50, 60.0, 0.0, 0.0),
+    ("o1-mini", 1.10, 0.55, 4.40, 0.0, 0.0),
+    ("o3", 2.0, 0.50, 8.0, 0.0, 0.0),
+    ("o3-mini", 1.10, 0.55, 4.40, 0.0, 0.0),
+    ("o4-mini", 1.10, 0.275, 4.40, 0.0, 0.0),
+    ("gpt-4o-transcribe", 2.50, 2.50, 10.0, 0.0, 0.0),
+    ("gpt-4o-mini-transcribe", 1.25, 1.25, 5.0, 0.0, 0.0),
+    ("text-embedding-3-small", 0.02, 0.02, 0.0, 0.0, 0.0),
+    ("text-embedding-3-large", 0.13, 0.13, 0.0, 0.0, 0.0),
+    ("text-embedding-ada-002", 0.10, 0.10, 0.0, 0.0, 0.0),
+    ("dall-e-3", 0.0, 0.0, 0.0, 0.04, 0.0),
+    ("dall-e-2", 0.0, 0.0, 0.0, 0.02, 0.0),
+    ("whisper-1", 0.0, 0.0, 0.0, 0.0, 0.0001),
 ];
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ async fn gateway(upstream: &str, client: &str, extra: &str) -> Gateway {
             "a",
             upstream,
             "sk-upstream",
-            "models = [\"m\", \"unpriced-model\"]"
+            "models = [\"m\", \"unpriced-model\", \"whisper-1\"]"
         )
     );
     Gateway::start_file_text(&toml, &[("TEAM", TEAM)]).await
@@ -721,4 +721,36 @@ async fn with_redis_away_a_replica_holds_by_its_own_count_and_a_fresh_redis_star
     assert_eq!(more, 2, "$0.006 spent before: two more fit");
     assert_eq!(upstream.received_requests().await.unwrap().len(), 5);
     drop(redis);
+}
+
+#[tokio::test]
+async fn a_transcription_billed_by_the_second_costs_its_seconds() {
+    let answer = json!({"text": "hello", "usage": {"type": "duration", "seconds": 12}});
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(answer)).await;
+    let gw = gateway(&v1(&upstream), "", "").await;
+    let boundary = "balancer-test-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+         Content-Type: audio/wav\r\n\r\nRIFF....WAVE\r\n--{boundary}--\r\n"
+    );
+    let response = client()
+        .post(gw.url("/v1/audio/transcriptions"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .bearer_auth(TEAM)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    // whisper-1's shipped price: $0.006 a minute; 12 s is $0.0012.
+    let total = usage_total(&gw).await;
+    assert!(
+        close(total["cost_usd"].as_f64().unwrap(), 0.0012),
+        "{total}"
+    );
 }

@@ -218,10 +218,12 @@ async fn a_stream_costs_its_final_usage_or_else_its_counted_text() {
 async fn fifty_requests_at_once_against_a_budget_for_ten_admit_ten_and_spend_within_it() {
     // Each request may cost 1,000 output tokens at $2/M = $0.002 (plus its
     // prompt); the budget holds ten such worst cases and a little more.
+    // The answers take 2 s: every request arrives while the first ten are
+    // still in flight, however slow the machine.
     let upstream = answering(
         ResponseTemplate::new(200)
             .set_body_json(chat_answer(5, 2))
-            .set_delay(Duration::from_millis(800)),
+            .set_delay(Duration::from_secs(2)),
     )
     .await;
     let gw = gateway(
@@ -413,7 +415,7 @@ async fn two_replicas_share_one_budget() {
     let upstream = answering(
         ResponseTemplate::new(200)
             .set_body_json(chat_answer(0, 1_000))
-            .set_delay(Duration::from_millis(300)),
+            .set_delay(Duration::from_secs(2)),
     )
     .await;
     let cluster = format!(

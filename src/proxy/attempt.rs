@@ -60,6 +60,18 @@ impl Attempt {
         }
     }
 
+    /// An attempt that got no answer but may have reached the node (it
+    /// timed out, or the connection broke): the node may bill it.
+    pub(super) fn maybe_billed(&self) -> bool {
+        matches!(
+            self,
+            Attempt::Failed {
+                failure: Failure::Timeout | Failure::Broken,
+                ..
+            }
+        )
+    }
+
     /// Why another node is tried, for the request's span.
     pub(super) fn why(&self) -> &'static str {
         match self {
@@ -92,7 +104,7 @@ impl Attempt {
         state: &AppState,
         live: &Live,
         request: &Inbound<'_>,
-        mut client: ClientHold,
+        client: ClientHold,
         usage: Option<UsageTicket>,
         mut trace: Trace,
     ) -> Result<Response, GatewayError> {
@@ -150,11 +162,6 @@ impl Attempt {
                 ))
             }
             Attempt::Failed { node, failure } => {
-                if matches!(failure, Failure::Connect) {
-                    // The last attempt reached no node; earlier ones were
-                    // answered with errors, which cost nothing.
-                    client.nothing_spent();
-                }
                 let node = live.node(node).name.to_string();
                 let error = match failure {
                     Failure::Timeout => GatewayError::UpstreamTimeout { node },

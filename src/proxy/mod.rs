@@ -313,11 +313,13 @@ async fn attempt_all(
     target: &Target,
     request: &Inbound<'_>,
     first: Placement,
-    client: ClientHold,
+    mut client: ClientHold,
     mut trace: Trace,
     span: &mut Option<RequestSpan>,
 ) -> Result<Response, GatewayError> {
     let live = &target.live;
+    // Whether any attempt may have been billed though no answer came.
+    let mut maybe_billed = false;
     let usage = request.usage_ticket(state);
     let attempts = live.config.retry.attempts as usize + 1;
     let mut next = Some(first);
@@ -343,6 +345,7 @@ async fn attempt_all(
         trace.attempts += 1;
         trace.sent = Instant::now();
         let outcome = try_node(live, placement, request).await;
+        maybe_billed |= outcome.maybe_billed();
         if !outcome.retryable() {
             trace.span = span.take();
             return outcome
@@ -359,6 +362,12 @@ async fn attempt_all(
     }
     match last {
         Some(outcome) => {
+            if matches!(outcome, Attempt::Failed { .. }) && !maybe_billed {
+                // No node answered and none may have worked on it (every
+                // attempt failed to connect or was refused with an error,
+                // which costs nothing): the budget's hold goes back whole.
+                client.nothing_spent();
+            }
             trace.span = span.take();
             outcome
                 .finish(state, live, request, client, usage, trace)

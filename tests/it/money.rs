@@ -756,3 +756,35 @@ async fn a_transcription_billed_by_the_second_costs_its_seconds() {
         "{total}"
     );
 }
+
+#[tokio::test]
+async fn a_timed_out_attempt_keeps_its_worst_case_though_the_retry_finds_no_node() {
+    use crate::support::closed_port;
+    // Node 0 (tried first) answers too late, node 1 cannot be reached: the
+    // first may have billed the request, so the worst case stays charged
+    // although the last attempt reached nothing.
+    let slow = answering(
+        ResponseTemplate::new(200)
+            .set_body_json(chat_answer(5, 2))
+            .set_delay(Duration::from_secs(5)),
+    )
+    .await;
+    let toml = format!(
+        "[admin]\ntoken_env = \"TEST_ADMIN_TOKEN\"\n{PRICES}[retry]\nattempts = 1\n\
+         [upstream]\nfirst_byte_timeout = \"300ms\"\n\
+         [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\nbudget_usd = 1.0\nbudget_period = \"day\"\n{}{}",
+        node("slow", &v1(&slow), "k", "models = [\"m\"]"),
+        node(
+            "gone",
+            &format!("http://127.0.0.1:{}/v1", closed_port()),
+            "k",
+            "models = [\"m\"]"
+        ),
+    );
+    let gw = Gateway::start_file_text(&toml, &[("TEAM", TEAM)]).await;
+    let (status, _, body) = send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000)).await;
+    assert_eq!(status, 502, "{body}");
+    let spend = settled_budget(&gw).await;
+    let spent = spend["spent_usd"].as_f64().unwrap();
+    assert!(spent > 0.002 && spent < 0.00201, "the worst case: {spend}");
+}

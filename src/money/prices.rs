@@ -38,22 +38,29 @@ impl Price {
     /// input price, every completion token (reasoning included: it is part
     /// of the completion count, never added again) at the output price.
     pub fn cost(&self, usage: &Usage, multiplier: f64) -> Cost {
-        let cached = usage.cached_prompt.min(usage.prompt);
-        let nanos = per_token(self.input) * (usage.prompt - cached) as f64
-            + per_token(self.cached_input) * cached as f64
-            + per_token(self.output) * usage.completion as f64
-            + self.image * 1e9 * usage.images as f64
-            + self.audio_second * 1e6 * usage.audio_ms as f64;
-        Cost::from_nanos_f64(nanos * multiplier)
+        Cost::from_nanos_f64(self.nanos(usage) * multiplier)
     }
 
     /// The most a request can cost: its whole prompt uncached, every
     /// completion token it reserved, every image it asked for; rounded up.
     pub fn worst_case(&self, prompt: u64, completion: u64, images: u64, multiplier: f64) -> Cost {
-        let nanos = per_token(self.input) * prompt as f64
-            + per_token(self.output) * completion as f64
-            + self.image * 1e9 * images as f64;
-        Cost::from_nanos_f64_up(nanos * multiplier)
+        let usage = Usage {
+            prompt,
+            completion,
+            images,
+            ..Usage::default()
+        };
+        Cost::from_nanos_f64_up(self.nanos(&usage) * multiplier)
+    }
+
+    /// `usage` at these prices, in nano-dollars, unrounded.
+    fn nanos(&self, usage: &Usage) -> f64 {
+        let cached = usage.cached_prompt.min(usage.prompt);
+        per_token(self.input) * (usage.prompt - cached) as f64
+            + per_token(self.cached_input) * cached as f64
+            + per_token(self.output) * usage.completion as f64
+            + self.image * 1e9 * usage.images as f64
+            + self.audio_second * 1e6 * usage.audio_ms as f64
     }
 
     /// The first field that is not a price (negative, not finite).

@@ -84,6 +84,16 @@ async fn settled_budget(gw: &Gateway) -> Value {
     settled.expect("the budget's holds are given back")
 }
 
+/// The team's usage total after one request (`body` to `path`, answered
+/// 200) through a fresh gateway whose only node answers `answer`.
+async fn usage_after(answer: ResponseTemplate, path: &str, body: String) -> Value {
+    let upstream = answering(answer).await;
+    let gw = gateway(&v1(&upstream), "", "").await;
+    let (status, _, error) = send(&gw, path, body).await;
+    assert_eq!(status, 200, "{error}");
+    usage_total(&gw).await
+}
+
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-12
 }
@@ -130,16 +140,13 @@ async fn cached_tokens_are_priced_as_cached_and_reasoning_tokens_once_as_output(
             "completion_tokens_details": {"reasoning_tokens": 300},
         },
     });
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_usage)).await;
-    let gw = gateway(&v1(&upstream), "", "").await;
-    assert_eq!(
-        send(&gw, "/v1/chat/completions", chat("m", "hi", 600))
-            .await
-            .0,
-        200
-    );
+    let total = usage_after(
+        ResponseTemplate::new(200).set_body_json(chat_usage),
+        "/v1/chat/completions",
+        chat("m", "hi", 600),
+    )
+    .await;
     // 400 x $1/M + 600 x $0.5/M + 500 x $2/M = $0.0017.
-    let total = usage_total(&gw).await;
     assert!(
         close(total["cost_usd"].as_f64().unwrap(), 0.0017),
         "{total}"
@@ -154,11 +161,13 @@ async fn cached_tokens_are_priced_as_cached_and_reasoning_tokens_once_as_output(
             "output_tokens_details": {"reasoning_tokens": 300},
         },
     });
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(response_usage)).await;
-    let gw = gateway(&v1(&upstream), "", "").await;
     let body = json!({"model": "m", "input": "hi", "max_output_tokens": 600, "store": false});
-    assert_eq!(send(&gw, "/v1/responses", body.to_string()).await.0, 200);
-    let total = usage_total(&gw).await;
+    let total = usage_after(
+        ResponseTemplate::new(200).set_body_json(response_usage),
+        "/v1/responses",
+        body.to_string(),
+    )
+    .await;
     assert!(
         close(total["cost_usd"].as_f64().unwrap(), 0.0017),
         "{total}"
@@ -178,16 +187,15 @@ async fn a_stream_costs_its_final_usage_or_else_its_counted_text() {
         delta("hello"),
         json!({"object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}}),
     ]);
-    let upstream =
-        answering(ResponseTemplate::new(200).set_body_raw(with_usage, "text/event-stream")).await;
-    let gw = gateway(&v1(&upstream), "", "").await;
     let body = json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]});
-    assert_eq!(
-        send(&gw, "/v1/chat/completions", body.to_string()).await.0,
-        200
-    );
+    let streamed = |events| ResponseTemplate::new(200).set_body_raw(events, "text/event-stream");
+    let total = usage_after(
+        streamed(with_usage),
+        "/v1/chat/completions",
+        body.to_string(),
+    )
+    .await;
     // 10 x $1/M + 20 x $2/M.
-    let total = usage_total(&gw).await;
     assert!(
         close(total["cost_usd"].as_f64().unwrap(), 0.00005),
         "{total}"
@@ -196,14 +204,7 @@ async fn a_stream_costs_its_final_usage_or_else_its_counted_text() {
     // No usage: the prompt as the gateway counted it, and the streamed
     // text counted with the model's tokenizer ("hello world": 2 tokens).
     let without = sse(&[delta("hello"), delta(" world")]);
-    let upstream =
-        answering(ResponseTemplate::new(200).set_body_raw(without, "text/event-stream")).await;
-    let gw = gateway(&v1(&upstream), "", "").await;
-    assert_eq!(
-        send(&gw, "/v1/chat/completions", body.to_string()).await.0,
-        200
-    );
-    let total = usage_total(&gw).await;
+    let total = usage_after(streamed(without), "/v1/chat/completions", body.to_string()).await;
     assert_eq!(total["completion_tokens"], 2, "{total}");
     let prompt = total["prompt_tokens"].as_f64().unwrap();
     assert!(prompt > 0.0);

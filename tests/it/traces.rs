@@ -95,6 +95,13 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
         .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
 }
 
+/// The `traceparent` of the first request `server` received.
+async fn traceparent_sent(server: &wiremock::MockServer) -> String {
+    let sent = server.received_requests().await.unwrap();
+    let value = sent[0].headers.get("traceparent").expect("a traceparent");
+    value.to_str().unwrap().to_owned()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -154,15 +161,8 @@ async fn a_request_is_a_span_in_the_caller_s_trace_and_the_upstream_s_parent() {
         assert_eq!(attribute(&span, key).as_deref(), Some(value), "{key}");
     }
     // The upstream got the gateway's span as its parent, in the same trace.
-    let sent = upstream.received_requests().await.unwrap();
-    let traceparent = sent[0]
-        .headers
-        .get("traceparent")
-        .unwrap()
-        .to_str()
-        .unwrap();
     assert_eq!(
-        traceparent,
+        traceparent_sent(&upstream).await,
         format!("00-{CALLER_TRACE}-{}-01", hex(&span.span_id))
     );
 }
@@ -212,13 +212,7 @@ async fn a_retry_is_an_event_and_a_refusal_a_span_with_its_error() {
     assert_eq!(on("balancer.reason").as_deref(), Some("server_error"));
     // Each attempt carried the same parent: the gateway's span.
     for server in [&broken, &healthy] {
-        let sent = server.received_requests().await.unwrap();
-        let traceparent = sent[0]
-            .headers
-            .get("traceparent")
-            .unwrap()
-            .to_str()
-            .unwrap();
+        let traceparent = traceparent_sent(server).await;
         assert!(traceparent.contains(&hex(&span.span_id)), "{traceparent}");
     }
 

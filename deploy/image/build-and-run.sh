@@ -18,6 +18,11 @@
 # (MOCK_UPSTREAMS, default target/debug/mock-upstreams). REUSE_IMAGE=1
 # runs an image built before instead of building again. Everything it
 # starts listens on 127.0.0.1 and is stopped by PID before it exits.
+#
+# Disk: buildah's vfs driver copies every layer whole, so a build takes
+# about 6 GB under /var/lib/containers and /var/tmp while it runs. The
+# images it made and buildah's cargo cache are removed when it exits
+# unless KEEP_IMAGE=1 (which REUSE_IMAGE=1 needs from the run before).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -26,15 +31,26 @@ buildah=(buildah --storage-driver vfs)
 mock_pid=""
 serve_pid=""
 containers=()
+images=(localhost/balancer:ci localhost/balancer-ci-builder:1.95 localhost/balancer-ci-runtime:bookworm)
+# The cache of the Dockerfile's `RUN --mount=type=cache` (crates and
+# target/): removed on exit only if this run made it.
+build_cache=/var/tmp/buildah-cache
+[ -e "$build_cache" ] && cache_was_here=yes || cache_was_here=""
 cleanup() {
   [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null || true
   [ -n "$mock_pid" ] && kill "$mock_pid" 2>/dev/null || true
   for c in "${containers[@]}"; do "${buildah[@]}" rm "$c" >/dev/null 2>&1 || true; done
+  if [ -z "${KEEP_IMAGE:-}" ]; then
+    "${buildah[@]}" rmi --force "${images[@]}" >/dev/null 2>&1 || true
+    "${buildah[@]}" rmi --prune >/dev/null 2>&1 || true
+    [ -n "$cache_was_here" ] || rm -rf "$build_cache"
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 mirror=http://deb.debian.org/debian
+echo "-- disk before the build: $(df -h --output=avail /var/lib 2>/dev/null | tail -1 | tr -d ' ') free under /var/lib"
 if [ -n "${REUSE_IMAGE:-}" ] && "${buildah[@]}" inspect localhost/balancer:ci >/dev/null 2>&1; then
   echo "-- REUSE_IMAGE: running the image built before"
 else

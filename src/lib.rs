@@ -61,7 +61,7 @@
 //!
 //! # Module dependencies
 //! Leaves first: [`keys`], [`limits`], [`tokens`], [`metrics`], [`money`],
-//! [`tasks`]; [`traces`] on [`config`];
+//! [`tasks`], [`memory`]; [`traces`] on [`config`];
 //! then [`config`], [`error`], [`store`], [`ledger`], [`health`],
 //! [`clients`]; [`snapshot`] builds on those, [`objects`] on the snapshot, [`admission`] on the
 //! snapshot, [`state`] holds both; the HTTP-facing modules ([`proxy`],
@@ -84,6 +84,7 @@ pub(crate) mod health;
 pub mod keys;
 pub mod ledger;
 pub mod limits;
+pub mod memory;
 pub(crate) mod meter;
 pub mod metrics;
 pub mod money;

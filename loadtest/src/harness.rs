@@ -215,10 +215,22 @@ impl Gateway {
         self.child.memory()
     }
 
+    /// Resident memory once the gateway has been idle for [`SETTLE`]:
+    /// after a burst it gives the allocator's freed pages back at its
+    /// first quiet second (`balancer::memory`).
+    pub(crate) async fn settled_memory(&self) -> u64 {
+        tokio::time::sleep(SETTLE).await;
+        self.child.memory().1
+    }
+
     pub(crate) async fn stop(self) -> anyhow::Result<()> {
         self.child.stop().await
     }
 }
+
+/// Long enough for a busy second and a quiet one of the gateway's own
+/// sampling to pass after a run.
+pub(crate) const SETTLE: Duration = Duration::from_millis(2500);
 
 fn node_key_env(i: usize) -> String {
     format!("LOADTEST_NODE_{i}_KEY")

@@ -393,7 +393,8 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
         &plan("gateway"),
     )
     .await?;
-    let (peak, end_rss) = gateway.memory();
+    let (peak, last_rss) = gateway.memory();
+    let end_rss = gateway.settled_memory().await;
     let stats = mocks.stats().await?;
     let proxied = match &nginx {
         Some(nginx) => {
@@ -428,9 +429,11 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
         harness::per_node_line(&before, &stats)
     );
     println!(
-        "    gateway memory: {} before the run, {} at the end, peak {}",
+        "    gateway memory: {} before the run, {} at the last stream's end, {} {:.1} s later, peak {}",
         mb(rss_before),
+        mb(last_rss),
         mb(end_rss),
+        harness::SETTLE.as_secs_f64(),
         mb(peak)
     );
     if let Some(proxied) = &proxied {
@@ -466,7 +469,8 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
     }
     let target = args.memory_target();
     println!(
-        "    gateway memory at the end ≤ {}: {} (peak {}) {}",
+        "    gateway memory at the end (idle {:.1} s) ≤ {}: {} (peak {}) {}",
+        harness::SETTLE.as_secs_f64(),
         mb(target),
         mb(end_rss),
         mb(peak),

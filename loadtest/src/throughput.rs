@@ -217,10 +217,13 @@ pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow:
         }
         None => None,
     };
-    let (peak, end_rss) = gateway.memory();
+    let (peak, last_rss) = gateway.memory();
+    let end_rss = gateway.settled_memory().await;
     println!(
-        "    gateway memory: {} at the end (peak {})",
+        "    gateway memory: {} at the last request, {} {:.1} s later (peak {})",
+        mb(last_rss),
         mb(end_rss),
+        harness::SETTLE.as_secs_f64(),
         mb(peak)
     );
     if let Some(nginx) = &nginx {
@@ -325,7 +328,8 @@ fn print_targets(s: &Summary<'_>) {
         verdict(added_p50 <= 0.15)
     );
     println!(
-        "    RSS ≤ 60 MB at the end: {} {}",
+        "    RSS ≤ 60 MB at the end (idle {:.1} s): {} {}",
+        harness::SETTLE.as_secs_f64(),
         mb(end_rss),
         verdict(end_rss <= 60_000_000)
     );

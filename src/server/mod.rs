@@ -62,6 +62,8 @@ pub async fn start(config: Config, base_dir: &Path) -> Result<Arc<AppState>, Sta
             .flatten()
             .map(String::as_str),
     );
+    // What building them freed goes back to the system at once.
+    crate::memory::give_back();
     let store = Store::open(&config.store.url, base_dir).await?;
     let (ledger, writer) = ledger::channel();
     let objects = Objects::new(
@@ -88,6 +90,7 @@ pub async fn start(config: Config, base_dir: &Path) -> Result<Arc<AppState>, Sta
     tasks.spawn(|cancel| refresh_clients(weak, settings.cache_ttl, cancel));
     let objects = Arc::clone(&state.objects);
     tasks.spawn(|cancel| purge_objects(objects, cancel));
+    tasks.spawn(crate::memory::trim_when_quiet);
     if let Some(shared) = &state.admission.shared
         && !shared.connected(CLUSTER_CONNECT_WAIT).await
     {

@@ -385,6 +385,7 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
         )
     };
     let (_, rss_before) = gateway.memory();
+    let cpu_before = gateway.cpu_time();
     let through = load(
         &gateway.origin,
         CLIENT_KEY,
@@ -393,6 +394,7 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
         &plan("gateway"),
     )
     .await?;
+    let gateway_cpu = gateway.cpu_time().saturating_sub(cpu_before);
     let (peak, last_rss) = gateway.memory();
     let end_rss = gateway.settled_memory().await;
     let stats = mocks.stats().await?;
@@ -406,16 +408,16 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
                 &warm_plan,
             )
             .await?;
-            Some(
-                load(
-                    &nginx.origin,
-                    &mocks.keys[0],
-                    &references,
-                    Check::Compare,
-                    &plan("nginx"),
-                )
-                .await?,
+            let cpu_before = nginx.cpu_time();
+            let run = load(
+                &nginx.origin,
+                &mocks.keys[0],
+                &references,
+                Check::Compare,
+                &plan("nginx"),
             )
+            .await?;
+            Some((run, nginx.cpu_time().saturating_sub(cpu_before)))
         }
         None => None,
     };
@@ -424,6 +426,10 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
         direct.print("direct to one mock", expected);
     }
     through.print("through the gateway", expected);
+    println!(
+        "    gateway CPU: {:.1} µs per stream",
+        per_stream(gateway_cpu, expected)
+    );
     println!(
         "    per node (direct run included on node a): {}",
         harness::per_node_line(&before, &stats)
@@ -436,8 +442,12 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
         harness::SETTLE.as_secs_f64(),
         mb(peak)
     );
-    if let Some(proxied) = &proxied {
+    if let Some((proxied, nginx_cpu)) = &proxied {
         proxied.print("through nginx to the same mock", expected);
+        println!(
+            "    nginx CPU (master and workers): {:.1} µs per stream",
+            per_stream(*nginx_cpu, expected)
+        );
     }
 
     let mut ok = through.all_complete(expected);
@@ -457,7 +467,7 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
             verdict(overhead < 1000)
         );
     }
-    if let Some(proxied) = &proxied {
+    if let Some((proxied, _)) = &proxied {
         ok &= proxied.all_complete(expected);
         let ours = through.tally.first_event.percentile(0.99) as f64;
         let theirs = proxied.tally.first_event.percentile(0.99).max(1) as f64;
@@ -490,4 +500,9 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
         println!("FAILED: some streams were incomplete or differed");
     }
     Ok(ok)
+}
+
+/// CPU time per stream, in microseconds.
+fn per_stream(cpu: Duration, streams: usize) -> f64 {
+    cpu.as_secs_f64() * 1e6 / streams.max(1) as f64
 }

@@ -96,7 +96,9 @@ impl Trimmer {
 }
 
 /// Samples the runtime's busy time every second and trims after a burst,
-/// until `cancel`.
+/// until `cancel`. (Where the target has no 64-bit atomics tokio keeps no
+/// busy time, and nothing is trimmed after bursts.)
+#[cfg(target_has_atomic = "64")]
 pub async fn trim_when_quiet(cancel: CancellationToken) {
     let metrics = tokio::runtime::Handle::current().metrics();
     let busy = || {
@@ -129,6 +131,11 @@ pub async fn trim_when_quiet(cancel: CancellationToken) {
             before = busy();
         }
     }
+}
+
+#[cfg(not(target_has_atomic = "64"))]
+pub async fn trim_when_quiet(cancel: CancellationToken) {
+    cancel.cancelled().await;
 }
 
 #[cfg(test)]

@@ -503,6 +503,8 @@ fn traces(c: &mut Criterion) {
         otlp_endpoint: Some(endpoint),
         service_name: "bench".to_owned(),
         export_interval: Duration::from_millis(50),
+        headers: Vec::new(),
+        ca_file: None,
     };
     let tracing = runtime
         .block_on(async { Tracing::start(&settings) })

@@ -124,6 +124,11 @@ pub struct TracingSettings {
     pub service_name: String,
     /// Finished spans are sent in one batch this often (and at shutdown).
     pub export_interval: Duration,
+    /// gRPC metadata sent with every export (a vendor's API key): names
+    /// lowercase, values read from the environment and kept secret.
+    pub headers: Vec<(String, SecretString)>,
+    /// A CA (PEM) trusted for an `https://` endpoint besides the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[queue]`
@@ -469,7 +474,7 @@ mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{NODE, env};
+    use super::testing::{NODE, env, problems};
     use super::*;
 
     #[test]
@@ -510,6 +515,87 @@ mod tests {
         assert_eq!(
             pid_file_for(Path::new("Balancer.toml"), None),
             Path::new("./balancer.pid")
+        );
+    }
+
+    #[test]
+    fn tracing_headers_are_read_from_the_environment_and_checked_by_name() {
+        let with = |extra: &str| {
+            problems(&format!(
+                "{NODE}[tracing]\notlp_endpoint = \"https://collector:4317\"\n{extra}"
+            ))
+        };
+        assert_eq!(
+            with("[tracing.headers_env]\nx-api-key = \"KEY_A\"\n"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            with("[tracing.headers_env]\nx-api-key = \"UNSET\"\n"),
+            ["tracing.headers_env.x-api-key: environment variable UNSET is not set or empty"]
+        );
+        assert_eq!(
+            with("[tracing.headers_env]\nX-Api-Key = \"KEY_A\"\n"),
+            [
+                "tracing.headers_env.X-Api-Key: not a gRPC header name (lowercase letters, digits and - _ .)"
+            ]
+        );
+        assert_eq!(
+            problems(&format!(
+                "{NODE}[tracing.headers_env]\nx-api-key = \"KEY_A\"\n"
+            )),
+            ["tracing.headers_env: set without tracing.otlp_endpoint"]
+        );
+        let (config, _) = from_toml_str(
+            &format!("{NODE}[tracing]\notlp_endpoint = \"https://c:4317\"\n[tracing.headers_env]\nx-api-key = \"KEY_A\"\n"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(config.tracing.headers.len(), 1);
+        assert_eq!(config.tracing.headers[0].0, "x-api-key");
+        assert!(!format!("{:?}", config.tracing).contains("sk-a-secret"));
+    }
+
+    #[test]
+    fn a_tracing_header_value_that_cannot_be_sent_is_named_without_its_value() {
+        let env = |var: &str| (var == "BAD").then(|| "line\nbreak-secret".to_owned());
+        let problems = from_toml_str(
+            &format!("{NODE}[tracing]\notlp_endpoint = \"https://c:4317\"\n[tracing.headers_env]\nx-api-key = \"BAD\"\n"),
+            &|var| env(var).or_else(|| testing::env(var)),
+        )
+        .unwrap_err()
+        .problems;
+        assert_eq!(
+            problems,
+            [
+                "tracing.headers_env.x-api-key: the value of BAD is not a valid header value (visible ASCII)"
+            ]
+        );
+        assert!(!problems[0].contains("secret"));
+    }
+
+    #[test]
+    fn a_tracing_ca_file_needs_an_https_endpoint_and_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let with = |endpoint: &str, file: &Path| {
+            problems(&format!(
+                "{NODE}[tracing]\notlp_endpoint = \"{endpoint}\"\nca_file = \"{}\"\n",
+                file.display()
+            ))
+        };
+        assert_eq!(with("https://c:4317", &ca), Vec::<String>::new());
+        assert_eq!(
+            with("http://c:4317", &ca),
+            ["tracing.ca_file: only an https:// tracing.otlp_endpoint uses a CA file"]
+        );
+        let missing = dir.path().join("missing.pem");
+        assert_eq!(
+            with("https://c:4317", &missing),
+            [format!(
+                "tracing.ca_file: file {} not found",
+                missing.display()
+            )]
         );
     }
 }

@@ -270,6 +270,9 @@ pub(super) struct RawTracing {
     #[serde(with = "humantime_serde")]
     #[default(DEFAULT_TRACE_EXPORT_INTERVAL)]
     pub(super) export_interval: Duration,
+    /// Header name -> the environment variable holding its value.
+    pub(super) headers_env: BTreeMap<String, String>,
+    pub(super) ca_file: Option<PathBuf>,
 }
 
 /// `[cluster]`: limits shared with other replicas through Redis.

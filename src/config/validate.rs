@@ -6,9 +6,11 @@
 //! value of a secret field (a key, a token, a URL that may hold a
 //! password).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::num::{NonZeroU32, NonZeroUsize};
 
+use axum::http::{HeaderName, HeaderValue};
 use figment::Figment;
 use secrecy::SecretString;
 
@@ -102,7 +104,7 @@ fn validate(
     let admin = validate_admin(raw.admin, server.listen, env, &mut problems);
     let cluster = raw.cluster.and_then(|c| validate_cluster(c, &mut problems));
     let reserves = reserves(&raw.queue.reserve, &mut problems);
-    let tracing = validate_tracing(raw.tracing, &mut problems);
+    let tracing = validate_tracing(raw.tracing, env, &mut problems);
 
     if raw.nodes.is_empty() {
         problems.push("nodes: at least one [[nodes]] entry is required".to_owned());
@@ -177,8 +179,26 @@ fn upstream(raw: &super::raw::RawUpstream, problems: &mut Vec<String>) -> Upstre
     }
 }
 
-fn validate_tracing(raw: super::raw::RawTracing, problems: &mut Vec<String>) -> TracingSettings {
+fn validate_tracing(
+    raw: super::raw::RawTracing,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> TracingSettings {
     let endpoint = raw.otlp_endpoint.map(|e| e.trim().to_owned());
+    let headers = tracing_headers(&raw.headers_env, endpoint.is_some(), env, problems);
+    let https = endpoint.as_deref().is_some_and(|e| {
+        e.get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+    });
+    if let Some(ca) = &raw.ca_file {
+        if !https {
+            problems.push(
+                "tracing.ca_file: only an https:// tracing.otlp_endpoint uses a CA file".to_owned(),
+            );
+        } else if !ca.is_file() {
+            problems.push(format!("tracing.ca_file: file {} not found", ca.display()));
+        }
+    }
     if let Some(endpoint) = &endpoint
         && reqwest::Url::parse(endpoint).map_or(true, |u| {
             !matches!(u.scheme(), "http" | "https") || u.host().is_none()
@@ -196,7 +216,48 @@ fn validate_tracing(raw: super::raw::RawTracing, problems: &mut Vec<String>) -> 
         otlp_endpoint: endpoint,
         service_name: raw.service_name,
         export_interval: positive("tracing.export_interval", raw.export_interval, problems),
+        headers,
+        ca_file: raw.ca_file,
     }
+}
+
+/// `[tracing] headers_env`: each header's value from its environment
+/// variable. A problem names the header and the variable, never a value.
+fn tracing_headers(
+    headers_env: &BTreeMap<String, String>,
+    exporting: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Vec<(String, SecretString)> {
+    if !headers_env.is_empty() && !exporting {
+        problems.push("tracing.headers_env: set without tracing.otlp_endpoint".to_owned());
+        return Vec::new();
+    }
+    let mut headers = Vec::with_capacity(headers_env.len());
+    for (name, var) in headers_env {
+        let at = format!("tracing.headers_env.{name}");
+        let lowercase = !name.bytes().any(|b| b.is_ascii_uppercase());
+        if !lowercase || HeaderName::from_bytes(name.as_bytes()).is_err() || name.ends_with("-bin")
+        {
+            problems.push(format!(
+                "{at}: not a gRPC header name (lowercase letters, digits and - _ .)"
+            ));
+            continue;
+        }
+        match env(var)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+        {
+            None => problems.push(format!(
+                "{at}: environment variable {var} is not set or empty"
+            )),
+            Some(value) if HeaderValue::from_str(&value).is_err() => problems.push(format!(
+                "{at}: the value of {var} is not a valid header value (visible ASCII)"
+            )),
+            Some(value) => headers.push((name.clone(), SecretString::from(value))),
+        }
+    }
+    headers
 }
 
 /// `[queue.reserve]`, checked.

@@ -433,3 +433,32 @@ pub(crate) fn tally(outcomes: &[Outcome]) -> std::collections::BTreeMap<u16, usi
 pub(crate) fn v1(server: &wiremock::MockServer) -> String {
     format!("{}/v1", server.uri())
 }
+
+/// A private CA, and a certificate for `localhost` it signed with its key.
+pub(crate) struct PrivateCa {
+    pub(crate) ca_pem: String,
+    pub(crate) cert_pem: String,
+    pub(crate) cert_der: Vec<u8>,
+    pub(crate) key_pem: String,
+    /// PKCS#8.
+    pub(crate) key_der: Vec<u8>,
+}
+
+pub(crate) fn private_ca() -> PrivateCa {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+    PrivateCa {
+        ca_pem: ca_cert.pem(),
+        cert_pem: server_cert.pem(),
+        cert_der: server_cert.der().to_vec(),
+        key_pem: server_key.serialize_pem(),
+        key_der: server_key.serialize_der(),
+    }
+}

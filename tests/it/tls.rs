@@ -2,31 +2,13 @@
 
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::support::{FAST, Gateway, chat, client, node, post};
-
-/// A CA and a server certificate for `localhost` signed by it.
-fn private_ca() -> (String, CertificateDer<'static>, PrivateKeyDer<'static>) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    let server_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
-    (
-        ca_cert.pem(),
-        server_cert.der().clone(),
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
-    )
-}
+use crate::support::{FAST, Gateway, chat, client, node, post, private_ca};
 
 /// Serves one canned JSON answer per TLS connection and reports what it got.
 async fn tls_upstream(
@@ -77,7 +59,12 @@ async fn tls_upstream(
 
 #[tokio::test]
 async fn an_https_upstream_with_a_private_ca_is_trusted_through_ca_file() {
-    let (ca_pem, cert, key) = private_ca();
+    let ca = private_ca();
+    let (ca_pem, cert, key) = (
+        ca.ca_pem,
+        CertificateDer::from(ca.cert_der),
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ca.key_der)),
+    );
     let dir = std::env::temp_dir().join(format!("balancer-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca_file = dir.join("ca.pem");

@@ -15,14 +15,19 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::sync::mpsc;
+use tonic::transport::{Identity, ServerTlsConfig};
 use wiremock::ResponseTemplate;
 
-use crate::support::{FAST, Gateway, answering, chat, chat_answer, client, node, v1};
+use crate::support::{
+    FAST, Gateway, PrivateCa, answering, chat, chat_answer, client, node, private_ca, v1,
+};
 
-/// A span as received, with its resource's `service.name`.
+/// A span as received, with its resource's `service.name` and the
+/// `x-collector-key` header of the export that carried it.
 struct Received {
     service: String,
     span: Span,
+    collector_key: Option<String>,
 }
 
 struct Receiver(mpsc::UnboundedSender<Received>);
@@ -33,6 +38,11 @@ impl TraceService for Receiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let collector_key = request
+            .metadata()
+            .get("x-collector-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         for resource in request.into_inner().resource_spans {
             let service = resource
                 .resource
@@ -46,6 +56,7 @@ impl TraceService for Receiver {
                     let _ = self.0.send(Received {
                         service: service.clone(),
                         span,
+                        collector_key: collector_key.clone(),
                     });
                 }
             }
@@ -68,12 +79,32 @@ fn text(value: &Any) -> Option<String> {
 /// An OTLP trace receiver on a free port: its endpoint, and the spans it
 /// receives. It stops when the test's runtime does.
 async fn receiver() -> (String, mpsc::UnboundedReceiver<Received>) {
+    serve_receiver(None).await
+}
+
+/// [`receiver`] behind TLS with `ca`'s certificate for `localhost`.
+async fn tls_receiver(ca: &PrivateCa) -> (String, mpsc::UnboundedReceiver<Received>) {
+    let identity = Identity::from_pem(&ca.cert_pem, &ca.key_pem);
+    serve_receiver(Some(ServerTlsConfig::new().identity(identity))).await
+}
+
+async fn serve_receiver(
+    tls: Option<ServerTlsConfig>,
+) -> (String, mpsc::UnboundedReceiver<Received>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let endpoint = match tls {
+        Some(_) => format!("https://localhost:{port}"),
+        None => format!("http://127.0.0.1:{port}"),
+    };
     let (spans, received) = mpsc::unbounded_channel();
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).unwrap();
+    }
     tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             .add_service(TraceServiceServer::new(Receiver(spans)))
             .serve_with_incoming(incoming),
     );
@@ -136,7 +167,7 @@ async fn a_request_is_a_span_in_the_caller_s_trace_and_the_upstream_s_parent() {
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap();
 
-    let Received { service, span } = next_span(&mut spans).await;
+    let Received { service, span, .. } = next_span(&mut spans).await;
     assert_eq!(service, "gateway-under-test");
     assert_eq!(span.name, "POST /v1/chat/completions");
     assert_eq!(span.kind, 2, "a server span");
@@ -234,4 +265,40 @@ async fn a_retry_is_an_event_and_a_refusal_a_span_with_its_error() {
         attribute(&span, "error.type").as_deref(),
         Some("model_not_found")
     );
+}
+
+#[tokio::test]
+async fn an_https_collector_behind_a_private_ca_gets_spans_with_the_configured_headers() {
+    let ca = private_ca();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("collector-ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let (endpoint, mut spans) = tls_receiver(&ca).await;
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let config = format!(
+        "{}ca_file = \"{}\"\n[tracing.headers_env]\nx-collector-key = \"COLLECTOR_KEY\"\n{}",
+        traced(&endpoint),
+        ca_file.display(),
+        node("a", &v1(&upstream), "k", "models = [\"gpt-4o-mini\"]")
+    );
+    let gw = Gateway::start_file_text(&config, &[("COLLECTOR_KEY", "ck-test-value")]).await;
+    let response = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat("gpt-4o-mini", "hi", 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+
+    let received = next_span(&mut spans).await;
+    assert_eq!(received.service, "gateway-under-test");
+    assert_eq!(
+        attribute(&received.span, "gen_ai.request.model").as_deref(),
+        Some("gpt-4o-mini")
+    );
+    assert_eq!(received.collector_key.as_deref(), Some("ck-test-value"));
+    let status = gw.status().await;
+    assert!(!status.to_string().contains("ck-test-value"));
 }

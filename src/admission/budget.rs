@@ -8,6 +8,10 @@
 //! spend. Redis away: `on_redis_error = "local"` holds on this replica's
 //! account (its view of the spend), `"reject"` refuses.
 //!
+//! A request that finds the client's requests in flight holding what it
+//! needs waits for one of them to end, up to `queue.max_wait`
+//! ([`Admission::hold_budget_or_wait`]); a budget spent is refused at once.
+//!
 //! A [`BudgetHold`] is a guard like the others of admission: settled with
 //! what the request cost, cancelled when nothing reached a node, and
 //! dropped otherwise, it counts its worst case in full (the safe side).
@@ -15,9 +19,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Admission;
+use tokio::time::Instant;
+
 use super::refusal::Refusal;
 use super::shared::{BudgetVerdict, SharedBudgetHold};
+use super::{Admission, Ask};
 use crate::clients::{Client, Registry};
 use crate::money::budget::unix_now;
 use crate::money::{Account, Budget, Cost, Short};
@@ -69,7 +75,50 @@ impl Drop for BudgetHold {
     }
 }
 
+/// How often a request waiting for the cluster's holds to end looks
+/// again: holds that end on other replicas wake nothing here.
+const CLUSTER_RECHECK: Duration = Duration::from_millis(100);
+
 impl Admission {
+    /// [`hold_budget`](Self::hold_budget), waiting while the client's
+    /// requests in flight hold what this one needs: until `queue.max_wait`
+    /// (or the request's deadline), trying again whenever one of them ends
+    /// here (and every [`CLUSTER_RECHECK`] with `[cluster]`). A budget
+    /// spent, not held, is refused at once.
+    pub(super) async fn hold_budget_or_wait(
+        &self,
+        ask: &Ask<'_>,
+        client: &Client,
+        worst: Cost,
+    ) -> Result<Option<BudgetHold>, Refusal> {
+        let wait_until = ask
+            .deadline
+            .min(Instant::now() + ask.live.config.queue.max_wait);
+        loop {
+            let released = client.account.released();
+            let mut released = std::pin::pin!(released);
+            released.as_mut().enable();
+            let hold_for = ask.deadline.saturating_duration_since(Instant::now());
+            let held = self.hold_budget(ask.clients, client, worst, hold_for).await;
+            let now = Instant::now();
+            match held {
+                Err(Refusal::OverBudget {
+                    short: Short::Held, ..
+                }) if now < wait_until => {
+                    let look_again = match self.shared {
+                        Some(_) => wait_until.min(now + CLUSTER_RECHECK),
+                        None => wait_until,
+                    };
+                    tokio::select! {
+                        () = released => {}
+                        () = tokio::time::sleep_until(look_again) => {}
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Holds `worst` of `client`'s budget, if it has one; the hold lasts
     /// at most `hold_for` in the cluster (then counts in full).
     pub(super) async fn hold_budget(

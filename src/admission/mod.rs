@@ -124,12 +124,10 @@ impl Admission {
     /// (now, or after waiting until `queue.max_wait`), or a refusal.
     pub async fn admit(&self, ask: &Ask<'_>) -> Result<Admitted, GatewayError> {
         let budget = match (ask.client, ask.worst_cost) {
-            (Some(client), Some(worst)) => {
-                let hold_for = ask.deadline.saturating_duration_since(Instant::now());
-                self.hold_budget(ask.clients, client, worst, hold_for)
-                    .await
-                    .map_err(refuse)?
-            }
+            (Some(client), Some(worst)) => self
+                .hold_budget_or_wait(ask, client, worst)
+                .await
+                .map_err(refuse)?,
             _ => None,
         };
         let admitted = self.admit_or_refuse(ask).await;

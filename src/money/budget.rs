@@ -148,6 +148,9 @@ pub struct Account {
     state: Mutex<State>,
     /// One reader of the store at a time.
     loading: tokio::sync::Mutex<()>,
+    /// Woken whenever a hold here ends: requests waiting for what requests
+    /// in flight hold try again.
+    released: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -235,15 +238,27 @@ impl Account {
     /// Ends a hold of `worst` made in the period starting at
     /// `period_start`: it costs `charged`.
     pub fn end(&self, period_start: i64, worst: Cost, charged: Cost) {
-        let mut state = self.state.lock();
-        state.held = state.held.saturating_sub(worst.0);
-        self.add_spent(&mut state, period_start, charged);
+        {
+            let mut state = self.state.lock();
+            state.held = state.held.saturating_sub(worst.0);
+            self.add_spent(&mut state, period_start, charged);
+        }
+        self.released.notify_waiters();
     }
 
     /// Adds what a request settled elsewhere (the cluster's hold) cost.
     pub fn settled_shared(&self, period_start: i64, charged: Cost) {
-        let mut state = self.state.lock();
-        self.add_spent(&mut state, period_start, charged);
+        {
+            let mut state = self.state.lock();
+            self.add_spent(&mut state, period_start, charged);
+        }
+        self.released.notify_waiters();
+    }
+
+    /// Resolves at the next end of a hold on this account (made on this
+    /// replica); enable it before trying to hold, so no end is missed.
+    pub fn released(&self) -> tokio::sync::futures::Notified<'_> {
+        self.released.notified()
     }
 
     fn add_spent(&self, state: &mut State, period_start: i64, charged: Cost) {

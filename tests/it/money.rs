@@ -22,8 +22,13 @@ const PRICES: &str = "[prices.\"m\"]\ninput = 1.0\ncached_input = 0.5\noutput = 
 /// A gateway in front of `upstream` (a base URL) with one declared client
 /// `team` whose settings are `client`.
 async fn gateway(upstream: &str, client: &str, extra: &str) -> Gateway {
+    gateway_waiting(upstream, client, extra, "1s").await
+}
+
+/// [`gateway`] with `queue.max_wait` at `max_wait`.
+async fn gateway_waiting(upstream: &str, client: &str, extra: &str, max_wait: &str) -> Gateway {
     let toml = format!(
-        "[admin]\ntoken_env = \"TEST_ADMIN_TOKEN\"\n[queue]\nmax_wait = \"1s\"\n{PRICES}{extra}\n\
+        "[admin]\ntoken_env = \"TEST_ADMIN_TOKEN\"\n[queue]\nmax_wait = \"{max_wait}\"\n{PRICES}{extra}\n\
          [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\n{client}\n{}",
         node(
             "a",
@@ -220,7 +225,8 @@ async fn fifty_requests_at_once_against_a_budget_for_ten_admit_ten_and_spend_wit
     // Each request may cost 1,000 output tokens at $2/M = $0.002 (plus its
     // prompt); the budget holds ten such worst cases and a little more.
     // The answers take 2 s: every request arrives while the first ten are
-    // still in flight, however slow the machine.
+    // still in flight, however slow the machine, and the other forty wait
+    // for a hold to end until queue.max_wait (1 s), then are refused.
     let upstream = answering(
         ResponseTemplate::new(200)
             .set_body_json(chat_answer(5, 2))
@@ -264,6 +270,39 @@ async fn fifty_requests_at_once_against_a_budget_for_ten_admit_ten_and_spend_wit
     let spent = budget["spent_usd"].as_f64().unwrap();
     assert!(close(spent, 10.0 * 9e-6), "{budget}");
     assert!(spent <= 0.0201);
+}
+
+#[tokio::test]
+async fn a_request_that_finds_its_budget_held_in_flight_waits_for_a_hold_to_end() {
+    // Two worst cases ($0.002 each) fit the budget and a bit; each answer
+    // costs $0.000009. The third and fourth requests find the first two
+    // holding what they need, wait, and fit once those two settle.
+    let upstream = answering(
+        ResponseTemplate::new(200)
+            .set_body_json(chat_answer(5, 2))
+            .set_delay(Duration::from_millis(300)),
+    )
+    .await;
+    let gw = gateway_waiting(
+        &v1(&upstream),
+        "budget_usd = 0.0046\nbudget_period = \"month\"",
+        "",
+        "20s",
+    )
+    .await;
+    let sent = futures_util::future::join_all(
+        (0..4).map(|_| send(&gw, "/v1/chat/completions", chat("m", "hi", 1_000))),
+    )
+    .await;
+    for (status, _, body) in &sent {
+        assert_eq!(*status, 200, "{body}");
+    }
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 4);
+    let budget = settled_budget(&gw).await;
+    assert!(
+        close(budget["spent_usd"].as_f64().unwrap(), 4.0 * 9e-6),
+        "{budget}"
+    );
 }
 
 #[tokio::test]
@@ -469,6 +508,51 @@ async fn two_replicas_share_one_budget() {
             "{budget}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_request_waits_for_holds_that_end_on_another_replica() {
+    // Two worst cases fit. Replica a's two requests hold them (their
+    // answers take 1 s); replica b's two, sent meanwhile, wait: the ends of
+    // a's holds wake nothing on b, which looks again at the cluster's count.
+    let redis = RedisServer::start();
+    let upstream = answering(
+        ResponseTemplate::new(200)
+            .set_body_json(chat_answer(5, 2))
+            .set_delay(Duration::from_secs(1)),
+    )
+    .await;
+    let cluster = format!(
+        "[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n",
+        redis.url()
+    );
+    let settings = "budget_usd = 0.0046\nbudget_period = \"day\"";
+    let a = gateway_waiting(&v1(&upstream), settings, &cluster, "20s").await;
+    let b = gateway_waiting(&v1(&upstream), settings, &cluster, "20s").await;
+    let first = futures_util::future::join_all(
+        (0..2).map(|_| send(&a, "/v1/chat/completions", chat("m", "hi", 1_000))),
+    );
+    let then_b = async {
+        let both_held = eventually(Duration::from_secs(10), async || {
+            (upstream.received_requests().await.unwrap().len() == 2).then_some(())
+        })
+        .await;
+        assert!(both_held.is_some(), "a's two requests reach the upstream");
+        let sent = std::time::Instant::now();
+        let answers = futures_util::future::join_all(
+            (0..2).map(|_| send(&b, "/v1/chat/completions", chat("m", "hi", 1_000))),
+        )
+        .await;
+        (answers, sent.elapsed())
+    };
+    let (first, (second, waited)) = tokio::join!(first, then_b);
+    for (status, _, body) in first.iter().chain(&second) {
+        assert_eq!(*status, 200, "{body}");
+    }
+    // About a second (a's answers, then b's own); without looking again b
+    // would wait out queue.max_wait (20 s).
+    assert!(waited < Duration::from_secs(10), "b waited {waited:?}");
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 4);
 }
 
 /// Calls the admin API: status and JSON body.

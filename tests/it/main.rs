@@ -10,6 +10,7 @@
 
 mod admin;
 mod azure;
+mod budgets;
 mod cli;
 mod clients;
 mod cluster;

@@ -227,8 +227,12 @@ impl LogFormat {
 /// `[cluster]`, validated. Read at start-up only.
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
-    /// `redis://...`; secret, as it may hold a password.
+    /// `redis://...` or `rediss://...` (TLS); secret, as it may hold a
+    /// password.
     pub redis_url: SecretString,
+    /// With `rediss://`: the CA (PEM) Redis's certificate is checked
+    /// against instead of the system's roots (a private CA).
+    pub ca_file: Option<PathBuf>,
     pub on_redis_error: OnRedisError,
     /// Namespaces the keys, so gateways of different teams can share a Redis.
     pub key_prefix: String,
@@ -553,6 +557,12 @@ mod tests {
         assert_eq!(config.tracing.headers.len(), 1);
         assert_eq!(config.tracing.headers[0].0, "x-api-key");
         assert!(!format!("{:?}", config.tracing).contains("sk-a-secret"));
+        let rendered = config.render();
+        assert!(
+            rendered.contains("[tracing.headers]\nx-api-key = \"[redacted]\""),
+            "{rendered}"
+        );
+        assert!(!rendered.contains("sk-a-secret"));
     }
 
     #[test]

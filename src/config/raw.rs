@@ -286,6 +286,8 @@ pub(super) struct RawCluster {
     pub(super) key_prefix: String,
     #[serde(default = "default_redis_timeout", with = "humantime_serde")]
     pub(super) timeout: Duration,
+    #[serde(default)]
+    pub(super) ca_file: Option<PathBuf>,
 }
 
 fn default_key_prefix() -> String {

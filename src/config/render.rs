@@ -161,6 +161,26 @@ impl Config {
             out.text("on_redis_error", cluster.on_redis_error.as_str());
             out.text("key_prefix", &cluster.key_prefix);
             out.duration("timeout", cluster.timeout);
+            if let Some(ca) = &cluster.ca_file {
+                out.text("ca_file", ca.display());
+            }
+        }
+        let tracing = &self.tracing;
+        out.table("[tracing]");
+        match &tracing.otlp_endpoint {
+            Some(endpoint) => out.text("otlp_endpoint", endpoint),
+            None => out.bare("otlp_endpoint", "none (no traces)"),
+        }
+        out.text("service_name", &tracing.service_name);
+        out.duration("export_interval", tracing.export_interval);
+        if let Some(ca) = &tracing.ca_file {
+            out.text("ca_file", ca.display());
+        }
+        if !tracing.headers.is_empty() {
+            out.table("[tracing.headers]");
+            for (name, _) in &tracing.headers {
+                out.text(name, "[redacted]");
+            }
         }
         out.table("[log]");
         out.text("format", self.log.format.as_str());

@@ -401,14 +401,20 @@ fn client_keys(
 }
 
 fn validate_cluster(raw: RawCluster, problems: &mut Vec<String>) -> Option<ClusterSettings> {
-    let scheme_ok = raw.redis_url.starts_with("redis://");
-    if raw.redis_url.starts_with("rediss://") {
-        problems.push(
-            "cluster.redis_url: TLS to Redis (rediss://) is not supported yet; use redis:// on a private network"
-                .to_owned(),
-        );
-    } else if !scheme_ok {
-        problems.push("cluster.redis_url: must start with redis://".to_owned());
+    let tls = raw.redis_url.starts_with("rediss://");
+    let scheme_ok = tls || raw.redis_url.starts_with("redis://");
+    if !scheme_ok {
+        problems
+            .push("cluster.redis_url: must start with redis:// (or rediss:// for TLS)".to_owned());
+    }
+    if let Some(ca) = &raw.ca_file {
+        if !tls {
+            problems.push(
+                "cluster.ca_file: only a rediss:// cluster.redis_url uses a CA file".to_owned(),
+            );
+        } else if !ca.is_file() {
+            problems.push(format!("cluster.ca_file: file {} not found", ca.display()));
+        }
     }
     if raw.key_prefix.is_empty() || raw.key_prefix.contains(char::is_whitespace) {
         problems.push("cluster.key_prefix: must be non-empty, without spaces".to_owned());
@@ -418,6 +424,7 @@ fn validate_cluster(raw: RawCluster, problems: &mut Vec<String>) -> Option<Clust
     }
     scheme_ok.then(|| ClusterSettings {
         redis_url: SecretString::from(raw.redis_url),
+        ca_file: raw.ca_file,
         on_redis_error: raw.on_redis_error,
         key_prefix: raw.key_prefix,
         timeout: raw.timeout,
@@ -519,9 +526,37 @@ mod tests {
         assert_eq!(
             problems(&bad),
             [
-                "cluster.redis_url: must start with redis://",
+                "cluster.redis_url: must start with redis:// (or rediss:// for TLS)",
                 "cluster.timeout: must be greater than 0"
             ]
+        );
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        let tls = format!(
+            "[cluster]\nredis_url = \"rediss://:hunter2@redis.internal:6380\"\nca_file = \"{}\"\n{NODE}",
+            ca.path().display()
+        );
+        let (config, _) = from_toml_str(&tls, &env).unwrap();
+        let rendered = config.render();
+        assert!(
+            rendered.contains("redis_url = \"rediss://redis.internal:6380\""),
+            "{rendered}"
+        );
+        assert!(rendered.contains("ca_file = "), "{rendered}");
+        assert!(!rendered.contains("hunter2"));
+        let plain_with_ca = format!(
+            "[cluster]\nredis_url = \"redis://x\"\nca_file = \"{}\"\n{NODE}",
+            ca.path().display()
+        );
+        assert_eq!(
+            problems(&plain_with_ca),
+            ["cluster.ca_file: only a rediss:// cluster.redis_url uses a CA file"]
+        );
+        let missing = format!(
+            "[cluster]\nredis_url = \"rediss://x\"\nca_file = \"/nonexistent/ca.pem\"\n{NODE}"
+        );
+        assert_eq!(
+            problems(&missing),
+            ["cluster.ca_file: file /nonexistent/ca.pem not found"]
         );
         let typo =
             format!("[cluster]\nredis_url = \"redis://x\"\non_redis_error = \"ignore\"\n{NODE}");

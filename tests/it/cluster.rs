@@ -7,7 +7,7 @@ use mock_upstreams::{MockConfig, MockUpstream};
 use tokio::sync::Semaphore;
 
 use crate::redis::RedisServer;
-use crate::support::{Gateway, ask_as, chat, client, node};
+use crate::support::{Gateway, ask_as, chat, client, node, private_ca};
 
 async fn mock(rpm: Option<u64>) -> MockUpstream {
     MockUpstream::start(
@@ -602,4 +602,42 @@ async fn a_charge_at_arrival_holds_across_replicas() {
         "{statuses:?}"
     );
     assert_eq!(upstream.stats().report().rate_limited, 0);
+}
+
+#[tokio::test]
+async fn replicas_share_limits_through_a_redis_that_speaks_only_tls() {
+    let ca = private_ca();
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_tls(&ca, dir.path());
+    let ca_file = dir.path().join("ca.crt");
+    let a = mock(Some(10)).await;
+    let trusting = cluster_toml(
+        &redis,
+        &format!("ca_file = \"{}\"\n", ca_file.display()),
+        &[("a", &a, 10)],
+    );
+    let replicas = [
+        Gateway::start(&trusting).await,
+        Gateway::start(&trusting).await,
+    ];
+    for replica in &replicas {
+        replica.until(|s| s["cluster"]["redis"] == "up").await;
+    }
+    // Ten requests a minute for the node, counted once for both replicas.
+    let statuses = spread(&replicas, 20, None).await;
+    assert_eq!(statuses.get(&200), Some(&10), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&10), "{statuses:?}");
+    assert_eq!(a.stats().requests(), 10);
+
+    // Without the CA, the server's certificate is not trusted: no session.
+    let untrusting = Gateway::start(&cluster_toml(&redis, "", &[("a", &a, 10)])).await;
+    let status = untrusting
+        .until(|s| s["cluster"]["last_error"] != "not connected yet")
+        .await;
+    assert_eq!(status["cluster"]["redis"], "down", "{}", status["cluster"]);
+    let error = status["cluster"]["last_error"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(error.contains("certificate"), "{error}");
 }

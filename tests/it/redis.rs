@@ -7,14 +7,18 @@
 //! the shell kills the server. Nothing is written to disk.
 
 use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::support::PrivateCa;
+
 pub(crate) struct RedisServer {
     pub port: u16,
+    tls: bool,
     pid: i32,
     shell: Child,
     /// Closing it stops the server.
@@ -34,13 +38,49 @@ impl RedisServer {
 
     /// A server on `port` (to bring one back where it was).
     pub(crate) fn start_on(port: u16) -> Self {
+        Self::launch(port, &["--port".to_owned(), port.to_string()], false)
+    }
+
+    /// A server that speaks only TLS, with `ca`'s certificate for
+    /// `localhost` (its files written to `dir`); clients need no
+    /// certificate of their own.
+    pub(crate) fn start_tls(ca: &PrivateCa, dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_string_lossy().into_owned()
+        };
+        let args = [
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            file("redis.crt", &ca.cert_pem),
+            "--tls-key-file".to_owned(),
+            file("redis.key", &ca.key_pem),
+            "--tls-ca-cert-file".to_owned(),
+            file("ca.crt", &ca.ca_pem),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        Self::launch(port, &args, true)
+    }
+
+    fn launch(port: u16, listen: &[String], tls: bool) -> Self {
         let binary = std::env::var("BALANCER_TEST_REDIS_SERVER")
             .unwrap_or_else(|_| "redis-server".to_owned());
         let mut shell = Command::new("sh")
             .arg("-c")
             .arg(r#""$0" "$@" & echo "$!"; read _; kill -9 "$!" 2>/dev/null"#)
             .arg(&binary)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(listen)
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .args(["--logfile", "/dev/stderr"])
             .stdin(Stdio::piped())
@@ -72,14 +112,21 @@ impl RedisServer {
         let stdin = shell.stdin.take();
         Self {
             port,
+            tls,
             pid,
             shell,
             stdin,
         }
     }
 
+    /// `redis://127.0.0.1:port`, or `rediss://localhost:port` (the name
+    /// its certificate is for) when it speaks TLS.
     pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        if self.tls {
+            format!("rediss://localhost:{}", self.port)
+        } else {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
     }
 
     /// Kills the server at once (SIGKILL), as a crash would.

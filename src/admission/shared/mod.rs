@@ -152,8 +152,25 @@ impl SharedLimits {
         use secrecy::ExposeSecret;
         // The error's kind only: its text could quote the URL, password
         // and all.
-        let client = redis::Client::open(settings.redis_url.expose_secret())
-            .map_err(|e| format!("cluster.redis_url: not a usable Redis URL ({:?})", e.kind()))?;
+        let url = settings.redis_url.expose_secret();
+        let client = match &settings.ca_file {
+            None => redis::Client::open(url),
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    format!(
+                        "cluster.ca_file: cannot read {}: {}",
+                        path.display(),
+                        e.kind()
+                    )
+                })?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(url, certificates)
+            }
+        }
+        .map_err(|e| format!("cluster.redis_url: not a usable Redis URL ({:?})", e.kind()))?;
         Ok(Arc::new(Self {
             client,
             conn: ArcSwapOption::empty(),
@@ -456,9 +473,12 @@ impl SharedLimits {
             .set_response_timeout(None)
             .set_connection_timeout(Some(timeout));
         let attempt = async {
-            let manager = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+            // The subscription first: it connects once, so a failure says
+            // why (a refused connection, an untrusted certificate) where
+            // the manager would retry until the timeout.
             let mut pubsub = self.client.get_async_pubsub().await?;
             pubsub.subscribe(self.channel()).await?;
+            let manager = ConnectionManager::new_with_config(self.client.clone(), config).await?;
             Ok::<_, redis::RedisError>((manager, pubsub))
         };
         let (manager, pubsub) = tokio::time::timeout(timeout, attempt)

@@ -318,27 +318,43 @@ pub async fn serve(
     conn::serve(listener, app::router(state), limits, shutdown).await
 }
 
-/// File descriptors kept for everything but client connections: upstream
-/// connections, the store, Redis, config and key files.
+/// File descriptors kept for everything but client connections and
+/// their upstream connections: the store, Redis, config and key files,
+/// idle upstream connections.
 const FD_RESERVE: u64 = 256;
 
 /// `server.max_connections`, lowered (with a warning) to what the process's
-/// open-file limit leaves room for after [`FD_RESERVE`].
+/// open-file limit leaves room for: each client connection may hold an
+/// upstream connection too, beside [`FD_RESERVE`]. The soft limit is first
+/// raised to the hard one (as Go's runtime does; many systems start
+/// processes at a soft 1,024).
 fn connection_cap(configured: usize) -> usize {
-    use nix::sys::resource::{Resource, getrlimit};
-    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return configured;
     };
-    let room = usize::try_from(soft.saturating_sub(FD_RESERVE).max(16)).unwrap_or(usize::MAX);
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        tracing::debug!(from = soft, to = hard, "raised the open-file limit");
+        hard
+    } else {
+        soft
+    };
+    let room = connection_room(soft);
     if configured > room {
         tracing::warn!(
             configured,
             open_file_limit = soft,
             using = room,
-            "server.max_connections is above what the open-file limit allows; lowered"
+            "server.max_connections is above what the open-file limit allows (two files per connection: the client's and the upstream's); lowered"
         );
     }
     configured.min(room)
+}
+
+/// Client connections an open-file limit of `files` has room for.
+fn connection_room(files: u64) -> usize {
+    let room = files.saturating_sub(FD_RESERVE) / 2;
+    usize::try_from(room.max(16)).unwrap_or(usize::MAX)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -362,4 +378,32 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutdown signal received; draining");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_client_connection_counts_two_open_files() {
+        // 20,000 files: 256 kept, the rest shared by a client connection
+        // and its upstream connection.
+        assert_eq!(connection_room(20_000), 9_872);
+        // Debian's default soft limit, were it not raised.
+        assert_eq!(connection_room(1_024), 384);
+        assert_eq!(connection_room(100), 16);
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        // Started as many systems start a process: a soft limit below the
+        // hard one (lowering it needs no privilege).
+        setrlimit(Resource::RLIMIT_NOFILE, hard.min(1_024), hard).unwrap();
+        let cap = connection_cap(usize::MAX);
+        let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!(soft, hard);
+        assert_eq!(cap, connection_room(hard));
+    }
 }

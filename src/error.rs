@@ -180,6 +180,12 @@ pub enum GatewayError {
         "The model '{0}' has no price on the node(s) that serve it, and your key has a budget: a request that cannot be priced is refused rather than let through uncounted. Ask the gateway's operator to add [prices.\"{0}\"]."
     )]
     ModelNotPriced(String),
+    /// Work the upstream does later, billed by what it uses, which the
+    /// gateway never sees: it cannot be held against a budget.
+    #[error(
+        "{0} spend tokens after the request has been answered, where the gateway cannot see what they cost, and your key has a budget: they are refused rather than let through uncounted. Use a key without a budget for them."
+    )]
+    NotAllowedWithBudget(&'static str),
 }
 
 impl GatewayError {
@@ -367,6 +373,11 @@ impl GatewayError {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "model_not_priced",
+            ),
+            E::NotAllowedWithBudget(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "not_allowed_with_budget",
             ),
         }
     }

@@ -5,6 +5,9 @@
 //! 2. **Read** the body, refusing more than `server.max_body_bytes`.
 //! 3. **Inspect** it ([`request::inspect`]): model, stream flag, prompt tokens
 //!    and the [`Demand`](crate::limits::Demand) to reserve.
+//!    A client with a budget is refused work the upstream bills later
+//!    (background responses, batches, fine-tuning jobs, assistants' runs):
+//!    its cost could not be held.
 //! 4. **Candidates**: the nodes that serve the model.
 //! 5. **Admit** ([`Admission::admit`](crate::admission::Admission::admit)):
 //!    the client's limits, then the least-loaded node with headroom, or a
@@ -183,6 +186,11 @@ async fn forward(
         routing: Routing::default(),
         traceparent: span.as_ref().and_then(RequestSpan::traceparent),
     };
+    if request.client.is_some_and(|c| c.budget.is_some())
+        && let Some(what) = spends_later(&request)
+    {
+        return Err(refused(GatewayError::NotAllowedWithBudget(what)));
+    }
     request.routing = objects::routing(state, &live, parts.method.as_str(), &path_use, &request)
         .await
         .map_err(refused)?;
@@ -441,4 +449,27 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             GatewayError::BodyUnreadable(err.to_string())
         }
     })
+}
+
+/// What a request starts that the upstream bills later, by what it uses
+/// (a background response, a batch, a fine-tuning job, an assistant's
+/// run): the gateway never sees that usage.
+fn spends_later(request: &Inbound<'_>) -> Option<&'static str> {
+    if request.parts.method != axum::http::Method::POST {
+        return None;
+    }
+    let path = request.operation.path;
+    if request.info.background {
+        Some("Background responses")
+    } else if path == "/batches" {
+        Some("Batches")
+    } else if path == "/fine_tuning/jobs" {
+        Some("Fine-tuning jobs")
+    } else if path.starts_with("/threads/")
+        && (path.ends_with("/runs") || path.ends_with("/submit_tool_outputs"))
+    {
+        Some("Assistants' runs")
+    } else {
+        None
+    }
 }

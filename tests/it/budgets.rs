@@ -105,6 +105,48 @@ async fn a_request_that_finds_its_budget_held_in_flight_waits_for_a_hold_to_end(
 }
 
 #[tokio::test]
+async fn work_billed_after_the_answer_is_refused_to_a_budgeted_key_and_sent_for_others() {
+    let upstream = answering(
+        ResponseTemplate::new(200)
+            .set_body_json(json!({"id": "resp_1", "object": "response", "status": "queued"})),
+    )
+    .await;
+    let later = [
+        (
+            "/v1/responses",
+            json!({"model": "m", "input": "hi", "background": true}),
+        ),
+        (
+            "/v1/batches",
+            json!({"input_file_id": "file-1", "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        ),
+        (
+            "/v1/fine_tuning/jobs",
+            json!({"model": "m", "training_file": "file-1"}),
+        ),
+        ("/v1/threads/runs", json!({"assistant_id": "asst_1"})),
+    ];
+    let budgeted = gateway(
+        &v1(&upstream),
+        "budget_usd = 1\nbudget_period = \"month\"",
+        "",
+    )
+    .await;
+    for (path, body) in &later {
+        let (status, _, error) = send(&budgeted, path, body.to_string()).await;
+        assert_eq!(status, 400, "{path}: {error}");
+        assert_eq!(error["error"]["code"], "not_allowed_with_budget", "{path}");
+        assert_eq!(error["error"]["type"], "invalid_request_error");
+    }
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 0);
+
+    let unbudgeted = gateway(&v1(&upstream), "", "").await;
+    let (status, _, answer) = send(&unbudgeted, later[0].0, later[0].1.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn a_spent_budget_refuses_until_its_period_renews_and_a_spent_total_for_good() {
     // Every answer costs 1,000 output tokens: $0.002; a request's worst
     // case is that and its prompt (a few tokens at $1/M).

@@ -128,6 +128,15 @@ fn validate(
         &mut problems,
     ));
     unpriced_budgets(&clients, &nodes, &prices, &mut problems);
+    let shared_store = {
+        use secrecy::ExposeSecret;
+        store.url.expose_secret().starts_with("postgres")
+    };
+    if shared_store && cluster.is_none() && clients.iter().any(|c| c.budget.is_some()) {
+        warnings.0.push(
+            "cluster: clients have budgets and the store is shared (PostgreSQL), but there is no [cluster]: each replica holds budgets against its own count, so replicas together can spend up to one budget each; add [cluster] (Redis) to share them".to_owned(),
+        );
+    }
 
     if !problems.is_empty() {
         return Err(ConfigError { problems });
@@ -565,6 +574,24 @@ mod tests {
             "{:?}",
             problems(&typo)
         );
+    }
+
+    #[test]
+    fn budgets_on_a_shared_store_without_a_cluster_are_warned_per_replica() {
+        let budgeted = "[[clients]]\nname = \"team\"\nkey_env = \"APP_KEY\"\nbudget_usd = 5\nbudget_period = \"day\"\n";
+        let store = "[store]\nurl = \"postgres://balancer:pw@db/balancer\"\n";
+        let cluster = "[cluster]\nredis_url = \"redis://redis:6379\"\n";
+        let warned = |toml: String| {
+            let (_, warnings) = from_toml_str(&toml, &env).unwrap();
+            warnings
+                .0
+                .iter()
+                .any(|w| w.contains("each replica holds budgets"))
+        };
+        assert!(warned(format!("{store}{budgeted}{NODE}")));
+        assert!(!warned(format!("{store}{cluster}{budgeted}{NODE}")));
+        assert!(!warned(format!("{budgeted}{NODE}")), "SQLite: one replica");
+        assert!(!warned(format!("{store}{NODE}")), "no budget");
     }
 
     #[test]

@@ -87,7 +87,11 @@ impl AppState {
         let tracing = Tracing::start(&live.load().config.tracing)?;
         Ok(Arc::new(Self {
             live,
-            admission: Admission { queue, shared },
+            admission: Admission {
+                queue,
+                shared,
+                budget_waiting: std::sync::atomic::AtomicUsize::new(0),
+            },
             clients,
             objects: Arc::new(objects),
             metrics: GatewayMetrics::default(),

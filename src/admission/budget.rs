@@ -17,6 +17,7 @@
 //! dropped otherwise, it counts its worst case in full (the safe side).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -79,6 +80,23 @@ impl Drop for BudgetHold {
 /// again: holds that end on other replicas wake nothing here.
 const CLUSTER_RECHECK: Duration = Duration::from_millis(100);
 
+/// Counts a request among those waiting for budget while it lives (the
+/// request may be dropped mid-wait: its client gone).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Admission {
     /// [`hold_budget`](Self::hold_budget), waiting while the client's
     /// requests in flight hold what this one needs: until `queue.max_wait`
@@ -94,6 +112,7 @@ impl Admission {
         let wait_until = ask
             .deadline
             .min(Instant::now() + ask.live.config.queue.max_wait);
+        let mut waiting = None;
         loop {
             let released = client.account.released();
             let mut released = std::pin::pin!(released);
@@ -105,6 +124,7 @@ impl Admission {
                 Err(Refusal::OverBudget {
                     short: Short::Held, ..
                 }) if now < wait_until => {
+                    waiting.get_or_insert_with(|| Waiting::new(&self.budget_waiting));
                     let look_again = match self.shared {
                         Some(_) => wait_until.min(now + CLUSTER_RECHECK),
                         None => wait_until,

@@ -76,6 +76,9 @@ pub struct Ask<'a> {
 pub struct Admission {
     pub queue: Arc<Queue>,
     pub shared: Option<Arc<SharedLimits>>,
+    /// Requests waiting now for their client's requests in flight to give
+    /// back budget.
+    pub budget_waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// A request placed on a node.
@@ -108,6 +111,12 @@ impl Admission {
     /// Requests waiting for headroom now, here and in the shared windows.
     pub fn depth(&self) -> usize {
         self.queue.depth()
+    }
+
+    /// Requests waiting for budget their client's requests in flight hold.
+    pub fn budget_waiting(&self) -> usize {
+        self.budget_waiting
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Requests that have waited for headroom, since start.

@@ -66,6 +66,7 @@ pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
         "retired_nodes": retired,
         "queue": {
             "depth": state.admission.depth(),
+            "budget_waiting": state.admission.budget_waiting(),
             "max_depth": live.config.queue.max_depth,
             "max_wait_ms": live.config.queue.max_wait.as_millis() as u64,
             "queued_total": state.admission.queued_total(),

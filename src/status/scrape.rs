@@ -172,6 +172,13 @@ fn encode_queue(out: &mut DescriptorEncoder<'_>, state: &AppState) -> Fmt {
         Some(&Unit::Seconds),
         MetricType::Histogram,
     )?)?;
+    let budget_waiting = ConstGauge::new(state.admission.budget_waiting() as i64);
+    budget_waiting.encode(out.encode_descriptor(
+        "budget_waiting",
+        "Requests waiting now for budget their client's requests in flight hold.",
+        None,
+        budget_waiting.metric_type(),
+    )?)?;
     let refused = ConstCounter::new(state.admission.refused_total());
     refused.encode(out.encode_descriptor(
         "queue_refused",

@@ -82,9 +82,10 @@ async fn fifty_requests_at_once_against_a_budget_for_ten_admit_ten_and_spend_wit
 #[tokio::test]
 async fn a_request_that_finds_its_budget_held_in_flight_waits_for_a_hold_to_end() {
     // Two worst cases ($0.002 each) fit the budget and a bit; each answer
-    // costs $0.000009. The third and fourth requests find the first two
-    // holding what they need, wait, and fit once those two settle.
-    let upstream = slow_upstream(Duration::from_millis(300)).await;
+    // costs $0.000009 and takes 1 s. The third and fourth requests find
+    // the first two holding what they need, wait (counted in /status), and
+    // fit once those two settle.
+    let upstream = slow_upstream(Duration::from_secs(1)).await;
     let gw = gateway_waiting(
         &v1(&upstream),
         "budget_usd = 0.0046\nbudget_period = \"month\"",
@@ -92,11 +93,15 @@ async fn a_request_that_finds_its_budget_held_in_flight_waits_for_a_hold_to_end(
         "20s",
     )
     .await;
-    let sent = at_once(&gw, 4).await;
+    let (sent, _) = tokio::join!(
+        at_once(&gw, 4),
+        gw.until(|s| s["queue"]["budget_waiting"] == 2)
+    );
     for (status, _, body) in &sent {
         assert_eq!(*status, 200, "{body}");
     }
     assert_eq!(upstream.received_requests().await.unwrap().len(), 4);
+    assert_eq!(gw.status().await["queue"]["budget_waiting"], 0);
     let budget = settled_budget(&gw).await;
     assert!(
         close(budget["spent_usd"].as_f64().unwrap(), 4.0 * 9e-6),

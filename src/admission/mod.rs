@@ -132,12 +132,19 @@ impl Admission {
     /// The first attempt: the client's limits and model list, then a node
     /// (now, or after waiting until `queue.max_wait`), or a refusal.
     pub async fn admit(&self, ask: &Ask<'_>) -> Result<Admitted, GatewayError> {
+        // One `queue.max_wait` for every wait of this admission: what a
+        // wait for budget took is not given again to the wait for a node.
+        let waits_until = Instant::now() + ask.live.config.queue.max_wait;
         let budget = match (ask.client, ask.worst_cost) {
             (Some(client), Some(worst)) => self
                 .hold_budget_or_wait(ask, client, worst)
                 .await
                 .map_err(refuse)?,
             _ => None,
+        };
+        let ask = &Ask {
+            deadline: ask.deadline.min(waits_until),
+            ..*ask
         };
         let admitted = self.admit_or_refuse(ask).await;
         if let Err(Refusal::Saturated(_)) = admitted {

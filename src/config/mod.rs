@@ -233,6 +233,9 @@ pub struct ClusterSettings {
     /// With `rediss://`: the CA (PEM) Redis's certificate is checked
     /// against instead of the system's roots (a private CA).
     pub ca_file: Option<PathBuf>,
+    /// With `rediss://`: the certificate and key (PEM) this gateway shows
+    /// a Redis that asks for one (`tls-auth-clients yes`); both or neither.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
     pub on_redis_error: OnRedisError,
     /// Namespaces the keys, so gateways of different teams can share a Redis.
     pub key_prefix: String,

@@ -288,6 +288,10 @@ pub(super) struct RawCluster {
     pub(super) timeout: Duration,
     #[serde(default)]
     pub(super) ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) client_key_file: Option<PathBuf>,
 }
 
 fn default_key_prefix() -> String {

@@ -164,6 +164,10 @@ impl Config {
             if let Some(ca) = &cluster.ca_file {
                 out.text("ca_file", ca.display());
             }
+            if let Some((cert, key)) = &cluster.client_cert {
+                out.text("client_cert_file", cert.display());
+                out.text("client_key_file", key.display());
+            }
         }
         let tracing = &self.tracing;
         out.table("[tracing]");

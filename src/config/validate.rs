@@ -416,15 +416,32 @@ fn validate_cluster(raw: RawCluster, problems: &mut Vec<String>) -> Option<Clust
         problems
             .push("cluster.redis_url: must start with redis:// (or rediss:// for TLS)".to_owned());
     }
-    if let Some(ca) = &raw.ca_file {
+    let files = [
+        ("cluster.ca_file", &raw.ca_file),
+        ("cluster.client_cert_file", &raw.client_cert_file),
+        ("cluster.client_key_file", &raw.client_key_file),
+    ];
+    for (field, file) in files {
+        let Some(file) = file else { continue };
         if !tls {
-            problems.push(
-                "cluster.ca_file: only a rediss:// cluster.redis_url uses a CA file".to_owned(),
-            );
-        } else if !ca.is_file() {
-            problems.push(format!("cluster.ca_file: file {} not found", ca.display()));
+            problems.push(format!(
+                "{field}: only a rediss:// cluster.redis_url uses it"
+            ));
+        } else if !file.is_file() {
+            problems.push(format!("{field}: file {} not found", file.display()));
         }
     }
+    let client_cert = match (raw.client_cert_file, raw.client_key_file) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            problems.push(
+                "cluster.client_cert_file: needs cluster.client_key_file, and the other way round"
+                    .to_owned(),
+            );
+            None
+        }
+    };
     if raw.key_prefix.is_empty() || raw.key_prefix.contains(char::is_whitespace) {
         problems.push("cluster.key_prefix: must be non-empty, without spaces".to_owned());
     }
@@ -434,6 +451,7 @@ fn validate_cluster(raw: RawCluster, problems: &mut Vec<String>) -> Option<Clust
     scheme_ok.then(|| ClusterSettings {
         redis_url: SecretString::from(raw.redis_url),
         ca_file: raw.ca_file,
+        client_cert,
         on_redis_error: raw.on_redis_error,
         key_prefix: raw.key_prefix,
         timeout: raw.timeout,
@@ -558,7 +576,15 @@ mod tests {
         );
         assert_eq!(
             problems(&plain_with_ca),
-            ["cluster.ca_file: only a rediss:// cluster.redis_url uses a CA file"]
+            ["cluster.ca_file: only a rediss:// cluster.redis_url uses it"]
+        );
+        let half = format!(
+            "[cluster]\nredis_url = \"rediss://x\"\nclient_cert_file = \"{}\"\n{NODE}",
+            ca.path().display()
+        );
+        assert_eq!(
+            problems(&half),
+            ["cluster.client_cert_file: needs cluster.client_key_file, and the other way round"]
         );
         let missing = format!(
             "[cluster]\nredis_url = \"rediss://x\"\nca_file = \"/nonexistent/ca.pem\"\n{NODE}"

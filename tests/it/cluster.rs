@@ -641,3 +641,43 @@ async fn replicas_share_limits_through_a_redis_that_speaks_only_tls() {
         .to_lowercase();
     assert!(error.contains("certificate"), "{error}");
 }
+
+#[tokio::test]
+async fn a_redis_that_asks_for_a_client_certificate_gets_the_configured_one() {
+    let ca = private_ca();
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_tls_asking(&ca, dir.path(), true);
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let ca_file = dir.path().join("ca.crt").display().to_string();
+    let (cert, key) = (
+        file("gateway.crt", &ca.client_cert_pem),
+        file("gateway.key", &ca.client_key_pem),
+    );
+    let a = mock(Some(10)).await;
+    let with_cert = Gateway::start(&cluster_toml(
+        &redis,
+        &format!(
+            "ca_file = \"{ca_file}\"\nclient_cert_file = \"{cert}\"\nclient_key_file = \"{key}\"\n"
+        ),
+        &[("a", &a, 10)],
+    ))
+    .await;
+    with_cert.until(|s| s["cluster"]["redis"] == "up").await;
+    let statuses = spread(std::slice::from_ref(&with_cert), 1, None).await;
+    assert_eq!(statuses.get(&200), Some(&1), "{statuses:?}");
+
+    let without = Gateway::start(&cluster_toml(
+        &redis,
+        &format!("ca_file = \"{ca_file}\"\n"),
+        &[("a", &a, 10)],
+    ))
+    .await;
+    let status = without
+        .until(|s| s["cluster"]["last_error"] != "not connected yet")
+        .await;
+    assert_eq!(status["cluster"]["redis"], "down", "{}", status["cluster"]);
+}

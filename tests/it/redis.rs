@@ -45,6 +45,12 @@ impl RedisServer {
     /// `localhost` (its files written to `dir`); clients need no
     /// certificate of their own.
     pub(crate) fn start_tls(ca: &PrivateCa, dir: &Path) -> Self {
+        Self::start_tls_asking(ca, dir, false)
+    }
+
+    /// [`start_tls`](Self::start_tls), asking every client for a
+    /// certificate `ca` signed when `client_certs`.
+    pub(crate) fn start_tls_asking(ca: &PrivateCa, dir: &Path, client_certs: bool) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -67,7 +73,7 @@ impl RedisServer {
             "--tls-ca-cert-file".to_owned(),
             file("ca.crt", &ca.ca_pem),
             "--tls-auth-clients".to_owned(),
-            "no".to_owned(),
+            if client_certs { "yes" } else { "no" }.to_owned(),
         ];
         Self::launch(port, &args, true)
     }

@@ -442,19 +442,37 @@ pub(crate) struct PrivateCa {
     pub(crate) key_pem: String,
     /// PKCS#8.
     pub(crate) key_der: Vec<u8>,
+    /// A client certificate the CA signed, and its key, in PEM.
+    pub(crate) client_cert_pem: String,
+    pub(crate) client_key_pem: String,
 }
 
 pub(crate) fn private_ca() -> PrivateCa {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    // Named apart (OpenSSL takes a certificate whose issuer is its own
+    // subject for a self-signed one).
+    let named = |names: Vec<String>, common_name: &str| {
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params
+    };
     let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let mut ca_params = named(Vec::new(), "balancer test CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let server_key = KeyPair::generate().unwrap();
-    let server_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let server_params = named(vec!["localhost".to_owned()], "localhost");
     let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client_cert = named(vec!["gateway".to_owned()], "gateway")
+        .signed_by(&client_key, &issuer)
+        .unwrap();
     PrivateCa {
+        client_cert_pem: client_cert.pem(),
+        client_key_pem: client_key.serialize_pem(),
         ca_pem: ca_cert.pem(),
         cert_pem: server_cert.pem(),
         cert_der: server_cert.der().to_vec(),

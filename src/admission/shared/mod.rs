@@ -153,19 +153,26 @@ impl SharedLimits {
         // The error's kind only: its text could quote the URL, password
         // and all.
         let url = settings.redis_url.expose_secret();
-        let client = match &settings.ca_file {
-            None => redis::Client::open(url),
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    format!(
-                        "cluster.ca_file: cannot read {}: {}",
-                        path.display(),
-                        e.kind()
-                    )
-                })?;
+        let client = match (&settings.ca_file, &settings.client_cert) {
+            (None, None) => redis::Client::open(url),
+            (ca, client_cert) => {
+                let read = |field: &str, path: &std::path::Path| {
+                    std::fs::read(path).map_err(|e| {
+                        format!("{field}: cannot read {}: {}", path.display(), e.kind())
+                    })
+                };
                 let certificates = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
+                    client_tls: match client_cert {
+                        Some((cert, key)) => Some(redis::ClientTlsConfig {
+                            client_cert: read("cluster.client_cert_file", cert)?,
+                            client_key: read("cluster.client_key_file", key)?,
+                        }),
+                        None => None,
+                    },
+                    root_cert: match ca {
+                        Some(ca) => Some(read("cluster.ca_file", ca)?),
+                        None => None,
+                    },
                 };
                 redis::Client::build_with_tls(url, certificates)
             }

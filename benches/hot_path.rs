@@ -505,6 +505,7 @@ fn traces(c: &mut Criterion) {
         export_interval: Duration::from_millis(50),
         headers: Vec::new(),
         ca_file: None,
+        compression: Default::default(),
     };
     let tracing = runtime
         .block_on(async { Tracing::start(&settings) })

@@ -43,7 +43,7 @@ use opentelemetry_sdk::trace::{
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::TracingSettings;
+use crate::config::{TraceCompression, TracingSettings};
 
 /// The exporter and the tracer requests take their spans from.
 pub struct Tracing {
@@ -100,6 +100,9 @@ impl Tracing {
         let mut exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint.clone());
+        if settings.compression == TraceCompression::Gzip {
+            exporter = exporter.with_compression(opentelemetry_otlp::Compression::Gzip);
+        }
         if !settings.headers.is_empty() {
             exporter = exporter.with_metadata(export_metadata(&settings.headers)?);
         }

@@ -129,6 +129,25 @@ pub struct TracingSettings {
     pub headers: Vec<(String, SecretString)>,
     /// A CA (PEM) trusted for an `https://` endpoint besides the system's.
     pub ca_file: Option<PathBuf>,
+    pub compression: TraceCompression,
+}
+
+/// `tracing.compression`: how exports are compressed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceCompression {
+    #[default]
+    None,
+    Gzip,
+}
+
+impl TraceCompression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TraceCompression::None => "none",
+            TraceCompression::Gzip => "gzip",
+        }
+    }
 }
 
 /// `[queue]`

@@ -14,7 +14,7 @@ use smart_default::SmartDefault;
 
 use std::collections::BTreeMap;
 
-use super::{Api, LogFormat, OnRedisError};
+use super::{Api, LogFormat, OnRedisError, TraceCompression};
 
 /// 10 MiB: large enough for long chat histories and small file uploads.
 pub(super) const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
@@ -272,6 +272,8 @@ pub(super) struct RawTracing {
     pub(super) export_interval: Duration,
     /// Header name -> the environment variable holding its value.
     pub(super) headers_env: BTreeMap<String, String>,
+    /// Whether exports are gzip-compressed.
+    pub(super) compression: TraceCompression,
     pub(super) ca_file: Option<PathBuf>,
 }
 

@@ -177,6 +177,7 @@ impl Config {
         }
         out.text("service_name", &tracing.service_name);
         out.duration("export_interval", tracing.export_interval);
+        out.text("compression", tracing.compression.as_str());
         if let Some(ca) = &tracing.ca_file {
             out.text("ca_file", ca.display());
         }

@@ -227,6 +227,7 @@ fn validate_tracing(
         export_interval: positive("tracing.export_interval", raw.export_interval, problems),
         headers,
         ca_file: raw.ca_file,
+        compression: raw.compression,
     }
 }
 

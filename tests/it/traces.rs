@@ -28,6 +28,8 @@ struct Received {
     service: String,
     span: Span,
     collector_key: Option<String>,
+    /// `grpc-encoding` of the export (`gzip` when compressed).
+    encoding: Option<String>,
 }
 
 struct Receiver(mpsc::UnboundedSender<Received>);
@@ -38,11 +40,14 @@ impl TraceService for Receiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let collector_key = request
-            .metadata()
-            .get("x-collector-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let header = |name: &str| {
+            request
+                .metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (collector_key, encoding) = (header("x-collector-key"), header("grpc-encoding"));
         for resource in request.into_inner().resource_spans {
             let service = resource
                 .resource
@@ -57,6 +62,7 @@ impl TraceService for Receiver {
                         service: service.clone(),
                         span,
                         collector_key: collector_key.clone(),
+                        encoding: encoding.clone(),
                     });
                 }
             }
@@ -105,7 +111,10 @@ async fn serve_receiver(
     }
     tokio::spawn(
         server
-            .add_service(TraceServiceServer::new(Receiver(spans)))
+            .add_service(
+                TraceServiceServer::new(Receiver(spans))
+                    .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+            )
             .serve_with_incoming(incoming),
     );
     (endpoint, received)
@@ -301,4 +310,29 @@ async fn an_https_collector_behind_a_private_ca_gets_spans_with_the_configured_h
     assert_eq!(received.collector_key.as_deref(), Some("ck-test-value"));
     let status = gw.status().await;
     assert!(!status.to_string().contains("ck-test-value"));
+}
+
+#[tokio::test]
+async fn exports_are_gzip_compressed_when_asked_and_plain_by_default() {
+    let (endpoint, mut spans) = receiver().await;
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    for (setting, expected) in [("", None), ("compression = \"gzip\"\n", Some("gzip"))] {
+        let gw = Gateway::start(&format!(
+            "{}{setting}{}",
+            traced(&endpoint),
+            node("a", &v1(&upstream), "k", "models = [\"gpt-4o-mini\"]")
+        ))
+        .await;
+        let response = client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(chat("gpt-4o-mini", "hi", 5))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        let received = next_span(&mut spans).await;
+        assert_eq!(received.encoding.as_deref(), expected, "{setting:?}");
+    }
 }

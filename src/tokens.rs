@@ -65,13 +65,7 @@ impl Encoding {
 
     /// The tokenizer, built on first use and shared by every thread.
     pub fn tokenizer(self) -> &'static CoreBpe {
-        static CL100K: std::sync::OnceLock<&'static CoreBpe> = std::sync::OnceLock::new();
-        static O200K: std::sync::OnceLock<&'static CoreBpe> = std::sync::OnceLock::new();
-        let cell = match self {
-            Encoding::Cl100kBase => &CL100K,
-            Encoding::O200kBase => &O200K,
-        };
-        cell.get_or_init(|| {
+        self.cell().get_or_init(|| {
             // Both vocabularies are compiled in (the crate's `vocab-*`
             // features), so the lookup cannot miss.
             tiktoken::get_encoding(self.name()).unwrap_or_else(|| unreachable_encoding(self))
@@ -88,16 +82,33 @@ impl Encoding {
 
     /// Builds the tables `models` need (each family once), so the first
     /// request does not wait for them; none when `models` is empty.
-    pub fn load_for<'m>(models: impl IntoIterator<Item = &'m str>) {
+    /// Whether any was built now (not before).
+    pub fn load_for<'m>(models: impl IntoIterator<Item = &'m str>) -> bool {
         let mut seen = [false; 2];
+        let mut built = false;
         for model in models {
             let encoding = Encoding::for_model(model);
             let at = encoding as usize;
             if !seen[at] {
                 seen[at] = true;
+                built |= !encoding.is_built();
                 encoding.tokenizer();
             }
         }
+        built
+    }
+
+    fn cell(self) -> &'static std::sync::OnceLock<&'static CoreBpe> {
+        static CL100K: std::sync::OnceLock<&'static CoreBpe> = std::sync::OnceLock::new();
+        static O200K: std::sync::OnceLock<&'static CoreBpe> = std::sync::OnceLock::new();
+        match self {
+            Encoding::Cl100kBase => &CL100K,
+            Encoding::O200kBase => &O200K,
+        }
+    }
+
+    fn is_built(self) -> bool {
+        self.cell().get().is_some()
     }
 }
 

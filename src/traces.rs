@@ -50,6 +50,8 @@ pub struct Tracing {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
+    /// Whether [`shutdown`](Self::shutdown) ran.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 /// The headers every export carries, marked sensitive (never printed by
@@ -134,6 +136,7 @@ impl Tracing {
             provider,
             tracer,
             propagator: TraceContextPropagator::new(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -177,8 +180,33 @@ impl Tracing {
     /// Sends what is left and stops the exporter (blocks until done:
     /// call it off the runtime's workers).
     pub fn shutdown(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Err(err) = self.provider.shutdown() {
             tracing::warn!(error = %err, "the trace exporter did not stop cleanly");
+        }
+    }
+}
+
+impl Drop for Tracing {
+    /// A `Tracing` dropped without [`shutdown`](Self::shutdown) (the state
+    /// dropped on a path that did not drain) would stop its exporter in
+    /// the SDK's own drop, blocking whatever thread drops it, a runtime
+    /// worker included, while the export waits on that very runtime. The
+    /// stop goes to a thread of its own instead; after a shutdown it does
+    /// nothing.
+    fn drop(&mut self) {
+        if *self.stopped.get_mut() {
+            return;
+        }
+        let provider = self.provider.clone();
+        let spawned = std::thread::Builder::new()
+            .name("trace-exporter-stop".to_owned())
+            .spawn(move || {
+                let _ = provider.shutdown();
+            });
+        if let Err(err) = spawned {
+            tracing::warn!(error = %err, "cannot stop the trace exporter apart");
         }
     }
 }

@@ -54,7 +54,7 @@ pub enum StartError {
 pub async fn start(config: Config, base_dir: &Path) -> Result<Arc<AppState>, StartError> {
     // The tokenizer tables the nodes' models need, built before the first
     // request (a node that serves any model names none: those load on use).
-    crate::tokens::Encoding::load_for(
+    let built = crate::tokens::Encoding::load_for(
         config
             .nodes
             .iter()
@@ -63,7 +63,9 @@ pub async fn start(config: Config, base_dir: &Path) -> Result<Arc<AppState>, Sta
             .map(String::as_str),
     );
     // What building them freed goes back to the system at once.
-    crate::memory::give_back();
+    if built {
+        crate::memory::give_back();
+    }
     let store = Store::open(&config.store.url, base_dir).await?;
     let (ledger, writer) = ledger::channel();
     let objects = Objects::new(

@@ -78,7 +78,7 @@ pub struct Admission {
     pub shared: Option<Arc<SharedLimits>>,
     /// Requests waiting now for their client's requests in flight to give
     /// back budget.
-    pub budget_waiting: std::sync::atomic::AtomicUsize,
+    pub(crate) budget_waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// A request placed on a node.

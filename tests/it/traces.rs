@@ -19,7 +19,7 @@ use tonic::transport::{Identity, ServerTlsConfig};
 use wiremock::ResponseTemplate;
 
 use crate::support::{
-    FAST, Gateway, PrivateCa, answering, chat, chat_answer, client, node, private_ca, v1,
+    FAST, Gateway, PrivateCa, answering, chat, chat_answer, client, node, post, private_ca, v1,
 };
 
 /// A span as received, with its resource's `service.name` and the
@@ -142,6 +142,19 @@ async fn traceparent_sent(server: &wiremock::MockServer) -> String {
     value.to_str().unwrap().to_owned()
 }
 
+/// One chat request through `gw`, answered 200 and read to its end.
+async fn answered(gw: &Gateway) {
+    let response = post(
+        &client(),
+        gw,
+        "/v1/chat/completions",
+        chat("gpt-4o-mini", "hi", 5),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -152,6 +165,16 @@ fn traced(endpoint: &str) -> String {
     )
 }
 
+/// [`traced`] with `tracing` (more of `[tracing]`), then one node `a`
+/// at `upstream` serving gpt-4o-mini.
+fn traced_to(endpoint: &str, tracing: &str, upstream: &wiremock::MockServer) -> String {
+    format!(
+        "{}{tracing}{}",
+        traced(endpoint),
+        node("a", &v1(upstream), "k", "models = [\"gpt-4o-mini\"]")
+    )
+}
+
 const CALLER_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const CALLER_SPAN: &str = "b7ad6b7169203331";
 
@@ -159,12 +182,7 @@ const CALLER_SPAN: &str = "b7ad6b7169203331";
 async fn a_request_is_a_span_in_the_caller_s_trace_and_the_upstream_s_parent() {
     let (endpoint, mut spans) = receiver().await;
     let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
-    let gw = Gateway::start(&format!(
-        "{}{}",
-        traced(&endpoint),
-        node("a", &v1(&upstream), "k", "models = [\"gpt-4o-mini\"]")
-    ))
-    .await;
+    let gw = Gateway::start(&traced_to(&endpoint, "", &upstream)).await;
     let response = client()
         .post(gw.url("/v1/chat/completions"))
         .header("content-type", "application/json")
@@ -284,22 +302,16 @@ async fn an_https_collector_behind_a_private_ca_gets_spans_with_the_configured_h
     std::fs::write(&ca_file, &ca.ca_pem).unwrap();
     let (endpoint, mut spans) = tls_receiver(&ca).await;
     let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
-    let config = format!(
-        "{}ca_file = \"{}\"\n[tracing.headers_env]\nx-collector-key = \"COLLECTOR_KEY\"\n{}",
-        traced(&endpoint),
-        ca_file.display(),
-        node("a", &v1(&upstream), "k", "models = [\"gpt-4o-mini\"]")
+    let config = traced_to(
+        &endpoint,
+        &format!(
+            "ca_file = \"{}\"\n[tracing.headers_env]\nx-collector-key = \"COLLECTOR_KEY\"\n",
+            ca_file.display()
+        ),
+        &upstream,
     );
     let gw = Gateway::start_file_text(&config, &[("COLLECTOR_KEY", "ck-test-value")]).await;
-    let response = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(chat("gpt-4o-mini", "hi", 5))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.bytes().await.unwrap();
+    answered(&gw).await;
 
     let received = next_span(&mut spans).await;
     assert_eq!(received.service, "gateway-under-test");
@@ -317,21 +329,8 @@ async fn exports_are_gzip_compressed_when_asked_and_plain_by_default() {
     let (endpoint, mut spans) = receiver().await;
     let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
     for (setting, expected) in [("", None), ("compression = \"gzip\"\n", Some("gzip"))] {
-        let gw = Gateway::start(&format!(
-            "{}{setting}{}",
-            traced(&endpoint),
-            node("a", &v1(&upstream), "k", "models = [\"gpt-4o-mini\"]")
-        ))
-        .await;
-        let response = client()
-            .post(gw.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(chat("gpt-4o-mini", "hi", 5))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        response.bytes().await.unwrap();
+        let gw = Gateway::start(&traced_to(&endpoint, setting, &upstream)).await;
+        answered(&gw).await;
         let received = next_span(&mut spans).await;
         assert_eq!(received.encoding.as_deref(), expected, "{setting:?}");
     }

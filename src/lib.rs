@@ -75,6 +75,7 @@ pub mod app;
 pub(crate) mod auth;
 pub mod clients;
 pub mod config;
+pub(crate) mod connections;
 pub mod control;
 pub mod demo;
 pub mod error;

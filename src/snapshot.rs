@@ -31,6 +31,7 @@ use tokio::time::Instant;
 
 use crate::clients::{Directory, Registry};
 use crate::config::{Config, NodeApi, NodeConfig};
+use crate::connections::Connections;
 use crate::error::GatewayError;
 use crate::health::NodeHealth;
 use crate::keys::NodeKey;
@@ -77,6 +78,9 @@ pub struct Node {
     pub health: Arc<NodeHealth>,
     pub metrics: Arc<NodeMetrics>,
     pub client: reqwest::Client,
+    /// Its connections, held by the requests they carry, when it is
+    /// reached over plain `http://`; else requests go through `client`.
+    pub(crate) connections: Option<Arc<Connections>>,
     /// Its own prices and multiplier over the config's table.
     pub pricing: NodePricing,
     /// `nodes[].default_completion_tokens`.
@@ -283,7 +287,6 @@ pub fn prepare(
             name: Arc::clone(&node.name),
             name_header,
             url: Arc::clone(&node.url),
-            base,
             key: node.key.clone(),
             identity,
             api: node.api.clone(),
@@ -292,6 +295,8 @@ pub fn prepare(
             limiter: Arc::clone(&entry.limiter),
             health: Arc::clone(&entry.health),
             metrics: Arc::clone(&entry.metrics),
+            connections: Connections::for_url(&base, config.upstream.connect_timeout),
+            base,
             client,
             pricing: node.pricing.clone(),
             default_completion_tokens: node.default_completion_tokens,

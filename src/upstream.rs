@@ -143,13 +143,21 @@ pub(crate) async fn send(
         // The gateway's span is the upstream's parent, not the caller's.
         headers.insert(TRACEPARENT, traceparent.clone());
     }
-    let request = node.client.request(method, url).headers(headers).body(body);
-    match tokio::time::timeout(first_byte_timeout, request.send()).await {
+    let exchange = async {
+        if let Some(connections) = &node.connections {
+            return connections.send(method, &url, headers, body).await;
+        }
+        let request = node.client.request(method, url).headers(headers).body(body);
+        match request.send().await {
+            Ok(response) => Ok(response),
+            Err(err) if err.is_connect() => Err(Failure::Connect),
+            Err(err) if err.is_timeout() => Err(Failure::Timeout),
+            Err(_) => Err(Failure::Broken),
+        }
+    };
+    match tokio::time::timeout(first_byte_timeout, exchange).await {
         Err(_elapsed) => Err(Failure::Timeout),
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(err)) if err.is_connect() => Err(Failure::Connect),
-        Ok(Err(err)) if err.is_timeout() => Err(Failure::Timeout),
-        Ok(Err(_)) => Err(Failure::Broken),
+        Ok(sent) => sent,
     }
 }
 

@@ -20,6 +20,7 @@ mod fairness;
 mod harness;
 mod nginx;
 mod otlp;
+mod paced;
 mod procs;
 mod reload;
 mod saturation;

@@ -8,8 +8,9 @@
 //! the same bodies.
 //!
 //! Part 1 sends `--requests` (2,000) at `--concurrency` (50), or runs for
-//! `--duration`; part 2 holds a fixed `--rate` (200 requests/s) for
-//! `--rate-time` to read the latency the gateway adds when nothing queues.
+//! `--duration`; part 2 sends a fixed `--rate` (200 requests/s) to each
+//! path for `--rate-time`, the paths interleaved ([`crate::paced`]), to
+//! read the latency the gateway adds when nothing queues.
 //! The gateway's CPU time per request comes from its own process.
 //!
 //! Fails (exit 1) if any request fails or is not a 200. The targets are
@@ -26,6 +27,7 @@ use crate::drive::{self, Clock, Measured, Plan};
 use crate::harness::Body;
 use crate::harness::{self, CLIENT_KEY, Gateway, Mocks, mb, ms, verdict};
 use crate::nginx::Nginx;
+use crate::paced;
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct ThroughputArgs {
@@ -170,53 +172,42 @@ pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow:
         println!("    nginx CPU (master and workers): {nginx_cpu:.1} µs per request");
     }
 
-    let rate_plan = |name: &str| Plan {
-        rate: Some(args.rate),
-        ..Plan::timed(args.concurrency.min(20), args.rate_time, report(name))
-    };
     println!(
-        "  at a fixed {} requests/s for {}:",
+        "  at a fixed {} requests/s to each path for {}, the paths interleaved:",
         args.rate,
         humantime::format_duration(args.rate_time)
     );
-    let direct_rate = load(
-        &direct_host,
-        &direct_key,
-        workload,
-        &rate_plan("rate-direct"),
-    )
-    .await?;
-    let through_rate = load(
-        &gateway.origin,
-        CLIENT_KEY,
-        workload,
-        &rate_plan("rate-gateway"),
-    )
-    .await?;
-    let added_p50 = added_ms(&through_rate, &direct_rate);
+    let mut paths = vec![
+        paced::Path {
+            origin: &direct_host,
+            key: &direct_key,
+        },
+        paced::Path {
+            origin: &gateway.origin,
+            key: CLIENT_KEY,
+        },
+    ];
+    if let Some(nginx) = &nginx {
+        paths.push(paced::Path {
+            origin: &nginx.origin,
+            key: &direct_key,
+        });
+    }
+    let paced = paced::run(&paths, args.rate, args.rate_time, workload).await?;
+    let (direct_rate, through_rate) = (&paced[0], &paced[1]);
+    let added_p50 = added_ms(through_rate, direct_rate);
     println!(
         "    p50 direct {}, through the gateway {}: added {added_p50:.3} ms",
-        ms(direct_rate.measured.p50_us),
-        ms(through_rate.measured.p50_us),
+        ms(direct_rate.p50_us()),
+        ms(through_rate.p50_us()),
     );
-    let nginx_rate = match &nginx {
-        Some(nginx) => {
-            let run = load(
-                &nginx.origin,
-                &direct_key,
-                workload,
-                &rate_plan("rate-nginx"),
-            )
-            .await?;
-            println!(
-                "    p50 through nginx {}: added {:.3} ms",
-                ms(run.measured.p50_us),
-                added_ms(&run, &direct_rate)
-            );
-            Some(run)
-        }
-        None => None,
-    };
+    if let Some(nginx_rate) = paced.get(2) {
+        println!(
+            "    p50 through nginx {}: added {:.3} ms",
+            ms(nginx_rate.p50_us()),
+            added_ms(nginx_rate, direct_rate)
+        );
+    }
     let (peak, last_rss) = gateway.memory();
     let end_rss = gateway.settled_memory().await;
     println!(
@@ -247,11 +238,11 @@ pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow:
         dir.join("throughput-*.html").display()
     );
 
-    let mut ok = [&direct, &through, &direct_rate, &through_rate]
+    let mut ok = [&direct, &through]
         .into_iter()
         .chain(proxied.as_ref().map(|(run, _)| run))
-        .chain(nginx_rate.as_ref())
-        .all(Run::all_ok);
+        .all(Run::all_ok)
+        && paced.iter().all(paced::Paced::all_ok);
     gateway.stop().await?;
     if let Some(nginx) = nginx {
         nginx.stop().await?;
@@ -260,16 +251,7 @@ pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow:
         ok &= compare_with_tracing(args, dir, &mocks, &through, cpu_us).await?;
     }
     if args.redis {
-        ok &= compare_with_redis(
-            args,
-            dir,
-            &mocks,
-            &through,
-            cpu_us,
-            &direct_rate,
-            &through_rate,
-        )
-        .await?;
+        ok &= compare_with_redis(args, dir, &mocks, &through, cpu_us, added_p50).await?;
     }
     mocks.stop().await?;
     if !ok {
@@ -341,8 +323,8 @@ fn per_request(cpu: Duration, requests: &usize) -> f64 {
 }
 
 /// The p50 `run` adds over `direct`, in milliseconds.
-fn added_ms(run: &Run, direct: &Run) -> f64 {
-    (run.measured.p50_us as i64 - direct.measured.p50_us as i64) as f64 / 1000.0
+fn added_ms(run: &paced::Paced, direct: &paced::Paced) -> f64 {
+    (run.p50_us() as i64 - direct.p50_us() as i64) as f64 / 1000.0
 }
 
 /// Part 1 through a gateway that makes a span per request and sends it
@@ -417,8 +399,7 @@ async fn compare_with_redis(
     mocks: &Mocks,
     local: &Run,
     local_cpu_us: f64,
-    direct_rate: &Run,
-    local_rate: &Run,
+    local_added_p50: f64,
 ) -> anyhow::Result<bool> {
     let redis = harness::Redis::start().await?;
     let extra = format!("[cluster]\nredis_url = \"{}\"\n", redis.url);
@@ -439,28 +420,28 @@ async fn compare_with_redis(
     let shared = load(&gateway.origin, CLIENT_KEY, args.workload, &part1).await?;
     let cpu = gateway.cpu_time().saturating_sub(cpu_before);
     let cpu_us = cpu.as_secs_f64() * 1e6 / shared.measured.requests.max(1) as f64;
-    let rate_plan = Plan {
-        rate: Some(args.rate),
-        ..Plan::timed(
-            args.concurrency.min(20),
-            args.rate_time,
-            report("rate-redis"),
-        )
-    };
-    let shared_rate = load(&gateway.origin, CLIENT_KEY, args.workload, &rate_plan).await?;
+    let paths = [
+        paced::Path {
+            origin: mocks.origin(0),
+            key: &mocks.keys[0],
+        },
+        paced::Path {
+            origin: &gateway.origin,
+            key: CLIENT_KEY,
+        },
+    ];
+    let paced = paced::run(&paths, args.rate, args.rate_time, args.workload).await?;
+    let (direct_rate, shared_rate) = (&paced[0], &paced[1]);
     let status = gateway.status().await?;
     gateway.stop().await?;
 
     shared.print("through the gateway, limits in Redis ([cluster])");
     println!("    gateway CPU: {cpu_us:.1} µs per request (redis-server's own CPU not included)");
-    let added = |run: &Run| {
-        (run.measured.p50_us as i64 - direct_rate.measured.p50_us as i64) as f64 / 1000.0
-    };
+    let added = added_ms(shared_rate, direct_rate);
     println!(
-        "    at {} requests/s: p50 {}, added {:.3} ms",
+        "    at {} requests/s: p50 {}, added {added:.3} ms",
         args.rate,
-        ms(shared_rate.measured.p50_us),
-        added(&shared_rate)
+        ms(shared_rate.p50_us()),
     );
     println!("  Redis against in-process limits (same run, same mocks):");
     println!(
@@ -471,13 +452,11 @@ async fn compare_with_redis(
     );
     println!("    gateway CPU {cpu_us:.1} µs against {local_cpu_us:.1} µs per request");
     println!(
-        "    added p50 at {} requests/s: {:.3} ms against {:.3} ms",
+        "    added p50 at {} requests/s: {added:.3} ms against {local_added_p50:.3} ms",
         args.rate,
-        added(&shared_rate),
-        added(local_rate)
     );
     let up = status["cluster"]["redis"] == "up";
     println!("    redis stayed up: {}", verdict(up));
     drop(redis);
-    Ok(shared.all_ok() && shared_rate.all_ok() && up)
+    Ok(shared.all_ok() && paced.iter().all(paced::Paced::all_ok) && up)
 }

@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderName, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::Stream;
@@ -91,8 +91,10 @@ pub(crate) struct Held {
 /// its metrics and its log line.
 #[derive(Debug)]
 pub(crate) struct Trace {
-    /// The request's URL (a clone shares its bytes).
-    pub uri: Uri,
+    /// The request's path, copied: a clone of its `Uri` would share, and
+    /// keep for the whole of a stream, the client connection's read buffer
+    /// the head was parsed from (8 KiB, which hyper must then replace).
+    pub path: Box<str>,
     pub received: Instant,
     /// Time spent waiting for a node with headroom.
     pub queue_wait: Duration,
@@ -409,7 +411,7 @@ impl Settlement {
         let ms = |d: Duration| d.as_millis() as u64;
         tracing::info!(
             target: ACCESS_LOG,
-            path = self.trace.uri.path(),
+            path = &*self.trace.path,
             node = &*self.node,
             model = self.unlisted_model.as_deref().unwrap_or(&self.route.model),
             status = self.status.as_u16(),

@@ -249,7 +249,7 @@ async fn dispatch(
         live,
     };
     let mut trace = Trace {
-        uri: request.parts.uri.clone(),
+        path: request.parts.uri.path().into(),
         received: request.received,
         queue_wait: std::time::Duration::ZERO,
         sent: request.received,

@@ -39,6 +39,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
 
 /// What a client connection may hold.
 #[derive(Debug, Clone, Copy)]
@@ -94,12 +95,16 @@ pub(crate) async fn serve(
     limits: ConnLimits,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
+    let mut sniffing = auto::Builder::new(TokioExecutor::new());
+    sniffing
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
+    let http1 = Arc::new(sniffing.clone().http1_only());
+    let sniffing = Arc::new(sniffing);
     let graceful = GracefulShutdown::new();
+    // Stops the connections still waiting for their first bytes.
+    let stopping = CancellationToken::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     // Dropped (aborting what is left) when this function returns.
     let mut connections = JoinSet::new();
@@ -125,19 +130,30 @@ pub(crate) async fn serve(
         // Nagle would hold back small writes (an SSE event) for tens of ms.
         let _ = tcp.set_nodelay(true);
         let deadline = WriteDeadline::new();
-        let io = TokioIo::new(Guarded::new(tcp, &limits, deadline.clone()));
+        let mut guarded = Guarded::new(tcp, &limits, deadline.clone());
         let service = TowerToHyperService::new(Marked {
             router: router.clone(),
             deadline,
         });
-        let connection = builder.serve_connection_with_upgrades(io, service);
-        let connection = graceful.watch(connection.into_owned());
+        let (http1, sniffing) = (Arc::clone(&http1), Arc::clone(&sniffing));
+        let (watcher, stopping) = (graceful.watcher(), stopping.clone());
         connections.spawn(async move {
-            let _ = connection.await;
+            let protocol = tokio::select! {
+                () = stopping.cancelled() => return,
+                protocol = guarded.protocol() => protocol,
+            };
+            let builder = match protocol {
+                Protocol::Http1 => &http1,
+                Protocol::Unknown => &sniffing,
+                Protocol::Closed => return,
+            };
+            let connection = builder.serve_connection(TokioIo::new(guarded), service);
+            let _ = watcher.watch(connection.into_owned()).await;
             drop(permit);
         });
     }
     drop(listener);
+    stopping.cancel();
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(limits.shutdown_grace) => {
@@ -191,6 +207,15 @@ impl tower_service::Service<axum::http::Request<hyper::body::Incoming>> for Mark
     }
 }
 
+/// What a client's first bytes say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// Perhaps HTTP/2 (prior knowledge): hyper-util tells.
+    Unknown,
+    Closed,
+}
+
 /// A client socket whose writes may not stall for longer than the write
 /// timeout, nor past the answer's deadline, and which must deliver its
 /// first request head within the header-read timeout (hyper's own timer
@@ -214,6 +239,27 @@ impl Guarded {
             deadline,
             stall: None,
             first_request_by: Some(Box::pin(tokio::time::sleep(limits.header_read_timeout))),
+        }
+    }
+
+    /// Which protocol the client speaks, from its first bytes (peeked,
+    /// so hyper reads them whole): HTTP/1 unless they could begin HTTP/2's
+    /// preface; unknown when they could, for hyper-util to read on.
+    /// Knowing spares the connection hyper-util's sniff, which hands hyper
+    /// its first 24 bytes apart and so makes hyper's read buffer grow from
+    /// 8 to 16 KiB on every HTTP/1 connection. Closed: nothing came before
+    /// `server.header_read_timeout`, or the client left.
+    async fn protocol(&mut self) -> Protocol {
+        const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let mut first = [0_u8; 3];
+        let by = self
+            .first_request_by
+            .as_ref()
+            .map_or_else(Instant::now, |by| by.deadline());
+        match tokio::time::timeout_at(by, self.io.peek(&mut first)).await {
+            Ok(Ok(0) | Err(_)) | Err(_) => Protocol::Closed,
+            Ok(Ok(n)) if H2_PREFACE.starts_with(&first[..n]) => Protocol::Unknown,
+            Ok(Ok(_)) => Protocol::Http1,
         }
     }
 

@@ -222,6 +222,45 @@ async fn idle_connections_are_closed_and_their_number_is_capped() {
     );
 }
 
+/// 4b. The gateway tells HTTP/1 from HTTP/2 by a client's first bytes:
+/// a client that speaks HTTP/2 with prior knowledge is served, and so is an
+/// HTTP/1 request whose first byte arrives alone (`P` may begin either).
+#[tokio::test]
+async fn http2_with_prior_knowledge_and_a_split_http1_head_are_both_served() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = Gateway::start(&node("a", &v1(&upstream), "k", "")).await;
+
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut h2, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let driven = tokio::spawn(connection);
+    let request = hyper::Request::get(gw.url("/healthz"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let answer = h2.send_request(request).await.unwrap();
+    assert_eq!(answer.version(), hyper::Version::HTTP_2);
+    assert_eq!(answer.status(), 200);
+    drop(h2);
+    driven.await.unwrap().unwrap();
+
+    let body = chat("gpt-4o-mini", "split", 5);
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(b"P").await.unwrap();
+    stream.flush().await.unwrap();
+    let rest = format!(
+        "OST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 /// 5. A client that stops reading its stream is cut at
 /// `server.request_timeout`, and its node's slot is released.
 #[tokio::test]

@@ -177,22 +177,15 @@ impl Connections {
     }
 
     /// The newest idle connection that can still carry a request; the
-    /// ones that cannot are closed after the lock is released.
+    /// ones that cannot are closed. Each is looked at (and closed) after
+    /// the list's lock is released.
     fn take_idle(&self) -> Option<Held> {
-        let mut closed = Vec::new();
-        let mut list = self.idle.lock();
-        let found = loop {
-            let Some(mut idle) = list.pop() else {
-                break None;
-            };
+        loop {
+            let mut idle = self.idle.lock().pop()?;
             if idle.since.elapsed() < IDLE_TIMEOUT && idle.held.is_reusable() {
-                break Some(idle.held);
+                return Some(idle.held);
             }
-            closed.push(idle);
-        };
-        drop(list);
-        drop(closed);
-        found
+        }
     }
 
     /// Puts a connection whose answer was read whole back in the list,

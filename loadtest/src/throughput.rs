@@ -40,7 +40,7 @@ pub(crate) struct ThroughputArgs {
     /// Run part 1 for this long instead of a request count, e.g. `30s`.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
-    /// Fixed request rate for part 2, per second.
+    /// Fixed request rate for part 2, per second to each path.
     #[arg(long, default_value_t = 200)]
     pub rate: usize,
     /// How long part 2 holds that rate (whole seconds).

@@ -20,6 +20,7 @@
 //! - an idle connection the node closed is noticed when it is taken and
 //!   dropped; a request it could not carry is sent again on another, and
 //!   only a request that was not written is ever sent again;
+//! - a node's connections outlive a config reload while its URL stays;
 //! - at most [`MAX_IDLE`] idle connections per node, none kept past
 //!   [`IDLE_TIMEOUT`]; the list's lock is never held across an await, nor
 //!   while a connection is closed;
@@ -29,6 +30,7 @@
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -91,7 +93,8 @@ pub(crate) struct Connections {
     authority: String,
     /// The `Host` header.
     host: HeaderValue,
-    connect_timeout: Duration,
+    /// `upstream.connect_timeout` in milliseconds (a reload may change it).
+    connect_timeout_ms: AtomicU64,
     /// Oldest first; taken from the end.
     idle: Mutex<Vec<Idle>>,
 }
@@ -128,9 +131,15 @@ impl Connections {
         Some(Arc::new(Connections {
             authority: format!("{host}:{port}"),
             host: HeaderValue::from_str(&host_header).ok()?,
-            connect_timeout,
+            connect_timeout_ms: AtomicU64::new(millis(connect_timeout)),
             idle: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Sets the connect timeout (a reloaded `upstream.connect_timeout`).
+    pub(crate) fn set_connect_timeout(&self, timeout: Duration) {
+        self.connect_timeout_ms
+            .store(millis(timeout), Ordering::Relaxed);
     }
 
     /// How many connections are idle now.
@@ -210,13 +219,11 @@ impl Connections {
     }
 
     async fn connect(&self) -> Result<Held, Failure> {
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect(self.authority.as_str()),
-        )
-        .await
-        .map_err(|_| Failure::Connect)?
-        .map_err(|_| Failure::Connect)?;
+        let timeout = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.authority.as_str()))
+            .await
+            .map_err(|_| Failure::Connect)?
+            .map_err(|_| Failure::Connect)?;
         stream.set_nodelay(true).map_err(|_| Failure::Connect)?;
         let (sender, connection) = http1::Builder::new()
             .read_buf_exact_size(Some(READ_BUFFER))
@@ -247,6 +254,10 @@ impl Connections {
             reqwest::Body::wrap(body),
         ))
     }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Writes `request` on `held` and reads the answer's head, polling the

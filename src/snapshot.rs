@@ -8,8 +8,9 @@
 //!
 //! Counters that must survive a reload (windows, in-flight counts,
 //! cooldowns: a node's [`Limiter`]; its [`NodeHealth`]; its
-//! [`NodeMetrics`]) are kept by node name in [`Kept`], outside any
-//! snapshot: a node that stays in the config keeps them, so a reload can
+//! [`NodeMetrics`]; its held upstream connections) are kept by node name
+//! in [`Kept`], outside any snapshot: a node that stays in the config keeps
+//! them (its connections while its URL stays), so a reload can
 //! never reset a window and push a node past its quota, nor readmit a
 //! failing node. A node that leaves the config is retired (it takes nothing
 //! new and finishes what it has); its counters are forgotten only once its
@@ -170,6 +171,9 @@ impl Live {
 #[derive(Debug)]
 struct Tracked {
     url: Arc<str>,
+    /// Its held connections (plain `http://`), kept across reloads while
+    /// the URL stays.
+    connections: Option<Arc<Connections>>,
     limiter: Arc<Limiter>,
     health: Arc<NodeHealth>,
     metrics: Arc<NodeMetrics>,
@@ -263,6 +267,7 @@ pub fn prepare(
             .entry(Arc::clone(&node.name))
             .or_insert_with(|| Tracked {
                 url: Arc::clone(&node.url),
+                connections: Connections::for_url(&base, config.upstream.connect_timeout),
                 limiter: Limiter::new(node.quota, Arc::clone(&kept.signal)),
                 health: kept.new_health(node),
                 metrics: Arc::default(),
@@ -272,6 +277,10 @@ pub fn prepare(
             // afresh; its window stays (it may be the same key's quota).
             entry.url = Arc::clone(&node.url);
             entry.health = kept.new_health(node);
+            entry.connections = Connections::for_url(&base, config.upstream.connect_timeout);
+        }
+        if let Some(connections) = &entry.connections {
+            connections.set_connect_timeout(config.upstream.connect_timeout);
         }
         entry.limiter.revive();
         entry.limiter.set_quota(node.quota);
@@ -295,7 +304,7 @@ pub fn prepare(
             limiter: Arc::clone(&entry.limiter),
             health: Arc::clone(&entry.health),
             metrics: Arc::clone(&entry.metrics),
-            connections: Connections::for_url(&base, config.upstream.connect_timeout),
+            connections: entry.connections.clone(),
             base,
             client,
             pricing: node.pricing.clone(),

@@ -300,3 +300,55 @@ async fn a_request_waiting_through_a_reload_goes_to_a_node_the_reload_added() {
     old.stop().await;
     new.stop().await;
 }
+
+/// Forwards every connection to `to` (host:port) and counts them: the
+/// upstream connections the gateway opened. Returns its own address.
+async fn counting_front(to: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&accepted);
+    let tasks = balancer::tasks::Tasks::new();
+    tasks.clone().run(async move {
+        loop {
+            let (mut inbound, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tasks.run(async move {
+                let mut outbound = tokio::net::TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A reload that leaves a node's URL alone keeps its upstream connections:
+/// requests after it go on the connection opened before it.
+#[tokio::test]
+async fn a_reload_keeps_the_upstream_connections_of_a_node_whose_url_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = mock("sk-mock-a").await;
+    let (front, accepted) = counting_front(upstream.addr()).await;
+    let node = |rpm: u32| {
+        format!(
+            "[[nodes]]\nname = \"a\"\nurl = \"http://{front}/v1\"\napi_key_env = \"KEY_A\"\nrpm = {rpm}\n"
+        )
+    };
+    let config = dir.path().join("Balancer.toml");
+    std::fs::write(&config, format!("{SETTINGS}{}", node(1000))).unwrap();
+    let gw = Gateway::start_file(&config, &[("KEY_A", "sk-mock-a")]).await;
+    served(&gw, 2).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    replace(&config, &format!("{SETTINGS}{}", node(2000)));
+    let status = gw.reloaded(1).await;
+    assert_eq!(node_status(&status, "a")["limits"]["rpm"]["limit"], 2000);
+    served(&gw, 2).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the connection from before the reload carried the requests after it"
+    );
+    assert_eq!(upstream.stats().requests(), 4);
+    upstream.stop().await;
+}

@@ -1,6 +1,5 @@
-//! Upstream HTTP/1.1 connections held by the request that uses them, for
-//! nodes reached over plain `http://` (a sidecar, a local model server, an
-//! in-cluster proxy, the mocks).
+//! Upstream HTTP/1.1 connections held by the request that uses them,
+//! over plain `http://` or TLS.
 //!
 //! A pooled HTTP client (reqwest, hyper-util's) runs each connection in a
 //! task of its own: every read from the upstream wakes that task, which
@@ -8,8 +7,11 @@
 //! turn. Here the task that sends a request polls the connection itself,
 //! from the request until the last byte of the answer's body (the body
 //! polls the connection as it is read), and then puts it back in the node's
-//! idle list: one task and one wake-up per read. `https://` nodes keep
-//! reqwest (TLS; the network's round trip dwarfs a wake-up).
+//! idle list: one task and one wake-up per read.
+//!
+//! `https://` connections are made with rustls and the platform's verifier,
+//! as reqwest makes them (plus the node's `ca_file`, when it has one),
+//! offering HTTP/1.1 by ALPN.
 //!
 //! Invariants:
 //! - a connection is in one place at a time: carrying one request, or idle
@@ -42,6 +44,11 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::{self, ClientConfig};
+use tokio_util::either::Either;
 
 use crate::upstream::Failure;
 
@@ -53,7 +60,35 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// larger answer fits; hyper's own default starts at 8 KiB and grows.
 const READ_BUFFER: usize = 4096;
 
-type Connection = http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;
+type Stream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+type Connection = http1::Connection<TokioIo<Stream>, Full<Bytes>>;
+
+/// The TLS settings of `https://` nodes: rustls with the platform's
+/// verifier (the system's trust, as reqwest's), and the PEM CA bundle
+/// `ca_pem` trusted besides, offering HTTP/1.1 by ALPN.
+pub(crate) fn tls_config(ca_pem: Option<&[u8]>) -> Result<Arc<ClientConfig>, String> {
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    let verifier = match ca_pem {
+        None => rustls_platform_verifier::Verifier::new(Arc::clone(&provider)),
+        Some(pem) => {
+            let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("ca_file is not PEM: {e}"))?;
+            rustls_platform_verifier::Verifier::new_with_extra_roots(certs, Arc::clone(&provider))
+        }
+    }
+    .map_err(|e| format!("cannot set up TLS: {e}"))?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot set up TLS: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
 
 /// One connection: its sending half and the connection itself, which
 /// whoever holds it must poll.
@@ -93,6 +128,9 @@ pub(crate) struct Connections {
     authority: String,
     /// The `Host` header.
     host: HeaderValue,
+    /// For an `https://` node: the connector and the name its certificate
+    /// must bear.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
     /// `upstream.connect_timeout` in milliseconds (a reload may change it).
     connect_timeout_ms: AtomicU64,
     /// Oldest first; taken from the end.
@@ -116,13 +154,28 @@ enum Unanswered {
 }
 
 impl Connections {
-    /// Connections to an `http://` base URL; `None` for any other scheme.
-    pub(crate) fn for_url(base: &reqwest::Url, connect_timeout: Duration) -> Option<Arc<Self>> {
-        if base.scheme() != "http" {
-            return None;
-        }
+    /// Connections to a base URL: `http://`, or `https://` with `tls`
+    /// (from [`tls_config`]); `None` for any other scheme.
+    pub(crate) fn for_url(
+        base: &reqwest::Url,
+        connect_timeout: Duration,
+        tls: Option<Arc<ClientConfig>>,
+    ) -> Option<Arc<Self>> {
         let host = base.host_str()?;
         let port = base.port_or_known_default()?;
+        let tls = match (base.scheme(), tls) {
+            ("http", _) => None,
+            ("https", Some(config)) => {
+                // An IPv6 host is written in brackets.
+                let bare = host.trim_start_matches('[').trim_end_matches(']');
+                let name = match bare.parse::<std::net::IpAddr>() {
+                    Ok(ip) => ServerName::from(ip),
+                    Err(_) => ServerName::try_from(bare.to_owned()).ok()?,
+                };
+                Some((TlsConnector::from(config), name))
+            }
+            _ => return None,
+        };
         // `Host` names the port only where the URL does.
         let host_header = match base.port() {
             Some(port) => format!("{host}:{port}"),
@@ -131,6 +184,7 @@ impl Connections {
         Some(Arc::new(Connections {
             authority: format!("{host}:{port}"),
             host: HeaderValue::from_str(&host_header).ok()?,
+            tls,
             connect_timeout_ms: AtomicU64::new(millis(connect_timeout)),
             idle: Mutex::new(Vec::new()),
         }))
@@ -218,13 +272,12 @@ impl Connections {
         drop((closed, refused));
     }
 
+    /// A new connection, TLS included, within the connect timeout.
     async fn connect(&self) -> Result<Held, Failure> {
         let timeout = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.authority.as_str()))
+        let stream = tokio::time::timeout(timeout, self.open())
             .await
-            .map_err(|_| Failure::Connect)?
-            .map_err(|_| Failure::Connect)?;
-        stream.set_nodelay(true).map_err(|_| Failure::Connect)?;
+            .map_err(|_| Failure::Connect)??;
         let (sender, connection) = http1::Builder::new()
             .read_buf_exact_size(Some(READ_BUFFER))
             .handshake(TokioIo::new(stream))
@@ -235,6 +288,23 @@ impl Connections {
             connection,
             ended: false,
         })
+    }
+
+    async fn open(&self) -> Result<Stream, Failure> {
+        let tcp = TcpStream::connect(self.authority.as_str())
+            .await
+            .map_err(|_| Failure::Connect)?;
+        tcp.set_nodelay(true).map_err(|_| Failure::Connect)?;
+        match &self.tls {
+            None => Ok(Either::Left(tcp)),
+            Some((connector, name)) => {
+                let tls = connector.connect(name.clone(), tcp).await.map_err(|err| {
+                    tracing::debug!(error = %err, "TLS handshake with a node failed");
+                    Failure::Connect
+                })?;
+                Ok(Either::Right(tls))
+            }
+        }
     }
 
     fn answer(
@@ -440,7 +510,7 @@ mod tests {
     }
 
     fn connections(node: &Node) -> Arc<Connections> {
-        Connections::for_url(&node.url, Duration::from_secs(5)).unwrap()
+        Connections::for_url(&node.url, Duration::from_secs(5), None).unwrap()
     }
 
     #[tokio::test]
@@ -507,7 +577,7 @@ mod tests {
         let url =
             reqwest::Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
         drop(listener);
-        let connections = Connections::for_url(&url, Duration::from_secs(5)).unwrap();
+        let connections = Connections::for_url(&url, Duration::from_secs(5), None).unwrap();
         let sent = connections
             .send(Method::GET, &url, HeaderMap::new(), Bytes::new())
             .await;
@@ -519,15 +589,21 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_http_urls_get_held_connections() {
+    fn http_urls_and_https_urls_with_tls_get_held_connections() {
         let url = |u| reqwest::Url::parse(u).unwrap();
         let timeout = Duration::from_secs(1);
-        let held = Connections::for_url(&url("http://10.0.0.1:8080/v1"), timeout).unwrap();
+        let held = Connections::for_url(&url("http://10.0.0.1:8080/v1"), timeout, None).unwrap();
         assert_eq!(held.authority, "10.0.0.1:8080");
         assert_eq!(held.host, "10.0.0.1:8080");
-        let default_port = Connections::for_url(&url("http://node.internal"), timeout).unwrap();
+        let default_port =
+            Connections::for_url(&url("http://node.internal"), timeout, None).unwrap();
         assert_eq!(default_port.authority, "node.internal:80");
         assert_eq!(default_port.host, "node.internal");
-        assert!(Connections::for_url(&url("https://api.openai.com/v1"), timeout).is_none());
+        let tls = tls_config(None).unwrap();
+        let https = Connections::for_url(&url("https://api.openai.com/v1"), timeout, Some(tls));
+        let https = https.unwrap();
+        assert_eq!(https.authority, "api.openai.com:443");
+        assert!(https.tls.is_some());
+        assert!(Connections::for_url(&url("https://api.openai.com/v1"), timeout, None).is_none());
     }
 }

@@ -24,8 +24,8 @@
 //!    (the one policy in [`admission::refusal`]). With `[cluster]` the
 //!    limits are shared by replicas through Redis
 //!    ([`admission::shared`]).
-//! 6. [`upstream::send`] forwards with the node's key (to a plain-`http://`
-//!    node on a connection the request drives itself, [`connections`]); failures before any
+//! 6. [`upstream::send`] forwards with the node's key (on a connection the
+//!    request drives itself, [`connections`]); failures before any
 //!    byte reached the client are retried on another node
 //!    ([`admission::Admission::place_retry`]). The answer's rate-limit
 //!    headers cap the node's headroom ([`limits::Reservation::observe_upstream`])

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::clients::{Directory, Registry};
 use crate::config::{Config, NodeApi, NodeConfig};
-use crate::connections::Connections;
+use crate::connections::{self, Connections};
 use crate::error::GatewayError;
 use crate::health::NodeHealth;
 use crate::keys::NodeKey;
@@ -171,9 +171,11 @@ impl Live {
 #[derive(Debug)]
 struct Tracked {
     url: Arc<str>,
-    /// Its held connections (plain `http://`), kept across reloads while
-    /// the URL stays.
+    /// Its held connections, kept across reloads while the URL and the
+    /// `ca_file`'s certificates stay.
     connections: Option<Arc<Connections>>,
+    /// The `ca_file`'s contents its connections trust.
+    ca_pem: Option<Vec<u8>>,
     limiter: Arc<Limiter>,
     health: Arc<NodeHealth>,
     metrics: Arc<NodeMetrics>,
@@ -243,18 +245,46 @@ pub fn prepare(
     registry: &Registry,
 ) -> Result<Live, String> {
     let shared_client = build_client(&config, None)?;
+    // The TLS settings of https nodes without a ca_file, built once.
+    let mut shared_tls = None;
     let mut built = Vec::with_capacity(config.nodes.len());
     for node in &config.nodes {
-        let client = match &node.ca_file {
-            Some(_) => build_client(&config, Some(node))?,
+        let ca_pem = match &node.ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| format!("node '{}': cannot read ca_file: {e}", node.name))?,
+            ),
+            None => None,
+        };
+        let client = match &ca_pem {
+            Some(pem) => build_client(&config, Some((&node.name, pem)))?,
             None => shared_client.clone(),
         };
         let name_header = HeaderValue::from_str(&node.name)
             .map_err(|_| format!("node '{}': name is not a valid header value", node.name))?;
         let base = reqwest::Url::parse(&node.url)
             .map_err(|e| format!("node '{}': url: {e}", node.name))?;
+        let tls = match (base.scheme(), &ca_pem) {
+            ("https", Some(pem)) => Some(
+                connections::tls_config(Some(pem))
+                    .map_err(|e| format!("node '{}': {e}", node.name))?,
+            ),
+            ("https", None) => Some(match &shared_tls {
+                Some(tls) => Arc::clone(tls),
+                None => Arc::clone(shared_tls.insert(connections::tls_config(None)?)),
+            }),
+            _ => None,
+        };
+        let connections = Connections::for_url(&base, config.upstream.connect_timeout, tls);
         let identity = identity_headers(node)?;
-        built.push((node, client, name_header, base, identity));
+        built.push((
+            node,
+            client,
+            name_header,
+            base,
+            identity,
+            (ca_pem, connections),
+        ));
     }
 
     // Nothing below fails.
@@ -262,12 +292,13 @@ pub fn prepare(
     let mut tracked = kept.nodes.lock();
     let clients = Directory::build(&config.clients, registry);
     let mut nodes: Vec<Node> = Vec::with_capacity(built.len());
-    for (node, client, name_header, base, identity) in built {
+    for (node, client, name_header, base, identity, (ca_pem, connections)) in built {
         let entry = tracked
             .entry(Arc::clone(&node.name))
             .or_insert_with(|| Tracked {
                 url: Arc::clone(&node.url),
-                connections: Connections::for_url(&base, config.upstream.connect_timeout),
+                ca_pem: ca_pem.clone(),
+                connections: connections.clone(),
                 limiter: Limiter::new(node.quota, Arc::clone(&kept.signal)),
                 health: kept.new_health(node),
                 metrics: Arc::default(),
@@ -277,7 +308,11 @@ pub fn prepare(
             // afresh; its window stays (it may be the same key's quota).
             entry.url = Arc::clone(&node.url);
             entry.health = kept.new_health(node);
-            entry.connections = Connections::for_url(&base, config.upstream.connect_timeout);
+        }
+        if entry.url != node.url || entry.ca_pem != ca_pem {
+            // Another place, or another trust: new connections.
+            entry.ca_pem = ca_pem;
+            entry.connections = connections;
         }
         if let Some(connections) = &entry.connections {
             connections.set_connect_timeout(config.upstream.connect_timeout);
@@ -385,7 +420,7 @@ fn identity_headers(node: &NodeConfig) -> Result<Vec<(HeaderName, HeaderValue)>,
     Ok(headers)
 }
 
-fn build_client(config: &Config, node: Option<&NodeConfig>) -> Result<reqwest::Client, String> {
+fn build_client(config: &Config, ca: Option<(&str, &[u8])>) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(config.upstream.connect_timeout)
         .tcp_nodelay(true)
@@ -393,13 +428,9 @@ fn build_client(config: &Config, node: Option<&NodeConfig>) -> Result<reqwest::C
         // Redirects would forward the node's key elsewhere; relay them instead.
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy();
-    if let Some(node) = node
-        && let Some(path) = &node.ca_file
-    {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("node '{}': cannot read ca_file: {e}", node.name))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("node '{}': ca_file is not PEM: {e}", node.name))?;
+    if let Some((node, pem)) = ca {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("node '{node}': ca_file is not PEM: {e}"))?;
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }

@@ -22,7 +22,8 @@
 //! - an idle connection the node closed is noticed when it is taken and
 //!   dropped; a request it could not carry is sent again on another, and
 //!   only a request that was not written is ever sent again;
-//! - a node's connections outlive a config reload while its URL stays;
+//! - a node's connections outlive a config reload while its URL and its
+//!   `ca_file`'s certificates stay;
 //! - at most [`MAX_IDLE`] idle connections per node, none kept past
 //!   [`IDLE_TIMEOUT`]; the list's lock is never held across an await, nor
 //!   while a connection is closed;

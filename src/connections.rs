@@ -510,6 +510,11 @@ mod tests {
         response
     }
 
+    /// GETs `path` and reads the answer whole.
+    async fn get_whole(connections: &Arc<Connections>, node: &Node, path: &str) -> Bytes {
+        get(connections, node, path).await.bytes().await.unwrap()
+    }
+
     fn connections(node: &Node) -> Arc<Connections> {
         Connections::for_url(&node.url, Duration::from_secs(5), None).unwrap()
     }
@@ -519,11 +524,7 @@ mod tests {
         let node = node().await;
         let connections = connections(&node);
         for _ in 0..3 {
-            let body = get(&connections, &node, "/whole")
-                .await
-                .bytes()
-                .await
-                .unwrap();
+            let body = get_whole(&connections, &node, "/whole").await;
             assert_eq!(&body[..], b"hello");
             assert_eq!(connections.idle_count(), 1);
         }
@@ -540,11 +541,7 @@ mod tests {
         assert_eq!(connections.idle_count(), 0);
         // The node sees the connection end, and the next request has a new one.
         node.ended.recv().await.unwrap();
-        get(&connections, &node, "/whole")
-            .await
-            .bytes()
-            .await
-            .unwrap();
+        get_whole(&connections, &node, "/whole").await;
         assert_eq!(node.accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -552,21 +549,13 @@ mod tests {
     async fn an_idle_connection_the_node_closed_is_not_used() {
         let mut node = node().await;
         let connections = connections(&node);
-        get(&connections, &node, "/whole")
-            .await
-            .bytes()
-            .await
-            .unwrap();
+        get_whole(&connections, &node, "/whole").await;
         assert_eq!(connections.idle_count(), 1);
         node.close_idle.notify_waiters();
         node.ended.recv().await.unwrap();
         // Let the runtime's reactor see the close (a poll of its driver).
         tokio::task::yield_now().await;
-        let body = get(&connections, &node, "/whole")
-            .await
-            .bytes()
-            .await
-            .unwrap();
+        let body = get_whole(&connections, &node, "/whole").await;
         assert_eq!(&body[..], b"hello");
         assert_eq!(node.accepted.load(Ordering::SeqCst), 2);
         assert_eq!(connections.idle_count(), 1);

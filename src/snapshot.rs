@@ -88,6 +88,19 @@ pub struct Node {
     pub default_completion_tokens: Option<u64>,
 }
 
+/// A node of the config with every fallible step of its snapshot entry
+/// done.
+struct Built<'c> {
+    node: &'c NodeConfig,
+    client: reqwest::Client,
+    name_header: HeaderValue,
+    base: reqwest::Url,
+    identity: Vec<(HeaderName, HeaderValue)>,
+    /// Its `ca_file`'s contents, if it has one.
+    ca_pem: Option<Vec<u8>>,
+    connections: Option<Arc<Connections>>,
+}
+
 /// Everything built from one config.
 #[derive(Debug)]
 pub struct Live {
@@ -269,22 +282,25 @@ pub fn prepare(
                 connections::tls_config(Some(pem))
                     .map_err(|e| format!("node '{}': {e}", node.name))?,
             ),
-            ("https", None) => Some(match &shared_tls {
-                Some(tls) => Arc::clone(tls),
-                None => Arc::clone(shared_tls.insert(connections::tls_config(None)?)),
-            }),
+            ("https", None) => {
+                if shared_tls.is_none() {
+                    shared_tls = Some(connections::tls_config(None)?);
+                }
+                shared_tls.clone()
+            }
             _ => None,
         };
         let connections = Connections::for_url(&base, config.upstream.connect_timeout, tls);
         let identity = identity_headers(node)?;
-        built.push((
+        built.push(Built {
             node,
             client,
             name_header,
             base,
             identity,
-            (ca_pem, connections),
-        ));
+            ca_pem,
+            connections,
+        });
     }
 
     // Nothing below fails.
@@ -292,7 +308,16 @@ pub fn prepare(
     let mut tracked = kept.nodes.lock();
     let clients = Directory::build(&config.clients, registry);
     let mut nodes: Vec<Node> = Vec::with_capacity(built.len());
-    for (node, client, name_header, base, identity, (ca_pem, connections)) in built {
+    for Built {
+        node,
+        client,
+        name_header,
+        base,
+        identity,
+        ca_pem,
+        connections,
+    } in built
+    {
         let entry = tracked
             .entry(Arc::clone(&node.name))
             .or_insert_with(|| Tracked {

@@ -65,7 +65,7 @@ impl<'a> Operation<'a> {
         crate::request::check_path(path)?;
         let Some(azure) = path.strip_prefix("/openai") else {
             return Ok(Self {
-                path: path.strip_prefix("/v1").unwrap_or(path),
+                path: below_v1(path).unwrap_or(path),
                 query: query.filter(|q| !q.is_empty()).map(Cow::Borrowed),
                 model: None,
             });
@@ -77,8 +77,13 @@ impl<'a> Operation<'a> {
             }
             crate::request::check_model_name(name)?;
             (&rest[name.len()..], Some(name))
+        } else if let Some(rest) = below_v1(azure) {
+            (rest, None)
+        } else if azure.starts_with("/v1") {
+            // `/openai/v1x/...` is no `/v1` path: never `{base}/v1x/...`.
+            return Err(GatewayError::UnknownUrl(path.to_owned()));
         } else {
-            (azure.strip_prefix("/v1").unwrap_or(azure), None)
+            (azure, None)
         };
         // An Azure-style client's api-version is its own, not the node's.
         Ok(Self {
@@ -96,6 +101,13 @@ fn without_api_version(query: &str) -> Option<Cow<'_, str>> {
     }
     let kept: Vec<&str> = query.split('&').filter(|p| !is_api_version(p)).collect();
     (!kept.is_empty()).then(|| Cow::Owned(kept.join("&")))
+}
+
+/// `path` below a whole `/v1` segment (`/v1` itself is `""`), if it is
+/// under one: `/v1x/...` is not.
+fn below_v1(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1")?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
 }
 
 fn is_api_version(pair: &str) -> bool {
@@ -183,25 +195,30 @@ pub(crate) fn body_for(
     }
     let wanted = node.upstream_name(model);
     match &info.model_in_body {
-        ModelInBody::NotJson => body.clone(),
+        ModelInBody::NotJson | ModelInBody::Nested => body.clone(),
         ModelInBody::At(span) if body.get(span.clone()) == Some(wanted.as_bytes()) => body.clone(),
         ModelInBody::At(span) => splice(body, span.start, span.end, &json_string_inner(wanted)),
-        // `{` is the first byte that is not white space: insert after it.
         ModelInBody::Absent => {
-            let at = body.iter().position(|b| *b == b'{').map_or(0, |i| i + 1);
-            let comma = if body[at..]
-                .iter()
-                .any(|b| !b.is_ascii_whitespace() && *b != b'}')
-            {
-                ","
-            } else {
-                ""
-            };
-            let field = format!("\"model\":\"{}\"{comma}", json_string_inner(wanted));
-            splice(body, at, at, &field)
+            with_field(body, "model", &format!("\"{}\"", json_string_inner(wanted)))
         }
         ModelInBody::Escaped => reserialised(body, wanted),
     }
+}
+
+/// A JSON object `body` with `"name": value` added first (`value` is JSON
+/// text); the caller knows the object has no such key.
+pub(crate) fn with_field(body: &Bytes, name: &str, value: &str) -> Bytes {
+    // `{` is the first byte that is not white space: insert after it.
+    let at = body.iter().position(|b| *b == b'{').map_or(0, |i| i + 1);
+    let comma = if body[at..]
+        .iter()
+        .any(|b| !b.is_ascii_whitespace() && *b != b'}')
+    {
+        ","
+    } else {
+        ""
+    };
+    splice(body, at, at, &format!("\"{name}\":{value}{comma}"))
 }
 
 /// `text` as the inside of a JSON string.

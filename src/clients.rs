@@ -62,6 +62,22 @@ pub struct ClientLimiter {
     /// requests still waiting are refused. Shared by every version of its
     /// limiter (a change of limits makes a new one).
     revoked: Arc<AtomicBool>,
+    /// Its requests whose bodies are being read: they count against its
+    /// `max_concurrency` before admission counts them in the window, so a
+    /// client trickling bodies holds no more than its concurrency allows.
+    /// Shared by every version of its limiter.
+    reading: Arc<AtomicU64>,
+}
+
+/// One of a client's requests reading its body; counted in
+/// [`ClientLimiter::reading`] until dropped.
+#[derive(Debug)]
+pub struct BodyRead(Arc<AtomicU64>);
+
+impl Drop for BodyRead {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A client's requests and tokens since start: atomics, counted when an
@@ -161,7 +177,20 @@ impl ClientLimiter {
                 .bucket
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
             revoked: Arc::new(AtomicBool::new(false)),
+            reading: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Counts a request that starts reading its body, unless the client's
+    /// requests in flight and bodies being read already fill its
+    /// `max_concurrency`.
+    pub fn start_reading(&self, now: Instant) -> Option<BodyRead> {
+        let reading = self.reading.fetch_add(1, Ordering::AcqRel);
+        let read = BodyRead(Arc::clone(&self.reading));
+        match self.window.quota_in_force().max_concurrency {
+            Some(max) if reading + self.window.snapshot(now).in_flight >= max.get() => None,
+            _ => Some(read),
+        }
     }
 
     /// Whether the client was deleted, disabled or taken out of the config.
@@ -191,6 +220,7 @@ impl ClientLimiter {
                 .bucket
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
             revoked: Arc::clone(&self.revoked),
+            reading: Arc::clone(&self.reading),
         })
     }
 }

@@ -59,7 +59,7 @@ pub enum GatewayError {
     #[error("The model name is not usable: {0}.")]
     InvalidModel(String),
     #[error(
-        "The request path may not contain '.' or '..' segments (also percent-encoded), an encoded '/' or '\\', or empty segments."
+        "The request path may not contain '.' or '..' segments (also percent-encoded), an encoded '/' or '\\', an encoded control character (such as %00), or empty segments."
     )]
     InvalidPath,
     #[error(
@@ -91,6 +91,28 @@ pub enum GatewayError {
     BodyTooLarge { limit: usize },
     #[error("The request body could not be read: {0}")]
     BodyUnreadable(String),
+    /// The body stalled for `server.body_read_timeout`, or was still
+    /// arriving at `server.request_timeout`.
+    #[error(
+        "The request body arrived too slowly (nothing for {stalled_s} s, or not whole within the request timeout); the connection is closed."
+    )]
+    BodyTimeout { stalled_s: u64 },
+    /// The path's collection is one the gateway cannot keep apart per
+    /// client, on a gateway whose clients share nodes' keys.
+    #[error(
+        "{0} are not served through this gateway: the upstream keeps them per key, and the gateway's clients share keys."
+    )]
+    EndpointNotServed(&'static str),
+    /// A model-less request for a key limited to some models or with a
+    /// budget, where the model it would run cannot be known.
+    #[error(
+        "{0} run a model the request does not name, and your key is limited to some models or has a budget: name the model, or use another key."
+    )]
+    ModelRequired(&'static str),
+    /// A request that would hand the client an upstream credential, or
+    /// work the gateway cannot hold against the client's limits.
+    #[error("{0}")]
+    NotAllowed(&'static str),
     #[error("Every node that serves this request is at its rate limit. Retry after {retry_after}.")]
     Saturated { retry_after: RetryAfter },
     #[error(
@@ -277,6 +299,26 @@ impl GatewayError {
                 "invalid_request_error",
                 "body_unreadable",
             ),
+            E::BodyTimeout { .. } => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "body_timeout",
+            ),
+            E::EndpointNotServed(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "endpoint_not_served",
+            ),
+            E::ModelRequired(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "model_required",
+            ),
+            E::NotAllowed(_) => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "not_allowed",
+            ),
             E::Saturated { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
@@ -410,6 +452,7 @@ impl GatewayError {
             GatewayError::InvalidField { field, .. } => Some(field),
             GatewayError::ClientNameTaken(_) => Some("name"),
             GatewayError::MissingModel
+            | GatewayError::ModelRequired(_)
             | GatewayError::InvalidModel(_)
             | GatewayError::ModelNotAllowed(_)
             | GatewayError::ModelNotPriced(_) => Some("model"),
@@ -434,6 +477,11 @@ impl IntoResponse for GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if matches!(self, GatewayError::BodyTimeout { .. }) {
+            // The rest of a body that stalled is not read: the connection
+            // cannot carry another request.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(retry_after) = self.retry_after() {
             headers.insert(
                 header::RETRY_AFTER,

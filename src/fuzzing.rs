@@ -78,6 +78,7 @@ pub fn objects(method: &str, path: &str, body: &[u8]) {
     if let Ok(ids) = named::body_ids(body) {
         assert!(ids.iter().all(|b| named::is_plausible_id(&b.id)));
     }
+    object_ids(body);
     for created in [None, Some(crate::objects::Kind::File)] {
         assert!(
             answer::sightings(body, created)
@@ -91,6 +92,38 @@ pub fn objects(method: &str, path: &str, body: &[u8]) {
     let read = crate::request::multipart::inspect(path, None, content_type, &body);
     if let Ok(info) = ready(read) {
         assert_eq!(info.demand.bytes, body.len() as u64);
+    }
+}
+
+/// The walk that finds the object ids a body names, against `serde_json`
+/// decoding the body whole: every id the decoded value holds under an
+/// id-bearing key (escaped or not) is found by the walk, or the walk
+/// refuses the body; without duplicate keys the two agree exactly.
+pub fn object_ids(body: &[u8]) {
+    use crate::objects::named;
+    let decoded = named::ids_in_decoded(body);
+    // Refused (Err): some id the walk found is no id; the request gets 400.
+    if let Ok(found) = named::body_ids(body) {
+        {
+            let mut found: Vec<_> = found
+                .iter()
+                .map(|b| (b.kind.as_str(), b.id.to_string()))
+                .collect();
+            let mut decoded: Vec<_> = decoded
+                .into_iter()
+                .map(|(k, id)| (k.as_str(), id))
+                .collect();
+            for id in &decoded {
+                assert!(found.contains(id), "{id:?} decoded, not found");
+            }
+            // Duplicate keys: the walk sees every value, the value the last.
+            // (The decoded value's keys are sorted: compare as sets.)
+            if found.len() == decoded.len() {
+                found.sort();
+                decoded.sort();
+                assert_eq!(found, decoded);
+            }
+        }
     }
 }
 
@@ -131,6 +164,74 @@ mod tests {
         seeds
     }
 
+    /// Bodies built from id keys, decoys and nesting, every key written
+    /// plainly or with escapes at random: the walk finds what `serde_json`
+    /// finds in the decoded body (the fuzz target's check, on a budget).
+    #[test]
+    fn the_walk_finds_the_ids_serde_json_decodes_under_escaped_keys() {
+        use rand::{Rng, SeedableRng};
+        const KEYS: [&str; 16] = [
+            "previous_response_id",
+            "conversation",
+            "input_file_id",
+            "file_id",
+            "file_ids",
+            "training_file",
+            "validation_file",
+            "vector_store_ids",
+            "thread_id",
+            "assistant_id",
+            "container",
+            "id",
+            "metadata",
+            "schema",
+            "input",
+            "model",
+        ];
+        fn key(rng: &mut rand::rngs::StdRng) -> String {
+            let name = KEYS[rng.random_range(0..KEYS.len())];
+            name.chars()
+                .map(|c| {
+                    if rng.random_bool(0.3) {
+                        format!("\\u{:04X}", c as u32)
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        }
+        fn value(rng: &mut rand::rngs::StdRng, depth: u32) -> String {
+            match rng.random_range(0..if depth > 3 { 2 } else { 4 }) {
+                0 => format!("\"obj_{}\"", rng.random_range(0..100)),
+                1 => "7".to_owned(),
+                2 => {
+                    let items: Vec<String> = (0..rng.random_range(0..3))
+                        .map(|_| value(rng, depth + 1))
+                        .collect();
+                    format!("[{}]", items.join(","))
+                }
+                _ => {
+                    let fields: Vec<String> = (0..rng.random_range(0..4))
+                        .map(|_| format!("\"{}\":{}", key(rng), value(rng, depth + 1)))
+                        .collect();
+                    format!("{{{}}}", fields.join(","))
+                }
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(28);
+        let mut with_ids = 0;
+        for _ in 0..3_000 {
+            let fields: Vec<String> = (0..rng.random_range(1..5))
+                .map(|_| format!("\"{}\":{}", key(&mut rng), value(&mut rng, 0)))
+                .collect();
+            let body = format!("{{{}}}", fields.join(","));
+            super::object_ids(body.as_bytes());
+            with_ids +=
+                usize::from(!crate::objects::named::ids_in_decoded(body.as_bytes()).is_empty());
+        }
+        assert!(with_ids > 500, "the generator names ids often ({with_ids})");
+    }
+
     /// The committed seed corpus runs through every target as the fuzzers
     /// feed it (the long runs are `cargo fuzz run`, see the README).
     #[test]
@@ -164,6 +265,9 @@ mod tests {
             let head = String::from_utf8_lossy(head);
             let (method, path) = head.split_once(' ').unwrap_or(("GET", &head));
             super::objects(method, path, body);
+        }
+        for (_, data) in seeds("object_ids") {
+            super::object_ids(&data);
         }
         for (path, data) in seeds("config") {
             let text = String::from_utf8(data).unwrap_or_else(|_| panic!("{}", path.display()));

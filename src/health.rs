@@ -194,6 +194,11 @@ impl NodeHealth {
 
     /// A reload gave the node `key`. A node out for a refused key comes back
     /// if the key is a different one.
+    /// Whether `key` is the key this node's health was judged with.
+    pub fn has_key(&self, key: &NodeKey) -> bool {
+        self.state.lock().key.same_as(key)
+    }
+
     pub fn set_key(&self, key: NodeKey) {
         let mut state = self.state.lock();
         let changed = !state.key.same_as(&key);

@@ -154,7 +154,16 @@ pub(crate) fn redacted_url(url: &str) -> String {
             let host = host.split('?').next().unwrap_or(host);
             format!("{scheme}://{host}")
         }
-        _ => url.split('?').next().unwrap_or(url).to_owned(),
+        // Any other URL (a collector's): without its user and password.
+        Some((scheme, rest)) => {
+            let rest = rest.split('?').next().unwrap_or(rest);
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.split('?').next().unwrap_or(url).to_owned(),
     }
 }
 
@@ -173,6 +182,18 @@ mod tests {
         assert_ne!(new_key().expose_secret(), key.expose_secret());
         // A short declared key shows a third of itself at most.
         assert_eq!(key_prefix("sk-team-a-key"), "sk-t");
+    }
+
+    #[test]
+    fn a_collector_url_is_described_without_its_credentials() {
+        assert_eq!(
+            redacted_url("https://user:pa%40ss@collector.example:4317/v1?token=x"),
+            "https://collector.example:4317/v1"
+        );
+        assert_eq!(
+            redacted_url("http://collector:4317"),
+            "http://collector:4317"
+        );
     }
 
     #[test]

@@ -328,13 +328,22 @@ pub fn prepare(
                 health: kept.new_health(node),
                 metrics: Arc::default(),
             });
-        if entry.url != node.url {
+        // Compared before anything is updated: a node moved to another
+        // host must never keep the old host's connections (they would carry
+        // the new key to the old host).
+        let moved = entry.url != node.url;
+        let rekeyed = !entry.health.has_key(&node.key);
+        if moved {
             // Another deployment under the same name: its health starts
             // afresh; its window stays (it may be the same key's quota).
             entry.url = Arc::clone(&node.url);
             entry.health = kept.new_health(node);
         }
-        if entry.url != node.url || entry.ca_pem != ca_pem {
+        if moved || rekeyed {
+            // The rest the old upstream or key asked for is not the new one's.
+            entry.limiter.clear_cooldown();
+        }
+        if moved || entry.ca_pem != ca_pem {
             // Another place, or another trust: new connections.
             entry.ca_pem = ca_pem;
             entry.connections = connections;

@@ -77,9 +77,19 @@ fn outgoing_headers(client: &HeaderMap, node: &Node) -> HeaderMap {
     out
 }
 
+/// What an answer says of the node's account, never the client's business:
+/// which organisation and project the key bills, and cookies the upstream
+/// sets for the key's session.
+const ACCOUNT_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+    header::SET_COOKIE,
+];
+
 /// Makes the upstream's headers the ones to relay to the client, in place
-/// (the map is not rebuilt): without the hop-by-hop ones, nor the node's
-/// own `x-ratelimit-*` (the client gets its own, or the pool's).
+/// (the map is not rebuilt): without the hop-by-hop ones, the node's
+/// account's ([`ACCOUNT_HEADERS`]), nor the node's own `x-ratelimit-*`
+/// (the client gets its own, or the pool's).
 pub(crate) fn strip_for_relay(headers: &mut HeaderMap) {
     // Names the `connection` header lists are hop-by-hop too (rare).
     let listed: Vec<HeaderName> = headers
@@ -89,7 +99,7 @@ pub(crate) fn strip_for_relay(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP.iter().chain(&listed) {
+    for name in HOP_BY_HOP.iter().chain(&ACCOUNT_HEADERS).chain(&listed) {
         headers.remove(name);
     }
     if headers
@@ -503,6 +513,10 @@ mod tests {
             HeaderValue::from_static("9"),
         );
         headers.insert("x-ratelimit-made-up", HeaderValue::from_static("1"));
+        headers.insert("openai-organization", HeaderValue::from_static("org-x"));
+        headers.insert("openai-project", HeaderValue::from_static("proj_x"));
+        headers.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
         strip_for_relay(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert_eq!(headers["x-request-id"], "abc");

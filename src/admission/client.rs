@@ -11,7 +11,7 @@
 use tokio::time::Instant;
 
 use super::refusal::{Headroom, Refusal};
-use crate::clients::Client;
+use crate::clients::{BodyRead, Client};
 use crate::limits::{Demand, Outlook, Reservation};
 
 /// Whether the client may use `model`.
@@ -25,10 +25,15 @@ pub(super) fn allowed(client: &Client, model: Option<&str>) -> Result<(), Refusa
 }
 
 /// Whether the client could make any request now: its window has a
-/// request to spare and its bucket a token. Checked before the body is
-/// read, so a client over its own limit costs no parsing; takes nothing.
-pub(super) fn precheck(client: &Client) -> Result<(), Refusal> {
+/// request to spare, its bucket a token, and its concurrency a place for
+/// one more body being read. Checked before the body is read, so a client
+/// over its own limit costs no parsing; holds the body's place until the
+/// returned guard drops (after admission has counted the request).
+pub(super) fn precheck(client: &Client) -> Result<BodyRead, Refusal> {
     let now = Instant::now();
+    let Some(reading) = client.limiter.start_reading(now) else {
+        return Err(Refusal::ClientLimited(Headroom::OnRelease));
+    };
     let nothing = Demand::default();
     if let Outlook::At(at) = client.limiter.window.outlook(nothing, now) {
         return Err(Refusal::ClientLimited(Headroom::at(Some(at), now)));
@@ -38,7 +43,7 @@ pub(super) fn precheck(client: &Client) -> Result<(), Refusal> {
     {
         return Err(Refusal::ClientLimited(Headroom::In(wait)));
     }
-    Ok(())
+    Ok(reading)
 }
 
 /// A client has no bytes limit: only requests and tokens count.

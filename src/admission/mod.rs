@@ -212,7 +212,7 @@ impl Admission {
     /// Before the body is read: refuses a client already over its own
     /// rate limits (what any request would find), so refusing it costs no
     /// parsing. The full check is [`admit`](Self::admit)'s.
-    pub fn precheck(&self, client: &Client) -> Result<(), GatewayError> {
+    pub fn precheck(&self, client: &Client) -> Result<crate::clients::BodyRead, GatewayError> {
         client::precheck(client).map_err(refuse)
     }
 

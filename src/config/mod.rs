@@ -97,6 +97,12 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     /// How long a write to a client may make no progress; start-up only.
     pub write_timeout: Duration,
+    /// How long a request body may stall (no byte arriving) before the
+    /// request is answered 408 and its connection closed.
+    pub body_read_timeout: Duration,
+    /// Whether `realtime/client_secrets` (and the beta session endpoints)
+    /// may mint ephemeral upstream keys for clients.
+    pub realtime_client_secrets: bool,
 }
 
 /// `[upstream]`
@@ -186,6 +192,9 @@ pub struct HealthSettings {
     /// Never less than `eject_backoff`.
     pub eject_backoff_max: Duration,
     pub quota_exhausted_cooldown: Duration,
+    /// The longest rest an upstream's 429 (`Retry-After`, `retry-after-ms`,
+    /// its resets) puts a node to.
+    pub max_rest: Duration,
 }
 
 impl Default for HealthSettings {

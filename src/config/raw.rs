@@ -55,6 +55,9 @@ pub(super) const DEFAULT_EJECT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How long a node whose quota is exhausted (`insufficient_quota`) rests when
 /// the upstream gives no reset time: billing quotas do not refill by the minute.
 pub(super) const DEFAULT_QUOTA_EXHAUSTED_COOLDOWN: Duration = Duration::from_secs(3600);
+/// A `Retry-After` past an hour is taken as an hour: a header (or a
+/// hostile upstream) must not rest a node for a day.
+pub(super) const DEFAULT_MAX_REST: Duration = Duration::from_secs(3600);
 /// Embedded SQLite beside the config file: created and migrated at start-up.
 pub(super) const DEFAULT_STORE_URL: &str = "sqlite://balancer.db";
 /// How long a key lookup is cached. Changes made through this gateway's
@@ -127,6 +130,10 @@ pub(super) struct RawServer {
     #[serde(with = "humantime_serde")]
     #[default(DEFAULT_WRITE_TIMEOUT)]
     pub(super) write_timeout: Duration,
+    /// Absent: `header_read_timeout`.
+    #[serde(with = "humantime_serde::option")]
+    pub(super) body_read_timeout: Option<Duration>,
+    pub(super) realtime_client_secrets: bool,
 }
 
 /// `[upstream]`
@@ -214,6 +221,10 @@ pub(super) struct RawHealth {
     #[serde(with = "humantime_serde")]
     #[default(DEFAULT_QUOTA_EXHAUSTED_COOLDOWN)]
     pub(super) quota_exhausted_cooldown: Duration,
+    /// The longest rest an upstream's answer can ask for.
+    #[serde(with = "humantime_serde")]
+    #[default(DEFAULT_MAX_REST)]
+    pub(super) max_rest: Duration,
 }
 
 /// `[auth]`

@@ -94,6 +94,8 @@ impl Config {
         out.bare("max_connections", s.max_connections);
         out.duration("header_read_timeout", s.header_read_timeout);
         out.duration("write_timeout", s.write_timeout);
+        out.duration("body_read_timeout", s.body_read_timeout);
+        out.bare("realtime_client_secrets", s.realtime_client_secrets);
         out.table("[upstream]");
         out.duration("connect_timeout", self.upstream.connect_timeout);
         out.duration("first_byte_timeout", self.upstream.first_byte_timeout);
@@ -139,6 +141,7 @@ impl Config {
         out.duration("eject_backoff", h.eject_backoff);
         out.duration("eject_backoff_max", h.eject_backoff_max);
         out.duration("quota_exhausted_cooldown", h.quota_exhausted_cooldown);
+        out.duration("max_rest", h.max_rest);
     }
 
     /// What the gateway talks to beside the nodes: store, admin API,
@@ -172,7 +175,7 @@ impl Config {
         let tracing = &self.tracing;
         out.table("[tracing]");
         match &tracing.otlp_endpoint {
-            Some(endpoint) => out.text("otlp_endpoint", endpoint),
+            Some(endpoint) => out.text("otlp_endpoint", redacted_url(endpoint)),
             None => out.bare("otlp_endpoint", "none (no traces)"),
         }
         out.text("service_name", &tracing.service_name);

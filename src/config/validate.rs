@@ -355,6 +355,12 @@ fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerSettings {
             problems,
         ),
         write_timeout: positive("server.write_timeout", raw.write_timeout, problems),
+        body_read_timeout: positive(
+            "server.body_read_timeout",
+            raw.body_read_timeout.unwrap_or(raw.header_read_timeout),
+            problems,
+        ),
+        realtime_client_secrets: raw.realtime_client_secrets,
     }
 }
 
@@ -370,6 +376,7 @@ pub(super) fn health(raw: RawHealth, problems: &mut Vec<String>) -> HealthSettin
             raw.quota_exhausted_cooldown,
             problems,
         ),
+        max_rest: positive("health.max_rest", raw.max_rest, problems),
         unhealthy_after: count_u32("health.unhealthy_after", raw.unhealthy_after, problems),
         healthy_after: count_u32("health.healthy_after", raw.healthy_after, problems),
         eject_after: count_u32("health.eject_after", raw.eject_after, problems),

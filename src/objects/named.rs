@@ -2,10 +2,13 @@
 //! ([`PathUse`]) and the object ids its JSON body names ([`body_ids`]).
 //!
 //! A body is walked for ids only if a quick byte search finds a key that
-//! can hold one, so a chat request that names none costs a few `memmem`
-//! passes. The walk builds nothing: it visits keys, keeps the string values
-//! of the id-bearing ones, and skips `metadata` and JSON schemas (where a
-//! property may be called `file_id` without naming a file).
+//! can hold one, or any `\u` escape (a key spelled with escapes, such as
+//! `"previous_response\u005fid"`, is the same key to the upstream, so the
+//! search must not be fooled by it): a chat request that names none costs
+//! a few `memmem` passes. The walk compares keys as JSON decodes them,
+//! builds nothing, keeps the string values of the id-bearing keys, and
+//! skips `metadata` and JSON schemas (where a property may be called
+//! `file_id` without naming a file).
 
 use std::borrow::Cow;
 use std::sync::LazyLock;
@@ -139,6 +142,8 @@ static HINTS: LazyLock<Vec<Finder<'static>>> = LazyLock::new(|| {
         "\"conversation\"",
         "_file\"",
         "\"container\"",
+        // Any escape: it may spell one of the keys above.
+        "\\u",
     ]
     .iter()
     .map(|p| Finder::new(p.as_bytes()).into_owned())
@@ -272,9 +277,97 @@ impl<'de, 'f> Visitor<'de> for Walk<'f, 'de> {
     }
 }
 
+/// The ids [`body_ids`] must find, read the slow way: the body decoded
+/// whole by `serde_json` (keys unescaped, the last of duplicate keys
+/// kept), then the same keys looked up in the value. The fuzz target and
+/// the tests check the walk against it.
+pub fn ids_in_decoded(body: &[u8]) -> Vec<(Kind, String)> {
+    fn visit(value: &serde_json::Value, key: Option<Kind>, found: &mut Vec<(Kind, String)>) {
+        use serde_json::Value;
+        match value {
+            Value::String(text) => {
+                if let Some(kind) = key {
+                    found.push((kind, text.clone()));
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|item| visit(item, key, found)),
+            Value::Object(fields) => {
+                for (name, value) in fields {
+                    if OPAQUE_KEYS.contains(&name.as_str()) {
+                        continue;
+                    }
+                    let kind = match (key, name.as_str()) {
+                        (Some(Kind::Conversation), "id") => Some(Kind::Conversation),
+                        _ => ID_KEYS
+                            .iter()
+                            .find(|(k, _)| k == name)
+                            .map(|(_, kind)| *kind),
+                    };
+                    visit(value, kind, found);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
+        visit(&value, None, &mut found);
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `key` with every character written as a `\u` escape.
+    fn escaped(key: &str) -> String {
+        key.chars()
+            .map(|c| format!("\\u{:04x}", c as u32))
+            .collect()
+    }
+
+    /// N3: a key spelled with escapes is the same key to the upstream, so
+    /// the walk finds its id for every id-bearing key.
+    #[test]
+    fn ids_under_escaped_keys_are_found_for_every_id_key() {
+        for (key, kind) in ID_KEYS {
+            let value = if key.ends_with("_ids") {
+                r#"["obj_1"]"#
+            } else {
+                r#""obj_1""#
+            };
+            for spelled in [
+                escaped(key),
+                key.replacen('_', "\\u005f", 1),
+                key.to_owned(),
+            ] {
+                let body = format!(r#"{{"model":"gpt-4o","{spelled}":{value}}}"#);
+                let ids = body_ids(body.as_bytes()).unwrap();
+                let found: Vec<_> = ids.iter().map(|b| (b.kind, b.id.to_string())).collect();
+                assert_eq!(found, vec![(kind, "obj_1".to_owned())], "{body}");
+                assert_eq!(ids_in_decoded(body.as_bytes()), found, "{body}");
+            }
+        }
+        let conversation = r#"{"\u0063onversation":{"\u0069d":"conv_9"}}"#;
+        let found: Vec<_> = body_ids(conversation.as_bytes())
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.kind, b.id.into_owned()))
+            .collect();
+        assert_eq!(found, vec![(Kind::Conversation, "conv_9".to_owned())]);
+    }
+
+    /// The escaped spelling of the audit's request: found, so the owner
+    /// check applies.
+    #[test]
+    fn the_audits_escaped_previous_response_id_is_found() {
+        let body =
+            br#"{"model":"gpt-4o-mini","input":"x","previous_response\u005fid":"resp_theirs"}"#;
+        let ids = body_ids(body).unwrap();
+        assert_eq!(ids.len(), 1);
+        assert_eq!((ids[0].kind, &*ids[0].id), (Kind::Response, "resp_theirs"));
+    }
 
     #[test]
     fn paths_say_what_they_do_with_which_object() {

@@ -253,6 +253,7 @@ pub(super) async fn try_node(live: &Live, placement: Placement, request: &Inboun
         let rest = upstream::cooldown_of(response.headers());
         (rest, CooldownReason::RateLimited)
     };
+    let rest = rest.min(health.max_rest);
     node.limiter.cool_down(Instant::now() + rest, reason);
     booking.share_cooldown(rest);
     tracing::info!(node = %node.name, cooldown_ms = rest.as_millis() as u64, reason = reason.as_str(), "upstream refused with 429; cooling down");

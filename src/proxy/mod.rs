@@ -48,6 +48,7 @@ use crate::traces::RequestSpan;
 mod attempt;
 mod headers;
 mod objects;
+mod policy;
 mod target;
 
 use attempt::{Attempt, try_node};
@@ -149,11 +150,14 @@ async fn forward(
     let (parts, body) = request.into_parts();
     let operation = Operation::of(parts.uri.path(), parts.uri.query())?;
     let client = auth::identify(&live, &state.clients, &parts.headers).await?;
+    policy::served(operation.path, live.config.server.realtime_client_secrets)?;
     // Work before admission is bounded: a client over its own limit is
-    // refused before its body is read or parsed.
-    if let Some(client) = &client {
-        state.admission.precheck(client)?;
-    }
+    // refused before its body is read or parsed, and a body being read
+    // counts against its concurrency.
+    let reading = match &client {
+        Some(client) => Some(state.admission.precheck(client)?),
+        None => None,
+    };
     let path_use = object_names::path_use(parts.method.as_str(), operation.path)?;
     if let PathUse::Lists(kind) = path_use {
         let answer =
@@ -164,9 +168,28 @@ async fn forward(
         }
         return Ok(answer);
     }
-    let limit = live.config.server.max_body_bytes.get();
-    let body = read_body(body, &parts.headers, limit).await?;
-    let info = inspect(&operation, &parts, &body, &live.completion_defaults).await?;
+    let server = &live.config.server;
+    let reading_by = BodyDeadlines {
+        stall: server.body_read_timeout,
+        whole: received + server.request_timeout,
+    };
+    let limit = server.max_body_bytes.get();
+    let body = read_body(body, &parts.headers, limit, reading_by).await?;
+    let mut info = inspect(&operation, &parts, &body, &live.completion_defaults).await?;
+    drop(reading);
+    let body = match client.as_deref() {
+        Some(client) => {
+            policy::imply_model(&parts.method, operation.path, client, &mut info)?;
+            policy::bound_completion(
+                operation.path,
+                client,
+                &mut info,
+                body,
+                &live.completion_defaults,
+            )?
+        }
+        None => body,
+    };
     if let Some(span) = span.as_mut() {
         let client = client.as_ref().map(|c| &c.id);
         span.asked(operation.path, info.model.as_deref(), client);
@@ -187,7 +210,7 @@ async fn forward(
         traceparent: span.as_ref().and_then(RequestSpan::traceparent),
     };
     if request.client.is_some_and(|c| c.budget.is_some())
-        && let Some(what) = spends_later(&request)
+        && let Some(what) = policy::spends_later(&parts.method, operation.path, &info)
     {
         return Err(refused(GatewayError::NotAllowedWithBudget(what)));
     }
@@ -432,7 +455,24 @@ fn is_json(headers: &HeaderMap, body: &[u8]) -> bool {
     }
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, GatewayError> {
+/// How long a body may take: `stall` with no byte arriving, and whole by
+/// `whole` (the request's own deadline).
+#[derive(Debug, Clone, Copy)]
+struct BodyDeadlines {
+    stall: std::time::Duration,
+    whole: Instant,
+}
+
+/// The whole body, at most `limit` bytes, each piece arriving within the
+/// stall timeout and the last by the request's deadline (else 408: a
+/// trickling body must not hold a connection and a client's place).
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    by: BodyDeadlines,
+) -> Result<Bytes, GatewayError> {
+    use http_body_util::BodyExt;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -440,36 +480,64 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(GatewayError::BodyTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|err| {
-        let over_limit = std::error::Error::source(&err)
-            .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
-        if over_limit {
-            GatewayError::BodyTooLarge { limit }
-        } else {
-            GatewayError::BodyUnreadable(err.to_string())
+    let mut body = http_body_util::Limited::new(body, limit);
+    let mut read = BodyPieces::default();
+    loop {
+        let next = (Instant::now() + by.stall).min(by.whole);
+        let frame = match tokio::time::timeout_at(next, body.frame()).await {
+            Err(_) => {
+                return Err(GatewayError::BodyTimeout {
+                    stalled_s: by.stall.as_secs(),
+                });
+            }
+            Ok(None) => return Ok(read.whole()),
+            Ok(Some(frame)) => frame,
+        };
+        let frame = frame.map_err(|err| {
+            if err.is::<http_body_util::LengthLimitError>() {
+                GatewayError::BodyTooLarge { limit }
+            } else {
+                GatewayError::BodyUnreadable(err.to_string())
+            }
+        })?;
+        if let Ok(data) = frame.into_data() {
+            read.push(data);
         }
-    })
+    }
 }
 
-/// What a request starts that the upstream bills later, by what it uses
-/// (a background response, a batch, a fine-tuning job, an assistant's
-/// run): the gateway never sees that usage.
-fn spends_later(request: &Inbound<'_>) -> Option<&'static str> {
-    if request.parts.method != axum::http::Method::POST {
-        return None;
+/// A body's pieces as they arrive: one piece is kept as it came (no copy),
+/// more are joined.
+#[derive(Default)]
+enum BodyPieces {
+    #[default]
+    None,
+    One(Bytes),
+    Many(bytes::BytesMut),
+}
+
+impl BodyPieces {
+    fn push(&mut self, piece: Bytes) {
+        *self = match std::mem::take(self) {
+            BodyPieces::None => BodyPieces::One(piece),
+            BodyPieces::One(first) => {
+                let mut joined = bytes::BytesMut::with_capacity(first.len() + piece.len());
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&piece);
+                BodyPieces::Many(joined)
+            }
+            BodyPieces::Many(mut joined) => {
+                joined.extend_from_slice(&piece);
+                BodyPieces::Many(joined)
+            }
+        };
     }
-    let path = request.operation.path;
-    if request.info.background {
-        Some("Background responses")
-    } else if path == "/batches" {
-        Some("Batches")
-    } else if path == "/fine_tuning/jobs" {
-        Some("Fine-tuning jobs")
-    } else if path.starts_with("/threads/")
-        && (path.ends_with("/runs") || path.ends_with("/submit_tool_outputs"))
-    {
-        Some("Assistants' runs")
-    } else {
-        None
+
+    fn whole(self) -> Bytes {
+        match self {
+            BodyPieces::None => Bytes::new(),
+            BodyPieces::One(piece) => piece,
+            BodyPieces::Many(joined) => joined.freeze(),
+        }
     }
 }

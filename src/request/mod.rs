@@ -72,6 +72,8 @@ pub struct RequestInfo {
     pub choices: u64,
     /// Where the body names its model, for a node that calls it otherwise.
     pub model_in_body: ModelInBody,
+    /// Whether it bounds its answer's length.
+    pub completion_cap: CompletionCap,
 }
 
 /// Where a JSON body names its model.
@@ -85,6 +87,22 @@ pub enum ModelInBody {
     At(Range<usize>),
     /// A `model` written with escapes: no span to replace.
     Escaped,
+    /// The model is a nested object's (`session.model`): the body is sent
+    /// as it is.
+    Nested,
+}
+
+/// Whether a request bounds its answer's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompletionCap {
+    /// `max_completion_tokens`, `max_tokens` or `max_output_tokens` holds a
+    /// number.
+    Given,
+    /// None of them is named.
+    Absent,
+    /// One is named, but not as a number (`null`, a string): the
+    /// upstream's reading of it is not the gateway's.
+    Unreadable,
 }
 
 /// Completion tokens reserved for a request that names no `max_tokens`:
@@ -96,7 +114,7 @@ pub struct CompletionDefaults {
 }
 
 impl CompletionDefaults {
-    fn for_model(&self, model: &str) -> u64 {
+    pub(crate) fn for_model(&self, model: &str) -> u64 {
         self.by_model.get(model).copied().unwrap_or(self.tokens)
     }
 }
@@ -150,10 +168,16 @@ pub fn inspect_operation(
         .deserialize(&mut deserializer)
         .and_then(|()| deserializer.end())
         .map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
-    let model = match path_model {
+    let mut model = match path_model {
         Some(model) => Some(Cow::Borrowed(model)),
         None => parsed.model.take().filter(|m| !m.is_empty()),
     };
+    if model.is_none()
+        && let Some(session) = parsed.session_model.take().filter(|m| !m.is_empty())
+    {
+        model = Some(session);
+        parsed.model_in_body = ModelInBody::Nested;
+    }
     if let Some(model) = &model {
         check_model_name(model)?;
     }
@@ -192,6 +216,11 @@ pub fn inspect_operation(
             usable: crate::limits::share::WHOLE,
         },
         model_in_body: parsed.model_in_body,
+        completion_cap: match (parsed.max_tokens, parsed.max_tokens_named) {
+            (Some(_), _) => CompletionCap::Given,
+            (None, false) => CompletionCap::Absent,
+            (None, true) => CompletionCap::Unreadable,
+        },
         model: model.map(|m| m.into_owned().into_boxed_str()),
     })
 }
@@ -235,6 +264,7 @@ impl RequestInfo {
             } else {
                 ModelInBody::NotJson
             },
+            completion_cap: CompletionCap::Absent,
         }
     }
 }
@@ -250,7 +280,18 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
     let encoded_slash = bytes
         .windows(3)
         .any(|w| w[0] == b'%' && matches!((w[1], w[2] | 0x20), (b'2', b'f') | (b'5', b'c')));
-    if encoded_slash || bytes.contains(&b'\\') || path.split('/').any(is_dot_segment) {
+    // `%00`-`%1f` and `%7f`: a control character, which no API path holds
+    // and some upstreams' routers cut the path at.
+    let encoded_control = bytes.windows(3).any(|w| {
+        w[0] == b'%'
+            && (matches!(w[1], b'0' | b'1') && w[2].is_ascii_hexdigit()
+                || w[1] == b'7' && (w[2] | 0x20) == b'f')
+    });
+    if encoded_slash
+        || encoded_control
+        || bytes.contains(&b'\\')
+        || path.split('/').any(is_dot_segment)
+    {
         return Err(GatewayError::InvalidPath);
     }
     Ok(())
@@ -299,6 +340,10 @@ struct Parsed<'a> {
     max_tokens: Option<u64>,
     /// Which of those three set `max_tokens` (0 best).
     max_tokens_rank: u8,
+    /// Whether any of those three keys is present, readable or not.
+    max_tokens_named: bool,
+    /// `session.model` (a realtime session's).
+    session_model: Option<Cow<'a, str>>,
     /// `n` or `best_of`, the larger: completions the request asks for.
     choices: Option<u64>,
     store: Option<bool>,
@@ -315,6 +360,8 @@ impl Default for Parsed<'_> {
             stream: false,
             max_tokens: None,
             max_tokens_rank: 0,
+            max_tokens_named: false,
+            session_model: None,
             choices: None,
             store: None,
             background: false,

@@ -48,7 +48,29 @@ pub async fn inspect(
     let mut stream = false;
     let mut choices = 1;
     while let Some(mut field) = form.next_field().await.map_err(invalid)? {
+        // A name the parser does not read (RFC 5987's `name*=utf-8''model`)
+        // could be the model to an upstream that does.
+        let encoded_name = field
+            .headers()
+            .get(axum::http::header::CONTENT_DISPOSITION)
+            .is_some_and(|v| {
+                v.as_bytes().split(|b| *b == b';').any(|param| {
+                    let param = param.trim_ascii_start();
+                    param.len() >= 5 && param[..5].eq_ignore_ascii_case(b"name*")
+                })
+            });
+        if encoded_name {
+            return Err(GatewayError::InvalidMultipart(
+                "a field name in the extended form (name*=) is not accepted; use name=\"...\""
+                    .to_owned(),
+            ));
+        }
         match field.name() {
+            Some("model") if model.is_some() => {
+                return Err(GatewayError::InvalidMultipart(
+                    "the 'model' field is given more than once".to_owned(),
+                ));
+            }
             Some("model") => model = Some(small_text(&mut field, "model").await?),
             Some("stream") => stream = small_text(&mut field, "stream").await? == "true",
             Some("n") => {
@@ -87,6 +109,7 @@ pub async fn inspect(
             usable: crate::limits::share::WHOLE,
         },
         model_in_body: ModelInBody::NotJson,
+        completion_cap: super::CompletionCap::Absent,
     })
 }
 

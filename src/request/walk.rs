@@ -71,7 +71,14 @@ impl<'de> Visitor<'de> for BodySeed<'_, 'de> {
                     parsed.background = map.next_value::<Loose<bool>>()?.0 == Some(true);
                     continue;
                 }
+                "session" => {
+                    // A realtime session's model (`client_secrets`,
+                    // `sessions`): the model the request really asks for.
+                    parsed.session_model = map.next_value::<SessionModel<'de>>()?.0;
+                    continue;
+                }
                 "max_completion_tokens" | "max_tokens" | "max_output_tokens" => {
+                    parsed.max_tokens_named = true;
                     let rank = match &*key {
                         "max_completion_tokens" => 1,
                         "max_tokens" => 2,
@@ -451,6 +458,56 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
             }
         }
         deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// An object's `model` (a string), anything else skipped.
+struct SessionModel<'de>(Option<Cow<'de, str>>);
+
+impl<'de> serde::Deserialize<'de> for SessionModel<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ModelVisitor;
+        impl<'de> Visitor<'de> for ModelVisitor {
+            type Value = SessionModel<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a session object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut model = None;
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    if &*key == "model" {
+                        model = map.next_value::<Loose<Cow<'de, str>>>()?.0;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(SessionModel(model))
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(SessionModel(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(SessionModel(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(SessionModel(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(SessionModel(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(SessionModel(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(SessionModel(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(SessionModel(None))
+            }
+        }
+        deserializer.deserialize_any(ModelVisitor)
     }
 }
 

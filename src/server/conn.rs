@@ -10,6 +10,16 @@
 //!   kept-alive connection, from the end of the previous answer; it is
 //!   therefore also the idle keep-alive timeout. An idle or trickling
 //!   connection is closed.
+//! - **HTTP/2 idle**: a connection that may speak HTTP/2 (hyper's own
+//!   timers cover HTTP/1 only) is told GOAWAY once it has had no stream
+//!   open for `server.header_read_timeout` (from the preface, or since its
+//!   last stream ended), and is closed after as long again with none open:
+//!   neither a preface-only client nor an idle multiplexed one holds a
+//!   connection slot.
+//! - **HTTP/2 streams** are served each in a task of their own (hyper's);
+//!   every such task ends by `server.request_timeout` +
+//!   `server.write_timeout`, so a client that stops reading (window 0, so
+//!   its answer's body is never polled again) still frees its node's slot.
 //! - **`server.write_timeout`**: a write to the client that makes no
 //!   progress for this long closes the connection; for an HTTP/1 answer
 //!   the proxy also sets the request's own deadline
@@ -25,14 +35,17 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use axum::body::Body;
+use futures_util::future::Either;
+use futures_util::task::AtomicWaker;
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -47,7 +60,85 @@ pub(crate) struct ConnLimits {
     pub(crate) max_connections: usize,
     pub(crate) header_read_timeout: Duration,
     pub(crate) write_timeout: Duration,
+    /// Bounds each HTTP/2 stream's task (with the write timeout).
+    pub(crate) request_timeout: Duration,
     pub(crate) shutdown_grace: Duration,
+}
+
+/// Runs hyper's per-stream HTTP/2 tasks, each within `limit`: a stream
+/// whose client stopped reading is never polled by hyper again, so only a
+/// timer outside it can end it (dropping its answer, which settles the
+/// reservation and frees the node's slot; h2 resets the stream).
+#[derive(Clone, Copy)]
+struct StreamExecutor {
+    limit: Duration,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "hyper's own per-stream tasks, each bounded by the request timeout and ended with its connection"
+    )]
+    fn execute(&self, stream: F) {
+        tokio::spawn(tokio::time::timeout(self.limit, stream));
+    }
+}
+
+/// The streams open on a connection that may speak HTTP/2, so it can be
+/// closed when it has had none for a while.
+#[derive(Debug, Default)]
+struct OpenStreams {
+    open: AtomicUsize,
+    /// Bumped by every stream that opens: an idle spell it interrupts
+    /// starts again.
+    opened: AtomicU64,
+    /// The connection's task, woken when the last stream ends.
+    waker: AtomicWaker,
+}
+
+/// One open stream; closes it when dropped (with its answer's body).
+struct StreamOpen(Arc<OpenStreams>);
+
+impl OpenStreams {
+    fn open(self: &Arc<Self>) -> StreamOpen {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::AcqRel);
+        StreamOpen(Arc::clone(self))
+    }
+
+    /// Resolves once no stream has been open for `spell`.
+    async fn idle_for(&self, spell: Duration) {
+        loop {
+            std::future::poll_fn(|cx| {
+                self.waker.register(cx.waker());
+                if self.open.load(Ordering::Acquire) == 0 {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            let opened = self.opened.load(Ordering::Relaxed);
+            tokio::time::sleep(spell).await;
+            if self.open.load(Ordering::Acquire) == 0
+                && self.opened.load(Ordering::Relaxed) == opened
+            {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.waker.wake();
+        }
+    }
 }
 
 /// An HTTP/1 connection's deadline for writing the answer in progress,
@@ -95,15 +186,21 @@ pub(crate) async fn serve(
     limits: ConnLimits,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let mut sniffing = auto::Builder::new(TokioExecutor::new());
+    let executor = StreamExecutor {
+        limit: limits.request_timeout + limits.write_timeout,
+    };
+    let mut sniffing = auto::Builder::new(executor);
     sniffing
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
+    sniffing
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
     let http1 = Arc::new(sniffing.clone().http1_only());
     let sniffing = Arc::new(sniffing);
-    let graceful = GracefulShutdown::new();
-    // Stops the connections still waiting for their first bytes.
+    // Asks every connection to finish (GOAWAY, or close once idle).
     let stopping = CancellationToken::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     // Dropped (aborting what is left) when this function returns.
@@ -129,41 +226,89 @@ pub(crate) async fn serve(
         };
         // Nagle would hold back small writes (an SSE event) for tens of ms.
         let _ = tcp.set_nodelay(true);
-        let deadline = WriteDeadline::new();
-        let mut guarded = Guarded::new(tcp, &limits, deadline.clone());
-        let service = TowerToHyperService::new(Marked {
-            router: router.clone(),
-            deadline,
-        });
         let (http1, sniffing) = (Arc::clone(&http1), Arc::clone(&sniffing));
-        let (watcher, stopping) = (graceful.watcher(), stopping.clone());
+        let (router, stopping) = (router.clone(), stopping.clone());
         connections.spawn(async move {
+            let deadline = WriteDeadline::new();
+            let mut guarded = Guarded::new(tcp, &limits, deadline.clone());
             let protocol = tokio::select! {
                 () = stopping.cancelled() => return,
                 protocol = guarded.protocol() => protocol,
             };
-            let builder = match protocol {
-                Protocol::Http1 => &http1,
-                Protocol::Unknown => &sniffing,
+            let (builder, streams) = match protocol {
+                Protocol::Http1 => (&http1, None),
+                Protocol::Unknown => (&sniffing, Some(Arc::new(OpenStreams::default()))),
                 Protocol::Closed => return,
             };
-            let connection = builder.serve_connection(TokioIo::new(guarded), service);
-            let _ = watcher.watch(connection.into_owned()).await;
+            let service = TowerToHyperService::new(Marked {
+                router,
+                deadline,
+                streams: streams.clone(),
+            });
+            let connection = builder
+                .serve_connection(TokioIo::new(guarded), service)
+                .into_owned();
+            drive(connection, streams, limits.header_read_timeout, &stopping).await;
             drop(permit);
         });
     }
     drop(listener);
     stopping.cancel();
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!(
-                grace_s = limits.shutdown_grace.as_secs(),
-                "shutdown grace elapsed; closing open connections"
-            );
-        }
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(limits.shutdown_grace, drained)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_s = limits.shutdown_grace.as_secs(),
+            "shutdown grace elapsed; closing open connections"
+        );
     }
     Ok(())
+}
+
+/// Streams one HTTP/2 client may have open at once; more are refused by
+/// h2 (`REFUSED_STREAM`), so one connection cannot take every node slot.
+const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+
+/// A client connection as hyper-util serves it.
+type Served =
+    auto::Connection<'static, TokioIo<Guarded>, TowerToHyperService<Marked>, StreamExecutor>;
+
+/// Serves `connection` to its end: finished gracefully when the server
+/// stops, and (when it may speak HTTP/2) told GOAWAY after an idle spell
+/// with no stream open, then closed after a second one.
+async fn drive(
+    connection: Served,
+    streams: Option<Arc<OpenStreams>>,
+    idle: Duration,
+    stopping: &CancellationToken,
+) {
+    tokio::pin!(connection);
+    let (mut finishing, mut told_away) = (false, false);
+    loop {
+        let idle_spell = async {
+            match &streams {
+                Some(streams) => streams.idle_for(idle).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            () = stopping.cancelled(), if !finishing => {
+                finishing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            () = idle_spell => {
+                if told_away {
+                    return;
+                }
+                told_away = true;
+                finishing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
 }
 
 /// After a failed accept: out of file descriptors (or another resource)
@@ -180,18 +325,26 @@ async fn backoff_after(err: &io::Error) {
 }
 
 /// The router, with each HTTP/1 request given its connection's
-/// [`WriteDeadline`] (cleared: the previous answer's is done).
+/// [`WriteDeadline`] (cleared: the previous answer's is done), and each
+/// request on a connection that may speak HTTP/2 counted open until its
+/// answer's body is dropped.
 #[derive(Clone)]
 struct Marked {
     router: Router,
     deadline: WriteDeadline,
+    streams: Option<Arc<OpenStreams>>,
 }
+
+type RouterFuture =
+    <Router as tower_service::Service<axum::http::Request<hyper::body::Incoming>>>::Future;
 
 impl tower_service::Service<axum::http::Request<hyper::body::Incoming>> for Marked {
     type Response = axum::response::Response;
     type Error = std::convert::Infallible;
-    type Future =
-        <Router as tower_service::Service<axum::http::Request<hyper::body::Incoming>>>::Future;
+    type Future = Either<
+        RouterFuture,
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -203,7 +356,20 @@ impl tower_service::Service<axum::http::Request<hyper::body::Incoming>> for Mark
             self.deadline.clear();
             request.extensions_mut().insert(self.deadline.clone());
         }
-        self.router.call(request)
+        let Some(streams) = &self.streams else {
+            return Either::Left(self.router.call(request));
+        };
+        let open = streams.open();
+        let answer = self.router.call(request);
+        Either::Right(Box::pin(async move {
+            let response = answer.await?;
+            Ok(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _open = &open;
+                    frame
+                }))
+            }))
+        }))
     }
 }
 

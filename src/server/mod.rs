@@ -315,6 +315,7 @@ pub async fn serve(
         max_connections: connection_cap(settings.max_connections.get()),
         header_read_timeout: settings.header_read_timeout,
         write_timeout: settings.write_timeout,
+        request_timeout: settings.request_timeout,
         shutdown_grace: settings.shutdown_grace,
     };
     conn::serve(listener, app::router(state), limits, shutdown).await

@@ -21,8 +21,46 @@ use crate::state::AppState;
 pub(crate) mod scrape;
 
 /// `GET /dashboard`: one self-contained page that draws `/status`.
-pub(crate) async fn dashboard() -> axum::response::Html<&'static str> {
-    axum::response::Html(include_str!("dashboard.html"))
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The page's policy: its own inline script and style (by hash) and
+/// fetches of `/status`, nothing else; never framed (no clickjacking of an
+/// operator's session).
+static DASHBOARD_CSP: std::sync::LazyLock<axum::http::HeaderValue> = std::sync::LazyLock::new(
+    || {
+        let hash = |open: &str, close: &str| {
+            use base64::Engine as _;
+            use sha2::Digest as _;
+            let inline = DASHBOARD
+                .split_once(open)
+                .and_then(|(_, rest)| rest.split_once(close))
+                .map_or("", |(inline, _)| inline);
+            let digest = sha2::Sha256::digest(inline.as_bytes());
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        };
+        let policy = format!(
+            "default-src 'none'; script-src 'sha256-{}'; style-src 'sha256-{}'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            hash("<script>", "</script>"),
+            hash("<style>", "</style>"),
+        );
+        axum::http::HeaderValue::try_from(policy)
+            .unwrap_or(axum::http::HeaderValue::from_static("default-src 'none'"))
+    },
+);
+
+pub(crate) async fn dashboard() -> impl axum::response::IntoResponse {
+    use axum::http::{HeaderName, HeaderValue, header};
+    (
+        [
+            (header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP.clone()),
+            (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+            (
+                HeaderName::from_static("x-content-type-options"),
+                HeaderValue::from_static("nosniff"),
+            ),
+        ],
+        axum::response::Html(DASHBOARD),
+    )
 }
 
 pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {

@@ -199,6 +199,12 @@ impl Limiter {
         }
     }
 
+    /// The node is another deployment or key now (a reload changed its URL
+    /// or key): the rest its old upstream asked for no longer applies.
+    pub fn clear_cooldown(&self) {
+        self.state.lock().cooldown = None;
+    }
+
     /// The node left the config: it takes no new reservation and finishes
     /// what it has. Its window is kept in case it comes back.
     pub fn retire(&self) {

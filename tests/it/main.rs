@@ -9,6 +9,7 @@
 )]
 
 mod admin;
+mod audit;
 mod azure;
 mod budgets;
 mod cli;

@@ -125,7 +125,7 @@ pub enum GatewayError {
     UpstreamTimeout { node: String },
     #[error("The gateway is shutting down.")]
     ShuttingDown,
-    #[error("The client store cannot be reached; retry shortly.")]
+    #[error("The gateway's store (clients and object records) cannot be reached; retry shortly.")]
     StoreUnavailable,
     #[error(
         "The limits shared with the other gateway replicas (Redis) cannot be reached. Retry after {retry_after}."

@@ -104,25 +104,23 @@ pub fn object_ids(body: &[u8]) {
     let decoded = named::ids_in_decoded(body);
     // Refused (Err): some id the walk found is no id; the request gets 400.
     if let Ok(found) = named::body_ids(body) {
-        {
-            let mut found: Vec<_> = found
-                .iter()
-                .map(|b| (b.kind.as_str(), b.id.to_string()))
-                .collect();
-            let mut decoded: Vec<_> = decoded
-                .into_iter()
-                .map(|(k, id)| (k.as_str(), id))
-                .collect();
-            for id in &decoded {
-                assert!(found.contains(id), "{id:?} decoded, not found");
-            }
-            // Duplicate keys: the walk sees every value, the value the last.
-            // (The decoded value's keys are sorted: compare as sets.)
-            if found.len() == decoded.len() {
-                found.sort();
-                decoded.sort();
-                assert_eq!(found, decoded);
-            }
+        let mut found: Vec<_> = found
+            .iter()
+            .map(|b| (b.kind.as_str(), b.id.to_string()))
+            .collect();
+        let mut decoded: Vec<_> = decoded
+            .into_iter()
+            .map(|(k, id)| (k.as_str(), id))
+            .collect();
+        for id in &decoded {
+            assert!(found.contains(id), "{id:?} decoded, not found");
+        }
+        // Duplicate keys: the walk sees every value, the value the last.
+        // (The decoded value's keys are sorted: compare as sets.)
+        if found.len() == decoded.len() {
+            found.sort();
+            decoded.sort();
+            assert_eq!(found, decoded);
         }
     }
 }

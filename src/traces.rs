@@ -145,11 +145,14 @@ impl Tracing {
     pub fn begin(&self, method: &Method, path: &str, headers: &HeaderMap) -> RequestSpan {
         let parent = self.propagator.extract(&Headers(headers));
         // The usual names and paths are static: no copy per request.
+        // Any other path is named by its route, not itself, and kept to
+        // MAX_ATTRIBUTE_BYTES: a client's path must not grow a span (nor an
+        // exporter's queue when the collector is slow) without bound.
         let (name, path): (Cow<'static, str>, Value) = match (method.as_str(), known_path(path)) {
             ("POST", Some((path, name))) => (Cow::Borrowed(name), Value::from(path)),
             _ => (
-                Cow::Owned(format!("{method} {path}")),
-                Value::from(path.to_owned()),
+                Cow::Owned(format!("{method} {}", route_of(path))),
+                Value::from(truncated(path).to_owned()),
             ),
         };
         let method = match *method {
@@ -168,7 +171,35 @@ impl Tracing {
             .start_with_context(&self.tracer, &parent);
         RequestSpan { span }
     }
+}
 
+/// The longest attribute value a span keeps from a client (a path).
+pub(crate) const MAX_ATTRIBUTE_BYTES: usize = 1024;
+
+/// `text` cut to [`MAX_ATTRIBUTE_BYTES`] at a character boundary.
+fn truncated(text: &str) -> &str {
+    if text.len() <= MAX_ATTRIBUTE_BYTES {
+        return text;
+    }
+    let mut end = MAX_ATTRIBUTE_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The route a path falls under, for a span's name.
+fn route_of(path: &str) -> &'static str {
+    if path.starts_with("/openai/") {
+        "/openai/*"
+    } else if path.starts_with("/v1/") {
+        "/v1/*"
+    } else {
+        "/*"
+    }
+}
+
+impl Tracing {
     /// Sends every finished span now and waits until it is sent (blocks:
     /// for benchmarks and tests).
     pub fn flush(&self) {
@@ -366,4 +397,26 @@ pub struct Answered<'a> {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cost_usd: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// N9: a client's long path is kept to 1 KiB in a span, cut at a
+    /// character boundary, and an unknown path names the span by its route.
+    #[test]
+    fn a_long_path_is_truncated_and_an_unknown_one_named_by_its_route() {
+        let long = format!("/v1/{}é", "x".repeat(63 * 1024));
+        let kept = truncated(&long);
+        assert!(kept.len() <= MAX_ATTRIBUTE_BYTES && long.starts_with(kept));
+        let accents = "é".repeat(1000);
+        assert!(truncated(&accents).len() <= MAX_ATTRIBUTE_BYTES);
+        assert_eq!(truncated("/v1/files"), "/v1/files");
+        assert_eq!(route_of(&long), "/v1/*");
+        assert_eq!(
+            route_of("/openai/deployments/x/chat/completions"),
+            "/openai/*"
+        );
+    }
 }

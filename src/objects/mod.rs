@@ -165,6 +165,10 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// How long a store that answered is taken to be writable without asking
+/// again: at most one ping a second under load.
+const WRITABLE_FOR: Duration = Duration::from_secs(1);
+
 /// Records kept at most in the cache.
 const CACHE_CAPACITY: u64 = 100_000;
 
@@ -172,6 +176,10 @@ const CACHE_CAPACITY: u64 = 100_000;
 /// unknown id is not cached: another replica may record it any moment).
 pub struct Objects {
     store: Store,
+    /// When the store last answered a write or a ping (ms since
+    /// `started`); 0 for never.
+    answered_ms: std::sync::atomic::AtomicU64,
+    started: tokio::time::Instant,
     cache: moka::future::Cache<Box<str>, Record>,
     /// Expiry of a record whose object does not date itself.
     default_ttl: Duration,
@@ -187,11 +195,36 @@ impl Objects {
     pub fn new(store: Store, cache_ttl: Duration, default_ttl: Duration) -> Self {
         Self {
             store,
+            answered_ms: std::sync::atomic::AtomicU64::new(0),
+            started: tokio::time::Instant::now(),
             cache: moka::future::Cache::builder()
                 .max_capacity(CACHE_CAPACITY)
                 .time_to_live(cache_ttl)
                 .build(),
             default_ttl,
+        }
+    }
+
+    /// Whether records can be written now: the store answered within the
+    /// last [`WRITABLE_FOR`], or answers a ping. A request that creates an
+    /// object is refused (503) when they cannot: its record would be lost,
+    /// and its owner could never use or delete the object.
+    pub async fn writable(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let last = self.answered_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < WRITABLE_FOR.as_millis() as u64 {
+            return true;
+        }
+        match self.store.ping().await {
+            Ok(()) => {
+                self.answered_ms.store(now, Ordering::Relaxed);
+                true
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "the object store does not answer; creating requests are refused");
+                false
+            }
         }
     }
 
@@ -239,11 +272,25 @@ impl Objects {
         }
     }
 
-    /// Records `id` in the store and the cache.
+    /// Records `id` in the store and the cache. An id already recorded for
+    /// another node or owner keeps its record, in the cache too.
     pub async fn keep(&self, id: &str, record: Record) -> Result<(), StoreError> {
-        self.store.keep_object(&record.stored(id)).await?;
-        self.cache.insert(Box::from(id), record).await;
+        if self.store.keep_object(&record.stored(id)).await? {
+            self.cache_keep(id, record).await;
+        } else {
+            // Whatever the cache held, the store's first record is the one.
+            self.cache.invalidate(id).await;
+        }
         Ok(())
+    }
+
+    /// Puts `record` in the cache unless it holds `id` for another node or
+    /// owner: a record's owner never changes.
+    async fn cache_keep(&self, id: &str, record: Record) {
+        match self.cache.get(id).await {
+            Some(held) if held.owner != record.owner || held.node != record.node => {}
+            _ => self.cache.insert(Box::from(id), record).await,
+        }
     }
 
     /// Records `id` in the cache now and in the store in the background:
@@ -251,12 +298,11 @@ impl Objects {
     pub fn keep_soon(self: &Arc<Self>, tasks: &Tasks, id: String, record: Record) {
         let objects = Arc::clone(self);
         tasks.run(async move {
-            objects
-                .cache
-                .insert(Box::from(id.as_str()), record.clone())
-                .await;
-            if let Err(err) = objects.store.keep_object(&record.stored(&id)).await {
-                tracing::warn!(error = %err, "cannot record a stored object");
+            objects.cache_keep(&id, record.clone()).await;
+            match objects.store.keep_object(&record.stored(&id)).await {
+                Ok(true) => {}
+                Ok(false) => objects.cache.invalidate(id.as_str()).await,
+                Err(err) => tracing::warn!(error = %err, "cannot record a stored object"),
             }
         });
     }
@@ -303,5 +349,52 @@ impl Objects {
     /// Deletes expired records; run now and then.
     pub async fn purge(&self) -> Result<u64, StoreError> {
         self.store.purge_objects(unix_now()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(owner: &str) -> Record {
+        Record {
+            kind: Kind::File,
+            node: Arc::from("a"),
+            owner: Arc::from(owner),
+            created_at: 10,
+            expires_at: None,
+        }
+    }
+
+    /// N10: when two clients' answers carry the same id, the first owner
+    /// keeps it, in the cache as in the store, whichever was sighted last.
+    #[tokio::test]
+    async fn a_records_owner_never_changes_in_the_cache_either() {
+        let url = secrecy::SecretString::from("sqlite::memory:");
+        let store = Store::open(&url, std::path::Path::new(".")).await.unwrap();
+        let objects = Arc::new(Objects::new(
+            store,
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+        ));
+        objects.keep("file-1", record("cl_first")).await.unwrap();
+        objects.keep("file-1", record("cl_second")).await.unwrap();
+        let found = objects.find("file-1").await.unwrap().unwrap();
+        assert_eq!(&*found.owner, "cl_first");
+        // Sighted mid-stream, with the cache already holding the first.
+        let tasks = Tasks::new();
+        objects.keep_soon(&tasks, "file-1".to_owned(), record("cl_second"));
+        tasks.stop().await;
+        assert_eq!(
+            &*objects.find("file-1").await.unwrap().unwrap().owner,
+            "cl_first"
+        );
+        // And with the cache empty: the store's first record comes back.
+        objects.cache.invalidate("file-1").await;
+        objects.keep("file-1", record("cl_second")).await.unwrap();
+        assert_eq!(
+            &*objects.find("file-1").await.unwrap().unwrap().owner,
+            "cl_first"
+        );
     }
 }

@@ -72,7 +72,11 @@ pub(super) async fn routing(
         named: &named,
         info: request.info,
     };
-    route::resolve(&state.objects, live, asked, owner(request.client)).await
+    let routing = route::resolve(&state.objects, live, asked, owner(request.client)).await?;
+    if routing.creates.is_some() && !state.objects.writable().await {
+        return Err(GatewayError::StoreUnavailable);
+    }
+    Ok(routing)
 }
 
 /// Records what a node's answer makes known (held until recorded, so the

@@ -192,6 +192,12 @@ impl Store {
         Ok(Self { pool, backend })
     }
 
+    /// Whether the store answers now (one trivial query).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }

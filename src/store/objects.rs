@@ -38,8 +38,11 @@ const OBJECT_COLUMNS: &str = "id, kind, node, client_id, created_at, expires_at"
 impl Store {
     /// Writes a record; an existing one keeps its node, owner and creation
     /// time, and takes the new expiry only if node and owner agree.
-    pub async fn keep_object(&self, object: &StoredObject) -> Result<(), StoreError> {
-        sqlx::query(
+    /// Returns whether the record is `object`'s now: false when the id was
+    /// already recorded for another node or owner (a record's first owner
+    /// keeps it).
+    pub async fn keep_object(&self, object: &StoredObject) -> Result<bool, StoreError> {
+        let written = sqlx::query(
             "INSERT INTO objects (id, kind, node, client_id, created_at, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at \
@@ -53,7 +56,7 @@ impl Store {
         .bind(object.expires_at)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(written.rows_affected() > 0)
     }
 
     /// The record of `id`, unless it has expired by `now`.

@@ -98,7 +98,10 @@ async fn n1_a_flood_of_reset_http2_streams_leaves_the_gateway_serving() {
         drop(sender.send_request(request));
     }
     gw.until(|s| node_status(s, "a")["in_flight"] == 0).await;
-    assert_eq!(say(&gw, chat("gpt-4o-mini", "after", 5)).await.status(), 200);
+    assert_eq!(
+        say(&gw, chat("gpt-4o-mini", "after", 5)).await.status(),
+        200
+    );
 }
 
 /// 5 (HTTP/2): a client that stops reading a stream (its window at 0)
@@ -159,7 +162,10 @@ async fn n2_a_stalled_body_is_answered_408_and_counts_against_concurrency() {
     let mut trickling = trickle_start(&gw, "sk-slow-client", 200, b"{").await;
     // While its body is being read, the client has no second place.
     let second = ask_as_slow(&gw).await;
-    assert_eq!(second, 429, "the body being read holds the client's one place");
+    assert_eq!(
+        second, 429,
+        "the body being read holds the client's one place"
+    );
     let mut answer = String::new();
     tokio::time::timeout(
         Duration::from_secs(10),
@@ -246,7 +252,12 @@ async fn n4_requests_without_max_tokens_never_spend_past_the_budget() {
         .mount(&upstream)
         .await;
     // Each request holds 1,024 completion tokens at $2/M (~$0.00205).
-    let gw = gateway(&v1(&upstream), "budget_usd = 0.01\nbudget_period = \"day\"", "").await;
+    let gw = gateway(
+        &v1(&upstream),
+        "budget_usd = 0.01\nbudget_period = \"day\"",
+        "",
+    )
+    .await;
     let mut served = 0;
     for _ in 0..10 {
         let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
@@ -268,9 +279,13 @@ async fn n4_requests_without_max_tokens_never_spend_past_the_budget() {
     }
     let budget = settled_budget(&gw).await;
     let spent = budget["spent_usd"].as_f64().unwrap();
-    assert!(spent <= 0.01 || close(spent, 0.01), "spent {spent}: {budget}");
+    assert!(
+        spent <= 0.01 || close(spent, 0.01),
+        "spent {spent}: {budget}"
+    );
     // A max_tokens the upstream reads otherwise (null) is refused.
-    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": null});
+    let body =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": null});
     let (status, _, error) = send(&gw, "/v1/chat/completions", body.to_string()).await;
     assert_eq!(status, 400, "{error}");
     // With the key sending `max_completion_tokens` itself, it is left alone.
@@ -314,20 +329,43 @@ async fn n5_model_less_and_nested_model_requests_are_checked() {
             let status = response.status().as_u16();
             let body: Value =
                 serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null);
-            (status, body["error"]["code"].as_str().unwrap_or("").to_owned())
+            (
+                status,
+                body["error"]["code"].as_str().unwrap_or("").to_owned(),
+            )
         }
     };
     let cases = [
-        ("/v1/images/generations", json!({"prompt": "a cat"}), 403, "model_not_allowed"),
+        (
+            "/v1/images/generations",
+            json!({"prompt": "a cat"}),
+            403,
+            "model_not_allowed",
+        ),
         (
             "/v1/realtime/client_secrets",
             json!({"session": {"type": "realtime", "model": "gpt-realtime"}}),
             403,
             "not_allowed",
         ),
-        ("/v1/evals", json!({"name": "e"}), 404, "endpoint_not_served"),
-        ("/v1/evals/eval_1/runs", json!({}), 404, "endpoint_not_served"),
-        ("/v1/videos", json!({"prompt": "a cat"}), 404, "endpoint_not_served"),
+        (
+            "/v1/evals",
+            json!({"name": "e"}),
+            404,
+            "endpoint_not_served",
+        ),
+        (
+            "/v1/evals/eval_1/runs",
+            json!({}),
+            404,
+            "endpoint_not_served",
+        ),
+        (
+            "/v1/videos",
+            json!({"prompt": "a cat"}),
+            404,
+            "endpoint_not_served",
+        ),
         (
             "/v1/batches",
             json!({"input_file_id": "file-1", "endpoint": "/v1/chat/completions"}),
@@ -356,7 +394,8 @@ async fn n5_model_less_and_nested_model_requests_are_checked() {
 /// request's model: a key limited to another model is refused it.
 #[tokio::test]
 async fn n5_a_sessions_nested_model_is_checked_when_client_secrets_are_allowed() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(json!({"value": "ek_1"}))).await;
+    let upstream =
+        answering(ResponseTemplate::new(200).set_body_json(json!({"value": "ek_1"}))).await;
     let gw = Gateway::start_file_text(
         &format!(
             "[server]\nrealtime_client_secrets = true\n[[clients]]\nname = \"limited\"\nkey_env = \"LIMITED\"\nmodels = [\"gpt-4o-mini\"]\n{}",
@@ -382,10 +421,18 @@ async fn n5_a_sessions_nested_model_is_checked_when_client_secrets_are_allowed()
 #[tokio::test]
 async fn n5_a_model_less_image_request_is_held_against_the_budget() {
     let upstream = answering(ResponseTemplate::new(200).set_body_json(json!({"data": []}))).await;
-    let gw = gateway(&v1(&upstream), "budget_usd = 1\nbudget_period = \"day\"", "").await;
+    let gw = gateway(
+        &v1(&upstream),
+        "budget_usd = 1\nbudget_period = \"day\"",
+        "",
+    )
+    .await;
     let body = json!({"prompt": "a cat"}).to_string();
     let (status, _, error) = send(&gw, "/v1/images/generations", body).await;
-    assert_eq!(status, 404, "dall-e-2 is not among the node's models: {error}");
+    assert_eq!(
+        status, 404,
+        "dall-e-2 is not among the node's models: {error}"
+    );
     assert_eq!(upstream.received_requests().await.unwrap().len(), 0);
     let _ = TEAM;
 }
@@ -408,18 +455,31 @@ async fn n17_a_node_moved_by_a_reload_reaches_only_its_new_host() {
             .await;
     }
     let gw = Gateway::start_file_text(&node("m", &v1(&old_host), "sk-old", ""), &[]).await;
-    assert_eq!(say(&gw, chat("gpt-4o-mini", "before", 5)).await.status(), 200);
+    assert_eq!(
+        say(&gw, chat("gpt-4o-mini", "before", 5)).await.status(),
+        200
+    );
     std::fs::write(gw.config_path(), node("m", &v1(&new_host), "sk-new", "")).unwrap();
     gw.reloaded(1).await;
     let posts = async |server: &MockServer| {
         let requests = server.received_requests().await.unwrap();
-        requests.iter().filter(|r| r.method.as_str() == "POST").count()
+        requests
+            .iter()
+            .filter(|r| r.method.as_str() == "POST")
+            .count()
     };
     let on_old = posts(&old_host).await;
     for _ in 0..3 {
-        assert_eq!(say(&gw, chat("gpt-4o-mini", "after", 5)).await.status(), 200);
+        assert_eq!(
+            say(&gw, chat("gpt-4o-mini", "after", 5)).await.status(),
+            200
+        );
     }
-    assert_eq!(posts(&old_host).await, on_old, "nothing more to the old host");
+    assert_eq!(
+        posts(&old_host).await,
+        on_old,
+        "nothing more to the old host"
+    );
     assert_eq!(posts(&new_host).await, 3);
 }
 
@@ -528,8 +588,12 @@ async fn n14_an_absurd_retry_after_is_capped_and_a_moved_node_starts_fresh() {
     )
     .await;
     let _ = say(&gw, chat("gpt-4o-mini", "x", 5)).await;
-    let status = gw.until(|s| !node_status(s, "m")["cooldown_remaining_ms"].is_null()).await;
-    let rest = node_status(&status, "m")["cooldown_remaining_ms"].as_u64().unwrap();
+    let status = gw
+        .until(|s| !node_status(s, "m")["cooldown_remaining_ms"].is_null())
+        .await;
+    let rest = node_status(&status, "m")["cooldown_remaining_ms"]
+        .as_u64()
+        .unwrap();
     assert!(rest <= 120_000, "rest {rest} ms");
     std::fs::write(
         gw.config_path(),
@@ -561,4 +625,74 @@ async fn n15_the_dashboard_sends_a_content_security_policy() {
     ] {
         assert!(policy.contains(part), "{policy}");
     }
+}
+
+/// N16: with the record store down, a request that would create an object
+/// is refused with 503 before it reaches the upstream (its record would be
+/// lost, and its owner could never use or delete it).
+#[tokio::test]
+async fn n16_creating_requests_are_refused_while_records_cannot_be_written() {
+    use sqlx::Connection;
+    let url = crate::pg::fresh_database().await;
+    let database = url.rsplit('/').next().unwrap().to_owned();
+    let admin_url = format!("{}/postgres", url.rsplit_once('/').unwrap().0);
+    let mock = mock_upstreams::MockUpstream::start(
+        "127.0.0.1:0".parse().unwrap(),
+        mock_upstreams::MockConfig::new("sk-mock"),
+    )
+    .await
+    .unwrap();
+    let gw = Gateway::start(&format!(
+        "[store]\nurl = \"{url}\"\n{}",
+        node("a", &mock.base_url(), "sk-mock", "")
+    ))
+    .await;
+    let upload = || async {
+        let form = "--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n{}\r\n--XyZ--\r\n";
+        let response = client()
+            .post(gw.url("/v1/files"))
+            .header("content-type", "multipart/form-data; boundary=XyZ")
+            .body(form)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        (status, body)
+    };
+    assert_eq!(upload().await.0, 200);
+    let sent = mock.stats().report().requests;
+    // The store goes away: no new connection, the open ones ended.
+    let mut admin = sqlx::postgres::PgConnection::connect(&admin_url)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE {database} ALLOW_CONNECTIONS false"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    // A store that answered within the last second is taken as writable
+    // (at most one ping a second): wait that documented second out.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (status, body) = upload().await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable");
+    assert_eq!(
+        mock.stats().report().requests,
+        sent,
+        "nothing sent upstream"
+    );
+    // Back: creating works again.
+    sqlx::query(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(upload().await.0, 200);
 }

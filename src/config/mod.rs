@@ -102,7 +102,7 @@ pub struct ServerSettings {
     pub body_read_timeout: Duration,
     /// Whether `realtime/client_secrets` (and the beta session endpoints)
     /// may mint ephemeral upstream keys for clients.
-    pub realtime_client_secrets: bool,
+    pub realtime_ephemeral_keys: bool,
 }
 
 /// `[upstream]`

@@ -133,7 +133,7 @@ pub(super) struct RawServer {
     /// Absent: `header_read_timeout`.
     #[serde(with = "humantime_serde::option")]
     pub(super) body_read_timeout: Option<Duration>,
-    pub(super) realtime_client_secrets: bool,
+    pub(super) realtime_ephemeral_keys: bool,
 }
 
 /// `[upstream]`

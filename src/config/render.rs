@@ -95,7 +95,7 @@ impl Config {
         out.duration("header_read_timeout", s.header_read_timeout);
         out.duration("write_timeout", s.write_timeout);
         out.duration("body_read_timeout", s.body_read_timeout);
-        out.bare("realtime_client_secrets", s.realtime_client_secrets);
+        out.bare("realtime_ephemeral_keys", s.realtime_ephemeral_keys);
         out.table("[upstream]");
         out.duration("connect_timeout", self.upstream.connect_timeout);
         out.duration("first_byte_timeout", self.upstream.first_byte_timeout);

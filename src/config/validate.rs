@@ -360,7 +360,7 @@ fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerSettings {
             raw.body_read_timeout.unwrap_or(raw.header_read_timeout),
             problems,
         ),
-        realtime_client_secrets: raw.realtime_client_secrets,
+        realtime_ephemeral_keys: raw.realtime_ephemeral_keys,
     }
 }
 

@@ -5,9 +5,14 @@
 //! first, or `order=asc`), after the `after` cursor, each object fetched
 //! from the node that holds it (eight at a time, order kept). An object the
 //! node no longer has (404) is forgotten and skipped; one on a node that is
-//! out of rotation, gone or failing is skipped for this page. `has_more` is
-//! whether one more object was found after the page's last; a `purpose`
-//! filter (files) is applied to the fetched objects before counting.
+//! out of rotation, gone, failing or at its limit is skipped for this page.
+//!
+//! A page looks at `limit + 1` records once, so it costs at most
+//! `limit + 1` upstream calls, each counted in its node's window like a
+//! request (a list cannot push a node past its quota). A `purpose` filter
+//! (files) is applied to the fetched objects, so a filtered page may hold
+//! fewer than `limit`; its `last_id` is the last record looked at, and
+//! `has_more` says whether more records follow.
 //!
 //! Pages hold at most [`MAX_LIMIT`] objects (20 by default).
 
@@ -114,48 +119,55 @@ pub async fn page(
         }
         None => None,
     };
+    // One look at `limit + 1` records, so a page costs at most `limit + 1`
+    // upstream calls, whatever a filter keeps of them.
     let wanted = query.limit as usize + 1;
+    let records = objects
+        .owned(
+            owner,
+            kind,
+            query.order,
+            cursor.take().as_ref().map(|(id, r)| (id.as_str(), r)),
+            wanted as u64,
+        )
+        .await
+        .map_err(|_| GatewayError::StoreUnavailable)?;
+    let more_records = records.len() == wanted;
+    // With a filter, the cursor is the last record looked at (so the next
+    // page goes on past those the filter dropped).
+    let examined_last = records
+        .get(query.limit as usize - 1)
+        .or(records.last())
+        .map(|(id, _)| id.clone());
+    let fetched: Vec<(String, Option<Value>)> = futures_util::stream::iter(records)
+        .map(|(id, record)| async move {
+            let object = fetch(objects, live, kind, &id, &record, timeout).await;
+            (id, object)
+        })
+        .buffered(FETCHES_AT_ONCE)
+        .collect()
+        .await;
     let mut found: Vec<(String, Value)> = Vec::with_capacity(wanted);
-    while found.len() < wanted {
-        let records = objects
-            .owned(
-                owner,
-                kind,
-                query.order,
-                cursor.as_ref().map(|(id, r)| (id.as_str(), r)),
-                (wanted - found.len()) as u64,
-            )
-            .await
-            .map_err(|_| GatewayError::StoreUnavailable)?;
-        let Some(last) = records.last().cloned() else {
-            break;
-        };
-        let fetched: Vec<(String, Option<Value>)> = futures_util::stream::iter(records)
-            .map(|(id, record)| async move {
-                let object = fetch(objects, live, kind, &id, &record, timeout).await;
-                (id, object)
-            })
-            .buffered(FETCHES_AT_ONCE)
-            .collect()
-            .await;
-        for (id, object) in fetched {
-            let Some(object) = object else { continue };
-            let purpose_matches = query
-                .purpose
-                .as_deref()
-                .is_none_or(|p| object["purpose"].as_str() == Some(p));
-            if purpose_matches && found.len() < wanted {
-                found.push((id, object));
-            }
+    for (id, object) in fetched {
+        let Some(object) = object else { continue };
+        let purpose_matches = query
+            .purpose
+            .as_deref()
+            .is_none_or(|p| object["purpose"].as_str() == Some(p));
+        if purpose_matches {
+            found.push((id, object));
         }
-        cursor = Some(last);
     }
-    let has_more = found.len() > query.limit as usize;
+    let has_more = found.len() > query.limit as usize || more_records;
     found.truncate(query.limit as usize);
+    let last_id = match (&query.purpose, found.last()) {
+        (Some(_), _) => examined_last,
+        (None, last) => last.map(|(id, _)| id.clone()),
+    };
     Ok(json!({
         "object": "list",
         "first_id": found.first().map(|(id, _)| id),
-        "last_id": found.last().map(|(id, _)| id),
+        "last_id": last_id,
         "has_more": has_more,
         "data": found.into_iter().map(|(_, object)| object).collect::<Vec<_>>(),
     }))
@@ -174,6 +186,12 @@ async fn fetch(
     let node = live
         .node_named(&record.node)
         .filter(|n| n.health.in_rotation())?;
+    // Counted in the node's window like any request; a node at its limit
+    // is skipped for this page rather than pushed past it.
+    let reservation = node.limiter.try_reserve(
+        crate::limits::Demand::default(),
+        tokio::time::Instant::now(),
+    )?;
     let path = format!("/{}/{id}", kind.collection());
     let operation = Operation {
         path: &path,
@@ -190,8 +208,9 @@ async fn fetch(
         timeout,
         None,
     )
-    .await
-    .ok()?;
+    .await;
+    reservation.settle(0);
+    let response = response.ok()?;
     if response.status() == StatusCode::NOT_FOUND {
         if let Err(err) = objects.forget(id).await {
             tracing::warn!(error = %err, "cannot forget a deleted object");

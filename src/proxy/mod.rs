@@ -150,7 +150,7 @@ async fn forward(
     let (parts, body) = request.into_parts();
     let operation = Operation::of(parts.uri.path(), parts.uri.query())?;
     let client = auth::identify(&live, &state.clients, &parts.headers).await?;
-    policy::served(operation.path, live.config.server.realtime_client_secrets)?;
+    policy::served(operation.path, live.config.server.realtime_ephemeral_keys)?;
     // Work before admission is bounded: a client over its own limit is
     // refused before its body is read or parsed, and a body being read
     // counts against its concurrency.
@@ -177,6 +177,16 @@ async fn forward(
     let body = read_body(body, &parts.headers, limit, reading_by).await?;
     let mut info = inspect(&operation, &parts, &body, &live.completion_defaults).await?;
     drop(reading);
+    // Work billed later is refused to a budgeted key first: that is the
+    // reason, whatever else the request lacks.
+    if client.as_deref().is_some_and(|c| c.budget.is_some())
+        && let Some(what) = policy::spends_later(&parts.method, operation.path, &info)
+    {
+        return Err(Refused {
+            error: GatewayError::NotAllowedWithBudget(what),
+            model: info.model.clone(),
+        });
+    }
     let body = match client.as_deref() {
         Some(client) => {
             policy::imply_model(&parts.method, operation.path, client, &mut info)?;
@@ -209,11 +219,6 @@ async fn forward(
         routing: Routing::default(),
         traceparent: span.as_ref().and_then(RequestSpan::traceparent),
     };
-    if request.client.is_some_and(|c| c.budget.is_some())
-        && let Some(what) = policy::spends_later(&parts.method, operation.path, &info)
-    {
-        return Err(refused(GatewayError::NotAllowedWithBudget(what)));
-    }
     request.routing = objects::routing(state, &live, parts.method.as_str(), &path_use, &request)
         .await
         .map_err(refused)?;

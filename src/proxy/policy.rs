@@ -10,7 +10,7 @@
 //! - A request that would hand the client an upstream credential
 //!   (`realtime/client_secrets` and the beta session endpoints mint
 //!   ephemeral keys, used with the provider directly, outside every limit)
-//!   is refused unless `server.realtime_client_secrets` allows it; then it
+//!   is refused unless `server.realtime_ephemeral_keys` allows it; then it
 //!   is admitted as a request for the model its `session.model` names.
 //! - For a client with a model list or a budget, a request that names no
 //!   model is taken as its endpoint's default model (images), or refused
@@ -60,7 +60,7 @@ pub(super) fn served(path: &str, client_secrets_allowed: bool) -> Result<(), Gat
     }
     if !client_secrets_allowed && CLIENT_SECRETS.contains(&path) {
         return Err(GatewayError::NotAllowed(
-            "Realtime client secrets are not handed out by this gateway: an ephemeral key is used with the provider directly, outside the gateway's limits and budgets. Connect through the gateway instead, or ask its operator to set server.realtime_client_secrets = true.",
+            "Realtime client secrets are not handed out by this gateway: an ephemeral key is used with the provider directly, outside the gateway's limits and budgets. Connect through the gateway instead, or ask its operator to set server.realtime_ephemeral_keys = true.",
         ));
     }
     Ok(())

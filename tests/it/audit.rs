@@ -398,7 +398,7 @@ async fn n5_a_sessions_nested_model_is_checked_when_client_secrets_are_allowed()
         answering(ResponseTemplate::new(200).set_body_json(json!({"value": "ek_1"}))).await;
     let gw = Gateway::start_file_text(
         &format!(
-            "[server]\nrealtime_client_secrets = true\n[[clients]]\nname = \"limited\"\nkey_env = \"LIMITED\"\nmodels = [\"gpt-4o-mini\"]\n{}",
+            "[server]\nrealtime_ephemeral_keys = true\n[[clients]]\nname = \"limited\"\nkey_env = \"LIMITED\"\nmodels = [\"gpt-4o-mini\"]\n{}",
             node("a", &v1(&upstream), "k", "")
         ),
         &[("LIMITED", "sk-limited")],
@@ -695,4 +695,40 @@ async fn n16_creating_requests_are_refused_while_records_cannot_be_written() {
         .await
         .unwrap();
     assert_eq!(upload().await.0, 200);
+}
+
+/// N7: a filtered list page costs at most `limit + 1` upstream calls,
+/// however many of the caller's objects the filter drops.
+#[tokio::test]
+async fn n7_a_filtered_list_page_costs_at_most_limit_plus_one_upstream_calls() {
+    let mock = mock_upstreams::MockUpstream::start(
+        "127.0.0.1:0".parse().unwrap(),
+        mock_upstreams::MockConfig::new("sk-mock"),
+    )
+    .await
+    .unwrap();
+    let gw = Gateway::start(&node("a", &mock.base_url(), "sk-mock", "")).await;
+    let form = "--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n{}\r\n--XyZ--\r\n";
+    for _ in 0..12 {
+        let response = client()
+            .post(gw.url("/v1/files"))
+            .header("content-type", "multipart/form-data; boundary=XyZ")
+            .body(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let before = mock.stats().report().requests;
+    let response = client()
+        .get(gw.url("/v1/files?purpose=fine-tune&limit=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let page: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(page["data"], json!([]), "{page}");
+    assert_eq!(page["has_more"], true, "more records follow: {page}");
+    let calls = mock.stats().report().requests - before;
+    assert!(calls <= 2, "{calls} upstream calls for a page of 1");
 }

@@ -161,10 +161,10 @@ async fn models_are_answered_by_the_gateway_behind_the_client_key() {
 #[tokio::test]
 async fn a_request_without_a_model_goes_to_a_node_and_counts_one_request() {
     let server = MockServer::start().await;
-    // An operation on no stored object the gateway tracks (lists of files
-    // and the like are the gateway's own answer).
-    Mock::given(method("GET"))
-        .and(path("/v1/evals"))
+    // An operation on no stored object and naming no model (lists of files
+    // and the like are the gateway's own answer; evals are not served).
+    Mock::given(method("POST"))
+        .and(path("/v1/moderations"))
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_json(serde_json::json!({"object": "list", "data": []})),
@@ -176,7 +176,13 @@ async fn a_request_without_a_model_goes_to_a_node_and_counts_one_request() {
         node("a", &crate::support::v1(&server), "k", "rpm = 10")
     ))
     .await;
-    let response = client().get(gw.url("/v1/evals")).send().await.unwrap();
+    let response = client()
+        .post(gw.url("/v1/moderations"))
+        .header("content-type", "application/json")
+        .body(r#"{"input": "hi"}"#)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-balancer-node"], "a");
     let status = gw.settled_status().await;

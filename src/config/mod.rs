@@ -68,6 +68,9 @@ pub struct Config {
     pub admin: AdminSettings,
     /// Read at start-up only.
     pub log: LogSettings,
+    /// `[status] public`: whether `/status` and `/metrics` show clients,
+    /// budgets and node URLs without the admin token.
+    pub status_public: bool,
     /// OpenTelemetry traces; start-up only.
     pub tracing: TracingSettings,
     /// Shared limits; `None` keeps them in this process. Start-up only.

@@ -84,6 +84,7 @@ pub(super) struct RawConfig {
     pub(super) store: RawStore,
     pub(super) admin: RawAdmin,
     pub(super) log: RawLog,
+    pub(super) status: RawStatus,
     pub(super) tracing: RawTracing,
     pub(super) cluster: Option<RawCluster>,
     pub(super) clients: Vec<RawClient>,
@@ -258,6 +259,13 @@ pub(super) struct RawAdmin {
     #[default(SocketAddr::from(([127, 0, 0, 1], 8081)))]
     pub(super) listen: SocketAddr,
     pub(super) token_env: Option<String>,
+}
+
+/// `[status]`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawStatus {
+    pub(super) public: bool,
 }
 
 /// `[log]`

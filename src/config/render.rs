@@ -152,6 +152,8 @@ impl Config {
         out.duration("cache_ttl", self.store.cache_ttl);
         out.duration("usage_flush_interval", self.store.usage_flush_interval);
         out.duration("object_ttl", self.store.object_ttl);
+        out.table("[status]");
+        out.bare("public", self.status_public);
         out.table("[admin]");
         out.text("listen", self.admin.listen);
         match self.admin.token {

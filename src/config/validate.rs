@@ -168,6 +168,7 @@ fn validate(
             log: LogSettings {
                 format: raw.log.format,
             },
+            status_public: raw.status.public,
             tracing,
             cluster,
             nodes,

@@ -63,10 +63,39 @@ pub(crate) async fn dashboard() -> impl axum::response::IntoResponse {
     )
 }
 
-pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
+/// Whether a request to `/status` or `/metrics` sees who the clients are,
+/// what they spend and where the nodes are: with `[status] public`, or
+/// with the admin token (`Authorization: Bearer <admin token>`). Node
+/// health and use are public either way.
+pub(crate) fn sees_private(live: &crate::snapshot::Live, headers: &axum::http::HeaderMap) -> bool {
+    if live.config.status_public {
+        return true;
+    }
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(<[u8]>::trim_ascii);
+    match (&live.config.admin.token, presented) {
+        (Some(token), Some(presented)) => token.matches(presented),
+        _ => false,
+    }
+}
+
+pub(crate) async fn handle(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Json<Value> {
     let live = state.live();
+    let private = sees_private(&live, &headers);
     let now = Instant::now();
     let mut nodes: Vec<Value> = live.nodes().map(|node| node_status(node, now)).collect();
+    if !private {
+        for node in &mut nodes {
+            if let Some(node) = node.as_object_mut() {
+                node.remove("url");
+            }
+        }
+    }
     // With [cluster]: the node's use summed over every replica.
     if let Some(shared) = &state.admission.shared {
         let names: Vec<&str> = live.nodes().map(|n| &*n.name).collect();
@@ -116,7 +145,8 @@ pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Json<Value> {
             "last_reload": reload,
         },
         "cluster": state.admission.shared.as_ref().map(|c| c.describe()),
-        "budgets": budgets(&state).await,
+        "budgets": if private { Value::from(budgets(&state).await) } else { Value::Null },
+        "view": if private { "full" } else { "public: send the admin token for clients, budgets and node URLs" },
     }))
 }
 

@@ -31,9 +31,13 @@ use crate::state::AppState;
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// `GET /metrics`.
-pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Response {
+pub(crate) async fn handle(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let private = super::sees_private(&state.live(), &headers);
     let mut registry = Registry::with_prefix("balancer");
-    registry.register_collector(Box::new(Scrape(state)));
+    registry.register_collector(Box::new(Scrape { state, private }));
     let mut body = String::with_capacity(16 * 1024);
     match prometheus_client::encoding::text::encode(&mut body, &registry) {
         Ok(()) => (
@@ -48,7 +52,11 @@ pub(crate) async fn handle(State(state): State<Arc<AppState>>) -> Response {
 type Fmt = Result<(), std::fmt::Error>;
 
 /// Reads the gateway's state once per scrape.
-struct Scrape(Arc<AppState>);
+/// The state to encode; `private`: with the series that name clients.
+struct Scrape {
+    state: Arc<AppState>,
+    private: bool,
+}
 
 impl std::fmt::Debug for Scrape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,7 +65,7 @@ impl std::fmt::Debug for Scrape {
 }
 impl Collector for Scrape {
     fn encode(&self, mut out: DescriptorEncoder<'_>) -> Fmt {
-        let state = &self.0;
+        let state = &self.state;
         let live = state.live();
         // (node label, routes): the gateway's own answers under node="".
         let mut routed: Vec<(&str, Vec<Arc<Route>>)> = live
@@ -66,11 +74,11 @@ impl Collector for Scrape {
             .collect();
         routed.push(("", state.metrics.answered.sorted()));
         encode_routes(&mut out, &routed)?;
-        encode_costs(&mut out, state, &routed)?;
+        encode_costs(&mut out, state, &routed, self.private)?;
         encode_queue(&mut out, state)?;
         encode_node_limits(&mut out, &live)?;
         encode_node_health(&mut out, &live)?;
-        encode_clients(&mut out, state)
+        encode_clients(&mut out, state, self.private)
     }
 }
 
@@ -298,11 +306,13 @@ fn encode_node_health(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
     Ok(())
 }
 
-/// What requests cost, by node, model and client (`""`: no client key).
+/// What requests cost, by node, model and client (`""`: no client key);
+/// without `private`, the clients' series are left out.
 fn encode_costs(
     out: &mut DescriptorEncoder<'_>,
     state: &AppState,
     routed: &[(&str, Vec<Arc<Route>>)],
+    private: bool,
 ) -> Fmt {
     let mut family = out.encode_descriptor(
         "cost_usd",
@@ -320,7 +330,12 @@ fn encode_costs(
             }
         }
     }
-    for (id, counters) in state.clients.counters() {
+    let clients = if private {
+        state.clients.counters()
+    } else {
+        Vec::new()
+    };
+    for (id, counters) in clients {
         for (node, model, nanos) in counters.costs.sorted() {
             let labels = [("node", &*node), ("model", &*model), ("client", &*id)];
             ConstCounter::new(usd(nanos)).encode(family.encode_family(&labels)?)?;
@@ -329,8 +344,8 @@ fn encode_costs(
     Ok(())
 }
 
-/// Per-client counters, when there are clients.
-fn encode_clients(out: &mut DescriptorEncoder<'_>, state: &AppState) -> Fmt {
+/// Per-client counters, when there are clients and `private` allows.
+fn encode_clients(out: &mut DescriptorEncoder<'_>, state: &AppState, private: bool) -> Fmt {
     let dropped = ConstCounter::new(state.clients.ledger().dropped());
     dropped.encode(out.encode_descriptor(
         "usage_dropped",
@@ -338,9 +353,9 @@ fn encode_clients(out: &mut DescriptorEncoder<'_>, state: &AppState) -> Fmt {
         None,
         dropped.metric_type(),
     )?)?;
-    // Clients, when there are any.
+    // Clients, when there are any and the caller may see them.
     let clients = state.clients.counters();
-    if !clients.is_empty() {
+    if private && !clients.is_empty() {
         let mut family = out.encode_descriptor(
             "client_requests",
             "Requests each client made that a node answered.",

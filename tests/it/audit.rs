@@ -732,3 +732,48 @@ async fn n7_a_filtered_list_page_costs_at_most_limit_plus_one_upstream_calls() {
     let calls = mock.stats().report().requests - before;
     assert!(calls <= 2, "{calls} upstream calls for a page of 1");
 }
+
+/// s3: without the admin token (and `[status] public` off, the default),
+/// `/status` and `/metrics` show node health and use, not the clients,
+/// their budgets or the nodes' URLs; with the token, everything.
+#[tokio::test]
+async fn s3_clients_budgets_and_node_urls_need_the_admin_token() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = gateway(&v1(&upstream), "budget_usd = 1\nbudget_period = \"day\"", "").await;
+    let (status, _, _) = send(&gw, "/v1/chat/completions", chat("m", "hi", 5)).await;
+    assert_eq!(status, 200);
+    let public: Value = serde_json::from_slice(
+        &client()
+            .get(gw.url("/status"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(public["budgets"].is_null(), "{public}");
+    assert!(public["nodes"][0]["url"].is_null(), "{public}");
+    assert_eq!(public["nodes"][0]["name"], "a");
+    let full = gw.status().await;
+    assert_eq!(full["budgets"][0]["name"], "team", "{full}");
+    assert!(full["nodes"][0]["url"].as_str().unwrap().starts_with("http://127.0.0.1"));
+    let scrape = |token: Option<&'static str>| {
+        let gw = &gw;
+        async move {
+            let mut request = client().get(gw.url("/metrics"));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            request.send().await.unwrap().text().await.unwrap()
+        }
+    };
+    let public = scrape(None).await;
+    assert!(public.contains("balancer_requests_total"));
+    assert!(!public.contains("cfg_team") && !public.contains("balancer_client_requests"), "{public}");
+    let wrong = scrape(Some("not-the-admin-token-at-all")).await;
+    assert!(!wrong.contains("cfg_team"));
+    let full = scrape(Some(crate::support::ADMIN_TOKEN)).await;
+    assert!(full.contains("balancer_client_requests_total{client=\"cfg_team\""), "{full}");
+}

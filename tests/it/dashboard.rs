@@ -193,7 +193,7 @@ async fn the_dashboard_draws_each_client_s_spend_against_its_budget() {
     // 1,000 output tokens at $2/M: $0.002 of a $0.008 budget.
     let gw = Gateway::start_file_text(
         &format!(
-            "[prices.\"m\"]\ninput = 0.0\noutput = 2.0\n\
+            "[status]\npublic = true\n[prices.\"m\"]\ninput = 0.0\noutput = 2.0\n\
              [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\nbudget_usd = 0.008\nbudget_period = \"month\"\n{}",
             node(
                 "a",

@@ -17,6 +17,7 @@ const TEAM: &str = "sk-team-deploy-key";
 async fn exported(gw: &Gateway) -> BTreeSet<String> {
     let text = client()
         .get(gw.url("/metrics"))
+        .bearer_auth(crate::support::ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
@@ -57,7 +58,7 @@ async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
     let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
     let gw = Gateway::start_file_text(
         &format!(
-            "[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n\
+            "[status]\npublic = true\n[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n\
              [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\n{}",
             redis.url(),
             node(

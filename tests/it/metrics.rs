@@ -17,7 +17,14 @@ pub(crate) struct Metrics(Scrape);
 
 impl Metrics {
     pub(crate) async fn scrape(gw: &Gateway) -> Self {
-        let response = client().get(gw.url("/metrics")).send().await.unwrap();
+        // The full view: gateways with an admin API take its token, the
+        // others are configured `[status] public = true` where it matters.
+        let response = client()
+            .get(gw.url("/metrics"))
+            .bearer_auth(crate::support::ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         assert!(
             response.headers()["content-type"]
@@ -60,7 +67,7 @@ impl Metrics {
 async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency() {
     let answer = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
     let toml = format!(
-        "{FAST}[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n\
+        "{FAST}[status]\npublic = true\n[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n\
          [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\n{}",
         node(
             "a",

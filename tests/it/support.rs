@@ -139,8 +139,13 @@ impl Gateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// `/status` as an operator sees it (with the admin token, for the
+    /// gateways that have one: clients, budgets and node URLs).
     pub(crate) async fn status(&self) -> Value {
-        let body = reqwest::get(self.url("/status"))
+        let body = client()
+            .get(self.url("/status"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
             .await
             .unwrap()
             .bytes()

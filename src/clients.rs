@@ -67,6 +67,9 @@ pub struct ClientLimiter {
     /// client trickling bodies holds no more than its concurrency allows.
     /// Shared by every version of its limiter.
     reading: Arc<AtomicU64>,
+    /// Its requests waiting for budget its requests in flight hold:
+    /// counted against `queue.max_depth_per_client`.
+    pub(crate) budget_waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// One of a client's requests reading its body; counted in
@@ -178,6 +181,7 @@ impl ClientLimiter {
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
             revoked: Arc::new(AtomicBool::new(false)),
             reading: Arc::new(AtomicU64::new(0)),
+            budget_waiting: Arc::default(),
         })
     }
 
@@ -221,6 +225,7 @@ impl ClientLimiter {
                 .map(|limit| Mutex::new(TokenBucket::full(limit, Instant::now()))),
             revoked: Arc::clone(&self.revoked),
             reading: Arc::clone(&self.reading),
+            budget_waiting: Arc::clone(&self.budget_waiting),
         })
     }
 }

@@ -91,6 +91,7 @@ impl AppState {
                 queue,
                 shared,
                 budget_waiting: std::sync::atomic::AtomicUsize::new(0),
+                held_bytes: std::sync::atomic::AtomicUsize::new(0),
             },
             clients,
             objects: Arc::new(objects),

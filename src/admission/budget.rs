@@ -80,20 +80,23 @@ impl Drop for BudgetHold {
 /// again: holds that end on other replicas wake nothing here.
 const CLUSTER_RECHECK: Duration = Duration::from_millis(100);
 
-/// Counts a request among those waiting for budget while it lives (the
-/// request may be dropped mid-wait: its client gone).
-struct Waiting<'a>(&'a AtomicUsize);
+/// Counts a request among those waiting for budget, in all and for its
+/// client, while it lives (the request may be dropped mid-wait: its client
+/// gone).
+struct Waiting<'a>(&'a AtomicUsize, &'a AtomicUsize);
 
 impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
+    fn new(count: &'a AtomicUsize, client: &'a AtomicUsize) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
-        Self(count)
+        client.fetch_add(1, Ordering::Relaxed);
+        Self(count, client)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -124,7 +127,22 @@ impl Admission {
                 Err(Refusal::OverBudget {
                     short: Short::Held, ..
                 }) if now < wait_until => {
-                    waiting.get_or_insert_with(|| Waiting::new(&self.budget_waiting));
+                    if waiting.is_none() {
+                        // A waiter counts in `queue.max_depth_per_client`
+                        // like one waiting for a node.
+                        let queue = &ask.live.config.queue;
+                        let of_client = client.limiter.budget_waiting.load(Ordering::Relaxed)
+                            + self.queue.waiting_of(&client.id);
+                        if of_client >= queue.max_depth_per_client
+                            || self.budget_waiting.load(Ordering::Relaxed) >= queue.max_depth
+                        {
+                            return held;
+                        }
+                        waiting = Some(Waiting::new(
+                            &self.budget_waiting,
+                            &client.limiter.budget_waiting,
+                        ));
+                    }
                     let look_again = match self.shared {
                         Some(_) => wait_until.min(now + CLUSTER_RECHECK),
                         None => wait_until,

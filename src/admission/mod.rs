@@ -79,6 +79,19 @@ pub struct Admission {
     /// Requests waiting now for their client's requests in flight to give
     /// back budget.
     pub(crate) budget_waiting: std::sync::atomic::AtomicUsize,
+    /// Body bytes of the requests in admission now (`queue.max_bytes`).
+    pub(crate) held_bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// A request's body counted in [`Admission::held_bytes`] while it is in
+/// admission.
+struct HeldBytes<'a>(&'a std::sync::atomic::AtomicUsize, usize);
+
+impl Drop for HeldBytes<'_> {
+    fn drop(&mut self) {
+        self.0
+            .fetch_sub(self.1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A request placed on a node.
@@ -132,6 +145,7 @@ impl Admission {
     /// The first attempt: the client's limits and model list, then a node
     /// (now, or after waiting until `queue.max_wait`), or a refusal.
     pub async fn admit(&self, ask: &Ask<'_>) -> Result<Admitted, GatewayError> {
+        let _held = self.hold_bytes(ask).map_err(refuse)?;
         // One `queue.max_wait` for every wait of this admission: what a
         // wait for budget took is not given again to the wait for a node.
         let waits_until = Instant::now() + ask.live.config.queue.max_wait;
@@ -163,6 +177,23 @@ impl Admission {
                 Err(refuse(refusal))
             }
         }
+    }
+
+    /// Counts the request's body among those in admission, or refuses it
+    /// at once when `queue.max_bytes` would be passed: waiting requests
+    /// keep their bodies, and their sum must stay bounded.
+    fn hold_bytes(&self, ask: &Ask<'_>) -> Result<HeldBytes<'_>, Refusal> {
+        use std::sync::atomic::Ordering;
+        let bytes = usize::try_from(ask.demand.bytes).unwrap_or(usize::MAX);
+        let before = self.held_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let held = HeldBytes(&self.held_bytes, bytes);
+        if before.saturating_add(bytes) > ask.live.config.queue.max_bytes {
+            self.queue.refused();
+            return Err(Refusal::Saturated(Headroom::In(
+                std::time::Duration::from_secs(1),
+            )));
+        }
+        Ok(held)
     }
 
     async fn admit_or_refuse(&self, ask: &Ask<'_>) -> Result<Admitted, Refusal> {

@@ -161,6 +161,11 @@ impl Queue {
         self.rotation.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// `owner`'s requests waiting now for a node.
+    pub(crate) fn waiting_of(&self, owner: &str) -> usize {
+        self.waiters.lock().fair.waiting(owner)
+    }
+
     /// Requests waiting now, here and for shared headroom.
     pub fn depth(&self) -> usize {
         self.signal.waiting() + self.shared_waiting.load(Ordering::Acquire)

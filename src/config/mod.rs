@@ -165,8 +165,12 @@ pub struct QueueSettings {
     pub max_wait: Duration,
     /// 0 refuses every request that would have to wait.
     pub max_depth: usize,
-    /// Requests of one client (or of the shared group) waiting at once.
+    /// Requests of one client (or of the shared group) waiting at once,
+    /// for a node or for budget.
     pub max_depth_per_client: usize,
+    /// Request body bytes held by requests in admission at once; never
+    /// below `server.max_body_bytes`.
+    pub max_bytes: usize,
     /// What each class keeps of every node's quota from the classes below.
     pub reserves: Reserves,
 }

@@ -37,6 +37,9 @@ pub(super) const DEFAULT_QUEUE_MAX_WAIT: Duration = Duration::from_secs(5);
 pub(super) const DEFAULT_QUEUE_MAX_DEPTH: usize = 1024;
 /// One client may fill a quarter of the default queue.
 pub(super) const DEFAULT_QUEUE_MAX_DEPTH_PER_CLIENT: usize = 256;
+/// Request bodies held by requests in admission (waiting for budget or
+/// a node) at once: 256 MiB, 25 bodies of the largest default size.
+pub(super) const DEFAULT_QUEUE_MAX_BYTES: usize = 256 << 20;
 pub(super) const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
 /// Often enough to take a dead node out within seconds, rare enough to be
 /// noise to the upstream (one `GET /models` per node).
@@ -170,6 +173,8 @@ pub(super) struct RawQueue {
     pub(super) max_depth: usize,
     #[default(DEFAULT_QUEUE_MAX_DEPTH_PER_CLIENT)]
     pub(super) max_depth_per_client: usize,
+    #[default(DEFAULT_QUEUE_MAX_BYTES)]
+    pub(super) max_bytes: usize,
     pub(super) reserve: RawReserve,
 }
 

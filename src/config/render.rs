@@ -119,6 +119,7 @@ impl Config {
         out.duration("max_wait", self.queue.max_wait);
         out.bare("max_depth", self.queue.max_depth);
         out.bare("max_depth_per_client", self.queue.max_depth_per_client);
+        out.bare("max_bytes", self.queue.max_bytes);
         let r = self.queue.reserves;
         if r != crate::limits::Reserves::default() {
             out.table("[queue.reserve]");

@@ -104,6 +104,12 @@ fn validate(
     let admin = validate_admin(raw.admin, server.listen, env, &mut problems);
     let cluster = raw.cluster.and_then(|c| validate_cluster(c, &mut problems));
     let reserves = reserves(&raw.queue.reserve, &mut problems);
+    if raw.queue.max_bytes < server.max_body_bytes.get() {
+        problems.push(format!(
+            "queue.max_bytes: must be at least server.max_body_bytes ({}), or a body the gateway accepts could never be admitted",
+            server.max_body_bytes
+        ));
+    }
     let tracing = validate_tracing(raw.tracing, env, &mut problems);
 
     if raw.nodes.is_empty() {
@@ -155,6 +161,7 @@ fn validate(
                 max_wait: raw.queue.max_wait,
                 max_depth: raw.queue.max_depth,
                 max_depth_per_client: raw.queue.max_depth_per_client,
+                max_bytes: raw.queue.max_bytes,
                 reserves,
             },
             retry: RetrySettings {

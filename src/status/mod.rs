@@ -134,6 +134,8 @@ pub(crate) async fn handle(
         "queue": {
             "depth": state.admission.depth(),
             "budget_waiting": state.admission.budget_waiting(),
+            "held_bytes": state.admission.held_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            "max_bytes": live.config.queue.max_bytes,
             "max_depth": live.config.queue.max_depth,
             "max_wait_ms": live.config.queue.max_wait.as_millis() as u64,
             "queued_total": state.admission.queued_total(),

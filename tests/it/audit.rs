@@ -739,7 +739,12 @@ async fn n7_a_filtered_list_page_costs_at_most_limit_plus_one_upstream_calls() {
 #[tokio::test]
 async fn s3_clients_budgets_and_node_urls_need_the_admin_token() {
     let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
-    let gw = gateway(&v1(&upstream), "budget_usd = 1\nbudget_period = \"day\"", "").await;
+    let gw = gateway(
+        &v1(&upstream),
+        "budget_usd = 1\nbudget_period = \"day\"",
+        "",
+    )
+    .await;
     let (status, _, _) = send(&gw, "/v1/chat/completions", chat("m", "hi", 5)).await;
     assert_eq!(status, 200);
     let public: Value = serde_json::from_slice(
@@ -758,7 +763,12 @@ async fn s3_clients_budgets_and_node_urls_need_the_admin_token() {
     assert_eq!(public["nodes"][0]["name"], "a");
     let full = gw.status().await;
     assert_eq!(full["budgets"][0]["name"], "team", "{full}");
-    assert!(full["nodes"][0]["url"].as_str().unwrap().starts_with("http://127.0.0.1"));
+    assert!(
+        full["nodes"][0]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1")
+    );
     let scrape = |token: Option<&'static str>| {
         let gw = &gw;
         async move {
@@ -771,9 +781,123 @@ async fn s3_clients_budgets_and_node_urls_need_the_admin_token() {
     };
     let public = scrape(None).await;
     assert!(public.contains("balancer_requests_total"));
-    assert!(!public.contains("cfg_team") && !public.contains("balancer_client_requests"), "{public}");
+    assert!(
+        !public.contains("cfg_team") && !public.contains("balancer_client_requests"),
+        "{public}"
+    );
     let wrong = scrape(Some("not-the-admin-token-at-all")).await;
     assert!(!wrong.contains("cfg_team"));
     let full = scrape(Some(crate::support::ADMIN_TOKEN)).await;
-    assert!(full.contains("balancer_client_requests_total{client=\"cfg_team\""), "{full}");
+    assert!(
+        full.contains("balancer_client_requests_total{client=\"cfg_team\""),
+        "{full}"
+    );
+}
+
+/// N8: requests waiting for budget count in `queue.max_depth_per_client`:
+/// past it, a client's next request is refused at once.
+#[tokio::test]
+async fn n8_budget_waiters_count_in_the_clients_queue_depth() {
+    let upstream = answering(
+        ResponseTemplate::new(200)
+            .set_body_json(chat_answer(5, 2))
+            .set_delay(Duration::from_secs(20)),
+    )
+    .await;
+    // The budget holds one worst case ($0.002008) and a little more.
+    let toml = format!(
+        "[queue]\nmax_wait = \"30s\"\nmax_depth_per_client = 2\n{}\
+         [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\nbudget_usd = 0.003\nbudget_period = \"month\"\n{}",
+        crate::money::PRICES,
+        node("a", &v1(&upstream), "sk-upstream", "models = [\"m\"]")
+    );
+    let gw = Gateway::start_file_text(&toml, &[("TEAM", TEAM)]).await;
+    let spawn_post = || {
+        let url = gw.url("/v1/chat/completions");
+        tokio::spawn(async move { post_team(&url).await })
+    };
+    let first = spawn_post();
+    gw.until(|s| node_status(s, "a")["in_flight"] == 1).await;
+    let waiting = [spawn_post(), spawn_post()];
+    gw.until(|s| s["queue"]["budget_waiting"] == 2).await;
+    // A third waiter would pass the client's depth: refused at once, while
+    // the first is still in flight.
+    let (status, code) = post_team(&gw.url("/v1/chat/completions")).await;
+    assert_eq!((status, code.as_str()), (429, "budget_exceeded"));
+    assert!(!first.is_finished(), "refused before the first answer came");
+    let status = gw.status().await;
+    assert_eq!(node_status(&status, "a")["in_flight"], 1);
+    assert_eq!(status["queue"]["budget_waiting"], 2);
+    first.abort();
+    for waiter in waiting {
+        waiter.abort();
+    }
+    gw.until(|s| s["queue"]["budget_waiting"] == 0).await;
+}
+
+async fn post_team(url: &str) -> (u16, String) {
+    let response = client()
+        .post(url)
+        .bearer_auth(TEAM)
+        .header("content-type", "application/json")
+        .body(chat("m", "hi", 1_000))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value =
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null);
+    (
+        status,
+        body["error"]["code"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// N8: the bodies of requests in admission are bounded by
+/// `queue.max_bytes`: past it a request is refused at once, not held.
+#[tokio::test]
+async fn n8_waiting_bodies_are_bounded_by_queue_max_bytes() {
+    let upstream = answering(
+        ResponseTemplate::new(200)
+            .set_body_json(chat_answer(5, 2))
+            .set_delay(Duration::from_secs(20)),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "[server]\nmax_body_bytes = 1048576\n[queue]\nmax_wait = \"30s\"\nmax_bytes = 2097152\n{}",
+        node("a", &v1(&upstream), "k", "max_concurrency = 1")
+    ))
+    .await;
+    let spawn_post = |body: String| {
+        let url = gw.url("/v1/chat/completions");
+        tokio::spawn(async move {
+            client()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    let first = spawn_post(chat("gpt-4o-mini", "first", 5));
+    gw.until(|s| node_status(s, "a")["in_flight"] == 1).await;
+    let big = chat("gpt-4o-mini", &"x ".repeat(450_000), 5);
+    let waiting = [spawn_post(big.clone()), spawn_post(big.clone())];
+    let held = 2 * big.len() as u64;
+    gw.until(|s| s["queue"]["depth"] == 2 && s["queue"]["held_bytes"] == held)
+        .await;
+    let response = say(&gw, big.clone()).await;
+    assert_eq!(response.status(), 429);
+    assert!(!first.is_finished(), "refused before the first answer came");
+    // Refused at once: the first is still in flight, two still wait.
+    let status = gw.status().await;
+    assert_eq!(node_status(&status, "a")["in_flight"], 1);
+    assert_eq!(status["queue"]["depth"], 2);
+    first.abort();
+    for waiter in waiting {
+        waiter.abort();
+    }
+    gw.until(|s| s["queue"]["held_bytes"] == 0 && node_status(s, "a")["in_flight"] == 0)
+        .await;
 }

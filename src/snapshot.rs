@@ -178,6 +178,16 @@ impl Live {
     pub fn lists_model(&self, model: &str) -> bool {
         self.by_model.contains_key(model)
     }
+
+    /// Whether `model` is a metric label: a node lists it, or it has a
+    /// price by its exact name (configured, shipped, or a node's own). The
+    /// labels stay bounded by the config and the price table; any other
+    /// name a client sends is `other`.
+    pub fn labels_model(&self, model: &str) -> bool {
+        self.lists_model(model)
+            || self.config.prices.names(model)
+            || self.nodes.iter().any(|n| n.pricing.own.names(model))
+    }
 }
 
 /// What the gateway keeps of a node across snapshots.

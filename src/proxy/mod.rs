@@ -99,7 +99,7 @@ pub(crate) fn answered_itself(
     model: Option<&str>,
     received: Instant,
 ) {
-    let label = model.filter(|m| state.live().lists_model(m)).unwrap_or("");
+    let label = model.filter(|m| state.live().labels_model(m)).unwrap_or("");
     let elapsed = metrics::elapsed(received);
     state
         .metrics
@@ -119,7 +119,7 @@ pub(crate) fn refused(
     model: Option<&str>,
     received: Instant,
 ) {
-    let label = model.filter(|m| state.live().lists_model(m)).unwrap_or("");
+    let label = model.filter(|m| state.live().labels_model(m)).unwrap_or("");
     let status = error.status();
     let elapsed = metrics::elapsed(received);
     state
@@ -283,7 +283,7 @@ async fn dispatch(
         sent: request.received,
         attempts: 0,
         request_bytes: request.body.len() as u64,
-        model_listed: model.is_some_and(|m| target.live.lists_model(m)),
+        model_listed: model.is_some_and(|m| target.live.labels_model(m)),
         span: None,
     };
     let worst_cost = target.worst_cost(&request)?;

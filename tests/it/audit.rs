@@ -901,3 +901,37 @@ async fn n8_waiting_bodies_are_bounded_by_queue_max_bytes() {
     gw.until(|s| s["queue"]["held_bytes"] == 0 && node_status(s, "a")["in_flight"] == 0)
         .await;
 }
+
+/// Metrics: with nodes that list no models, a model with a price (shipped
+/// or configured) is its own label in cost and request metrics; a name
+/// with no price is still `other`.
+#[tokio::test]
+async fn a_priced_model_is_a_label_when_no_node_lists_models() {
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let gw = Gateway::start(&format!(
+        "[status]\npublic = true\n[prices.\"team-model\"]\ninput = 1.0\noutput = 2.0\n{}",
+        node("any", &v1(&upstream), "k", "")
+    ))
+    .await;
+    for model in ["gpt-4o-mini", "team-model", "made-up-model"] {
+        assert_eq!(say(&gw, chat(model, "x", 5)).await.status(), 200);
+    }
+    let scrape = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for model in ["gpt-4o-mini", "team-model"] {
+        assert!(
+            scrape.contains(&format!(
+                "balancer_cost_usd_total{{node=\"any\",model=\"{model}\""
+            )),
+            "{model}: {scrape}"
+        );
+    }
+    assert!(!scrape.contains("made-up-model"));
+    assert!(scrape.contains("model=\"other\""));
+}

@@ -266,8 +266,13 @@ async fn failures_count_as_upstream_errors_by_kind_and_retries_by_node() {
     );
     assert!((25.0..=30.0).contains(&cooldown), "cooldown {cooldown}");
     // The client got one answer: only the node that gave it counts it.
-    // No node lists the model, so its label is `other`.
-    let answered = [("node", "answer"), ("model", "other"), ("code", "200")];
+    // No node lists the model, but it has a shipped price: it is a label
+    // (the audit's finding: cost per model was lost as `other`).
+    let answered = [
+        ("node", "answer"),
+        ("model", "gpt-4o-mini"),
+        ("code", "200"),
+    ];
     assert_eq!(m.value("balancer_requests_total", &answered), 1.0);
     assert!(
         !m.has("balancer_client_requests_total"),

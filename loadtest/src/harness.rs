@@ -195,9 +195,18 @@ impl Gateway {
                     }
                 }
             }
-            let depth = status["queue"]["depth"].as_u64().unwrap_or(0);
-            if depth > 0 {
-                left.push(format!("queue depth {depth}"));
+            for field in ["depth", "budget_waiting", "held_bytes"] {
+                let n = status["queue"][field].as_u64().unwrap_or(0);
+                if n > 0 {
+                    left.push(format!("queue {field} {n}"));
+                }
+            }
+            // Budgets, where `/status` shows them: nothing held in flight.
+            for budget in status["budgets"].as_array().into_iter().flatten() {
+                let held = budget["in_flight_usd"].as_f64().unwrap_or(0.0);
+                if held > 0.0 {
+                    left.push(format!("budget {} in flight ${held}", budget["name"]));
+                }
             }
             if left.is_empty() || Instant::now() > deadline {
                 return Ok(left);

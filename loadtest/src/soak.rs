@@ -3,7 +3,11 @@
 //!
 //! `--clients` workers send, back to back for `--duration`: JSON chat
 //! requests, streams read to their end, streams the client abandons after
-//! the first event, and requests the client gives up on while they wait.
+//! the first event, requests the client gives up on while they wait,
+//! bodies sent slowly (in pieces, within `server.body_read_timeout`),
+//! bodies that stall past it (the gateway must answer 408), and requests
+//! of a client with a small daily budget (served until it is spent, then
+//! refused). Every fourth worker speaks HTTP/2 (prior knowledge).
 //! The mocks answer some requests 500 or 503, never answer some (the
 //! gateway's `first_byte_timeout` cuts them), and cut some answers off
 //! half-way. One node has a concurrency limit, so requests queue. Every
@@ -12,10 +16,13 @@
 //!
 //! Reported: requests by outcome, the gateway's RSS after warm-up and at
 //! the end, and what is left once the load stops: requests in flight,
-//! reserved tokens and the queue (all must reach 0). A request is *lost*
-//! when its client (one that did not give up) got no answer at all: no
-//! status within 30 s, or the connection failed before one. Exits 1 on any
-//! lost request, anything left over, or a reload that did not take.
+//! reserved tokens, the queue, budget waiters, held bodies and budget held
+//! in flight (all must reach 0), and the budgeted client's spend (at most
+//! its budget). A request is *lost* when its client (one that did not give
+//! up, nor stall its body) got no answer at all: no status within 30 s, or
+//! the connection failed before one. Exits 1 on any lost request, anything
+//! left over, a spend past the budget, a stalled body not answered 408, or
+//! a reload that did not take.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -56,7 +63,14 @@ const ANSWER_WAIT: Duration = Duration::from_secs(30);
 const SETTLE_WAIT: Duration = Duration::from_secs(30);
 /// The gateway's settings: upstream faults are cut quickly, and the node
 /// with a concurrency limit queues.
-const SETTINGS: &str = "[upstream]\nfirst_byte_timeout = \"2s\"\n[queue]\nmax_wait = \"2s\"\n[retry]\nattempts = 1\n[health]\ninterval = \"2s\"\n";
+const SETTINGS: &str = "[upstream]\nfirst_byte_timeout = \"2s\"\n[queue]\nmax_wait = \"2s\"\n[retry]\nattempts = 1\n[health]\ninterval = \"2s\"\n[status]\npublic = true\n\
+[[clients]]\nname = \"budgeted\"\nkey_env = \"LOADTEST_BUDGETED_KEY\"\nbudget_usd = 0.05\nbudget_period = \"day\"\n";
+/// The budgeted client's key, and its budget (USD a day).
+const BUDGETED_KEY: &str = "sk-loadtest-budgeted";
+const BUDGET_USD: f64 = 0.05;
+/// A body stalls past this and is answered 408 (set through the
+/// environment: the harness writes `[server]`).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The node with a concurrency limit (mock index) and its limit in turn.
 const QUEUED: usize = 2;
@@ -79,6 +93,14 @@ struct Tally {
     streams_broken: AtomicU64,
     abandoned: AtomicU64,
     lost: AtomicU64,
+    slow_bodies: AtomicU64,
+    stalled: AtomicU64,
+    /// Stalled bodies answered 408, or whose connection the gateway closed
+    /// while the body was still being sent.
+    stalled_cut: AtomicU64,
+    budgeted_served: AtomicU64,
+    budgeted_refused: AtomicU64,
+    http2: AtomicU64,
     by_status: [AtomicU64; 6],
 }
 
@@ -118,7 +140,15 @@ pub(crate) async fn run(args: &SoakArgs, report_dir: &Path) -> anyhow::Result<bo
         .map(str::to_owned),
     );
     let mocks = Mocks::start(3, &options).await?;
-    let gateway = Gateway::start(&mocks, report_dir, SCENARIO, SETTINGS, &quota(0)).await?;
+    let env = [
+        ("LOADTEST_BUDGETED_KEY".to_owned(), BUDGETED_KEY.to_owned()),
+        (
+            "BALANCER_SERVER__BODY_READ_TIMEOUT".to_owned(),
+            humantime::format_duration(BODY_READ_TIMEOUT).to_string(),
+        ),
+    ];
+    let gateway =
+        Gateway::start_with_env(&mocks, report_dir, SCENARIO, SETTINGS, &quota(0), &env).await?;
     println!(
         "soak: {} clients for {:?}, a reload every {:?}, faults: 2% 500, 1% 503, 0.5% hang, 1% cut",
         args.clients, args.duration, args.reload_every
@@ -138,8 +168,23 @@ pub(crate) async fn run(args: &SoakArgs, report_dir: &Path) -> anyhow::Result<bo
     let (rss_peak, rss_end) = gateway.memory();
     let reloads = reloads?;
     report(&tally, rss_start, rss_end, rss_peak, reloads, &left);
+    let spent = budget_spent(&gateway).await?;
+    let within = spent <= BUDGET_USD + 1e-9;
+    println!(
+        "  budgeted client: {} served, {} refused; spent ${spent:.6} of ${BUDGET_USD} ({})",
+        Tally::get(&tally.budgeted_served),
+        Tally::get(&tally.budgeted_refused),
+        verdict(within)
+    );
+    let (stalled, cut) = (Tally::get(&tally.stalled), Tally::get(&tally.stalled_cut));
+    println!(
+        "  bodies: {} sent slowly and answered; {stalled} stalled, {cut} of them answered 408 or cut ({})",
+        Tally::get(&tally.slow_bodies),
+        verdict(cut == stalled)
+    );
+    println!("  requests over HTTP/2: {}", Tally::get(&tally.http2));
     let lost = Tally::get(&tally.lost);
-    let ok = lost == 0 && left.is_empty();
+    let ok = lost == 0 && left.is_empty() && within && cut == stalled;
     gateway.stop().await?;
     mocks.stop().await?;
     Ok(ok)
@@ -175,27 +220,106 @@ fn tokio_scoped_worker(
         reason = "the load's own workers, awaited before the scenario ends"
     )]
     tokio::spawn(async move {
-        let http = reqwest::Client::new();
+        let http2 = index % 4 == 3;
+        let http = if http2 {
+            reqwest::Client::builder().http2_prior_knowledge().build()
+        } else {
+            reqwest::Client::builder().build()
+        }
+        .unwrap_or_default();
         let url = format!("{origin}{CHAT_PATH}");
         let mut turn = index;
         while Instant::now() < end {
             turn += 1;
             let kind = turn % 20;
             let stream = kind >= 12;
+            let key = if matches!(kind, 3 | 4) {
+                BUDGETED_KEY
+            } else {
+                CLIENT_KEY
+            };
             let request = http
                 .post(&url)
-                .bearer_auth(CLIENT_KEY)
-                .header("content-type", "application/json")
-                .body(harness::chat_body(stream));
+                .bearer_auth(key)
+                .header("content-type", "application/json");
+            if http2 {
+                tally.http2.fetch_add(1, Ordering::Relaxed);
+            }
             match kind {
                 // A client that gives up while it waits for the answer.
-                0 => give_up_waiting(request, &tally).await,
+                0 => give_up_waiting(request.body(harness::chat_body(false)), &tally).await,
+                // A body sent in pieces, each within the stall timeout.
+                1 => {
+                    tally.slow_bodies.fetch_add(1, Ordering::Relaxed);
+                    let body = in_pieces(harness::chat_body(false), Duration::from_millis(100));
+                    read_whole(request.body(body), false, &tally).await;
+                }
+                // A body that stalls past `server.body_read_timeout`.
+                2 => stall_body(request, &tally).await,
+                3..=4 => budgeted(request.body(harness::chat_body(false)), &tally).await,
                 // A client that reads one event and hangs up.
-                12..=13 => abandon_stream(request, &tally).await,
-                _ => read_whole(request, stream, &tally).await,
+                12..=13 => abandon_stream(request.body(harness::chat_body(true)), &tally).await,
+                _ => read_whole(request.body(harness::chat_body(stream)), stream, &tally).await,
             }
         }
     })
+}
+
+/// `body` as a stream of three pieces with `gap` between them.
+fn in_pieces(body: bytes::Bytes, gap: Duration) -> reqwest::Body {
+    let third = body.len().div_ceil(3);
+    let pieces: Vec<bytes::Bytes> = (0..3)
+        .map(|i| body.slice((i * third).min(body.len())..((i + 1) * third).min(body.len())))
+        .collect();
+    let stream = futures_util::stream::iter(pieces).then(move |piece| async move {
+        tokio::time::sleep(gap).await;
+        Ok::<_, std::io::Error>(piece)
+    });
+    reqwest::Body::wrap_stream(stream)
+}
+
+/// Sends the first third of a body, then nothing for twice the stall
+/// timeout: the gateway must answer 408 (or close the connection).
+async fn stall_body(request: reqwest::RequestBuilder, tally: &Tally) {
+    tally.stalled.fetch_add(1, Ordering::Relaxed);
+    let body = in_pieces(harness::chat_body(false), BODY_READ_TIMEOUT * 2);
+    match tokio::time::timeout(ANSWER_WAIT, request.body(body).send()).await {
+        Ok(Ok(response)) if response.status() == 408 => {
+            tally.stalled_cut.fetch_add(1, Ordering::Relaxed);
+        }
+        // The connection closed under the body being sent: cut too.
+        Ok(Err(err)) if !err.is_timeout() => {
+            tally.stalled_cut.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {}
+    }
+}
+
+/// A request of the budgeted client: served, or refused for its budget.
+async fn budgeted(request: reqwest::RequestBuilder, tally: &Tally) {
+    let Ok(Ok(response)) = tokio::time::timeout(ANSWER_WAIT, request.send()).await else {
+        tally.lost.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let status = response.status().as_u16();
+    tally.status(status);
+    let _ = response.bytes().await;
+    let counter = if status == 200 {
+        &tally.budgeted_served
+    } else {
+        &tally.budgeted_refused
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What the budgeted client spent, as `/status` shows it.
+async fn budget_spent(gateway: &Gateway) -> anyhow::Result<f64> {
+    let status = gateway.status().await?;
+    let budgets = status["budgets"].as_array().cloned().unwrap_or_default();
+    let Some(budget) = budgets.iter().find(|b| b["name"] == "budgeted") else {
+        bail!("no budget for the budgeted client in /status: {status}");
+    };
+    Ok(budget["spent_usd"].as_f64().unwrap_or(f64::MAX))
 }
 
 async fn read_whole(request: reqwest::RequestBuilder, stream: bool, tally: &Tally) {

@@ -10,6 +10,8 @@
 
 mod admin;
 mod audit;
+mod audit_money;
+mod audit_wire;
 mod azure;
 mod budgets;
 mod cli;

@@ -51,7 +51,16 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::{self, ClientConfig};
 use tokio_util::either::Either;
 
-use crate::upstream::Failure;
+/// Why an attempt got no answer from the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// Nothing reached the upstream: the request may be taken back in full.
+    Connect,
+    /// No response head within `first_byte_timeout`, or the connection broke
+    /// after the request was sent.
+    Timeout,
+    Broken,
+}
 
 /// Idle connections kept per node.
 pub(crate) const MAX_IDLE: usize = 256;

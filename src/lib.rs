@@ -62,12 +62,14 @@
 //!
 //! # Module dependencies
 //! Leaves first: [`keys`], [`limits`], [`tokens`], [`metrics`], [`money`],
-//! [`tasks`], [`memory`]; [`traces`] on [`config`];
+//! [`tasks`], [`memory`], [`deadline`] (an answer's write deadline, set by
+//! the proxy and enforced by the server); [`traces`] on [`config`];
 //! then [`config`], [`error`], [`store`], [`ledger`], [`health`],
 //! [`clients`]; [`snapshot`] builds on those, [`objects`] on the snapshot, [`admission`] on the
 //! snapshot, [`state`] holds both; the HTTP-facing modules ([`proxy`],
 //! [`relay`], [`status`], [`admin`], [`reload`], [`probes`], [`server`])
-//! sit on top. No two top-level modules import each other.
+//! sit on top. No two top-level modules import each other, and no files
+//! form a cycle: `tests/house.rs` checks it.
 
 pub(crate) mod admin;
 pub(crate) mod admission;
@@ -78,6 +80,7 @@ pub mod clients;
 pub mod config;
 pub(crate) mod connections;
 pub mod control;
+pub(crate) mod deadline;
 pub mod demo;
 pub mod error;
 #[doc(hidden)]

@@ -16,16 +16,7 @@ use bytes::Bytes;
 use crate::limits::RateLimitReport;
 use crate::snapshot::{Node, ORGANIZATION, PROJECT};
 
-/// Why an attempt got no answer from the node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Failure {
-    /// Nothing reached the upstream: the request may be taken back in full.
-    Connect,
-    /// No response head within `first_byte_timeout`, or the connection broke
-    /// after the request was sent.
-    Timeout,
-    Broken,
-}
+pub(crate) use crate::connections::Failure;
 
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,

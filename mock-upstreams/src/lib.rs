@@ -36,6 +36,7 @@
 //! [`ResponseTemplate`]: https://docs.rs/wiremock/latest/wiremock/struct.ResponseTemplate.html
 
 mod azure;
+mod azure_errors;
 pub mod cli;
 pub mod ledger;
 mod objects;
@@ -338,7 +339,7 @@ impl MockUpstream {
             .iter()
             .map(|k| (k.clone(), format!("Bearer {k}").into_bytes()))
             .collect();
-        let app = openai::router(Arc::new(Mock {
+        let app = router(Arc::new(Mock {
             config,
             bearers,
             stats: Arc::clone(&stats),
@@ -400,6 +401,23 @@ impl Drop for MockUpstream {
             task.abort();
         }
     }
+}
+
+/// Every route of a mock in its dialect, and `/_stats`.
+fn router(mock: Arc<Mock>) -> axum::Router {
+    let routes = match mock.config.dialect {
+        Dialect::OpenAi => axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(openai::chat))
+            .route("/v1/completions", axum::routing::post(openai::completions))
+            .route("/v1/embeddings", axum::routing::post(openai::embeddings))
+            .route("/v1/responses", axum::routing::post(responses::create))
+            .route("/v1/models", axum::routing::get(openai::models))
+            .merge(objects::routes()),
+        Dialect::Azure => azure::routes(),
+    };
+    routes
+        .route("/_stats", axum::routing::get(openai::stats))
+        .with_state(mock)
 }
 
 #[cfg(test)]

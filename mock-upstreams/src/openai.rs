@@ -10,31 +10,15 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use futures_util::stream;
 use serde_json::{Value, json};
 
 use crate::ledger::{BucketHeaders, Charge, RateHeaders, Refusal};
 use crate::{Dialect, Fate, Mock};
-
-pub(crate) fn router(mock: Arc<Mock>) -> Router {
-    let routes = match mock.config.dialect {
-        Dialect::OpenAi => Router::new()
-            .route("/v1/chat/completions", post(chat))
-            .route("/v1/completions", post(completions))
-            .route("/v1/embeddings", post(embeddings))
-            .route("/v1/responses", post(crate::responses::create))
-            .route("/v1/models", get(models))
-            .merge(crate::objects::routes()),
-        Dialect::Azure => crate::azure::routes(),
-    };
-    routes.route("/_stats", get(stats)).with_state(mock)
-}
 
 pub(crate) fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
     let body = json!({"error": {"message": message, "type": kind, "code": code, "param": null}});
@@ -72,7 +56,7 @@ pub(crate) fn unauthorized(mock: &Mock) -> Response {
             "invalid_request_error",
             "invalid_api_key",
         ),
-        Dialect::Azure => crate::azure::unauthorized(),
+        Dialect::Azure => crate::azure_errors::unauthorized(),
     }
 }
 
@@ -152,7 +136,7 @@ fn refused(refusal: Refusal, dialect: Dialect) -> Response {
                     limit,
                     "rate_limit_exceeded",
                 ),
-                Dialect::Azure => crate::azure::rate_limited(limit, retry_after),
+                Dialect::Azure => crate::azure_errors::rate_limited(limit, retry_after),
             };
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             let headers = response.headers_mut();
@@ -397,7 +381,11 @@ pub(crate) fn json_answer(mock: &Mock, body: &Value, fate: Fate, rate: RateHeade
     response
 }
 
-async fn chat(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn chat(
+    State(mock): State<Arc<Mock>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     chat_for(mock, headers, body, None).await
 }
 
@@ -538,7 +526,11 @@ pub(crate) fn sse(value: &Value) -> String {
     format!("data: {value}\n\n")
 }
 
-async fn completions(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn completions(
+    State(mock): State<Arc<Mock>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     completions_for(mock, headers, body, None).await
 }
 
@@ -578,7 +570,11 @@ pub(crate) async fn completions_for(
 /// embedding equals the float one (binary fractions, exact in f32 and f64).
 pub const EMBEDDING: [f32; 8] = [0.125, -0.25, 0.5, 0.75, -0.0625, 0.375, 0.3125, -0.4375];
 
-async fn embeddings(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn embeddings(
+    State(mock): State<Arc<Mock>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     embeddings_for(mock, headers, body, None).await
 }
 
@@ -641,7 +637,7 @@ pub(crate) async fn models(State(mock): State<Arc<Mock>>, headers: HeaderMap) ->
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-async fn stats(State(mock): State<Arc<Mock>>) -> Response {
+pub(crate) async fn stats(State(mock): State<Arc<Mock>>) -> Response {
     axum::Json(mock.stats.report()).into_response()
 }
 

@@ -36,6 +36,8 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::deadline::WriteDeadline;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -137,43 +139,6 @@ impl Drop for StreamOpen {
     fn drop(&mut self) {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.waker.wake();
-        }
-    }
-}
-
-/// An HTTP/1 connection's deadline for writing the answer in progress,
-/// set by the proxy from the request's `server.request_timeout`. Found in
-/// the request's extensions.
-#[derive(Debug, Clone)]
-pub(crate) struct WriteDeadline {
-    opened: Instant,
-    /// Milliseconds after `opened`; 0 for none.
-    at_ms: Arc<AtomicU64>,
-}
-
-impl WriteDeadline {
-    fn new() -> Self {
-        Self {
-            opened: Instant::now(),
-            at_ms: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// Writes of this answer must be done by `at`.
-    pub(crate) fn until(&self, at: Instant) {
-        let ms = at.saturating_duration_since(self.opened).as_millis();
-        let ms = u64::try_from(ms).unwrap_or(u64::MAX).max(1);
-        self.at_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn clear(&self) {
-        self.at_ms.store(0, Ordering::Relaxed);
-    }
-
-    fn get(&self) -> Option<Instant> {
-        match self.at_ms.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(self.opened + Duration::from_millis(ms)),
         }
     }
 }

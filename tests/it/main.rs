@@ -9,6 +9,7 @@
 )]
 
 mod admin;
+mod admin_support;
 mod audit;
 mod audit_money;
 mod audit_wire;
@@ -23,6 +24,7 @@ mod errors;
 mod fairness;
 mod health;
 mod hostile;
+mod hostile_binary;
 mod limits;
 mod metrics;
 mod money;

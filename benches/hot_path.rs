@@ -417,6 +417,88 @@ fn metrics(c: &mut Criterion) {
     group.finish();
 }
 
+/// An OTLP trace receiver that counts the spans it gets.
+struct Counting(std::sync::Arc<std::sync::atomic::AtomicU64>);
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Counting
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let spans: usize = request
+            .into_inner()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.0
+            .fetch_add(spans as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(tonic::Response::new(
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse {
+                partial_success: None,
+            },
+        ))
+    }
+}
+
+/// CPU time of every thread of this process but the receiver's.
+fn cpu_time() -> std::time::Duration {
+    let ticks: u64 = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| {
+            let dir = task.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            if comm.starts_with("otlp-receiver") {
+                return None;
+            }
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+            Some(fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?)
+        })
+        .sum();
+    std::time::Duration::from_millis(ticks * 10)
+}
+
+/// The counting receiver on a runtime of its own (its threads named
+/// `otlp-receiver`, left out of [`cpu_time`]): the runtime to keep, the
+/// endpoint, and the count of spans received.
+fn start_receiver() -> (
+    tokio::runtime::Runtime,
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let receiving = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("otlp-receiver")
+        .enable_all()
+        .build()
+        .unwrap();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let listener = receiving
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    receiving.spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Counting(std::sync::Arc::clone(
+                &received,
+            ))))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (receiving, endpoint, received)
+}
+
 /// A request's span with tracing on: made from the request's headers
 /// (with a caller's `traceparent`), given its attributes and a retry
 /// event, ended into the batch exporter's queue, and exported over
@@ -430,75 +512,15 @@ fn metrics(c: &mut Criterion) {
 fn traces(c: &mut Criterion) {
     use balancer::config::TracingSettings;
     use balancer::traces::{Answered, Tracing};
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-        TraceService, TraceServiceServer,
-    };
-    use opentelemetry_proto::tonic::collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-    };
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
-
-    struct Counting(Arc<AtomicU64>);
-    #[tonic::async_trait]
-    impl TraceService for Counting {
-        async fn export(
-            &self,
-            request: tonic::Request<ExportTraceServiceRequest>,
-        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-            let spans: usize = request
-                .into_inner()
-                .resource_spans
-                .iter()
-                .flat_map(|r| &r.scope_spans)
-                .map(|s| s.spans.len())
-                .sum();
-            self.0.fetch_add(spans as u64, Ordering::Relaxed);
-            Ok(tonic::Response::new(ExportTraceServiceResponse {
-                partial_success: None,
-            }))
-        }
-    }
-
-    /// CPU time of every thread of this process but the receiver's.
-    fn cpu_time() -> Duration {
-        let ticks: u64 = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|task| {
-                let dir = task.ok()?.path();
-                let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
-                if comm.starts_with("otlp-receiver") {
-                    return None;
-                }
-                let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-                let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
-                Some(fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?)
-            })
-            .sum();
-        Duration::from_millis(ticks * 10)
-    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let receiving = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("otlp-receiver")
-        .enable_all()
-        .build()
-        .unwrap();
-    let received = Arc::new(AtomicU64::new(0));
-    let listener = receiving
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    receiving.spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Counting(Arc::clone(&received))))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let (_receiving, endpoint, received) = start_receiver();
     let settings = TracingSettings {
         otlp_endpoint: Some(endpoint),
         service_name: "bench".to_owned(),

@@ -270,55 +270,69 @@ pub fn prepare(
     let shared_client = build_client(&config, None)?;
     // The TLS settings of https nodes without a ca_file, built once.
     let mut shared_tls = None;
-    let mut built = Vec::with_capacity(config.nodes.len());
-    for node in &config.nodes {
-        let ca_pem = match &node.ca_file {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .map_err(|e| format!("node '{}': cannot read ca_file: {e}", node.name))?,
-            ),
-            None => None,
-        };
-        let client = match &ca_pem {
-            Some(pem) => build_client(&config, Some((&node.name, pem)))?,
-            None => shared_client.clone(),
-        };
-        let name_header = HeaderValue::from_str(&node.name)
-            .map_err(|_| format!("node '{}': name is not a valid header value", node.name))?;
-        let base = reqwest::Url::parse(&node.url)
-            .map_err(|e| format!("node '{}': url: {e}", node.name))?;
-        let tls = match (base.scheme(), &ca_pem) {
-            ("https", Some(pem)) => Some(
-                connections::tls_config(Some(pem))
-                    .map_err(|e| format!("node '{}': {e}", node.name))?,
-            ),
-            ("https", None) => {
-                if shared_tls.is_none() {
-                    shared_tls = Some(connections::tls_config(None)?);
-                }
-                shared_tls.clone()
-            }
-            _ => None,
-        };
-        let connections = Connections::for_url(&base, config.upstream.connect_timeout, tls);
-        let identity = identity_headers(node)?;
-        built.push(Built {
-            node,
-            client,
-            name_header,
-            base,
-            identity,
-            ca_pem,
-            connections,
-        });
-    }
+    let built = config
+        .nodes
+        .iter()
+        .map(|node| build(&config, node, &shared_client, &mut shared_tls))
+        .collect::<Result<Vec<_>, String>>()?;
 
     // Nothing below fails.
     let now = Instant::now();
     let mut tracked = kept.nodes.lock();
     let clients = Directory::build(&config.clients, registry);
-    let mut nodes: Vec<Node> = Vec::with_capacity(built.len());
-    for Built {
+    let nodes: Vec<Node> = built
+        .into_iter()
+        .map(|built| kept.keep(&mut tracked, built, &config))
+        .collect();
+    tracked.retain(|name, t| {
+        if config.nodes.iter().any(|n| n.name == *name) {
+            return true;
+        }
+        t.limiter.retire();
+        !t.limiter.is_idle(now)
+    });
+    drop(tracked);
+    Ok(index(config, generation, clients, nodes))
+}
+
+/// Every fallible step of one node: its HTTP client (its own when it has
+/// a `ca_file`), header values, URL, TLS settings and held connections.
+fn build<'c>(
+    config: &Config,
+    node: &'c NodeConfig,
+    shared_client: &reqwest::Client,
+    shared_tls: &mut Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+) -> Result<Built<'c>, String> {
+    let ca_pem = match &node.ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| format!("node '{}': cannot read ca_file: {e}", node.name))?,
+        ),
+        None => None,
+    };
+    let client = match &ca_pem {
+        Some(pem) => build_client(config, Some((&node.name, pem)))?,
+        None => shared_client.clone(),
+    };
+    let name_header = HeaderValue::from_str(&node.name)
+        .map_err(|_| format!("node '{}': name is not a valid header value", node.name))?;
+    let base =
+        reqwest::Url::parse(&node.url).map_err(|e| format!("node '{}': url: {e}", node.name))?;
+    let tls = match (base.scheme(), &ca_pem) {
+        ("https", Some(pem)) => Some(
+            connections::tls_config(Some(pem)).map_err(|e| format!("node '{}': {e}", node.name))?,
+        ),
+        ("https", None) => {
+            if shared_tls.is_none() {
+                *shared_tls = Some(connections::tls_config(None)?);
+            }
+            shared_tls.clone()
+        }
+        _ => None,
+    };
+    let connections = Connections::for_url(&base, config.upstream.connect_timeout, tls);
+    let identity = identity_headers(node)?;
+    Ok(Built {
         node,
         client,
         name_header,
@@ -326,18 +340,69 @@ pub fn prepare(
         identity,
         ca_pem,
         connections,
-    } in built
-    {
+    })
+}
+
+impl Kept {
+    /// The snapshot's node for `built`, with what is kept of it across
+    /// reloads (made now if it is new, brought up to its config if not).
+    fn keep(
+        &self,
+        tracked: &mut HashMap<Arc<str>, Tracked>,
+        built: Built<'_>,
+        config: &Config,
+    ) -> Node {
+        let Built {
+            node,
+            client,
+            name_header,
+            base,
+            identity,
+            ca_pem,
+            connections,
+        } = built;
         let entry = tracked
             .entry(Arc::clone(&node.name))
             .or_insert_with(|| Tracked {
                 url: Arc::clone(&node.url),
                 ca_pem: ca_pem.clone(),
                 connections: connections.clone(),
-                limiter: Limiter::new(node.quota, Arc::clone(&kept.signal)),
-                health: kept.new_health(node),
+                limiter: Limiter::new(node.quota, Arc::clone(&self.signal)),
+                health: self.new_health(node),
                 metrics: Arc::default(),
             });
+        self.follow(entry, node, ca_pem, connections, config);
+        Node {
+            name: Arc::clone(&node.name),
+            name_header,
+            url: Arc::clone(&node.url),
+            key: node.key.clone(),
+            identity,
+            api: node.api.clone(),
+            upstream_names: node.upstream_names.clone(),
+            models: node.models.clone(),
+            limiter: Arc::clone(&entry.limiter),
+            health: Arc::clone(&entry.health),
+            metrics: Arc::clone(&entry.metrics),
+            connections: entry.connections.clone(),
+            base,
+            client,
+            pricing: node.pricing.clone(),
+            default_completion_tokens: node.default_completion_tokens,
+        }
+    }
+
+    /// Brings what is kept of a node up to its config: a node moved to
+    /// another URL starts healthy and rested, on new connections; a new
+    /// key ends its rest; limits, window and accounting follow the config.
+    fn follow(
+        &self,
+        entry: &mut Tracked,
+        node: &NodeConfig,
+        ca_pem: Option<Vec<u8>>,
+        connections: Option<Arc<Connections>>,
+        config: &Config,
+    ) {
         // Compared before anything is updated: a node moved to another
         // host must never keep the old host's connections (they would carry
         // the new key to the old host).
@@ -347,7 +412,7 @@ pub fn prepare(
             // Another deployment under the same name: its health starts
             // afresh; its window stays (it may be the same key's quota).
             entry.url = Arc::clone(&node.url);
-            entry.health = kept.new_health(node);
+            entry.health = self.new_health(node);
         }
         if moved || rekeyed {
             // The rest the old upstream or key asked for is not the new one's.
@@ -371,34 +436,7 @@ pub fn prepare(
             .limiter
             .set_default_completion(node.default_completion_tokens);
         entry.health.set_key(node.key.clone());
-        nodes.push(Node {
-            name: Arc::clone(&node.name),
-            name_header,
-            url: Arc::clone(&node.url),
-            key: node.key.clone(),
-            identity,
-            api: node.api.clone(),
-            upstream_names: node.upstream_names.clone(),
-            models: node.models.clone(),
-            limiter: Arc::clone(&entry.limiter),
-            health: Arc::clone(&entry.health),
-            metrics: Arc::clone(&entry.metrics),
-            connections: entry.connections.clone(),
-            base,
-            client,
-            pricing: node.pricing.clone(),
-            default_completion_tokens: node.default_completion_tokens,
-        });
     }
-    tracked.retain(|name, t| {
-        if config.nodes.iter().any(|n| n.name == *name) {
-            return true;
-        }
-        t.limiter.retire();
-        !t.limiter.is_idle(now)
-    });
-    drop(tracked);
-    Ok(index(config, generation, clients, nodes))
 }
 
 /// The model index and the `/v1/models` answer of `nodes`.

@@ -93,70 +93,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = runtime.block_on(async {
-        match cli.command {
-            Command::Gateway { config } => {
-                init_child_tracing();
-                procs::run_gateway(&config).await.map(|()| true)
-            }
-            Command::Mocks(args) => {
-                let code = mock_upstreams::cli::run_until(args, procs::stdin_closed()).await;
-                Ok(code == ExitCode::SUCCESS)
-            }
-            Command::Throughput(mut args) => {
-                prepare();
-                if cli.smoke {
-                    args.requests = 200;
-                    args.concurrency = 10;
-                    args.duration = None;
-                    args.rate = 50;
-                    args.rate_time = Duration::from_secs(1);
-                }
-                throughput::run(&args, &cli.report_dir).await
-            }
-            Command::Saturation(mut args) => {
-                prepare();
-                if cli.smoke {
-                    args.smoke();
-                }
-                saturation::run(&args, &cli.report_dir).await
-            }
-            Command::Streaming(mut args) => {
-                prepare();
-                if cli.smoke {
-                    args.smoke();
-                }
-                streaming::run(&args, &cli.report_dir).await
-            }
-            Command::Soak(mut args) => {
-                prepare();
-                if cli.smoke {
-                    args.smoke();
-                }
-                soak::run(&args, &cli.report_dir).await
-            }
-            Command::ClientLatency(mut args) => {
-                if cli.smoke {
-                    args.smoke();
-                }
-                client_latency::run(&args).await
-            }
-            Command::Fairness(mut args) => {
-                prepare();
-                if cli.smoke {
-                    args.smoke();
-                }
-                fairness::run(&args, &cli.report_dir).await
-            }
-            Command::Reload(mut args) => {
-                prepare();
-                if cli.smoke {
-                    args.smoke();
-                }
-                reload::run(&args, &cli.report_dir).await
-            }
-        }
-    });
+    let outcome = runtime.block_on(run(cli));
     // Children (and goose's users) end with the runtime.
     runtime.shutdown_timeout(Duration::from_secs(5));
     match outcome {
@@ -165,6 +102,72 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("loadtest: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The command `cli` names, to its end: whether it passed.
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    match cli.command {
+        Command::Gateway { config } => {
+            init_child_tracing();
+            procs::run_gateway(&config).await.map(|()| true)
+        }
+        Command::Mocks(args) => {
+            let code = mock_upstreams::cli::run_until(args, procs::stdin_closed()).await;
+            Ok(code == ExitCode::SUCCESS)
+        }
+        Command::Throughput(mut args) => {
+            prepare();
+            if cli.smoke {
+                args.requests = 200;
+                args.concurrency = 10;
+                args.duration = None;
+                args.rate = 50;
+                args.rate_time = Duration::from_secs(1);
+            }
+            throughput::run(&args, &cli.report_dir).await
+        }
+        Command::Saturation(mut args) => {
+            prepare();
+            if cli.smoke {
+                args.smoke();
+            }
+            saturation::run(&args, &cli.report_dir).await
+        }
+        Command::Streaming(mut args) => {
+            prepare();
+            if cli.smoke {
+                args.smoke();
+            }
+            streaming::run(&args, &cli.report_dir).await
+        }
+        Command::Soak(mut args) => {
+            prepare();
+            if cli.smoke {
+                args.smoke();
+            }
+            soak::run(&args, &cli.report_dir).await
+        }
+        Command::ClientLatency(mut args) => {
+            if cli.smoke {
+                args.smoke();
+            }
+            client_latency::run(&args).await
+        }
+        Command::Fairness(mut args) => {
+            prepare();
+            if cli.smoke {
+                args.smoke();
+            }
+            fairness::run(&args, &cli.report_dir).await
+        }
+        Command::Reload(mut args) => {
+            prepare();
+            if cli.smoke {
+                args.smoke();
+            }
+            reload::run(&args, &cli.report_dir).await
         }
     }
 }

@@ -140,15 +140,9 @@ async fn change_config(
     })
 }
 
-pub(crate) async fn run(args: &ReloadArgs, dir: &Path) -> anyhow::Result<bool> {
-    let mocks = Mocks::start(3, &[]).await?;
-    let gateway = Gateway::start(&mocks, dir, SCENARIO, "", &no_quota).await?;
-    println!(
-        "reload: {} clients for {}, 3 mocks; node c removed by file change, then an invalid config by file change and SIGHUP",
-        args.clients,
-        humantime::format_duration(args.duration)
-    );
-    // Warm the gateway (tokenizer tables, connections) so the run measures reloads.
+/// Warms the gateway (tokenizer tables, connections) so the run measures
+/// reloads.
+async fn warm_up(gateway: &Gateway, clients: usize, dir: &Path) -> anyhow::Result<()> {
     let clock = Clock::new();
     let tx = harness::chat_transaction(
         Arc::from(CLIENT_KEY),
@@ -157,11 +151,23 @@ pub(crate) async fn run(args: &ReloadArgs, dir: &Path) -> anyhow::Result<bool> {
         false,
     );
     let warm = Plan::requests(
-        args.clients * 2,
-        args.clients,
+        clients * 2,
+        clients,
         drive::report_path(dir, SCENARIO, "warmup"),
     );
     drive::drive(&gateway.origin, &warm, tx).await?;
+    Ok(())
+}
+
+pub(crate) async fn run(args: &ReloadArgs, dir: &Path) -> anyhow::Result<bool> {
+    let mocks = Mocks::start(3, &[]).await?;
+    let gateway = Gateway::start(&mocks, dir, SCENARIO, "", &no_quota).await?;
+    println!(
+        "reload: {} clients for {}, 3 mocks; node c removed by file change, then an invalid config by file change and SIGHUP",
+        args.clients,
+        humantime::format_duration(args.duration)
+    );
+    warm_up(&gateway, args.clients, dir).await?;
 
     let before = mocks.stats().await?;
     let clock = Clock::new();

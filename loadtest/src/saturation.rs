@@ -87,6 +87,25 @@ impl SaturationArgs {
 }
 
 pub(crate) async fn run(args: &SaturationArgs, dir: &std::path::Path) -> anyhow::Result<bool> {
+    let (mocks, gateway) = start(args, dir).await?;
+    let clock = Clock::new();
+    let metrics = drive_load(args, dir, &gateway, &clock).await?;
+    let m = Measured::of(&metrics);
+    let span = clock.span();
+    let status = gateway.status().await?;
+    let stats = mocks.stats().await?;
+    let ok = judge(args, dir, &m, span, &status, &stats);
+    gateway.stop().await?;
+    mocks.stop().await?;
+    if !ok {
+        println!("FAILED: see the targets above");
+    }
+    Ok(ok)
+}
+
+/// The mocks (each enforcing its rpm as `--upstream` says) and the gateway
+/// in front of them, with the queue's settings.
+async fn start(args: &SaturationArgs, dir: &std::path::Path) -> anyhow::Result<(Mocks, Gateway)> {
     let nodes = args.rpm.len() as u16;
     let rpm_list = args
         .rpm
@@ -143,30 +162,46 @@ pub(crate) async fn run(args: &SaturationArgs, dir: &std::path::Path) -> anyhow:
         humantime::format_duration(args.max_wait)
     );
 
+    Ok((mocks, gateway))
+}
+
+/// The load: `--requests` (or `--duration`) at `--connections`.
+async fn drive_load(
+    args: &SaturationArgs,
+    dir: &std::path::Path,
+    gateway: &Gateway,
+    clock: &Arc<Clock>,
+) -> anyhow::Result<goose::metrics::GooseMetrics> {
     let report = drive::report_path(dir, "saturation", "gateway");
     let plan = match args.duration {
         Some(d) => Plan::timed(args.connections, d, report),
         None => Plan::requests(args.requests, args.connections, report),
     };
-    let clock = Clock::new();
     let tx = harness::chat_transaction(
         Arc::from(CLIENT_KEY),
         harness::chat_body(false),
-        Arc::clone(&clock),
+        Arc::clone(clock),
         true,
     );
-    let metrics = drive::drive(&gateway.origin, &plan, tx).await?;
-    let m = Measured::of(&metrics);
-    let span = clock.span();
-    let status = gateway.status().await?;
-    let stats = mocks.stats().await?;
+    drive::drive(&gateway.origin, &plan, tx).await
+}
 
+/// Prints what happened and whether the targets held: no upstream 429,
+/// every node within its quota, enough of the quota used.
+fn judge(
+    args: &SaturationArgs,
+    dir: &std::path::Path,
+    m: &Measured,
+    span: Duration,
+    status: &serde_json::Value,
+    stats: &[mock_upstreams::StatsReport],
+) -> bool {
     let served = m.count(200);
     let refused = m.count(429);
     let queued = status["queue"]["queued_total"].as_u64().unwrap_or(0);
     let errors = m.requests - served - refused;
     let upstream_429: u64 = stats.iter().map(|s| s.rate_limited).sum();
-    let (allowed, over) = allowed(args, &stats, span);
+    let (allowed, over) = allowed(args, stats, span);
     let used = served as f64 / allowed;
     let target = if args.span() < Duration::from_secs(60) {
         0.95
@@ -186,7 +221,31 @@ pub(crate) async fn run(args: &SaturationArgs, dir: &std::path::Path) -> anyhow:
         "  served {served}, of which queued first {queued}; refused 429 {refused}; failed {errors}"
     );
     let before = vec![mock_upstreams::StatsReport::default(); stats.len()];
-    println!("  per node: {}", harness::per_node_line(&before, &stats));
+    println!("  per node: {}", harness::per_node_line(&before, stats));
+    let within = nodes_within(args, stats);
+    println!("  targets:");
+    println!(
+        "    upstream 429s = 0: {upstream_429} {}",
+        verdict(upstream_429 == 0)
+    );
+    println!("    every node within its quota: {}", verdict(within));
+    println!(
+        "    ≥ {:.0}% of the quota used: {served} of {allowed:.0} allowed over {over} = {:.1}% {}",
+        target * 100.0,
+        used * 100.0,
+        verdict(used >= target)
+    );
+    println!(
+        "  HTML report: {}",
+        dir.join("saturation-gateway.html").display()
+    );
+
+    errors == 0 && m.failures == 0 && upstream_429 == 0 && within && used >= target
+}
+
+/// Whether every node stayed within its quota (and a windowed one within
+/// each rolling span's allotment), printing each node's figures.
+fn nodes_within(args: &SaturationArgs, stats: &[mock_upstreams::StatsReport]) -> bool {
     let mut within = true;
     for (i, (s, limit)) in stats.iter().zip(&args.rpm).enumerate() {
         let ok = s.peak_60s.requests <= *limit;
@@ -207,30 +266,7 @@ pub(crate) async fn run(args: &SaturationArgs, dir: &std::path::Path) -> anyhow:
             s.peak_60s.requests, s.rate_limited
         );
     }
-    println!("  targets:");
-    println!(
-        "    upstream 429s = 0: {upstream_429} {}",
-        verdict(upstream_429 == 0)
-    );
-    println!("    every node within its quota: {}", verdict(within));
-    println!(
-        "    ≥ {:.0}% of the quota used: {served} of {allowed:.0} allowed over {over} = {:.1}% {}",
-        target * 100.0,
-        used * 100.0,
-        verdict(used >= target)
-    );
-    println!(
-        "  HTML report: {}",
-        dir.join("saturation-gateway.html").display()
-    );
-
-    gateway.stop().await?;
-    mocks.stop().await?;
-    let ok = errors == 0 && m.failures == 0 && upstream_429 == 0 && within && used >= target;
-    if !ok {
-        println!("FAILED: see the targets above");
-    }
-    Ok(ok)
+    within
 }
 
 /// What the upstreams' limits allow over the run, and over what, said in

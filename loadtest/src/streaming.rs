@@ -317,6 +317,31 @@ async fn load(
 }
 
 pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::Result<bool> {
+    let setup = start(args, dir).await?;
+    let runs = drive_all(args, dir, &setup).await?;
+    runs.print(args);
+    let ok = runs.judge(args);
+    println!("  HTML reports: {}", dir.join("streaming-*.html").display());
+    setup.gateway.stop().await?;
+    if let Some(nginx) = setup.nginx {
+        nginx.stop().await?;
+    }
+    setup.mocks.stop().await?;
+    if !ok {
+        println!("FAILED: some streams were incomplete or differed");
+    }
+    Ok(ok)
+}
+
+/// What a streaming run talks to: the mocks, the gateway, and nginx
+/// (unless `--gateway-only`).
+struct Setup {
+    mocks: Mocks,
+    gateway: Gateway,
+    nginx: Option<Nginx>,
+}
+
+async fn start(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::Result<Setup> {
     let interval = humantime::format_duration(args.interval).to_string();
     let mocks = Mocks::start(
         3,
@@ -336,12 +361,54 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
     } else {
         Nginx::start(dir, mocks.origin(0)).await?
     };
-    let expected = args.streams * args.per_client;
     println!(
         "streaming: {} concurrent streams × {} each, {} content events {interval} apart",
         args.streams, args.per_client, args.events
     );
 
+    Ok(Setup {
+        mocks,
+        gateway,
+        nginx,
+    })
+}
+
+/// What the paths did, and what the gateway used doing it.
+struct Runs {
+    direct: Option<Run>,
+    through: Run,
+    /// Through nginx, and nginx's CPU time.
+    proxied: Option<(Run, Duration)>,
+    gateway_cpu: Duration,
+    /// The gateway's RSS before the run, at its peak, at the last
+    /// stream's end, and once settled.
+    rss: [u64; 4],
+    before: Vec<mock_upstreams::StatsReport>,
+    stats: Vec<mock_upstreams::StatsReport>,
+}
+
+/// Warms nginx's path, then streams through it: the run and nginx's CPU.
+async fn through_nginx(
+    nginx: &Nginx,
+    key: &str,
+    references: &Arc<References>,
+    warm_plan: &Plan,
+    plan: &Plan,
+) -> anyhow::Result<(Run, Duration)> {
+    load(&nginx.origin, key, references, Check::Compare, warm_plan).await?;
+    let cpu_before = nginx.cpu_time();
+    let run = load(&nginx.origin, key, references, Check::Compare, plan).await?;
+    Ok((run, nginx.cpu_time().saturating_sub(cpu_before)))
+}
+
+/// Warms every path, then streams straight to the mock (unless
+/// `--gateway-only`), through the gateway, and through nginx.
+async fn drive_all(
+    args: &StreamingArgs,
+    dir: &std::path::Path,
+    setup: &Setup,
+) -> anyhow::Result<Runs> {
+    let expected = args.streams * args.per_client;
     let references = Arc::new(References::default());
     let plan = |name: &str| Plan {
         per_user: Some(args.per_client),
@@ -356,30 +423,30 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
     let warm = args.streams.min(50);
     let warm_plan = Plan::requests(warm, warm, drive::report_path(dir, "streaming", "warmup"));
     load(
-        mocks.origin(0),
-        &mocks.keys[0],
+        setup.mocks.origin(0),
+        &setup.mocks.keys[0],
         &references,
         Check::Record,
         &warm_plan,
     )
     .await?;
     load(
-        &gateway.origin,
+        &setup.gateway.origin,
         CLIENT_KEY,
         &references,
         Check::Compare,
         &warm_plan,
     )
     .await?;
-    let before = mocks.stats().await?;
+    let before = setup.mocks.stats().await?;
 
     let direct = if args.gateway_only {
         None
     } else {
         Some(
             load(
-                mocks.origin(0),
-                &mocks.keys[0],
+                setup.mocks.origin(0),
+                &setup.mocks.keys[0],
                 &references,
                 Check::Record,
                 &plan("direct"),
@@ -387,130 +454,129 @@ pub(crate) async fn run(args: &StreamingArgs, dir: &std::path::Path) -> anyhow::
             .await?,
         )
     };
-    let (_, rss_before) = gateway.memory();
-    let cpu_before = gateway.cpu_time();
+    let (_, rss_before) = setup.gateway.memory();
+    let cpu_before = setup.gateway.cpu_time();
     let through = load(
-        &gateway.origin,
+        &setup.gateway.origin,
         CLIENT_KEY,
         &references,
         Check::Compare,
         &plan("gateway"),
     )
     .await?;
-    let gateway_cpu = gateway.cpu_time().saturating_sub(cpu_before);
-    let (peak, last_rss) = gateway.memory();
-    let end_rss = gateway.settled_memory().await;
-    let stats = mocks.stats().await?;
-    let proxied = match &nginx {
+    let gateway_cpu = setup.gateway.cpu_time().saturating_sub(cpu_before);
+    let (peak, last_rss) = setup.gateway.memory();
+    let end_rss = setup.gateway.settled_memory().await;
+    let stats = setup.mocks.stats().await?;
+    let proxied = match &setup.nginx {
         Some(nginx) => {
-            load(
-                &nginx.origin,
-                &mocks.keys[0],
-                &references,
-                Check::Compare,
-                &warm_plan,
-            )
-            .await?;
-            let cpu_before = nginx.cpu_time();
-            let run = load(
-                &nginx.origin,
-                &mocks.keys[0],
-                &references,
-                Check::Compare,
-                &plan("nginx"),
-            )
-            .await?;
-            Some((run, nginx.cpu_time().saturating_sub(cpu_before)))
+            let key = &setup.mocks.keys[0];
+            Some(through_nginx(nginx, key, &references, &warm_plan, &plan("nginx")).await?)
         }
         None => None,
     };
 
-    if let Some(direct) = &direct {
-        direct.print("direct to one mock", expected);
-    }
-    through.print("through the gateway", expected);
-    println!(
-        "    gateway CPU: {:.1} µs per stream",
-        per_stream(gateway_cpu, expected)
-    );
-    println!(
-        "    per node (direct run included on node a): {}",
-        harness::per_node_line(&before, &stats)
-    );
-    println!(
-        "    gateway memory: {} before the run, {} at the last stream's end, {} {:.1} s later, peak {}",
-        mb(rss_before),
-        mb(last_rss),
-        mb(end_rss),
-        harness::SETTLE.as_secs_f64(),
-        mb(peak)
-    );
-    if let Some((proxied, nginx_cpu)) = &proxied {
-        proxied.print("through nginx to the same mock", expected);
+    Ok(Runs {
+        direct,
+        through,
+        proxied,
+        gateway_cpu,
+        rss: [rss_before, peak, last_rss, end_rss],
+        before,
+        stats,
+    })
+}
+
+impl Runs {
+    fn print(&self, args: &StreamingArgs) {
+        let expected = args.streams * args.per_client;
+        let (direct, through, proxied) = (&self.direct, &self.through, &self.proxied);
+        let (gateway_cpu, before, stats) = (self.gateway_cpu, &self.before, &self.stats);
+        let [rss_before, peak, last_rss, end_rss] = self.rss;
+        if let Some(direct) = &direct {
+            direct.print("direct to one mock", expected);
+        }
+        through.print("through the gateway", expected);
         println!(
-            "    nginx CPU (master and workers): {:.1} µs per stream",
-            per_stream(*nginx_cpu, expected)
+            "    gateway CPU: {:.1} µs per stream",
+            per_stream(gateway_cpu, expected)
         );
+        println!(
+            "    per node (direct run included on node a): {}",
+            harness::per_node_line(before, stats)
+        );
+        println!(
+            "    gateway memory: {} before the run, {} at the last stream's end, {} {:.1} s later, peak {}",
+            mb(rss_before),
+            mb(last_rss),
+            mb(end_rss),
+            harness::SETTLE.as_secs_f64(),
+            mb(peak)
+        );
+        if let Some((proxied, nginx_cpu)) = &proxied {
+            proxied.print("through nginx to the same mock", expected);
+            println!(
+                "    nginx CPU (master and workers): {:.1} µs per stream",
+                per_stream(*nginx_cpu, expected)
+            );
+        }
     }
 
-    let mut ok = through.all_complete(expected);
-    println!("  targets:");
-    if let Some(direct) = &direct {
-        ok &= direct.all_complete(expected);
-        let ratio = through.streams_per_s() / direct.streams_per_s().max(1e-9);
-        let overhead = through.tally.first_event.percentile(0.5) as i64
-            - direct.tally.first_event.percentile(0.5) as i64;
+    /// Whether every stream was whole, and the targets (printed).
+    fn judge(&self, args: &StreamingArgs) -> bool {
+        let expected = args.streams * args.per_client;
+        let (direct, through, proxied) = (&self.direct, &self.through, &self.proxied);
+        let [_, peak, _, end_rss] = self.rss;
+        let mut ok = through.all_complete(expected);
+        println!("  targets:");
+        if let Some(direct) = &direct {
+            ok &= direct.all_complete(expected);
+            let ratio = through.streams_per_s() / direct.streams_per_s().max(1e-9);
+            let overhead = through.tally.first_event.percentile(0.5) as i64
+                - direct.tally.first_event.percentile(0.5) as i64;
+            println!(
+                "    streams/s ≥ 0.97× direct: {ratio:.3}× {}",
+                verdict(ratio >= 0.97)
+            );
+            println!(
+                "    time-to-first-event overhead < 1 ms at p50: {:.3} ms {}",
+                overhead as f64 / 1000.0,
+                verdict(overhead < 1000)
+            );
+        }
+        if let Some((proxied, _)) = &proxied {
+            ok &= proxied.all_complete(expected);
+            let ours = through.tally.first_event.percentile(0.99) as f64;
+            let theirs = proxied.tally.first_event.percentile(0.99).max(1) as f64;
+            println!(
+                "    first-event p99 ≤ 1.5× nginx's: {:.2}× {}",
+                ours / theirs,
+                verdict(ours <= 1.5 * theirs)
+            );
+        }
+        match args.memory_target() {
+            (target, true) => println!(
+                "    gateway memory at its peak, {} streams open ≤ {}: {} {}",
+                args.streams,
+                mb(target),
+                mb(peak),
+                verdict(peak <= target)
+            ),
+            (target, false) => println!(
+                "    gateway memory at the end (idle {:.1} s) ≤ {}: {} (peak {}) {}",
+                harness::SETTLE.as_secs_f64(),
+                mb(target),
+                mb(end_rss),
+                mb(peak),
+                verdict(end_rss <= target)
+            ),
+        }
         println!(
-            "    streams/s ≥ 0.97× direct: {ratio:.3}× {}",
-            verdict(ratio >= 0.97)
+            "    every stream complete, [DONE] included, byte-identical: {}",
+            verdict(ok)
         );
-        println!(
-            "    time-to-first-event overhead < 1 ms at p50: {:.3} ms {}",
-            overhead as f64 / 1000.0,
-            verdict(overhead < 1000)
-        );
+        ok
     }
-    if let Some((proxied, _)) = &proxied {
-        ok &= proxied.all_complete(expected);
-        let ours = through.tally.first_event.percentile(0.99) as f64;
-        let theirs = proxied.tally.first_event.percentile(0.99).max(1) as f64;
-        println!(
-            "    first-event p99 ≤ 1.5× nginx's: {:.2}× {}",
-            ours / theirs,
-            verdict(ours <= 1.5 * theirs)
-        );
-    }
-    match args.memory_target() {
-        (target, true) => println!(
-            "    gateway memory at its peak, {} streams open ≤ {}: {} {}",
-            args.streams,
-            mb(target),
-            mb(peak),
-            verdict(peak <= target)
-        ),
-        (target, false) => println!(
-            "    gateway memory at the end (idle {:.1} s) ≤ {}: {} (peak {}) {}",
-            harness::SETTLE.as_secs_f64(),
-            mb(target),
-            mb(end_rss),
-            mb(peak),
-            verdict(end_rss <= target)
-        ),
-    }
-    println!(
-        "    every stream complete, [DONE] included, byte-identical: {}",
-        verdict(ok)
-    );
-    println!("  HTML reports: {}", dir.join("streaming-*.html").display());
-    gateway.stop().await?;
-    if let Some(nginx) = nginx {
-        nginx.stop().await?;
-    }
-    mocks.stop().await?;
-    if !ok {
-        println!("FAILED: some streams were incomplete or differed");
-    }
-    Ok(ok)
 }
 
 /// CPU time per stream, in microseconds.

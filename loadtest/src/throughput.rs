@@ -105,6 +105,112 @@ async fn load(host: &str, key: &str, workload: Workload, plan: &Plan) -> anyhow:
     })
 }
 
+/// Part 2: every path at a fixed rate, interleaved; the runs and the
+/// gateway's added p50 in milliseconds.
+async fn paced_part(
+    args: &ThroughputArgs,
+    direct_host: &str,
+    direct_key: &str,
+    gateway: &Gateway,
+    nginx: &Option<Nginx>,
+) -> anyhow::Result<(Vec<paced::Paced>, f64)> {
+    println!(
+        "  at a fixed {} requests/s to each path for {}, the paths interleaved:",
+        args.rate,
+        humantime::format_duration(args.rate_time)
+    );
+    let mut paths = vec![
+        paced::Path {
+            origin: direct_host,
+            key: direct_key,
+        },
+        paced::Path {
+            origin: &gateway.origin,
+            key: CLIENT_KEY,
+        },
+    ];
+    if let Some(nginx) = nginx {
+        paths.push(paced::Path {
+            origin: &nginx.origin,
+            key: direct_key,
+        });
+    }
+    let paced = paced::run(&paths, args.rate, args.rate_time, args.workload).await?;
+    let (direct_rate, through_rate) = (&paced[0], &paced[1]);
+    let added_p50 = added_ms(through_rate, direct_rate);
+    println!(
+        "    p50 direct {}, through the gateway {}: added {added_p50:.3} ms",
+        ms(direct_rate.p50_us()),
+        ms(through_rate.p50_us()),
+    );
+    if let Some(nginx_rate) = paced.get(2) {
+        println!(
+            "    p50 through nginx {}: added {:.3} ms",
+            ms(nginx_rate.p50_us()),
+            added_ms(nginx_rate, direct_rate)
+        );
+    }
+    Ok((paced, added_p50))
+}
+
+/// What the run will do, and the gateway's memory before it.
+fn describe(args: &ThroughputArgs, idle_rss: u64) {
+    let what = match args.duration {
+        Some(d) => format!(
+            "{} at {} concurrent",
+            humantime::format_duration(d),
+            args.concurrency
+        ),
+        None => format!(
+            "{} requests at {} concurrent",
+            args.requests, args.concurrency
+        ),
+    };
+    println!(
+        "throughput: {what}, non-streaming chat ({:?} bodies), 3 mocks",
+        args.workload
+    );
+    println!(
+        "  gateway RSS once started, before any request: {}",
+        mb(idle_rss)
+    );
+}
+
+/// The gateway's memory at the end of the run and once settled (and
+/// nginx's): the settled figure.
+async fn print_memory(gateway: &Gateway, nginx: Option<&Nginx>) -> u64 {
+    let (peak, last_rss) = gateway.memory();
+    let end_rss = gateway.settled_memory().await;
+    println!(
+        "    gateway memory: {} at the last request, {} {:.1} s later (peak {})",
+        mb(last_rss),
+        mb(end_rss),
+        harness::SETTLE.as_secs_f64(),
+        mb(peak)
+    );
+    if let Some(nginx) = nginx {
+        println!(
+            "    nginx memory (master and workers): {}",
+            mb(nginx.memory())
+        );
+    }
+    end_rss
+}
+
+/// Part 1 through nginx: the run and nginx's CPU per request (µs).
+async fn through_nginx(
+    nginx: &Nginx,
+    key: &str,
+    workload: Workload,
+    plan: &Plan,
+) -> anyhow::Result<(Run, f64)> {
+    let cpu_before = nginx.cpu_time();
+    let run = load(&nginx.origin, key, workload, plan).await?;
+    let cpu = nginx.cpu_time().saturating_sub(cpu_before);
+    let us = per_request(cpu, &run.measured.requests);
+    Ok((run, us))
+}
+
 pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow::Result<bool> {
     let mocks = Mocks::start(3, &[]).await?;
     let gateway = Gateway::start(&mocks, dir, "throughput", "", &|_| String::new()).await?;
@@ -119,22 +225,7 @@ pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow:
         Some(d) => Plan::timed(args.concurrency, d, report(name)),
         None => Plan::requests(args.requests, args.concurrency, report(name)),
     };
-    let what = match args.duration {
-        Some(d) => format!(
-            "{} at {} concurrent",
-            humantime::format_duration(d),
-            args.concurrency
-        ),
-        None => format!(
-            "{} requests at {} concurrent",
-            args.requests, args.concurrency
-        ),
-    };
-    println!("throughput: {what}, non-streaming chat ({workload:?} bodies), 3 mocks");
-    println!(
-        "  gateway RSS once started, before any request: {}",
-        mb(idle_rss)
-    );
+    describe(args, idle_rss);
 
     // Warm every path (connections, tokenizer tables) before measuring.
     let warm = Plan::requests(args.concurrency * 4, args.concurrency, report("warmup"));
@@ -151,15 +242,7 @@ pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow:
     let cpu = gateway.cpu_time().saturating_sub(cpu_before);
     let after = mocks.stats().await?;
     let proxied = match &nginx {
-        Some(nginx) => {
-            let cpu_before = nginx.cpu_time();
-            let run = load(&nginx.origin, &direct_key, workload, &part1("nginx")).await?;
-            let cpu = nginx.cpu_time().saturating_sub(cpu_before);
-            {
-                let us = per_request(cpu, &run.measured.requests);
-                Some((run, us))
-            }
-        }
+        Some(nginx) => Some(through_nginx(nginx, &direct_key, workload, &part1("nginx")).await?),
         None => None,
     };
     direct.print("direct to one mock");
@@ -172,57 +255,8 @@ pub(crate) async fn run(args: &ThroughputArgs, dir: &std::path::Path) -> anyhow:
         println!("    nginx CPU (master and workers): {nginx_cpu:.1} µs per request");
     }
 
-    println!(
-        "  at a fixed {} requests/s to each path for {}, the paths interleaved:",
-        args.rate,
-        humantime::format_duration(args.rate_time)
-    );
-    let mut paths = vec![
-        paced::Path {
-            origin: &direct_host,
-            key: &direct_key,
-        },
-        paced::Path {
-            origin: &gateway.origin,
-            key: CLIENT_KEY,
-        },
-    ];
-    if let Some(nginx) = &nginx {
-        paths.push(paced::Path {
-            origin: &nginx.origin,
-            key: &direct_key,
-        });
-    }
-    let paced = paced::run(&paths, args.rate, args.rate_time, workload).await?;
-    let (direct_rate, through_rate) = (&paced[0], &paced[1]);
-    let added_p50 = added_ms(through_rate, direct_rate);
-    println!(
-        "    p50 direct {}, through the gateway {}: added {added_p50:.3} ms",
-        ms(direct_rate.p50_us()),
-        ms(through_rate.p50_us()),
-    );
-    if let Some(nginx_rate) = paced.get(2) {
-        println!(
-            "    p50 through nginx {}: added {:.3} ms",
-            ms(nginx_rate.p50_us()),
-            added_ms(nginx_rate, direct_rate)
-        );
-    }
-    let (peak, last_rss) = gateway.memory();
-    let end_rss = gateway.settled_memory().await;
-    println!(
-        "    gateway memory: {} at the last request, {} {:.1} s later (peak {})",
-        mb(last_rss),
-        mb(end_rss),
-        harness::SETTLE.as_secs_f64(),
-        mb(peak)
-    );
-    if let Some(nginx) = &nginx {
-        println!(
-            "    nginx memory (master and workers): {}",
-            mb(nginx.memory())
-        );
-    }
+    let (paced, added_p50) = paced_part(args, &direct_host, &direct_key, &gateway, &nginx).await?;
+    let end_rss = print_memory(&gateway, nginx.as_ref()).await;
 
     print_targets(&Summary {
         direct: &direct,

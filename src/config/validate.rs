@@ -15,7 +15,7 @@ use figment::Figment;
 use secrecy::SecretString;
 
 use super::entries::{validate_clients, validate_node};
-use super::raw::{RawAdmin, RawCluster, RawConfig, RawHealth, RawServer, RawStore};
+use super::raw::{RawAdmin, RawCluster, RawConfig, RawHealth, RawNode, RawServer, RawStore};
 use super::{
     AccountingSettings, AdminSettings, ClientConfig, ClusterSettings, Config, ConfigError,
     HealthSettings, LogSettings, NodeConfig, QueueSettings, RetrySettings, ServerSettings,
@@ -112,21 +112,7 @@ fn validate(
     }
     let tracing = validate_tracing(raw.tracing, env, &mut problems);
 
-    if raw.nodes.is_empty() {
-        problems.push("nodes: at least one [[nodes]] entry is required".to_owned());
-    }
-    let mut nodes = Vec::with_capacity(raw.nodes.len());
-    for (i, node) in raw.nodes.into_iter().enumerate() {
-        if let Some(node) = validate_node(i, node, env, &mut problems, &mut warnings) {
-            if nodes.iter().any(|n: &NodeConfig| n.name == node.name) {
-                problems.push(format!(
-                    "nodes[{i}].name: duplicate node name \"{}\"",
-                    node.name
-                ));
-            }
-            nodes.push(node);
-        }
-    }
+    let nodes = validate_nodes(raw.nodes, env, &mut problems, &mut warnings);
 
     let prices = PriceTable::defaults().overridden(super::entries::prices(
         "prices",
@@ -339,6 +325,31 @@ fn count_u32(field: &str, value: u32, problems: &mut Vec<String>) -> NonZeroU32 
         problems.push(format!("{field}: must be greater than 0"));
         NonZeroU32::MIN
     })
+}
+
+/// `[[nodes]]`: at least one, each valid, names unique.
+fn validate_nodes(
+    raw: Vec<RawNode>,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+    warnings: &mut Warnings,
+) -> Vec<NodeConfig> {
+    if raw.is_empty() {
+        problems.push("nodes: at least one [[nodes]] entry is required".to_owned());
+    }
+    let mut nodes = Vec::with_capacity(raw.len());
+    for (i, node) in raw.into_iter().enumerate() {
+        if let Some(node) = validate_node(i, node, env, problems, warnings) {
+            if nodes.iter().any(|n: &NodeConfig| n.name == node.name) {
+                problems.push(format!(
+                    "nodes[{i}].name: duplicate node name \"{}\"",
+                    node.name
+                ));
+            }
+            nodes.push(node);
+        }
+    }
+    nodes
 }
 
 fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerSettings {

@@ -124,19 +124,7 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
             "max_concurrency",
         ),
     ] {
-        let answer = post(body.clone()).await;
-        assert_eq!(
-            code(&answer),
-            (400, "invalid_value"),
-            "{body}: {}",
-            answer.1
-        );
-        assert_eq!(answer.1["error"]["param"], field, "{body}: {}", answer.1);
-        let message = answer.1["error"]["message"].as_str().unwrap();
-        assert!(
-            message.starts_with(&format!("{field}: ")),
-            "{body}: {message}"
-        );
+        refused_naming(&post(body.clone()).await, &body, field);
     }
     // Not JSON at all.
     let raw = client()
@@ -167,17 +155,7 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
             ((400, "invalid_value"), &json!(field))
         );
     }
-    for (method, path) in [
-        (Method::GET, "/admin/clients/cl_nobody"),
-        (Method::PATCH, "/admin/clients/cl_nobody"),
-        (Method::DELETE, "/admin/clients/cl_nobody"),
-        (Method::POST, "/admin/clients/cl_nobody/rotate"),
-        (Method::GET, "/admin/clients/cl_nobody/usage"),
-    ] {
-        let body = (method == Method::PATCH).then(|| json!({}));
-        let answer = admin(&gw, method.clone(), path, body).await;
-        assert_eq!(code(&answer), (404, "client_not_found"), "{method} {path}");
-    }
+    no_such_client_is_found(&gw).await;
     let answer = admin(
         &gw,
         Method::GET,
@@ -190,6 +168,33 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
         ((400, "invalid_value"), &json!("from"))
     );
     upstream.stop().await;
+}
+
+/// `answer` is a 400 that names `field` (as `param` and first in the
+/// message).
+fn refused_naming(answer: &(u16, Value), body: &Value, field: &str) {
+    assert_eq!(code(answer), (400, "invalid_value"), "{body}: {}", answer.1);
+    assert_eq!(answer.1["error"]["param"], field, "{body}: {}", answer.1);
+    let message = answer.1["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!("{field}: ")),
+        "{body}: {message}"
+    );
+}
+
+/// Every operation on a client id nobody has is 404 `client_not_found`.
+async fn no_such_client_is_found(gw: &crate::support::Gateway) {
+    for (method, path) in [
+        (Method::GET, "/admin/clients/cl_nobody"),
+        (Method::PATCH, "/admin/clients/cl_nobody"),
+        (Method::DELETE, "/admin/clients/cl_nobody"),
+        (Method::POST, "/admin/clients/cl_nobody/rotate"),
+        (Method::GET, "/admin/clients/cl_nobody/usage"),
+    ] {
+        let body = (method == Method::PATCH).then(|| json!({}));
+        let answer = admin(gw, method.clone(), path, body).await;
+        assert_eq!(code(&answer), (404, "client_not_found"), "{method} {path}");
+    }
 }
 
 async fn a_change_applies_to_the_next_request(backend: Backend) {

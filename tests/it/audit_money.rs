@@ -101,26 +101,6 @@ async fn n5_model_less_and_nested_model_requests_are_checked() {
         &[("LIMITED", "sk-limited")],
     )
     .await;
-    let post = |path: &'static str, body: Value| {
-        let gw = &gw;
-        async move {
-            let response = client()
-                .post(gw.url(path))
-                .bearer_auth("sk-limited")
-                .header("content-type", "application/json")
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap();
-            let status = response.status().as_u16();
-            let body: Value =
-                serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null);
-            (
-                status,
-                body["error"]["code"].as_str().unwrap_or("").to_owned(),
-            )
-        }
-    };
     let cases = [
         (
             "/v1/images/generations",
@@ -160,7 +140,8 @@ async fn n5_model_less_and_nested_model_requests_are_checked() {
         ),
     ];
     for (path, body, status, code) in cases {
-        assert_eq!(post(path, body).await, (status, code.to_owned()), "{path}");
+        let answer = post_as(&gw, "sk-limited", path, &body).await;
+        assert_eq!(answer, (status, code.to_owned()), "{path}");
     }
     assert_eq!(upstream.received_requests().await.unwrap().len(), 0);
     // GETs of evals and videos are refused the same way.
@@ -174,6 +155,23 @@ async fn n5_model_less_and_nested_model_requests_are_checked() {
         assert_eq!(response.status(), 404, "{path}");
     }
     assert_eq!(upstream.received_requests().await.unwrap().len(), 0);
+}
+
+/// `body` posted to `path` with `key`: the status and the error code.
+async fn post_as(gw: &Gateway, key: &str, path: &str, body: &Value) -> (u16, String) {
+    let response = client()
+        .post(gw.url(path))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value =
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null);
+    let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
+    (status, code)
 }
 
 /// N5: with client secrets allowed, a session's nested model is the

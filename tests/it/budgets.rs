@@ -383,11 +383,8 @@ async fn admin(gw: &Gateway, method: reqwest::Method, path: &str, body: Value) -
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
-#[tokio::test]
-async fn the_admin_api_sets_changes_and_reads_a_budget() {
-    use reqwest::Method;
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(0, 1_000))).await;
-    let gw = gateway(&v1(&upstream), "", "").await;
+/// Budgets the admin API refuses, each naming its field.
+async fn bad_budgets_are_refused(gw: &Gateway) {
     for (body, field) in [
         (json!({"name": "x", "budget_usd": -1}), "budget_usd"),
         (json!({"name": "x", "budget_usd": "ten"}), "budget_usd"),
@@ -397,11 +394,20 @@ async fn the_admin_api_sets_changes_and_reads_a_budget() {
         ),
         (json!({"name": "x", "budget_period": "day"}), "budget_usd"),
     ] {
-        let (status, answer) = admin(&gw, Method::POST, "/admin/clients", body.clone()).await;
+        let post = reqwest::Method::POST;
+        let (status, answer) = admin(gw, post, "/admin/clients", body.clone()).await;
         assert_eq!(status, 400, "{body}: {answer}");
         let message = answer["error"]["message"].as_str().unwrap();
         assert!(message.contains(field), "{body}: {message}");
     }
+}
+
+#[tokio::test]
+async fn the_admin_api_sets_changes_and_reads_a_budget() {
+    use reqwest::Method;
+    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(0, 1_000))).await;
+    let gw = gateway(&v1(&upstream), "", "").await;
+    bad_budgets_are_refused(&gw).await;
     let (status, made) = admin(
         &gw,
         Method::POST,

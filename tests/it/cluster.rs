@@ -409,6 +409,32 @@ async fn a_client_that_hangs_up_while_waiting_for_shared_headroom_leaves_the_que
     assert_eq!(slow.received_requests().await.unwrap().len(), 1);
 }
 
+/// Nodes for [`local_and_shared_admission_refuse_alike`]: one whose key is
+/// refused, one with a tiny tpm, one with a concurrency of one.
+fn refusal_nodes(refusing: &wiremock::MockServer, slow: &wiremock::MockServer) -> String {
+    format!(
+        "{}{}{}",
+        node(
+            "refused",
+            &crate::support::v1(refusing),
+            "k",
+            "models = [\"gpt-4\"]"
+        ),
+        node(
+            "small",
+            &crate::support::v1(slow),
+            "k",
+            "models = [\"gpt-4o\"]\ntpm = 100"
+        ),
+        node(
+            "one",
+            &crate::support::v1(slow),
+            "k",
+            "models = [\"gpt-4o-mini\"]\nmax_concurrency = 1"
+        ),
+    )
+}
+
 /// One refusal policy: the same situation gets the same status, code,
 /// message and `Retry-After` whether limits are kept here or shared
 /// through Redis.
@@ -425,27 +451,7 @@ async fn local_and_shared_admission_refuse_alike() {
         .mount(&refusing)
         .await;
     let slow = crate::support::answering_upstream(Duration::from_secs(3)).await;
-    let nodes = format!(
-        "{}{}{}",
-        node(
-            "refused",
-            &crate::support::v1(&refusing),
-            "k",
-            "models = [\"gpt-4\"]"
-        ),
-        node(
-            "small",
-            &crate::support::v1(&slow),
-            "k",
-            "models = [\"gpt-4o\"]\ntpm = 100"
-        ),
-        node(
-            "one",
-            &crate::support::v1(&slow),
-            "k",
-            "models = [\"gpt-4o-mini\"]\nmax_concurrency = 1"
-        ),
-    );
+    let nodes = refusal_nodes(&refusing, &slow);
     let settings = "[queue]\nmax_wait = \"300ms\"\n[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n[[clients]]\nname = \"tight\"\nkey_env = \"TIGHT\"\ntpm = 10\n";
     let env = [("TIGHT", "sk-tight-client")];
     let shared = format!(

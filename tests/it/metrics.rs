@@ -63,22 +63,9 @@ impl Metrics {
     }
 }
 
-#[tokio::test]
-async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency() {
-    let answer = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
-    let toml = format!(
-        "{FAST}[status]\npublic = true\n[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n\
-         [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\n{}",
-        node(
-            "a",
-            &crate::support::v1(&answer),
-            "k",
-            "models = [\"gpt-4o-mini\"]\nrpm = 40\ntpm = 10000\nbpm = 1000000\nmax_concurrency = 8",
-        ),
-    );
-    let gw =
-        Gateway::start_file_text(&toml, &[("TEST_CLIENT_KEY", CLIENT_KEY), ("TEAM", TEAM)]).await;
-
+/// Three chat requests (two keys), three the gateway refuses itself and
+/// one `/v1/models`: the request and answer bytes of the three.
+async fn send_known_traffic(gw: &Gateway) -> (usize, usize) {
     let (mut sent, mut received) = (0, 0);
     for (key, text) in [
         (CLIENT_KEY, "one"),
@@ -99,8 +86,8 @@ async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency()
         received += response.bytes().await.unwrap().len();
     }
     // Answered by the gateway itself: a wrong key, an unknown model, bad JSON.
-    assert_eq!(ask_as(&gw, "sk-wrong", "gpt-4o-mini", 5).await.0, 401);
-    assert_eq!(ask_as(&gw, CLIENT_KEY, "no-such-model", 5).await.0, 404);
+    assert_eq!(ask_as(gw, "sk-wrong", "gpt-4o-mini", 5).await.0, 401);
+    assert_eq!(ask_as(gw, CLIENT_KEY, "no-such-model", 5).await.0, 404);
     let bad = client()
         .post(gw.url("/v1/chat/completions"))
         .header("content-type", "application/json")
@@ -118,6 +105,44 @@ async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency()
         .await
         .unwrap();
     assert_eq!(models.status(), 200);
+    (sent, received)
+}
+
+/// Node `a`'s state after the known traffic, as `/status` reads it.
+fn node_state_is_counted(m: &Metrics) {
+    let limit = |name: &str, limit: &'static str| m.value(name, &[("node", "a"), ("limit", limit)]);
+    assert_eq!(limit("balancer_node_limit", "rpm"), 40.0);
+    assert_eq!(limit("balancer_node_used", "rpm"), 3.0);
+    assert_eq!(limit("balancer_node_used", "tpm"), 21.0);
+    assert_eq!(limit("balancer_node_used", "concurrency"), 0.0);
+    assert_eq!(limit("balancer_node_utilization_ratio", "rpm"), 3.0 / 40.0);
+    assert_eq!(m.value("balancer_node_healthy", &[("node", "a")]), 1.0);
+    assert_eq!(
+        m.value("balancer_node_cooldown_remaining_seconds", &[("node", "a")]),
+        0.0
+    );
+    assert_eq!(m.value("balancer_retries_total", &[("node", "a")]), 0.0);
+    let errors = [("node", "a"), ("kind", "server_error")];
+    assert_eq!(m.value("balancer_upstream_errors_total", &errors), 0.0);
+}
+
+#[tokio::test]
+async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency() {
+    let answer = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let toml = format!(
+        "{FAST}[status]\npublic = true\n[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n\
+         [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\n{}",
+        node(
+            "a",
+            &crate::support::v1(&answer),
+            "k",
+            "models = [\"gpt-4o-mini\"]\nrpm = 40\ntpm = 10000\nbpm = 1000000\nmax_concurrency = 8",
+        ),
+    );
+    let gw =
+        Gateway::start_file_text(&toml, &[("TEST_CLIENT_KEY", CLIENT_KEY), ("TEAM", TEAM)]).await;
+
+    let (sent, received) = send_known_traffic(&gw).await;
     // Metrics are counted as each relay ends: wait for the last to settle.
     gw.settled_status().await;
 
@@ -171,21 +196,7 @@ async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency()
     assert_eq!(m.value("balancer_queue_wait_seconds_count", &[]), 3.0);
     assert_eq!(m.value("balancer_queue_depth", &[]), 0.0);
 
-    // The node's state, as /status reads it.
-    let limit = |name: &str, limit: &'static str| m.value(name, &[("node", "a"), ("limit", limit)]);
-    assert_eq!(limit("balancer_node_limit", "rpm"), 40.0);
-    assert_eq!(limit("balancer_node_used", "rpm"), 3.0);
-    assert_eq!(limit("balancer_node_used", "tpm"), 21.0);
-    assert_eq!(limit("balancer_node_used", "concurrency"), 0.0);
-    assert_eq!(limit("balancer_node_utilization_ratio", "rpm"), 3.0 / 40.0);
-    assert_eq!(m.value("balancer_node_healthy", &[("node", "a")]), 1.0);
-    assert_eq!(
-        m.value("balancer_node_cooldown_remaining_seconds", &[("node", "a")]),
-        0.0
-    );
-    assert_eq!(m.value("balancer_retries_total", &[("node", "a")]), 0.0);
-    let errors = [("node", "a"), ("kind", "server_error")];
-    assert_eq!(m.value("balancer_upstream_errors_total", &errors), 0.0);
+    node_state_is_counted(&m);
 
     // The declared client's own counters.
     let team = [("client", "cfg_team"), ("name", "team")];

@@ -64,29 +64,7 @@ fn start() -> Result<Server, String> {
             cmd.uid(uid).gid(gid);
         }
     };
-    let mut initdb = Command::new(bin.join("initdb"));
-    initdb
-        .args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-            "-D",
-        ])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    as_user(&mut initdb);
-    let out = initdb.output().map_err(|e| format!("initdb: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    initdb(&bin, &data, &as_user)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
@@ -137,6 +115,34 @@ rm -rf "$3"
         port,
         _guard: Mutex::new(child),
     })
+}
+
+/// A fresh data directory in `data`, run as the server's user.
+fn initdb(bin: &Path, data: &Path, as_user: &dyn Fn(&mut Command)) -> Result<(), String> {
+    let mut initdb = Command::new(bin.join("initdb"));
+    initdb
+        .args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "-D",
+        ])
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    as_user(&mut initdb);
+    let out = initdb.output().map_err(|e| format!("initdb: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
 }
 
 fn bin_dir() -> Result<PathBuf, String> {

@@ -158,6 +158,29 @@ async fn a_key_rotated_in_its_file_is_used_from_then_on_and_a_refused_key_comes_
     upstream.stop().await;
 }
 
+/// A client sending chat requests back to back until `stop`, counting
+/// each 200 in `ok`; the statuses of the others.
+fn send_until_stopped(
+    gw: Arc<Gateway>,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<Vec<u16>> {
+    tokio::spawn(async move {
+        let http = client();
+        let mut failures = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let body = chat("gpt-4o-mini", "hi", 5);
+            let response = post(&http, &gw, "/v1/chat/completions", body).await;
+            if response.status() == 200 {
+                ok.fetch_add(1, Ordering::Relaxed);
+            } else {
+                failures.push(response.status().as_u16());
+            }
+        }
+        failures
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_node_under_load_fails_no_request_and_sends_it_nothing_more() {
     let dir = tempfile::tempdir().unwrap();
@@ -186,28 +209,7 @@ async fn removing_a_node_under_load_fails_no_request_and_sends_it_nothing_more()
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let clients: Vec<_> = (0..50)
-        .map(|_| {
-            let (gw, stop, ok) = (Arc::clone(&gw), Arc::clone(&stop), Arc::clone(&ok));
-            tokio::spawn(async move {
-                let http = client();
-                let mut failures = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let response = post(
-                        &http,
-                        &gw,
-                        "/v1/chat/completions",
-                        chat("gpt-4o-mini", "hi", 5),
-                    )
-                    .await;
-                    if response.status() == 200 {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        failures.push(response.status().as_u16());
-                    }
-                }
-                failures
-            })
-        })
+        .map(|_| send_until_stopped(Arc::clone(&gw), Arc::clone(&stop), Arc::clone(&ok)))
         .collect();
     let until_ok = |n: u64| {
         let ok = Arc::clone(&ok);

@@ -27,12 +27,13 @@ ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 # hadolint ignore=DL3006
 FROM ${BUILDER_IMAGE} AS build
 WORKDIR /src
-# The whole workspace: the gateway depends on mock-upstreams (for `demo`),
-# and loadtest is a workspace member. .dockerignore keeps target/ out.
+# The whole workspace (mock-upstreams and loadtest are its members); the
+# binary is built without the `demo` feature, so no mock is in it.
+# .dockerignore keeps target/ out.
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p balancer --bin balancer \
+    cargo build --release --locked -p balancer --bin balancer --no-default-features \
     && install -D -m 0755 target/release/balancer /out/balancer \
     && install -d -o 65532 -g 65532 /out/data
 

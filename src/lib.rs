@@ -81,6 +81,7 @@ pub mod config;
 pub(crate) mod connections;
 pub mod control;
 pub(crate) mod deadline;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 #[doc(hidden)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use balancer::config::{self, CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH, LogFormat};
 use balancer::control::{self, ControlError};
+#[cfg(feature = "demo")]
 use balancer::demo;
 use balancer::server::{self, RunError};
 use clap::{Parser, Subcommand};
@@ -105,6 +106,14 @@ fn main() -> ExitCode {
                 }
             }
         }
+        #[cfg(not(feature = "demo"))]
+        Command::Demo => {
+            eprintln!(
+                "balancer demo: this build has no demo (built without the `demo` feature, as production images are); run `cargo run --release -- demo`"
+            );
+            ExitCode::FAILURE
+        }
+        #[cfg(feature = "demo")]
         Command::Demo => runtime.block_on(async {
             match demo::run(&cli.config).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -223,19 +223,7 @@ async fn n16_creating_requests_are_refused_while_records_cannot_be_written() {
         node("a", &mock.base_url(), "sk-mock", "")
     ))
     .await;
-    let upload = || async {
-        let form = "--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n{}\r\n--XyZ--\r\n";
-        let response = client()
-            .post(gw.url("/v1/files"))
-            .header("content-type", "multipart/form-data; boundary=XyZ")
-            .body(form)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
-        (status, body)
-    };
+    let upload = || upload_file(&gw);
     assert_eq!(upload().await.0, 200);
     let sent = mock.stats().report().requests;
     // The store goes away: no new connection, the open ones ended.
@@ -284,16 +272,8 @@ async fn n7_a_filtered_list_page_costs_at_most_limit_plus_one_upstream_calls() {
     .await
     .unwrap();
     let gw = Gateway::start(&node("a", &mock.base_url(), "sk-mock", "")).await;
-    let form = "--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n{}\r\n--XyZ--\r\n";
     for _ in 0..12 {
-        let response = client()
-            .post(gw.url("/v1/files"))
-            .header("content-type", "multipart/form-data; boundary=XyZ")
-            .body(form)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        assert_eq!(upload_file(&gw).await.0, 200);
     }
     let before = mock.stats().report().requests;
     let response = client()
@@ -307,4 +287,19 @@ async fn n7_a_filtered_list_page_costs_at_most_limit_plus_one_upstream_calls() {
     assert_eq!(page["has_more"], true, "more records follow: {page}");
     let calls = mock.stats().report().requests - before;
     assert!(calls <= 2, "{calls} upstream calls for a page of 1");
+}
+
+/// Uploads a small batch file (no key): the status and the answer.
+async fn upload_file(gw: &Gateway) -> (u16, Value) {
+    let form = "--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n{}\r\n--XyZ--\r\n";
+    let response = client()
+        .post(gw.url("/v1/files"))
+        .header("content-type", "multipart/form-data; boundary=XyZ")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    (status, body)
 }

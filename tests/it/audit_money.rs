@@ -188,15 +188,9 @@ async fn n5_a_sessions_nested_model_is_checked_when_client_secrets_are_allowed()
         &[("LIMITED", "sk-limited")],
     )
     .await;
-    let response = client()
-        .post(gw.url("/v1/realtime/client_secrets"))
-        .bearer_auth("sk-limited")
-        .header("content-type", "application/json")
-        .body(json!({"session": {"type": "realtime", "model": "gpt-realtime"}}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 403);
+    let session = json!({"session": {"type": "realtime", "model": "gpt-realtime"}});
+    let answer = post_as(&gw, "sk-limited", "/v1/realtime/client_secrets", &session).await;
+    assert_eq!(answer, (403, "model_not_allowed".to_owned()));
     assert_eq!(upstream.received_requests().await.unwrap().len(), 0);
 }
 

@@ -258,3 +258,80 @@ fn no_source_file_passes_the_line_limit() {
         "files over {MAX_FILE_LINES} lines (split by concept): {long:?}"
     );
 }
+
+/// Repeated code: runs of at least [`WINDOW`] lines (trimmed; blank lines
+/// and lone brackets left out) that appear elsewhere in `src/` or
+/// `tests/` too, counted once per run and file. The ceiling is the count
+/// when it was set: a change may lower it (and should lower the
+/// constant), never raise it.
+const WINDOW: usize = 6;
+const DUPLICATE_RUNS_CEILING: usize = 45;
+
+/// The runs of repeated lines in the files under `dirs`.
+fn duplicate_runs(dirs: &[PathBuf]) -> Vec<String> {
+    use std::collections::HashMap;
+    let mut files: Vec<(String, Vec<String>)> = Vec::new();
+    for dir in dirs {
+        for rel in rust_files(dir) {
+            let text = std::fs::read_to_string(dir.join(&rel)).unwrap();
+            let lines = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.len() > 3 && !l.starts_with("//"))
+                .map(str::to_owned)
+                .collect();
+            files.push((dir.join(&rel).display().to_string(), lines));
+        }
+    }
+    let mut seen: HashMap<&[String], usize> = HashMap::new();
+    for (_, lines) in &files {
+        for window in lines.windows(WINDOW) {
+            *seen.entry(window).or_default() += 1;
+        }
+    }
+    let mut runs = Vec::new();
+    for (name, lines) in &files {
+        let mut in_run = false;
+        for window in lines.windows(WINDOW) {
+            let repeated = seen[window] > 1;
+            if repeated && !in_run {
+                runs.push(format!("{name}: {}", window[0]));
+            }
+            in_run = repeated;
+        }
+    }
+    runs
+}
+
+#[test]
+fn repeated_code_stays_under_its_ceiling() {
+    let runs = duplicate_runs(&[root().join("src"), root().join("tests")]);
+    assert!(
+        runs.len() <= DUPLICATE_RUNS_CEILING,
+        "{} runs of {WINDOW}+ repeated lines (ceiling {DUPLICATE_RUNS_CEILING}); the newest are among:\n{}",
+        runs.len(),
+        runs.join("\n")
+    );
+    println!("{} runs of repeated lines", runs.len());
+}
+
+/// The count sees repetition: seven shared lines in two files are two
+/// runs (one in each), short lines and comments do not count.
+#[test]
+fn the_repetition_count_finds_a_copy() {
+    let dir = std::env::temp_dir().join(format!("house-dup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let shared: String = (0..7)
+        .map(|i| format!("let value_{i} = compute({i});\n"))
+        .collect();
+    std::fs::write(dir.join("a.rs"), format!("fn a() {{\n{shared}}}\n")).unwrap();
+    std::fs::write(
+        dir.join("b.rs"),
+        format!("// copy\nfn b() {{\n{shared}}}\n"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("c.rs"), "}\n}\n}\n}\n}\n}\n}\n// x\n// x\n").unwrap();
+    let runs = duplicate_runs(std::slice::from_ref(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+}

@@ -60,10 +60,16 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/admin/nodes", get(nodes))
         .fallback(unknown_url)
         .method_not_allowed_fallback(method_not_allowed)
-        // Outermost, so no route (nor a 404) answers without the token.
+        // So no route (nor a 404) answers without the token.
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,
+        ))
+        // Outermost: every answer, a refused token's included, is counted
+        // and logged.
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            crate::outcome::record_own,
         ))
         .with_state(state)
 }

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use crate::auth;
 use crate::error::GatewayError;
+use crate::outcome;
 use crate::proxy;
 use crate::state::AppState;
 use crate::status;
@@ -42,10 +43,10 @@ async fn list_models(State(state): State<Arc<AppState>>, uri: Uri, headers: Head
     let received = Instant::now();
     let live = state.live();
     if let Err(err) = auth::identify(&live, &state.clients, &headers).await {
-        proxy::refused(&state, uri.path(), &err, None, received);
+        outcome::refused(&state, uri.path(), &err, None, received);
         return err.into_response();
     }
-    proxy::answered_itself(&state, uri.path(), None, received);
+    outcome::answered_itself(&state, uri.path(), None, received);
     json_response(live.models_list.clone())
 }
 
@@ -58,19 +59,19 @@ async fn get_model(
     let received = Instant::now();
     let live = state.live();
     if let Err(err) = auth::identify(&live, &state.clients, &headers).await {
-        proxy::refused(&state, uri.path(), &err, Some(&id), received);
+        outcome::refused(&state, uri.path(), &err, Some(&id), received);
         return err.into_response();
     }
     if let Err(err) = crate::request::check_model_name(&id) {
-        proxy::refused(&state, uri.path(), &err, None, received);
+        outcome::refused(&state, uri.path(), &err, None, received);
         return err.into_response();
     }
     if !live.lists_model(&id) {
         let err = GatewayError::ModelNotFound(id);
-        proxy::refused(&state, uri.path(), &err, None, received);
+        outcome::refused(&state, uri.path(), &err, None, received);
         return err.into_response();
     }
-    proxy::answered_itself(&state, uri.path(), Some(&id), received);
+    outcome::answered_itself(&state, uri.path(), Some(&id), received);
     let body = json!({"id": id, "object": "model", "created": 0, "owned_by": "balancer"});
     json_response(body.to_string().into())
 }
@@ -86,10 +87,21 @@ fn json_response(body: bytes::Bytes) -> Response {
         .into_response()
 }
 
-async fn unknown_url(uri: Uri) -> Response {
-    GatewayError::UnknownUrl(uri.path().to_owned()).into_response()
+/// A path the gateway does not serve: counted and logged like any answer.
+async fn unknown_url(State(state): State<Arc<AppState>>, uri: Uri) -> Response {
+    let received = Instant::now();
+    let err = GatewayError::UnknownUrl(uri.path().to_owned());
+    outcome::refused(&state, uri.path(), &err, None, received);
+    err.into_response()
 }
 
-async fn method_not_allowed(method: Method) -> Response {
-    GatewayError::MethodNotAllowed(method.to_string()).into_response()
+async fn method_not_allowed(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+) -> Response {
+    let received = Instant::now();
+    let err = GatewayError::MethodNotAllowed(method.to_string());
+    outcome::refused(&state, uri.path(), &err, None, received);
+    err.into_response()
 }

@@ -465,6 +465,11 @@ impl GatewayError {
     }
 }
 
+/// The `code` of an answer [`GatewayError::into_response`] made, in its
+/// extensions: what [`crate::outcome::record_own`] records.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ErrorCode(pub(crate) &'static str);
+
 /// The OpenAI error body.
 pub fn error_body(message: &str, kind: &str, code: &str, param: Option<&str>) -> String {
     json!({ "error": { "message": message, "type": kind, "code": code, "param": param } })
@@ -476,6 +481,7 @@ impl IntoResponse for GatewayError {
         let (status, kind, code) = self.classify();
         let body = error_body(&self.to_string(), kind, code, self.param());
         let mut response = (status, body).into_response();
+        response.extensions_mut().insert(ErrorCode(code));
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

@@ -35,7 +35,10 @@
 //!    [`admission::ClientHold`] from the usage the [`meter`] saw (its cost
 //!    at the node's prices, [`money::prices`]), the client's usage goes to
 //!    the [`ledger`], the request is counted in
-//!    [`metrics`] (atomics only) and logs its one access-log line.
+//!    [`metrics`] (atomics only) and logs its one access-log line. The
+//!    gateway's own answers (refusals, `/v1/models`, unknown paths and
+//!    methods, every admin API answer) are counted and logged in
+//!    [`outcome`].
 //!
 //! Every error the gateway produces is a [`error::GatewayError`], mapped to
 //! the OpenAI error shape in one place. With `[tracing]`, the request is
@@ -95,6 +98,7 @@ pub(crate) mod meter;
 pub mod metrics;
 pub mod money;
 pub mod objects;
+pub(crate) mod outcome;
 pub(crate) mod probes;
 pub(crate) mod proxy;
 pub(crate) mod relay;

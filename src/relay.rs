@@ -32,6 +32,7 @@ use crate::meter::{Meter, SseMeter, TokenUsage};
 use crate::metrics::{self, OTHER_MODEL, Route};
 use crate::money::{Cost, Price};
 use crate::objects::{Kind, Objects, answer};
+use crate::outcome::ACCESS_LOG;
 use crate::request::RequestInfo;
 use crate::snapshot::Node;
 use crate::tasks::Tasks;
@@ -40,10 +41,6 @@ use crate::traces::{Answered, RequestSpan};
 use crate::upstream;
 
 pub(crate) const NODE_HEADER: HeaderName = HeaderName::from_static("x-balancer-node");
-
-/// The `tracing` target of the one line logged per request, so
-/// `RUST_LOG` can set its level apart (`balancer::access=warn`).
-pub(crate) const ACCESS_LOG: &str = "balancer::access";
 
 /// A client's usage of one request, recorded when its relay ends.
 #[derive(Debug)]

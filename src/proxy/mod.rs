@@ -26,7 +26,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -38,7 +38,8 @@ use crate::clients::Client;
 use crate::error::GatewayError;
 use crate::ledger::Entry;
 use crate::metrics::{self};
-use crate::relay::{ACCESS_LOG, Trace, UsageTicket};
+use crate::outcome::{answered_itself, refused};
+use crate::relay::{Trace, UsageTicket};
 use crate::request::{self, CompletionDefaults, RequestInfo};
 use crate::snapshot::{Live, NodeId};
 use crate::state::AppState;
@@ -88,54 +89,6 @@ struct Refused {
 impl From<GatewayError> for Refused {
     fn from(error: GatewayError) -> Self {
         Self { error, model: None }
-    }
-}
-
-/// Counts and logs a successful answer the gateway gave itself
-/// (`/v1/models`), as [`refused`] does an error.
-pub(crate) fn answered_itself(
-    state: &AppState,
-    path: &str,
-    model: Option<&str>,
-    received: Instant,
-) {
-    let label = model.filter(|m| state.live().labels_model(m)).unwrap_or("");
-    let elapsed = metrics::elapsed(received);
-    state
-        .metrics
-        .answered
-        .route(label)
-        .answered(StatusCode::OK, elapsed);
-    let duration_ms = elapsed.as_millis() as u64;
-    tracing::info!(target: ACCESS_LOG, path, node = "", model = model.unwrap_or(""), status = 200u16, duration_ms, "request");
-}
-
-/// Counts and logs an answer the gateway gave itself: under node `""`, and
-/// under the model only if the config lists it (a made-up name is no label).
-pub(crate) fn refused(
-    state: &AppState,
-    path: &str,
-    error: &GatewayError,
-    model: Option<&str>,
-    received: Instant,
-) {
-    let label = model.filter(|m| state.live().labels_model(m)).unwrap_or("");
-    let status = error.status();
-    let elapsed = metrics::elapsed(received);
-    state
-        .metrics
-        .answered
-        .route(label)
-        .answered(status, elapsed);
-    let (code, model, duration_ms) = (
-        error.code(),
-        model.unwrap_or(""),
-        elapsed.as_millis() as u64,
-    );
-    if status.is_server_error() {
-        tracing::warn!(target: ACCESS_LOG, path, node = "", model, status = status.as_u16(), code, duration_ms, error = %error, "request");
-    } else {
-        tracing::info!(target: ACCESS_LOG, path, node = "", model, status = status.as_u16(), code, duration_ms, error = %error, "request");
     }
 }
 

@@ -420,3 +420,76 @@ async fn check_prints_each_azure_deployments_url_and_never_the_key() {
     assert!(out.contains("window = \"10s\""), "{out}");
     assert!(!out.contains("az-secret-check-key") && !err.contains("az-secret-check-key"));
 }
+
+/// The gateway's own answers outside the proxy (an unknown path, a method
+/// a path does not take, the admin API refusing a token) are counted in
+/// `/metrics` and logged as access lines, like every other answer.
+#[tokio::test]
+async fn unknown_paths_methods_and_admin_refusals_are_counted_and_logged() {
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let extra = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken_env = \"ADMIN_TOKEN\"\n[log]\nformat = \"json\"\n"
+    );
+    let upstream = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockConfig::new("sk-mock"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &upstream.base_url(), &extra);
+    let served = Served::start(
+        &config,
+        &[
+            ("NODE_KEY", "sk-mock"),
+            ("ADMIN_TOKEN", crate::support::ADMIN_TOKEN),
+        ],
+    );
+    let http = client();
+    let not_found = http.get(served.url("/nowhere")).send().await.unwrap();
+    assert_eq!(not_found.status(), 404);
+    let not_allowed = http.post(served.url("/healthz")).send().await.unwrap();
+    assert_eq!(not_allowed.status(), 405);
+    let admin = format!("http://127.0.0.1:{admin_port}/admin/clients");
+    let refused = crate::support::eventually(Duration::from_secs(10), async || {
+        http.get(&admin)
+            .bearer_auth("not-the-token")
+            .send()
+            .await
+            .ok()
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    let mut logged = Vec::new();
+    for _ in 0..3 {
+        let line = served.logged("balancer::access");
+        let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+        logged.push((
+            entry["status"].as_u64().unwrap(),
+            entry["code"].as_str().unwrap_or("").to_owned(),
+            entry["path"].as_str().unwrap_or("").to_owned(),
+        ));
+    }
+    logged.sort();
+    assert_eq!(
+        logged,
+        [
+            (
+                401,
+                "invalid_admin_token".to_owned(),
+                "/admin/clients".to_owned()
+            ),
+            (404, "unknown_url".to_owned(), "/nowhere".to_owned()),
+            (405, "method_not_allowed".to_owned(), "/healthz".to_owned()),
+        ]
+    );
+    let scrape = http.get(served.url("/metrics")).send().await.unwrap();
+    let scrape = scrape.text().await.unwrap();
+    for code in ["401", "404", "405"] {
+        let sample = format!("balancer_requests_total{{node=\"\",model=\"\",code=\"{code}\"}} 1");
+        assert!(scrape.contains(&sample), "{code}: {scrape}");
+    }
+}

@@ -7,7 +7,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::admin_support::{
-    Backend, TestStore, admin, admin_with, code, create, gateway, gateway_on, id, key, mock,
+    Backend, TestStore, admin, admin_with, code, create, eventually, gateway, gateway_on, id, key,
+    mock, no_such_client_is_found, refused_naming,
 };
 use crate::support::{ADMIN_TOKEN, ask_as, client};
 
@@ -168,33 +169,6 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
         ((400, "invalid_value"), &json!("from"))
     );
     upstream.stop().await;
-}
-
-/// `answer` is a 400 that names `field` (as `param` and first in the
-/// message).
-fn refused_naming(answer: &(u16, Value), body: &Value, field: &str) {
-    assert_eq!(code(answer), (400, "invalid_value"), "{body}: {}", answer.1);
-    assert_eq!(answer.1["error"]["param"], field, "{body}: {}", answer.1);
-    let message = answer.1["error"]["message"].as_str().unwrap();
-    assert!(
-        message.starts_with(&format!("{field}: ")),
-        "{body}: {message}"
-    );
-}
-
-/// Every operation on a client id nobody has is 404 `client_not_found`.
-async fn no_such_client_is_found(gw: &crate::support::Gateway) {
-    for (method, path) in [
-        (Method::GET, "/admin/clients/cl_nobody"),
-        (Method::PATCH, "/admin/clients/cl_nobody"),
-        (Method::DELETE, "/admin/clients/cl_nobody"),
-        (Method::POST, "/admin/clients/cl_nobody/rotate"),
-        (Method::GET, "/admin/clients/cl_nobody/usage"),
-    ] {
-        let body = (method == Method::PATCH).then(|| json!({}));
-        let answer = admin(gw, method.clone(), path, body).await;
-        assert_eq!(code(&answer), (404, "client_not_found"), "{method} {path}");
-    }
 }
 
 async fn a_change_applies_to_the_next_request(backend: Backend) {
@@ -569,18 +543,6 @@ async fn changes_on_one_replica_reach_another_within_the_cache_ttl(backend: Back
     upstream.stop().await;
 }
 
-/// Waits (bounded, 5 s) until `ready` holds: another replica's change
-/// arrives when its cache entry expires, an event it cannot signal here.
-async fn eventually<F, Fut>(ready: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let within = std::time::Duration::from_secs(5);
-    let held = crate::support::eventually(within, async || ready().await.then_some(())).await;
-    assert!(held.is_some(), "not within 5 s");
-}
-
 macro_rules! on_both_stores {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -612,44 +574,3 @@ on_both_stores!(
     admin_nodes_shows_each_node_and_never_a_key,
     changes_on_one_replica_reach_another_within_the_cache_ttl,
 );
-
-/// The published document and the router agree: every path and method in
-/// `docs/openapi.yaml` is served (a made-up client id gets
-/// `client_not_found`, never `unknown_url` or 405).
-#[tokio::test]
-async fn every_operation_in_the_openapi_document_is_served() {
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml")).unwrap();
-    let store = TestStore::new(Backend::Sqlite).await;
-    let upstream = mock().await;
-    let gw = gateway(&store, &upstream, "").await;
-    let mut operations = 0;
-    let mut path: Option<String> = None;
-    for line in doc.lines() {
-        if let Some(p) = line.strip_prefix("  /").and_then(|p| p.strip_suffix(':')) {
-            path = Some(format!("/{p}").replace("{id}", "cl_made_up"));
-            continue;
-        }
-        if !line.starts_with("    ") || line.starts_with("     ") {
-            continue;
-        }
-        let Some(method) = ["get", "post", "patch", "delete"]
-            .into_iter()
-            .find(|m| line.trim_end() == format!("    {m}:"))
-        else {
-            continue;
-        };
-        let path = path.as_deref().unwrap();
-        let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-        let body = matches!(method, Method::POST | Method::PATCH).then(|| json!({}));
-        let answer = admin(&gw, method.clone(), path, body).await;
-        let (status, code) = code(&answer);
-        assert!(
-            status != 405 && code != "unknown_url",
-            "{method} {path}: {status} {code}"
-        );
-        operations += 1;
-    }
-    assert_eq!(operations, 10, "operations found in the document");
-    upstream.stop().await;
-}

@@ -3,7 +3,7 @@
 
 use mock_upstreams::{MockConfig, MockUpstream};
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::pg;
 use crate::support::{ADMIN_TOKEN, Gateway, client, node};
@@ -147,4 +147,43 @@ pub(crate) fn id(client: &Value) -> String {
 /// The error code of an answer.
 pub(crate) fn code(answer: &(u16, Value)) -> (u16, &str) {
     (answer.0, answer.1["error"]["code"].as_str().unwrap_or(""))
+}
+
+/// Waits (bounded, 5 s) until `ready` holds: another replica's change
+/// arrives when its cache entry expires, an event it cannot signal here.
+pub(crate) async fn eventually<F, Fut>(ready: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let within = std::time::Duration::from_secs(5);
+    let held = crate::support::eventually(within, async || ready().await.then_some(())).await;
+    assert!(held.is_some(), "not within 5 s");
+}
+
+/// `answer` is a 400 that names `field` (as `param` and first in the
+/// message).
+pub(crate) fn refused_naming(answer: &(u16, Value), body: &Value, field: &str) {
+    assert_eq!(code(answer), (400, "invalid_value"), "{body}: {}", answer.1);
+    assert_eq!(answer.1["error"]["param"], field, "{body}: {}", answer.1);
+    let message = answer.1["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!("{field}: ")),
+        "{body}: {message}"
+    );
+}
+
+/// Every operation on a client id nobody has is 404 `client_not_found`.
+pub(crate) async fn no_such_client_is_found(gw: &crate::support::Gateway) {
+    for (method, path) in [
+        (Method::GET, "/admin/clients/cl_nobody"),
+        (Method::PATCH, "/admin/clients/cl_nobody"),
+        (Method::DELETE, "/admin/clients/cl_nobody"),
+        (Method::POST, "/admin/clients/cl_nobody/rotate"),
+        (Method::GET, "/admin/clients/cl_nobody/usage"),
+    ] {
+        let body = (method == Method::PATCH).then(|| json!({}));
+        let answer = admin(gw, method.clone(), path, body).await;
+        assert_eq!(code(&answer), (404, "client_not_found"), "{method} {path}");
+    }
 }

@@ -9,15 +9,18 @@
 )]
 
 mod admin;
+mod admin_openapi;
 mod admin_support;
 mod audit;
 mod audit_money;
 mod audit_wire;
 mod azure;
 mod budgets;
+mod budgets_admin;
 mod cli;
 mod clients;
 mod cluster;
+mod cluster_refusals;
 mod dashboard;
 mod deploy;
 mod errors;
@@ -29,6 +32,7 @@ mod limits;
 mod metrics;
 mod money;
 mod objects;
+mod objects_kit;
 mod pg;
 mod proxy;
 mod queue;

@@ -73,9 +73,10 @@ pub(crate) fn refused(
     }
 }
 
-/// Records every answer of the routes below it: for routers whose
-/// handlers do not record their own (the admin API, the gateway's
-/// fallbacks for unknown paths and methods).
+/// Records every answer of the routes below it: for a router whose
+/// handlers do not record their own (the admin API). The gateway's own
+/// router records in its handlers instead (the proxy's relayed answers
+/// are recorded when their relay ends).
 pub(crate) async fn record_own(
     State(state): State<Arc<AppState>>,
     request: Request,

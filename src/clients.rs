@@ -188,11 +188,11 @@ impl ClientLimiter {
     /// Counts a request that starts reading its body, unless the client's
     /// requests in flight and bodies being read already fill its
     /// `max_concurrency`.
-    pub fn start_reading(&self, now: Instant) -> Option<BodyRead> {
+    pub fn start_reading(&self) -> Option<BodyRead> {
         let reading = self.reading.fetch_add(1, Ordering::AcqRel);
         let read = BodyRead(Arc::clone(&self.reading));
-        match self.window.quota_in_force().max_concurrency {
-            Some(max) if reading + self.window.snapshot(now).in_flight >= max.get() => None,
+        match self.window.concurrency() {
+            (Some(max), in_flight) if reading + in_flight >= max.get() => None,
             _ => Some(read),
         }
     }

@@ -115,6 +115,9 @@ pub struct Live {
     /// Nodes with no `models` list.
     any_model: Arc<[NodeId]>,
     all: Arc<[NodeId]>,
+    /// Models with a price by their exact name (configured, shipped, or a
+    /// node's own): metric labels even when no node lists them.
+    priced: std::collections::HashSet<String>,
     /// The `/v1/models` answer.
     pub models_list: Bytes,
     /// What a request that names no `max_tokens` reserves.
@@ -184,9 +187,7 @@ impl Live {
     /// labels stay bounded by the config and the price table; any other
     /// name a client sends is `other`.
     pub fn labels_model(&self, model: &str) -> bool {
-        self.lists_model(model)
-            || self.config.prices.names(model)
-            || self.nodes.iter().any(|n| n.pricing.own.names(model))
+        self.lists_model(model) || self.priced.contains(model)
     }
 }
 
@@ -471,8 +472,15 @@ fn index(config: Config, generation: u64, clients: Directory, nodes: Vec<Node>) 
         tokens: config.accounting.default_completion_tokens,
         by_model: config.accounting.default_completion_tokens_by_model.clone(),
     };
+    let priced = config
+        .prices
+        .iter()
+        .chain(nodes.iter().flat_map(|n| n.pricing.own.iter()))
+        .map(|(model, _)| model.to_owned())
+        .collect();
     Live {
         generation,
+        priced,
         completion_defaults,
         clients,
         all: ids().collect(),

@@ -31,7 +31,7 @@ pub(super) fn allowed(client: &Client, model: Option<&str>) -> Result<(), Refusa
 /// returned guard drops (after admission has counted the request).
 pub(super) fn precheck(client: &Client) -> Result<BodyRead, Refusal> {
     let now = Instant::now();
-    let Some(reading) = client.limiter.start_reading(now) else {
+    let Some(reading) = client.limiter.start_reading() else {
         return Err(Refusal::ClientLimited(Headroom::OnRelease));
     };
     let nothing = Demand::default();

@@ -133,11 +133,6 @@ impl PriceTable {
         self.by_model.iter().map(|(m, p)| (m.as_str(), p))
     }
 
-    /// Whether the table names `model` exactly (no snapshot suffix).
-    pub fn names(&self, model: &str) -> bool {
-        self.by_model.contains_key(model)
-    }
-
     /// The price of `model`: by its name, else by its name without a
     /// dated snapshot suffix (`-YYYY-MM-DD`).
     pub fn find(&self, model: &str) -> Option<&Price> {

@@ -180,6 +180,9 @@ pub struct Objects {
     /// `started`); 0 for never.
     answered_ms: std::sync::atomic::AtomicU64,
     started: tokio::time::Instant,
+    /// Whether creating requests are being refused (the store did not
+    /// answer its last ping).
+    refusing: std::sync::atomic::AtomicBool,
     cache: moka::future::Cache<Box<str>, Record>,
     /// Expiry of a record whose object does not date itself.
     default_ttl: Duration,
@@ -197,6 +200,7 @@ impl Objects {
             store,
             answered_ms: std::sync::atomic::AtomicU64::new(0),
             started: tokio::time::Instant::now(),
+            refusing: std::sync::atomic::AtomicBool::new(false),
             cache: moka::future::Cache::builder()
                 .max_capacity(CACHE_CAPACITY)
                 .time_to_live(cache_ttl)
@@ -219,10 +223,16 @@ impl Objects {
         match self.store.ping().await {
             Ok(()) => {
                 self.answered_ms.store(now, Ordering::Relaxed);
+                if self.refusing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the object store answers again; creating requests are served");
+                }
                 true
             }
             Err(err) => {
-                tracing::warn!(error = %err, "the object store does not answer; creating requests are refused");
+                // Said once, not once per refused request.
+                if !self.refusing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %err, "the object store does not answer; creating requests are refused");
+                }
                 false
             }
         }

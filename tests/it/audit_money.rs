@@ -93,14 +93,7 @@ async fn n4_requests_without_max_tokens_never_spend_past_the_budget() {
 #[tokio::test]
 async fn n5_model_less_and_nested_model_requests_are_checked() {
     let upstream = answering(ResponseTemplate::new(200).set_body_json(json!({"data": []}))).await;
-    let gw = Gateway::start_file_text(
-        &format!(
-            "[[clients]]\nname = \"limited\"\nkey_env = \"LIMITED\"\nmodels = [\"gpt-4o-mini\"]\n{}",
-            node("a", &v1(&upstream), "k", "")
-        ),
-        &[("LIMITED", "sk-limited")],
-    )
-    .await;
+    let gw = limited_gateway(&upstream, "").await;
     let cases = [
         (
             "/v1/images/generations",
@@ -157,6 +150,16 @@ async fn n5_model_less_and_nested_model_requests_are_checked() {
     assert_eq!(upstream.received_requests().await.unwrap().len(), 0);
 }
 
+/// A gateway in front of `upstream` whose client `limited` (key
+/// `sk-limited`) may use `gpt-4o-mini` only; `settings` before it.
+async fn limited_gateway(upstream: &wiremock::MockServer, settings: &str) -> Gateway {
+    let toml = format!(
+        "{settings}[[clients]]\nname = \"limited\"\nkey_env = \"LIMITED\"\nmodels = [\"gpt-4o-mini\"]\n{}",
+        node("a", &v1(upstream), "k", "")
+    );
+    Gateway::start_file_text(&toml, &[("LIMITED", "sk-limited")]).await
+}
+
 /// `body` posted to `path` with `key`: the status and the error code.
 async fn post_as(gw: &Gateway, key: &str, path: &str, body: &Value) -> (u16, String) {
     let response = client()
@@ -180,14 +183,7 @@ async fn post_as(gw: &Gateway, key: &str, path: &str, body: &Value) -> (u16, Str
 async fn n5_a_sessions_nested_model_is_checked_when_client_secrets_are_allowed() {
     let upstream =
         answering(ResponseTemplate::new(200).set_body_json(json!({"value": "ek_1"}))).await;
-    let gw = Gateway::start_file_text(
-        &format!(
-            "[server]\nrealtime_ephemeral_keys = true\n[[clients]]\nname = \"limited\"\nkey_env = \"LIMITED\"\nmodels = [\"gpt-4o-mini\"]\n{}",
-            node("a", &v1(&upstream), "k", "")
-        ),
-        &[("LIMITED", "sk-limited")],
-    )
-    .await;
+    let gw = limited_gateway(&upstream, "[server]\nrealtime_ephemeral_keys = true\n").await;
     let session = json!({"session": {"type": "realtime", "model": "gpt-realtime"}});
     let answer = post_as(&gw, "sk-limited", "/v1/realtime/client_secrets", &session).await;
     assert_eq!(answer, (403, "model_not_allowed".to_owned()));

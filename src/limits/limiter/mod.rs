@@ -249,6 +249,13 @@ impl Limiter {
         self.state.lock().effective
     }
 
+    /// The concurrency limit in force and the requests in flight, read
+    /// under one lock (nothing advanced, nothing built).
+    pub fn concurrency(&self) -> (Option<std::num::NonZeroU64>, u64) {
+        let state = self.state.lock();
+        (state.effective.max_concurrency, state.in_flight)
+    }
+
     /// The quota as configured.
     pub fn configured_quota(&self) -> Quota {
         self.state.lock().quota

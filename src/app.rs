@@ -8,7 +8,6 @@ use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use serde_json::json;
-use tokio::time::Instant;
 
 use crate::auth;
 use crate::error::GatewayError;
@@ -34,46 +33,51 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openai/{*rest}", any(proxy::handle))
         .fallback(unknown_url)
         .method_not_allowed_fallback(method_not_allowed)
+        // Every answer but the relayed ones and the operations paths is
+        // counted and logged here.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            outcome::record_own,
+        ))
         .with_state(state)
 }
 
-/// `/v1/models` and `/v1/models/{id}` are counted and logged like every
-/// request (under node `""`).
-async fn list_models(State(state): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) -> Response {
-    let received = Instant::now();
+/// `/v1/models` and `/v1/models/{id}` are the gateway's own answers,
+/// behind the client key (counted and logged by [`outcome::record_own`]).
+async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let live = state.live();
     if let Err(err) = auth::identify(&live, &state.clients, &headers).await {
-        outcome::refused(&state, uri.path(), &err, None, received);
         return err.into_response();
     }
-    outcome::answered_itself(&state, uri.path(), None, received);
     json_response(live.models_list.clone())
 }
 
 async fn get_model(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let received = Instant::now();
     let live = state.live();
     if let Err(err) = auth::identify(&live, &state.clients, &headers).await {
-        outcome::refused(&state, uri.path(), &err, Some(&id), received);
-        return err.into_response();
+        return with_model(err.into_response(), id);
     }
     if let Err(err) = crate::request::check_model_name(&id) {
-        outcome::refused(&state, uri.path(), &err, None, received);
         return err.into_response();
     }
     if !live.lists_model(&id) {
-        let err = GatewayError::ModelNotFound(id);
-        outcome::refused(&state, uri.path(), &err, None, received);
-        return err.into_response();
+        // A made-up name is neither a label nor logged as one.
+        return GatewayError::ModelNotFound(id).into_response();
     }
-    outcome::answered_itself(&state, uri.path(), Some(&id), received);
     let body = json!({"id": id, "object": "model", "created": 0, "owned_by": "balancer"});
-    json_response(body.to_string().into())
+    with_model(json_response(body.to_string().into()), id)
+}
+
+/// `response`, noting for its record the model it was about.
+fn with_model(mut response: Response, model: String) -> Response {
+    response
+        .extensions_mut()
+        .insert(outcome::AskedModel(model.into()));
+    response
 }
 
 fn json_response(body: bytes::Bytes) -> Response {
@@ -87,21 +91,11 @@ fn json_response(body: bytes::Bytes) -> Response {
         .into_response()
 }
 
-/// A path the gateway does not serve: counted and logged like any answer.
-async fn unknown_url(State(state): State<Arc<AppState>>, uri: Uri) -> Response {
-    let received = Instant::now();
-    let err = GatewayError::UnknownUrl(uri.path().to_owned());
-    outcome::refused(&state, uri.path(), &err, None, received);
-    err.into_response()
+/// A path the gateway does not serve.
+async fn unknown_url(uri: Uri) -> Response {
+    GatewayError::UnknownUrl(uri.path().to_owned()).into_response()
 }
 
-async fn method_not_allowed(
-    State(state): State<Arc<AppState>>,
-    method: Method,
-    uri: Uri,
-) -> Response {
-    let received = Instant::now();
-    let err = GatewayError::MethodNotAllowed(method.to_string());
-    outcome::refused(&state, uri.path(), &err, None, received);
-    err.into_response()
+async fn method_not_allowed(method: Method) -> Response {
+    GatewayError::MethodNotAllowed(method.to_string()).into_response()
 }

@@ -465,10 +465,13 @@ impl GatewayError {
     }
 }
 
-/// The `code` of an answer [`GatewayError::into_response`] made, in its
-/// extensions: what [`crate::outcome::record_own`] records.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ErrorCode(pub(crate) &'static str);
+/// The `code` and message of an answer [`GatewayError::into_response`]
+/// made, in its extensions: what [`crate::outcome::record_own`] records.
+#[derive(Debug, Clone)]
+pub(crate) struct ErrorCode {
+    pub(crate) code: &'static str,
+    pub(crate) message: Box<str>,
+}
 
 /// The OpenAI error body.
 pub fn error_body(message: &str, kind: &str, code: &str, param: Option<&str>) -> String {
@@ -479,9 +482,13 @@ pub fn error_body(message: &str, kind: &str, code: &str, param: Option<&str>) ->
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let (status, kind, code) = self.classify();
-        let body = error_body(&self.to_string(), kind, code, self.param());
+        let message = self.to_string();
+        let body = error_body(&message, kind, code, self.param());
         let mut response = (status, body).into_response();
-        response.extensions_mut().insert(ErrorCode(code));
+        response.extensions_mut().insert(ErrorCode {
+            code,
+            message: message.into(),
+        });
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use tokio::time::Instant;
 
+use super::target::Target;
 use super::{Inbound, candidates, headers, objects};
 use crate::admission::{Booking, ClientHold, Placement};
 use crate::api;
@@ -17,8 +18,9 @@ use crate::error::GatewayError;
 use crate::health::Verdict;
 use crate::limits::CooldownReason;
 use crate::metrics::UpstreamError;
+use crate::outcome::{Trail, UsageTicket};
 use crate::probes;
-use crate::relay::{self, Held, Trace, UsageTicket};
+use crate::relay::{self, Answering, Held};
 use crate::snapshot::{Live, Node, NodeId};
 use crate::state::AppState;
 use crate::upstream::{self, Failure};
@@ -102,76 +104,69 @@ impl Attempt {
     pub(super) async fn finish(
         self,
         state: &AppState,
-        live: &Live,
+        target: &Target,
         request: &Inbound<'_>,
         client: ClientHold,
         usage: Option<UsageTicket>,
-        mut trace: Trace,
+        trail: &mut Trail,
     ) -> Result<Response, GatewayError> {
-        // The span ends with the relay, or here with the gateway's error.
-        let failed = |trace: &mut Trace, error: GatewayError| {
-            if let Some(span) = trace.span.take() {
-                span.answered_by_gateway(error.status().as_u16(), Some(error.code()));
-            }
-            error
-        };
-        match self {
-            // Usage is recorded for answers the client got: what the
-            // upstream served, whatever its status.
+        let live = &target.live;
+        let (response, node, booking) = match self {
             Attempt::Answered {
                 response,
                 node,
                 booking,
                 ..
-            } => {
-                let response = if request.routing.watches_answer() {
-                    let wait = request.deadline.saturating_duration_since(Instant::now());
-                    objects::record_answer(state, live.node(node), &request.routing, response, wait)
-                        .await
-                        .map_err(|error| failed(&mut trace, error))?
-                } else {
-                    response
-                };
-                // A client that stops reading is cut at the deadline.
-                if let Some(write) = request.parts.extensions.get::<WriteDeadline>() {
-                    write.until(request.deadline);
-                }
-                Ok(relay::relay(
-                    response,
-                    live.node(node),
-                    Held {
-                        booking,
-                        client,
-                        usage,
-                        creates: streamed_object(state, request),
-                        price: request
-                            .info
-                            .model
-                            .as_deref()
-                            .and_then(|model| live.price_on(node, model)),
-                    },
-                    request.info,
-                    request.deadline,
-                    trace,
-                    headers::rate_limit_headers(
-                        live,
-                        &candidates(live, request.info.model.as_deref(), &request.routing)
-                            .unwrap_or_else(|_| Arc::from([node])),
-                        request.client,
-                    ),
-                ))
-            }
+            } => (response, node, booking),
             Attempt::Failed { node, failure } => {
                 let node = live.node(node).name.to_string();
-                let error = match failure {
+                return Err(match failure {
                     Failure::Timeout => GatewayError::UpstreamTimeout { node },
                     Failure::Connect | Failure::Broken => {
                         GatewayError::UpstreamUnavailable { node }
                     }
-                };
-                Err(failed(&mut trace, error))
+                });
             }
+        };
+        // Usage is recorded for answers the client got: what the upstream
+        // served, whatever its status.
+        let response = if request.routing.watches_answer() {
+            let wait = request.deadline.saturating_duration_since(Instant::now());
+            let node = live.node(node);
+            objects::record_answer(state, node, &request.routing, response, wait).await?
+        } else {
+            response
+        };
+        // A client that stops reading is cut at the deadline.
+        if let Some(write) = request.parts.extensions.get::<WriteDeadline>() {
+            write.until(request.deadline);
         }
+        let model = request.info.model.as_deref();
+        let held = Held {
+            booking,
+            client,
+            usage,
+            creates: streamed_object(state, request),
+            price: model.and_then(|model| live.price_on(node, model)),
+        };
+        let answering = Answering {
+            info: request.info,
+            path: request.parts.uri.path(),
+            request_bytes: request.body.len() as u64,
+            model_listed: target.model_listed,
+            deadline: request.deadline,
+        };
+        let pool = candidates(live, model, &request.routing).unwrap_or_else(|_| Arc::from([node]));
+        let rate_limits = headers::rate_limit_headers(live, &pool, request.client);
+        let (node, trail) = (live.node(node), trail.hand_over());
+        Ok(relay::relay(
+            response,
+            node,
+            held,
+            &answering,
+            trail,
+            rate_limits,
+        ))
     }
 }
 

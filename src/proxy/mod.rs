@@ -37,14 +37,11 @@ use crate::auth;
 use crate::clients::Client;
 use crate::error::GatewayError;
 use crate::ledger::Entry;
-use crate::metrics::{self};
-use crate::outcome::{answered_itself, refused};
-use crate::relay::{Trace, UsageTicket};
+use crate::outcome::{AskedModel, Trail, UsageTicket};
 use crate::request::{self, CompletionDefaults, RequestInfo};
 use crate::snapshot::{Live, NodeId};
 use crate::state::AppState;
 use crate::store::UsageTotals;
-use crate::traces::RequestSpan;
 
 mod attempt;
 mod headers;
@@ -59,24 +56,24 @@ use crate::objects::named::{self as object_names, PathUse};
 use crate::objects::route::Routing;
 
 /// The handler for every `/v1/*` path the gateway does not answer itself.
+/// Its answer is recorded when its relay ends, or (the gateway's own) by
+/// [`crate::outcome::record_own`]; its span ends with it.
 pub(crate) async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let received = Instant::now();
-    // A `Uri` clone shares its bytes: no copy of the path on the hot path.
-    let uri = request.uri().clone();
-    let mut span = state
-        .tracing
-        .as_ref()
-        .map(|t| t.begin(request.method(), uri.path(), request.headers()));
-    match forward(&state, request, received, &mut span).await {
+    let (method, uri) = (request.method(), request.uri());
+    let mut trail = Trail::begin(&state, method, uri.path(), request.headers());
+    let response = match forward(&state, request, &mut trail).await {
         Ok(response) => response,
         Err(Refused { error, model }) => {
-            refused(&state, uri.path(), &error, model.as_deref(), received);
-            if let Some(span) = span {
-                span.answered_by_gateway(error.status().as_u16(), Some(error.code()));
+            let mut response = error.into_response();
+            if let Some(model) = model {
+                response.extensions_mut().insert(AskedModel(model));
             }
-            error.into_response()
+            response
         }
-    }
+    };
+    // A relayed answer's trail went with it; this ends only the others.
+    trail.answered_by_gateway(&response);
+    response
 }
 
 /// An error the gateway answers itself, and the model asked for if it got
@@ -96,9 +93,9 @@ impl From<GatewayError> for Refused {
 async fn forward(
     state: &AppState,
     request: Request,
-    received: Instant,
-    span: &mut Option<RequestSpan>,
+    trail: &mut Trail,
 ) -> Result<Response, Refused> {
+    let received = trail.received;
     let live = state.live();
     let (parts, body) = request.into_parts();
     let operation = Operation::of(parts.uri.path(), parts.uri.query())?;
@@ -113,13 +110,9 @@ async fn forward(
     };
     let path_use = object_names::path_use(parts.method.as_str(), operation.path)?;
     if let PathUse::Lists(kind) = path_use {
-        let answer =
-            objects::list_answer(state, &live, kind, parts.uri.query(), client.as_deref()).await?;
-        answered_itself(state, parts.uri.path(), None, received);
-        if let Some(span) = span.take() {
-            span.answered_by_gateway(answer.status().as_u16(), None);
-        }
-        return Ok(answer);
+        let query = parts.uri.query();
+        let answer = objects::list_answer(state, &live, kind, query, client.as_deref()).await;
+        return answer;
     }
     let server = &live.config.server;
     let reading_by = BodyDeadlines {
@@ -153,10 +146,8 @@ async fn forward(
         }
         None => body,
     };
-    if let Some(span) = span.as_mut() {
-        let client = client.as_ref().map(|c| &c.id);
-        span.asked(operation.path, info.model.as_deref(), client);
-    }
+    let client_id = client.as_ref().map(|c| &c.id);
+    trail.asked(operation.path, info.model.as_deref(), client_id);
     let refused = |error| Refused {
         error,
         model: info.model.clone(),
@@ -167,15 +158,14 @@ async fn forward(
         body,
         info: &info,
         client: client.as_deref(),
-        received,
         deadline: received + live.config.server.request_timeout,
         routing: Routing::default(),
-        traceparent: span.as_ref().and_then(RequestSpan::traceparent),
+        traceparent: trail.traceparent(),
     };
     request.routing = objects::routing(state, &live, parts.method.as_str(), &path_use, &request)
         .await
         .map_err(refused)?;
-    dispatch(state, live, request, span).await.map_err(refused)
+    dispatch(state, live, request, trail).await.map_err(refused)
 }
 
 /// A request that has been read and inspected.
@@ -186,8 +176,7 @@ struct Inbound<'a> {
     body: Bytes,
     info: &'a RequestInfo,
     client: Option<&'a Client>,
-    received: Instant,
-    /// `received` + `server.request_timeout`: bounds waiting, every
+    /// Arrival + `server.request_timeout`: bounds waiting, every
     /// attempt, and the relay.
     deadline: Instant,
     /// Where the objects it names pin it, and what its answer records.
@@ -222,22 +211,13 @@ async fn dispatch(
     state: &AppState,
     live: Arc<Live>,
     request: Inbound<'_>,
-    span: &mut Option<RequestSpan>,
+    trail: &mut Trail,
 ) -> Result<Response, GatewayError> {
     let model = request.info.model.as_deref();
     let mut target = Target {
         candidates: candidates(&live, model, &request.routing)?,
+        model_listed: model.is_some_and(|m| live.labels_model(m)),
         live,
-    };
-    let mut trace = Trace {
-        path: request.parts.uri.path().into(),
-        received: request.received,
-        queue_wait: std::time::Duration::ZERO,
-        sent: request.received,
-        attempts: 0,
-        request_bytes: request.body.len() as u64,
-        model_listed: model.is_some_and(|m| target.live.labels_model(m)),
-        span: None,
     };
     let worst_cost = target.worst_cost(&request)?;
     let queued = Instant::now();
@@ -245,11 +225,7 @@ async fn dispatch(
         .admission
         .admit(&target.ask(state, &request, request.deadline, worst_cost))
         .await;
-    trace.queue_wait = metrics::elapsed(queued);
-    state.metrics.queue_wait.observe(trace.queue_wait);
-    if let Some(span) = span.as_mut() {
-        span.admitted(trace.queue_wait.as_millis() as u64);
-    }
+    trail.admitted(state, queued);
     let mut admitted = admitted?;
     if let Some(newer) = admitted.placement.rebased.take() {
         // It waited through a reload: go on in the new snapshot, on the
@@ -268,18 +244,11 @@ async fn dispatch(
         target = Target {
             candidates,
             live: newer,
+            ..target
         };
     }
-    attempt_all(
-        state,
-        &target,
-        &request,
-        admitted.placement,
-        admitted.client,
-        trace,
-        span,
-    )
-    .await
+    let (first, client) = (admitted.placement, admitted.client);
+    attempt_all(state, &target, &request, first, client, trail).await
 }
 
 /// The nodes a request may go to: the one that holds the objects it names,
@@ -303,8 +272,7 @@ async fn attempt_all(
     request: &Inbound<'_>,
     first: Placement,
     mut client: ClientHold,
-    mut trace: Trace,
-    span: &mut Option<RequestSpan>,
+    trail: &mut Trail,
 ) -> Result<Response, GatewayError> {
     let live = &target.live;
     // Whether any attempt may have been billed though no answer came.
@@ -331,19 +299,15 @@ async fn attempt_all(
             }
         };
         let node = placement.node;
-        trace.attempts += 1;
-        trace.sent = Instant::now();
+        trail.attempt();
         let outcome = try_node(live, placement, request).await;
         maybe_billed |= outcome.maybe_billed();
         if !outcome.retryable() {
-            trace.span = span.take();
             return outcome
-                .finish(state, live, request, client, usage, trace)
+                .finish(state, target, request, client, usage, trail)
                 .await;
         }
-        if let Some(span) = span.as_mut() {
-            span.retry(&live.node(node).name, outcome.why());
-        }
+        trail.retry(&live.node(node).name, outcome.why());
         tried.push(node);
         if let Some(previous) = last.replace(outcome) {
             previous.discard(request.info.prompt_tokens);
@@ -357,9 +321,8 @@ async fn attempt_all(
                 // which costs nothing): the budget's hold goes back whole.
                 client.nothing_spent();
             }
-            trace.span = span.take();
             outcome
-                .finish(state, live, request, client, usage, trace)
+                .finish(state, target, request, client, usage, trail)
                 .await
         }
         None => Err(GatewayError::UpstreamUnavailable {

@@ -17,6 +17,9 @@ use crate::state::AppState;
 pub(super) struct Target {
     pub(super) live: Arc<Live>,
     pub(super) candidates: Arc<[NodeId]>,
+    /// Whether the config lists the model asked for: only listed models
+    /// are metric labels.
+    pub(super) model_listed: bool,
 }
 
 impl Target {

@@ -42,11 +42,11 @@ pub fn rate_limit_headers(pairs: &[(&str, &[u8])]) {
             headers.append(name, value);
         }
     }
-    let report = crate::upstream::rate_limit_report(&headers);
-    let cap = crate::upstream::MAX_HEADER_WAIT;
+    let report = crate::upstream::answer::rate_limit_report(&headers);
+    let cap = crate::upstream::answer::MAX_HEADER_WAIT;
     assert!(report.reset_requests.is_none_or(|d| d <= cap));
     assert!(report.reset_tokens.is_none_or(|d| d <= cap));
-    assert!(crate::upstream::cooldown_of(&headers) <= cap);
+    assert!(crate::upstream::answer::cooldown_of(&headers) <= cap);
     let now = tokio::time::Instant::now();
     let mut reported = crate::limits::Reported::default();
     reported.observe(

@@ -76,12 +76,10 @@
 
 pub(crate) mod admin;
 pub(crate) mod admission;
-pub mod api;
 pub mod app;
 pub(crate) mod auth;
 pub mod clients;
 pub mod config;
-pub(crate) mod connections;
 pub mod control;
 pub(crate) mod deadline;
 #[cfg(feature = "demo")]
@@ -113,4 +111,4 @@ pub mod store;
 pub mod tasks;
 pub mod tokens;
 pub mod traces;
-pub(crate) mod upstream;
+pub mod upstream;

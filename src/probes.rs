@@ -21,33 +21,25 @@ use crate::config::HealthSettings;
 use crate::health::{Verdict, human};
 use crate::snapshot::{Node, NodeId};
 use crate::state::AppState;
+use crate::upstream::{self, Failure};
 
-/// Sends one probe: `GET {url}{path}` with the node's key, within `timeout`.
+/// Sends one probe: `GET {url}{path}` with the node's key, within
+/// `timeout`, over the node's own connections.
 pub(crate) async fn probe(node: &Node, settings: &HealthSettings) -> Verdict {
-    let url = crate::api::probe_url(node, &settings.path);
-    let (key_name, key) = crate::api::key_header(node);
-    let mut request = node.client.get(url).header(key_name, key.clone());
-    for (name, value) in &node.identity {
-        request = request.header(name.clone(), value.clone());
-    }
-    let request = request.timeout(settings.timeout).send();
-    match request.await {
-        Ok(response) => {
-            let status = response.status();
-            if status.is_success() || status == StatusCode::TOO_MANY_REQUESTS {
-                // A 429 is a live node at its limit.
-                Verdict::Answered
-            } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                Verdict::KeyRefused(status)
-            } else {
-                Verdict::Failed(format!("answered {status}"))
-            }
+    match upstream::probe(&node.endpoint, &settings.path, settings.timeout).await {
+        // A 429 is a live node at its limit.
+        Ok(status) if status.is_success() || status == StatusCode::TOO_MANY_REQUESTS => {
+            Verdict::Answered
         }
-        Err(err) if err.is_timeout() => {
+        Ok(status) if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN => {
+            Verdict::KeyRefused(status)
+        }
+        Ok(status) => Verdict::Failed(format!("answered {status}")),
+        Err(Failure::Timeout) => {
             Verdict::Failed(format!("timed out after {}", human(settings.timeout)))
         }
-        Err(err) if err.is_connect() => Verdict::Unreachable("could not connect".to_owned()),
-        Err(_) => Verdict::Failed("connection broke".to_owned()),
+        Err(Failure::Connect) => Verdict::Unreachable("could not connect".to_owned()),
+        Err(Failure::Broken) => Verdict::Failed("connection broke".to_owned()),
     }
 }
 

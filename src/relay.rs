@@ -93,8 +93,8 @@ pub(crate) fn relay(
 ) -> Response {
     let status = response.status();
     let mut headers = std::mem::take(response.headers_mut());
-    upstream::strip_for_relay(&mut headers);
-    headers.insert(NODE_HEADER, node.name_header.clone());
+    upstream::headers::strip_for_relay(&mut headers);
+    headers.insert(NODE_HEADER, node.endpoint.name_header.clone());
     headers.extend(rate_limits);
     let info = request.info;
     let meter = meter_for(&headers, info, held.creates.is_some());

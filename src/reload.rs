@@ -120,22 +120,10 @@ fn describe_changes(old: &Live, new: &Config) -> String {
     let mut added = Vec::new();
     let mut changed = Vec::new();
     for node in &new.nodes {
-        match old.node_named(&node.name) {
+        match old.config.nodes.iter().find(|n| n.name == node.name) {
             None => added.push(node.name.to_string()),
             Some(before) => {
-                let mut what = Vec::new();
-                if before.url != node.url {
-                    what.push("url");
-                }
-                if !before.key.same_as(&node.key) {
-                    what.push("key");
-                }
-                if before.limiter.configured_quota() != node.quota {
-                    what.push("limits");
-                }
-                if before.models != node.models {
-                    what.push("models");
-                }
+                let what = node.changes_from(before);
                 if !what.is_empty() {
                     changed.push(format!("{} ({})", node.name, what.join(", ")));
                 }

@@ -20,10 +20,9 @@
 //! [`prepare`] does every fallible step of building a snapshot before it
 //! touches anything shared; the swap itself ([`crate::state`]) cannot fail.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::http::{HeaderName, HeaderValue};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::json;
@@ -31,15 +30,16 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::clients::{Directory, Registry};
-use crate::config::{Config, NodeApi, NodeConfig};
-use crate::connections::{self, Connections};
+use crate::config::{Config, NodeConfig};
 use crate::error::GatewayError;
 use crate::health::NodeHealth;
-use crate::keys::NodeKey;
 use crate::limits::{HeadroomSignal, Limiter};
 use crate::metrics::NodeMetrics;
 use crate::money::{NodePricing, Price};
 use crate::request::CompletionDefaults;
+use crate::upstream::Endpoint;
+use crate::upstream::connections::Connections;
+use crate::upstream::endpoint::SharedTls;
 
 /// A node's place in one snapshot's node list. Valid for that snapshot
 /// only: a request keeps its snapshot, so its ids never dangle.
@@ -57,31 +57,17 @@ impl NodeId {
     }
 }
 
-/// One upstream node as the request path uses it.
+/// One upstream node as the request path uses it: how it is reached,
+/// what it serves, its limits, health, metrics and prices.
 #[derive(Debug)]
 pub struct Node {
     pub name: Arc<str>,
-    /// `x-balancer-node` value, built once.
-    pub name_header: HeaderValue,
-    /// Base URL without a trailing slash.
-    pub url: Arc<str>,
-    /// The same, parsed once: a request only sets its path and query.
-    pub base: reqwest::Url,
-    pub key: NodeKey,
-    /// The node's own `OpenAI-Organization` / `OpenAI-Project`, if set.
-    pub identity: Vec<(HeaderName, HeaderValue)>,
-    /// The dialect it speaks.
-    pub api: NodeApi,
-    /// Its names for the models it serves, where not the client's.
-    pub upstream_names: BTreeMap<String, String>,
+    /// How it is reached (URL, dialect, key, connections).
+    pub endpoint: Endpoint,
     pub models: Option<Vec<String>>,
     pub limiter: Arc<Limiter>,
     pub health: Arc<NodeHealth>,
     pub metrics: Arc<NodeMetrics>,
-    pub client: reqwest::Client,
-    /// Its connections, held by the requests they carry, when it is
-    /// reached over plain `http://`; else requests go through `client`.
-    pub(crate) connections: Option<Arc<Connections>>,
     /// Its own prices and multiplier over the config's table.
     pub pricing: NodePricing,
     /// `nodes[].default_completion_tokens`.
@@ -92,13 +78,9 @@ pub struct Node {
 /// done.
 struct Built<'c> {
     node: &'c NodeConfig,
-    client: reqwest::Client,
-    name_header: HeaderValue,
-    base: reqwest::Url,
-    identity: Vec<(HeaderName, HeaderValue)>,
+    endpoint: Endpoint,
     /// Its `ca_file`'s contents, if it has one.
     ca_pem: Option<Vec<u8>>,
-    connections: Option<Arc<Connections>>,
 }
 
 /// Everything built from one config.
@@ -122,14 +104,6 @@ pub struct Live {
     pub models_list: Bytes,
     /// What a request that names no `max_tokens` reserves.
     pub completion_defaults: CompletionDefaults,
-}
-
-impl Node {
-    /// The node's name for `model`: its deployment (Azure), its
-    /// `model_names` entry, else the client's.
-    pub fn upstream_name<'m>(&'m self, model: &'m str) -> &'m str {
-        self.upstream_names.get(model).map_or(model, String::as_str)
-    }
 }
 
 impl Live {
@@ -197,7 +171,7 @@ struct Tracked {
     url: Arc<str>,
     /// Its held connections, kept across reloads while the URL and the
     /// `ca_file`'s certificates stay.
-    connections: Option<Arc<Connections>>,
+    connections: Arc<Connections>,
     /// The `ca_file`'s contents its connections trust.
     ca_pem: Option<Vec<u8>>,
     limiter: Arc<Limiter>,
@@ -259,8 +233,8 @@ impl Kept {
     }
 }
 
-/// Builds the snapshot of `config`: every fallible step first (HTTP
-/// clients, CA bundles, header values, URLs), then, once all succeeded,
+/// Builds the snapshot of `config`: every fallible step first (CA
+/// bundles, TLS settings, header values, URLs), then, once all succeeded,
 /// the nodes are matched with what [`Kept`] holds of them.
 pub fn prepare(
     config: Config,
@@ -268,13 +242,11 @@ pub fn prepare(
     kept: &Kept,
     registry: &Registry,
 ) -> Result<Live, String> {
-    let shared_client = build_client(&config, None)?;
-    // The TLS settings of https nodes without a ca_file, built once.
-    let mut shared_tls = None;
+    let mut shared_tls = SharedTls::default();
     let built = config
         .nodes
         .iter()
-        .map(|node| build(&config, node, &shared_client, &mut shared_tls))
+        .map(|node| build(&config, node, &mut shared_tls))
         .collect::<Result<Vec<_>, String>>()?;
 
     // Nothing below fails.
@@ -296,13 +268,11 @@ pub fn prepare(
     Ok(index(config, generation, clients, nodes))
 }
 
-/// Every fallible step of one node: its HTTP client (its own when it has
-/// a `ca_file`), header values, URL, TLS settings and held connections.
+/// Every fallible step of one node: its `ca_file` read, and its endpoint.
 fn build<'c>(
     config: &Config,
     node: &'c NodeConfig,
-    shared_client: &reqwest::Client,
-    shared_tls: &mut Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    shared_tls: &mut SharedTls,
 ) -> Result<Built<'c>, String> {
     let ca_pem = match &node.ca_file {
         Some(path) => Some(
@@ -311,36 +281,12 @@ fn build<'c>(
         ),
         None => None,
     };
-    let client = match &ca_pem {
-        Some(pem) => build_client(config, Some((&node.name, pem)))?,
-        None => shared_client.clone(),
-    };
-    let name_header = HeaderValue::from_str(&node.name)
-        .map_err(|_| format!("node '{}': name is not a valid header value", node.name))?;
-    let base =
-        reqwest::Url::parse(&node.url).map_err(|e| format!("node '{}': url: {e}", node.name))?;
-    let tls = match (base.scheme(), &ca_pem) {
-        ("https", Some(pem)) => Some(
-            connections::tls_config(Some(pem)).map_err(|e| format!("node '{}': {e}", node.name))?,
-        ),
-        ("https", None) => {
-            if shared_tls.is_none() {
-                *shared_tls = Some(connections::tls_config(None)?);
-            }
-            shared_tls.clone()
-        }
-        _ => None,
-    };
-    let connections = Connections::for_url(&base, config.upstream.connect_timeout, tls);
-    let identity = identity_headers(node)?;
+    let timeout = config.upstream.connect_timeout;
+    let endpoint = Endpoint::build(node, ca_pem.as_deref(), timeout, shared_tls)?;
     Ok(Built {
         node,
-        client,
-        name_header,
-        base,
-        identity,
+        endpoint,
         ca_pem,
-        connections,
     })
 }
 
@@ -355,39 +301,27 @@ impl Kept {
     ) -> Node {
         let Built {
             node,
-            client,
-            name_header,
-            base,
-            identity,
+            endpoint,
             ca_pem,
-            connections,
         } = built;
         let entry = tracked
             .entry(Arc::clone(&node.name))
             .or_insert_with(|| Tracked {
                 url: Arc::clone(&node.url),
                 ca_pem: ca_pem.clone(),
-                connections: connections.clone(),
+                connections: Arc::clone(&endpoint.connections),
                 limiter: Limiter::new(node.quota, Arc::clone(&self.signal)),
                 health: self.new_health(node),
                 metrics: Arc::default(),
             });
-        self.follow(entry, node, ca_pem, connections, config);
+        self.follow(entry, node, ca_pem, &endpoint, config);
         Node {
             name: Arc::clone(&node.name),
-            name_header,
-            url: Arc::clone(&node.url),
-            key: node.key.clone(),
-            identity,
-            api: node.api.clone(),
-            upstream_names: node.upstream_names.clone(),
+            endpoint: endpoint.over(Arc::clone(&entry.connections)),
             models: node.models.clone(),
             limiter: Arc::clone(&entry.limiter),
             health: Arc::clone(&entry.health),
             metrics: Arc::clone(&entry.metrics),
-            connections: entry.connections.clone(),
-            base,
-            client,
             pricing: node.pricing.clone(),
             default_completion_tokens: node.default_completion_tokens,
         }
@@ -401,7 +335,7 @@ impl Kept {
         entry: &mut Tracked,
         node: &NodeConfig,
         ca_pem: Option<Vec<u8>>,
-        connections: Option<Arc<Connections>>,
+        endpoint: &Endpoint,
         config: &Config,
     ) {
         // Compared before anything is updated: a node moved to another
@@ -422,20 +356,13 @@ impl Kept {
         if moved || entry.ca_pem != ca_pem {
             // Another place, or another trust: new connections.
             entry.ca_pem = ca_pem;
-            entry.connections = connections;
+            entry.connections = Arc::clone(&endpoint.connections);
         }
-        if let Some(connections) = &entry.connections {
-            connections.set_connect_timeout(config.upstream.connect_timeout);
-        }
+        entry
+            .connections
+            .set_connect_timeout(config.upstream.connect_timeout);
         entry.limiter.revive();
-        entry.limiter.set_quota(node.quota);
-        entry.limiter.set_window(node.window);
-        entry
-            .limiter
-            .set_charged_at_arrival(matches!(node.api, NodeApi::Azure { .. }));
-        entry
-            .limiter
-            .set_default_completion(node.default_completion_tokens);
+        entry.limiter.apply(&node.limits());
         entry.health.set_key(node.key.clone());
     }
 }
@@ -490,42 +417,4 @@ fn index(config: Config, generation: u64, clients: Directory, nodes: Vec<Node>) 
         any_model,
         models_list,
     }
-}
-
-/// `OpenAI-Organization`: which organisation a request bills.
-pub(crate) const ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
-/// `OpenAI-Project`: which project a request bills.
-pub(crate) const PROJECT: HeaderName = HeaderName::from_static("openai-project");
-
-/// The organisation and project headers a node sends, if configured.
-fn identity_headers(node: &NodeConfig) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
-    let mut headers = Vec::new();
-    for (name, value) in [(ORGANIZATION, &node.organization), (PROJECT, &node.project)] {
-        if let Some(value) = value {
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| format!("node '{}': {name} is not a valid header value", node.name))?;
-            headers.push((name, value));
-        }
-    }
-    Ok(headers)
-}
-
-fn build_client(config: &Config, ca: Option<(&str, &[u8])>) -> Result<reqwest::Client, String> {
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(config.upstream.connect_timeout)
-        .tcp_nodelay(true)
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        // Redirects would forward the node's key elsewhere; relay them instead.
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy();
-    if let Some((node, pem)) = ca {
-        let certs = reqwest::Certificate::from_pem_bundle(pem)
-            .map_err(|e| format!("node '{node}': ca_file is not PEM: {e}"))?;
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    builder
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }

@@ -34,6 +34,7 @@ use crate::limits::{ClientLimits, Quota, Reserves, Share};
 use crate::money::{Budget, NodePricing, PriceTable};
 
 mod entries;
+mod node;
 mod raw;
 mod render;
 mod validate;

@@ -240,3 +240,18 @@ impl HeadroomSignal {
         self.notify.notified().await;
     }
 }
+
+/// What a node's config sets of its limiter (`nodes[]`), applied at once
+/// ([`Limiter::apply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLimits {
+    pub quota: Quota,
+    /// Besides the minute, the limits hold pro rata within every rolling
+    /// span this long (`nodes[].window`; 60 s is the minute alone).
+    pub window: Duration,
+    /// The upstream charges a request's reservation at arrival and gives
+    /// nothing back (Azure).
+    pub charged_at_arrival: bool,
+    /// `nodes[].default_completion_tokens`.
+    pub default_completion: Option<u64>,
+}

@@ -24,11 +24,11 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use super::{Kind, Objects, Record};
-use crate::api::{self, Operation};
 use crate::error::GatewayError;
 use crate::snapshot::Live;
 use crate::store::Order;
 use crate::upstream;
+use crate::upstream::dialect::{self, Operation};
 
 /// The most objects one page holds.
 pub const MAX_LIMIT: u64 = 100;
@@ -198,9 +198,9 @@ async fn fetch(
         query: None,
         model: None,
     };
-    let url = api::url(node, &operation, None);
+    let url = dialect::url(&node.endpoint, &operation, None);
     let response = upstream::send(
-        node,
+        &node.endpoint,
         Method::GET,
         url,
         &HeaderMap::new(),
@@ -221,7 +221,7 @@ async fn fetch(
         tracing::warn!(node = %node.name, status = response.status().as_u16(), "an object of a list could not be fetched");
         return None;
     }
-    let body = upstream::read_bounded(response, MAX_OBJECT_BYTES, timeout).await?;
+    let body = upstream::answer::read_bounded(response, MAX_OBJECT_BYTES, timeout).await?;
     serde_json::from_slice(&body).ok()
 }
 

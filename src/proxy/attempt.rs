@@ -11,19 +11,15 @@ use tokio::time::Instant;
 use super::target::Target;
 use super::{Inbound, candidates, headers, objects};
 use crate::admission::{Booking, ClientHold, Placement};
-use crate::api;
 use crate::config::HealthSettings;
 use crate::deadline::WriteDeadline;
 use crate::error::GatewayError;
-use crate::health::Verdict;
-use crate::limits::CooldownReason;
-use crate::metrics::UpstreamError;
 use crate::outcome::{Trail, UsageTicket};
 use crate::probes;
 use crate::relay::{self, Answering, Held};
 use crate::snapshot::{Live, Node, NodeId};
 use crate::state::AppState;
-use crate::upstream::{self, Failure};
+use crate::upstream::{self, Failure, NodeVerdict, dialect};
 
 /// The result of one attempt on one node.
 #[expect(
@@ -181,116 +177,66 @@ fn streamed_object(state: &AppState, request: &Inbound<'_>) -> Option<relay::Str
     })
 }
 
+/// One attempt of `request` on the placed node: sent, judged
+/// ([`upstream::judge`]), and the verdict applied to the node.
 pub(super) async fn try_node(live: &Live, placement: Placement, request: &Inbound<'_>) -> Attempt {
-    let id = placement.node;
-    let booking = placement.booking;
+    let (id, booking) = (placement.node, placement.booking);
     let node = live.node(id);
-    let first_byte = live
-        .config
-        .upstream
-        .first_byte_timeout
-        .min(request.deadline.saturating_duration_since(Instant::now()));
-    let model = request.info.model.as_deref();
+    let settings = &live.config.health;
+    let left = request.deadline.saturating_duration_since(Instant::now());
+    let first_byte = live.config.upstream.first_byte_timeout.min(left);
+    let (endpoint, operation) = (&node.endpoint, request.operation);
     let sent = upstream::send(
-        node,
+        endpoint,
         request.parts.method.clone(),
-        api::url(node, request.operation, model),
+        dialect::url(endpoint, operation, request.info.model.as_deref()),
         &request.parts.headers,
-        api::body_for(node, request.operation, request.info, &request.body),
+        dialect::body_for(endpoint, operation, request.info, &request.body),
         first_byte,
         request.traceparent.as_ref(),
     )
     .await;
-    let health = &live.config.health;
-    let response = match sent {
-        Ok(response) => response,
-        Err(failure) => return failed(node, id, booking, failure, health),
-    };
-    let status = response.status();
-    if let Some(kind) = UpstreamError::of_status(status) {
-        node.metrics.upstream_error(kind);
-    }
-    if let Some((rpm, tpm)) =
-        booking.observe_upstream(&upstream::rate_limit_report(response.headers()))
-    {
-        tracing::warn!(node = %node.name, upstream_rpm = ?rpm, upstream_tpm = ?tpm, "the upstream reports limits below the configured ones; the lower are in force");
-    }
-    node.health.on_request(Verdict::of_status(status), health);
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        // Retried elsewhere only if the node's own key is refused; else
-        // the client's request was refused, and the client gets the answer.
-        let clients_own = !probes::key_refused(node, health).await;
-        return Attempt::Answered {
+    let (answer, verdict) = upstream::judge(sent, settings, first_byte).await;
+    let key_suspect = apply(node, &booking, verdict, settings);
+    match answer {
+        Ok(response) => Attempt::Answered {
+            // Retried elsewhere only if the node's own key is refused; else
+            // the client's request was refused, and the client gets the answer.
+            clients_own: key_suspect && !probes::key_refused(node, settings).await,
             response,
             node: id,
             booking,
-            clients_own,
-        };
-    }
-    if status != StatusCode::TOO_MANY_REQUESTS {
-        return Attempt::Answered {
-            response,
-            node: id,
-            booking,
-            clients_own: false,
-        };
-    }
-    // A 429 is read whole: a spent quota rests far longer than a busy minute.
-    let (response, body) = match upstream::read_error(response, first_byte).await {
-        Ok(read) => read,
-        Err(failure) => return failed(node, id, booking, failure, health),
-    };
-    let (rest, reason) = if upstream::is_insufficient_quota(&body) {
-        let rest =
-            upstream::explicit_rest(response.headers()).unwrap_or(health.quota_exhausted_cooldown);
-        (rest, CooldownReason::QuotaExhausted)
-    } else {
-        let rest = upstream::cooldown_of(response.headers());
-        (rest, CooldownReason::RateLimited)
-    };
-    let rest = rest.min(health.max_rest);
-    node.limiter.cool_down(Instant::now() + rest, reason);
-    booking.share_cooldown(rest);
-    tracing::info!(node = %node.name, cooldown_ms = rest.as_millis() as u64, reason = reason.as_str(), "upstream refused with 429; cooling down");
-    Attempt::Answered {
-        response,
-        node: id,
-        booking,
-        clients_own: false,
+        },
+        Err(failure) => {
+            tracing::warn!(node = %node.name, ?failure, "upstream attempt failed");
+            match failure {
+                // Nothing reached the node: take the request back in full.
+                Failure::Connect => booking.cancel(),
+                // It may have been received: keep what was reserved.
+                Failure::Timeout | Failure::Broken => drop(booking),
+            }
+            Attempt::Failed { node: id, failure }
+        }
     }
 }
 
-/// An attempt that got no answer: passive health hears of it, and the
-/// booking is taken back as far as the failure allows.
-fn failed(
-    node: &Node,
-    id: NodeId,
-    booking: Booking,
-    failure: Failure,
-    health: &HealthSettings,
-) -> Attempt {
-    tracing::warn!(node = %node.name, ?failure, "upstream attempt failed");
-    let (verdict, kind) = match failure {
-        Failure::Connect => (
-            Verdict::Unreachable("could not connect".to_owned()),
-            UpstreamError::Connect,
-        ),
-        Failure::Timeout => (
-            Verdict::Failed("no answer in time".to_owned()),
-            UpstreamError::Timeout,
-        ),
-        Failure::Broken => (
-            Verdict::Failed("connection broke".to_owned()),
-            UpstreamError::Broken,
-        ),
-    };
-    node.metrics.upstream_error(kind);
-    node.health.on_request(verdict, health);
-    match failure {
-        // Nothing reached the node: take the request back in full.
-        Failure::Connect => booking.cancel(),
-        // It may have been received: keep what was reserved.
-        Failure::Timeout | Failure::Broken => drop(booking),
+/// Applies what an attempt says about `node`: its error count, the limits
+/// the upstream reports, passive health, and the rest it asked for. Whether
+/// its key may be refused.
+fn apply(node: &Node, booking: &Booking, verdict: NodeVerdict, settings: &HealthSettings) -> bool {
+    if let Some(kind) = verdict.error {
+        node.metrics.upstream_error(kind);
     }
-    Attempt::Failed { node: id, failure }
+    if let Some(report) = &verdict.report
+        && let Some((rpm, tpm)) = booking.observe_upstream(report)
+    {
+        tracing::warn!(node = %node.name, upstream_rpm = ?rpm, upstream_tpm = ?tpm, "the upstream reports limits below the configured ones; the lower are in force");
+    }
+    node.health.on_request(verdict.health, settings);
+    if let Some((rest, reason)) = verdict.rest {
+        node.limiter.cool_down(Instant::now() + rest, reason);
+        booking.share_cooldown(rest);
+        tracing::info!(node = %node.name, cooldown_ms = rest.as_millis() as u64, reason = reason.as_str(), "upstream refused with 429; cooling down");
+    }
+    verdict.key_suspect
 }

@@ -53,7 +53,7 @@ pub(super) fn rate_limit_headers(
         for (name, value) in names.iter().zip([
             limit.to_string(),
             limit.saturating_sub(*used).to_string(),
-            crate::upstream::reset_text(reset),
+            crate::upstream::answer::reset_text(reset),
         ]) {
             if let Ok(value) = HeaderValue::try_from(value) {
                 headers.insert(name.clone(), value);

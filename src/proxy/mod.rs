@@ -32,7 +32,6 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::admission::{ClientHold, Placement};
-use crate::api::Operation;
 use crate::auth;
 use crate::clients::Client;
 use crate::error::GatewayError;
@@ -42,6 +41,7 @@ use crate::request::{self, CompletionDefaults, RequestInfo};
 use crate::snapshot::{Live, NodeId};
 use crate::state::AppState;
 use crate::store::UsageTotals;
+use crate::upstream::dialect::Operation;
 
 mod attempt;
 mod headers;

@@ -115,7 +115,7 @@ pub(super) async fn record_answer(
     if !routing.reads_answer || !json {
         return Ok(response);
     }
-    let (response, body) = upstream::read_whole(response, MAX_HELD_ANSWER, timeout)
+    let (response, body) = upstream::answer::read_whole(response, MAX_HELD_ANSWER, timeout)
         .await
         .map_err(|failure| {
             tracing::warn!(node = %node.name, ?failure, "an answer broke while it was read for its objects");

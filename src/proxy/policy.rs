@@ -138,7 +138,7 @@ pub(super) fn bound_completion(
         }),
         CompletionCap::Absent => {
             let held = defaults.for_model(model).max(1);
-            let bounded = crate::api::with_field(&body, field, &held.to_string());
+            let bounded = crate::upstream::dialect::with_field(&body, field, &held.to_string());
             info.demand.bytes = bounded.len() as u64;
             // Bounded now: no node's own default applies.
             info.demand.open_ended = None;

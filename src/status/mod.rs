@@ -207,7 +207,7 @@ pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
     };
     json!({
         "name": &*node.name,
-        "url": &*node.url,
+        "url": &*node.endpoint.url,
         "models": node.models,
         "healthy": node.health.in_rotation(),
         "health": {

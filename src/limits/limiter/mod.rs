@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use super::window::{Amounts, Window};
 use super::{
-    CooldownReason, Counted, Demand, HeadroomSignal, Limit, Load, Marks, Outlook, Quota,
-    RateLimitReport, Reported, SLOT, SLOTS, WINDOW, share,
+    CooldownReason, Counted, Demand, HeadroomSignal, Limit, Load, Marks, NodeLimits, Outlook,
+    Quota, RateLimitReport, Reported, SLOT, SLOTS, WINDOW, share,
 };
 
 /// Slots in a short window's span: its slots are a hundredth of the span
@@ -261,19 +261,6 @@ impl Limiter {
         self.state.lock().quota
     }
 
-    /// Besides the minute, holds the limits pro rata within every rolling
-    /// `span` (60 s or more: the minute alone). A changed span starts from
-    /// what the minute holds of it, so a reload never forgets use.
-    pub fn set_window(&self, span: Duration) {
-        let mut state = self.state.lock();
-        if state.short.as_ref().map_or(WINDOW, |s| s.span) == span.min(WINDOW) {
-            return;
-        }
-        state.short = (span < WINDOW).then(|| Short::new(span, &state.window));
-        drop(state);
-        self.signal.freed();
-    }
-
     /// The terms `demand` is admitted on here, for the limits shared
     /// through Redis: one lock for all of them.
     pub fn terms(&self, demand: Demand) -> Terms {
@@ -296,18 +283,27 @@ impl Limiter {
         }
     }
 
-    /// Whether the upstream charges a reservation in full at arrival.
-    pub fn set_charged_at_arrival(&self, charged: bool) {
-        self.state.lock().charged_at_arrival = charged;
-    }
-
-    /// Sets the completion an open-ended request reserves on this node.
-    pub fn set_default_completion(&self, tokens: Option<u64>) {
-        self.state.lock().default_completion = tokens;
+    /// Applies what a node's config sets (on start and on every reload),
+    /// without resetting the window: its quota (what the upstream reported
+    /// is forgotten until it reports again), its short window, how its
+    /// upstream charges, and its default completion.
+    pub fn apply(&self, limits: &NodeLimits) {
+        let mut state = self.state.lock();
+        state.quota = limits.quota;
+        state.upstream_limits = (None, None);
+        state.effective = limits.quota;
+        let span = limits.window.min(WINDOW);
+        if state.short.as_ref().map_or(WINDOW, |s| s.span) != span {
+            state.short = (span < WINDOW).then(|| Short::new(span, &state.window));
+        }
+        state.charged_at_arrival = limits.charged_at_arrival;
+        state.default_completion = limits.default_completion;
+        drop(state);
         self.signal.freed();
     }
 
-    /// Applies a changed quota (config reload) without resetting the window.
+    /// Applies a changed quota (a client's, on a change of its limits)
+    /// without resetting the window.
     pub fn set_quota(&self, quota: Quota) {
         let mut state = self.state.lock();
         state.quota = quota;

@@ -18,6 +18,16 @@ fn node(q: Quota) -> Arc<Limiter> {
     Limiter::new(q, Arc::new(HeadroomSignal::default()))
 }
 
+/// A node's limits: `quota` within every `window`, maybe charged at arrival.
+fn limits(quota: Quota, window: Duration, charged_at_arrival: bool) -> NodeLimits {
+    NodeLimits {
+        quota,
+        window,
+        charged_at_arrival,
+        default_completion: None,
+    }
+}
+
 const SMALL: Demand = Demand {
     tokens: 10,
     bytes: 100,
@@ -246,7 +256,11 @@ async fn a_short_window_holds_the_quota_pro_rata_within_every_span() {
     // rpm 60 within every rolling 10 s: at most 10 requests, and at most
     // 60 in any minute. Requests arrive every 37 ms for two minutes.
     let n = node(quota(Some(60), None, None, None));
-    n.set_window(Duration::from_secs(10));
+    n.apply(&limits(
+        n.configured_quota(),
+        Duration::from_secs(10),
+        false,
+    ));
     let mut admitted = Vec::new();
     for _ in 0..(120_000 / 37) {
         if let Some(r) = n.try_reserve(SMALL, Instant::now()) {
@@ -276,7 +290,11 @@ async fn a_short_window_holds_the_quota_pro_rata_within_every_span() {
 async fn a_demand_above_the_short_allotment_fits_an_empty_short_window() {
     // tpm 600 over 10 s allots 100 tokens; 250 fits only alone.
     let n = node(quota(None, Some(600), None, None));
-    n.set_window(Duration::from_secs(10));
+    n.apply(&limits(
+        n.configured_quota(),
+        Duration::from_secs(10),
+        false,
+    ));
     let big = Demand {
         tokens: 250,
         bytes: 0,
@@ -302,14 +320,18 @@ async fn a_new_short_window_starts_from_the_use_the_minute_holds() {
     for _ in 0..10 {
         n.try_reserve(SMALL, Instant::now()).unwrap().settle(10);
     }
-    n.set_window(Duration::from_secs(10));
+    n.apply(&limits(
+        n.configured_quota(),
+        Duration::from_secs(10),
+        false,
+    ));
     assert!(n.try_reserve(SMALL, Instant::now()).is_none());
     assert_eq!(
         n.snapshot(Instant::now()).short.unwrap().requests,
         (Some(10), 10)
     );
     // Back to the minute alone: the minute's 60 admit the rest.
-    n.set_window(WINDOW);
+    n.apply(&limits(n.configured_quota(), WINDOW, false));
     assert!(n.try_reserve(SMALL, Instant::now()).is_some());
 }
 
@@ -330,7 +352,11 @@ async fn a_remaining_count_without_limit_or_reset_is_read_over_the_nodes_window(
     // Azure's answers carry only `remaining`: out of rpm 60 over 10 s,
     // 0 left refills one request a second.
     let n = node(quota(Some(60), None, None, None));
-    n.set_window(Duration::from_secs(10));
+    n.apply(&limits(
+        n.configured_quota(),
+        Duration::from_secs(10),
+        false,
+    ));
     let r = n.try_reserve(SMALL, Instant::now()).unwrap();
     r.observe_upstream(&RateLimitReport {
         remaining_requests: Some(0),
@@ -350,7 +376,7 @@ async fn a_one_second_window_paces_to_the_second_and_uses_98_percent() {
     // rpm 6000 within every rolling second: at most 100; a request
     // arrives every 3 ms for 20 s.
     let n = node(quota(Some(6000), None, None, None));
-    n.set_window(Duration::from_secs(1));
+    n.apply(&limits(n.configured_quota(), Duration::from_secs(1), false));
     let mut admitted = Vec::new();
     for _ in 0..(20_000 / 3) {
         if let Some(r) = n.try_reserve(SMALL, Instant::now()) {
@@ -373,7 +399,7 @@ async fn a_one_second_window_paces_to_the_second_and_uses_98_percent() {
 #[tokio::test(start_paused = true)]
 async fn an_upstream_that_charges_at_arrival_keeps_the_reservation_counted() {
     let n = node(quota(None, Some(1000), None, None));
-    n.set_charged_at_arrival(true);
+    n.apply(&limits(n.configured_quota(), WINDOW, true));
     let asking = Demand {
         tokens: 300,
         bytes: 0,

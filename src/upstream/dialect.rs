@@ -25,10 +25,10 @@ use std::borrow::Cow;
 use axum::http::{HeaderName, HeaderValue, header};
 use bytes::{Bytes, BytesMut};
 
+use super::Endpoint;
 use crate::config::NodeApi;
 use crate::error::GatewayError;
 use crate::request::{ModelInBody, RequestInfo};
-use crate::snapshot::Node;
 
 /// Operations an Azure deployment serves at
 /// `/openai/deployments/{deployment}/{operation}`.
@@ -115,11 +115,11 @@ fn is_api_version(pair: &str) -> bool {
 }
 
 /// The URL `operation` goes to on `node`, for `model` (the client's name).
-pub(crate) fn url(node: &Node, operation: &Operation<'_>, model: Option<&str>) -> reqwest::Url {
+pub(crate) fn url(node: &Endpoint, operation: &Operation<'_>, model: Option<&str>) -> reqwest::Url {
     // The base was parsed once; setting path and query skips host parsing.
     let mut url = node.base.clone();
     let base = node.base.path().trim_end_matches('/');
-    match &node.api {
+    match &node.dialect {
         NodeApi::OpenAi => {
             url.set_path(&[base, operation.path].concat());
             url.set_query(operation.query.as_deref());
@@ -150,7 +150,7 @@ pub(crate) fn url(node: &Node, operation: &Operation<'_>, model: Option<&str>) -
 }
 
 /// A probe's URL: `GET {health.path}` in the node's dialect.
-pub(crate) fn probe_url(node: &Node, path: &str) -> reqwest::Url {
+pub(crate) fn probe_url(node: &Endpoint, path: &str) -> reqwest::Url {
     let operation = Operation {
         path,
         query: None,
@@ -160,8 +160,8 @@ pub(crate) fn probe_url(node: &Node, path: &str) -> reqwest::Url {
 }
 
 /// The header that carries the node's key.
-pub(crate) fn key_header(node: &Node) -> (HeaderName, &HeaderValue) {
-    match node.api {
+pub(crate) fn key_header(node: &Endpoint) -> (HeaderName, &HeaderValue) {
+    match node.dialect {
         NodeApi::OpenAi => (header::AUTHORIZATION, node.key.authorization()),
         NodeApi::Azure { .. } => (API_KEY, node.key.api_key()),
     }
@@ -169,8 +169,8 @@ pub(crate) fn key_header(node: &Node) -> (HeaderName, &HeaderValue) {
 
 /// Whether `node` reads the model from the body for `operation` (not from
 /// a deployment path).
-fn model_from_body(node: &Node, operation: &Operation<'_>) -> bool {
-    match &node.api {
+fn model_from_body(node: &Endpoint, operation: &Operation<'_>) -> bool {
+    match &node.dialect {
         NodeApi::OpenAi | NodeApi::Azure { api_version: None } => true,
         NodeApi::Azure {
             api_version: Some(_),
@@ -182,7 +182,7 @@ fn model_from_body(node: &Node, operation: &Operation<'_>) -> bool {
 /// where the node's name for the model differs (or an Azure-style client
 /// named it in the path only). Only JSON bodies are rewritten.
 pub(crate) fn body_for(
-    node: &Node,
+    node: &Endpoint,
     operation: &Operation<'_>,
     info: &RequestInfo,
     body: &Bytes,

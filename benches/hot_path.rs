@@ -417,40 +417,6 @@ fn metrics(c: &mut Criterion) {
     group.finish();
 }
 
-/// An OTLP trace receiver that counts the spans it gets.
-struct Counting(std::sync::Arc<std::sync::atomic::AtomicU64>);
-#[tonic::async_trait]
-impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
-    for Counting
-{
-    async fn export(
-        &self,
-        request: tonic::Request<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
-        >,
-    ) -> Result<
-        tonic::Response<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
-        >,
-        tonic::Status,
-    > {
-        let spans: usize = request
-            .into_inner()
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len())
-            .sum();
-        self.0
-            .fetch_add(spans as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(tonic::Response::new(
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse {
-                partial_success: None,
-            },
-        ))
-    }
-}
-
 /// CPU time of every thread of this process but the receiver's.
 fn cpu_time() -> std::time::Duration {
     let ticks: u64 = std::fs::read_dir("/proc/self/task")
@@ -469,34 +435,21 @@ fn cpu_time() -> std::time::Duration {
     std::time::Duration::from_millis(ticks * 10)
 }
 
-/// The counting receiver on a runtime of its own (its threads named
-/// `otlp-receiver`, left out of [`cpu_time`]): the runtime to keep, the
-/// endpoint, and the count of spans received.
-fn start_receiver() -> (
-    tokio::runtime::Runtime,
-    String,
-    std::sync::Arc<std::sync::atomic::AtomicU64>,
-) {
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+/// The counting receiver (the one in `mock-upstreams`) on a runtime of
+/// its own (its threads named `otlp-receiver`, left out of [`cpu_time`]):
+/// the runtime to keep, and the receiver.
+fn start_receiver() -> (tokio::runtime::Runtime, mock_upstreams::otlp::OtlpReceiver) {
+    use mock_upstreams::otlp::{OtlpReceiver, ReceiverOptions};
     let receiving = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("otlp-receiver")
         .enable_all()
         .build()
         .unwrap();
-    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let listener = receiving
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+    let receiver = receiving
+        .block_on(OtlpReceiver::start(ReceiverOptions::default()))
         .unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    receiving.spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Counting(std::sync::Arc::clone(
-                &received,
-            ))))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    (receiving, endpoint, received)
+    (receiving, receiver)
 }
 
 /// A request's span with tracing on: made from the request's headers
@@ -513,16 +466,15 @@ fn traces(c: &mut Criterion) {
     use balancer::config::TracingSettings;
     use balancer::traces::{Answered, Tracing};
     use std::sync::Arc;
-    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let (_receiving, endpoint, received) = start_receiver();
+    let (_receiving, receiver) = start_receiver();
     let settings = TracingSettings {
-        otlp_endpoint: Some(endpoint),
+        otlp_endpoint: Some(receiver.endpoint().to_owned()),
         service_name: "bench".to_owned(),
         export_interval: Duration::from_millis(50),
         headers: Vec::new(),
@@ -583,10 +535,7 @@ fn traces(c: &mut Criterion) {
     group.bench_function("no_span_baseline", |b| b.iter(|| black_box(None::<u8>)));
     group.finish();
     tracing.shutdown();
-    println!(
-        "spans the receiver got: {}",
-        received.load(Ordering::Relaxed)
-    );
+    println!("spans the receiver got: {}", receiver.spans());
 }
 
 criterion_group!(

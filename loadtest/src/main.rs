@@ -19,7 +19,6 @@ mod drive;
 mod fairness;
 mod harness;
 mod nginx;
-mod otlp;
 mod paced;
 mod procs;
 mod reload;

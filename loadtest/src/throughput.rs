@@ -16,6 +16,7 @@
 //! Fails (exit 1) if any request fails or is not a 200. The targets are
 //! printed as met or missed; they are judged on a release build.
 
+use mock_upstreams::otlp::{OtlpReceiver, ReceiverOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -371,10 +372,10 @@ async fn compare_with_tracing(
     untraced: &Run,
     untraced_cpu_us: f64,
 ) -> anyhow::Result<bool> {
-    let receiver = crate::otlp::Receiver::start().await?;
+    let receiver = OtlpReceiver::start(ReceiverOptions::default()).await?;
     let extra = format!(
         "[tracing]\notlp_endpoint = \"{}\"\nexport_interval = \"1s\"\n",
-        receiver.endpoint
+        receiver.endpoint()
     );
     let gateway =
         Gateway::start(mocks, dir, "throughput-tracing", &extra, &|_| String::new()).await?;

@@ -41,6 +41,8 @@ pub mod cli;
 pub mod ledger;
 mod objects;
 mod openai;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 mod responses;
 
 pub use openai::EMBEDDING;

@@ -6,133 +6,46 @@
 
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
+use mock_upstreams::otlp::{
+    OtlpReceiver, ReceivedSpan as Received, ReceiverOptions, attribute, text,
 };
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
-use opentelemetry_proto::tonic::trace::v1::Span;
-use tokio::sync::mpsc;
-use tonic::transport::{Identity, ServerTlsConfig};
 use wiremock::ResponseTemplate;
 
 use crate::support::{
     FAST, Gateway, PrivateCa, answering, chat, chat_answer, client, node, post, private_ca, v1,
 };
 
-/// A span as received, with its resource's `service.name` and the
-/// `x-collector-key` header of the export that carried it.
-struct Received {
-    service: String,
-    span: Span,
-    collector_key: Option<String>,
-    /// `grpc-encoding` of the export (`gzip` when compressed).
-    encoding: Option<String>,
-}
-
-struct Receiver(mpsc::UnboundedSender<Received>);
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let header = |name: &str| {
-            request
-                .metadata()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let (collector_key, encoding) = (header("x-collector-key"), header("grpc-encoding"));
-        for resource in request.into_inner().resource_spans {
-            let service = resource
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
-                .unwrap_or_default();
-            for scope in resource.scope_spans {
-                for span in scope.spans {
-                    let _ = self.0.send(Received {
-                        service: service.clone(),
-                        span,
-                        collector_key: collector_key.clone(),
-                        encoding: encoding.clone(),
-                    });
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-fn text(value: &Any) -> Option<String> {
-    match value {
-        Any::StringValue(s) => Some(s.clone()),
-        Any::IntValue(n) => Some(n.to_string()),
-        Any::DoubleValue(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// An OTLP trace receiver on a free port: its endpoint, and the spans it
-/// receives. It stops when the test's runtime does.
-async fn receiver() -> (String, mpsc::UnboundedReceiver<Received>) {
+/// An OTLP trace receiver on a free port (the one in `mock-upstreams`):
+/// its endpoint, and the spans it receives. It stops when the test's
+/// runtime does.
+async fn receiver() -> (String, OtlpReceiver) {
     serve_receiver(None).await
 }
 
 /// [`receiver`] behind TLS with `ca`'s certificate for `localhost`.
-async fn tls_receiver(ca: &PrivateCa) -> (String, mpsc::UnboundedReceiver<Received>) {
-    let identity = Identity::from_pem(&ca.cert_pem, &ca.key_pem);
-    serve_receiver(Some(ServerTlsConfig::new().identity(identity))).await
+async fn tls_receiver(ca: &PrivateCa) -> (String, OtlpReceiver) {
+    serve_receiver(Some((
+        ca.cert_pem.clone().into(),
+        ca.key_pem.clone().into(),
+    )))
+    .await
 }
 
-async fn serve_receiver(
-    tls: Option<ServerTlsConfig>,
-) -> (String, mpsc::UnboundedReceiver<Received>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let endpoint = match tls {
-        Some(_) => format!("https://localhost:{port}"),
-        None => format!("http://127.0.0.1:{port}"),
+async fn serve_receiver(tls: Option<(Vec<u8>, Vec<u8>)>) -> (String, OtlpReceiver) {
+    let options = ReceiverOptions {
+        tls,
+        keep_spans: true,
     };
-    let (spans, received) = mpsc::unbounded_channel();
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).unwrap();
-    }
-    tokio::spawn(
-        server
-            .add_service(
-                TraceServiceServer::new(Receiver(spans))
-                    .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
-            )
-            .serve_with_incoming(incoming),
-    );
-    (endpoint, received)
+    let receiver = OtlpReceiver::start(options).await.unwrap();
+    (receiver.endpoint().to_owned(), receiver)
 }
 
 /// The next span the receiver gets (the exporter sends every 100 ms).
-async fn next_span(spans: &mut mpsc::UnboundedReceiver<Received>) -> Received {
-    tokio::time::timeout(Duration::from_secs(15), spans.recv())
+async fn next_span(spans: &mut OtlpReceiver) -> Received {
+    spans
+        .next_span(Duration::from_secs(15))
         .await
         .expect("a span within 15 s")
-        .expect("the receiver is running")
-}
-
-fn attribute(span: &Span, key: &str) -> Option<String> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
 }
 
 /// The `traceparent` of the first request `server` received.

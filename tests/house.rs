@@ -265,7 +265,7 @@ fn no_source_file_passes_the_line_limit() {
 /// when it was set: a change may lower it (and should lower the
 /// constant), never raise it.
 const WINDOW: usize = 6;
-const DUPLICATE_RUNS_CEILING: usize = 45;
+const DUPLICATE_RUNS_CEILING: usize = 22;
 
 /// The runs of repeated lines in the files under `dirs`.
 fn duplicate_runs(dirs: &[PathBuf]) -> Vec<String> {

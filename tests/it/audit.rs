@@ -11,7 +11,10 @@ use serde_json::{Value, json};
 use wiremock::matchers::{any, header};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::{Gateway, answering, chat, chat_answer, client, node, node_status, say, v1};
+use crate::support::{
+    Gateway, answering, chat, chat_answer, chat_upstream, client, node, node_status, say,
+    send_json, v1,
+};
 
 /// N17: a reload that moves a node to another host (new URL, new key)
 /// sends every later request to the new host only.
@@ -62,7 +65,7 @@ async fn n17_a_node_moved_by_a_reload_reaches_only_its_new_host() {
 /// N11: `/openai/v1x/...` is no `/v1` path, and `%00` is no path at all.
 #[tokio::test]
 async fn n11_a_v1x_prefix_and_encoded_nul_are_refused() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&node("a", &v1(&upstream), "k", "")).await;
     let cases = [
         ("/openai/v1x/chat/completions", 404, "unknown_url"),
@@ -71,13 +74,7 @@ async fn n11_a_v1x_prefix_and_encoded_nul_are_refused() {
         ("/openai/v1/chat%1f/completions", 400, "invalid_path"),
     ];
     for (path, status, code) in cases {
-        let response = client()
-            .post(gw.url(path))
-            .header("content-type", "application/json")
-            .body(chat("gpt-4o-mini", "x", 5))
-            .send()
-            .await
-            .unwrap();
+        let response = send_json(gw.url(path), None, chat("gpt-4o-mini", "x", 5)).await;
         assert_eq!(response.status(), status, "{path}");
         let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
         assert_eq!(body["error"]["code"], code, "{path}");
@@ -154,7 +151,7 @@ async fn n14_an_absurd_retry_after_is_capped_and_a_moved_node_starts_fresh() {
             .set_body_json(json!({"error": {"message": "slow down", "type": "rate_limit_error"}})),
     )
     .await;
-    let serving = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let serving = chat_upstream().await;
     let gw = Gateway::start_file_text(
         &format!(
             "[health]\nenabled = false\nmax_rest = \"2m\"\n[queue]\nmax_wait = \"0s\"\n{}",
@@ -186,7 +183,7 @@ async fn n14_an_absurd_retry_after_is_capped_and_a_moved_node_starts_fresh() {
 /// N15: the dashboard may not be framed and runs only its own script.
 #[tokio::test]
 async fn n15_the_dashboard_sends_a_content_security_policy() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&node("a", &v1(&upstream), "k", "")).await;
     let response = client().get(gw.url("/dashboard")).send().await.unwrap();
     assert_eq!(response.status(), 200);

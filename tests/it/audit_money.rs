@@ -10,7 +10,10 @@ use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use crate::money::{TEAM, close, gateway, send, settled_budget};
-use crate::support::{Gateway, answering, chat, chat_answer, client, node, node_status, say, v1};
+use crate::support::{
+    Gateway, answering, chat, chat_answer, chat_upstream, client, get_text, node, node_status, say,
+    send_json, v1,
+};
 
 /// Answers a chat request with as many completion tokens as it allows:
 /// its `max_completion_tokens` (or `max_tokens`), else 300,000.
@@ -162,14 +165,7 @@ async fn limited_gateway(upstream: &wiremock::MockServer, settings: &str) -> Gat
 
 /// `body` posted to `path` with `key`: the status and the error code.
 async fn post_as(gw: &Gateway, key: &str, path: &str, body: &Value) -> (u16, String) {
-    let response = client()
-        .post(gw.url(path))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(gw.url(path), Some(key), body.to_string()).await;
     let status = response.status().as_u16();
     let body: Value =
         serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null);
@@ -216,7 +212,7 @@ async fn n5_a_model_less_image_request_is_held_against_the_budget() {
 /// their budgets or the nodes' URLs; with the token, everything.
 #[tokio::test]
 async fn s3_clients_budgets_and_node_urls_need_the_admin_token() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = gateway(
         &v1(&upstream),
         "budget_usd = 1\nbudget_period = \"day\"",
@@ -314,14 +310,7 @@ async fn n8_budget_waiters_count_in_the_clients_queue_depth() {
 }
 
 async fn post_team(url: &str) -> (u16, String) {
-    let response = client()
-        .post(url)
-        .bearer_auth(TEAM)
-        .header("content-type", "application/json")
-        .body(chat("m", "hi", 1_000))
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(url, Some(TEAM), chat("m", "hi", 1_000)).await;
     let status = response.status().as_u16();
     let body: Value =
         serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null);
@@ -336,7 +325,7 @@ async fn post_team(url: &str) -> (u16, String) {
 /// with no price is still `other`.
 #[tokio::test]
 async fn a_priced_model_is_a_label_when_no_node_lists_models() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&format!(
         "[status]\npublic = true\n[prices.\"team-model\"]\ninput = 1.0\noutput = 2.0\n{}",
         node("any", &v1(&upstream), "k", "")
@@ -345,14 +334,7 @@ async fn a_priced_model_is_a_label_when_no_node_lists_models() {
     for model in ["gpt-4o-mini", "team-model", "made-up-model"] {
         assert_eq!(say(&gw, chat(model, "x", 5)).await.status(), 200);
     }
-    let scrape = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = get_text(gw.url("/metrics"), None).await;
     for model in ["gpt-4o-mini", "team-model"] {
         assert!(
             scrape.contains(&format!(

@@ -10,7 +10,8 @@ use tokio::net::TcpStream;
 use wiremock::ResponseTemplate;
 
 use crate::support::{
-    CLIENT_KEY, Gateway, answering, chat, chat_answer, client, node, node_status, say, v1,
+    CLIENT_KEY, Gateway, answering, chat, chat_answer, chat_upstream, client, node, node_status,
+    say, send_json, v1,
 };
 
 /// An HTTP/2 (prior knowledge) connection to `gw`, driven in the
@@ -43,7 +44,7 @@ fn h2_get(gw: &Gateway, path: &str) -> hyper::Request<http_body_util::Full<bytes
 /// `server.header_read_timeout`; the gateway answers others throughout.
 #[tokio::test]
 async fn n1_idle_http2_connections_are_closed() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&format!(
         "[server]\nheader_read_timeout = \"500ms\"\nmax_connections = 4\n{}",
         node("a", &v1(&upstream), "k", "")
@@ -148,7 +149,7 @@ async fn trickle_start(gw: &Gateway, key: &str, length: usize, first: &[u8]) -> 
 /// its client's `max_concurrency`.
 #[tokio::test]
 async fn n2_a_stalled_body_is_answered_408_and_counts_against_concurrency() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start_file_text(
         &format!(
             "[server]\nbody_read_timeout = \"1s\"\n[[clients]]\nname = \"slow\"\nkey_env = \"SLOW\"\nmax_concurrency = 1\n{}",
@@ -180,23 +181,21 @@ async fn n2_a_stalled_body_is_answered_408_and_counts_against_concurrency() {
 }
 
 async fn ask_as_slow(gw: &Gateway) -> u16 {
-    client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth("sk-slow-client")
-        .header("content-type", "application/json")
-        .body(chat("gpt-4o-mini", "hi", 5))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    send_json(
+        gw.url("/v1/chat/completions"),
+        Some("sk-slow-client"),
+        chat("gpt-4o-mini", "hi", 5),
+    )
+    .await
+    .status()
+    .as_u16()
 }
 
 /// N2: a body that trickles a byte at a time, never stalling for the
 /// stall timeout, is still cut at `server.request_timeout`.
 #[tokio::test]
 async fn n2_a_trickling_body_ends_at_the_request_timeout() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&format!(
         "[server]\nrequest_timeout = \"1s\"\nbody_read_timeout = \"5s\"\n{}",
         node("a", &v1(&upstream), "k", "")

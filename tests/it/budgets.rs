@@ -9,7 +9,9 @@ use wiremock::ResponseTemplate;
 
 use crate::money::{PRICES, TEAM, close, gateway, gateway_waiting, send, settled_budget};
 use crate::redis::RedisServer;
-use crate::support::{Gateway, answering, chat, chat_answer, client, eventually, node, tally, v1};
+use crate::support::{
+    Gateway, answering, chat, chat_answer, chat_upstream, eventually, node, send_json, tally, v1,
+};
 
 /// An upstream whose every answer costs $0.000009 (5 tokens in, 2 out)
 /// and takes `delay`.
@@ -213,7 +215,7 @@ async fn a_spent_budget_refuses_until_its_period_renews_and_a_spent_total_for_go
 #[tokio::test]
 async fn a_budgeted_client_is_refused_a_model_without_a_price_and_a_request_larger_than_its_budget()
 {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = gateway(&v1(&upstream), "budget_usd = 0.001", "").await;
     let (status, _, body) =
         send(&gw, "/v1/chat/completions", chat("unpriced-model", "hi", 5)).await;
@@ -420,14 +422,8 @@ async fn a_client_that_hangs_up_mid_stream_pays_for_what_streamed_and_holds_noth
     )
     .await;
     let body = json!({"model": "m", "stream": true, "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
-    let mut response = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .bearer_auth(TEAM)
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
+    let mut response =
+        send_json(gw.url("/v1/chat/completions"), Some(TEAM), body.to_string()).await;
     assert_eq!(response.status(), 200);
     // A few events, then the client goes away.
     let mut seen = 0;

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use wiremock::ResponseTemplate;
 
 use crate::money::{admin_get, close, gateway};
-use crate::support::{ADMIN_TOKEN, Gateway, answering, chat, chat_answer, client, v1};
+use crate::support::{ADMIN_TOKEN, Gateway, answering, chat, chat_answer, client, send_json, v1};
 
 /// Calls the admin API: status and JSON body.
 async fn admin(gw: &Gateway, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
@@ -64,16 +64,14 @@ async fn the_admin_api_sets_changes_and_reads_a_budget() {
         made["key"].as_str().unwrap().to_owned(),
     );
     let ask = async || {
-        client()
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(&key)
-            .header("content-type", "application/json")
-            .body(chat("m", "hi", 1_000))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+        send_json(
+            gw.url("/v1/chat/completions"),
+            Some(&key),
+            chat("m", "hi", 1_000),
+        )
+        .await
+        .status()
+        .as_u16()
     };
     assert_eq!(ask().await, 200);
     assert_eq!(ask().await, 200);

@@ -14,7 +14,7 @@ use mock_upstreams::{MockConfig, MockUpstream};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::support::{chat, client};
+use crate::support::{chat, client, send_json};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_balancer");
 
@@ -193,15 +193,14 @@ async fn serve_in_front_of(mock: MockConfig, extra: &str) -> Setup {
 }
 
 async fn chat_status(served: &Served) -> u16 {
-    client()
-        .post(served.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(chat("gpt-4o-mini", "hi", 5))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    send_json(
+        served.url("/v1/chat/completions"),
+        None,
+        chat("gpt-4o-mini", "hi", 5),
+    )
+    .await
+    .status()
+    .as_u16()
 }
 
 #[tokio::test]
@@ -328,13 +327,7 @@ async fn json_logs_give_one_line_per_request_with_what_it_used_and_never_a_key()
         upstream, served, ..
     } = setup;
     let body = chat("gpt-4o-mini", "hi", 5);
-    let response = client()
-        .post(served.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(served.url("/v1/chat/completions"), None, body.clone()).await;
     assert_eq!(response.status(), 200);
     let received = response.bytes().await.unwrap().len() as u64;
 
@@ -366,13 +359,12 @@ async fn json_logs_give_one_line_per_request_with_what_it_used_and_never_a_key()
     }
 
     // An answer the gateway gives itself has its line too.
-    let unknown = client()
-        .post(served.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(chat("no-such-model", "hi", 5))
-        .send()
-        .await
-        .unwrap();
+    let unknown = send_json(
+        served.url("/v1/chat/completions"),
+        None,
+        chat("no-such-model", "hi", 5),
+    )
+    .await;
     assert_eq!(unknown.status(), 404);
     let line = served.logged("balancer::access");
     let entry: serde_json::Value = serde_json::from_str(&line).unwrap();

@@ -7,7 +7,7 @@ use mock_upstreams::{MockConfig, MockUpstream};
 use tokio::sync::Semaphore;
 
 use crate::redis::RedisServer;
-use crate::support::{Gateway, ask_as, chat, client, node, private_ca};
+use crate::support::{Gateway, ask_as, chat, client, node, private_ca, send_json};
 
 async fn mock(rpm: Option<u64>) -> MockUpstream {
     MockUpstream::start(
@@ -443,13 +443,8 @@ async fn local_and_shared_hold_a_short_window_and_a_nodes_own_default_completion
         "messages": [{"role": "user", "content": "hi"}],
     });
     for gw in [&local, &replicas[1]] {
-        let response = client()
-            .post(gw.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(open_ended.to_string())
-            .send()
-            .await
-            .unwrap();
+        let response =
+            send_json(gw.url("/v1/chat/completions"), None, open_ended.to_string()).await;
         assert_eq!(response.status(), 400);
         let body: serde_json::Value =
             serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();

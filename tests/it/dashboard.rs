@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::support::{Gateway, answering_upstream, chat, client, node, node_status};
+use crate::support::{Gateway, answering_upstream, chat, client, node, node_status, send_json};
 
 /// The browser to drive: `BALANCER_TEST_CHROMIUM`, else the first of the
 /// usual names on `PATH`.
@@ -123,13 +123,12 @@ async fn the_dashboard_draws_each_node_with_live_bars_in_headless_chromium() {
     });
     gw.until(|s| node_status(s, "slow")["in_flight"] == 1).await;
     for text in ["one", "two"] {
-        let response = client()
-            .post(gw.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(chat("gpt-4o-mini", text, 10))
-            .send()
-            .await
-            .unwrap();
+        let response = send_json(
+            gw.url("/v1/chat/completions"),
+            None,
+            chat("gpt-4o-mini", text, 10),
+        )
+        .await;
         assert_eq!(response.headers()["x-balancer-node"], "fast");
         response.bytes().await.unwrap();
     }
@@ -205,14 +204,12 @@ async fn the_dashboard_draws_each_client_s_spend_against_its_budget() {
         &[("TEAM", "sk-team-dashboard-key")],
     )
     .await;
-    let response = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .bearer_auth("sk-team-dashboard-key")
-        .body(chat("m", "hi", 1_000))
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(
+        gw.url("/v1/chat/completions"),
+        Some("sk-team-dashboard-key"),
+        chat("m", "hi", 1_000),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap();
     gw.until(|s| s["budgets"][0]["spent_usd"] == 0.002 && s["budgets"][0]["in_flight_usd"] == 0.0)

@@ -6,24 +6,15 @@
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-use wiremock::ResponseTemplate;
 
 use crate::redis::RedisServer;
-use crate::support::{Gateway, answering, chat, chat_answer, client, node, v1};
+use crate::support::{Gateway, chat, chat_upstream, get_text, node, send_json, v1};
 
 const TEAM: &str = "sk-team-deploy-key";
 
 /// Every metric name (with its `_total`, `_bucket`, ... suffix) a scrape shows.
 async fn exported(gw: &Gateway) -> BTreeSet<String> {
-    let text = client()
-        .get(gw.url("/metrics"))
-        .bearer_auth(crate::support::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(gw.url("/metrics"), Some(crate::support::ADMIN_TOKEN)).await;
     text.lines()
         .filter(|line| !line.starts_with('#') && !line.is_empty())
         .map(|line| {
@@ -55,7 +46,7 @@ fn read(path: &str) -> String {
 #[tokio::test]
 async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
     let redis = RedisServer::start();
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start_file_text(
         &format!(
             "[status]\npublic = true\n[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\n\
@@ -71,14 +62,12 @@ async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
         &[("TEAM", TEAM)],
     )
     .await;
-    let response = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .bearer_auth(TEAM)
-        .body(chat("gpt-4o-mini", "hi", 5))
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(
+        gw.url("/v1/chat/completions"),
+        Some(TEAM),
+        chat("gpt-4o-mini", "hi", 5),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap();
     gw.until(|s| s["nodes"][0]["in_flight"] == 0).await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use wiremock::MockServer;
 
-use crate::support::{Gateway, client, node};
+use crate::support::{Gateway, node, send_json};
 
 /// Keys of the declared test clients.
 const LOW: &str = "sk-fair-low-client";
@@ -74,14 +74,7 @@ fn marked(mark: &str) -> String {
 fn send(gw: &Gateway, key: &str, mark: &str) -> tokio::task::JoinHandle<u16> {
     let (url, key, body) = (gw.url("/v1/chat/completions"), key.to_owned(), marked(mark));
     tokio::spawn(async move {
-        let response = client()
-            .post(url)
-            .header("authorization", format!("Bearer {key}"))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let response = send_json(url, Some(&key), body).await;
         let status = response.status().as_u16();
         response.bytes().await.unwrap();
         status
@@ -170,14 +163,7 @@ async fn one_client_cannot_fill_the_queue_and_is_refused_alone() {
     let waiting = [send(&gw, LOW, "w1"), send(&gw, LOW, "w2")];
     queued(&gw, 2).await;
     // A third of the same client's is refused, with when to come back.
-    let response = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("authorization", format!("Bearer {LOW}"))
-        .header("content-type", "application/json")
-        .body(marked("w3"))
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(gw.url("/v1/chat/completions"), Some(LOW), marked("w3")).await;
     assert_eq!(response.status(), 429);
     assert!(response.headers().contains_key("retry-after"));
     assert!(response.headers().contains_key("retry-after-ms"));
@@ -235,14 +221,7 @@ async fn answers_carry_the_clients_own_limits_or_the_pools_never_the_nodes() {
     );
     let gw = Gateway::start_file_text(&toml, &[("LIMITED", "sk-limited-headers")]).await;
     let headers_of = async |key: &str| {
-        let response = client()
-            .post(gw.url("/v1/chat/completions"))
-            .header("authorization", format!("Bearer {key}"))
-            .header("content-type", "application/json")
-            .body(marked("hi"))
-            .send()
-            .await
-            .unwrap();
+        let response = send_json(gw.url("/v1/chat/completions"), Some(key), marked("hi")).await;
         assert_eq!(response.status(), 200);
         let get = |name: &str| {
             response

@@ -11,8 +11,8 @@ use wiremock::matchers::{any, body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::{
-    ADMIN_TOKEN, CLIENT_KEY, FAST, Gateway, answering, ask_as, chat, chat_answer, client, node,
-    node_status, say, v1,
+    ADMIN_TOKEN, CLIENT_KEY, FAST, Gateway, answering, ask_as, chat, chat_answer, chat_upstream,
+    client, get_text, node, node_status, say, send_json, v1,
 };
 
 /// Sends `request` (raw HTTP/1.1, as written) and returns the whole answer
@@ -150,7 +150,7 @@ async fn dot_segments_are_refused_and_never_forwarded() {
 /// parsed: refusing it costs nothing.
 #[tokio::test]
 async fn a_client_over_its_own_limit_is_refused_before_its_body_is_parsed() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start_file_text(
         &format!(
             "[[clients]]\nname = \"one\"\nkey_env = \"ONE\"\nrpm = 1\n{}",
@@ -184,7 +184,7 @@ async fn a_client_over_its_own_limit_is_refused_before_its_body_is_parsed() {
 /// once an idle one has gone.
 #[tokio::test]
 async fn idle_connections_are_closed_and_their_number_is_capped() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&format!(
         "[server]\nheader_read_timeout = \"500ms\"\nmax_connections = 2\n{}",
         node("a", &v1(&upstream), "k", "")
@@ -227,7 +227,7 @@ async fn idle_connections_are_closed_and_their_number_is_capped() {
 /// HTTP/1 request whose first byte arrives alone (`P` may begin either).
 #[tokio::test]
 async fn http2_with_prior_knowledge_and_a_split_http1_head_are_both_served() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&node("a", &v1(&upstream), "k", "")).await;
 
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
@@ -291,18 +291,11 @@ async fn a_client_that_stops_reading_a_stream_frees_its_slot_at_the_deadline() {
 /// 6. A model name a client makes up is no metric label.
 #[tokio::test]
 async fn made_up_model_names_never_become_metric_labels() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&node("any", &v1(&upstream), "k", "")).await;
     let made_up = format!("made-up-{}", "x".repeat(200));
     assert_eq!(ask_as(&gw, CLIENT_KEY, &made_up, 5).await.0, 200);
-    let scrape = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = get_text(gw.url("/metrics"), None).await;
     assert!(
         !scrape.contains("made-up-"),
         "a client's name became a label"
@@ -366,7 +359,7 @@ async fn a_usage_row_the_store_refuses_is_dropped_not_retried_for_ever() {
 #[tokio::test]
 async fn a_huge_max_tokens_never_marks_redis_down() {
     let redis = crate::redis::RedisServer::start();
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&format!(
         "[cluster]\nredis_url = \"{}\"\ntimeout = \"5s\"\non_redis_error = \"reject\"\n{}",
         redis.url(),
@@ -440,7 +433,7 @@ async fn absurd_upstream_rate_limit_headers_are_answered_not_panicked() {
 /// as it says: too large for the node.
 #[tokio::test]
 async fn a_max_tokens_that_would_wrap_is_refused_as_too_large() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&node("a", &v1(&upstream), "k", "tpm = 1000")).await;
     let (status, _, body) = ask_as(&gw, CLIENT_KEY, "gpt-4o-mini", u64::MAX).await;
     assert_eq!(
@@ -453,20 +446,18 @@ async fn a_max_tokens_that_would_wrap_is_refused_as_too_large() {
 /// 13. The admin API refuses a bucket that would refill once in an age.
 #[tokio::test]
 async fn a_bucket_rate_too_small_is_refused_by_the_admin_api() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&format!(
         "[admin]\ntoken_env = \"TEST_ADMIN_TOKEN\"\n{}",
         node("a", &v1(&upstream), "k", "")
     ))
     .await;
-    let response = client()
-        .post(gw.admin_url("/admin/clients"))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "application/json")
-        .body(json!({"name": "glacial", "burst": 1, "rate_per_second": 1e-300}).to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(
+        gw.admin_url("/admin/clients"),
+        Some(ADMIN_TOKEN),
+        json!({"name": "glacial", "burst": 1, "rate_per_second": 1e-300}).to_string(),
+    )
+    .await;
     assert_eq!(response.status(), 400);
     let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
     assert_eq!(body["error"]["param"], "rate_per_second");
@@ -477,7 +468,7 @@ async fn a_bucket_rate_too_small_is_refused_by_the_admin_api() {
 async fn a_reload_that_would_open_the_gateway_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("Balancer.toml");
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let nodes = node("a", &v1(&upstream), "k", "");
     std::fs::write(
         &config,
@@ -490,13 +481,12 @@ async fn a_reload_that_would_open_the_gateway_is_refused() {
     assert_eq!(status["config"]["last_reload"]["ok"], false);
     let error = status["config"]["last_reload"]["error"].as_str().unwrap();
     assert!(error.contains("lets anyone in"), "{error}");
-    let anonymous = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(chat("gpt-4o-mini", "hi", 5))
-        .send()
-        .await
-        .unwrap();
+    let anonymous = send_json(
+        gw.url("/v1/chat/completions"),
+        None,
+        chat("gpt-4o-mini", "hi", 5),
+    )
+    .await;
     assert_eq!(anonymous.status(), 401);
 }
 
@@ -504,7 +494,7 @@ async fn a_reload_that_would_open_the_gateway_is_refused() {
 /// the upstream; a node's own do.
 #[tokio::test]
 async fn a_client_cannot_pick_which_organisation_a_key_bills() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&format!(
         "{}{}",
         node(
@@ -577,7 +567,7 @@ async fn a_busy_neighbour_file_does_not_hold_up_a_reload() {
 /// 18. An empty body is no JSON: `invalid_json`, not `missing_model`.
 #[tokio::test]
 async fn an_empty_json_body_is_invalid_json() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&node("a", &v1(&upstream), "k", "")).await;
     for endpoint in ["/v1/chat/completions", "/v1/embeddings"] {
         let response = client()

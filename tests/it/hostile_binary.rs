@@ -3,9 +3,8 @@
 //! the effect.
 
 use serde_json::{Value, json};
-use wiremock::ResponseTemplate;
 
-use crate::support::{answering, chat, chat_answer, client, v1};
+use crate::support::{chat, chat_upstream, client, send_json, v1};
 
 /// The real binary, with its config in a fresh directory, in front of
 /// `upstream` (a base URL ending in `/v1`).
@@ -74,20 +73,14 @@ async fn an_endless_stream_line_is_relayed_without_being_kept() {
 }
 
 async fn post_binary(served: &crate::cli::Served, body: String) -> reqwest::Response {
-    client()
-        .post(served.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap()
+    send_json(served.url("/v1/chat/completions"), None, body).await
 }
 
 /// 14. A model name cannot forge a log line: one with a newline is refused
 /// before anything logs it, in the body or in a path.
 #[tokio::test]
 async fn a_model_name_cannot_forge_a_log_line() {
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let (served, _dir) = serve_binary(&v1(&upstream), "");
     let forged = json!({"model": "x\nstatus=200 forged=yes", "messages": []}).to_string();
     let response = post_binary(&served, forged).await;

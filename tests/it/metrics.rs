@@ -7,7 +7,8 @@ use prometheus_parse::{Scrape, Value as Sample};
 use wiremock::ResponseTemplate;
 
 use crate::support::{
-    CLIENT_KEY, FAST, Gateway, answering, ask_as, chat, chat_answer, client, closed_port, node,
+    CLIENT_KEY, FAST, Gateway, answering, ask_as, chat, chat_upstream, client, closed_port, node,
+    send_json,
 };
 
 const TEAM: &str = "sk-team-metrics-key";
@@ -74,28 +75,19 @@ async fn send_known_traffic(gw: &Gateway) -> (usize, usize) {
     ] {
         let body = chat("gpt-4o-mini", text, 10);
         sent += body.len();
-        let response = client()
-            .post(gw.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .header("authorization", format!("Bearer {key}"))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let response = send_json(gw.url("/v1/chat/completions"), Some(key), body).await;
         assert_eq!(response.status(), 200);
         received += response.bytes().await.unwrap().len();
     }
     // Answered by the gateway itself: a wrong key, an unknown model, bad JSON.
     assert_eq!(ask_as(gw, "sk-wrong", "gpt-4o-mini", 5).await.0, 401);
     assert_eq!(ask_as(gw, CLIENT_KEY, "no-such-model", 5).await.0, 404);
-    let bad = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {CLIENT_KEY}"))
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
+    let bad = send_json(
+        gw.url("/v1/chat/completions"),
+        Some(CLIENT_KEY),
+        "{not json",
+    )
+    .await;
     assert_eq!(bad.status(), 400);
     // Answered by the gateway from its config.
     let models = client()
@@ -128,7 +120,7 @@ fn node_state_is_counted(m: &Metrics) {
 
 #[tokio::test]
 async fn a_scrape_after_known_traffic_counts_requests_tokens_bytes_and_latency() {
-    let answer = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let answer = chat_upstream().await;
     let toml = format!(
         "{FAST}[status]\npublic = true\n[auth]\nclient_keys_env = [\"TEST_CLIENT_KEY\"]\n\
          [[clients]]\nname = \"team\"\nkey_env = \"TEAM\"\n{}",
@@ -219,7 +211,7 @@ async fn failures_count_as_upstream_errors_by_kind_and_retries_by_node() {
             .set_body_json(serde_json::json!({"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}})),
     )
     .await;
-    let answer = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let answer = chat_upstream().await;
     // A fresh gateway places its first request on its first node; each
     // failure is retried on the next.
     let toml = format!(

@@ -12,7 +12,7 @@ use wiremock::ResponseTemplate;
 
 use crate::metrics::Metrics;
 use crate::support::{
-    ADMIN_TOKEN, Gateway, answering, chat, chat_answer, client, eventually, node, v1,
+    ADMIN_TOKEN, Gateway, answering, chat, chat_answer, client, eventually, node, send_json, v1,
 };
 
 pub(crate) const TEAM: &str = "sk-team-money-key";
@@ -46,14 +46,7 @@ pub(crate) async fn gateway_waiting(
 
 /// POSTs `body` to `path` as the team: status, `Retry-After`, JSON body.
 pub(crate) async fn send(gw: &Gateway, path: &str, body: String) -> (u16, Option<u64>, Value) {
-    let response = client()
-        .post(gw.url(path))
-        .header("content-type", "application/json")
-        .bearer_auth(TEAM)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(gw.url(path), Some(TEAM), body).await;
     let status = response.status().as_u16();
     let retry = response
         .headers()

@@ -7,7 +7,7 @@
 use serde_json::{Value, json};
 
 use crate::objects_kit::{At, BATCH_INPUT, OTHER_KEY, Pool, form, pool_toml};
-use crate::support::{CLIENT_KEY, Gateway, client};
+use crate::support::{CLIENT_KEY, Gateway, client, send_json};
 
 #[tokio::test]
 async fn a_file_and_its_batch_stay_on_the_node_that_holds_them() {
@@ -110,14 +110,12 @@ async fn a_stored_response_is_continued_on_its_node_every_time() {
 #[tokio::test]
 async fn a_streamed_response_is_recorded_as_it_starts() {
     let pool = Pool::start().await;
-    let response = client()
-        .post(pool.gw.url("/v1/responses"))
-        .header("authorization", format!("Bearer {CLIENT_KEY}"))
-        .header("content-type", "application/json")
-        .body(json!({"model": "gpt-4o-mini", "input": "hi", "stream": true}).to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(
+        pool.gw.url("/v1/responses"),
+        Some(CLIENT_KEY),
+        json!({"model": "gpt-4o-mini", "input": "hi", "stream": true}).to_string(),
+    )
+    .await;
     let holder = response.headers()["x-balancer-node"]
         .to_str()
         .unwrap()

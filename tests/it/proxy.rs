@@ -8,6 +8,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::{
     CLIENT_KEY, FAST, Gateway, answering_upstream, chat, client, node, node_status, post, say,
+    send_json,
 };
 
 #[tokio::test]
@@ -176,13 +177,7 @@ async fn a_request_without_a_model_goes_to_a_node_and_counts_one_request() {
         node("a", &crate::support::v1(&server), "k", "rpm = 10")
     ))
     .await;
-    let response = client()
-        .post(gw.url("/v1/moderations"))
-        .header("content-type", "application/json")
-        .body(r#"{"input": "hi"}"#)
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(gw.url("/v1/moderations"), None, r#"{"input": "hi"}"#).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-balancer-node"], "a");
     let status = gw.settled_status().await;

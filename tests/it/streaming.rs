@@ -69,26 +69,27 @@ async fn events_reach_the_client_before_the_upstream_has_finished() {
     assert_eq!(upstream.stats().streams_completed(), 1);
 }
 
-#[tokio::test]
-async fn a_stream_is_settled_at_its_reported_usage() {
+/// One stream of 4 events through a gateway to the mock (which reports
+/// its usage at the end if `include_usage`): the tokens the node's window
+/// was settled at, and the mock.
+async fn settled_stream(include_usage: bool) -> (u64, MockUpstream) {
     let upstream = mock(Duration::ZERO, 4).await;
     let gw = Gateway::start(&format!(
         "{FAST}{}",
         node("m", &upstream.base_url(), "sk-mock", "tpm = 100000")
     ))
     .await;
-    let response = post(
-        &client(),
-        &gw,
-        "/v1/chat/completions",
-        stream_request(500, true),
-    )
-    .await;
+    let body = stream_request(500, include_usage);
+    let response = post(&client(), &gw, "/v1/chat/completions", body).await;
     response.bytes().await.unwrap();
     let status = gw.settled_status().await;
-    let used = node_status(&status, "m")["limits"]["tpm"]["used"]
-        .as_u64()
-        .unwrap();
+    let used = &node_status(&status, "m")["limits"]["tpm"]["used"];
+    (used.as_u64().unwrap(), upstream)
+}
+
+#[tokio::test]
+async fn a_stream_is_settled_at_its_reported_usage() {
+    let (used, upstream) = settled_stream(true).await;
     assert_eq!(
         used,
         upstream.stats().prompt_tokens() + upstream.stats().completion_tokens()
@@ -97,24 +98,7 @@ async fn a_stream_is_settled_at_its_reported_usage() {
 
 #[tokio::test]
 async fn a_stream_without_usage_is_settled_at_the_text_it_carried() {
-    let upstream = mock(Duration::ZERO, 4).await;
-    let gw = Gateway::start(&format!(
-        "{FAST}{}",
-        node("m", &upstream.base_url(), "sk-mock", "tpm = 100000")
-    ))
-    .await;
-    let response = post(
-        &client(),
-        &gw,
-        "/v1/chat/completions",
-        stream_request(500, false),
-    )
-    .await;
-    response.bytes().await.unwrap();
-    let status = gw.settled_status().await;
-    let used = node_status(&status, "m")["limits"]["tpm"]["used"]
-        .as_u64()
-        .unwrap();
+    let (used, _upstream) = settled_stream(false).await;
     // " The quick brown fox" is 4 tokens; the prompt as the gateway counted it.
     let prompt = balancer::request::inspect(
         "/chat/completions",

@@ -279,14 +279,12 @@ pub(crate) async fn ask_as(
     model: &str,
     max_tokens: u64,
 ) -> (u16, Option<String>, Value) {
-    let response = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {key}"))
-        .body(chat(model, "hi", max_tokens))
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(
+        gw.url("/v1/chat/completions"),
+        Some(key),
+        chat(model, "hi", max_tokens),
+    )
+    .await;
     let status = response.status().as_u16();
     let retry = response
         .headers()
@@ -306,6 +304,31 @@ pub(crate) async fn say(gw: &Gateway, body: String) -> reqwest::Response {
 }
 
 /// POSTs JSON to the gateway.
+/// POSTs the JSON text `body` to `url`, with `key` as its bearer when
+/// given: the request builder every test sends JSON with.
+pub(crate) async fn send_json(
+    url: impl reqwest::IntoUrl,
+    key: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    let mut request = client()
+        .post(url)
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    request.body(body).send().await.unwrap()
+}
+
+/// GETs `url`'s text, with `key` as its bearer when given.
+pub(crate) async fn get_text(url: impl reqwest::IntoUrl, key: Option<&str>) -> String {
+    let mut request = client().get(url);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    request.send().await.unwrap().text().await.unwrap()
+}
+
 pub(crate) async fn post(
     client: &reqwest::Client,
     gw: &Gateway,
@@ -345,6 +368,12 @@ pub(crate) fn chat_answer(prompt: u64, completion: u64) -> Value {
 pub(crate) fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
+}
+
+/// An upstream that answers every request with a small chat completion
+/// (5 prompt and 2 completion tokens).
+pub(crate) async fn chat_upstream() -> wiremock::MockServer {
+    answering(wiremock::ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await
 }
 
 /// A wiremock upstream answering every POST with `template`.

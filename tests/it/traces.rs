@@ -12,7 +12,8 @@ use mock_upstreams::otlp::{
 use wiremock::ResponseTemplate;
 
 use crate::support::{
-    FAST, Gateway, PrivateCa, answering, chat, chat_answer, client, node, post, private_ca, v1,
+    FAST, Gateway, PrivateCa, answering, chat, chat_upstream, client, node, post, private_ca,
+    send_json, v1,
 };
 
 /// An OTLP trace receiver on a free port (the one in `mock-upstreams`):
@@ -94,7 +95,7 @@ const CALLER_SPAN: &str = "b7ad6b7169203331";
 #[tokio::test]
 async fn a_request_is_a_span_in_the_caller_s_trace_and_the_upstream_s_parent() {
     let (endpoint, mut spans) = receiver().await;
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let gw = Gateway::start(&traced_to(&endpoint, "", &upstream)).await;
     let response = client()
         .post(gw.url("/v1/chat/completions"))
@@ -142,7 +143,7 @@ async fn a_request_is_a_span_in_the_caller_s_trace_and_the_upstream_s_parent() {
 async fn a_retry_is_an_event_and_a_refusal_a_span_with_its_error() {
     let (endpoint, mut spans) = receiver().await;
     let broken = answering(ResponseTemplate::new(500).set_body_string("boom")).await;
-    let healthy = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let healthy = chat_upstream().await;
     // A fresh gateway tries node 0 first.
     let gw = Gateway::start(&format!(
         "{}{}{}",
@@ -151,13 +152,12 @@ async fn a_retry_is_an_event_and_a_refusal_a_span_with_its_error() {
         node("second", &v1(&healthy), "k", "models = [\"gpt-4o-mini\"]"),
     ))
     .await;
-    let response = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(chat("gpt-4o-mini", "hi", 5))
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(
+        gw.url("/v1/chat/completions"),
+        None,
+        chat("gpt-4o-mini", "hi", 5),
+    )
+    .await;
     assert_eq!(response.headers()["x-balancer-node"], "second");
     response.bytes().await.unwrap();
     let span = next_span(&mut spans).await.span;
@@ -188,13 +188,12 @@ async fn a_retry_is_an_event_and_a_refusal_a_span_with_its_error() {
     }
 
     // A model no node serves: the gateway's own 404, a span all the same.
-    let response = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(chat("no-such-model", "hi", 5))
-        .send()
-        .await
-        .unwrap();
+    let response = send_json(
+        gw.url("/v1/chat/completions"),
+        None,
+        chat("no-such-model", "hi", 5),
+    )
+    .await;
     assert_eq!(response.status(), 404);
     let span = next_span(&mut spans).await.span;
     assert_eq!(
@@ -214,7 +213,7 @@ async fn an_https_collector_behind_a_private_ca_gets_spans_with_the_configured_h
     let ca_file = dir.path().join("collector-ca.pem");
     std::fs::write(&ca_file, &ca.ca_pem).unwrap();
     let (endpoint, mut spans) = tls_receiver(&ca).await;
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     let config = traced_to(
         &endpoint,
         &format!(
@@ -240,7 +239,7 @@ async fn an_https_collector_behind_a_private_ca_gets_spans_with_the_configured_h
 #[tokio::test]
 async fn exports_are_gzip_compressed_when_asked_and_plain_by_default() {
     let (endpoint, mut spans) = receiver().await;
-    let upstream = answering(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await;
+    let upstream = chat_upstream().await;
     for (setting, expected) in [("", None), ("compression = \"gzip\"\n", Some("gzip"))] {
         let gw = Gateway::start(&traced_to(&endpoint, setting, &upstream)).await;
         answered(&gw).await;

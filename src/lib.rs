@@ -24,21 +24,24 @@
 //!    (the one policy in [`admission::refusal`]). With `[cluster]` the
 //!    limits are shared by replicas through Redis
 //!    ([`admission::shared`]).
-//! 6. [`upstream::send`] forwards with the node's key (on a connection the
-//!    request drives itself, [`connections`]); failures before any
-//!    byte reached the client are retried on another node
-//!    ([`admission::Admission::place_retry`]). The answer's rate-limit
-//!    headers cap the node's headroom ([`limits::Reservation::observe_upstream`])
-//!    and its status feeds passive health ([`health::NodeHealth::on_request`]).
+//! 6. [`upstream::send`] forwards with the node's key, in its dialect
+//!    ([`upstream::dialect`]), on a connection the request drives itself
+//!    ([`upstream::connections`]); failures before any byte reached the
+//!    client are retried on another node
+//!    ([`admission::Admission::place_retry`]). [`upstream::judge`] reads
+//!    what the answer says of the node into one [`upstream::NodeVerdict`],
+//!    which the proxy applies: the rate-limit headers cap its headroom
+//!    ([`limits::Reservation::observe_upstream`]), a 429 rests it, its
+//!    status feeds passive health ([`health::NodeHealth::on_request`]).
 //! 7. [`relay::relay`] streams the answer back untouched; when it ends,
 //!    [`admission::settle`] settles the [`admission::Booking`] and the
 //!    [`admission::ClientHold`] from the usage the [`meter`] saw (its cost
-//!    at the node's prices, [`money::prices`]), the client's usage goes to
-//!    the [`ledger`], the request is counted in
-//!    [`metrics`] (atomics only) and logs its one access-log line. The
-//!    gateway's own answers (refusals, `/v1/models`, unknown paths and
-//!    methods, every admin API answer) are counted and logged in
-//!    [`outcome`].
+//!    at the node's prices, [`money::prices`]) and hands its outcome to
+//!    [`outcome`], the one door out: the client's usage goes to the
+//!    [`ledger`], the request is counted in [`metrics`] (atomics only),
+//!    logs its one access-log line and ends its span. The gateway's own
+//!    answers (refusals, `/v1/models`, unknown paths and methods, every
+//!    admin API answer) are recorded there too, by one middleware.
 //!
 //! Every error the gateway produces is a [`error::GatewayError`], mapped to
 //! the OpenAI error shape in one place. With `[tracing]`, the request is
@@ -49,7 +52,9 @@
 //! - [`server::start`] builds the [`state::AppState`] and starts every
 //!   background task through [`tasks::Tasks`]; [`server::run`] is all of
 //!   `balancer serve`.
-//! - [`probes::run`] probes nodes; [`health`] is the state machine it feeds.
+//! - [`probes::run`] probes nodes (over the same connections as
+//!   requests, [`upstream::probe`]); [`health`] is the state machine it
+//!   feeds.
 //! - [`reload`] swaps in a changed config ([`state::AppState::swap`],
 //!   [`snapshot::prepare`]) on a file change or SIGHUP; [`control`] is the
 //!   `reload` and `stop` commands' side, through the pid file.
@@ -68,8 +73,10 @@
 //! [`tasks`], [`memory`], [`deadline`] (an answer's write deadline, set by
 //! the proxy and enforced by the server); [`traces`] on [`config`];
 //! then [`config`], [`error`], [`store`], [`ledger`], [`health`],
-//! [`clients`]; [`snapshot`] builds on those, [`objects`] on the snapshot, [`admission`] on the
-//! snapshot, [`state`] holds both; the HTTP-facing modules ([`proxy`],
+//! [`clients`]; [`upstream`] (how a node is reached and what its answers
+//! say) on those; [`snapshot`] builds on them, [`objects`] on the
+//! snapshot, [`admission`] on the snapshot, [`state`] holds both;
+//! [`outcome`] records on the state; the HTTP-facing modules ([`proxy`],
 //! [`relay`], [`status`], [`admin`], [`reload`], [`probes`], [`server`])
 //! sit on top. No two top-level modules import each other, and no files
 //! form a cycle: `tests/house.rs` checks it.

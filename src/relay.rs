@@ -10,7 +10,7 @@
 //! for any reason: end of body, upstream error, `request_timeout`, or the
 //! client going away (the body is dropped). A stream cut short is settled at
 //! the prompt plus the tokens streamed so far. A client with its own key
-//! gets its ledger [`Entry`] at the same moment, with the same token counts.
+//! gets its ledger [`Entry`](crate::ledger::Entry) at the same moment, with the same token counts.
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -28,6 +28,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::config::ClientConfig;
+use crate::health::FailureStreak;
 use crate::keys::CONFIG_ID_PREFIX;
 use crate::ledger::Ledger;
 use crate::limits::{ClientLimits, HeadroomSignal, Limiter, Quota, Share, TokenBucket};
@@ -94,6 +95,8 @@ pub struct ClientCounters {
     completion_tokens: AtomicU64,
     /// What its requests cost, by node and model.
     pub costs: Costs,
+    /// Its requests that failed on every node tried, in a row.
+    pub(crate) streak: FailureStreak,
 }
 
 impl ClientCounters {
@@ -104,6 +107,7 @@ impl ClientCounters {
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             costs: Costs::default(),
+            streak: FailureStreak::default(),
         })
     }
 

@@ -248,11 +248,36 @@ pub struct NodeMetrics {
     pub routes: Routes,
     errors: [AtomicU64; UpstreamError::ALL.len()],
     retries: AtomicU64,
+    /// Times a failure judged the node's took it out of rotation, for
+    /// every model (`[0]`) or for the model asked for (`[1]`), by kind.
+    ejections: [[AtomicU64; UpstreamError::ALL.len()]; 2],
 }
 
 impl NodeMetrics {
     pub fn upstream_error(&self, kind: UpstreamError) {
         self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A failure of `kind` judged the node's took it out of rotation: for
+    /// every model, or (`for_model`) for the one asked for.
+    pub fn ejected(&self, kind: UpstreamError, for_model: bool) {
+        self.ejections[usize::from(for_model)][kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ejections since start: scope (`node` or `model`), kind, count.
+    pub fn ejections(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
+        ["node", "model"]
+            .into_iter()
+            .zip(&self.ejections)
+            .flat_map(|(scope, kinds)| {
+                UpstreamError::ALL.iter().map(move |kind| {
+                    (
+                        scope,
+                        kind.as_str(),
+                        kinds[*kind as usize].load(Ordering::Relaxed),
+                    )
+                })
+            })
     }
 
     /// A request this node failed was tried again on another node.

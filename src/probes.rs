@@ -44,8 +44,8 @@ pub(crate) async fn probe(node: &Node, settings: &HealthSettings) -> Verdict {
 }
 
 /// A request to `node` was answered 401/403: is it the node's own key the
-/// upstream refuses, or only what the client sent? A probe with the key
-/// alone decides (even with `health.enabled = false`: one `GET` per
+/// upstream refuses, or only the request? A probe with the key alone
+/// decides (even with `health.enabled = false`: one `GET` per
 /// suspected refusal, at most one at a time, none within
 /// [`KEY_CONFIRMED_FOR`](crate::health::KEY_CONFIRMED_FOR) of an accepted
 /// probe). `true`: the key is refused and the node is out of rotation.
@@ -60,10 +60,10 @@ pub(crate) async fn key_refused(node: &Node, settings: &HealthSettings) -> bool 
     refused
 }
 
-/// Probes one node (when probes are on, or its requests' failures await a
-/// probe), or with probes off readmits an ejected one on trial.
+/// Probes one node (when probes are on), or with probes off readmits an
+/// ejected one on trial.
 async fn check(node: &Node, settings: &HealthSettings) {
-    if settings.enabled || node.health.is_suspect() {
+    if settings.enabled {
         let verdict = probe(node, settings).await;
         if let Verdict::Failed(why) = &verdict {
             tracing::debug!(node = %node.name, why, "probe failed");

@@ -169,6 +169,8 @@ impl Live {
 #[derive(Debug)]
 struct Tracked {
     url: Arc<str>,
+    /// The models it lists: a change brings back every model it was out for.
+    models: Option<Vec<String>>,
     /// Its held connections, kept across reloads while the URL and the
     /// `ca_file`'s certificates stay.
     connections: Arc<Connections>,
@@ -308,6 +310,7 @@ impl Kept {
             .entry(Arc::clone(&node.name))
             .or_insert_with(|| Tracked {
                 url: Arc::clone(&node.url),
+                models: node.models.clone(),
                 ca_pem: ca_pem.clone(),
                 connections: Arc::clone(&endpoint.connections),
                 limiter: Limiter::new(node.quota, Arc::clone(&self.signal)),
@@ -364,6 +367,10 @@ impl Kept {
         entry.limiter.revive();
         entry.limiter.apply(&node.limits());
         entry.health.set_key(node.key.clone());
+        if entry.models != node.models {
+            entry.models.clone_from(&node.models);
+            entry.health.models_changed();
+        }
     }
 }
 

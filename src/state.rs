@@ -20,6 +20,7 @@ use crate::admission::shared::SharedLimits;
 use crate::admission::{Admission, Queue};
 use crate::clients::Registry;
 use crate::config::Config;
+use crate::health::FailureStreak;
 use crate::limits::HeadroomSignal;
 use crate::metrics::GatewayMetrics;
 use crate::objects::Objects;
@@ -62,6 +63,9 @@ pub struct AppState {
     pub tasks: Tasks,
     /// Request spans, with `[tracing] otlp_endpoint`.
     pub tracing: Option<Tracing>,
+    /// Requests without a client of their own that failed on every node
+    /// tried, in a row (a client with its own key has its own streak).
+    pub(crate) anonymous_streak: FailureStreak,
 }
 
 impl AppState {
@@ -103,6 +107,7 @@ impl AppState {
             watching: AtomicBool::new(false),
             tasks,
             tracing,
+            anonymous_streak: FailureStreak::default(),
         }))
     }
 

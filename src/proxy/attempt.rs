@@ -11,15 +11,17 @@ use tokio::time::Instant;
 use super::target::Target;
 use super::{Inbound, candidates, headers, objects};
 use crate::admission::{Booking, ClientHold, Placement};
-use crate::config::HealthSettings;
 use crate::deadline::WriteDeadline;
 use crate::error::GatewayError;
+use crate::health::Verdict;
+use crate::metrics::UpstreamError;
 use crate::outcome::{Trail, UsageTicket};
-use crate::probes;
 use crate::relay::{self, Answering, Held};
 use crate::snapshot::{Live, Node, NodeId};
 use crate::state::AppState;
 use crate::upstream::{self, Failure, NodeVerdict, dialect};
+
+use super::judged::Fault;
 
 /// The result of one attempt on one node.
 #[expect(
@@ -31,9 +33,6 @@ pub(super) enum Attempt {
         response: reqwest::Response,
         node: NodeId,
         booking: Booking,
-        /// A refusal of what the client sent (not of the node's key):
-        /// relayed, never retried.
-        clients_own: bool,
     },
     Failed {
         node: NodeId,
@@ -42,11 +41,11 @@ pub(super) enum Attempt {
 }
 
 impl Attempt {
+    /// Whether another node should be tried: no answer, a 5xx, a 429, or
+    /// a refused key (401/403: the node's key may not do what another
+    /// node's may).
     pub(super) fn retryable(&self) -> bool {
         match self {
-            Attempt::Answered {
-                clients_own: true, ..
-            } => false,
             Attempt::Answered { response, .. } => {
                 let status = response.status();
                 status.is_server_error()
@@ -55,6 +54,36 @@ impl Attempt {
                     || status == StatusCode::FORBIDDEN
             }
             Attempt::Failed { .. } => true,
+        }
+    }
+
+    /// Whether the request was served: an answer with a 2xx status.
+    pub(super) fn served(&self) -> bool {
+        matches!(self, Attempt::Answered { response, .. } if response.status().is_success())
+    }
+
+    /// The failure this attempt may count against its node, if it was one
+    /// (a 429 is a busy node, not a failing one).
+    pub(super) fn fault(&self) -> Option<Fault> {
+        match self {
+            Attempt::Answered { response, node, .. } => {
+                let status = response.status();
+                let kind = UpstreamError::of_status(status)
+                    .filter(|kind| *kind != UpstreamError::RateLimited)?;
+                Some(Fault {
+                    node: *node,
+                    verdict: Verdict::of_status(status),
+                    kind,
+                })
+            }
+            Attempt::Failed { node, failure } => {
+                let judged = NodeVerdict::failed(*failure);
+                Some(Fault {
+                    node: *node,
+                    verdict: judged.health,
+                    kind: judged.error?,
+                })
+            }
         }
     }
 
@@ -197,12 +226,16 @@ pub(super) async fn try_node(live: &Live, placement: Placement, request: &Inboun
     )
     .await;
     let (answer, verdict) = upstream::judge(sent, settings, first_byte).await;
-    let key_suspect = apply(node, &booking, verdict, settings);
+    let served = answer.as_ref().is_ok_and(|r| r.status().is_success());
+    apply(
+        node,
+        &booking,
+        verdict,
+        request.info.model.as_deref(),
+        served,
+    );
     match answer {
         Ok(response) => Attempt::Answered {
-            // Retried elsewhere only if the node's own key is refused; else
-            // the client's request was refused, and the client gets the answer.
-            clients_own: key_suspect && !probes::key_refused(node, settings).await,
             response,
             node: id,
             booking,
@@ -220,10 +253,11 @@ pub(super) async fn try_node(live: &Live, placement: Placement, request: &Inboun
     }
 }
 
-/// Applies what an attempt says about `node`: its error count, the limits
-/// the upstream reports, passive health, and the rest it asked for. Whether
-/// its key may be refused.
-fn apply(node: &Node, booking: &Booking, verdict: NodeVerdict, settings: &HealthSettings) -> bool {
+/// Applies what an attempt says about `node` at once: its error count, the
+/// limits the upstream reports, the rest it asked for, and an answer
+/// (served: for `model` too). A failure waits for the request's end, which
+/// judges whose it was ([`super::judged`]).
+fn apply(node: &Node, booking: &Booking, verdict: NodeVerdict, model: Option<&str>, served: bool) {
     if let Some(kind) = verdict.error {
         node.metrics.upstream_error(kind);
     }
@@ -232,11 +266,12 @@ fn apply(node: &Node, booking: &Booking, verdict: NodeVerdict, settings: &Health
     {
         tracing::warn!(node = %node.name, upstream_rpm = ?rpm, upstream_tpm = ?tpm, "the upstream reports limits below the configured ones; the lower are in force");
     }
-    node.health.on_request(verdict.health, settings);
+    if verdict.health == Verdict::Answered {
+        node.health.answered(model.filter(|_| served));
+    }
     if let Some((rest, reason)) = verdict.rest {
         node.limiter.cool_down(Instant::now() + rest, reason);
         booking.share_cooldown(rest);
         tracing::info!(node = %node.name, cooldown_ms = rest.as_millis() as u64, reason = reason.as_str(), "upstream refused with 429; cooling down");
     }
-    verdict.key_suspect
 }

@@ -45,6 +45,7 @@ use crate::upstream::dialect::Operation;
 
 mod attempt;
 mod headers;
+mod judged;
 mod objects;
 mod policy;
 mod target;
@@ -239,7 +240,7 @@ async fn dispatch(
                 .node_ids()
                 .filter(|id| newer.node(*id).name == name)
                 .collect(),
-            None => newer.candidates(model)?,
+            None => serving(&newer, newer.candidates(model)?, model),
         };
         target = Target {
             candidates,
@@ -252,7 +253,7 @@ async fn dispatch(
 }
 
 /// The nodes a request may go to: the one that holds the objects it names,
-/// else those that serve its model.
+/// else those that serve its model (and are not out for it).
 fn candidates(
     live: &Live,
     model: Option<&str>,
@@ -260,8 +261,23 @@ fn candidates(
 ) -> Result<Arc<[NodeId]>, GatewayError> {
     match routing.node {
         Some(node) => Ok(Arc::from([node])),
-        None => live.candidates(model),
+        None => Ok(serving(live, live.candidates(model)?, model)),
     }
+}
+
+/// `all` less the nodes out of rotation for `model` (their own failures
+/// for it), unless that leaves none: then every one is tried as before.
+fn serving(live: &Live, all: Arc<[NodeId]>, model: Option<&str>) -> Arc<[NodeId]> {
+    let Some(model) = model else {
+        return all;
+    };
+    let now = Instant::now();
+    let serves = |id: &NodeId| live.node(*id).health.serves(model, now);
+    if all.iter().all(serves) {
+        return all;
+    }
+    let kept: Arc<[NodeId]> = all.iter().copied().filter(serves).collect();
+    if kept.is_empty() { all } else { kept }
 }
 
 /// Step 6: the first placement, then retries on other nodes with headroom
@@ -278,9 +294,11 @@ async fn attempt_all(
     // Whether any attempt may have been billed though no answer came.
     let mut maybe_billed = false;
     let usage = request.usage_ticket(state);
-    let attempts = live.config.retry.attempts as usize + 1;
+    let attempts = judged::attempts(state, live, request);
     let mut next = Some(first);
     let mut tried: Vec<NodeId> = Vec::new();
+    // The failures met on the way, judged when the request ends.
+    let mut faults = Vec::new();
     let mut last: Option<Attempt> = None;
     for _ in 0..attempts {
         let placement = match next.take() {
@@ -303,16 +321,20 @@ async fn attempt_all(
         let outcome = try_node(live, placement, request).await;
         maybe_billed |= outcome.maybe_billed();
         if !outcome.retryable() {
+            judged::weigh(state, live, request, faults, outcome.served()).await;
             return outcome
                 .finish(state, target, request, client, usage, trail)
                 .await;
         }
+        faults.extend(outcome.fault());
         trail.retry(&live.node(node).name, outcome.why());
         tried.push(node);
         if let Some(previous) = last.replace(outcome) {
             previous.discard(request.info.prompt_tokens);
         }
     }
+    // Every node tried failed: the failures were the request's.
+    judged::weigh(state, live, request, faults, false).await;
     match last {
         Some(outcome) => {
             if matches!(outcome, Attempt::Failed { .. }) && !maybe_billed {

@@ -221,11 +221,19 @@ pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
                 "error": result.err(),
             })),
             "next_probe_in_ms": h.next_probe_in.map(ms),
+            // The models it is out of rotation for, and why; `back_in_ms`
+            // is 0 while it is on trial for one.
+            "out_for_models": node.health.models_out(now).iter().map(|out| json!({
+                "model": out.model,
+                "reason": out.reason,
+                "back_in_ms": ms(out.back_in),
+            })).collect::<Vec<_>>(),
         },
         "in_flight": u.in_flight,
         "reserved_tokens": u.pending_tokens,
         "upstream_errors": node.metrics.errors().collect::<std::collections::BTreeMap<_, _>>(),
         "retries": node.metrics.retries(),
+        "ejections": node.metrics.ejections().filter(|(_, _, n)| *n > 0).map(|(scope, reason, n)| json!({"scope": scope, "reason": reason, "count": n})).collect::<Vec<_>>(),
         "tokens_settled": {"prompt": settled.0, "completion": settled.1},
         "cooldown_remaining_ms": u.cooldown.map(|(d, _)| ms(d)),
         "cooldown_reason": u.cooldown.map(|(_, reason)| reason.as_str()),

@@ -254,7 +254,7 @@ fn encode_node_limits(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
     Ok(())
 }
 
-/// Each node's health, cooldown, retries and upstream errors.
+/// Each node's health, cooldown, retries, upstream errors and ejections.
 fn encode_node_health(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
     let now = Instant::now();
     let mut family = out.encode_descriptor(
@@ -302,7 +302,18 @@ fn encode_node_health(out: &mut DescriptorEncoder<'_>, live: &Live) -> Fmt {
             ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
         }
     }
-
+    let mut family = out.encode_descriptor(
+        "node_ejections",
+        "Times failures judged a node's own (the same request then succeeded elsewhere) took it out of rotation, for every model (scope node) or for one (scope model), by the failure's kind.",
+        None,
+        MetricType::Counter,
+    )?;
+    for node in live.nodes() {
+        for (scope, kind, n) in node.metrics.ejections() {
+            let labels = [("node", &*node.name), ("scope", scope), ("kind", kind)];
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+    }
     Ok(())
 }
 

@@ -25,14 +25,11 @@ pub(crate) struct NodeVerdict {
     /// How long the node asked to rest (capped at `health.max_rest`), and
     /// why: a busy minute, or a spent quota.
     pub rest: Option<(Duration, CooldownReason)>,
-    /// A 401/403: the node's key may be refused, or only what the client
-    /// sent; a probe with the key alone tells.
-    pub key_suspect: bool,
 }
 
 impl NodeVerdict {
     /// An attempt that got no answer.
-    fn failed(failure: Failure) -> Self {
+    pub(crate) fn failed(failure: Failure) -> Self {
         let (health, error) = match failure {
             Failure::Connect => (
                 Verdict::Unreachable("could not connect".to_owned()),
@@ -52,7 +49,6 @@ impl NodeVerdict {
             error: Some(error),
             report: None,
             rest: None,
-            key_suspect: false,
         }
     }
 }
@@ -74,7 +70,6 @@ pub(crate) async fn judge(
         error: UpstreamError::of_status(status),
         report: Some(answer::rate_limit_report(response.headers())),
         rest: None,
-        key_suspect: status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN,
     };
     if status != StatusCode::TOO_MANY_REQUESTS {
         return (Ok(response), verdict);

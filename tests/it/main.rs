@@ -28,6 +28,7 @@ mod fairness;
 mod health;
 mod hostile;
 mod hostile_binary;
+mod judged;
 mod limits;
 mod metrics;
 mod money;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use balancer::config;
 use balancer::server;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -303,7 +303,6 @@ pub(crate) async fn say(gw: &Gateway, body: String) -> reqwest::Response {
     post(&client(), gw, "/v1/chat/completions", body).await
 }
 
-/// POSTs JSON to the gateway.
 /// POSTs the JSON text `body` to `url`, with `key` as its bearer when
 /// given: the request builder every test sends JSON with.
 pub(crate) async fn send_json(
@@ -329,6 +328,7 @@ pub(crate) async fn get_text(url: impl reqwest::IntoUrl, key: Option<&str>) -> S
     request.send().await.unwrap().text().await.unwrap()
 }
 
+/// POSTs JSON to the gateway as the test client.
 pub(crate) async fn post(
     client: &reqwest::Client,
     gw: &Gateway,
@@ -374,6 +374,43 @@ pub(crate) fn closed_port() -> u16 {
 /// (5 prompt and 2 completion tokens).
 pub(crate) async fn chat_upstream() -> wiremock::MockServer {
     answering(wiremock::ResponseTemplate::new(200).set_body_json(chat_answer(5, 2))).await
+}
+
+/// An upstream whose `GET /v1/models` answers (so a probe of its key
+/// passes), that answers POSTs whose body contains `trap` with `trapped`
+/// and every other POST with a chat answer.
+pub(crate) async fn trapped_upstream(
+    trap: &str,
+    trapped: wiremock::ResponseTemplate,
+) -> wiremock::MockServer {
+    use wiremock::matchers::{body_string_contains, method};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains(trap))
+        .respond_with(trapped)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(chat_answer(5, 2)))
+        .mount(&server)
+        .await;
+    probe_answers(&server).await;
+    server
+}
+
+/// `server` answers `GET /v1/models` (a node's probe) with an empty list.
+pub(crate) async fn probe_answers(server: &wiremock::MockServer) {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+    Mock::given(method("GET"))
+        .and(path("/v1/models"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"object": "list", "data": []})),
+        )
+        .mount(server)
+        .await;
 }
 
 /// A wiremock upstream answering every POST with `template`.

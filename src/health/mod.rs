@@ -13,14 +13,19 @@
 //!   probe. Out of rotation until a reload brings a different key.
 //!
 //! A client can shape what its request gets back (a 5xx, a timeout, a
-//! 401 for a header it sent), so what a request saw takes a node out only
-//! when the node's own probe agrees: failures the client could have caused
-//! (a 5xx, no answer in time, a broken connection) mark the node *suspect*
-//! at `health.eject_after` in a row and ask for a probe at once; the probe
-//! ejects it or clears it. A request answered 401/403 asks
-//! [`crate::probes::key_refused`], which probes the key before anything
-//! changes. Only a refused connection, which no request can cause, ejects
-//! by itself.
+//! 401 for a header it sent), so what a request saw counts against a node
+//! only on evidence that it was the node's: the same request then
+//! succeeded on another node (the proxy judges, [`NodeHealth::failed`]),
+//! or, for a 401/403, a probe with the node's key alone is refused too
+//! ([`crate::probes::key_refused`]). A failure every node tried shares is
+//! the request's own and counts against none.
+//!
+//! A failure judged the node's counts twice: for the node (ejected at
+//! `health.eject_after` in a row, reset by any success on it) and for the
+//! model asked for ([`models`]: out for that model alone at
+//! `health.eject_after` in a row for it). A node that fails for one model
+//! and serves others keeps serving them; one that fails for everything it
+//! is asked leaves rotation.
 //!
 //! This module is the state machine; [`crate::probes`] sends the probes.
 //!
@@ -45,6 +50,7 @@ use tokio::time::Instant;
 use crate::config::HealthSettings;
 use crate::keys::NodeKey;
 use crate::limits::HeadroomSignal;
+use models::ModelRecords;
 
 /// Where a node stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,9 +128,6 @@ struct HealthState {
     last_probe: Option<(Instant, Result<(), String>)>,
     /// The key the node uses now, to tell whether a refusal is about it.
     key: NodeKey,
-    /// Requests failed `eject_after` times in a row: why, until a probe
-    /// confirms (ejects) or clears it.
-    suspect: Option<String>,
     /// When a probe last had the key accepted.
     key_accepted_at: Option<Instant>,
 }
@@ -145,6 +148,23 @@ pub struct NodeHealth {
     headroom: Arc<HeadroomSignal>,
     /// A probe of the key is under way (one at a time).
     checking_key: AtomicBool,
+    /// The models it is out for.
+    models: ModelRecords,
+}
+
+pub(crate) mod models;
+pub(crate) mod streak;
+
+pub(crate) use models::ModelOut;
+pub(crate) use streak::FailureStreak;
+
+/// What a failure judged a node's took out of rotation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ejected {
+    /// The node, for every model.
+    pub node: bool,
+    /// The node, for the model asked for.
+    pub model: bool,
 }
 
 /// What `/status` shows of a node's health.
@@ -178,9 +198,9 @@ impl NodeHealth {
                 next_probe: Some(Instant::now()),
                 last_probe: None,
                 key,
-                suspect: None,
                 key_accepted_at: None,
             }),
+            models: ModelRecords::default(),
             wake,
             headroom,
             checking_key: AtomicBool::new(false),
@@ -203,6 +223,9 @@ impl NodeHealth {
         let mut state = self.state.lock();
         let changed = !state.key.same_as(&key);
         state.key = key;
+        if changed {
+            self.models.clear();
+        }
         if changed && matches!(state.condition, Condition::KeyRefused { .. }) {
             tracing::info!(node = %self.name, "node key changed by reload; back in rotation");
             self.set(&mut state, Condition::Healthy);
@@ -212,24 +235,74 @@ impl NodeHealth {
         }
     }
 
-    /// Applies what a real request saw. A 401/403 changes nothing here:
-    /// [`crate::probes::key_refused`] asks the upstream about the key.
-    pub fn on_request(&self, verdict: Verdict, settings: &HealthSettings) {
-        if verdict == Verdict::Answered && self.clean.load(Ordering::Acquire) {
+    /// Whether requests for `model` may go to this node now (it is not
+    /// out for that model, or is on trial for it).
+    pub fn serves(&self, model: &str, now: Instant) -> bool {
+        self.models.serves(model, now)
+    }
+
+    /// The models this node is out for, for `/status`.
+    pub(crate) fn models_out(&self, now: Instant) -> Vec<ModelOut> {
+        self.models.outs(now)
+    }
+
+    /// A reload changed the models the node lists: every model it was out
+    /// for is back.
+    pub fn models_changed(&self) {
+        self.models.clear();
+    }
+
+    /// The node answered a request (for `model`): its failures in a row
+    /// end, for the node and for the model.
+    pub fn answered(&self, model: Option<&str>) {
+        if let Some(model) = model {
+            self.models.succeeded(model);
+        }
+        if self.clean.load(Ordering::Acquire) {
             return;
         }
         let mut state = self.state.lock();
-        let (why, confirmed) = match verdict {
-            Verdict::Answered => {
-                state.traffic_failures = 0;
-                state.ejections = 0;
-                self.clean.store(true, Ordering::Release);
-                return;
-            }
-            Verdict::KeyRefused(_) => return,
-            Verdict::Failed(why) => (why, false),
-            Verdict::Unreachable(why) => (why, true),
+        state.traffic_failures = 0;
+        state.ejections = 0;
+        self.clean.store(true, Ordering::Release);
+    }
+
+    /// A request's failure on this node, judged the node's (the same
+    /// request succeeded elsewhere): counted for the node and for `model`;
+    /// `reason` is its kind (`server_error`, `timeout`, ...). What it took
+    /// out of rotation.
+    pub fn failed(
+        &self,
+        verdict: Verdict,
+        model: Option<&str>,
+        reason: &'static str,
+        settings: &HealthSettings,
+    ) -> Ejected {
+        // A refused connection fails every model alike: the node's alone.
+        let model = model.filter(|_| !matches!(verdict, Verdict::Unreachable(_)));
+        let model_out = model.and_then(|model| {
+            let backoff = self.models.failed(model, reason, settings, Instant::now())?;
+            tracing::warn!(node = %self.name, model, reason, backoff = %human(backoff), "node out of rotation for a model");
+            Some(())
+        });
+        let was_in = self.in_rotation();
+        self.on_request(verdict, settings);
+        Ejected {
+            node: was_in && !self.in_rotation(),
+            model: model_out.is_some(),
+        }
+    }
+
+    /// Applies a request's outcome to the node's own count: a success
+    /// ends the run of failures; a failure judged the node's counts, and
+    /// `health.eject_after` in a row eject it.
+    pub fn on_request(&self, verdict: Verdict, settings: &HealthSettings) {
+        let why = match verdict {
+            Verdict::Answered => return self.answered(None),
+            Verdict::KeyRefused(status) => format!("answered {status}"),
+            Verdict::Failed(why) | Verdict::Unreachable(why) => why,
         };
+        let mut state = self.state.lock();
         self.clean.store(false, Ordering::Release);
         state.traffic_failures = state.traffic_failures.saturating_add(1);
         if state.traffic_failures < settings.eject_after.get()
@@ -238,26 +311,12 @@ impl NodeHealth {
             return;
         }
         let reason = format!(
-            "{} requests in a row failed (last: {why})",
+            "{} requests in a row failed here and succeeded elsewhere (last: {why})",
             state.traffic_failures
         );
-        if confirmed {
-            self.eject(&mut state, settings, &reason);
-        } else if state.suspect.is_none() {
-            // The client may have caused it: the node's own probe decides.
-            tracing::info!(node = %self.name, reason, "node suspect; probing it");
-            state.suspect = Some(reason);
-            state.next_probe = Some(Instant::now());
-        } else {
-            return;
-        }
+        self.eject(&mut state, settings, &reason);
         drop(state);
         self.wake.notify_one();
-    }
-
-    /// Whether requests' failures wait for a probe to confirm them.
-    pub(crate) fn is_suspect(&self) -> bool {
-        self.state.lock().suspect.is_some()
     }
 
     /// Starts checking the key after a request's 401/403, unless a probe
@@ -284,10 +343,6 @@ impl NodeHealth {
             Verdict::Answered => {
                 state.last_probe = Some((now, Ok(())));
                 state.key_accepted_at = Some(now);
-                if let Some(reason) = state.suspect.take() {
-                    tracing::info!(node = %self.name, reason, "a probe answered; the failures were not the node's");
-                    state.traffic_failures = 0;
-                }
                 state.probe_failures = 0;
                 state.probe_successes += 1;
                 match state.condition {
@@ -311,13 +366,6 @@ impl NodeHealth {
                 state.last_probe = Some((now, Err(why.clone())));
                 state.probe_successes = 0;
                 state.probe_failures += 1;
-                if let Some(reason) = state.suspect.take()
-                    && state.condition == Condition::Healthy
-                {
-                    let reason = format!("{reason}; probe GET {path} {why} too");
-                    self.eject(&mut state, settings, &reason);
-                    return;
-                }
                 match state.condition {
                     Condition::Ejected { .. } => {
                         self.eject(&mut state, settings, &format!("re-probe GET {path} {why}"));
@@ -448,135 +496,4 @@ pub(crate) fn human(d: Duration) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use secrecy::SecretString;
-
-    use super::*;
-
-    fn key(text: &str) -> NodeKey {
-        NodeKey::new(SecretString::from(text.to_owned())).unwrap()
-    }
-
-    fn settings() -> HealthSettings {
-        let n = |v: u32| std::num::NonZeroU32::new(v).unwrap();
-        HealthSettings {
-            unhealthy_after: n(2),
-            healthy_after: n(2),
-            eject_after: n(3),
-            ..HealthSettings::default()
-        }
-    }
-
-    fn failed() -> Verdict {
-        Verdict::Failed("could not connect".to_owned())
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failing_probes_take_a_node_out_and_successes_bring_it_back() {
-        let s = settings();
-        let h = NodeHealth::new(Arc::from("n"), key("k"), Arc::default(), Arc::default());
-        h.on_probe(failed(), &s, "/models");
-        assert!(h.in_rotation(), "one failure is not enough");
-        h.on_probe(failed(), &s, "/models");
-        assert!(!h.in_rotation());
-        let reason = h.snapshot(Instant::now()).condition;
-        assert!(
-            reason
-                .reason()
-                .unwrap()
-                .contains("2 probes GET /models in a row failed")
-        );
-        h.on_probe(Verdict::Answered, &s, "/models");
-        assert!(!h.in_rotation(), "healthy_after is 2");
-        h.on_probe(Verdict::Answered, &s, "/models");
-        assert!(h.in_rotation());
-    }
-
-    fn unreachable() -> Verdict {
-        Verdict::Unreachable("could not connect".to_owned())
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn unreachable_in_a_row_ejects_with_a_doubling_backoff() {
-        let s = settings();
-        let h = NodeHealth::new(Arc::from("n"), key("k"), Arc::default(), Arc::default());
-        h.on_request(unreachable(), &s);
-        h.on_request(Verdict::Answered, &s);
-        h.on_request(unreachable(), &s);
-        h.on_request(unreachable(), &s);
-        assert!(h.in_rotation(), "the good answer broke the run");
-        h.on_request(unreachable(), &s);
-        assert!(!h.in_rotation());
-        let first = h.snapshot(Instant::now()).next_probe_in.unwrap();
-        assert_eq!(first, s.eject_backoff);
-        // The re-probe fails: the next one waits twice as long.
-        h.on_probe(failed(), &s, "/models");
-        let second = h.snapshot(Instant::now()).next_probe_in.unwrap();
-        assert_eq!(second, s.eject_backoff * 2);
-        h.on_probe(Verdict::Answered, &s, "/models");
-        assert!(h.in_rotation());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failures_a_client_may_cause_eject_only_when_a_probe_fails_too() {
-        let s = settings();
-        let h = NodeHealth::new(Arc::from("n"), key("k"), Arc::default(), Arc::default());
-        for _ in 0..3 {
-            h.on_request(failed(), &s);
-        }
-        assert!(h.in_rotation() && h.is_suspect(), "suspect, not ejected");
-        assert_eq!(
-            h.snapshot(Instant::now()).next_probe_in,
-            Some(Duration::ZERO)
-        );
-        // The node's own probe answers: the failures were the requests'.
-        h.on_probe(Verdict::Answered, &s, "/models");
-        assert!(h.in_rotation() && !h.is_suspect());
-        assert_eq!(h.snapshot(Instant::now()).traffic_failures, 0);
-        // Again, and now the probe fails too: out.
-        for _ in 0..3 {
-            h.on_request(failed(), &s);
-        }
-        h.on_probe(failed(), &s, "/models");
-        assert!(!h.in_rotation());
-        let reason = h.snapshot(Instant::now()).condition;
-        assert!(
-            reason.reason().unwrap().contains("probe GET /models"),
-            "{reason:?}"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_request_refused_401_changes_nothing_and_a_probe_decides() {
-        let s = settings();
-        let h = NodeHealth::new(Arc::from("n"), key("old"), Arc::default(), Arc::default());
-        h.on_request(Verdict::KeyRefused(StatusCode::UNAUTHORIZED), &s);
-        assert!(h.in_rotation());
-        // Only one key check at a time; none again soon after an accepted probe.
-        assert!(h.begin_key_check(Instant::now()));
-        assert!(!h.begin_key_check(Instant::now()));
-        h.on_probe(Verdict::Answered, &s, "/models");
-        h.end_key_check();
-        assert!(!h.begin_key_check(Instant::now()), "accepted a moment ago");
-        tokio::time::advance(KEY_CONFIRMED_FOR).await;
-        assert!(h.begin_key_check(Instant::now()));
-        h.on_probe(Verdict::KeyRefused(StatusCode::UNAUTHORIZED), &s, "/models");
-        h.end_key_check();
-        assert!(!h.in_rotation());
-        assert_eq!(h.snapshot(Instant::now()).condition.name(), "key_refused");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_refused_key_stays_out_until_the_key_changes() {
-        let s = settings();
-        let h = NodeHealth::new(Arc::from("n"), key("old"), Arc::default(), Arc::default());
-        h.on_probe(Verdict::KeyRefused(StatusCode::UNAUTHORIZED), &s, "/models");
-        assert!(!h.in_rotation());
-        assert_eq!(h.snapshot(Instant::now()).condition.name(), "key_refused");
-        h.on_probe(Verdict::Answered, &s, "/models");
-        h.set_key(key("old"));
-        assert!(!h.in_rotation(), "the same key again changes nothing");
-        h.set_key(key("new"));
-        assert!(h.in_rotation());
-    }
-}
+mod tests;

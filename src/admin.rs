@@ -464,8 +464,8 @@ async fn nodes(State(state): State<Arc<AppState>>) -> Answer {
     let live = state.live();
     let now = Instant::now();
     let data: Vec<Value> = live
-        .nodes()
-        .map(|node| status::node_status(node, now))
+        .node_ids()
+        .map(|id| status::node_status(live.node(id), live.tier(id), now))
         .collect();
     Ok(Json(json!({"object": "list", "data": data})).into_response())
 }

@@ -51,6 +51,9 @@ pub struct Client {
     /// What it may spend per period, and what it spent.
     pub budget: Option<Budget>,
     pub account: Arc<Account>,
+    /// The highest node tier its requests may use (`None`: any; a stored
+    /// client has none).
+    pub max_tier: Option<u32>,
 }
 
 /// A client's own limits in force: its rolling rpm/tpm window and its
@@ -288,6 +291,7 @@ impl Directory {
                 models: config.models.clone(),
                 enabled: config.enabled,
                 share: config.share,
+                max_tier: config.max_tier,
             };
             by_hash.insert(config.key.hash(), Arc::new(client));
         }
@@ -542,6 +546,7 @@ impl Registry {
             models: stored.models.clone(),
             enabled: stored.enabled,
             share: stored.share,
+            max_tier: None,
         })
     }
 }

@@ -322,6 +322,35 @@ pub struct GatewayMetrics {
     pub answered: Routes,
     /// How long each admitted or refused request waited for a node.
     pub queue_wait: Histogram,
+    /// Requests placed above the lowest tier in rotation that serves them,
+    /// by (that tier, the tier placed on).
+    spills: [[AtomicU64; TIERS]; TIERS],
+}
+
+/// Tiers counted (`nodes[].tier` is from 0 to 7).
+const TIERS: usize = 8;
+
+impl GatewayMetrics {
+    /// A request went up from tier `from` (full) to tier `to`.
+    pub fn spilled(&self, from: u32, to: u32) {
+        if let Some(count) = self
+            .spills
+            .get(from as usize)
+            .and_then(|row| row.get(to as usize))
+        {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Spills so far: (from tier, to tier, count), those that happened.
+    pub fn spills(&self) -> impl Iterator<Item = (usize, usize, u64)> + '_ {
+        self.spills.iter().enumerate().flat_map(|(from, row)| {
+            row.iter().enumerate().filter_map(move |(to, n)| {
+                let n = n.load(Ordering::Relaxed);
+                (n > 0).then_some((from, to, n))
+            })
+        })
+    }
 }
 
 /// What requests cost, in nano-dollars, by node and model label: a counter

@@ -1,20 +1,22 @@
 //! Choosing a node: a pure function from the loads of the nodes that have
 //! headroom to one choice.
 //!
-//! The least-loaded node wins: lowest utilisation over its limited
+//! The lowest tier with an eligible node is filled first; within it, the
+//! least-loaded node wins: lowest utilisation over its limited
 //! dimensions, then fewest requests in flight. Nodes equal on both are taken
 //! in turn, starting from `rotation` (a counter the caller advances per
 //! request), so equal nodes share evenly instead of all traffic going to the
 //! first. Nothing here reads a clock, a lock or a random source, so the
 //! choice is fully determined by its inputs.
 
-use crate::limits::Load;
 use crate::snapshot::NodeId;
 
-/// Picks among `(node, load)` pairs of eligible nodes; `node_count` is the
-/// size of the id space the rotation runs over.
-pub fn choose(
-    eligible: impl IntoIterator<Item = (NodeId, Load)>,
+/// Picks among `(node, standing)` pairs of eligible nodes, the lowest
+/// standing first: a [`Load`](crate::limits::Load), or `(tier, load)` (the lowest tier with an
+/// eligible node, then the least loaded in it); `node_count` is the size of
+/// the id space the rotation runs over.
+pub fn choose<S: Ord>(
+    eligible: impl IntoIterator<Item = (NodeId, S)>,
     rotation: usize,
     node_count: usize,
 ) -> Option<NodeId> {
@@ -22,13 +24,17 @@ pub fn choose(
     let start = rotation % n;
     eligible
         .into_iter()
-        .min_by_key(|(id, load)| (*load, (id.index() + n - start) % n))
+        .min_by(|(a, sa), (b, sb)| {
+            let turn = |id: &NodeId| (id.index() + n - start) % n;
+            sa.cmp(sb).then_with(|| turn(a).cmp(&turn(b)))
+        })
         .map(|(id, _)| id)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::Load;
 
     fn id(index: usize) -> NodeId {
         NodeId::from_index(index)
@@ -63,6 +69,20 @@ mod tests {
     }
 
     #[test]
+    fn the_lowest_tier_with_an_eligible_node_wins_however_loaded() {
+        // Node 0 (tier 1) is idle, nodes 1 and 2 (tier 0) are busier:
+        // tier 0 first, the less loaded of it.
+        let nodes = [
+            (id(0), (1, load(0, 0))),
+            (id(1), (0, load(900_000, 4))),
+            (id(2), (0, load(800_000, 4))),
+        ];
+        assert_eq!(choose(nodes, 0, 3), Some(id(2)));
+        // Tier 0 has no headroom (absent): tier 1 takes it.
+        assert_eq!(choose([(id(0), (1, load(0, 0)))], 0, 3), Some(id(0)));
+    }
+
+    #[test]
     fn equal_nodes_are_taken_in_turn() {
         let nodes = three([(0, 0); 3]);
         let picks: Vec<_> = (0..6)
@@ -80,7 +100,7 @@ mod tests {
 
     #[test]
     fn nothing_eligible_chooses_nothing() {
-        assert_eq!(choose(std::iter::empty(), 7, 3), None);
+        assert_eq!(choose(std::iter::empty::<(NodeId, Load)>(), 7, 3), None);
     }
 
     #[test]

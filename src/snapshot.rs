@@ -107,6 +107,16 @@ pub struct Live {
 }
 
 impl Live {
+    /// Node `id`'s tier (`nodes[].tier`): lower tiers fill first.
+    pub fn tier(&self, id: NodeId) -> u32 {
+        self.config.nodes.get(id.index()).map_or(0, |n| n.tier)
+    }
+
+    /// Whether any node is above tier 0.
+    pub fn is_tiered(&self) -> bool {
+        self.config.nodes.iter().any(|n| n.tier > 0)
+    }
+
     /// The node `id` names in this snapshot.
     /// `model`'s price on node `id`, and the node's multiplier.
     pub fn price_on(&self, id: NodeId, model: &str) -> Option<(Price, f64)> {

@@ -489,7 +489,7 @@ fn place_with(
                 live.node(id)
                     .limiter
                     .load_if_fits(demand, now)
-                    .map(|load| (id, load))
+                    .map(|load| (id, (live.tier(id), load)))
             });
         let node = selection::choose(eligible, rotation, live.node_count())?;
         match live.node(node).limiter.try_reserve(demand, now) {

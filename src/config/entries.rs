@@ -78,6 +78,10 @@ pub(super) fn validate_clients(
         if let Some(message) = client.models.as_deref().and_then(models_problem) {
             problems.push(format!("{}: {message}", at("models")));
         }
+        if client.max_tier.is_some_and(|tier| tier > super::MAX_TIER) {
+            let problem = format!("must be from 0 to {}", super::MAX_TIER);
+            problems.push(format!("{}: {problem}", at("max_tier")));
+        }
         if problems.len() > before {
             continue;
         }
@@ -90,6 +94,7 @@ pub(super) fn validate_clients(
                 models: client.models,
                 enabled: client.enabled,
                 budget,
+                max_tier: client.max_tier,
             });
         }
     }
@@ -145,6 +150,13 @@ pub(super) fn validate_node(
     }
 
     let pricing = node_pricing(i, &raw, problems);
+    if raw.tier > super::MAX_TIER {
+        problems.push(format!(
+            "{}: must be from 0 to {}",
+            at("tier"),
+            super::MAX_TIER
+        ));
+    }
 
     if problems.len() > before {
         return None;
@@ -164,6 +176,7 @@ pub(super) fn validate_node(
         window,
         default_completion_tokens: raw.default_completion_tokens,
         pricing,
+        tier: raw.tier,
     })
 }
 

@@ -328,7 +328,13 @@ pub struct NodeConfig {
     pub default_completion_tokens: Option<u64>,
     /// Its own prices and multiplier.
     pub pricing: NodePricing,
+    /// Filled in order: a request goes to the lowest tier with a node that
+    /// has headroom (0, the default, first; at most [`MAX_TIER`]).
+    pub tier: u32,
 }
+
+/// The highest `nodes[].tier`.
+pub const MAX_TIER: u32 = 7;
 
 /// `nodes[].api`, as written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -366,6 +372,8 @@ pub struct ClientConfig {
     pub enabled: bool,
     /// What it may spend per period.
     pub budget: Option<Budget>,
+    /// The highest tier its requests may use (`None`: any).
+    pub max_tier: Option<u32>,
 }
 
 /// What is wrong with a client's `models` list, if anything.

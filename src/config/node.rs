@@ -40,6 +40,7 @@ impl NodeConfig {
         let completion = before.default_completion_tokens != self.default_completion_tokens;
         note(completion, "default_completion_tokens");
         note(before.pricing != self.pricing, "prices");
+        note(before.tier != self.tier, "tier");
         changed
     }
 }

@@ -346,6 +346,7 @@ pub(super) struct RawClient {
     pub(super) enabled: bool,
     pub(super) budget_usd: Option<f64>,
     pub(super) budget_period: Option<String>,
+    pub(super) max_tier: Option<u32>,
 }
 
 fn enabled_by_default() -> bool {
@@ -377,6 +378,8 @@ pub(super) struct RawNode {
     #[serde(default, with = "humantime_serde")]
     pub(super) window: Option<Duration>,
     pub(super) default_completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub(super) tier: u32,
     pub(super) price_multiplier: Option<f64>,
     #[serde(default)]
     pub(super) prices: BTreeMap<String, RawPrice>,

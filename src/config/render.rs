@@ -222,6 +222,9 @@ fn render_client(out: &mut Toml, client: &ClientConfig) {
         out.bare("budget_usd", budget.limit.usd());
         out.text("budget_period", budget.period.as_str());
     }
+    if let Some(tier) = client.max_tier {
+        out.bare("max_tier", tier);
+    }
 }
 
 /// Each model's price, one table each (`[{at}."model"]`).
@@ -276,6 +279,7 @@ fn render_node(out: &mut Toml, node: &NodeConfig) {
     if let Some(tokens) = node.default_completion_tokens {
         out.bare("default_completion_tokens", tokens);
     }
+    out.bare("tier", node.tier);
     let q = &node.quota;
     out.limits(&[
         ("rpm", q.rpm),

@@ -216,7 +216,7 @@ async fn dispatch(
 ) -> Result<Response, GatewayError> {
     let model = request.info.model.as_deref();
     let mut target = Target {
-        candidates: candidates(&live, model, &request.routing)?,
+        candidates: within_tier(&live, candidates(&live, model, &request.routing)?, &request)?,
         model_listed: model.is_some_and(|m| live.labels_model(m)),
         live,
     };
@@ -228,6 +228,9 @@ async fn dispatch(
         .await;
     trail.admitted(state, queued);
     let mut admitted = admitted?;
+    if target.live.is_tiered() {
+        note_spill(state, &target, admitted.placement.node);
+    }
     if let Some(newer) = admitted.placement.rebased.take() {
         // It waited through a reload: go on in the new snapshot, on the
         // same node if its objects pin it.
@@ -242,6 +245,7 @@ async fn dispatch(
                 .collect(),
             None => serving(&newer, newer.candidates(model)?, model),
         };
+        let candidates = within_tier(&newer, candidates, &request)?;
         target = Target {
             candidates,
             live: newer,
@@ -263,6 +267,49 @@ fn candidates(
         Some(node) => Ok(Arc::from([node])),
         None => Ok(serving(live, live.candidates(model)?, model)),
     }
+}
+
+/// Counts a request placed on `node` above the lowest tier in rotation
+/// among its candidates (that tier was full).
+fn note_spill(state: &AppState, target: &Target, node: NodeId) {
+    let live = &target.live;
+    let lowest = target
+        .candidates
+        .iter()
+        .filter(|id| live.node(**id).health.in_rotation())
+        .map(|id| live.tier(*id))
+        .min();
+    let placed = live.tier(node);
+    if let Some(lowest) = lowest.filter(|lowest| *lowest < placed) {
+        state.metrics.spilled(lowest, placed);
+    }
+}
+
+/// `all` less the nodes above the client's `max_tier`; none left is a
+/// model the client may not use.
+fn within_tier(
+    live: &Live,
+    all: Arc<[NodeId]>,
+    request: &Inbound<'_>,
+) -> Result<Arc<[NodeId]>, GatewayError> {
+    let Some(max) = request.client.and_then(|c| c.max_tier) else {
+        return Ok(all);
+    };
+    if all.iter().all(|id| live.tier(*id) <= max) {
+        return Ok(all);
+    }
+    let kept: Arc<[NodeId]> = all
+        .iter()
+        .copied()
+        .filter(|id| live.tier(*id) <= max)
+        .collect();
+    if kept.is_empty() {
+        let model = request.info.model.as_deref().unwrap_or("this request");
+        return Err(GatewayError::ModelNotAllowed(format!(
+            "{model} (no node within this key's max_tier {max} serves it)"
+        )));
+    }
+    Ok(kept)
 }
 
 /// `all` less the nodes out of rotation for `model` (their own failures

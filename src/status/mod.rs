@@ -88,7 +88,10 @@ pub(crate) async fn handle(
     let live = state.live();
     let private = sees_private(&live, &headers);
     let now = Instant::now();
-    let mut nodes: Vec<Value> = live.nodes().map(|node| node_status(node, now)).collect();
+    let mut nodes: Vec<Value> = live
+        .node_ids()
+        .map(|id| node_status(live.node(id), live.tier(id), now))
+        .collect();
     if !private {
         for node in &mut nodes {
             if let Some(node) = node.as_object_mut() {
@@ -189,7 +192,7 @@ async fn budgets(state: &AppState) -> Vec<Value> {
         .collect()
 }
 
-pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
+pub(crate) fn node_status(node: &Node, tier: u32, now: Instant) -> Value {
     let u = node.limiter.snapshot(now);
     let h = node.health.snapshot(now);
     let settled = node.metrics.tokens();
@@ -209,6 +212,7 @@ pub(crate) fn node_status(node: &Node, now: Instant) -> Value {
         "name": &*node.name,
         "url": &*node.endpoint.url,
         "models": node.models,
+        "tier": tier,
         "healthy": node.health.in_rotation(),
         "health": {
             "state": h.condition.name(),

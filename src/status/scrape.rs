@@ -205,6 +205,17 @@ fn encode_queue(out: &mut DescriptorEncoder<'_>, state: &AppState) -> Fmt {
         )?)?;
     }
 
+    let mut family = out.encode_descriptor(
+        "spill",
+        "Requests placed above the lowest tier in rotation that serves them (it was full), by that tier and the tier placed on.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (from, to, n) in state.metrics.spills() {
+        let (from, to) = (from.to_string(), to.to_string());
+        let labels = [("from_tier", from.as_str()), ("to_tier", to.as_str())];
+        ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+    }
     Ok(())
 }
 

@@ -43,5 +43,6 @@ mod retry;
 mod sdk;
 mod streaming;
 mod support;
+mod tiers;
 mod tls;
 mod traces;

@@ -74,7 +74,7 @@ pub(in crate::admission) async fn place(
         };
         let mut wake = None;
         if !usable.is_empty() {
-            match script.ask_for(&usable).await? {
+            match script.ask_by_tier(&usable).await? {
                 Asked::Placed(node, lease) => {
                     if let Some(place) = place {
                         place.placed();
@@ -170,6 +170,33 @@ impl<'a> Script<'a> {
             rotation: queue.next_rotation(),
             lease_for: live.config.server.request_timeout,
         }
+    }
+
+    /// Asks tier by tier, lowest first, for the candidates at `usable`: the
+    /// first tier with headroom places it; else the soonest any tier may.
+    async fn ask_by_tier(&self, usable: &[usize]) -> Result<Asked, NotPlaced> {
+        let live = self.ask.live;
+        let tier = |at: &usize| live.tier(self.in_rotation[*at]);
+        let mut tiers: Vec<u32> = usable.iter().map(tier).collect();
+        tiers.sort_unstable();
+        tiers.dedup();
+        if tiers.len() < 2 {
+            return self.ask_for(usable).await;
+        }
+        let mut soonest: Option<Option<Instant>> = None;
+        for t in tiers {
+            let in_tier: Vec<usize> = usable.iter().copied().filter(|at| tier(at) == t).collect();
+            match self.ask_for(&in_tier).await? {
+                Asked::Placed(node, lease) => return Ok(Asked::Placed(node, lease)),
+                Asked::Wait(until) => {
+                    soonest = Some(match (soonest.flatten(), until) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    });
+                }
+            }
+        }
+        Ok(Asked::Wait(soonest.flatten()))
     }
 
     /// Asks for the candidates at `usable` (indices into `in_rotation`).

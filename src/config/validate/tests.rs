@@ -234,3 +234,30 @@ fn render_never_shows_a_key() {
     assert!(text.contains("rpm = 10"));
     assert!(!format!("{config:?}").contains("secret"));
 }
+
+#[test]
+fn tiers_are_from_0_to_7_and_render_back() {
+    let toml = format!(
+        "[[clients]]\nname = \"batch\"\nkey_env = \"APP_KEY\"\nmax_tier = 8\n{NODE}tier = 9\n"
+    );
+    assert_eq!(
+        problems(&toml),
+        [
+            "clients[0].max_tier: must be from 0 to 7",
+            "nodes[0].tier: must be from 0 to 7"
+        ]
+    );
+    let toml = format!(
+        "[[clients]]\nname = \"batch\"\nkey_env = \"APP_KEY\"\nmax_tier = 0\n{NODE}tier = 1\n"
+    );
+    let (config, _) = from_toml_str(&toml, &env).unwrap();
+    assert_eq!(
+        (config.nodes[0].tier, config.clients[0].max_tier),
+        (1, Some(0))
+    );
+    let text = config.render();
+    assert!(
+        text.contains("tier = 1") && text.contains("max_tier = 0"),
+        "{text}"
+    );
+}

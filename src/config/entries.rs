@@ -150,6 +150,26 @@ pub(super) fn validate_node(
     }
 
     let pricing = node_pricing(i, &raw, problems);
+    let utilization_high = match (raw.provisioned, raw.utilization_high) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            problems.push(format!(
+                "{}: only for a provisioned node (provisioned = true)",
+                at("utilization_high")
+            ));
+            None
+        }
+        (true, high) => {
+            let high = high.unwrap_or(super::DEFAULT_UTILIZATION_HIGH);
+            if !(high > 0.0 && high <= 100.0) {
+                problems.push(format!(
+                    "{}: must be a percentage above 0, at most 100",
+                    at("utilization_high")
+                ));
+            }
+            Some(high)
+        }
+    };
     if raw.tier > super::MAX_TIER {
         problems.push(format!(
             "{}: must be from 0 to {}",
@@ -177,6 +197,7 @@ pub(super) fn validate_node(
         default_completion_tokens: raw.default_completion_tokens,
         pricing,
         tier: raw.tier,
+        utilization_high,
     })
 }
 

@@ -331,7 +331,14 @@ pub struct NodeConfig {
     /// Filled in order: a request goes to the lowest tier with a node that
     /// has headroom (0, the default, first; at most [`MAX_TIER`]).
     pub tier: u32,
+    /// A provisioned deployment (`nodes[].provisioned`): the reading of its
+    /// utilisation header (percent) at or above which it is held. `None`:
+    /// not provisioned.
+    pub utilization_high: Option<f64>,
 }
+
+/// `nodes[].utilization_high` when not set.
+pub const DEFAULT_UTILIZATION_HIGH: f64 = 95.0;
 
 /// The highest `nodes[].tier`.
 pub const MAX_TIER: u32 = 7;

@@ -12,6 +12,7 @@ impl NodeConfig {
             window: self.window,
             charged_at_arrival: matches!(self.api, NodeApi::Azure { .. }),
             default_completion: self.default_completion_tokens,
+            utilization_high: self.utilization_high,
         }
     }
 
@@ -41,6 +42,10 @@ impl NodeConfig {
         note(completion, "default_completion_tokens");
         note(before.pricing != self.pricing, "prices");
         note(before.tier != self.tier, "tier");
+        let provisioned = before.utilization_high.is_some() != self.utilization_high.is_some();
+        note(provisioned, "provisioned");
+        let high = before.utilization_high != self.utilization_high;
+        note(high && !provisioned, "utilization_high");
         changed
     }
 }

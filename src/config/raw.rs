@@ -380,6 +380,9 @@ pub(super) struct RawNode {
     pub(super) default_completion_tokens: Option<u64>,
     #[serde(default)]
     pub(super) tier: u32,
+    #[serde(default)]
+    pub(super) provisioned: bool,
+    pub(super) utilization_high: Option<f64>,
     pub(super) price_multiplier: Option<f64>,
     #[serde(default)]
     pub(super) prices: BTreeMap<String, RawPrice>,

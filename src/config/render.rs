@@ -280,6 +280,10 @@ fn render_node(out: &mut Toml, node: &NodeConfig) {
         out.bare("default_completion_tokens", tokens);
     }
     out.bare("tier", node.tier);
+    if let Some(high) = node.utilization_high {
+        out.bare("provisioned", true);
+        out.bare("utilization_high", high);
+    }
     let q = &node.quota;
     out.limits(&[
         ("rpm", q.rpm),

@@ -146,6 +146,10 @@ pub enum CooldownReason {
     RateLimited,
     /// It answered `insufficient_quota`: its billing quota is spent.
     QuotaExhausted,
+    /// A provisioned deployment said it is nearly full
+    /// (`azure-openai-deployment-utilization` at or above
+    /// `nodes[].utilization_high`).
+    ProvisionedFull,
 }
 
 impl CooldownReason {
@@ -153,6 +157,7 @@ impl CooldownReason {
         match self {
             CooldownReason::RateLimited => "rate_limited",
             CooldownReason::QuotaExhausted => "insufficient_quota",
+            CooldownReason::ProvisionedFull => "provisioned_full",
         }
     }
 }
@@ -243,7 +248,7 @@ impl HeadroomSignal {
 
 /// What a node's config sets of its limiter (`nodes[]`), applied at once
 /// ([`Limiter::apply`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NodeLimits {
     pub quota: Quota,
     /// Besides the minute, the limits hold pro rata within every rolling
@@ -254,4 +259,7 @@ pub struct NodeLimits {
     pub charged_at_arrival: bool,
     /// `nodes[].default_completion_tokens`.
     pub default_completion: Option<u64>,
+    /// A provisioned deployment's `nodes[].utilization_high` (percent):
+    /// a reading at or above it holds the node. `None`: not provisioned.
+    pub utilization_high: Option<f64>,
 }

@@ -269,6 +269,11 @@ fn apply(node: &Node, booking: &Booking, verdict: NodeVerdict, model: Option<&st
     if verdict.health == Verdict::Answered {
         node.health.answered(model.filter(|_| served));
     }
+    if let Some(percent) = verdict.utilization
+        && node.limiter.observe_utilization(percent, Instant::now())
+    {
+        tracing::debug!(node = %node.name, percent, "provisioned deployment nearly full; holding it");
+    }
     if let Some((rest, reason)) = verdict.rest {
         node.limiter.cool_down(Instant::now() + rest, reason);
         booking.share_cooldown(rest);

@@ -43,6 +43,18 @@ pub(crate) fn rate_limit_report(headers: &HeaderMap) -> RateLimitReport {
     }
 }
 
+/// A provisioned deployment's `azure-openai-deployment-utilization`
+/// (`"97.5%"`, or a bare number), in percent; `None` when absent or not
+/// a finite number.
+pub(crate) fn utilization(headers: &HeaderMap) -> Option<f64> {
+    let text = headers
+        .get("azure-openai-deployment-utilization")?
+        .to_str()
+        .ok()?;
+    let percent: f64 = text.trim().trim_end_matches('%').trim().parse().ok()?;
+    percent.is_finite().then_some(percent)
+}
+
 /// Error answers read whole to tell failures apart are this small; a larger
 /// one is relayed unread.
 const MAX_ERROR_BODY: usize = 64 * 1024;

@@ -22,6 +22,9 @@ pub(crate) struct NodeVerdict {
     pub error: Option<UpstreamError>,
     /// The answer's rate-limit headers (none without an answer).
     pub report: Option<RateLimitReport>,
+    /// How full a provisioned deployment says it is (percent), from
+    /// `azure-openai-deployment-utilization`.
+    pub utilization: Option<f64>,
     /// How long the node asked to rest (capped at `health.max_rest`), and
     /// why: a busy minute, or a spent quota.
     pub rest: Option<(Duration, CooldownReason)>,
@@ -48,6 +51,7 @@ impl NodeVerdict {
             health,
             error: Some(error),
             report: None,
+            utilization: None,
             rest: None,
         }
     }
@@ -69,6 +73,7 @@ pub(crate) async fn judge(
         health: Verdict::of_status(status),
         error: UpstreamError::of_status(status),
         report: Some(answer::rate_limit_report(response.headers())),
+        utilization: answer::utilization(response.headers()),
         rest: None,
     };
     if status != StatusCode::TOO_MANY_REQUESTS {

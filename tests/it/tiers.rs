@@ -71,3 +71,58 @@ async fn a_client_limited_to_tier_0_waits_for_it_and_never_spills() {
     assert_eq!(ask_as(&gw, WEB, "gpt-4o-mini", 5).await.0, 200);
     assert_eq!(posts(&payg).await, 1);
 }
+
+/// An upstream answering chat with `utilization` in its
+/// `azure-openai-deployment-utilization` header, as a provisioned
+/// deployment does on every answer.
+async fn provisioned_at(server: &wiremock::MockServer, utilization: &str) {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, ResponseTemplate};
+    server.reset().await;
+    let answer = ResponseTemplate::new(200)
+        .set_body_json(crate::support::chat_answer(5, 2))
+        .insert_header("azure-openai-deployment-utilization", utilization);
+    Mock::given(method("POST"))
+        .respond_with(answer)
+        .mount(server)
+        .await;
+}
+
+/// A provisioned node (tier 0) that says it is 97% full is held: the
+/// overflow goes to tier 1 before it answers any 429; once its hold ends
+/// and it reads lower, it takes the traffic again.
+#[tokio::test]
+async fn a_provisioned_node_nearly_full_sends_the_overflow_up_before_any_429() {
+    let (ptu, payg) = (wiremock::MockServer::start().await, chat_upstream().await);
+    provisioned_at(&ptu, "97%").await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        node("payg", &v1(&payg), "k", "tier = 1"),
+        node("ptu", &v1(&ptu), "k", "tier = 0\nprovisioned = true"),
+    ))
+    .await;
+    let ask = async || {
+        ask_as(&gw, crate::support::CLIENT_KEY, "gpt-4o-mini", 5)
+            .await
+            .0
+    };
+    assert_eq!(ask().await, 200);
+    assert_eq!((posts(&ptu).await, posts(&payg).await), (1, 0));
+    for _ in 0..3 {
+        assert_eq!(ask().await, 200);
+    }
+    assert_eq!(posts(&payg).await, 3, "held at 97%: the overflow goes up");
+    let status = gw.status().await;
+    assert_eq!(
+        node_status(&status, "ptu")["cooldown_reason"],
+        "provisioned_full"
+    );
+    // It drains: the next reading is low, and it takes the traffic again.
+    provisioned_at(&ptu, "40%").await;
+    gw.until(|s| node_status(s, "ptu")["cooldown_remaining_ms"].is_null())
+        .await;
+    for _ in 0..3 {
+        assert_eq!(ask().await, 200);
+    }
+    assert_eq!((posts(&ptu).await, posts(&payg).await), (3, 3));
+}

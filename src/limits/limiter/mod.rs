@@ -66,6 +66,8 @@ struct LimiterState {
     /// nothing back (Azure: prompt + `max_tokens`): a settlement never
     /// lowers the tokens counted.
     charged_at_arrival: bool,
+    /// A provisioned deployment's fullness (percent) that holds it.
+    utilization_high: Option<f64>,
     /// The upstream's reported (rpm, tpm) limits, when below the quota.
     upstream_limits: (Option<NonZeroU64>, Option<NonZeroU64>),
     window: Window,
@@ -104,6 +106,7 @@ impl Limiter {
                 short: None,
                 default_completion: None,
                 charged_at_arrival: false,
+                utilization_high: None,
                 upstream_limits: (None, None),
                 window: Window::new(Instant::now(), SLOTS, SLOT),
                 latest: Instant::now(),
@@ -298,6 +301,7 @@ impl Limiter {
         }
         state.charged_at_arrival = limits.charged_at_arrival;
         state.default_completion = limits.default_completion;
+        state.utilization_high = limits.utilization_high;
         drop(state);
         self.signal.freed();
     }
@@ -683,5 +687,6 @@ impl Drop for Reservation {
     }
 }
 
+mod provisioned;
 #[cfg(test)]
 mod tests;

@@ -25,6 +25,7 @@ fn limits(quota: Quota, window: Duration, charged_at_arrival: bool) -> NodeLimit
         window,
         charged_at_arrival,
         default_completion: None,
+        utilization_high: None,
     }
 }
 
@@ -411,4 +412,27 @@ async fn an_upstream_that_charges_at_arrival_keeps_the_reservation_counted() {
     // Above the reservation, the use counts.
     n.try_reserve(asking, Instant::now()).unwrap().settle(400);
     assert_eq!(n.snapshot(Instant::now()).tokens, 700);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provisioned_node_nearly_full_takes_nothing_new_for_a_moment() {
+    let n = node(quota(None, None, None, None));
+    let provisioned = NodeLimits {
+        utilization_high: Some(95.0),
+        ..limits(n.configured_quota(), WINDOW, true)
+    };
+    assert!(
+        !n.observe_utilization(99.0, Instant::now()),
+        "not provisioned yet"
+    );
+    n.apply(&provisioned);
+    assert!(!n.observe_utilization(94.9, Instant::now()));
+    assert!(n.try_reserve(SMALL, Instant::now()).is_some());
+    assert!(n.observe_utilization(95.0, Instant::now()));
+    assert!(n.try_reserve(SMALL, Instant::now()).is_none(), "held");
+    tokio::time::advance(super::provisioned::PROVISIONED_HOLD).await;
+    assert!(
+        n.try_reserve(SMALL, Instant::now()).is_some(),
+        "the hold ended"
+    );
 }

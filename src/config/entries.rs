@@ -150,33 +150,7 @@ pub(super) fn validate_node(
     }
 
     let pricing = node_pricing(i, &raw, problems);
-    let utilization_high = match (raw.provisioned, raw.utilization_high) {
-        (false, None) => None,
-        (false, Some(_)) => {
-            problems.push(format!(
-                "{}: only for a provisioned node (provisioned = true)",
-                at("utilization_high")
-            ));
-            None
-        }
-        (true, high) => {
-            let high = high.unwrap_or(super::DEFAULT_UTILIZATION_HIGH);
-            if !(high > 0.0 && high <= 100.0) {
-                problems.push(format!(
-                    "{}: must be a percentage above 0, at most 100",
-                    at("utilization_high")
-                ));
-            }
-            Some(high)
-        }
-    };
-    if raw.tier > super::MAX_TIER {
-        problems.push(format!(
-            "{}: must be from 0 to {}",
-            at("tier"),
-            super::MAX_TIER
-        ));
-    }
+    let utilization_high = node_capacity(&raw, &at, problems);
 
     if problems.len() > before {
         return None;
@@ -199,6 +173,42 @@ pub(super) fn validate_node(
         tier: raw.tier,
         utilization_high,
     })
+}
+
+/// `nodes[i]`'s place in the capacity: its tier, and the utilisation a
+/// provisioned deployment is held at (`None`: not provisioned).
+fn node_capacity(
+    raw: &RawNode,
+    at: &dyn Fn(&str) -> String,
+    problems: &mut Vec<String>,
+) -> Option<f64> {
+    if raw.tier > super::MAX_TIER {
+        problems.push(format!(
+            "{}: must be from 0 to {}",
+            at("tier"),
+            super::MAX_TIER
+        ));
+    }
+    match (raw.provisioned, raw.utilization_high) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            problems.push(format!(
+                "{}: only for a provisioned node (provisioned = true)",
+                at("utilization_high")
+            ));
+            None
+        }
+        (true, high) => {
+            let high = high.unwrap_or(super::DEFAULT_UTILIZATION_HIGH);
+            if !(high > 0.0 && high <= 100.0) {
+                problems.push(format!(
+                    "{}: must be a percentage above 0, at most 100",
+                    at("utilization_high")
+                ));
+            }
+            Some(high)
+        }
+    }
 }
 
 /// `nodes[i]`'s limits: each, if set, above 0.

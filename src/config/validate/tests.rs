@@ -261,3 +261,19 @@ fn tiers_are_from_0_to_7_and_render_back() {
         "{text}"
     );
 }
+
+#[test]
+fn utilization_high_is_a_percentage_of_a_provisioned_node() {
+    assert_eq!(
+        problems(&format!("{NODE}utilization_high = 90\n")),
+        ["nodes[0].utilization_high: only for a provisioned node (provisioned = true)"]
+    );
+    assert_eq!(
+        problems(&format!(
+            "{NODE}provisioned = true\nutilization_high = 120\n"
+        )),
+        ["nodes[0].utilization_high: must be a percentage above 0, at most 100"]
+    );
+    let (config, _) = from_toml_str(&format!("{NODE}provisioned = true\n"), &env).unwrap();
+    assert_eq!(config.nodes[0].utilization_high, Some(95.0));
+}

@@ -226,38 +226,35 @@ pub(super) async fn try_node(live: &Live, placement: Placement, request: &Inboun
     )
     .await;
     let (answer, verdict) = upstream::judge(sent, settings, first_byte).await;
-    let served = answer.as_ref().is_ok_and(|r| r.status().is_success());
-    apply(
-        node,
-        &booking,
-        verdict,
-        request.info.model.as_deref(),
-        served,
-    );
+    apply(node, &booking, verdict, request.info.model.as_deref());
     match answer {
         Ok(response) => Attempt::Answered {
             response,
             node: id,
             booking,
         },
-        Err(failure) => {
-            tracing::warn!(node = %node.name, ?failure, "upstream attempt failed");
-            match failure {
-                // Nothing reached the node: take the request back in full.
-                Failure::Connect => booking.cancel(),
-                // It may have been received: keep what was reserved.
-                Failure::Timeout | Failure::Broken => drop(booking),
-            }
-            Attempt::Failed { node: id, failure }
-        }
+        Err(failure) => failed(node, id, booking, failure),
     }
+}
+
+/// An attempt that got no answer: its booking is taken back as far as the
+/// failure allows.
+fn failed(node: &Node, id: NodeId, booking: Booking, failure: Failure) -> Attempt {
+    tracing::warn!(node = %node.name, ?failure, "upstream attempt failed");
+    match failure {
+        // Nothing reached the node: take the request back in full.
+        Failure::Connect => booking.cancel(),
+        // It may have been received: keep what was reserved.
+        Failure::Timeout | Failure::Broken => drop(booking),
+    }
+    Attempt::Failed { node: id, failure }
 }
 
 /// Applies what an attempt says about `node` at once: its error count, the
 /// limits the upstream reports, the rest it asked for, and an answer
 /// (served: for `model` too). A failure waits for the request's end, which
 /// judges whose it was ([`super::judged`]).
-fn apply(node: &Node, booking: &Booking, verdict: NodeVerdict, model: Option<&str>, served: bool) {
+fn apply(node: &Node, booking: &Booking, verdict: NodeVerdict, model: Option<&str>) {
     if let Some(kind) = verdict.error {
         node.metrics.upstream_error(kind);
     }
@@ -267,7 +264,7 @@ fn apply(node: &Node, booking: &Booking, verdict: NodeVerdict, model: Option<&st
         tracing::warn!(node = %node.name, upstream_rpm = ?rpm, upstream_tpm = ?tpm, "the upstream reports limits below the configured ones; the lower are in force");
     }
     if verdict.health == Verdict::Answered {
-        node.health.answered(model.filter(|_| served));
+        node.health.answered(model.filter(|_| verdict.served));
     }
     if let Some(percent) = verdict.utilization
         && node.limiter.observe_utilization(percent, Instant::now())

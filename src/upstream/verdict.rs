@@ -18,6 +18,8 @@ use crate::metrics::UpstreamError;
 pub(crate) struct NodeVerdict {
     /// What passive health hears.
     pub health: Verdict,
+    /// The answer is a 2xx: the node served the request.
+    pub served: bool,
     /// The kind of error counted against the node, if it was one.
     pub error: Option<UpstreamError>,
     /// The answer's rate-limit headers (none without an answer).
@@ -49,6 +51,7 @@ impl NodeVerdict {
         };
         Self {
             health,
+            served: false,
             error: Some(error),
             report: None,
             utilization: None,
@@ -71,6 +74,7 @@ pub(crate) async fn judge(
     let status = response.status();
     let mut verdict = NodeVerdict {
         health: Verdict::of_status(status),
+        served: status.is_success(),
         error: UpstreamError::of_status(status),
         report: Some(answer::rate_limit_report(response.headers())),
         utilization: answer::utilization(response.headers()),

@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tonic::transport::{Identity, ServerTlsConfig};
 
 /// A span as received, with its resource's `service.name` and two
@@ -45,12 +45,19 @@ pub struct ReceiverOptions {
 #[derive(Debug)]
 pub struct OtlpReceiver {
     endpoint: String,
-    count: Arc<AtomicU64>,
+    count: Arc<Arrivals>,
     spans: Option<mpsc::UnboundedReceiver<ReceivedSpan>>,
 }
 
+/// Spans received so far, and a signal rung on every export.
+#[derive(Debug, Default)]
+struct Arrivals {
+    spans: AtomicU64,
+    rung: Notify,
+}
+
 struct Service {
-    count: Arc<AtomicU64>,
+    count: Arc<Arrivals>,
     keep: Option<mpsc::UnboundedSender<ReceivedSpan>>,
 }
 
@@ -88,9 +95,10 @@ impl TraceService for Service {
                         });
                     }
                 }
-                self.count.fetch_add(spans, Ordering::Relaxed);
+                self.count.spans.fetch_add(spans, Ordering::Relaxed);
             }
         }
+        self.count.rung.notify_waiters();
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
@@ -112,7 +120,7 @@ impl OtlpReceiver {
             }
             None => format!("http://127.0.0.1:{port}"),
         };
-        let count = Arc::new(AtomicU64::new(0));
+        let count = Arc::new(Arrivals::default());
         let (keep, spans) = match options.keep_spans {
             true => {
                 let (keep, spans) = mpsc::unbounded_channel();
@@ -146,20 +154,25 @@ impl OtlpReceiver {
 
     /// Spans received so far.
     pub fn spans(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.count.spans.load(Ordering::Relaxed)
     }
 
     /// Waits (at most `within`) until `count` spans have arrived; whether
     /// they did.
     pub async fn until(&self, count: u64, within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
-        while self.spans() < count {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
+        loop {
+            // Registered before the count is read: no export is missed.
+            let rung = self.count.rung.notified();
+            tokio::pin!(rung);
+            rung.as_mut().enable();
+            if self.spans() >= count {
+                return true;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            if tokio::time::timeout_at(deadline, rung).await.is_err() {
+                return self.spans() >= count;
+            }
         }
-        true
     }
 
     /// The next span received, waiting at most `within`; `None` if none
@@ -185,5 +198,48 @@ pub fn text(value: &Any) -> Option<String> {
         Any::IntValue(n) => Some(n.to_string()),
         Any::DoubleValue(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+
+    use super::*;
+
+    /// One export of `n` spans.
+    fn export(n: usize) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span::default(); n],
+                    ..ScopeSpans::default()
+                }],
+                ..ResourceSpans::default()
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn until_wakes_on_the_export_that_brings_the_count() {
+        let receiver = OtlpReceiver::start(ReceiverOptions::default())
+            .await
+            .unwrap();
+        let mut client = TraceServiceClient::connect(receiver.endpoint().to_owned())
+            .await
+            .unwrap();
+        let waiting = receiver.until(3, Duration::from_secs(10));
+        let sending = async {
+            client.export(export(1)).await.unwrap();
+            client.export(export(2)).await.unwrap();
+        };
+        let (arrived, ()) = tokio::join!(waiting, sending);
+        assert!(arrived);
+        assert_eq!(receiver.spans(), 3);
+        assert!(
+            !receiver.until(4, Duration::from_millis(100)).await,
+            "none more came"
+        );
     }
 }

@@ -295,11 +295,19 @@ async fn stall_body(request: reqwest::RequestBuilder, tally: &Tally) {
     }
 }
 
+/// A request that got no answer: counted, and why printed (a lost
+/// request fails the run, so the reason must be in its output).
+fn lost(tally: &Tally, why: &str) {
+    tally.lost.fetch_add(1, Ordering::Relaxed);
+    eprintln!("  lost: {why}");
+}
+
 /// A request of the budgeted client: served, or refused for its budget.
 async fn budgeted(request: reqwest::RequestBuilder, tally: &Tally) {
-    let Ok(Ok(response)) = tokio::time::timeout(ANSWER_WAIT, request.send()).await else {
-        tally.lost.fetch_add(1, Ordering::Relaxed);
-        return;
+    let response = match tokio::time::timeout(ANSWER_WAIT, request.send()).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(err)) => return lost(tally, &format!("{err:?}")),
+        Err(_) => return lost(tally, "no answer's head within 30 s"),
     };
     let status = response.status().as_u16();
     tally.status(status);
@@ -325,10 +333,8 @@ async fn budget_spent(gateway: &Gateway) -> anyhow::Result<f64> {
 async fn read_whole(request: reqwest::RequestBuilder, stream: bool, tally: &Tally) {
     let response = match tokio::time::timeout(ANSWER_WAIT, request.send()).await {
         Ok(Ok(response)) => response,
-        Ok(Err(_)) | Err(_) => {
-            tally.lost.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
+        Ok(Err(err)) => return lost(tally, &format!("{err:?}")),
+        Err(_) => return lost(tally, "no answer's head within 30 s"),
     };
     tally.status(response.status().as_u16());
     let body = response.bytes().await;
